@@ -1,0 +1,1 @@
+"""mailmeter: the service composition (config, CLI, wiring) around relay/, metering/ and policies/."""

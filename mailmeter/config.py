@@ -1,0 +1,173 @@
+"""The YAML config: validated whole at start, so a bad file fails before anything listens.
+
+Relative paths are relative to the config file's directory, so the example config
+runs as it is from a checkout. Errors name the dotted key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from policies.plans import Plan, PlanError, parse_plan
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(_Section):
+    name: str = "node1"
+    region: str = "default"
+
+
+class ListenConfig(_Section):
+    address: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class TlsConfig(_Section):
+    certificate: Path | None = None
+    key: Path | None = None
+
+
+class AuthConfig(_Section):
+    allow_plaintext_on_loopback: bool = False
+
+
+class LimitsConfig(_Section):
+    message_size: int = Field(25 * 1024 * 1024, ge=1024)
+    recipients_per_message: int = Field(100, ge=1)
+    session_timeout: float = Field(300.0, gt=0)
+
+
+class UpstreamSection(_Section):
+    host: str
+    port: int = Field(25, ge=1, le=65535)
+    tls: Literal["none", "starttls", "tls"] = "starttls"
+    verify_certificate: bool = True
+    username: str | None = None
+    password_file: Path | None = None
+    timeout: float = Field(30.0, gt=0)
+
+
+class DeliveryConfig(_Section):
+    workers: int = Field(4, ge=1, le=256)
+    retry_first_delay: float = Field(300.0, gt=0)
+    retry_factor: float = Field(2.0, ge=1)
+    retry_max_delay: float = Field(4000.0, gt=0)
+    max_age: float = Field(5 * 86400.0, gt=0)
+
+
+class DatabaseConfig(_Section):
+    path: Path = Path("var/mailmeter.db")
+
+
+class SpoolConfig(_Section):
+    path: Path = Path("var/spool")
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    hostname: str = "localhost"
+    listen: ListenConfig = ListenConfig()
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    upstream: UpstreamSection
+    delivery: DeliveryConfig = DeliveryConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    spool: SpoolConfig = SpoolConfig()
+    log: LogConfig = LogConfig()
+    plans: dict[str, Any] = Field(default_factory=dict)
+
+    base_dir: Path = Path(".")
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def parsed_plans(self) -> dict[str, Plan]:
+        plans: dict[str, Plan] = {}
+        for name, data in self.plans.items():
+            try:
+                plans[name] = parse_plan(name, data)
+            except PlanError as error:
+                raise ConfigError(f"{error.key}: {error.message}") from None
+        return plans
+
+    def upstream_password(self) -> str | None:
+        if self.upstream.password_file is None:
+            return None
+        path = self.resolve(self.upstream.password_file)
+        try:
+            return path.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"upstream.password_file: cannot read {path}: {error.strerror}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against config.example.yaml)"
+        elif item["type"] == "missing":
+            message = "is required"
+        problems.append(f"{key}: {message}")
+    return "; ".join(problems)
+
+
+def load_config(path: Path) -> Config:
+    """Read, validate and resolve a config file, or raise ConfigError naming the key."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping of sections")
+    if "base_dir" in data:
+        raise ConfigError("base_dir: unknown key (check the spelling against config.example.yaml)")
+    data["base_dir"] = path.resolve().parent
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    tls = config.tls
+    if (tls.certificate is None) != (tls.key is None):
+        raise ConfigError("tls: set both certificate and key, or neither")
+    for key, value in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
+        if value is not None and not config.resolve(value).is_file():
+            raise ConfigError(f"{key}: file {config.resolve(value)} does not exist")
+    if config.auth.allow_plaintext_on_loopback and not ipaddress.ip_address(config.listen.address).is_loopback:
+        raise ConfigError(
+            "auth.allow_plaintext_on_loopback: the relay listens on "
+            f"{config.listen.address}, not loopback; plaintext AUTH is only allowed on loopback"
+        )
+    if not config.plans:
+        raise ConfigError("plans: define at least one plan")
+    config.parsed_plans()
+    config.upstream_password()
+    return config

@@ -1,0 +1,424 @@
+"""Plans composed from small parts, parsed from plain config mappings.
+
+A plan is data: which period it bills over, what is billable and at what unit price,
+which in-period charges collect it, which caps bound it and how it is funded. Parsing
+is here (pure) so the config loader and `mailmeter plan preview` share one reading of
+a plan, and so a bad plan names the exact dotted key at fault (`plans.X.price.tiers[1].up_to`).
+
+Money in config is always a string ("0.0002") or a whole number of currency units:
+a YAML float would already have lost exactness before we see it, so it is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time
+from typing import Any
+
+from policies.money import MoneyError, is_whole_cents, parse_money
+from policies.parts import (
+    Billable,
+    BlockCharge,
+    Funding,
+    InPeriodCharge,
+    Invoicing,
+    ResultPrices,
+    ThresholdCharge,
+)
+from policies.periods import PeriodSpec
+from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
+
+
+class PlanError(ValueError):
+    """A plan definition that cannot be used; `key` is the dotted path at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A billing plan: a combination of parts.
+
+    email_quota: hard cap on emails held per period (None: no count cap).
+    included_emails: the period's first emails, free; overage/tiers start after them.
+    plan_fee: micros per period, on the closing invoice.
+    billable: "accepted" (price the accepted emails with `price`) or "results"
+      (price final delivery results with `result_prices`, model C).
+    in_period_charge: collect usage during the period (threshold or per block).
+    spending_limit: micros of priced usage allowed per period (model D), None: none.
+    usage_alerts: percentages of the email limit that notify once per period (model E).
+
+    Construction checks that the parts fit together and raises PlanError naming
+    the config key (under `plans.<name>`) otherwise, so an invalid combination
+    cannot reach the meter even when built in code.
+    """
+
+    name: str
+    period: PeriodSpec = PeriodSpec()
+    email_quota: int | None = None
+    display_name: str | None = None
+    plan_fee: int = 0
+    included_emails: int = 0
+    billable: Billable = "accepted"
+    price: UnitPrice = FlatPrice(0)
+    result_prices: ResultPrices = ResultPrices()
+    in_period_charge: InPeriodCharge | None = None
+    spending_limit: int | None = None
+    funding: Funding = Funding()
+    invoicing: Invoicing = Invoicing()
+    usage_alerts: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        problem = plan_problem(self)
+        if problem is not None:
+            key, message = problem
+            raise PlanError(f"plans.{self.name}.{key}", message)
+
+    @property
+    def title(self) -> str:
+        """The name people see ("Pro 100k"); the config name otherwise."""
+        return self.display_name or self.name
+
+
+def _tiers_problem(tiers: tuple[Tier, ...]) -> str | None:
+    if not tiers:
+        return "needs at least one tier"
+    previous = 0
+    for number, tier in enumerate(tiers):
+        if tier.per_email < 0:
+            return f"tier {number}: price must not be negative"
+        last = number == len(tiers) - 1
+        if tier.up_to is None:
+            if not last:
+                return f"tier {number}: only the last tier may omit up_to"
+            continue
+        if last:
+            return "the last tier must be open-ended (omit its up_to)"
+        if tier.up_to <= previous:
+            return f"tier {number}: up_to must be greater than the previous tier's ({previous})"
+        previous = tier.up_to
+    return None
+
+
+def plan_problem(plan: Plan) -> tuple[str, str] | None:
+    """The first reason the parts do not fit together: (key relative to the plan, message)."""
+    for key, value in (("email_quota", plan.email_quota), ("included_emails", plan.included_emails)):
+        if value is not None and value < 0:
+            return key, "must not be negative"
+    if plan.plan_fee < 0 or not is_whole_cents(plan.plan_fee):
+        return "plan_fee", "must be a non-negative amount in whole cents (it is charged as it is)"
+    if plan.spending_limit is not None and plan.spending_limit < 0:
+        return "spending_limit", "must not be negative"
+    price = plan.price
+    if isinstance(price, (GraduatedPrice, VolumePrice)):
+        problem = _tiers_problem(price.tiers)
+        if problem is not None:
+            return "price.tiers", problem
+    elif isinstance(price, FlatPrice) and price.per_email < 0:
+        return "price.amount", "must not be negative"
+    elif isinstance(price, BlockPrice):
+        if price.block_emails <= 0:
+            return "price.block_emails", "must be at least 1"
+        if price.per_block < 0:
+            return "price.amount", "must not be negative"
+    if min(plan.result_prices.delivered, plan.result_prices.soft_bounced, plan.result_prices.hard_bounced) < 0:
+        return "result_prices", "prices must not be negative"
+    if plan.billable == "results" and plan.included_emails:
+        return "included_emails", "counts accepted emails; a plan billed on results prices each result instead"
+    funding = plan.funding
+    if funding.kind not in ("prepaid", "postpaid"):
+        return "funding.kind", f"must be prepaid or postpaid, got {funding.kind!r}"
+    if funding.net_days < 0:
+        return "funding.net_days", "must not be negative"
+    if funding.overdraft_allowance is not None:
+        if funding.kind == "prepaid":
+            return "funding.overdraft_allowance", "a prepaid plan sends only what its balance covers; use postpaid"
+        if funding.overdraft_allowance < 0:
+            return "funding.overdraft_allowance", "must not be negative"
+    if plan.invoicing.statement_after_days < 0:
+        return "invoicing.statement_after_days", "must not be negative"
+    if any(not 1 <= percent <= 1000 for percent in plan.usage_alerts):
+        return "usage_alerts", "each alert is a percentage of the email limit, 1 to 1000"
+    if list(plan.usage_alerts) != sorted(set(plan.usage_alerts)):
+        return "usage_alerts", "percentages must be distinct and ascending"
+    if plan.usage_alerts and not plan.included_emails and plan.email_quota is None:
+        return "usage_alerts", "needs an email limit: included_emails or email_quota"
+    return _charge_problem(plan)
+
+
+def _charge_problem(plan: Plan) -> tuple[str, str] | None:
+    charge = plan.in_period_charge
+    if charge is None:
+        return None
+    if plan.billable == "results":
+        return "in_period_charge", (
+            "in-period charges fall due at acceptance, but a plan billed on results has no price until the result"
+        )
+    if plan.funding.kind == "prepaid":
+        return "in_period_charge", "a prepaid plan is paid from its balance; in-period charges are for postpaid plans"
+    if isinstance(charge, ThresholdCharge):
+        if charge.amount <= 0 or not is_whole_cents(charge.amount):
+            return "in_period_charge.amount", "must be more than 0 and in whole cents (it is charged as it is)"
+        if isinstance(plan.price, VolumePrice):
+            return "in_period_charge", (
+                "volume tiers can lower the period's cost as volume grows, so a threshold charge"
+                " could exceed the final bill; use graduated tiers"
+            )
+        return None
+    if not isinstance(plan.price, BlockPrice):
+        return "in_period_charge.kind", "per_block charges need price.kind: per_block"
+    if plan.price.per_block <= 0 or not is_whole_cents(plan.price.per_block):
+        return "price.amount", "a block charged in the period must cost more than 0, in whole cents"
+    return None
+
+
+# -- parsing -------------------------------------------------------------------------
+
+PLAN_KEYS = frozenset(
+    {
+        "display_name",
+        "period",
+        "email_quota",
+        "included_emails",
+        "plan_fee",
+        "billable",
+        "price",
+        "result_prices",
+        "in_period_charge",
+        "spending_limit",
+        "funding",
+        "invoicing",
+        "usage_alerts",
+    }
+)
+
+
+def _mapping(data: Any, path: str, known: frozenset[str] | set[str]) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise PlanError(path, "must be a mapping")
+    unknown = set(data) - set(known)
+    if unknown:
+        raise PlanError(f"{path}.{sorted(map(str, unknown))[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+    return data
+
+
+def _int(data: Mapping[str, Any], key: str, path: str, minimum: int = 0) -> int | None:
+    if key not in data or data[key] is None:
+        return None
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{path}.{key}", f"must be a whole number, got {value!r}")
+    if value < minimum:
+        raise PlanError(f"{path}.{key}", f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _money(data: Mapping[str, Any], key: str, path: str) -> int | None:
+    if key not in data or data[key] is None:
+        return None
+    value = data[key]
+    if isinstance(value, float):
+        raise PlanError(f"{path}.{key}", f'write money as a quoted string like "{value}", never a float')
+    try:
+        micros = parse_money(value)
+    except MoneyError as error:
+        raise PlanError(f"{path}.{key}", str(error)) from None
+    if micros < 0:
+        raise PlanError(f"{path}.{key}", "must not be negative")
+    return micros
+
+
+def _required(value: int | None, key: str, path: str) -> int:
+    if value is None:
+        raise PlanError(f"{path}.{key}", "is required")
+    return value
+
+
+def _per_email(amount: int, per: int, path: str) -> int:
+    """Micros per email from "amount per `per` emails", refusing a fraction of a micro."""
+    if amount % per:
+        raise PlanError(f"{path}.per", f"amount / per is not a whole number of micros per email (per={per})")
+    return amount // per
+
+
+def parse_period(data: Any, path: str) -> PeriodSpec:
+    if data is None:
+        return PeriodSpec()
+    data = _mapping(data, path, {"kind", "timezone"})
+    kind = data.get("kind", "calendar_month")
+    if kind not in ("calendar_month", "anniversary"):
+        raise PlanError(f"{path}.kind", f"must be calendar_month or anniversary, got {kind!r}")
+    spec = PeriodSpec(kind=kind, timezone=str(data.get("timezone", "UTC")))
+    try:
+        spec.zone()
+    except ValueError as error:
+        raise PlanError(f"{path}.timezone", str(error)) from None
+    return spec
+
+
+def _parse_tiers(data: Any, path: str) -> tuple[Tier, ...]:
+    if not isinstance(data, list) or not data:
+        raise PlanError(path, "must be a non-empty list of tiers ({up_to, amount, per}; the last without up_to)")
+    tiers: list[Tier] = []
+    for number, item in enumerate(data):
+        tier_path = f"{path}[{number}]"
+        item = _mapping(item, tier_path, {"up_to", "amount", "per"})
+        amount = _required(_money(item, "amount", tier_path), "amount", tier_path)
+        per = _int(item, "per", tier_path, minimum=1) or 1
+        tiers.append(Tier(up_to=_int(item, "up_to", tier_path, minimum=1), per_email=_per_email(amount, per, tier_path)))
+    problem = _tiers_problem(tuple(tiers))
+    if problem is not None:
+        raise PlanError(path, problem)
+    return tuple(tiers)
+
+
+def parse_price(data: Any, path: str) -> UnitPrice:
+    if data is None:
+        return FlatPrice(0)
+    if not isinstance(data, Mapping):
+        raise PlanError(path, "must be a mapping with a kind: flat, graduated, volume or per_block")
+    kind = data.get("kind")
+    if kind == "flat":
+        data = _mapping(data, path, {"kind", "amount", "per"})
+        amount = _required(_money(data, "amount", path), "amount", path)
+        return FlatPrice(_per_email(amount, _int(data, "per", path, minimum=1) or 1, path))
+    if kind in ("graduated", "volume"):
+        data = _mapping(data, path, {"kind", "tiers"})
+        tiers = _parse_tiers(data.get("tiers"), f"{path}.tiers")
+        return GraduatedPrice(tiers) if kind == "graduated" else VolumePrice(tiers)
+    if kind == "per_block":
+        data = _mapping(data, path, {"kind", "amount", "block_emails"})
+        return BlockPrice(
+            block_emails=_required(_int(data, "block_emails", path, minimum=1), "block_emails", path),
+            per_block=_required(_money(data, "amount", path), "amount", path),
+        )
+    raise PlanError(f"{path}.kind", f"must be flat, graduated, volume or per_block, got {kind!r}")
+
+
+def parse_result_prices(data: Any, path: str) -> ResultPrices:
+    data = _mapping(data, path, {"per", "delivered", "soft_bounced", "invalid", "hard_bounced"})
+    if "invalid" in data and "hard_bounced" in data:
+        raise PlanError(f"{path}.hard_bounced", "give invalid or hard_bounced (the same category), not both")
+    per = _int(data, "per", path, minimum=1) or 1
+    prices: dict[str, int] = {}
+    for key in ("delivered", "soft_bounced", "invalid", "hard_bounced"):
+        amount = _money(data, key, path)
+        if amount is not None:
+            prices["hard_bounced" if key == "invalid" else key] = _per_email(amount, per, f"{path}.{key}")
+    if not prices:
+        raise PlanError(path, "needs a price for at least one of delivered, soft_bounced, invalid")
+    return ResultPrices(**prices)
+
+
+def parse_in_period_charge(data: Any, path: str) -> InPeriodCharge | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise PlanError(path, "must be a mapping with a kind: threshold or per_block")
+    kind = data.get("kind")
+    if kind == "threshold":
+        data = _mapping(data, path, {"kind", "amount"})
+        return ThresholdCharge(amount=_required(_money(data, "amount", path), "amount", path))
+    if kind == "per_block":
+        _mapping(data, path, {"kind"})
+        return BlockCharge()
+    raise PlanError(f"{path}.kind", f"must be threshold or per_block, got {kind!r}")
+
+
+def parse_funding(data: Any, path: str) -> Funding:
+    if data is None:
+        return Funding()
+    data = _mapping(data, path, {"kind", "net_days", "overdraft_allowance"})
+    kind = data.get("kind", "postpaid")
+    if kind not in ("prepaid", "postpaid"):
+        raise PlanError(f"{path}.kind", f"must be prepaid or postpaid, got {kind!r}")
+    return Funding(
+        kind=kind,
+        net_days=_int(data, "net_days", path) or 0,
+        overdraft_allowance=_money(data, "overdraft_allowance", path),
+    )
+
+
+def parse_invoicing(data: Any, path: str) -> Invoicing:
+    if data is None:
+        return Invoicing()
+    data = _mapping(data, path, {"issue_time", "statement_after_days"})
+    issue_time = time(0, 0)
+    if "issue_time" in data:
+        text = data["issue_time"]
+        if not isinstance(text, str):
+            raise PlanError(f"{path}.issue_time", f'must be a quoted "HH:MM" (YAML reads 15:00 unquoted as a number), got {text!r}')
+        try:
+            issue_time = time.fromisoformat(text)
+        except ValueError:
+            raise PlanError(f"{path}.issue_time", f'must be "HH:MM", got {text!r}') from None
+    return Invoicing(issue_time=issue_time, statement_after_days=_int(data, "statement_after_days", path) or 0)
+
+
+def parse_alerts(data: Any, path: str) -> tuple[int, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list) or any(isinstance(p, bool) or not isinstance(p, int) for p in data):
+        raise PlanError(path, "must be a list of whole percentages like [75, 90, 100]")
+    return tuple(data)
+
+
+def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
+    """Build a Plan from its config mapping, or raise PlanError naming the key."""
+    path = path or f"plans.{name}"
+    if not isinstance(data, Mapping):
+        raise PlanError(path, "must be a mapping of plan parts")
+    unknown = set(data) - PLAN_KEYS
+    if unknown:
+        raise PlanError(f"{path}.{sorted(map(str, unknown))[0]}", f"unknown plan key (known: {', '.join(sorted(PLAN_KEYS))})")
+    billable = data.get("billable", "accepted")
+    if billable not in ("accepted", "results"):
+        raise PlanError(f"{path}.billable", f"must be accepted or results, got {billable!r}")
+    if billable == "results":
+        if "price" in data:
+            raise PlanError(f"{path}.price", "not used when billable: results; price each result in result_prices")
+        if "result_prices" not in data:
+            raise PlanError(f"{path}.result_prices", "is required when billable: results")
+    elif "result_prices" in data:
+        raise PlanError(f"{path}.result_prices", "only used with billable: results")
+    display_name = data.get("display_name")
+    if display_name is not None and not isinstance(display_name, str):
+        raise PlanError(f"{path}.display_name", "must be text")
+    fee = _money(data, "plan_fee", path)
+    try:
+        return Plan(
+            name=name,
+            display_name=display_name,
+            period=parse_period(data.get("period"), f"{path}.period"),
+            email_quota=_int(data, "email_quota", path),
+            included_emails=_int(data, "included_emails", path) or 0,
+            plan_fee=fee or 0,
+            billable=billable,
+            price=parse_price(data.get("price"), f"{path}.price"),
+            result_prices=(
+                parse_result_prices(data["result_prices"], f"{path}.result_prices")
+                if billable == "results"
+                else ResultPrices()
+            ),
+            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge"),
+            spending_limit=_money(data, "spending_limit", path),
+            funding=parse_funding(data.get("funding"), f"{path}.funding"),
+            invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),
+            usage_alerts=parse_alerts(data.get("usage_alerts"), f"{path}.usage_alerts"),
+        )
+    except PlanError as error:
+        prefix = f"plans.{name}"
+        if path != prefix and error.key.startswith(prefix + ".") and not error.key.startswith(path + "."):
+            raise PlanError(path + error.key[len(prefix):], error.message) from None
+        raise
+
+
+def parse_plans(data: Any, path: str = "plans") -> dict[str, Plan]:
+    """Every plan under a config's `plans:` mapping, by name."""
+    if not isinstance(data, Mapping) or not data:
+        raise PlanError(path, "must be a non-empty mapping of plan name to plan")
+    return {str(name): parse_plan(str(name), body, f"{path}.{name}") for name, body in data.items()}

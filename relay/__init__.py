@@ -1,0 +1,1 @@
+"""SMTP in, durable spool, delivery out. Knows SMTP; knows nothing about prices."""

@@ -1,0 +1,346 @@
+"""Delivery out: workers take accepted messages from the spool and relay them upstream.
+
+Each worker keeps its own upstream connection open between messages. Every
+attempt classifies each recipient (delivered; deferred, a soft bounce; failed,
+a hard bounce), writes the new state to the spool, then reports each result to
+the meter. A result is marked reported only after the meter took it, and the
+meter counts a final result once per recipient, so a crash between the two
+steps neither loses nor doubles a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+import aiosmtplib
+import structlog
+
+from relay.dsn import FailedRecipient, build_dsn
+from relay.spool import Envelope, QueueState, RecipientState, Spool
+
+
+class ResultSink(Protocol):
+    """Where per-recipient results go (the meter). Raises when it cannot record."""
+
+    async def record_result(self, queue_id: str, recipient: str, result: str, detail: str = "") -> bool: ...
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str
+    port: int
+    tls: str = "none"  # none | starttls | tls
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 30.0
+    verify_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff, as Postfix does from 300 s up to 4000 s, within a maximum age."""
+
+    first_delay: float = 300.0
+    factor: float = 2.0
+    max_delay: float = 4000.0
+    max_age: float = 5 * 86400.0
+
+    def delay(self, attempts: int) -> float:
+        return min(self.first_delay * self.factor ** max(attempts - 1, 0), self.max_delay)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # delivered | deferred | hard_bounced
+    reply: str
+
+
+def new_queue_id() -> str:
+    """Unique across nodes sharing a meter: time-ordered prefix plus randomness."""
+    return f"{int(time.time() * 1000):011X}{secrets.token_hex(5).upper()}"
+
+
+class Delivery:
+    def __init__(
+        self,
+        spool: Spool,
+        results: ResultSink,
+        upstream: UpstreamConfig,
+        retry: RetryPolicy,
+        hostname: str,
+        workers: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.results = results
+        self.upstream = upstream
+        self.retry = retry
+        self.hostname = hostname
+        self.workers = workers
+        self.clock = clock
+        self.log = structlog.get_logger("mailmeter.delivery")
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._scheduled: dict[str, asyncio.TimerHandle] = {}
+        self._known: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume the spool where it stopped, then start the workers."""
+        for queue_id in await asyncio.to_thread(self.spool.active_ids):
+            envelope = await asyncio.to_thread(self.spool.read_envelope, queue_id)
+            state = await asyncio.to_thread(self.spool.load_state, envelope)
+            self._schedule(queue_id, state.next_attempt_at)
+        self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
+
+    async def stop(self) -> None:
+        for handle in self._scheduled.values():
+            handle.cancel()
+        self._scheduled.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._known)
+
+    def submit(self, queue_id: str) -> None:
+        """A message just became active in the spool: try it now."""
+        self._schedule(queue_id, 0.0)
+
+    def _schedule(self, queue_id: str, at: float) -> None:
+        self._known.add(queue_id)
+        previous = self._scheduled.pop(queue_id, None)
+        if previous is not None:
+            previous.cancel()
+        delay = at - self.clock()
+        if delay <= 0:
+            self._ready.put_nowait(queue_id)
+            return
+        loop = asyncio.get_running_loop()
+        self._scheduled[queue_id] = loop.call_later(delay, self._due, queue_id)
+
+    def _due(self, queue_id: str) -> None:
+        self._scheduled.pop(queue_id, None)
+        self._ready.put_nowait(queue_id)
+
+    # -- workers ----------------------------------------------------------------
+
+    async def _worker(self, number: int) -> None:
+        connection: list[aiosmtplib.SMTP | None] = [None]
+        try:
+            while True:
+                queue_id = await self._ready.get()
+                try:
+                    await self._attempt(queue_id, connection)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # a bug or disk error must not kill the worker
+                    self.log.error("delivery.error", queue_id=queue_id, error=repr(error))
+                    self._schedule(queue_id, self.clock() + self.retry.first_delay)
+        finally:
+            client = connection[0]
+            if client is not None and client.is_connected:
+                client.close()
+
+    async def _attempt(self, queue_id: str, connection: list[aiosmtplib.SMTP | None]) -> None:
+        try:
+            envelope, body = await asyncio.to_thread(self.spool.read, queue_id)
+        except FileNotFoundError:
+            self._known.discard(queue_id)
+            return
+        state = await asyncio.to_thread(self.spool.load_state, envelope)
+        pending = state.pending()
+        if pending:
+            started = time.monotonic()
+            outcomes = await self._send(envelope.mail_from, [r.address for r in pending], body, connection)
+            state.attempts += 1
+            now = self.clock()
+            age = now - envelope.received_at
+            next_delay = self.retry.delay(state.attempts)
+            expire = age + next_delay > self.retry.max_age
+            for recipient in pending:
+                outcome = outcomes[recipient.address]
+                status = outcome.status
+                if status == "deferred" and expire:
+                    status = "soft_bounced"
+                recipient.status, recipient.reply, recipient.reported = status, outcome.reply, False
+            state.next_attempt_at = now + next_delay
+            # Results are durable before anything else happens: a crash from here on
+            # never sends the same recipient twice.
+            await asyncio.to_thread(self.spool.save_state, state)
+            self.log.info(
+                "delivery.attempt",
+                queue_id=queue_id,
+                account=envelope.account,
+                attempt=state.attempts,
+                recipients=len(pending),
+                delivered=sum(1 for r in pending if r.status == "delivered"),
+                deferred=sum(1 for r in pending if r.status == "deferred"),
+                bounced=sum(1 for r in pending if r.status in ("hard_bounced", "soft_bounced")),
+                result=_summary(pending),
+                reply=next((r.reply for r in pending if r.status != "delivered"), ""),
+                seconds=round(time.monotonic() - started, 4),
+            )
+        await self._bounce(envelope, body, state)
+        reporting_ok = await self._report(state)
+        if reporting_ok and state.unreported():
+            reporting_ok = False
+        if not reporting_ok:
+            await asyncio.to_thread(self.spool.save_state, state)
+        if state.done:
+            await asyncio.to_thread(self.spool.remove, queue_id)
+            self._known.discard(queue_id)
+            return
+        if not reporting_ok and not state.pending():
+            self._schedule(queue_id, self.clock() + min(self.retry.first_delay, 30.0))
+        else:
+            self._schedule(queue_id, state.next_attempt_at)
+
+    async def _report(self, state: QueueState) -> bool:
+        """Hand every unreported result to the meter; False if the meter could not take one."""
+        changed = False
+        for recipient in state.unreported():
+            try:
+                await self.results.record_result(state.queue_id, recipient.address, recipient.status, recipient.reply)
+            except Exception as error:
+                self.log.warning("delivery.report_failed", queue_id=state.queue_id, error=repr(error))
+                if changed:
+                    await asyncio.to_thread(self.spool.save_state, state)
+                return False
+            recipient.reported = True
+            changed = True
+        if changed:
+            await asyncio.to_thread(self.spool.save_state, state)
+        return True
+
+    async def _bounce(self, envelope: Envelope, body: bytes, state: QueueState) -> None:
+        """Queue an RFC 3464 DSN to the sender for failed recipients not yet bounced.
+
+        Runs on every pass (also after a restart), so a DSN owed when the process
+        died is still sent; `state.bounced` makes it once per recipient. Never for a bounce.
+        """
+        fresh = [
+            FailedRecipient(r.address, r.reply, r.status == "hard_bounced")
+            for r in state.recipients
+            if r.status in ("hard_bounced", "soft_bounced") and r.address not in state.bounced
+        ]
+        if not fresh:
+            return
+        if not envelope.mail_from:
+            state.bounced.extend(f.address for f in fresh)
+            await asyncio.to_thread(self.spool.save_state, state)
+            return
+        queue_id = new_queue_id()
+        dsn = build_dsn(
+            self.hostname,
+            envelope.queue_id,
+            envelope.mail_from,
+            fresh,
+            body,
+            datetime.fromtimestamp(envelope.received_at, timezone.utc),
+        )
+        bounce = Envelope(
+            queue_id=queue_id,
+            account=None,
+            mail_from="",
+            recipients=[envelope.mail_from],
+            received_at=self.clock(),
+        )
+        await asyncio.to_thread(self.spool.enqueue_local, bounce, dsn)
+        state.bounced.extend(f.address for f in fresh)
+        await asyncio.to_thread(self.spool.save_state, state)
+        self.log.info("delivery.bounce_queued", queue_id=queue_id, original=envelope.queue_id,
+                      account=envelope.account, recipients=len(fresh), result="queued")
+        self.submit(queue_id)
+
+    # -- one SMTP conversation upstream ------------------------------------------
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        up = self.upstream
+        client = aiosmtplib.SMTP(
+            hostname=up.host,
+            port=up.port,
+            local_hostname=self.hostname,
+            timeout=up.timeout,
+            use_tls=up.tls == "tls",
+            start_tls=True if up.tls == "starttls" else False,
+            validate_certs=up.verify_certificate,
+            username=up.username,
+            password=up.password,
+        )
+        await client.connect()
+        return client
+
+    async def _send(
+        self, sender: str, recipients: list[str], body: bytes, connection: list[aiosmtplib.SMTP | None]
+    ) -> dict[str, Outcome]:
+        for fresh_connection in (False, True):
+            client = connection[0]
+            reused = client is not None and client.is_connected and not fresh_connection
+            try:
+                if not reused:
+                    if client is not None:
+                        client.close()
+                    connection[0] = None
+                    client = await self._connect()
+                    connection[0] = client
+                assert client is not None
+                errors, _ = await client.sendmail(sender, recipients, body)
+                return {
+                    r: (_classify(errors[r].code, errors[r].message) if r in errors else Outcome("delivered", "250"))
+                    for r in recipients
+                }
+            except aiosmtplib.SMTPRecipientsRefused as refused:
+                by_rcpt = {e.recipient: _classify(e.code, e.message) for e in refused.recipients}
+                await _reset(client)
+                return {r: by_rcpt.get(r, Outcome("deferred", "no reply")) for r in recipients}
+            except aiosmtplib.SMTPResponseException as error:
+                await _reset(client)
+                outcome = _classify(error.code, error.message)
+                return {r: outcome for r in recipients}
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+                if connection[0] is not None:
+                    connection[0].close()
+                    connection[0] = None
+                if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
+                    continue  # the upstream closed an idle connection: retry once on a new one
+                reply = f"connection to {self.upstream.host}:{self.upstream.port} failed: {error}"
+                return {r: Outcome("deferred", reply) for r in recipients}
+        raise AssertionError("unreachable")
+
+
+def _classify(code: int, message: str) -> Outcome:
+    reply = f"{code} {message}".strip()
+    if 200 <= code < 300:
+        return Outcome("delivered", reply)
+    if 400 <= code < 500:
+        return Outcome("deferred", reply)
+    return Outcome("hard_bounced", reply)
+
+
+async def _reset(client: aiosmtplib.SMTP | None) -> None:
+    """After a refused transaction, RSET so the connection can be reused; else drop it."""
+    if client is None or not client.is_connected:
+        return
+    try:
+        await client.rset()
+    except Exception:
+        client.close()
+
+
+def _summary(recipients: list[RecipientState]) -> str:
+    statuses = {r.status for r in recipients}
+    return statuses.pop() if len(statuses) == 1 else "mixed"
+
+
+__all__ = ["Delivery", "RetryPolicy", "UpstreamConfig", "new_queue_id"]

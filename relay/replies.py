@@ -1,0 +1,61 @@
+"""Every SMTP reply the relay gives for a policy or system reason, in one place.
+
+One text per reason, each saying why and what the sender must do; README.md lists
+them. The codes are 4xx so a client's queue pauses and retries later.
+"""
+
+from __future__ import annotations
+
+from policies.decision import Refusal
+
+# Account-state refusals. At MAIL the whole transaction is deferred (451); at RCPT
+# only that recipient is (452), so a partial acceptance keeps the recipients that fit.
+_REFUSAL_TEXT: dict[Refusal, str] = {
+    Refusal.QUOTA_EXHAUSTED: "4.7.1 Email quota for this billing period is used up;"
+    " retry after the period renews or ask your provider to raise the plan's quota",
+    Refusal.BALANCE_EXHAUSTED: "4.7.1 Prepaid balance is used up;"
+    " top up the balance (mailmeter balance add) and retry",
+    Refusal.SPENDING_LIMIT: "4.7.1 Spending limit for this billing period is reached;"
+    " raise the spending limit or upgrade the plan, then retry",
+    Refusal.PAYMENT_FAILED: "4.7.1 Sending is paused because a payment failed;"
+    " update the payment method and sending resumes at once",
+    Refusal.SUSPENDED: "4.7.1 Sending is suspended for this account; contact your provider",
+}
+
+
+def refusal_text(reason: str) -> str:
+    try:
+        return _REFUSAL_TEXT[Refusal(reason)]
+    except (ValueError, KeyError):
+        return f"4.7.1 Sending is not allowed right now ({reason}); retry later"
+
+
+def mail_refused(reason: str) -> str:
+    return f"451 {refusal_text(reason)}"
+
+
+def rcpt_refused(reason: str) -> str:
+    return f"452 {refusal_text(reason)}"
+
+
+AUTH_REQUIRED = "530 5.7.0 Authentication required: AUTH with your account's credentials"
+AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure; retry later"
+METER_UNAVAILABLE = "451 4.3.0 Metering is temporarily unavailable; retry later"
+SPOOL_FULL = "452 4.3.1 Insufficient system storage; retry later"
+SPOOL_FAILED = "451 4.3.0 Could not store the message; retry later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message (limit {limit}); send the rest in another message"
+SENDER_OK = "250 2.1.0 Sender OK"
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+
+
+def sender_not_allowed(address: str, account: str) -> str:
+    return (
+        f"550 5.7.1 Sender <{address}> is not in the sender domains of account {account};"
+        " send from one of the account's domains"
+    )
+
+
+def all_refusal_texts() -> dict[str, str]:
+    """For README.md and tests: every refusal reason and its reply text."""
+    return {reason.value: text for reason, text in _REFUSAL_TEXT.items()}

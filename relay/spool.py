@@ -1,0 +1,152 @@
+"""The durable spool: the only hand-off between SMTP in and delivery out.
+
+Layout under the spool root, in the spirit of Postfix's queue directories:
+
+    incoming/QID        written and fsynced before the meter commit; not yet accepted
+    active/QID          accepted: the envelope as one JSON line, then the raw message
+    active/QID.state    delivery state (per-recipient results, attempts), replaced atomically
+
+A message moves incoming -> active only after the meter has committed its usage
+under the same queue id. At start, an incoming file whose queue id the meter
+knows is activated; any other is deleted (its client never got a `250`).
+All methods block on disk I/O: callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Envelope:
+    queue_id: str
+    account: str | None  # None for a bounce the relay generated (not metered)
+    mail_from: str
+    recipients: list[str]
+    received_at: float
+    client: str = ""
+
+
+@dataclass
+class RecipientState:
+    address: str
+    status: str = "pending"  # pending | deferred | delivered | failed
+    reply: str = ""
+    reported: bool = True  # has the latest result been recorded in the meter?
+
+
+@dataclass
+class QueueState:
+    queue_id: str
+    recipients: list[RecipientState]
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    bounced: list[str] = field(default_factory=list)  # recipients a DSN was already queued for
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.status in ("pending", "deferred")]
+
+    def unreported(self) -> list[RecipientState]:
+        return [r for r in self.recipients if not r.reported]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending() and not self.unreported()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.active = root / "active"
+
+    def open(self) -> None:
+        for path in (self.root, self.incoming, self.active):
+            path.mkdir(parents=True, exist_ok=True)
+
+    # -- acceptance (SMTP side) ---------------------------------------------
+
+    def write_incoming(self, envelope: Envelope, message: bytes) -> None:
+        """Write and fsync the message before the meter commit. Raises OSError."""
+        path = self.incoming / envelope.queue_id
+        header = json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n"
+        try:
+            with open(path, "wb") as handle:
+                handle.write(header)
+                handle.write(message)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(self.incoming)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+
+    def activate(self, queue_id: str) -> None:
+        os.rename(self.incoming / queue_id, self.active / queue_id)
+        _fsync_dir(self.active)
+
+    def discard_incoming(self, queue_id: str) -> None:
+        (self.incoming / queue_id).unlink(missing_ok=True)
+
+    def incoming_ids(self) -> list[str]:
+        return sorted(p.name for p in self.incoming.iterdir() if not p.name.startswith("."))
+
+    def enqueue_local(self, envelope: Envelope, message: bytes) -> None:
+        """Queue a message the relay made itself (a bounce): straight to active."""
+        self.write_incoming(envelope, message)
+        self.activate(envelope.queue_id)
+
+    # -- delivery side --------------------------------------------------------
+
+    def active_ids(self) -> list[str]:
+        return sorted(
+            p.name for p in self.active.iterdir() if "." not in p.name
+        )
+
+    def read(self, queue_id: str) -> tuple[Envelope, bytes]:
+        with open(self.active / queue_id, "rb") as handle:
+            header = handle.readline()
+            body = handle.read()
+        return Envelope(**json.loads(header)), body
+
+    def read_envelope(self, queue_id: str) -> Envelope:
+        with open(self.active / queue_id, "rb") as handle:
+            return Envelope(**json.loads(handle.readline()))
+
+    def load_state(self, envelope: Envelope) -> QueueState:
+        path = self.active / f"{envelope.queue_id}.state"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return QueueState(
+                queue_id=envelope.queue_id,
+                recipients=[RecipientState(address=r) for r in envelope.recipients],
+            )
+        raw["recipients"] = [RecipientState(**r) for r in raw["recipients"]]
+        return QueueState(**raw)
+
+    def save_state(self, state: QueueState) -> None:
+        path = self.active / f"{state.queue_id}.state"
+        temporary = self.active / f".{state.queue_id}.state.tmp"
+        with open(temporary, "w") as handle:
+            json.dump(asdict(state), handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(self.active)
+
+    def remove(self, queue_id: str) -> None:
+        (self.active / f"{queue_id}.state").unlink(missing_ok=True)
+        (self.active / queue_id).unlink(missing_ok=True)
+        _fsync_dir(self.active)

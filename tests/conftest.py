@@ -1,0 +1,175 @@
+"""Shared fixtures: a real upstream SMTP server and a real relay on loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailmeter.app import Relay
+from mailmeter.config import load_config
+
+PASSWORD = "correct horse battery staple"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class UpstreamHandler:
+    """An upstream MTA that records what it gets; rcpt_replies forces a reply per address."""
+
+    messages: list[Received] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b""))
+        self.arrived.set()
+        return "250 2.0.0 Ok: queued upstream"
+
+    def delivered_to(self) -> list[str]:
+        return [r for m in self.messages for r in m.rcpt_tos]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; upstream has {len(self.messages)} messages")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+
+@dataclass
+class Upstream:
+    port: int
+    handler: UpstreamHandler
+    server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: SMTP(self.handler, hostname="upstream.test", ident="upstream"),
+            host="127.0.0.1",
+            port=self.port,
+            reuse_address=True,
+        )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream(port=free_port(), handler=UpstreamHandler())
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def write_config(directory: Path, upstream_port: int, **overrides: Any) -> Path:
+    """A test config: fast retries, listen on a free loopback port, plaintext AUTH allowed."""
+    config: dict[str, Any] = {
+        "node": {"name": "test-node", "region": "test"},
+        "hostname": "relay.test",
+        "listen": {"address": "127.0.0.1", "port": 0},
+        "auth": {"allow_plaintext_on_loopback": True},
+        "limits": {"message_size": 1_000_000, "recipients_per_message": 50},
+        "upstream": {"host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": 5},
+        "delivery": {"workers": 4, "retry_first_delay": 0.2, "retry_factor": 2, "retry_max_delay": 0.5, "max_age": 3600},
+        "database": {"path": "meter.db"},
+        "spool": {"path": "spool"},
+        "log": {"level": "warning"},
+        "plans": {"small": {"email_quota": 1000}, "tiny": {"email_quota": 3}},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class RelayHarness:
+    directory: Path
+    upstream_port: int
+    overrides: dict[str, Any]
+    relay: Relay | None = None
+
+    async def start(self) -> Relay:
+        path = write_config(self.directory, self.upstream_port, **self.overrides)
+        relay = Relay.build(load_config(path))
+        await relay.start()
+        self.relay = relay
+        return relay
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+
+    @property
+    def port(self) -> int:
+        assert self.relay is not None
+        return self.relay.port
+
+
+@pytest.fixture
+async def make_relay(tmp_path: Path) -> AsyncIterator[Callable[..., RelayHarness]]:
+    harnesses: list[RelayHarness] = []
+
+    def factory(upstream_port: int, **overrides: Any) -> RelayHarness:
+        harness = RelayHarness(tmp_path, upstream_port, overrides)
+        harnesses.append(harness)
+        return harness
+
+    yield factory
+    for harness in harnesses:
+        await harness.stop()
+
+
+@pytest.fixture
+async def relay(make_relay: Callable[..., RelayHarness], upstream: Upstream) -> AsyncIterator[RelayHarness]:
+    harness = make_relay(upstream.port)
+    await harness.start()
+    yield harness
+
+
+async def add_account(harness: RelayHarness, name: str = "app", plan: str = "small",
+                      domains: tuple[str, ...] = ("example.com",), networks: tuple[str, ...] = (),
+                      password: str | None = PASSWORD) -> None:
+    assert harness.relay is not None
+    await harness.relay.meter.add_account(name, password, plan, list(domains), list(networks))

@@ -1,0 +1,225 @@
+"""SMTP in, over real sockets: AUTH, no open relay, sender domains, the metering hook."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import aiosmtplib
+import pytest
+
+from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account
+
+MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+async def connect(port: int) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    await client.connect()
+    await client.ehlo()
+    return client
+
+
+async def test_delivery_end_to_end(relay: RelayHarness, upstream: Upstream) -> None:
+    await add_account(relay)
+    client = await connect(relay.port)
+    await client.login("app", PASSWORD)
+    errors, reply = await client.sendmail("app@example.com", ["a@dest.test", "b@dest.test"], MESSAGE)
+    await client.quit()
+    assert errors == {}
+    assert reply.startswith("2.0.0 Ok: queued as ")
+    queue_id = reply.rsplit(" ", 1)[1]
+    await upstream.handler.wait_for(lambda: len(upstream.handler.delivered_to()) == 2)
+    received = upstream.handler.messages[0]
+    assert received.mail_from == "app@example.com"
+    assert sorted(received.rcpt_tos) == ["a@dest.test", "b@dest.test"]
+    assert f"id {queue_id}".encode() in received.content  # our Received: trace header
+    assert received.content.endswith(b"hello\r\n")
+    assert relay.relay is not None
+    meter = relay.relay.meter
+
+    async def delivered() -> int:
+        return (await meter.usage("app")).usage.delivered
+
+    for _ in range(100):
+        if await delivered() == 2:
+            break
+        await asyncio.sleep(0.05)
+    report = (await meter.usage("app")).as_json()
+    assert report["accepted"] == 2 and report["delivered"] == 2 and report["reserved"] == 0
+    assert report["remaining"] == 998
+
+
+async def test_auth_right_and_wrong_plain_and_login(relay: RelayHarness) -> None:
+    await add_account(relay)
+    client = await connect(relay.port)
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as wrong:
+        await client.auth_plain("app", "wrong password")
+    assert wrong.value.code == 535
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+        await client.auth_login("nobody", PASSWORD)
+    reply = await client.auth_login("app", PASSWORD)
+    assert reply.code == 235
+    await client.quit()
+    client = await connect(relay.port)
+    assert (await client.auth_plain("app", PASSWORD)).code == 235
+    await client.quit()
+
+
+async def test_auth_garbage_gets_501(relay: RelayHarness) -> None:
+    client = await connect(relay.port)
+    code, _ = await client.execute_command(b"AUTH", b"PLAIN", b"!!!notbase64")
+    assert code == 501
+    await client.quit()
+
+
+async def command(client: aiosmtplib.SMTP, line: str) -> tuple[int, str]:
+    response = await client.execute_command(*[part.encode() for part in line.split(" ")])
+    return response.code, response.message
+
+
+async def test_open_relay_refused(relay: RelayHarness, upstream: Upstream) -> None:
+    await add_account(relay)
+    client = await connect(relay.port)
+    assert await command(client, "MAIL FROM:<app@example.com>") == (
+        530, "5.7.0 Authentication required: AUTH with your account's credentials")
+    code, text = await command(client, "RCPT TO:<victim@elsewhere.test>")
+    assert code == 530 and text.startswith("5.7.0")
+    code, _ = await command(client, "DATA")
+    assert code == 530
+    await client.quit()
+    await asyncio.sleep(0.2)
+    assert upstream.handler.messages == []
+
+
+async def test_foreign_sender_domain_refused(relay: RelayHarness) -> None:
+    await add_account(relay, domains=("example.com", "example.org"))
+    client = await connect(relay.port)
+    await client.login("app", PASSWORD)
+    code, text = await command(client, "MAIL FROM:<ceo@bank.test>")
+    assert code == 550 and text.startswith("5.7.1 Sender <ceo@bank.test> is not in the sender domains")
+    code, _ = await command(client, "MAIL FROM:<news@sub.example.com>")
+    assert code == 550  # a subdomain is another domain
+    code, _ = await command(client, "MAIL FROM:<news@EXAMPLE.org>")
+    assert code == 250
+    await client.quit()
+
+
+async def test_mail_from_auth_parameter_accepted(relay: RelayHarness, upstream: Upstream) -> None:
+    await add_account(relay)
+    client = await connect(relay.port)
+    await client.login("app", PASSWORD)
+    assert (await command(client, "MAIL FROM:<app@example.com> AUTH=<>"))[0] == 250
+    assert (await command(client, "RCPT TO:<x@dest.test>"))[0] == 250
+    code, _ = await client.data(MESSAGE)
+    assert code == 250
+    await client.quit()
+    await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["x@dest.test"])
+
+
+async def test_auth_only_after_starttls_unless_allowed(make_relay, upstream: Upstream) -> None:
+    harness = make_relay(upstream.port, auth={"allow_plaintext_on_loopback": False})
+    await harness.start()
+    await add_account(harness)
+    client = await connect(harness.port)
+    assert "auth" not in client.esmtp_extensions
+    token = base64.b64encode(f"\0app\0{PASSWORD}".encode()).decode()
+    code, text = await command(client, f"AUTH PLAIN {token}")
+    assert code == 538 and "Encryption required" in text
+    await client.quit()
+
+
+async def test_network_bound_account_needs_no_auth(make_relay, upstream: Upstream) -> None:
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, name="office", networks=("127.0.0.0/8",), password=None)
+    client = await connect(harness.port)
+    errors, _ = await client.sendmail("printer@example.com", ["boss@dest.test"], MESSAGE)
+    await client.quit()
+    assert errors == {}
+    await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["boss@dest.test"])
+    assert harness.relay is not None
+    assert (await harness.relay.meter.usage("office")).usage.accepted == 1
+
+
+async def test_quota_runs_out_mid_message_partial_452(relay: RelayHarness, upstream: Upstream) -> None:
+    await add_account(relay, plan="tiny")  # 3 emails a month
+    client = await connect(relay.port)
+    await client.login("app", PASSWORD)
+    assert (await command(client, "MAIL FROM:<app@example.com>"))[0] == 250
+    replies = [await command(client, f"RCPT TO:<r{n}@dest.test>") for n in range(5)]
+    assert [code for code, _ in replies] == [250, 250, 250, 452, 452]
+    assert replies[3][1] == (
+        "4.7.1 Email quota for this billing period is used up; retry after the period renews"
+        " or ask your provider to raise the plan's quota"
+    )
+    code, text = await client.data(MESSAGE)
+    assert code == 250
+    # The quota is now used up: the next transaction is deferred at MAIL.
+    code, text = await command(client, "MAIL FROM:<app@example.com>")
+    assert code == 451 and text.startswith("4.7.1 Email quota")
+    await client.quit()
+    await upstream.handler.wait_for(lambda: len(upstream.handler.delivered_to()) == 3)
+    assert sorted(upstream.handler.delivered_to()) == ["r0@dest.test", "r1@dest.test", "r2@dest.test"]
+    assert relay.relay is not None
+    usage = (await relay.relay.meter.usage("app")).usage
+    assert (usage.accepted, usage.reserved) == (3, 0)
+
+
+async def test_rset_quit_and_disconnect_release_holds(relay: RelayHarness) -> None:
+    await add_account(relay, plan="tiny")
+    assert relay.relay is not None
+    meter = relay.relay.meter
+    client = await connect(relay.port)
+    await client.login("app", PASSWORD)
+    await command(client, "MAIL FROM:<app@example.com>")
+    await command(client, "RCPT TO:<a@dest.test>")
+    await command(client, "RCPT TO:<b@dest.test>")
+    assert (await meter.usage("app")).usage.reserved == 2
+    assert (await command(client, "RSET"))[0] == 250
+    await asyncio.sleep(0.1)
+    assert (await meter.usage("app")).usage.reserved == 0
+    await command(client, "MAIL FROM:<app@example.com>")
+    await command(client, "RCPT TO:<a@dest.test>")
+    client.close()  # drop the connection without QUIT
+    for _ in range(50):
+        if (await meter.usage("app")).usage.reserved == 0:
+            break
+        await asyncio.sleep(0.05)
+    usage = (await meter.usage("app")).usage
+    assert (usage.accepted, usage.reserved) == (0, 0)
+
+
+async def test_too_many_recipients_452(make_relay, upstream: Upstream) -> None:
+    harness = make_relay(upstream.port, limits={"recipients_per_message": 2})
+    await harness.start()
+    await add_account(harness)
+    client = await connect(harness.port)
+    await client.login("app", PASSWORD)
+    await command(client, "MAIL FROM:<app@example.com>")
+    codes = [(await command(client, f"RCPT TO:<r{n}@dest.test>"))[0] for n in range(3)]
+    assert codes == [250, 250, 452]
+    await client.quit()
+
+
+async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upstream) -> None:
+    harness = make_relay(upstream.port, limits={"message_size": 2048})
+    await harness.start()
+    await add_account(harness)
+    client = await connect(harness.port)
+    await client.login("app", PASSWORD)
+    code, _ = await command(client, "MAIL FROM:<app@example.com> SIZE=999999")
+    assert code == 552  # the declared size is refused up front
+    await command(client, "MAIL FROM:<app@example.com>")
+    await command(client, "RCPT TO:<a@dest.test>")
+    assert harness.relay is not None
+    assert (await harness.relay.meter.usage("app")).usage.reserved == 1
+    big = MESSAGE + (b"x" * 70 + b"\r\n") * 100
+    with pytest.raises(aiosmtplib.SMTPDataError) as error:
+        await client.data(big)
+    assert error.value.code == 552
+    await client.quit()
+    await asyncio.sleep(0.1)
+    assert harness.relay is not None
+    usage = (await harness.relay.meter.usage("app")).usage
+    assert (usage.accepted, usage.reserved) == (0, 0)
