@@ -23,5 +23,20 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # aiosmtpd logs every command through stdlib logging; keep only its warnings.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Libraries log through stdlib logging: render those as the same JSON lines.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.JSONRenderer(),
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    # aiosmtpd logs every command (and a deprecation notice per AUTH) at info/warning;
+    # our own smtp.* events say what an operator needs.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

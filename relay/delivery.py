@@ -89,6 +89,7 @@ class Delivery:
         self._scheduled: dict[str, asyncio.TimerHandle] = {}
         self._known: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -100,13 +101,19 @@ class Delivery:
             self._schedule(queue_id, state.next_attempt_at)
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking work, let attempts in flight finish (up to `grace` s), then cancel."""
         for handle in self._scheduled.values():
             handle.cancel()
         self._scheduled.clear()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
+        for _ in self._tasks:
+            self._ready.put_nowait(_STOP)
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
     @property
@@ -140,6 +147,8 @@ class Delivery:
         try:
             while True:
                 queue_id = await self._ready.get()
+                if queue_id == _STOP or self._stopping:
+                    return
                 try:
                     await self._attempt(queue_id, connection)
                 except asyncio.CancelledError:
@@ -317,6 +326,9 @@ class Delivery:
                 reply = f"connection to {self.upstream.host}:{self.upstream.port} failed: {error}"
                 return {r: Outcome("deferred", reply) for r in recipients}
         raise AssertionError("unreachable")
+
+
+_STOP = ""  # wakes a worker to exit; never a queue id
 
 
 def _classify(code: int, message: str) -> Outcome:
