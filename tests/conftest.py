@@ -72,11 +72,16 @@ class Upstream:
     port: int
     handler: UpstreamHandler
     server: asyncio.Server | None = None
+    connections: int = 0
+
+    def _session(self) -> SMTP:
+        self.connections += 1
+        return SMTP(self.handler, hostname="upstream.test", ident="upstream")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: SMTP(self.handler, hostname="upstream.test", ident="upstream"),
+            self._session,
             host="127.0.0.1",
             port=self.port,
             reuse_address=True,

@@ -203,3 +203,13 @@ async def test_200_sessions_race_for_the_last_100_emails(relay: RelayHarness, up
     usage = (await meter.usage("app")).usage
     assert (usage.accepted, usage.reserved) == (1000, 0)
     await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 100, timeout=60)
+
+
+async def test_delivery_reuses_upstream_connections(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    harness = make_relay(upstream.port, delivery={"workers": 2})
+    await harness.start()
+    await add_account(harness)
+    for n in range(12):
+        await send(harness.port, [f"r{n}@dest.test"])
+    await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 12)
+    assert upstream.connections <= 2  # one per worker, kept open between messages

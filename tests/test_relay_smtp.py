@@ -223,3 +223,37 @@ async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upst
     assert harness.relay is not None
     usage = (await harness.relay.meter.usage("app")).usage
     assert (usage.accepted, usage.reserved) == (0, 0)
+
+
+async def test_starttls_with_a_real_certificate_then_auth(make_relay, upstream: Upstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server_cert = authority.issue_cert("relay.test", "127.0.0.1")
+    server_cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    server_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    harness = make_relay(
+        upstream.port,
+        tls={"certificate": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")},
+        auth={"allow_plaintext_on_loopback": False},
+    )
+    await harness.start()
+    await add_account(harness)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10,
+                             tls_context=client_context)
+    await client.connect()
+    await client.ehlo()
+    assert "starttls" in client.esmtp_extensions and "auth" not in client.esmtp_extensions
+    await client.starttls()
+    await client.ehlo()
+    assert "auth" in client.esmtp_extensions  # offered only now, inside TLS
+    await client.login("app", PASSWORD)
+    errors, _ = await client.sendmail("app@example.com", ["tls@dest.test"], MESSAGE)
+    await client.quit()
+    assert errors == {}
+    await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["tls@dest.test"])
+    assert b"with ESMTPSA id" in upstream.handler.messages[0].content
