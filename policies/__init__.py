@@ -3,4 +3,64 @@
 Nothing here does I/O or reads a clock: every function takes the instant it reasons
 about as an argument, so each worked example of BILLING_MODELS.md is a plain,
 fast, deterministic test.
+
+Modules, from the bottom up:
+  money       integer micros, parsing, half-up rounding to cents, display
+  periods     calendar months in a time zone, subscription anniversaries
+  pricing     unit prices (flat, graduated, volume, per block): cost and its inverse
+  parts       result prices, in-period charges, funding, invoicing
+  plans       Plan = a combination of parts; parse_plan with key-naming errors
+  account     Standing (account facts) and Usage (period counts)
+  limits      overrides in force; the "decrease applies at period end" rule
+  usage_cost  priced usage and the conservative exposure of held emails
+  charges     charges_due: the complete, stable list of in-period charges
+  decision    admit / headroom / blocking_refusal: caps as counts
+  invoice     close_period: the closing invoice, rounded per line
+  dashboard   usage screen (model D) and usage alerts (model E)
+  preview     one simulated period for `mailmeter plan preview`
 """
+
+from policies.account import Standing, Usage
+from policies.charges import Charge, charge_count, charged_total, charges_due, unbilled
+from policies.dashboard import UsageAlert, UsageScreen, usage_alerts_due, usage_screen
+from policies.decision import Admission, Cap, Refusal, admit, blocking_refusal, caps, headroom
+from policies.invoice import Invoice, InvoiceLine, close_period
+from policies.limits import LimitChange, limit_in_effect
+from policies.plans import Plan, PlanError, parse_plan, parse_plans
+from policies.preview import Preview, TimedCharge, preview
+from policies.usage_cost import exposure, priced_usage
+
+__all__ = [
+    "Admission",
+    "Cap",
+    "Charge",
+    "Invoice",
+    "InvoiceLine",
+    "LimitChange",
+    "Plan",
+    "PlanError",
+    "Preview",
+    "Refusal",
+    "Standing",
+    "TimedCharge",
+    "Usage",
+    "UsageAlert",
+    "UsageScreen",
+    "admit",
+    "blocking_refusal",
+    "caps",
+    "charge_count",
+    "charged_total",
+    "charges_due",
+    "close_period",
+    "exposure",
+    "headroom",
+    "limit_in_effect",
+    "parse_plan",
+    "parse_plans",
+    "preview",
+    "priced_usage",
+    "unbilled",
+    "usage_alerts_due",
+    "usage_screen",
+]

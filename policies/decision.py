@@ -18,7 +18,7 @@ from enum import StrEnum
 from policies.account import Standing, Usage
 from policies.charges import charged_total
 from policies.limits import email_quota, spending_limit
-from policies.plans import Plan
+from policies.plan import Plan
 from policies.usage_cost import max_held_within
 
 

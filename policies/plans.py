@@ -1,9 +1,8 @@
-"""Plans composed from small parts, parsed from plain config mappings.
+"""Plans parsed from plain config mappings, with errors that name the dotted key at fault.
 
-A plan is data: which period it bills over, what is billable and at what unit price,
-which in-period charges collect it, which caps bound it and how it is funded. Parsing
-is here (pure) so the config loader and `mailmeter plan preview` share one reading of
-a plan, and so a bad plan names the exact dotted key at fault (`plans.X.price.tiers[1].up_to`).
+Parsing is here (pure) so the config loader and `mailmeter plan preview` share one
+reading of a plan, and so a bad plan names the exact key (`plans.X.price.tiers[1].up_to`).
+Plan and PlanError live in plan.py and are re-exported here, where callers import them.
 
 Money in config is always a string ("0.0002") or a whole number of currency units:
 a YAML float would already have lost exactness before we see it, so it is refused.
@@ -12,171 +11,17 @@ a YAML float would already have lost exactness before we see it, so it is refuse
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import time
 from typing import Any
 
-from policies.money import MoneyError, is_whole_cents, parse_money
-from policies.parts import (
-    Billable,
-    BlockCharge,
-    Funding,
-    InPeriodCharge,
-    Invoicing,
-    ResultPrices,
-    ThresholdCharge,
-)
+from policies.money import MoneyError, parse_money
+from policies.parts import BlockCharge, Funding, InPeriodCharge, Invoicing, ResultPrices, ThresholdCharge
 from policies.periods import PeriodSpec
+from policies.plan import Plan, PlanError, tiers_problem
 from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
 
+__all__ = ["PLAN_KEYS", "Plan", "PlanError", "parse_period", "parse_plan", "parse_plans", "parse_price"]
 
-class PlanError(ValueError):
-    """A plan definition that cannot be used; `key` is the dotted path at fault."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A billing plan: a combination of parts.
-
-    email_quota: hard cap on emails held per period (None: no count cap).
-    included_emails: the period's first emails, free; overage/tiers start after them.
-    plan_fee: micros per period, on the closing invoice.
-    billable: "accepted" (price the accepted emails with `price`) or "results"
-      (price final delivery results with `result_prices`, model C).
-    in_period_charge: collect usage during the period (threshold or per block).
-    spending_limit: micros of priced usage allowed per period (model D), None: none.
-    usage_alerts: percentages of the email limit that notify once per period (model E).
-
-    Construction checks that the parts fit together and raises PlanError naming
-    the config key (under `plans.<name>`) otherwise, so an invalid combination
-    cannot reach the meter even when built in code.
-    """
-
-    name: str
-    period: PeriodSpec = PeriodSpec()
-    email_quota: int | None = None
-    display_name: str | None = None
-    plan_fee: int = 0
-    included_emails: int = 0
-    billable: Billable = "accepted"
-    price: UnitPrice = FlatPrice(0)
-    result_prices: ResultPrices = ResultPrices()
-    in_period_charge: InPeriodCharge | None = None
-    spending_limit: int | None = None
-    funding: Funding = Funding()
-    invoicing: Invoicing = Invoicing()
-    usage_alerts: tuple[int, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        problem = plan_problem(self)
-        if problem is not None:
-            key, message = problem
-            raise PlanError(f"plans.{self.name}.{key}", message)
-
-    @property
-    def title(self) -> str:
-        """The name people see ("Pro 100k"); the config name otherwise."""
-        return self.display_name or self.name
-
-
-def _tiers_problem(tiers: tuple[Tier, ...]) -> str | None:
-    if not tiers:
-        return "needs at least one tier"
-    previous = 0
-    for number, tier in enumerate(tiers):
-        if tier.per_email < 0:
-            return f"tier {number}: price must not be negative"
-        last = number == len(tiers) - 1
-        if tier.up_to is None:
-            if not last:
-                return f"tier {number}: only the last tier may omit up_to"
-            continue
-        if last:
-            return "the last tier must be open-ended (omit its up_to)"
-        if tier.up_to <= previous:
-            return f"tier {number}: up_to must be greater than the previous tier's ({previous})"
-        previous = tier.up_to
-    return None
-
-
-def plan_problem(plan: Plan) -> tuple[str, str] | None:
-    """The first reason the parts do not fit together: (key relative to the plan, message)."""
-    for key, value in (("email_quota", plan.email_quota), ("included_emails", plan.included_emails)):
-        if value is not None and value < 0:
-            return key, "must not be negative"
-    if plan.plan_fee < 0 or not is_whole_cents(plan.plan_fee):
-        return "plan_fee", "must be a non-negative amount in whole cents (it is charged as it is)"
-    if plan.spending_limit is not None and plan.spending_limit < 0:
-        return "spending_limit", "must not be negative"
-    price = plan.price
-    if isinstance(price, (GraduatedPrice, VolumePrice)):
-        problem = _tiers_problem(price.tiers)
-        if problem is not None:
-            return "price.tiers", problem
-    elif isinstance(price, FlatPrice) and price.per_email < 0:
-        return "price.amount", "must not be negative"
-    elif isinstance(price, BlockPrice):
-        if price.block_emails <= 0:
-            return "price.block_emails", "must be at least 1"
-        if price.per_block < 0:
-            return "price.amount", "must not be negative"
-    if min(plan.result_prices.delivered, plan.result_prices.soft_bounced, plan.result_prices.hard_bounced) < 0:
-        return "result_prices", "prices must not be negative"
-    if plan.billable == "results" and plan.included_emails:
-        return "included_emails", "counts accepted emails; a plan billed on results prices each result instead"
-    funding = plan.funding
-    if funding.kind not in ("prepaid", "postpaid"):
-        return "funding.kind", f"must be prepaid or postpaid, got {funding.kind!r}"
-    if funding.net_days < 0:
-        return "funding.net_days", "must not be negative"
-    if funding.overdraft_allowance is not None:
-        if funding.kind == "prepaid":
-            return "funding.overdraft_allowance", "a prepaid plan sends only what its balance covers; use postpaid"
-        if funding.overdraft_allowance < 0:
-            return "funding.overdraft_allowance", "must not be negative"
-    if plan.invoicing.statement_after_days < 0:
-        return "invoicing.statement_after_days", "must not be negative"
-    if any(not 1 <= percent <= 1000 for percent in plan.usage_alerts):
-        return "usage_alerts", "each alert is a percentage of the email limit, 1 to 1000"
-    if list(plan.usage_alerts) != sorted(set(plan.usage_alerts)):
-        return "usage_alerts", "percentages must be distinct and ascending"
-    if plan.usage_alerts and not plan.included_emails and plan.email_quota is None:
-        return "usage_alerts", "needs an email limit: included_emails or email_quota"
-    return _charge_problem(plan)
-
-
-def _charge_problem(plan: Plan) -> tuple[str, str] | None:
-    charge = plan.in_period_charge
-    if charge is None:
-        return None
-    if plan.billable == "results":
-        return "in_period_charge", (
-            "in-period charges fall due at acceptance, but a plan billed on results has no price until the result"
-        )
-    if plan.funding.kind == "prepaid":
-        return "in_period_charge", "a prepaid plan is paid from its balance; in-period charges are for postpaid plans"
-    if isinstance(charge, ThresholdCharge):
-        if charge.amount <= 0 or not is_whole_cents(charge.amount):
-            return "in_period_charge.amount", "must be more than 0 and in whole cents (it is charged as it is)"
-        if isinstance(plan.price, VolumePrice):
-            return "in_period_charge", (
-                "volume tiers can lower the period's cost as volume grows, so a threshold charge"
-                " could exceed the final bill; use graduated tiers"
-            )
-        return None
-    if not isinstance(plan.price, BlockPrice):
-        return "in_period_charge.kind", "per_block charges need price.kind: per_block"
-    if plan.price.per_block <= 0 or not is_whole_cents(plan.price.per_block):
-        return "price.amount", "a block charged in the period must cost more than 0, in whole cents"
-    return None
-
-
-# -- parsing -------------------------------------------------------------------------
 
 PLAN_KEYS = frozenset(
     {
@@ -269,8 +114,10 @@ def _parse_tiers(data: Any, path: str) -> tuple[Tier, ...]:
         item = _mapping(item, tier_path, {"up_to", "amount", "per"})
         amount = _required(_money(item, "amount", tier_path), "amount", tier_path)
         per = _int(item, "per", tier_path, minimum=1) or 1
-        tiers.append(Tier(up_to=_int(item, "up_to", tier_path, minimum=1), per_email=_per_email(amount, per, tier_path)))
-    problem = _tiers_problem(tuple(tiers))
+        tiers.append(
+            Tier(up_to=_int(item, "up_to", tier_path, minimum=1), per_email=_per_email(amount, per, tier_path))
+        )
+    problem = tiers_problem(tuple(tiers))
     if problem is not None:
         raise PlanError(path, problem)
     return tuple(tiers)
@@ -351,7 +198,9 @@ def parse_invoicing(data: Any, path: str) -> Invoicing:
     if "issue_time" in data:
         text = data["issue_time"]
         if not isinstance(text, str):
-            raise PlanError(f"{path}.issue_time", f'must be a quoted "HH:MM" (YAML reads 15:00 unquoted as a number), got {text!r}')
+            raise PlanError(
+                f"{path}.issue_time", f'must be a quoted "HH:MM" (YAML reads 15:00 unquoted as a number), got {text!r}'
+            )
         try:
             issue_time = time.fromisoformat(text)
         except ValueError:
@@ -374,7 +223,9 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
         raise PlanError(path, "must be a mapping of plan parts")
     unknown = set(data) - PLAN_KEYS
     if unknown:
-        raise PlanError(f"{path}.{sorted(map(str, unknown))[0]}", f"unknown plan key (known: {', '.join(sorted(PLAN_KEYS))})")
+        raise PlanError(
+            f"{path}.{sorted(map(str, unknown))[0]}", f"unknown plan key (known: {', '.join(sorted(PLAN_KEYS))})"
+        )
     billable = data.get("billable", "accepted")
     if billable not in ("accepted", "results"):
         raise PlanError(f"{path}.billable", f"must be accepted or results, got {billable!r}")
@@ -413,7 +264,7 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
     except PlanError as error:
         prefix = f"plans.{name}"
         if path != prefix and error.key.startswith(prefix + ".") and not error.key.startswith(path + "."):
-            raise PlanError(path + error.key[len(prefix):], error.message) from None
+            raise PlanError(path + error.key[len(prefix) :], error.message) from None
         raise
 
 

@@ -1,0 +1,103 @@
+"""What the account sees while the period runs: the usage screen and the usage alerts.
+
+Model D's usage screen shows exactly: plan, period, extra emails, emails sent, total
+allowed, spent, spending limit, emails remaining. Model E sends alerts at 75%, 90%
+and 100% of the limit, each once per period. Both are pure functions of the same
+facts the admission uses, so what the screen says is what the relay does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.account import Standing, Usage
+from policies.limits import email_limit, included_emails, spending_limit
+from policies.money import display_money
+from policies.periods import Period, period_label
+from policies.plan import Plan
+from policies.pricing import BlockPrice, blocks_opened
+from policies.usage_cost import priced_usage
+
+
+@dataclass(frozen=True)
+class UsageScreen:
+    """The usage screen of one account in one period (money in micros).
+
+    extra_emails: emails unlocked past the included ones by block charges.
+    total_allowed: included + extra_emails (the ceiling before the next charge);
+      for plans without blocks, the email limit (None: no limit).
+    spent: priced usage so far this period, excluding the plan fee.
+    remaining: emails before the next block charge (D), or before the limit.
+    """
+
+    plan: str
+    period: str
+    included_emails: int
+    extra_emails: int
+    emails_sent: int
+    total_allowed: int | None
+    spent: int
+    spending_limit: int | None
+    remaining: int | None
+
+    def rows(self) -> tuple[str, ...]:
+        """The screen's texts, in model D's order and wording."""
+        rows = [self.plan, self.period, f"{self.extra_emails:,} extra emails", f"{self.emails_sent:,} emails sent"]
+        if self.total_allowed is not None:
+            rows.append(f"{self.total_allowed:,} total allowed")
+        rows.append(f"{display_money(self.spent)} spent")
+        if self.spending_limit is not None:
+            rows.append(f"{display_money(self.spending_limit)} spending limit")
+        if self.remaining is not None:
+            rows.append(f"{self.remaining:,} emails remaining")
+        return tuple(rows)
+
+
+def usage_screen(plan: Plan, standing: Standing, usage: Usage, period: Period) -> UsageScreen:
+    """The usage screen at this committed usage, in this period."""
+    sent = usage.accepted
+    included = included_emails(plan, standing)
+    if isinstance(plan.price, BlockPrice) and plan.billable == "accepted":
+        extra = blocks_opened(plan.price.block_emails, sent, included) * plan.price.block_emails
+        total: int | None = included + extra
+    else:
+        extra = 0
+        total = email_limit(plan, standing)
+    return UsageScreen(
+        plan=plan.title,
+        period=period_label(plan.period, period),
+        included_emails=included,
+        extra_emails=extra,
+        emails_sent=sent,
+        total_allowed=total,
+        spent=priced_usage(plan, standing, usage),
+        spending_limit=spending_limit(plan, standing),
+        remaining=None if total is None else max(total - sent, 0),
+    )
+
+
+@dataclass(frozen=True)
+class UsageAlert:
+    """A usage notification that is due: `percent` of `limit` emails reached."""
+
+    percent: int
+    limit: int
+    trigger_email: int
+
+    @property
+    def key(self) -> str:
+        """Stable within a period: the meter sends each key once per period."""
+        return f"alert/{self.percent}"
+
+
+def usage_alerts_due(plan: Plan, standing: Standing, usage: Usage) -> list[UsageAlert]:
+    """Every alert reached at this committed usage, in ascending order (a prefix as usage grows)."""
+    limit = email_limit(plan, standing)
+    if not limit:
+        return []
+    due: list[UsageAlert] = []
+    for percent in plan.usage_alerts:
+        trigger = -(-percent * limit // 100)
+        if usage.accepted >= trigger:
+            due.append(UsageAlert(percent=percent, limit=limit, trigger_email=trigger))
+    return due
