@@ -186,7 +186,7 @@ class Meter:
         refusal = admission.refusal.value if admission.refusal else None
         return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
 
-    async def commit(self, hold_id: str, queue_id: str, emails: int) -> None:
+    async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None:
         await self.store.commit(hold_id, queue_id, emails, self.node, self.clock())
 
     async def release(self, hold_id: str) -> int:

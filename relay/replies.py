@@ -17,6 +17,8 @@ _REFUSAL_TEXT: dict[Refusal, str] = {
     " top up the balance (mailmeter balance add) and retry",
     Refusal.SPENDING_LIMIT: "4.7.1 Spending limit for this billing period is reached;"
     " raise the spending limit or upgrade the plan, then retry",
+    Refusal.OVERDRAFT_LIMIT: "4.7.1 Overdraft allowance is used up;"
+    " repay the overdrawn amount (mailmeter repay) and retry",
     Refusal.PAYMENT_FAILED: "4.7.1 Sending is paused because a payment failed;"
     " update the payment method and sending resumes at once",
     Refusal.SUSPENDED: "4.7.1 Sending is suspended for this account; contact your provider",

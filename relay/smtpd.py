@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from email.utils import format_datetime
 from typing import Any, Protocol
 
@@ -34,6 +36,8 @@ from relay.delivery import new_queue_id
 from relay.spool import Envelope, Spool
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
+CAMPAIGN_HEADER = "X-Mailmeter-Campaign"
+_CAMPAIGN_TAG = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 
 
 class MeterPort(Protocol):
@@ -44,7 +48,7 @@ class MeterPort(Protocol):
     async def sender_domains(self, name: str) -> tuple[str, ...]: ...
     async def sending_refusal(self, name: str) -> Any | None: ...
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Any: ...
-    async def commit(self, hold_id: str, queue_id: str, emails: int) -> None: ...
+    async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None: ...
     async def release(self, hold_id: str) -> int: ...
 
 
@@ -308,7 +312,7 @@ class _Handler:
             reply = replies.SPOOL_FULL if error.errno == 28 else replies.SPOOL_FAILED
             return logged("deferred", reply)  # the hold is released by _set_rset_state
         try:
-            await context.meter.commit(hold_id, queue_id, recipients)
+            await context.meter.commit(hold_id, queue_id, recipients, campaign_tag(raw))
         except Exception as error:
             server.log.error("smtp.meter_unavailable", account=account, stage="DATA", error=repr(error))
             await asyncio.to_thread(context.spool.discard_incoming, queue_id)
@@ -334,6 +338,16 @@ def _received_header(hostname: str, session: Session, server: RelaySMTP, queue_i
     stamp = format_datetime(datetime.now(timezone.utc))
     line = f"Received: from {helo} ([{peer}])\r\n\tby {hostname} (mailmeter) with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
     return line.encode("utf-8", "replace")
+
+
+def campaign_tag(message: bytes) -> str:
+    """The application's campaign tag (X-Mailmeter-Campaign header) for usage breakdowns.
+
+    Only the header block is read. A missing or malformed tag counts as untagged ("").
+    """
+    headers = BytesHeaderParser(policy=compat32).parsebytes(message[:65536], headersonly=True)
+    value = (headers.get(CAMPAIGN_HEADER) or "").strip()
+    return value if _CAMPAIGN_TAG.fullmatch(value) else ""
 
 
 def is_loopback(address: str) -> bool:
