@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import structlog
 
 from mailmeter.config import Config
+from mailmeter.notices import NoticeSender
+from metering.billing import Billing
+from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
 from metering.meter import Meter
 from metering.sqlite_store import SqliteStore
 from relay.delivery import Delivery, RetryPolicy, UpstreamConfig
@@ -24,7 +27,27 @@ from relay.spool import Spool
 
 def open_meter(config: Config) -> tuple[SqliteStore, Meter]:
     store = SqliteStore(config.resolve(config.database.path))
-    return store, Meter(store, config.parsed_plans(), node=config.node.name)
+    return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region)
+
+
+def payment_gateway(config: Config) -> PaymentGateway:
+    gateway = config.billing.gateway
+    if gateway.kind == "webhook":
+        assert gateway.url is not None
+        secret = config.read_secret("billing.gateway.secret_file", gateway.secret_file)
+        assert secret is not None
+        return WebhookGateway(gateway.url, secret, timeout=gateway.timeout)
+    return NoGateway()
+
+
+def build_billing(config: Config, meter: Meter) -> Billing:
+    return Billing(
+        meter,
+        payment_gateway(config),
+        currency=config.billing.currency,
+        retry_first_delay=config.billing.charge_retry_first_delay,
+        retry_max_delay=config.billing.charge_retry_max_delay,
+    )
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -45,7 +68,10 @@ class Relay:
     spool: Spool
     delivery: Delivery
     context: RelayContext
+    billing: Billing
+    notices: NoticeSender
     server: asyncio.Server | None = None
+    billing_task: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, config: Config) -> Relay:
@@ -82,7 +108,16 @@ class Relay:
             timeout=config.limits.session_timeout,
         )
         context = RelayContext(settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit)
-        return cls(config, store, meter, spool, delivery, context)
+        notices_config = config.billing.notices
+        notices = NoticeSender(
+            store,
+            spool,
+            delivery.submit,
+            from_address=notices_config.from_address or f"billing@{config.hostname}",
+            webhook_url=notices_config.webhook_url,
+            webhook_secret=config.read_secret("billing.notices.webhook_secret_file", notices_config.webhook_secret_file),
+        )
+        return cls(config, store, meter, spool, delivery, context, build_billing(config, meter), notices)
 
     async def start(self) -> None:
         log = structlog.get_logger("mailmeter")
@@ -97,6 +132,7 @@ class Relay:
             port=self.config.listen.port,
             reuse_address=True,
         )
+        self.billing_task = asyncio.create_task(self._billing_loop())
         log.info(
             "relay.started",
             listen=f"{self.config.listen.address}:{self.port}",
@@ -124,7 +160,32 @@ class Relay:
                 dropped += 1
         return activated, dropped
 
+    async def billing_pass(self) -> None:
+        """One pass of the billing job: close periods, queue statements, collect charges, send notices."""
+        run = await self.billing.run_once()
+        await self.notices.send_pending()
+        if run.invoices or run.charges_collected or run.charges_failed or run.statements:
+            structlog.get_logger("mailmeter.billing").info(
+                "billing.pass", invoices=len(run.invoices), charges_collected=run.charges_collected,
+                charges_failed=run.charges_failed, statements=run.statements, result="ok",
+            )
+
+    async def _billing_loop(self) -> None:
+        log = structlog.get_logger("mailmeter.billing")
+        while True:
+            try:
+                await self.billing_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the store may be down: try again next interval
+                log.error("billing.pass", result="error", error=repr(error))
+            await asyncio.sleep(self.config.billing.interval)
+
     async def stop(self) -> None:
+        if self.billing_task is not None:
+            self.billing_task.cancel()
+            await asyncio.gather(self.billing_task, return_exceptions=True)
+            self.billing_task = None
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -1,4 +1,4 @@
-"""The `mailmeter` command: serve the relay, manage accounts, read usage.
+"""The `mailmeter` command: serve the relay; manage accounts, payments, plans and invoices.
 
 Admin commands open the same SQLite database the relay uses (WAL mode lets both
 work at once); a change such as a payment block is seen by the relay at the
@@ -13,12 +13,14 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.logs import configure_logging
-from metering.meter import Meter, UnknownAccount, UnknownPlan
+from mailmeter.service import AdminError, AdminService
+from metering.meter import UnknownAccount, UnknownPlan
 from metering.sqlite_store import StoreUnavailable
 
 DEFAULT_CONFIG = os.environ.get("MAILMETER_CONFIG", "config.yaml")
@@ -28,19 +30,30 @@ class CliError(Exception):
     """An error for the operator: printed as one line, exit status 1."""
 
 
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+def _emit(data: Any, as_json: bool) -> None:
+    if as_json or not isinstance(data, dict | list):
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    items = data if isinstance(data, list) else [data]
+    for item in items:
+        if isinstance(item, dict):
+            print("  ".join(f"{key}={value}" for key, value in item.items()))
+        else:
+            print(item)
 
 
-async def _with_meter(config: Config, action: Callable[[Meter], Awaitable[int]]) -> int:
-    from mailmeter.app import open_meter
+def _run(config: Config, action: Callable[[AdminService], Awaitable[int]]) -> int:
+    from mailmeter.app import build_billing, open_meter
 
-    store, meter = open_meter(config)
-    await store.open()
-    try:
-        return await action(meter)
-    finally:
-        await store.close()
+    async def main() -> int:
+        store, meter = open_meter(config)
+        await store.open()
+        try:
+            return await action(AdminService(meter, build_billing(config, meter)))
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
 def _read_password(path: str) -> str:
@@ -69,88 +82,193 @@ def cmd_account_add(config: Config, args: argparse.Namespace) -> int:
     if not args.sender_domain:
         raise CliError("give at least one --sender-domain the account may send from")
 
-    async def action(meter: Meter) -> int:
-        account = await meter.add_account(
-            args.name, password, args.plan, args.sender_domain, args.network or []
+    async def action(service: AdminService) -> int:
+        account = await service.add_account(
+            args.name, password, args.plan, args.sender_domain, args.network, args.contact, args.subscribed_on
         )
-        print(f"account {account.name} added on plan {account.plan}")
+        print(f"account {account['name']} added on plan {account['plan']}")
         return 0
 
-    return asyncio.run(_with_meter(config, action))
+    return _run(config, action)
 
 
-def cmd_account_list(config: Config, args: argparse.Namespace) -> int:
-    async def action(meter: Meter) -> int:
-        accounts = await meter.store.list_accounts()
-        if args.json:
-            _print_json([a.public() for a in accounts])
+def _simple(
+    method: str,
+    *fields: str,
+    json_flag: bool = True,
+    line: Callable[[dict[str, Any]], str] | None = None,
+) -> Callable[[Config, argparse.Namespace], int]:
+    """A command that calls one service method with the named arguments and prints the result:
+    JSON with --json (or always, when the command has no --json flag), else `line` per item."""
+
+    def command(config: Config, args: argparse.Namespace) -> int:
+        async def action(service: AdminService) -> int:
+            result = getattr(service, method)(*(getattr(args, f) for f in fields))
+            if asyncio.iscoroutine(result):
+                result = await result
+            as_json = getattr(args, "json", False) or not json_flag
+            if not as_json and line is not None:
+                for item in result if isinstance(result, list) else [result]:
+                    print(line(item))
+            else:
+                _emit(result, as_json)
             return 0
-        for account in accounts:
-            state = "ok" if account.payment_ok else "payment-failed"
-            print(f"{account.name}\t{account.plan}\t{state}\t{','.join(account.domains)}")
+
+        return _run(config, action)
+
+    return command
+
+
+def cmd_payment(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        account = await service.set_payment(args.name, args.state == "ok", args.reason or "")
+        state = "released: sending resumes at the next SMTP command" if args.state == "ok" else (
+            "blocked: sessions get 451 4.7.1 at their next MAIL or RCPT")
+        print(f"account {account['name']} {state}")
         return 0
 
-    return asyncio.run(_with_meter(config, action))
+    return _run(config, action)
 
 
-def cmd_account_show(config: Config, args: argparse.Namespace) -> int:
-    async def action(meter: Meter) -> int:
-        account = await meter.account(args.name)
-        data = account.public()
-        if args.json:
-            _print_json(data)
+def cmd_limit(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        if args.which == "spending":
+            result = await service.set_spending_limit(args.name, args.value)
         else:
-            for key, value in data.items():
-                print(f"{key}: {value}")
+            try:
+                emails = int(args.value.replace(",", "").replace("_", ""))
+            except ValueError:
+                raise CliError(f"{args.value!r} is not a number of emails") from None
+            result = await service.set_email_limit(args.name, args.which, emails)
+        _emit(result, True)
         return 0
 
-    return asyncio.run(_with_meter(config, action))
+    return _run(config, action)
 
 
-def cmd_usage(config: Config, args: argparse.Namespace) -> int:
-    async def action(meter: Meter) -> int:
-        report = (await meter.usage(args.name)).as_json()
-        if args.json:
-            _print_json(report)
+def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        text = await service.export_csv(args.period)
+        if args.csv == "-":
+            sys.stdout.write(text)
         else:
-            for key, value in report.items():
-                print(f"{key}: {value}")
+            Path(args.csv).write_text(text)
+            print(f"wrote {text.count(chr(10)) - 1} line items of {args.period} to {args.csv}")
         return 0
 
-    return asyncio.run(_with_meter(config, action))
+    return _run(config, action)
+
+
+def cmd_plan_preview(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        result = service.preview(args.plan, args.emails, args.start, args.delivered, args.soft_bounced, args.invalid)
+        if args.json:
+            _emit(result, True)
+            return 0
+        print(f"plan {result['plan']}, period {result['period']}: {result['accepted']:,} accepted, "
+              f"{result['refused']:,} refused")
+        for charge in result["charges"]:
+            print(f"  charge {charge['key']} at {charge['at']}: {charge['amount']}")
+        for line in result["invoice"]["lines"]:
+            print(f"  invoice line: {line['description']}: {line['amount']}")
+        print(f"  invoice total {result['invoice']['total']} on {result['invoice']['invoice_date']}")
+        return 0
+
+    return _run(config, action)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.replace(",", "").replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailmeter", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mailmeter", description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"config file (default: $MAILMETER_CONFIG or {DEFAULT_CONFIG})"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the relay")
-    serve.add_argument("--config", default=argparse.SUPPRESS, help="config file")
-    serve.set_defaults(func=cmd_serve)
+    def sub(group: Any, name: str, help_text: str, func: Callable[[Config, argparse.Namespace], int]) -> Any:
+        command = group.add_parser(name, help=help_text)
+        command.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+        command.set_defaults(func=func)
+        return command
 
-    account = commands.add_parser("account", help="manage accounts").add_subparsers(dest="account_command", required=True)
-    add = account.add_parser("add", help="add an account")
+    sub(commands, "serve", "run the relay", cmd_serve)
+
+    account = commands.add_parser("account", help="manage accounts").add_subparsers(dest="sub", required=True)
+    add = sub(account, "add", "add an account", cmd_account_add)
     add.add_argument("name")
     add.add_argument("--password-file", help="file whose first line is the SMTP password ('-' for stdin)")
     add.add_argument("--plan", required=True, help="a plan defined in the config")
     add.add_argument("--sender-domain", action="append", default=[], help="a domain it may send from (repeatable)")
     add.add_argument("--network", action="append", default=[], help="client IP network bound to it (repeatable)")
-    add.set_defaults(func=cmd_account_add)
-    listing = account.add_parser("list", help="list accounts")
+    add.add_argument("--contact", action="append", default=[], help="address for usage and billing notices (repeatable)")
+    add.add_argument("--subscribed-on", type=date.fromisoformat, help="subscription day (default: today)")
+    listing = sub(account, "list", "list accounts", _simple(
+        "accounts",
+        line=lambda a: f"{a['name']}\t{a['plan']}\t{a['payment_state']}\t{','.join(a['sender_domains'])}"))
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_account_list)
-    show = account.add_parser("show", help="show one account")
+    show = sub(account, "show", "show one account", _simple("account", "name"))
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(func=cmd_account_show)
 
-    usage = commands.add_parser("usage", help="an account's usage in its current period")
+    usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")
     usage.add_argument("--json", action="store_true")
-    usage.set_defaults(func=cmd_usage)
+
+    payment = sub(commands, "payment", "block (failed) or release (ok) an account's sending, live", cmd_payment)
+    payment.add_argument("state", choices=["failed", "ok"])
+    payment.add_argument("name")
+    payment.add_argument("--reason", help="why, kept with the account")
+
+    balance = commands.add_parser("balance", help="prepaid balances").add_subparsers(dest="sub", required=True)
+    top_up = sub(balance, "add", "top up a prepaid balance", _simple("add_balance", "name", "amount", json_flag=False))
+    top_up.add_argument("name")
+    top_up.add_argument("amount", help="like 25.00")
+
+    repay = sub(commands, "repay", "settle an account's whole overdrawn amount", _simple("repay", "name", json_flag=False))
+    repay.add_argument("name")
+
+    limit = sub(commands, "limit", "change an account's limits (increase at once, email decrease at period end)", cmd_limit)
+    limit.add_argument("which", choices=["included", "quota", "spending"],
+                       help="included: monthly email limit past which overage is billed; quota: hard email cap;"
+                            " spending: spending limit (amount, or 'none')")
+    limit.add_argument("name")
+    limit.add_argument("value")
+
+    invoice = commands.add_parser("invoice", help="invoices").add_subparsers(dest="sub", required=True)
+    invoice_list = sub(invoice, "list", "an account's invoices", _simple(
+        "invoices", "name",
+        line=lambda i: f"{i['id']}\t{i['period']}\t{i['invoice_date']}\t{i['total']}\t{i['amount_due']}\t{i['status']}"))
+    invoice_list.add_argument("name")
+    invoice_list.add_argument("--json", action="store_true")
+    invoice_show = sub(invoice, "show", "one invoice", _simple("invoice", "id", json_flag=False))
+    invoice_show.add_argument("id")
+    invoice_show.add_argument("--json", action="store_true")
+
+    billing = commands.add_parser("billing", help="the billing job").add_subparsers(dest="sub", required=True)
+    sub(billing, "run", "close ended periods and collect pending charges now", _simple("run_billing", json_flag=False))
+
+    export = sub(commands, "export", "every line item of a period, as CSV", cmd_export)
+    export.add_argument("--period", required=True, help="YYYY-MM")
+    export.add_argument("--csv", required=True, help="output file ('-' for stdout)")
+
+    plan = commands.add_parser("plan", help="plans").add_subparsers(dest="sub", required=True)
+    plan_preview = sub(plan, "preview", "what a period of N emails costs on a plan", cmd_plan_preview)
+    plan_preview.add_argument("plan")
+    plan_preview.add_argument("--emails", type=_count, required=True)
+    plan_preview.add_argument("--start", type=date.fromisoformat, help="first day (default: today)")
+    plan_preview.add_argument("--delivered", type=_count)
+    plan_preview.add_argument("--soft-bounced", type=_count, default=0)
+    plan_preview.add_argument("--invalid", type=_count, default=0)
+    plan_preview.add_argument("--json", action="store_true")
     return parser
 
 
@@ -164,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log.level)
     try:
         return int(args.func(config, args))
-    except (CliError, UnknownAccount, UnknownPlan, ValueError) as error:
-        print(f"mailmeter: {error}", file=sys.stderr)
+    except (CliError, AdminError, UnknownAccount, UnknownPlan, ValueError) as error:
+        print(f"mailmeter: {str(error).strip(chr(34))}", file=sys.stderr)
         return 1
     except StoreUnavailable as error:
         print(f"mailmeter: the database is unavailable ({error}); check database.path and retry", file=sys.stderr)

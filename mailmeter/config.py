@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from policies.plans import Plan, PlanError, parse_plan
+from policies.plans import Plan, PlanError, parse_plans
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,28 @@ class SpoolConfig(_Section):
     path: Path = Path("var/spool")
 
 
+class GatewayConfig(_Section):
+    kind: Literal["none", "webhook"] = "none"
+    url: str | None = None
+    secret_file: Path | None = None
+    timeout: float = Field(10.0, gt=0)
+
+
+class NoticesConfig(_Section):
+    from_address: str | None = None
+    webhook_url: str | None = None
+    webhook_secret_file: Path | None = None
+
+
+class BillingConfig(_Section):
+    interval: float = Field(60.0, gt=0)
+    currency: str = Field("USD", min_length=3, max_length=3)
+    charge_retry_first_delay: float = Field(30.0, gt=0)
+    charge_retry_max_delay: float = Field(3600.0, gt=0)
+    gateway: GatewayConfig = GatewayConfig()
+    notices: NoticesConfig = NoticesConfig()
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -96,6 +118,7 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     database: DatabaseConfig = DatabaseConfig()
     spool: SpoolConfig = SpoolConfig()
+    billing: BillingConfig = BillingConfig()
     log: LogConfig = LogConfig()
     plans: dict[str, Any] = Field(default_factory=dict)
 
@@ -105,13 +128,22 @@ class Config(_Section):
         return path if path.is_absolute() else (self.base_dir / path)
 
     def parsed_plans(self) -> dict[str, Plan]:
-        plans: dict[str, Plan] = {}
-        for name, data in self.plans.items():
-            try:
-                plans[name] = parse_plan(name, data)
-            except PlanError as error:
-                raise ConfigError(f"{error.key}: {error.message}") from None
-        return plans
+        try:
+            return parse_plans(self.plans)
+        except PlanError as error:
+            raise ConfigError(f"{error.key}: {error.message}") from None
+
+    def read_secret(self, key: str, path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        resolved = self.resolve(path)
+        try:
+            secret = resolved.read_bytes().strip()
+        except OSError as error:
+            raise ConfigError(f"{key}: cannot read {resolved}: {error.strerror}") from None
+        if not secret:
+            raise ConfigError(f"{key}: {resolved} is empty; put the shared secret on its first line")
+        return secret
 
     def upstream_password(self) -> str | None:
         if self.upstream.password_file is None:
@@ -170,4 +202,15 @@ def load_config(path: Path) -> Config:
         raise ConfigError("plans: define at least one plan")
     config.parsed_plans()
     config.upstream_password()
+    gateway = config.billing.gateway
+    if gateway.kind == "webhook":
+        if not gateway.url or not gateway.url.startswith(("http://", "https://")):
+            raise ConfigError("billing.gateway.url: set the http(s) URL the webhook gateway POSTs charges to")
+        if gateway.secret_file is None:
+            raise ConfigError("billing.gateway.secret_file: the webhook gateway needs a file with the HMAC secret")
+        config.read_secret("billing.gateway.secret_file", gateway.secret_file)
+    notices = config.billing.notices
+    if notices.webhook_url is not None and notices.webhook_secret_file is None:
+        raise ConfigError("billing.notices.webhook_secret_file: a notices webhook needs a file with the HMAC secret")
+    config.read_secret("billing.notices.webhook_secret_file", notices.webhook_secret_file)
     return config

@@ -1,25 +1,43 @@
 """The meter's narrow async interface: reserve, commit, release, record a result, read usage.
 
 The meter finds the account's plan and current period, then lets the store run
-the pure policy decision inside one atomic transaction. Any store failure is
-raised as StoreUnavailable so the relay can fail closed with a 451.
+the pure policy decisions inside one atomic transaction: `admit` at reserve,
+`charges_due` and `usage_alerts_due` at commit. Any store failure is raised as
+StoreUnavailable so the relay can fail closed with a 451.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, time, timezone
+from typing import Any
 
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
 from metering.records import Account, Grant, Result
-from metering.sqlite_store import SqliteStore, StoreUnavailable
-from policies.decision import Admission, Refusal, Standing, Usage, admit, blocking_refusal, headroom
+from metering.sqlite_store import Settlement, SqliteStore, StoreUnavailable
+from policies import (
+    Admission,
+    LimitChange,
+    Plan,
+    Refusal,
+    Standing,
+    Usage,
+    admit,
+    blocking_refusal,
+    charges_due,
+    headroom,
+    unbilled,
+    usage_alerts_due,
+    usage_screen,
+)
+from policies.limits import email_quota, included_emails
+from policies.money import format_money
 from policies.periods import Period, period_containing
-from policies.plans import Plan
 
 Clock = Callable[[], datetime]
 
@@ -36,22 +54,48 @@ class UnknownPlan(LookupError):
     pass
 
 
+def standing_of(account: Account, period: Period) -> Standing:
+    """The account facts for decisions in `period`, with limit changes resolved for it."""
+    return Standing(
+        payment_ok=account.payment_ok,
+        suspended=account.suspended,
+        prepaid_balance=account.prepaid_balance,
+        outstanding_debt=account.outstanding_debt,
+        included_emails_override=account.included_change.value_during(period) if account.included_change else None,
+        email_quota_override=account.quota_change.value_during(period) if account.quota_change else None,
+        spending_limit_override=account.spending_limit_override,
+    )
+
+
+def subscribed_at(account: Account) -> datetime:
+    return datetime.combine(account.subscribed_on, time(0), tzinfo=timezone.utc)
+
+
 @dataclass(frozen=True)
 class UsageReport:
-    account: str
-    plan: str
-    period_start: datetime
-    period_end: datetime
+    account: Account
+    plan: Plan
+    period: Period
     usage: Usage
     deferred: int
     remaining: int | None
+    standing: Standing
+    breakdown: list[tuple[str, str, int]]
 
-    def as_json(self) -> dict[str, object]:
+    def as_json(self) -> dict[str, Any]:
+        screen = usage_screen(self.plan, self.standing, self.usage, self.period)
+        by_campaign: dict[str, int] = {}
+        by_region: dict[str, int] = {}
+        for campaign, region, accepted in self.breakdown:
+            by_campaign[campaign or "(untagged)"] = by_campaign.get(campaign or "(untagged)", 0) + accepted
+            by_region[region or "(unknown)"] = by_region.get(region or "(unknown)", 0) + accepted
         return {
-            "account": self.account,
-            "plan": self.plan,
-            "period_start": self.period_start.isoformat(),
-            "period_end": self.period_end.isoformat(),
+            "account": self.account.name,
+            "plan": self.account.plan,
+            "plan_display_name": screen.plan,
+            "period": screen.period,
+            "period_start": self.period.start.isoformat(),
+            "period_end": self.period.end.isoformat(),
             "accepted": self.usage.accepted,
             "delivered": self.usage.delivered,
             "soft_bounced": self.usage.soft_bounced,
@@ -59,15 +103,21 @@ class UsageReport:
             "deferred": self.deferred,
             "reserved": self.usage.reserved,
             "remaining": self.remaining,
+            "included_emails": screen.included_emails,
+            "extra_emails": screen.extra_emails,
+            "emails_sent": screen.emails_sent,
+            "total_allowed": screen.total_allowed,
+            "spent": format_money(screen.spent),
+            "spending_limit": None if screen.spending_limit is None else format_money(screen.spending_limit),
+            "emails_remaining_before_next_charge": screen.remaining,
+            "dashboard": list(screen.rows()),
+            "unbilled": format_money(unbilled(self.plan, self.standing, self.usage)),
+            "prepaid_balance": format_money(self.account.prepaid_balance),
+            "overdrawn": format_money(self.account.outstanding_debt),
+            "payment_state": self.account.payment_state,
+            "by_campaign": by_campaign,
+            "by_region": by_region,
         }
-
-
-def standing_of(account: Account) -> Standing:
-    return Standing(
-        payment_ok=account.payment_ok,
-        suspended=account.suspended,
-        prepaid_balance=account.prepaid_balance,
-    )
 
 
 class Meter:
@@ -77,10 +127,12 @@ class Meter:
         plans: Mapping[str, Plan],
         node: str,
         clock: Clock = utc_now,
+        region: str = "",
     ) -> None:
         self.store = store
         self.plans = dict(plans)
         self.node = node
+        self.region = region
         self.clock = clock
 
     # -- accounts -----------------------------------------------------------
@@ -105,13 +157,17 @@ class Meter:
         domains: list[str],
         networks: list[str],
         subscribed_on: date | None = None,
+        contacts: list[str] | None = None,
     ) -> Account:
         if plan not in self.plans:
             raise UnknownPlan(f"plan {plan!r} is not defined in the config (known: {', '.join(sorted(self.plans))})")
-        if not name or any(ch.isspace() for ch in name):
-            raise ValueError("account name must be non-empty and contain no spaces")
+        if not name or any(ch.isspace() or ch == "/" for ch in name):
+            raise ValueError("account name must be non-empty and contain no spaces or '/'")
         for network in networks:
             ipaddress.ip_network(network, strict=False)
+        for contact in contacts or []:
+            if "@" not in contact or any(ch.isspace() for ch in contact):
+                raise ValueError(f"contact {contact!r} is not an email address")
         password_hash = await asyncio.to_thread(hash_password, password) if password else None
         now = self.clock()
         await self.store.add_account(
@@ -122,10 +178,9 @@ class Meter:
             [d.lower().rstrip(".") for d in domains],
             [str(ipaddress.ip_network(n, strict=False)) for n in networks],
             now,
+            contacts or [],
         )
-        account = await self.store.get_account(name)
-        assert account is not None
-        return account
+        return await self.account(name)
 
     async def account(self, name: str) -> Account:
         account = await self.store.get_account(name)
@@ -156,38 +211,88 @@ class Meter:
                 best = (net.prefixlen, name)
         return await self.store.get_account(best[1]) if best else None
 
+    # -- admin changes that take effect at the next SMTP command -----------------
+
+    async def set_payment(self, name: str, ok: bool, detail: str = "") -> None:
+        if not await self.store.set_payment(name, ok, detail, self.clock()):
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+
+    async def add_balance(self, name: str, micros: int, reference: str = "") -> int:
+        if micros <= 0:
+            raise ValueError("the top-up amount must be positive")
+        await self.account(name)
+        return await self.store.add_balance(name, micros, "topup", reference, self.clock())
+
+    async def repay(self, name: str) -> int:
+        await self.account(name)
+        return await self.store.repay(name, self.clock())
+
+    async def set_spending_limit(self, name: str, micros: int | None) -> None:
+        """Model D: the account's spending limit, at once (raising it resumes sending)."""
+        if micros is not None and micros < 0:
+            raise ValueError("the spending limit must not be negative")
+        if not await self.store.set_spending_limit(name, micros):
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+
+    async def set_email_limit(self, name: str, which: str, emails: int) -> None:
+        """Model E: an increase applies at once, a decrease when the period ends."""
+        if emails < 0:
+            raise ValueError("the email limit must not be negative")
+        account = await self.account(name)
+        plan = self.plan_of(account)
+        standing = standing_of(account, self.period_of(account))
+        previous = included_emails(plan, standing) if which == "included" else email_quota(plan, standing)
+        change = LimitChange(previous=previous, new=emails, changed_at=self.clock())
+        await self.store.set_limit_change(name, which, change)
+
     # -- the metering hook ----------------------------------------------------
 
     async def sending_refusal(self, name: str) -> Refusal | None:
         """Checked at MAIL: a reason the account may not send at all right now."""
         account = await self.account(name)
-        blocked = blocking_refusal(standing_of(account))
+        period = self.period_of(account)
+        standing = standing_of(account, period)
+        blocked = blocking_refusal(standing)
         if blocked is not None:
             return blocked
-        plan = self.plan_of(account)
-        usage = await self.store.usage(account.id, self.period_of(account).key)
-        room, refusal = headroom(plan, standing_of(account), usage)
+        usage = await self.store.usage(account.id, period.key, account.awaiting_results)
+        room, refusal = headroom(self.plan_of(account), standing, usage)
         return refusal if room == 0 else None
 
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Grant:
         """Hold up to `emails` more emails for one SMTP transaction, atomically."""
         account = await self.account(name)
         plan = self.plan_of(account)
-        standing = standing_of(account)
         period = self.period_of(account)
         hold = hold_id or secrets.token_hex(12)
 
-        def decide(usage: Usage) -> Admission:
-            return admit(plan, standing, usage, emails)
+        def decide(current: Account, usage: Usage) -> Admission:
+            return admit(plan, standing_of(current, period), usage, emails)
 
-        admission = await self.store.reserve(
-            account.id, period.key, hold, self.node, emails, self.clock(), decide
-        )
+        admission = await self.store.reserve(account.id, period.key, hold, self.node, emails, self.clock(), decide)
         refusal = admission.refusal.value if admission.refusal else None
         return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
 
     async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None:
-        await self.store.commit(hold_id, queue_id, emails, self.node, self.clock())
+        """The commit point: usage, queue id, and any charges and notices now due, atomically."""
+        plans = self.plans
+
+        def settle(account: Account, usage: Usage, last_seq: int, period_key: str) -> Settlement:
+            # The hold's period, not the clock's: a transaction may straddle a period boundary.
+            plan = plans[account.plan]
+            period = period_containing(plan.period, datetime.fromisoformat(period_key), account.subscribed_on)
+            standing = standing_of(account, period)
+            charges = charges_due(plan, standing, usage, after_index=last_seq)
+            notices = [
+                (alert.key, json.dumps({"kind": "usage_alert", "percent": alert.percent, "limit": alert.limit,
+                                        "sent": usage.accepted}))
+                for alert in usage_alerts_due(plan, standing, usage)
+            ]
+            return Settlement(charges=charges, notices=notices)
+
+        await self.store.commit(
+            hold_id, queue_id, emails, self.node, self.clock(), campaign=campaign, region=self.region, settle=settle
+        )
 
     async def release(self, hold_id: str) -> int:
         return await self.store.release(hold_id)
@@ -203,7 +308,7 @@ class Meter:
         result = Result(result)
         account_id = await self.store.message_account(queue_id)
         if account_id is None:
-            return False  # not a metered message (a bounce the relay generated)
+            return False  # not a metered message (a bounce or notice the relay generated)
         account = await self.store.get_account_by_id(account_id)
         if account is None:
             raise UnknownAccount(f"account id {account_id} of message {queue_id} is gone")
@@ -212,21 +317,24 @@ class Meter:
             queue_id, recipient, result, detail, account.id, period.key, self.clock()
         )
 
-    async def usage(self, name: str) -> UsageReport:
+    async def usage(self, name: str, at: datetime | None = None) -> UsageReport:
         account = await self.account(name)
         plan = self.plan_of(account)
-        period = self.period_of(account)
-        usage = await self.store.usage(account.id, period.key)
-        room, _ = headroom(plan, standing_of(account), usage)
+        period = self.period_of(account, at)
+        standing = standing_of(account, period)
+        usage = await self.store.usage(account.id, period.key, account.awaiting_results)
+        room, _ = headroom(plan, standing, usage)
+        rows = await self.store.breakdown(account.id, period.key)
         return UsageReport(
-            account=account.name,
-            plan=account.plan,
-            period_start=period.start,
-            period_end=period.end,
+            account=account,
+            plan=plan,
+            period=period,
             usage=usage,
             deferred=await self.store.deferred_recipients(account.id),
             remaining=room,
+            standing=standing,
+            breakdown=[(r["campaign"], r["region"], int(r["accepted"])) for r in rows],
         )
 
 
-__all__ = ["Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport", "utc_now"]
+__all__ = ["Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport", "standing_of", "utc_now"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from enum import StrEnum
+
+from policies.limits import LimitChange
+from policies.money import format_money
 
 
 class Result(StrEnum):
@@ -32,6 +36,17 @@ class Account:
     domains: tuple[str, ...] = ()
     networks: tuple[str, ...] = ()
     password_hash: str | None = field(default=None, repr=False)
+    contacts: tuple[str, ...] = ()
+    payment_detail: str = ""
+    awaiting_results: int = 0
+    outstanding_debt: int = 0
+    spending_limit_override: int | None = None
+    included_change: LimitChange | None = None
+    quota_change: LimitChange | None = None
+
+    @property
+    def payment_state(self) -> str:
+        return "ok" if self.payment_ok else "failed"
 
     def public(self) -> dict[str, object]:
         """What `account show --json` prints: never the password hash."""
@@ -41,10 +56,30 @@ class Account:
             "subscribed_on": self.subscribed_on.isoformat(),
             "sender_domains": list(self.domains),
             "networks": list(self.networks),
-            "payment_state": "ok" if self.payment_ok else "failed",
+            "contacts": list(self.contacts),
+            "payment_state": self.payment_state,
+            "payment_detail": self.payment_detail,
             "suspended": self.suspended,
+            "prepaid_balance": format_money(self.prepaid_balance),
+            "overdrawn": format_money(self.outstanding_debt),
+            "spending_limit_override": (
+                None if self.spending_limit_override is None else format_money(self.spending_limit_override)
+            ),
             "has_password": self.password_hash is not None,
         }
+
+
+def limit_change_to_json(change: LimitChange | None) -> str | None:
+    if change is None:
+        return None
+    return json.dumps([change.previous, change.new, change.changed_at.isoformat()])
+
+
+def limit_change_from_json(text: str | None) -> LimitChange | None:
+    if not text:
+        return None
+    previous, new, changed_at = json.loads(text)
+    return LimitChange(previous, new, datetime.fromisoformat(changed_at))
 
 
 @dataclass(frozen=True)

@@ -64,4 +64,74 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX results_deferred ON recipient_results (result) WHERE result = 'deferred';
     """,
+    # 2: billing: contacts, limit changes, ledger of charges, invoices, notices, breakdowns
+    """
+    ALTER TABLE accounts ADD COLUMN contacts TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE accounts ADD COLUMN payment_detail TEXT NOT NULL DEFAULT '';
+    ALTER TABLE accounts ADD COLUMN awaiting_results INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN spending_limit_override INTEGER;
+    ALTER TABLE accounts ADD COLUMN included_change TEXT;
+    ALTER TABLE accounts ADD COLUMN quota_change TEXT;
+    CREATE TABLE charges (
+        idempotency_key TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        emails_unlocked INTEGER,
+        description TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX charges_by_period ON charges (account_id, period_key, kind, seq);
+    CREATE INDEX charges_due ON charges (status, next_attempt_at);
+    CREATE TABLE invoices (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        period_end TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        invoice_date TEXT NOT NULL,
+        due_date TEXT NOT NULL,
+        statement_date TEXT NOT NULL,
+        total INTEGER NOT NULL,
+        amount_due INTEGER NOT NULL,
+        prepaid_applied INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        statement_sent INTEGER NOT NULL DEFAULT 0,
+        body TEXT NOT NULL,
+        UNIQUE (account_id, period_key)
+    );
+    CREATE TABLE balance_entries (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        amount INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        reference TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE notices (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        email_sent INTEGER NOT NULL DEFAULT 0,
+        webhook_sent INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, period_key, key)
+    );
+    CREATE TABLE usage_breakdown (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        campaign TEXT NOT NULL,
+        region TEXT NOT NULL,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, period_key, campaign, region)
+    );
+    ALTER TABLE messages ADD COLUMN region TEXT NOT NULL DEFAULT '';
+    """,
 ]

@@ -10,17 +10,51 @@ The PostgreSQL store gives the same guarantee with `SELECT ... FOR UPDATE`.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 
 import aiosqlite
 
-from metering.records import Account, Result
+from metering.records import Account, Result, limit_change_from_json, limit_change_to_json
 from metering.schema import MIGRATIONS
+from policies.charges import Charge
 from policies.decision import Admission, Usage
+from policies.limits import LimitChange
+
+_ACCOUNT_SELECT = (
+    "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0) FROM invoices i"
+    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt FROM accounts a"
+)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a commit adds besides usage: in-period charges and notices that became due."""
+
+    charges: list[Charge]
+    notices: list[tuple[str, str]]  # (key, JSON body), each sent once per period
+
+
+@dataclass(frozen=True)
+class InvoiceRecord:
+    id: str
+    account_id: int
+    period_key: str
+    period_end: str
+    issued_at: str
+    invoice_date: str
+    due_date: str
+    statement_date: str
+    total: int
+    amount_due: int
+    prepaid_applied: int
+    status: str
+    body: str
 
 
 class StoreUnavailable(RuntimeError):
@@ -52,6 +86,7 @@ class SqliteStore:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = FULL")
         await db.execute("PRAGMA foreign_keys = ON")
+        db.row_factory = sqlite3.Row
         self._db = db
         await self.migrate()
 
@@ -130,13 +165,15 @@ class SqliteStore:
         domains: Iterable[str],
         networks: Iterable[str],
         now: datetime,
+        contacts: Iterable[str] = (),
     ) -> None:
         async with self._tx() as db:
             try:
                 cursor = await db.execute(
-                    "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (name, password_hash, plan, subscribed_on.isoformat(), now.isoformat()),
+                    "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, password_hash, plan, subscribed_on.isoformat(), now.isoformat(),
+                     json.dumps(list(contacts))),
                 )
             except sqlite3.IntegrityError:
                 raise ValueError(f"account {name!r} already exists") from None
@@ -150,46 +187,99 @@ class SqliteStore:
                     "INSERT OR IGNORE INTO account_networks VALUES (?, ?)", (account_id, network)
                 )
 
-    async def set_payment_ok(self, name: str, ok: bool) -> bool:
+    async def set_payment(self, name: str, ok: bool, detail: str, now: datetime) -> bool:
+        """Block or release sending. A release also retries the charges that failed."""
         async with self._tx() as db:
             cursor = await db.execute(
-                "UPDATE accounts SET payment_ok = ? WHERE name = ?", (int(ok), name)
+                "UPDATE accounts SET payment_ok = ?, payment_detail = ? WHERE name = ?",
+                (int(ok), detail[:500], name),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if ok:
+                await db.execute(
+                    "UPDATE charges SET status = 'pending', next_attempt_at = ?"
+                    " WHERE status = 'failed' AND account_id = (SELECT id FROM accounts WHERE name = ?)",
+                    (now.isoformat(), name),
+                )
+            return True
+
+    async def add_balance(self, name: str, amount: int, kind: str, reference: str, now: datetime) -> int:
+        """Add to (or, negative, take from) the prepaid balance; returns the new balance."""
+        async with self._tx() as db:
+            cursor = await db.execute("SELECT id, prepaid_balance FROM accounts WHERE name = ?", (name,))
+            row = await cursor.fetchone()
+            if row is None:
+                raise LookupError(f"no account named {name!r} (see `mailmeter account list`)")
+            await db.execute(
+                "UPDATE accounts SET prepaid_balance = prepaid_balance + ? WHERE id = ?", (amount, row["id"])
+            )
+            await db.execute(
+                "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at) VALUES (?, ?, ?, ?, ?)",
+                (row["id"], amount, kind, reference, now.isoformat()),
+            )
+            return int(row["prepaid_balance"]) + amount
+
+    async def set_spending_limit(self, name: str, micros: int | None) -> bool:
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE accounts SET spending_limit_override = ? WHERE name = ?", (micros, name)
             )
             return cursor.rowcount == 1
 
+    async def set_limit_change(self, name: str, which: str, change: LimitChange) -> bool:
+        column = {"included": "included_change", "quota": "quota_change"}[which]
+        async with self._tx() as db:
+            cursor = await db.execute(
+                f"UPDATE accounts SET {column} = ? WHERE name = ?", (limit_change_to_json(change), name)
+            )
+            return cursor.rowcount == 1
+
+    async def repay(self, name: str, now: datetime) -> int:
+        """Settle every overdrawn invoice of the account at once; returns the amount repaid."""
+        async with self._tx() as db:
+            cursor = await db.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+            row = await cursor.fetchone()
+            if row is None:
+                raise LookupError(f"no account named {name!r} (see `mailmeter account list`)")
+            cursor = await db.execute(
+                "SELECT COALESCE(SUM(amount_due), 0) FROM invoices WHERE account_id = ? AND status = 'overdrawn'",
+                (row["id"],),
+            )
+            amount = int((await cursor.fetchone())[0])
+            if amount:
+                await db.execute(
+                    "UPDATE invoices SET status = 'paid' WHERE account_id = ? AND status = 'overdrawn'", (row["id"],)
+                )
+                await db.execute(
+                    "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
+                    " VALUES (?, ?, 'repay', '', ?)",
+                    (row["id"], amount, now.isoformat()),
+                )
+            return amount
+
     async def get_account(self, name: str) -> Account | None:
-        rows = await self._read("SELECT * FROM accounts WHERE name = ?", (name,))
+        rows = await self._read(f"{_ACCOUNT_SELECT} WHERE a.name = ?", (name,))
         if not rows:
             return None
         return await self._account_from_row(rows[0])
 
     async def get_account_by_id(self, account_id: int) -> Account | None:
-        rows = await self._read("SELECT * FROM accounts WHERE id = ?", (account_id,))
+        rows = await self._read(f"{_ACCOUNT_SELECT} WHERE a.id = ?", (account_id,))
         return await self._account_from_row(rows[0]) if rows else None
 
     async def list_accounts(self) -> list[Account]:
-        rows = await self._read("SELECT * FROM accounts ORDER BY name")
+        rows = await self._read(f"{_ACCOUNT_SELECT} ORDER BY a.name")
         return [await self._account_from_row(row) for row in rows]
 
     async def _account_from_row(self, row: sqlite3.Row) -> Account:
         domains = await self._read(
-            "SELECT domain FROM account_domains WHERE account_id = ? ORDER BY domain", (row[0],)
+            "SELECT domain FROM account_domains WHERE account_id = ? ORDER BY domain", (row["id"],)
         )
         networks = await self._read(
-            "SELECT network FROM account_networks WHERE account_id = ? ORDER BY network", (row[0],)
+            "SELECT network FROM account_networks WHERE account_id = ? ORDER BY network", (row["id"],)
         )
-        return Account(
-            id=row[0],
-            name=row[1],
-            password_hash=row[2],
-            plan=row[3],
-            subscribed_on=date.fromisoformat(row[4]),
-            payment_ok=bool(row[5]),
-            suspended=bool(row[6]),
-            prepaid_balance=row[7],
-            domains=tuple(r[0] for r in domains),
-            networks=tuple(r[0] for r in networks),
-        )
+        return account_core(row, tuple(r[0] for r in domains), tuple(r[0] for r in networks))
 
     async def all_networks(self) -> list[tuple[str, str]]:
         rows = await self._read(
@@ -207,12 +297,13 @@ class SqliteStore:
         node: str,
         requested: int,
         now: datetime,
-        decide: Callable[[Usage], Admission],
+        decide: Callable[[Account, Usage], Admission],
     ) -> Admission:
-        """Atomically: read the period's counters, ask `decide`, add the grant to the hold."""
+        """Atomically: read the account and the period's counters, ask `decide`, add the grant."""
         async with self._tx() as db:
-            usage = await self._usage(db, account_id, period_key)
-            admission = decide(usage)
+            account = await self._account_in_tx(db, account_id)
+            usage = await self._usage(db, account_id, period_key, account.awaiting_results)
+            admission = decide(account, usage)
             if admission.granted > 0:
                 await db.execute(
                     "INSERT INTO period_usage (account_id, period_key, reserved) VALUES (?, ?, ?)"
@@ -228,10 +319,22 @@ class SqliteStore:
                 )
             return admission
 
-    async def commit(self, hold_id: str, queue_id: str, emails: int, node: str, now: datetime) -> None:
-        """The commit point of a message: its usage and its queue id, in one transaction.
+    async def commit(
+        self,
+        hold_id: str,
+        queue_id: str,
+        emails: int,
+        node: str,
+        now: datetime,
+        campaign: str = "",
+        region: str = "",
+        settle: Callable[[Account, Usage, int, str], Settlement] | None = None,
+    ) -> None:
+        """The commit point of a message: its usage, its queue id, and the charges and
+        notices that usage makes due, in one transaction.
 
         Idempotent on queue_id. Emails held beyond `emails` go back to the account.
+        Charges go in under their idempotency key, so none is ever issued twice.
         """
         async with self._tx() as db:
             cursor = await db.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
@@ -253,10 +356,37 @@ class SqliteStore:
             )
             await db.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
             await db.execute(
-                "INSERT INTO messages (queue_id, account_id, period_key, recipients, node, accepted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (queue_id, account_id, period_key, emails, node, now.isoformat()),
+                "INSERT INTO messages (queue_id, account_id, period_key, recipients, node, accepted_at, region)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (queue_id, account_id, period_key, emails, node, now.isoformat(), region),
             )
+            await db.execute(
+                "UPDATE accounts SET awaiting_results = awaiting_results + ? WHERE id = ?", (emails, account_id)
+            )
+            await db.execute(
+                "INSERT INTO usage_breakdown (account_id, period_key, campaign, region, accepted)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id, period_key, campaign, region)"
+                " DO UPDATE SET accepted = accepted + excluded.accepted",
+                (account_id, period_key, campaign, region, emails),
+            )
+            if settle is not None:
+                account = await self._account_in_tx(db, account_id)
+                usage = await self._usage(db, account_id, period_key, account.awaiting_results)
+                cursor = await db.execute(
+                    "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = ? AND period_key = ?"
+                    " AND kind != 'invoice'",
+                    (account_id, period_key),
+                )
+                last_seq = int((await cursor.fetchone())[0])
+                settlement = settle(account, usage, last_seq, period_key)
+                for charge in settlement.charges:
+                    await self._insert_charge(db, account, period_key, charge, now)
+                for key, body in settlement.notices:
+                    await db.execute(
+                        "INSERT OR IGNORE INTO notices (account_id, period_key, key, body, created_at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (account_id, period_key, key, body, now.isoformat()),
+                    )
 
     async def release(self, hold_id: str) -> int:
         """Return a hold's emails to the account; returns how many (0 if already gone)."""
@@ -329,19 +459,52 @@ class SqliteStore:
             counter = _COUNTER_FOR_RESULT.get(result)
             if counter is not None:
                 await db.execute(
+                    "UPDATE accounts SET awaiting_results = MAX(awaiting_results - 1, 0) WHERE id = ?",
+                    (account_id,),
+                )
+                await db.execute(
                     f"INSERT INTO period_usage (account_id, period_key, {counter}) VALUES (?, ?, 1)"
                     f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = {counter} + 1",
                     (account_id, period_key),
                 )
             return True
 
-    async def usage(self, account_id: int, period_key: str) -> Usage:
+    async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
         if self._db is None:
             raise StoreUnavailable("the meter store is not open")
         async with self._lock:
-            return await self._usage(self._db, account_id, period_key)
+            return await self._usage(self._db, account_id, period_key, awaiting_results)
 
-    async def _usage(self, db: aiosqlite.Connection, account_id: int, period_key: str) -> Usage:
+    async def _account_in_tx(self, db: aiosqlite.Connection, account_id: int) -> Account:
+        cursor = await db.execute(f"{_ACCOUNT_SELECT} WHERE a.id = ?", (account_id,))
+        row = await cursor.fetchone()
+        if row is None:
+            raise LookupError(f"account id {account_id} is gone")
+        return account_core(row)
+
+    async def _insert_charge(
+        self, db: aiosqlite.Connection, account: Account, period_key: str, charge: Charge, now: datetime
+    ) -> None:
+        await db.execute(
+            "INSERT OR IGNORE INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
+            " emails_unlocked, description, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                charge_key(account.name, period_key, charge.key),
+                account.id,
+                period_key,
+                charge.kind,
+                charge.index,
+                charge.amount,
+                charge.emails_unlocked,
+                charge.description,
+                now.isoformat(),
+                now.isoformat(),
+            ),
+        )
+
+    async def _usage(
+        self, db: aiosqlite.Connection, account_id: int, period_key: str, awaiting_results: int | None = None
+    ) -> Usage:
         try:
             cursor = await db.execute(
                 "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced FROM period_usage"
@@ -352,9 +515,14 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreUnavailable(f"meter store: {error}") from error
         if row is None:
-            return Usage()
+            return Usage(awaiting_results=awaiting_results)
         return Usage(
-            accepted=row[0], reserved=row[1], delivered=row[2], soft_bounced=row[3], hard_bounced=row[4]
+            accepted=row[0],
+            reserved=row[1],
+            delivered=row[2],
+            soft_bounced=row[3],
+            hard_bounced=row[4],
+            awaiting_results=awaiting_results,
         )
 
     async def deferred_recipients(self, account_id: int) -> int:
@@ -364,3 +532,200 @@ class SqliteStore:
             (account_id,),
         )
         return int(rows[0][0])
+
+    # -- ledger: charges, invoices, notices, breakdowns ------------------------------
+
+    async def charges_due_for_collection(self, now: datetime, limit: int = 100) -> list[sqlite3.Row]:
+        return await self._read(
+            "SELECT c.*, a.name AS account FROM charges c JOIN accounts a ON a.id = c.account_id"
+            " WHERE c.status = 'pending' AND c.next_attempt_at <= ? ORDER BY c.created_at LIMIT ?",
+            (now.isoformat(), limit),
+        )
+
+    async def charge(self, key: str) -> sqlite3.Row | None:
+        rows = await self._read(
+            "SELECT c.*, a.name AS account FROM charges c JOIN accounts a ON a.id = c.account_id"
+            " WHERE c.idempotency_key = ?",
+            (key,),
+        )
+        return rows[0] if rows else None
+
+    async def charges_of(self, account_id: int, period_key: str | None = None) -> list[sqlite3.Row]:
+        if period_key is None:
+            return await self._read(
+                "SELECT * FROM charges WHERE account_id = ? ORDER BY created_at, seq", (account_id,)
+            )
+        return await self._read(
+            "SELECT * FROM charges WHERE account_id = ? AND period_key = ? ORDER BY created_at, seq",
+            (account_id, period_key),
+        )
+
+    async def set_charge_result(
+        self, key: str, status: str, detail: str, attempts: int, next_attempt_at: datetime
+    ) -> bool:
+        """Record a gateway verdict. A failed charge blocks the account's sending at once.
+
+        Only a charge still pending or submitted changes (a late duplicate verdict is ignored).
+        """
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE charges SET status = ?, detail = ?, attempts = ?, next_attempt_at = ?"
+                " WHERE idempotency_key = ? AND status IN ('pending', 'submitted')",
+                (status, detail[:500], attempts, next_attempt_at.isoformat(), key),
+            )
+            changed = cursor.rowcount == 1
+            if changed and status == "failed":
+                await db.execute(
+                    "UPDATE accounts SET payment_ok = 0, payment_detail = ?"
+                    " WHERE id = (SELECT account_id FROM charges WHERE idempotency_key = ?)",
+                    (f"charge {key} failed: {detail}"[:500], key),
+                )
+            if changed and status == "succeeded":
+                await db.execute(
+                    "UPDATE invoices SET status = 'paid' WHERE (account_id, period_key) ="
+                    " (SELECT account_id, period_key FROM charges WHERE idempotency_key = ? AND kind = 'invoice')",
+                    (key,),
+                )
+            return changed
+
+    async def last_invoiced_period(self, account_id: int) -> str | None:
+        rows = await self._read("SELECT MAX(period_key) FROM invoices WHERE account_id = ?", (account_id,))
+        return rows[0][0] if rows else None
+
+    async def add_invoice(
+        self,
+        invoice: InvoiceRecord,
+        collect: Charge | None,
+        prepaid_applied: int,
+        notice_body: str,
+        now: datetime,
+    ) -> bool:
+        """Close a period: the invoice, its prepaid deduction, and its collection charge.
+
+        Idempotent per (account, period): when several nodes close the same period at
+        once, exactly one insert wins and only that one deducts and charges.
+        """
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO invoices (id, account_id, period_key, period_end, issued_at, invoice_date,"
+                " due_date, statement_date, total, amount_due, prepaid_applied, status, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    invoice.id, invoice.account_id, invoice.period_key, invoice.period_end, invoice.issued_at,
+                    invoice.invoice_date, invoice.due_date, invoice.statement_date, invoice.total,
+                    invoice.amount_due, invoice.prepaid_applied, invoice.status, invoice.body,
+                ),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if prepaid_applied:
+                await db.execute(
+                    "UPDATE accounts SET prepaid_balance = prepaid_balance - ? WHERE id = ?",
+                    (prepaid_applied, invoice.account_id),
+                )
+                await db.execute(
+                    "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
+                    " VALUES (?, ?, 'usage', ?, ?)",
+                    (invoice.account_id, -prepaid_applied, invoice.id, now.isoformat()),
+                )
+            if collect is not None:
+                account = await self._account_in_tx(db, invoice.account_id)
+                await self._insert_charge(db, account, invoice.period_key, collect, now)
+            await db.execute(
+                "INSERT OR IGNORE INTO notices (account_id, period_key, key, body, created_at)"
+                " VALUES (?, ?, 'invoice', ?, ?)",
+                (invoice.account_id, invoice.period_key, notice_body, now.isoformat()),
+            )
+            return True
+
+    async def invoices(self, account_id: int | None = None) -> list[InvoiceRecord]:
+        sql = "SELECT id, account_id, period_key, period_end, issued_at, invoice_date, due_date, statement_date," \
+              " total, amount_due, prepaid_applied, status, body FROM invoices"
+        rows = await (
+            self._read(sql + " ORDER BY period_key, id")
+            if account_id is None
+            else self._read(sql + " WHERE account_id = ? ORDER BY period_key", (account_id,))
+        )
+        return [InvoiceRecord(*tuple(row)) for row in rows]
+
+    async def statements_due(self, today_by_invoice: Callable[[InvoiceRecord], bool]) -> list[InvoiceRecord]:
+        rows = await self._read(
+            "SELECT id, account_id, period_key, period_end, issued_at, invoice_date, due_date, statement_date,"
+            " total, amount_due, prepaid_applied, status, body FROM invoices WHERE statement_sent = 0"
+        )
+        return [r for r in (InvoiceRecord(*tuple(row)) for row in rows) if today_by_invoice(r)]
+
+    async def mark_statement(self, invoice: InvoiceRecord, body: str, now: datetime) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE invoices SET statement_sent = 1 WHERE id = ?", (invoice.id,))
+            await db.execute(
+                "INSERT OR IGNORE INTO notices (account_id, period_key, key, body, created_at)"
+                " VALUES (?, ?, 'statement', ?, ?)",
+                (invoice.account_id, invoice.period_key, body, now.isoformat()),
+            )
+
+    async def pending_notices(self) -> list[sqlite3.Row]:
+        return await self._read(
+            "SELECT n.*, a.name AS account, a.contacts AS contacts FROM notices n"
+            " JOIN accounts a ON a.id = n.account_id WHERE n.email_sent = 0 OR n.webhook_sent = 0"
+            " ORDER BY n.created_at"
+        )
+
+    async def mark_notice(self, account_id: int, period_key: str, key: str, channel: str) -> None:
+        column = {"email": "email_sent", "webhook": "webhook_sent"}[channel]
+        async with self._tx() as db:
+            await db.execute(
+                f"UPDATE notices SET {column} = 1 WHERE account_id = ? AND period_key = ? AND key = ?",
+                (account_id, period_key, key),
+            )
+
+    async def notices_of(self, account_id: int) -> list[sqlite3.Row]:
+        return await self._read(
+            "SELECT * FROM notices WHERE account_id = ? ORDER BY created_at, key", (account_id,)
+        )
+
+    async def breakdown(self, account_id: int, period_key: str) -> list[sqlite3.Row]:
+        return await self._read(
+            "SELECT campaign, region, accepted FROM usage_breakdown WHERE account_id = ? AND period_key = ?"
+            " ORDER BY campaign, region",
+            (account_id, period_key),
+        )
+
+    async def results_by_region(self, account_id: int, period_key: str) -> list[sqlite3.Row]:
+        return await self._read(
+            "SELECT m.region AS region, r.result AS result, COUNT(*) AS n FROM recipient_results r"
+            " JOIN messages m ON m.queue_id = r.queue_id"
+            " WHERE m.account_id = ? AND r.period_key = ? AND r.result != 'deferred'"
+            " GROUP BY m.region, r.result ORDER BY m.region, r.result",
+            (account_id, period_key),
+        )
+
+
+def charge_key(account: str, period_key: str, charge_key_part: str) -> str:
+    """The idempotency key of a charge: account, period and the policy's kind/index."""
+    return f"{account}/{period_key}/{charge_key_part}"
+
+
+def account_core(
+    row: sqlite3.Row, domains: tuple[str, ...] = (), networks: tuple[str, ...] = ()
+) -> Account:
+    keys = row.keys()
+    return Account(
+        id=row["id"],
+        name=row["name"],
+        password_hash=row["password_hash"],
+        plan=row["plan"],
+        subscribed_on=date.fromisoformat(row["subscribed_on"]),
+        payment_ok=bool(row["payment_ok"]),
+        suspended=bool(row["suspended"]),
+        prepaid_balance=row["prepaid_balance"],
+        domains=domains,
+        networks=networks,
+        contacts=tuple(json.loads(row["contacts"])),
+        payment_detail=row["payment_detail"],
+        awaiting_results=row["awaiting_results"],
+        outstanding_debt=int(row["debt"]) if "debt" in keys else 0,
+        spending_limit_override=row["spending_limit_override"],
+        included_change=limit_change_from_json(row["included_change"]),
+        quota_change=limit_change_from_json(row["quota_change"]),
+    )

@@ -1,0 +1,289 @@
+"""The billing job: close periods, collect charges, queue statements.
+
+It runs inside the relay (every `billing.interval` seconds) and catches up after
+downtime: every period that ended since the account's last invoice is closed in
+order. Each step is idempotent in the store (an invoice per account and period,
+a charge per idempotency key), so two nodes running it at once, or a crash
+half-way, never bill twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from typing import Any
+
+import structlog
+
+from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
+from metering.meter import Meter, standing_of
+from metering.records import Account
+from metering.sqlite_store import InvoiceRecord
+from policies import Charge, Invoice, Plan, close_period
+from policies.money import format_money
+from policies.periods import Period, next_period, period_containing
+
+
+@dataclass(frozen=True)
+class CollectionCharge:
+    """The closing invoice's amount due, collected through the gateway like any charge."""
+
+    amount: int
+    description: str
+    kind: str = "invoice"
+    index: int = 1
+    emails_unlocked: int | None = None
+    trigger_email: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.index}"
+
+
+@dataclass
+class BillingRun:
+    invoices: list[str] = field(default_factory=list)
+    charges_collected: int = 0
+    charges_failed: int = 0
+    statements: int = 0
+
+
+def invoice_id(account: Account, period: Period, plan: Plan) -> str:
+    local = period.start.astimezone(plan.period.zone())
+    return f"INV-{account.name}-{local:%Y%m%d}"
+
+
+def stored_charges(rows: list[Any]) -> list[Charge]:
+    return [
+        Charge(
+            kind=row["kind"],
+            index=row["seq"],
+            amount=row["amount"],
+            emails_unlocked=row["emails_unlocked"],
+            trigger_email=None,
+            description=row["description"],
+        )
+        for row in rows
+        if row["kind"] != "invoice"
+    ]
+
+
+def invoice_status(plan: Plan, invoice: Invoice) -> str:
+    if invoice.amount_due <= 0:
+        return "paid"
+    if plan.funding.overdraft_allowance is not None:
+        return "overdrawn"  # model C: debt until `mailmeter repay`
+    return "open"  # collected through the payment gateway
+
+
+def invoice_body(
+    account: Account,
+    plan: Plan,
+    invoice: Invoice,
+    status: str,
+    charges: list[Any],
+    regions: list[Any],
+    currency: str,
+) -> dict[str, Any]:
+    """Everything `invoice show` prints and `export` flattens: decimal strings, never floats."""
+    local_start = invoice.period.start.astimezone(plan.period.zone())
+    return {
+        "account": account.name,
+        "plan": account.plan,
+        "plan_display_name": invoice.plan,
+        "currency": currency,
+        "period": invoice.period_label,
+        "period_month": f"{local_start:%Y-%m}",
+        "period_start": invoice.period.start.isoformat(),
+        "period_end": invoice.period.end.isoformat(),
+        "issued_at": invoice.issued_at.isoformat(),
+        "invoice_date": invoice.invoice_date.isoformat(),
+        "due_date": invoice.due_date.isoformat(),
+        "statement_date": invoice.statement_date.isoformat(),
+        "lines": [
+            {
+                "kind": line.kind,
+                "description": line.description,
+                "quantity": line.quantity,
+                "amount": format_money(line.amount),
+            }
+            for line in invoice.lines
+        ],
+        "total": format_money(invoice.total),
+        "prepaid_applied": format_money(invoice.prepaid_applied),
+        "amount_due": format_money(invoice.amount_due),
+        "status": status,
+        "in_period_charges": [
+            {
+                "key": row["idempotency_key"],
+                "kind": row["kind"],
+                "amount": format_money(row["amount"]),
+                "emails_unlocked": row["emails_unlocked"],
+                "description": row["description"],
+                "created_at": row["created_at"],
+                "status": row["status"],
+            }
+            for row in charges
+            if row["kind"] != "invoice"
+        ],
+        "regions": [
+            {"region": row["region"] or "(unknown)", "result": row["result"], "emails": row["n"]}
+            for row in regions
+        ],
+    }
+
+
+class Billing:
+    def __init__(
+        self,
+        meter: Meter,
+        gateway: PaymentGateway,
+        currency: str = "USD",
+        retry_first_delay: float = 30.0,
+        retry_max_delay: float = 3600.0,
+    ) -> None:
+        self.meter = meter
+        self.store = meter.store
+        self.gateway = gateway
+        self.currency = currency
+        self.retry_first_delay = retry_first_delay
+        self.retry_max_delay = retry_max_delay
+        self.log = structlog.get_logger("mailmeter.billing")
+
+    async def run_once(self) -> BillingRun:
+        run = BillingRun()
+        run.invoices = await self.close_due_periods()
+        run.statements = await self.queue_statements()
+        collected, failed = await self.collect_charges()
+        run.charges_collected, run.charges_failed = collected, failed
+        return run
+
+    # -- closing periods ----------------------------------------------------------
+
+    def _first_open_period(self, account: Account, plan: Plan, last_key: str | None) -> Period:
+        anchor = account.subscribed_on
+        if last_key is not None:
+            last = period_containing(plan.period, datetime.fromisoformat(last_key), anchor)
+            return next_period(plan.period, last, anchor)
+        start = datetime.combine(account.subscribed_on, time(12), tzinfo=plan.period.zone())
+        return period_containing(plan.period, start, anchor)
+
+    async def close_due_periods(self) -> list[str]:
+        now = self.meter.clock()
+        closed: list[str] = []
+        for account in await self.store.list_accounts():
+            plan = self.meter.plans.get(account.plan)
+            if plan is None:
+                self.log.error("billing.unknown_plan", account=account.name, plan=account.plan)
+                continue
+            period = self._first_open_period(account, plan, await self.store.last_invoiced_period(account.id))
+            while period.end <= now:
+                invoice_key = await self._close(account, plan, period, now)
+                if invoice_key is None:
+                    break  # not issued yet (model C: 15:00 on the 1st)
+                closed.append(invoice_key)
+                account = await self.meter.account(account.name)  # the balance may have changed
+                period = next_period(plan.period, period, account.subscribed_on)
+        return closed
+
+    async def _close(self, account: Account, plan: Plan, period: Period, now: datetime) -> str | None:
+        usage = await self.store.usage(account.id, period.key)
+        charge_rows = await self.store.charges_of(account.id, period.key)
+        invoice = close_period(plan, standing_of(account, period), usage, period, stored_charges(charge_rows))
+        if invoice.issued_at > now:
+            return None
+        status = invoice_status(plan, invoice)
+        regions = await self.store.results_by_region(account.id, period.key)
+        body = invoice_body(account, plan, invoice, status, list(charge_rows), list(regions), self.currency)
+        identifier = invoice_id(account, period, plan)
+        record = InvoiceRecord(
+            id=identifier,
+            account_id=account.id,
+            period_key=period.key,
+            period_end=period.end.isoformat(),
+            issued_at=invoice.issued_at.isoformat(),
+            invoice_date=invoice.invoice_date.isoformat(),
+            due_date=invoice.due_date.isoformat(),
+            statement_date=invoice.statement_date.isoformat(),
+            total=invoice.total,
+            amount_due=invoice.amount_due,
+            prepaid_applied=invoice.prepaid_applied,
+            status=status,
+            body=json.dumps(body),
+        )
+        collect = (
+            CollectionCharge(amount=invoice.amount_due, description=f"Invoice {identifier}")
+            if status == "open"
+            else None
+        )
+        notice = json.dumps({"kind": "invoice", "invoice": identifier, "total": body["total"],
+                             "amount_due": body["amount_due"], "due_date": body["due_date"]})
+        inserted = await self.store.add_invoice(record, collect, invoice.prepaid_applied, notice, now)  # type: ignore[arg-type]
+        if inserted:
+            self.log.info("billing.invoice", account=account.name, invoice=identifier, period=body["period"],
+                          total=body["total"], amount_due=body["amount_due"], result=status)
+        return identifier
+
+    # -- statements (model C: the billing email on the 5th) ---------------------------
+
+    async def queue_statements(self) -> int:
+        now = self.meter.clock()
+        zones = {}
+        for account in await self.store.list_accounts():
+            plan = self.meter.plans.get(account.plan)
+            if plan is not None:
+                zones[account.id] = plan.period.zone()
+
+        def due(invoice: InvoiceRecord) -> bool:
+            zone = zones.get(invoice.account_id)
+            if zone is None:
+                return False
+            day = datetime.fromisoformat(invoice.statement_date).date()
+            return now >= datetime.combine(day, time(0), tzinfo=zone)
+
+        count = 0
+        for invoice in await self.store.statements_due(due):
+            body = json.loads(invoice.body)
+            notice = json.dumps({"kind": "statement", "invoice": invoice.id, "period": body["period"],
+                                 "total": body["total"], "amount_due": body["amount_due"],
+                                 "status": invoice.status})
+            await self.store.mark_statement(invoice, notice, now)
+            count += 1
+        return count
+
+    # -- collecting charges -----------------------------------------------------------
+
+    def _backoff(self, attempts: int) -> timedelta:
+        return timedelta(seconds=min(self.retry_first_delay * 2 ** max(attempts - 1, 0), self.retry_max_delay))
+
+    async def collect_charges(self) -> tuple[int, int]:
+        now = self.meter.clock()
+        collected = failed = 0
+        for row in await self.store.charges_due_for_collection(now):
+            request = ChargeRequest(
+                idempotency_key=row["idempotency_key"],
+                account=row["account"],
+                amount=format_money(row["amount"]),
+                amount_micros=row["amount"],
+                currency=self.currency,
+                kind=row["kind"],
+                description=row["description"],
+                period_start=row["period_key"],
+                created_at=row["created_at"],
+            )
+            result = await self.gateway.submit(request)
+            attempts = row["attempts"] + 1
+            status = {
+                ChargeOutcome.SUCCEEDED: "succeeded",
+                ChargeOutcome.FAILED: "failed",
+                ChargeOutcome.PENDING: "submitted",
+                ChargeOutcome.RETRY: "pending",
+            }[result.outcome]
+            next_attempt = now + self._backoff(attempts) if status == "pending" else now
+            await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
+            self.log.info("billing.charge", account=row["account"], charge=row["idempotency_key"],
+                          amount=request.amount, attempt=attempts, result=status, detail=result.detail)
+            collected += status == "succeeded"
+            failed += status == "failed"
+        return collected, failed
