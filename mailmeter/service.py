@@ -158,6 +158,8 @@ class AdminService:
             for region in body["regions"]:
                 rows.append({**base, "item": f"region:{region['region']}", "description": region["result"],
                              "quantity": region["emails"], "amount": "", "reference": ""})
+            rows.append({**base, "item": "total", "description": f"Amount due by {body['due_date']}",
+                         "quantity": "", "amount": body["total"], "reference": body["amount_due"]})
         return rows
 
     async def export_csv(self, month: str) -> str:

@@ -6,10 +6,12 @@ rounding is explicit half-up (Decimal's default is half-even).
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 MICROS_PER_UNIT = 1_000_000
 MICROS_PER_CENT = 10_000
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
 class MoneyError(ValueError):
@@ -26,6 +28,9 @@ def parse_money(text: str | int) -> int:
     if isinstance(text, int):
         return text * MICROS_PER_UNIT
     cleaned = str(text).strip().lstrip("$").replace(",", "").replace("_", "")
+    if not _PLAIN_DECIMAL.fullmatch(cleaned):
+        # Decimal would also take "1.5e3", "NaN" or "Infinity": an operator never means those.
+        raise MoneyError(f"{text!r} is not an amount of money (write it like 12.34)")
     try:
         amount = Decimal(cleaned)
     except InvalidOperation:

@@ -164,6 +164,12 @@ def _charge_problem(plan: Plan) -> tuple[str, str] | None:
         return None
     if not isinstance(plan.price, BlockPrice):
         return "in_period_charge.kind", "per_block charges need price.kind: per_block"
+    if plan.funding.overdraft_allowance is not None:
+        # Each block is charged as it opens, so unpaid usage never builds up: an overdraft
+        # allowance would bound nothing (use spending_limit to cap the charges instead).
+        return "funding.overdraft_allowance", (
+            "per_block in-period charges collect each block as it opens; cap them with spending_limit instead"
+        )
     if plan.price.per_block <= 0 or not is_whole_cents(plan.price.per_block):
         return "price.amount", "a block charged in the period must cost more than 0, in whole cents"
     return None

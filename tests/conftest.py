@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,13 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# CI runs the property tests derandomized (the same examples every run: no flaky red);
+# locally they explore new examples each run.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailmeter.app import Relay

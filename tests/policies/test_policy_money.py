@@ -74,3 +74,14 @@ def test_display_money(micros: int, text: str) -> None:
 @given(st.integers(min_value=-(10**12), max_value=10**12))
 def test_display_round_trips(micros: int) -> None:
     assert parse_money(display_money(micros).replace("$", "")) == micros
+
+
+def test_money_text_must_be_plain_decimal() -> None:
+    import pytest
+
+    from policies.money import MoneyError, parse_money
+
+    assert parse_money("$1,000.50") == 1_000_500_000
+    for text in ("1.5e3", "NaN", "Infinity", "1.", ".5", "12,34.5.6", ""):
+        with pytest.raises(MoneyError):
+            parse_money(text)

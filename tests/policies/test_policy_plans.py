@@ -121,6 +121,14 @@ def test_quota_only_plans_keep_working() -> None:
         ({"funding": {"kind": "prepaid", "overdraft_allowance": "5"}}, "plans.p.funding.overdraft_allowance"),
         (
             {
+                "funding": {"kind": "postpaid", "overdraft_allowance": "5"},
+                "price": {"kind": "per_block", "amount": "1", "block_emails": 10},
+                "in_period_charge": {"kind": "per_block"},
+            },
+            "plans.p.funding.overdraft_allowance",
+        ),
+        (
+            {
                 "funding": {"kind": "prepaid"},
                 "price": {"kind": "flat", "amount": "1"},
                 "in_period_charge": {"kind": "threshold", "amount": "5"},

@@ -81,12 +81,13 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
     config["included_emails"] = draw(st.integers(min_value=0, max_value=60))
     kind = draw(st.sampled_from(["flat", "graduated", "volume", "per_block"]))
     may_charge = funding_kind == "postpaid"
+    may_charge_blocks = may_charge and "overdraft_allowance" not in funding
     if kind == "flat":
         config["price"] = {"kind": "flat", "amount": money(draw(st.integers(min_value=0, max_value=3_000)))}
     elif kind in ("graduated", "volume"):
         config["price"] = {"kind": kind, "tiers": draw(tier_list())}
     else:
-        charged = may_charge and draw(st.integers(min_value=0, max_value=3)) > 0
+        charged = may_charge_blocks and draw(st.integers(min_value=0, max_value=3)) > 0
         per_block = (
             draw(st.integers(min_value=1, max_value=5)) * CENT
             if charged
@@ -301,7 +302,7 @@ def charging_plans(draw: st.DrawFn) -> dict[str, Any]:
         }
     if draw(st.booleans()):
         config["spending_limit"] = money(draw(st.integers(min_value=100_000, max_value=2_000_000)))
-    if draw(st.booleans()):
+    if draw(st.booleans()) and config["in_period_charge"]["kind"] == "threshold":
         config["funding"]["overdraft_allowance"] = money(draw(st.integers(min_value=50_000, max_value=500_000)))
     return config
 

@@ -1,0 +1,266 @@
+"""The five worked examples of BILLING_MODELS.md through the real meter and its SQLite store.
+
+Emails are reserved and committed in batches (the meter's reserve takes a count),
+so millions of emails cost a few transactions. Time is the meter's injected clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metering.billing import Billing
+from metering.gateway import NoGateway
+from metering.meter import Meter
+from metering.sqlite_store import SqliteStore
+from policies import parse_plans
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Clock:
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, text: str) -> None:
+        self.now = datetime.fromisoformat(text).astimezone(timezone.utc)
+
+
+@dataclass
+class World:
+    meter: Meter
+    billing: Billing
+    clock: Clock
+    sent: int = 0
+
+    async def send(self, name: str, emails: int, campaign: str = "") -> int:
+        """Reserve and commit up to `emails` in one message; returns how many were granted."""
+        grant = await self.meter.reserve(name, None, emails)
+        if grant.granted == 0:
+            await self.meter.release(grant.hold_id)
+            return 0
+        self.sent += 1
+        await self.meter.commit(grant.hold_id, f"Q{self.sent:08d}", grant.granted, campaign)
+        return grant.granted
+
+    async def charges(self, name: str) -> list[dict[str, object]]:
+        account = await self.meter.account(name)
+        return [dict(row) for row in await self.meter.store.charges_of(account.id)]
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    config = yaml.safe_load((REPO / "config.example.yaml").read_text())
+    clock = Clock(datetime(2026, 4, 1, tzinfo=timezone.utc))
+    store = SqliteStore(tmp_path / "meter.db")
+    await store.open()
+    meter = Meter(store, parse_plans(config["plans"]), node="n1", clock=clock, region="eu-1")
+    yield World(meter, Billing(meter, NoGateway()), clock)
+    await store.close()
+
+
+async def add(world: World, name: str, plan: str, subscribed_on: date) -> None:
+    await world.meter.add_account(name, "pw", plan, ["example.com"], [], subscribed_on=subscribed_on,
+                                  contacts=[f"billing@{name}.test"])
+
+
+async def test_model_a_830_dollars_in_april(world: World) -> None:
+    await add(world, "a", "per-email-threshold", date(2026, 4, 1))
+    world.clock.set("2026-04-08T10:00:00+00:00")
+    assert await world.send("a", 1_250_000) == 1_250_000  # $250 cumulative
+    assert [c["amount"] for c in await world.charges("a")] == [250_000_000]
+    world.clock.set("2026-04-19T10:00:00+00:00")
+    await world.send("a", 1_250_000)  # $500
+    world.clock.set("2026-04-27T10:00:00+00:00")
+    await world.send("a", 1_150_000)  # $730: the rule says no third charge yet
+    assert len(await world.charges("a")) == 2
+    usage = (await world.meter.usage("a")).as_json()
+    assert usage["unbilled"] == "230.00"  # live unbilled balance
+    await world.send("a", 100_000)  # $750: the third $250
+    world.clock.set("2026-04-30T10:00:00+00:00")
+    await world.send("a", 400_000)  # $830
+    charges = await world.charges("a")
+    assert [(c["kind"], c["seq"], c["amount"]) for c in charges] == [("threshold", n, 250_000_000) for n in (1, 2, 3)]
+    assert [c["created_at"][:10] for c in charges] == ["2026-04-08", "2026-04-19", "2026-04-27"]
+    assert (await world.billing.close_due_periods()) == []  # April is not over
+    world.clock.set("2026-05-01T00:00:01+00:00")
+    assert await world.billing.close_due_periods() == ["INV-a-20260401"]
+    assert await world.billing.close_due_periods() == []  # idempotent
+    [invoice] = await world.meter.store.invoices()
+    assert (invoice.total, invoice.invoice_date) == (80_000_000, "2026-05-01")
+    assert invoice.total + sum(c["amount"] for c in charges) == 830_000_000  # $830 in all
+
+
+async def test_model_b_prepaid_balance_refuses_email_100001(world: World) -> None:
+    await add(world, "b", "prepaid-tiered", date(2026, 4, 1))
+    world.clock.set("2026-04-10T10:00:00+00:00")
+    assert await world.send("b", 1) == 1  # the first 10,000 are included: no balance needed
+    assert await world.send("b", 20_000) == 9_999  # the rest of the included ones, then no balance
+    await world.meter.add_balance("b", 90_000_000)  # $90.00: good for exactly 100,000 emails in all
+    assert await world.send("b", 89_999) == 89_999
+    assert await world.send("b", 1) == 1  # email 100,000
+    grant = await world.meter.reserve("b", None, 1)  # email 100,001
+    assert (grant.granted, grant.refusal) == (0, "balance_exhausted")
+    await world.meter.release(grant.hold_id)
+    assert await world.meter.sending_refusal("b") is not None
+    await world.meter.add_balance("b", 1_000_000)  # a top-up resumes sending at once
+    assert await world.send("b", 1) == 1
+    world.clock.set("2026-05-01T00:00:01+02:00")  # Europe/Amsterdam month end
+    [invoice_key] = await world.billing.close_due_periods()
+    account = await world.meter.account("b")
+    [invoice] = await world.meter.store.invoices(account.id)
+    assert invoice.prepaid_applied > 0
+    assert account.prepaid_balance == 91_000_000 - invoice.prepaid_applied  # carried over
+
+
+async def test_model_c_results_split_at_utc8_midnight(world: World) -> None:
+    await add(world, "c", "delivery-results", date(2026, 4, 1))
+    world.clock.set("2026-04-20T00:00:00+00:00")
+    assert await world.send("c", 4) == 4
+    meter = world.meter
+    world.clock.set("2026-04-30T15:59:59+00:00")  # 23:59:59 on April 30 in UTC+8
+    assert await meter.record_result("Q00000001", "r1", "delivered")
+    assert await meter.record_result("Q00000001", "r2", "hard_bounced")
+    assert not await meter.record_result("Q00000001", "r2", "hard_bounced")  # counted once
+    world.clock.set("2026-04-30T16:00:00+00:00")  # midnight May 1 in UTC+8: May's usage
+    assert await meter.record_result("Q00000001", "r3", "delivered")
+    assert await meter.record_result("Q00000001", "r4", "soft_bounced")
+    may = (await meter.usage("c")).usage
+    assert (may.delivered, may.soft_bounced, may.hard_bounced) == (1, 1, 0)
+    april = (await meter.usage("c", at=datetime(2026, 4, 15, tzinfo=timezone.utc))).usage
+    assert (april.delivered, april.soft_bounced, april.hard_bounced) == (1, 0, 1)
+    # The bill exists from 15:00 UTC+8 on the 1st (07:00 UTC), not before.
+    world.clock.set("2026-05-01T06:59:59+00:00")
+    assert await world.billing.close_due_periods() == []
+    world.clock.set("2026-05-01T07:00:00+00:00")
+    assert await world.billing.close_due_periods() == ["INV-c-20260401"]
+    invoice = json.loads((await meter.store.invoices())[0].body)
+    assert invoice["regions"] == [
+        {"region": "eu-1", "result": "delivered", "emails": 1},
+        {"region": "eu-1", "result": "hard_bounced", "emails": 1},
+    ]
+    # The billing email goes out on the 5th, UTC+8.
+    world.clock.set("2026-05-04T15:59:59+00:00")
+    assert await world.billing.queue_statements() == 0
+    world.clock.set("2026-05-04T16:00:00+00:00")
+    assert await world.billing.queue_statements() == 1
+    assert await world.billing.queue_statements() == 0
+    account = await meter.account("c")
+    keys = [row["key"] for row in await meter.store.notices_of(account.id)]
+    assert keys == ["invoice", "statement"]
+
+
+async def test_model_c_overdraft_and_repay(world: World) -> None:
+    await add(world, "c", "delivery-results", date(2026, 3, 1))
+    world.clock.set("2026-03-10T00:00:00+00:00")
+    await world.send("c", 1000)
+    for n in range(1000):
+        await world.meter.record_result("Q00000001", f"r{n}", "delivered")
+    world.clock.set("2026-04-02T00:00:00+00:00")
+    await world.billing.close_due_periods()
+    account = await world.meter.account("c")
+    [invoice] = await world.meter.store.invoices(account.id)
+    assert invoice.status == "overdrawn" and account.outstanding_debt == invoice.amount_due == 300_000
+    assert await world.meter.repay("c") == 300_000
+    assert (await world.meter.account("c")).outstanding_debt == 0
+    assert (await world.meter.store.invoices(account.id))[0].status == "paid"
+
+
+async def test_model_d_pro_100k_worked_example(world: World) -> None:
+    await add(world, "d", "included-capped", date(2025, 12, 6))
+    world.clock.set("2025-12-20T00:00:00+00:00")
+    assert await world.send("d", 135_640) == 135_640
+    usage = (await world.meter.usage("d")).as_json()
+    assert usage["dashboard"] == [
+        "Pro 100k", "Dec 6 - Jan 5", "35,738 extra emails", "135,640 emails sent", "135,738 total allowed",
+        "$214 spent", "$599 spending limit", "98 emails remaining",
+    ]
+    assert len(await world.charges("d")) == 214
+    await world.send("d", 98)  # email 135,738: still within charge 214
+    assert len(await world.charges("d")) == 214
+    await world.send("d", 1)  # email 135,739 triggers charge 215
+    charges = await world.charges("d")
+    assert len(charges) == 215 and charges[-1]["seq"] == 215 and charges[-1]["emails_unlocked"] == 167
+    # The $599 spending limit allows 100,000 + 599 x 167 = 200,033 emails, then pauses sending.
+    assert await world.send("d", 100_000) == 200_033 - 135_739
+    grant = await world.meter.reserve("d", None, 1)
+    assert (grant.granted, grant.refusal) == (0, "spending_limit")
+    await world.meter.release(grant.hold_id)
+    assert len(await world.charges("d")) == 599
+    await world.meter.set_spending_limit("d", 700_000_000)  # raising the limit resumes sending
+    assert await world.send("d", 1) == 1
+    assert len(await world.charges("d")) == 600
+
+
+async def test_model_e_overage_alerts_payment_and_limits(world: World) -> None:
+    await add(world, "e", "limit-overage", date(2026, 4, 1))
+    world.clock.set("2026-04-05T00:00:00+00:00")
+    await world.send("e", 37_500, campaign="spring")  # 75%
+    await world.send("e", 13_700, campaign="launch")  # 51,200 sent: 1,200 over
+    charges = await world.charges("e")
+    assert [(c["kind"], c["amount"], c["emails_unlocked"]) for c in charges] == [("block", 1_000_000, 5000)]
+    account = await world.meter.account("e")
+    alerts = {row["key"] for row in await world.meter.store.notices_of(account.id)}
+    assert alerts == {"alert/75", "alert/90", "alert/100"}
+    await world.send("e", 10)
+    assert len(await world.meter.store.notices_of(account.id)) == 3  # each once per period
+    usage = (await world.meter.usage("e")).as_json()
+    assert usage["by_campaign"] == {"spring": 37_500, "launch": 13_700, "(untagged)": 10}
+    assert usage["by_region"] == {"eu-1": 51_210}
+    # A failed payment blocks sending at once; a fixed one releases it at once.
+    await world.meter.set_payment("e", False, "card declined")
+    grant = await world.meter.reserve("e", None, 1)
+    assert (grant.granted, grant.refusal) == (0, "payment_failed")
+    await world.meter.release(grant.hold_id)
+    await world.meter.set_payment("e", True)
+    assert await world.send("e", 1) == 1
+    world.clock.set("2026-05-01T00:00:00+00:00")
+    await world.billing.close_due_periods()
+    invoice = json.loads((await world.meter.store.invoices(account.id))[0].body)
+    assert invoice["lines"][0]["description"] == "Email overage: 1,211 emails. Cost: $1"
+
+
+async def test_model_e_invoice_line_exactly_as_documented(world: World) -> None:
+    await add(world, "e", "limit-overage", date(2026, 4, 1))
+    world.clock.set("2026-04-05T00:00:00+00:00")
+    await world.send("e", 51_200)
+    world.clock.set("2026-05-01T00:00:00+00:00")
+    await world.billing.close_due_periods()
+    invoice = json.loads((await world.meter.store.invoices())[0].body)
+    assert invoice["lines"][0]["description"] == "Email overage: 1,200 emails. Cost: $1"
+    assert invoice["lines"][0]["amount"] == "1.00"
+    assert invoice["total"] == "0.00"  # the $1 was charged during the month
+
+
+async def test_model_e_limit_increase_now_decrease_at_period_end(world: World) -> None:
+    await add(world, "e", "limit-overage", date(2026, 4, 1))
+    world.clock.set("2026-04-05T00:00:00+00:00")
+    await world.meter.set_email_limit("e", "included", 60_000)  # increase: at once
+    await world.send("e", 55_000)
+    assert await world.charges("e") == []  # 55,000 is within the raised limit
+    await world.meter.set_email_limit("e", "included", 40_000)  # decrease: at period end
+    assert (await world.meter.usage("e")).as_json()["total_allowed"] == 60_000
+    world.clock.set("2026-05-02T00:00:00+00:00")
+    assert (await world.meter.usage("e")).as_json()["total_allowed"] == 40_000
+
+
+async def test_mid_period_charges_survive_restart_and_are_never_doubled(world: World, tmp_path: Path) -> None:
+    await add(world, "d", "included-capped", date(2026, 4, 1))
+    world.clock.set("2026-04-02T00:00:00+00:00")
+    await world.send("d", 100_500)
+    first = await world.charges("d")
+    await world.meter.store.close()
+    await world.meter.store.open()  # a restart: the ledger is in the file
+    await world.send("d", 1)
+    again = await world.charges("d")
+    assert [c["idempotency_key"] for c in again[: len(first)]] == [c["idempotency_key"] for c in first]
+    assert len({c["idempotency_key"] for c in again}) == len(again)
