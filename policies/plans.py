@@ -216,6 +216,9 @@ def parse_alerts(data: Any, path: str) -> tuple[int, ...]:
     return tuple(data)
 
 
+DEFAULT_USAGE_ALERTS: tuple[int, ...] = (75, 90, 100)
+
+
 def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
     """Build a Plan from its config mapping, or raise PlanError naming the key."""
     path = path or f"plans.{name}"
@@ -240,13 +243,20 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
     if display_name is not None and not isinstance(display_name, str):
         raise PlanError(f"{path}.display_name", "must be text")
     fee = _money(data, "plan_fee", path)
+    quota = _int(data, "email_quota", path)
+    included = _int(data, "included_emails", path) or 0
+    if "usage_alerts" in data:
+        alerts = parse_alerts(data.get("usage_alerts"), f"{path}.usage_alerts")
+    else:
+        # Notify at 75%, 90% and 100% of any email limit unless the plan says otherwise ([] for none).
+        alerts = DEFAULT_USAGE_ALERTS if (included or quota is not None) else ()
     try:
         return Plan(
             name=name,
             display_name=display_name,
             period=parse_period(data.get("period"), f"{path}.period"),
-            email_quota=_int(data, "email_quota", path),
-            included_emails=_int(data, "included_emails", path) or 0,
+            email_quota=quota,
+            included_emails=included,
             plan_fee=fee or 0,
             billable=billable,
             price=parse_price(data.get("price"), f"{path}.price"),
@@ -259,7 +269,7 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
             spending_limit=_money(data, "spending_limit", path),
             funding=parse_funding(data.get("funding"), f"{path}.funding"),
             invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),
-            usage_alerts=parse_alerts(data.get("usage_alerts"), f"{path}.usage_alerts"),
+            usage_alerts=alerts,
         )
     except PlanError as error:
         prefix = f"plans.{name}"

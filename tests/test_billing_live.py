@@ -48,6 +48,7 @@ class PaymentServer:
     async def start(self) -> None:
         app = aiohttp.web.Application()
         app.router.add_post("/charges", self.handle)
+        app.router.add_post("/notices", self.handle)
         self.runner = aiohttp.web.AppRunner(app)
         await self.runner.setup()
         await aiohttp.web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -163,6 +164,34 @@ async def test_usage_notices_are_emailed_once_through_the_relay(make_relay, upst
     assert b"has used 50% of its 10 emails" in texts and b"has used 100% of its 10 emails" in texts
     message = next(m for m in upstream.handler.messages if "owner@example.com" in m.rcpt_tos)
     assert sorted(message.rcpt_tos) == ["finance@example.com", "owner@example.com"]
+
+
+async def test_usage_notices_also_go_to_a_signed_webhook(
+    make_relay, upstream: Upstream, payments: PaymentServer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "notices.secret").write_bytes(SECRET + b"\n")
+    harness: RelayHarness = make_relay(
+        upstream.port, plans={"e": E_PLAN},
+        billing={"interval": 0.1, "notices": {"webhook_url": f"http://127.0.0.1:{payments.port}/notices",
+                                              "webhook_secret_file": "notices.secret"}},
+    )
+    await harness.start()
+    await add_account(harness, plan="e")  # no contacts: the webhook alone carries the notices
+    assert harness.relay is not None
+    grant = await harness.relay.meter.reserve("app", None, 5)
+    await harness.relay.meter.commit(grant.hold_id, "Q1", 5)  # 50% of 10
+
+    async def posted() -> bool:
+        return any(body.get("key") == "alert/50" for _, body in payments.received)
+
+    for _ in range(100):
+        if await posted():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    alerts = [body for _, body in payments.received if body.get("kind") == "usage_alert"]
+    assert [(a["account"], a["percent"], a["limit"], a["sent"]) for a in alerts] == [("app", 50, 10, 5)]
+    assert payments.bad_signatures == 0
 
 
 def test_invoices_export_and_preview_from_the_cli(tmp_path: Path) -> None:
