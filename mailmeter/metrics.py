@@ -1,0 +1,61 @@
+"""Prometheus metrics of one relay node, in their own registry (no process-global state).
+
+Components get the `Metrics` object they update; the admin API serves
+`render()` at /metrics. Gauges that are cheaper to read than to keep in step
+(queue depth, oldest message age) are computed when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.sessions = Counter("mailmeter_smtp_sessions_total", "SMTP sessions opened", registry=r)
+        self.sessions_open = Gauge("mailmeter_smtp_sessions_open", "SMTP sessions open now", registry=r)
+        self.transactions = Counter(
+            "mailmeter_smtp_transactions_total",
+            "SMTP transactions by reply class (2xx/4xx/5xx) and reason",
+            ["reply_class", "reason"],
+            registry=r,
+        )
+        self.emails_accepted = Counter("mailmeter_emails_accepted_total", "Recipients accepted with a 250", registry=r)
+        self.delivery_results = Counter(
+            "mailmeter_delivery_results_total",
+            "Per-recipient delivery results: delivered, deferred, soft_bounced, hard_bounced",
+            ["result"],
+            registry=r,
+        )
+        self.meter_latency = Histogram(
+            "mailmeter_meter_seconds",
+            "Time of meter operations",
+            ["operation"],
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.charges = Counter(
+            "mailmeter_charges_total", "Charges sent to the payment gateway, by result", ["result"], registry=r
+        )
+        self.queue_depth = Gauge("mailmeter_queue_depth", "Messages in the spool awaiting delivery", registry=r)
+        self.queue_oldest = Gauge(
+            "mailmeter_queue_oldest_seconds", "Age of the oldest message in the spool", registry=r
+        )
+
+    def watch_queue(self, depth: Callable[[], int], oldest_age: Callable[[], float]) -> None:
+        """Read the spool's depth and oldest age at scrape time."""
+        self.queue_depth.set_function(lambda: float(depth()))
+        self.queue_oldest.set_function(oldest_age)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
