@@ -9,17 +9,23 @@ queue; only then does the SMTP port open.
 from __future__ import annotations
 
 import asyncio
+import signal
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
-from mailmeter.config import Config
+from mailmeter.api import ApiServer, start_api
+from mailmeter.config import Config, ConfigError, load_config
+from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
+from mailmeter.sdnotify import Notifier
 from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
 from metering.meter import Meter
 from metering.sqlite_store import SqliteStore
+from relay.abuse import AuthLimits
 from relay.delivery import Delivery, RetryPolicy, UpstreamConfig
 from relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
 from relay.spool import Spool
@@ -50,6 +56,28 @@ def build_billing(config: Config, meter: Meter) -> Billing:
     )
 
 
+def upstream_of(config: Config) -> UpstreamConfig:
+    upstream = config.upstream
+    return UpstreamConfig(
+        host=upstream.host,
+        port=upstream.port,
+        tls=upstream.tls,
+        username=upstream.username,
+        password=config.upstream_password(),
+        timeout=upstream.timeout,
+        verify_certificate=upstream.verify_certificate,
+    )
+
+
+def retry_of(config: Config) -> RetryPolicy:
+    return RetryPolicy(
+        first_delay=config.delivery.retry_first_delay,
+        factor=config.delivery.retry_factor,
+        max_delay=config.delivery.retry_max_delay,
+        max_age=config.delivery.max_age,
+    )
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
     if config.tls.certificate is None or config.tls.key is None:
         return None
@@ -72,30 +100,18 @@ class Relay:
     notices: NoticeSender
     server: asyncio.Server | None = None
     billing_task: asyncio.Task[None] | None = None
+    metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
+    api: ApiServer | None = None  # the admin HTTP API, when api.enabled
 
     @classmethod
     def build(cls, config: Config) -> Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
-        upstream = config.upstream
         delivery = Delivery(
             spool=spool,
             results=meter,
-            upstream=UpstreamConfig(
-                host=upstream.host,
-                port=upstream.port,
-                tls=upstream.tls,
-                username=upstream.username,
-                password=config.upstream_password(),
-                timeout=upstream.timeout,
-                verify_certificate=upstream.verify_certificate,
-            ),
-            retry=RetryPolicy(
-                first_delay=config.delivery.retry_first_delay,
-                factor=config.delivery.retry_factor,
-                max_delay=config.delivery.retry_max_delay,
-                max_age=config.delivery.max_age,
-            ),
+            upstream=upstream_of(config),
+            retry=retry_of(config),
             hostname=config.hostname,
             workers=config.delivery.workers,
         )
@@ -106,6 +122,16 @@ class Relay:
             tls_context=tls_context(config),
             plaintext_auth=config.auth.allow_plaintext_on_loopback and is_loopback(config.listen.address),
             timeout=config.limits.session_timeout,
+            max_session_seconds=config.limits.session_max_duration,
+            bare_newlines=config.limits.bare_newlines,
+            max_connections_per_client=config.abuse.max_connections_per_client,
+            auth_limits=AuthLimits(
+                max_failures=config.abuse.auth_max_failures,
+                window=config.abuse.auth_failure_window,
+                lockout=config.abuse.auth_lockout,
+                delay=config.abuse.auth_failure_delay,
+                delay_max=config.abuse.auth_failure_delay_max,
+            ),
         )
         context = RelayContext(settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit)
         notices_config = config.billing.notices
@@ -133,6 +159,8 @@ class Relay:
             reuse_address=True,
         )
         self.billing_task = asyncio.create_task(self._billing_loop())
+        if self.config.api.enabled:
+            self.api = await start_api(self)
         log.info(
             "relay.started",
             listen=f"{self.config.listen.address}:{self.port}",
@@ -160,6 +188,43 @@ class Relay:
                 dropped += 1
         return activated, dropped
 
+    async def reload(self, config: Config) -> None:
+        """Apply a new config to the running node without dropping a session.
+
+        Plans, limits, TLS certificate, upstream, retry and billing settings take effect
+        for new sessions and the next delivery attempt; accounts live in the database
+        and are always current. The listen address, database and spool need a restart.
+        Raises ConfigError (and changes nothing) if the new config cannot be applied.
+        """
+        log = structlog.get_logger("mailmeter")
+        plans = config.parsed_plans()
+        in_use = {account.plan for account in await self.store.list_accounts()}
+        missing = sorted(in_use - set(plans))
+        if missing:
+            raise ConfigError(f"plans: accounts use plans the new config drops: {', '.join(missing)}")
+        new_tls = tls_context(config)
+        fixed = [
+            key for key, old, new in (
+                ("listen", self.config.listen, config.listen),
+                ("database", self.config.database, config.database),
+                ("spool", self.config.spool, config.spool),
+                ("node", self.config.node, config.node),
+            ) if old != new
+        ]
+        self.meter.plans = plans
+        settings = self.context.settings
+        settings.hostname = config.hostname
+        settings.message_size_limit = config.limits.message_size
+        settings.recipients_per_message = config.limits.recipients_per_message
+        settings.timeout = config.limits.session_timeout
+        settings.tls_context = new_tls
+        settings.plaintext_auth = config.auth.allow_plaintext_on_loopback and is_loopback(self.config.listen.address)
+        self.delivery.reconfigure(upstream_of(config), retry_of(config))
+        self.billing = build_billing(config, self.meter)
+        self.config = config.model_copy(update={"listen": self.config.listen, "database": self.config.database,
+                                               "spool": self.config.spool, "node": self.config.node})
+        log.info("config.reloaded", plans=len(plans), result="applied", needs_restart=fixed)
+
     async def billing_pass(self) -> None:
         """One pass of the billing job: close periods, queue statements, collect charges, send notices."""
         run = await self.billing.run_once()
@@ -182,6 +247,9 @@ class Relay:
             await asyncio.sleep(self.config.billing.interval)
 
     async def stop(self) -> None:
+        if self.api is not None:  # first: no admin change may start against a closing store
+            await self.api.stop()
+            self.api = None
         if self.billing_task is not None:
             self.billing_task.cancel()
             await asyncio.gather(self.billing_task, return_exceptions=True)
@@ -196,17 +264,49 @@ class Relay:
         structlog.get_logger("mailmeter").info("relay.stopped", node=self.config.node.name)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGINT/SIGTERM on the main asyncio loop."""
-    import signal
+async def serve(path: Path, config: Config) -> None:
+    """Run on the main asyncio loop until SIGTERM/SIGINT; SIGHUP reloads the config.
 
+    Tells systemd READY=1 once listening, RELOADING=1 then READY=1 around a reload,
+    STOPPING=1 when the drain starts, and pings its watchdog when WatchdogSec is set.
+    """
+    log = structlog.get_logger("mailmeter")
+    notifier = Notifier()
     relay = Relay.build(config)
     await relay.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    reloading: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        notifier.notify("RELOADING=1")
+        try:
+            await relay.reload(load_config(path))
+        except ConfigError as error:
+            log.error("config.reload_refused", config=str(path), error=str(error),
+                      result="kept the running config")
+        except Exception as error:  # e.g. the database is down: keep serving on the old config
+            log.error("config.reload_refused", config=str(path), error=repr(error),
+                      result="kept the running config")
+        notifier.notify("READY=1", "STATUS=serving")
+
+    def on_hup() -> None:
+        task = asyncio.create_task(reload())
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watchdog = asyncio.create_task(notifier.watchdog())
+    notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{relay.port}")
     try:
         await stop.wait()
+        notifier.notify("STOPPING=1", "STATUS=draining")
+        log.info("relay.draining", node=config.node.name)
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         await relay.stop()
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)

@@ -17,6 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from mailmeter.audit import cli_actor, event_line
 from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.logs import configure_logging
 from mailmeter.service import AdminError, AdminService
@@ -49,7 +50,7 @@ def _run(config: Config, action: Callable[[AdminService], Awaitable[int]]) -> in
         store, meter = open_meter(config)
         await store.open()
         try:
-            return await action(AdminService(meter, build_billing(config, meter)))
+            return await action(AdminService(meter, build_billing(config, meter), actor=cli_actor()))
         finally:
             await store.close()
 
@@ -71,7 +72,7 @@ def _read_password(path: str) -> str:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from mailmeter.app import serve
 
-    asyncio.run(serve(config))
+    asyncio.run(serve(Path(args.config), config))
     return 0
 
 
@@ -121,7 +122,7 @@ def _simple(
 
 def cmd_payment(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
-        account = await service.set_payment(args.name, args.state == "ok", args.reason or "")
+        account = await service.payment(args.name, args.state, args.reason or "")
         state = "released: sending resumes at the next SMTP command" if args.state == "ok" else (
             "blocked: sessions get 451 4.7.1 at their next MAIL or RCPT")
         print(f"account {account['name']} {state}")
@@ -132,18 +133,33 @@ def cmd_payment(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
-        if args.which == "spending":
-            result = await service.set_spending_limit(args.name, args.value)
-        else:
-            try:
-                emails = int(args.value.replace(",", "").replace("_", ""))
-            except ValueError:
-                raise CliError(f"{args.value!r} is not a number of emails") from None
-            result = await service.set_email_limit(args.name, args.which, emails)
-        _emit(result, True)
+        _emit(await service.set_limit(args.name, args.which, args.value), True)
         return 0
 
     return _run(config, action)
+
+
+def cmd_db(config: Config, args: argparse.Namespace) -> int:
+    """`db upgrade` applies pending schema migrations; `db backup FILE` copies the database online."""
+    from mailmeter.app import open_meter
+
+    async def main() -> int:
+        store, _ = open_meter(config)
+        await store.open()  # opening applies the pending migrations
+        try:
+            if args.sub == "upgrade":
+                print(f"database {store.path} is at schema version {await store.schema_version()}")
+            else:
+                try:
+                    await store.backup(Path(args.file))
+                except FileExistsError as error:
+                    raise CliError(str(error)) from None
+                print(f"backed up {store.path} to {args.file}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
@@ -256,9 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     billing = commands.add_parser("billing", help="the billing job").add_subparsers(dest="sub", required=True)
     sub(billing, "run", "close ended periods and collect pending charges now", _simple("run_billing", json_flag=False))
 
+    database = commands.add_parser("db", help="the meter database").add_subparsers(dest="sub", required=True)
+    sub(database, "upgrade", "apply pending schema migrations", cmd_db)
+    backup = sub(database, "backup", "copy the database to FILE while the relay runs", cmd_db)
+    backup.add_argument("file")
+
     export = sub(commands, "export", "every line item of a period, as CSV", cmd_export)
     export.add_argument("--period", required=True, help="YYYY-MM")
     export.add_argument("--csv", required=True, help="output file ('-' for stdout)")
+
+    audit = sub(commands, "audit", "the admin changes, newest first (who, what, before and after)", _simple(
+        "audit", "account", "limit", line=event_line))
+    audit.add_argument("--account", help="only this account's changes")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many events (1-1000, default 100)")
+    audit.add_argument("--json", action="store_true")
 
     plan = commands.add_parser("plan", help="plans").add_subparsers(dest="sub", required=True)
     plan_preview = sub(plan, "preview", "what a period of N emails costs on a plan", cmd_plan_preview)

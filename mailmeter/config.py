@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mailmeter.apiauth import ApiTokens, TokenFileError, parse_tokens
 from policies.plans import Plan, PlanError, parse_plans
 
 
@@ -53,6 +54,17 @@ class LimitsConfig(_Section):
     message_size: int = Field(25 * 1024 * 1024, ge=1024)
     recipients_per_message: int = Field(100, ge=1)
     session_timeout: float = Field(300.0, gt=0)
+    session_max_duration: float = Field(900.0, gt=0)
+    bare_newlines: Literal["reject", "normalize"] = "reject"
+
+
+class AbuseConfig(_Section):
+    max_connections_per_client: int = Field(50, ge=1)
+    auth_max_failures: int = Field(5, ge=1)
+    auth_failure_window: float = Field(600.0, gt=0)
+    auth_lockout: float = Field(900.0, ge=0)
+    auth_failure_delay: float = Field(1.0, ge=0)
+    auth_failure_delay_max: float = Field(8.0, ge=0)
 
 
 class UpstreamSection(_Section):
@@ -103,6 +115,21 @@ class BillingConfig(_Section):
     notices: NoticesConfig = NoticesConfig()
 
 
+class ApiConfig(_Section):
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = Field(8025, ge=0, le=65535)
+    tokens_file: Path | None = None
+    payment_webhook_secret_file: Path | None = None
+    webhook_tolerance: float = Field(300.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -114,11 +141,13 @@ class Config(_Section):
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
+    abuse: AbuseConfig = AbuseConfig()
     upstream: UpstreamSection
     delivery: DeliveryConfig = DeliveryConfig()
     database: DatabaseConfig = DatabaseConfig()
     spool: SpoolConfig = SpoolConfig()
     billing: BillingConfig = BillingConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     plans: dict[str, Any] = Field(default_factory=dict)
 
@@ -144,6 +173,20 @@ class Config(_Section):
         if not secret:
             raise ConfigError(f"{key}: {resolved} is empty; put the shared secret on its first line")
         return secret
+
+    def api_tokens(self) -> ApiTokens:
+        """The admin API's named bearer tokens, read from `api.tokens_file`."""
+        if self.api.tokens_file is None:
+            raise ConfigError("api.tokens_file: the admin API needs a file of NAME:TOKEN lines")
+        path = self.resolve(self.api.tokens_file)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ConfigError(f"api.tokens_file: cannot read {path}: {error.strerror}") from None
+        try:
+            return parse_tokens(text)
+        except TokenFileError as error:
+            raise ConfigError(f"api.tokens_file: {path}: {error}") from None
 
     def upstream_password(self) -> str | None:
         if self.upstream.password_file is None:
@@ -213,4 +256,7 @@ def load_config(path: Path) -> Config:
     if notices.webhook_url is not None and notices.webhook_secret_file is None:
         raise ConfigError("billing.notices.webhook_secret_file: a notices webhook needs a file with the HMAC secret")
     config.read_secret("billing.notices.webhook_secret_file", notices.webhook_secret_file)
+    if config.api.enabled:
+        config.api_tokens()
+    config.read_secret("api.payment_webhook_secret_file", config.api.payment_webhook_secret_file)
     return config

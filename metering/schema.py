@@ -134,4 +134,21 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE messages ADD COLUMN region TEXT NOT NULL DEFAULT '';
     """,
+    # 3: the audit trail of admin changes (CLI, HTTP API, payment webhook). before/after
+    # are the account's public JSON (never a password hash or token); event_id is the
+    # inbound webhook's event id, UNIQUE so that the same event is applied only once.
+    """
+    CREATE TABLE audit_events (
+        id INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        detail TEXT NOT NULL DEFAULT '{}',
+        event_id TEXT UNIQUE
+    );
+    CREATE INDEX audit_by_target ON audit_events (target, id);
+    """,
 ]

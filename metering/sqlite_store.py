@@ -14,9 +14,11 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -107,7 +109,9 @@ class SqliteStore:
             except sqlite3.Error as error:
                 raise StoreUnavailable(f"meter store: {error}") from error
             try:
+                await self._audit_begin(db)
                 yield db
+                await self._audit_end(db)
             except BaseException:
                 try:
                     await db.execute("ROLLBACK")
@@ -153,6 +157,20 @@ class SqliteStore:
                 await db.execute("UPDATE schema_version SET version = ?", (number,))
                 version = number
         return version
+
+    async def schema_version(self) -> int:
+        rows = await self._read("SELECT version FROM schema_version")
+        return int(rows[0][0]) if rows else 0
+
+    async def backup(self, target: Path) -> None:
+        """A consistent online copy (SQLite's backup API), safe while the relay writes."""
+        if self._db is None:
+            raise StoreUnavailable("the meter store is not open")
+        if target.exists():
+            raise FileExistsError(f"{target} exists; choose a new file for the backup")
+        async with self._lock:
+            async with aiosqlite.connect(target) as copy:
+                await self._db.backup(copy)
 
     # -- accounts ---------------------------------------------------------
 
@@ -699,6 +717,126 @@ class SqliteStore:
             " GROUP BY m.region, r.result ORDER BY m.region, r.result",
             (account_id, period_key),
         )
+
+    # -- the audit trail of admin changes ----------------------------------------------
+
+    @asynccontextmanager
+    async def audited(self, draft: AuditDraft) -> AsyncIterator[AuditDraft]:
+        """Record `draft` inside the next write transaction this task runs.
+
+        Admin changes go through the meter, whose methods each run one transaction
+        of their own; this puts the audit row into that same transaction (with the
+        account's view read just after BEGIN IMMEDIATE and just before COMMIT), so a
+        change is never committed without its audit event, nor an event without its
+        change. A context variable carries the draft, so the SMTP sessions' transactions
+        on the same connection (other tasks) never pick it up. No row is written when
+        the target account does not exist (the change did nothing); a draft whose
+        `event_id` was already recorded raises DuplicateEvent and rolls the change back.
+        """
+        token = _AUDIT_DRAFT.set(draft)
+        try:
+            yield draft
+        finally:
+            _AUDIT_DRAFT.reset(token)
+
+    async def _audit_begin(self, db: aiosqlite.Connection) -> None:
+        draft = _AUDIT_DRAFT.get()
+        if draft is not None and not draft.written:
+            draft.before = await self._audit_view(db, draft)
+
+    async def _audit_end(self, db: aiosqlite.Connection) -> None:
+        draft = _AUDIT_DRAFT.get()
+        if draft is None or draft.written:
+            return
+        after = await self._audit_view(db, draft)
+        if after is None:
+            return
+        try:
+            cursor = await db.execute(
+                "INSERT INTO audit_events (time, actor, action, target, before, after, detail, event_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (draft.at.isoformat(), draft.actor, draft.action, draft.target,
+                 None if draft.before is None else json.dumps(draft.before, sort_keys=True),
+                 json.dumps(after, sort_keys=True), json.dumps(draft.detail, sort_keys=True), draft.event_id),
+            )
+        except sqlite3.IntegrityError:
+            raise DuplicateEvent(f"event {draft.event_id!r} was already applied") from None
+        draft.after, draft.written, draft.id = after, True, cursor.lastrowid
+
+    async def _audit_view(self, db: aiosqlite.Connection, draft: AuditDraft) -> dict[str, Any] | None:
+        cursor = await db.execute(f"{_ACCOUNT_SELECT} WHERE a.name = ?", (draft.target,))
+        row = await cursor.fetchone()
+        if row is None:
+            return None
+        domains = await (await db.execute(
+            "SELECT domain FROM account_domains WHERE account_id = ? ORDER BY domain", (row["id"],))).fetchall()
+        networks = await (await db.execute(
+            "SELECT network FROM account_networks WHERE account_id = ? ORDER BY network", (row["id"],))).fetchall()
+        return draft.view(account_core(row, tuple(r[0] for r in domains), tuple(r[0] for r in networks)))
+
+    async def add_audit_event(
+        self,
+        at: datetime,
+        actor: str,
+        action: str,
+        target: str,
+        before: object,
+        after: object,
+        detail: dict[str, Any],
+    ) -> int:
+        """An audit event for a change that is not one account's (a billing run)."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "INSERT INTO audit_events (time, actor, action, target, before, after, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (at.isoformat(), actor, action, target,
+                 None if before is None else json.dumps(before, sort_keys=True),
+                 None if after is None else json.dumps(after, sort_keys=True), json.dumps(detail, sort_keys=True)),
+            )
+            return int(cursor.lastrowid or 0)
+
+    async def audit_events(self, target: str | None = None, limit: int = 100) -> list[sqlite3.Row]:
+        """The newest `limit` events, newest first; only those of `target` when given."""
+        sql = "SELECT * FROM audit_events"
+        if target is None:
+            return await self._read(sql + " ORDER BY id DESC LIMIT ?", (limit,))
+        return await self._read(sql + " WHERE target = ? ORDER BY id DESC LIMIT ?", (target, limit))
+
+    async def audit_event_for(self, event_id: str) -> sqlite3.Row | None:
+        rows = await self._read("SELECT * FROM audit_events WHERE event_id = ?", (event_id,))
+        return rows[0] if rows else None
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers (for health checks)."""
+        await self._read("SELECT 1")
+
+
+class DuplicateEvent(RuntimeError):
+    """An inbound event id that was already applied: the change it carried is rolled back."""
+
+
+@dataclass
+class AuditDraft:
+    """An admin change about to happen: who, what, on which account, and how to show it.
+
+    `view` turns the account into the JSON kept as before/after; the caller decides
+    what is public (never a password hash). The store fills before, after and id.
+    """
+
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    view: Callable[[Account], dict[str, Any]]
+    detail: dict[str, Any] = field(default_factory=dict)
+    event_id: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    written: bool = False
+    id: int | None = None
+
+
+_AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_audit_draft", default=None)
 
 
 def charge_key(account: str, period_key: str, charge_key_part: str) -> str:

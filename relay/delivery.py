@@ -20,6 +20,7 @@ from typing import Protocol
 
 import aiosmtplib
 import structlog
+from aiosmtplib.email import parse_address
 
 from relay.dsn import FailedRecipient, build_dsn
 from relay.spool import Envelope, QueueState, RecipientState, Spool
@@ -116,6 +117,14 @@ class Delivery:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    def reconfigure(self, upstream: UpstreamConfig, retry: RetryPolicy) -> None:
+        """A reloaded config: the next attempt uses the new upstream and retry policy.
+
+        Workers drop a connection opened to the old upstream before their next message.
+        """
+        self.upstream = upstream
+        self.retry = retry
+
     @property
     def queue_depth(self) -> int:
         return len(self._known)
@@ -174,6 +183,7 @@ class Delivery:
             outcomes = await self._send(envelope.mail_from, [r.address for r in pending], body, connection)
             state.attempts += 1
             now = self.clock()
+            state.last_attempt_at = now
             age = now - envelope.received_at
             next_delay = self.retry.delay(state.attempts)
             expire = age + next_delay > self.retry.max_age
@@ -200,8 +210,9 @@ class Delivery:
                 reply=next((r.reply for r in pending if r.status != "delivered"), ""),
                 seconds=round(time.monotonic() - started, 4),
             )
-        await self._bounce(envelope, body, state)
+        # The meter first: a DSN that cannot be queued must not hold results back.
         reporting_ok = await self._report(state)
+        await self._bounce(envelope, body, state)
         if reporting_ok and state.unreported():
             reporting_ok = False
         if not reporting_ok:
@@ -250,14 +261,21 @@ class Delivery:
             await asyncio.to_thread(self.spool.save_state, state)
             return
         queue_id = new_queue_id()
-        dsn = build_dsn(
-            self.hostname,
-            envelope.queue_id,
-            envelope.mail_from,
-            fresh,
-            body,
-            datetime.fromtimestamp(envelope.received_at, timezone.utc),
-        )
+        try:
+            dsn = build_dsn(
+                self.hostname,
+                envelope.queue_id,
+                envelope.mail_from,
+                fresh,
+                body,
+                datetime.fromtimestamp(envelope.received_at, timezone.utc),
+            )
+        except Exception as error:  # would fail the same way on every pass: give this DSN up
+            self.log.error("delivery.bounce_failed", queue_id=envelope.queue_id, account=envelope.account,
+                           recipients=len(fresh), result="dropped", error=repr(error))
+            state.bounced.extend(f.address for f in fresh)
+            await asyncio.to_thread(self.spool.save_state, state)
+            return
         bounce = Envelope(
             queue_id=queue_id,
             account=None,
@@ -291,11 +309,52 @@ class Delivery:
         return client
 
     async def _send(
-        self, sender: str, recipients: list[str], body: bytes, connection: list[aiosmtplib.SMTP | None]
+        self,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        connection: list[aiosmtplib.SMTP | None],
     ) -> dict[str, Outcome]:
+        """One outcome per recipient; never raises, so every recipient gets a result.
+
+        An address the upstream cannot be sent (bad syntax) fails alone. Non-ASCII
+        recipients go in their own SMTPUTF8 transaction, so an upstream without it
+        bounces only those (RFC 6531 3.2); the whole message needs it only when the
+        sender or a header is not ASCII (as Postfix decides), whatever the client sent.
+        """
+        if not sendable_address(sender, allow_empty=True):
+            return {r: Outcome("hard_bounced", "553 5.1.7 Sender address cannot be relayed") for r in recipients}
+        outcomes = {
+            r: Outcome("hard_bounced", "553 5.1.3 Recipient address cannot be relayed")
+            for r in recipients
+            if not sendable_address(r)
+        }
+        plain = [r for r in recipients if r not in outcomes and r.isascii()]
+        wide = [r for r in recipients if r not in outcomes and not r.isascii()]
+        if not sender.isascii() or not _headers_ascii(body):
+            plain, wide = [], plain + wide
+        for batch, utf8 in ((plain, False), (wide, True)):
+            if batch:
+                outcomes.update(await self._send_batch(sender, batch, body, connection, utf8))
+        return outcomes
+
+    async def _send_batch(
+        self,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        connection: list[aiosmtplib.SMTP | None],
+        smtputf8: bool,
+    ) -> dict[str, Outcome]:
+        options = ["SMTPUTF8"] if smtputf8 else []
         for fresh_connection in (False, True):
             client = connection[0]
-            reused = client is not None and client.is_connected and not fresh_connection
+            reused = (
+                client is not None
+                and client.is_connected
+                and not fresh_connection
+                and (client.hostname, client.port) == (self.upstream.host, self.upstream.port)
+            )
             try:
                 if not reused:
                     if client is not None:
@@ -304,7 +363,7 @@ class Delivery:
                     client = await self._connect()
                     connection[0] = client
                 assert client is not None
-                errors, _ = await client.sendmail(sender, recipients, body)
+                errors, _ = await client.sendmail(sender, recipients, body, mail_options=options)
                 return {
                     r: (_classify(errors[r].code, errors[r].message) if r in errors else Outcome("delivered", "250"))
                     for r in recipients
@@ -313,19 +372,55 @@ class Delivery:
                 by_rcpt = {e.recipient: _classify(e.code, e.message) for e in refused.recipients}
                 await _reset(client)
                 return {r: by_rcpt.get(r, Outcome("deferred", "no reply")) for r in recipients}
+            except aiosmtplib.SMTPAuthenticationError as error:
+                # Our smarthost credentials are refused: a configuration problem to fix,
+                # never a reason to bounce the customer's mail.
+                _drop(connection)
+                return {r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients}
             except aiosmtplib.SMTPResponseException as error:
                 await _reset(client)
                 outcome = _classify(error.code, error.message)
                 return {r: outcome for r in recipients}
+            except aiosmtplib.SMTPNotSupported as error:
+                await _reset(client)
+                reply = f"553 5.6.7 Non-ASCII address and the upstream does not support SMTPUTF8 ({error})"
+                return {r: Outcome("hard_bounced", reply) for r in recipients}
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
-                if connection[0] is not None:
-                    connection[0].close()
-                    connection[0] = None
+                _drop(connection)
                 if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
                     continue  # the upstream closed an idle connection: retry once on a new one
-                reply = f"connection to {self.upstream.host}:{self.upstream.port} failed: {error}"
+                reply = f"connection to {self.upstream.host}:{self.upstream.port} failed: {error!r}"
                 return {r: Outcome("deferred", reply) for r in recipients}
+            except Exception as error:  # a bug must defer (and so expire), never loop forever
+                _drop(connection)
+                self.log.error("delivery.error", error=repr(error), result="deferred")
+                return {r: Outcome("deferred", f"internal error: {error!r}") for r in recipients}
         raise AssertionError("unreachable")
+
+
+def sendable_address(address: str, allow_empty: bool = False) -> bool:
+    """Can the upstream client put this address on a MAIL/RCPT line exactly as it is?
+
+    SMTP-in refuses what fails here, so what the meter counts is what is relayed.
+    """
+    if address == "" or address == "<>":
+        return allow_empty
+    try:
+        address.encode("utf-8")  # lone surrogates: 8-bit bytes that were not UTF-8
+        return parse_address(address) == address
+    except ValueError:
+        return False
+
+
+def _headers_ascii(message: bytes) -> bool:
+    end = message.find(b"\r\n\r\n")
+    return (message if end < 0 else message[:end]).isascii()
+
+
+def _drop(connection: list[aiosmtplib.SMTP | None]) -> None:
+    if connection[0] is not None:
+        connection[0].close()
+        connection[0] = None
 
 
 _STOP = ""  # wakes a worker to exit; never a queue id
@@ -355,4 +450,4 @@ def _summary(recipients: list[RecipientState]) -> str:
     return statuses.pop() if len(statuses) == 1 else "mixed"
 
 
-__all__ = ["Delivery", "RetryPolicy", "UpstreamConfig", "new_queue_id"]
+__all__ = ["Delivery", "RetryPolicy", "UpstreamConfig", "new_queue_id", "sendable_address"]

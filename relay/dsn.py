@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import BytesHeaderParser
-from email.policy import SMTP, compat32
+from email.policy import SMTP, SMTPUTF8, compat32
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 
-_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+# The enhanced status code right after the reply code ("452 4.2.2 Mailbox full"),
+# never a dotted number elsewhere in the text (an IP address in a connection error).
+_STATUS = re.compile(r"^[245]\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,9 @@ class FailedRecipient:
 
 
 def status_of(failure: FailedRecipient) -> str:
-    """The enhanced status code for the DSN: the server's own, else 5.0.0 / 4.0.0."""
-    match = _STATUS.search(failure.reply)
-    if match:
+    """The enhanced status code for the DSN: the server's own if its class fits, else 5.0.0 / 4.4.7."""
+    match = _STATUS.match(failure.reply)
+    if match and match.group(1) == ("5" if failure.permanent else "4"):
         return ".".join(match.groups())
     return "5.0.0" if failure.permanent else "4.4.7"
 
@@ -56,10 +58,10 @@ def build_dsn(
     per_message["Reporting-MTA"] = f"dns; {reporting_host}"
     per_message["X-Mailmeter-Queue-ID"] = queue_id
     per_message["Arrival-Date"] = format_datetime(arrival)
-    blocks = [per_message]
+    blocks: list[Message | str] = [per_message]
     for failure in failures:
         block = Message()
-        block["Final-Recipient"] = f"rfc822; {failure.address}"
+        block["Final-Recipient"] = address_field(failure.address)
         block["Action"] = "failed"
         block["Status"] = status_of(failure)
         block["Diagnostic-Code"] = "smtp; " + (" ".join(failure.reply.split()) or "delivery failed")
@@ -81,7 +83,17 @@ def build_dsn(
     report.attach(MIMEText("\n".join(human) + "\n", "plain", _charset("\n".join(human))))
     report.attach(status_part)
     report.attach(MIMEText(headers_text, "rfc822-headers", _charset(headers_text)))
-    return report.as_bytes(policy=SMTP)
+    # A UTF-8 sender can only be written in raw UTF-8 headers (RFC 6532): such a DSN
+    # travels with SMTPUTF8, as its original did.
+    return report.as_bytes(policy=SMTP if original_sender.isascii() else SMTPUTF8)
+
+
+def address_field(address: str) -> str:
+    """An address for Final-Recipient: `rfc822; a@b`, or RFC 6533's `utf-8; ` type with
+    each non-ASCII character as `\\x{HEX}`, so the field stays ASCII."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in address)
 
 
 def _charset(text: str) -> str:

@@ -47,6 +47,24 @@ SPOOL_FULL = "452 4.3.1 Insufficient system storage; retry later"
 SPOOL_FAILED = "451 4.3.0 Could not store the message; retry later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message (limit {limit}); send the rest in another message"
 SENDER_OK = "250 2.1.0 Sender OK"
+# Abuse limits (relay/abuse.py) and session limits. 421 replies close the connection.
+AUTH_LOCKED_CLIENT = (
+    "454 4.7.0 Too many failed authentication attempts from your address;"
+    " authentication is locked for {seconds} more seconds"
+)
+AUTH_LOCKED_LOGIN = (
+    "454 4.7.0 Too many failed authentication attempts for this login;"
+    " authentication is locked for {seconds} more seconds"
+)
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address; retry later"
+IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle timeout exceeded; closing connection"
+SESSION_TIME_LIMIT = "421 4.4.2 {hostname} Session time limit exceeded; closing connection"
+BARE_NEWLINE = (
+    "500 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF (RFC 5321 2.3.8)"
+)
+ADDRESS_INVALID = "553 5.1.3 Address cannot be relayed: bad syntax, control characters or not UTF-8"
+ADDRESS_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires MAIL FROM with the SMTPUTF8 parameter"
+INTERNAL_ERROR = "451 4.3.0 Internal error; retry later"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 

@@ -11,6 +11,13 @@ The order of a transaction, which is the relay's core promise:
 aiosmtpd traps handled here (REFERENCES.md): its `authenticator` is synchronous,
 so AUTH PLAIN/LOGIN are finished asynchronously in `_finish_auth`; it answers
 `555` to `MAIL FROM:<..> AUTH=<>`, so the AUTH parameter is stripped first.
+
+Abuse limits (relay/abuse.py): AUTH failures are slowed, then locked out per
+client and per login; each client has a connection cap; a session has an idle
+timeout and a total deadline (a slow-drip client cannot hold a slot forever).
+SMTP smuggling: aiosmtpd ends DATA only at CRLF.CRLF, and a message with a bare
+CR or LF is refused (or normalized to CRLF), so no upstream can see a line end
+the relay did not see.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import secrets
 import ssl
 import time
 from collections.abc import Callable
@@ -29,13 +37,24 @@ from email.utils import format_datetime
 from typing import Any, Protocol
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import replies
-from relay.delivery import new_queue_id
+from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
+from relay.delivery import new_queue_id, sendable_address
 from relay.spool import Envelope, Spool
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# The HELO name goes into our Received: header: a CR or LF in it would start a header
+# of the client's choosing (aiosmtpd reads commands up to LF, so "EHLO a\rBcc: x" is one line).
+_HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
+# While a message is being committed, a deadline waits this long and looks again:
+# the client must get the answer to a message that is already being accepted.
+_COMMIT_GRACE = 0.5
 CAMPAIGN_HEADER = "X-Mailmeter-Campaign"
 _CAMPAIGN_TAG = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 
@@ -50,6 +69,7 @@ class MeterPort(Protocol):
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Any: ...
     async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None: ...
     async def release(self, hold_id: str) -> int: ...
+    async def message_committed(self, queue_id: str) -> bool: ...
 
 
 @dataclass
@@ -59,7 +79,11 @@ class SmtpSettings:
     recipients_per_message: int
     tls_context: ssl.SSLContext | None
     plaintext_auth: bool  # allow AUTH before STARTTLS (only ever on loopback)
-    timeout: float = 300.0
+    timeout: float = 300.0  # idle: seconds without a complete command (DATA must finish within it)
+    max_session_seconds: float = 900.0  # total: a session older than this gets 421 4.4.2
+    bare_newlines: str = "reject"  # reject | normalize: a bare CR or LF in DATA
+    max_connections_per_client: int = 20
+    auth_limits: AuthLimits = field(default_factory=AuthLimits)
 
 
 @dataclass
@@ -71,11 +95,19 @@ class RelayContext:
     spool: Spool
     on_accepted: Callable[[str], None]
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    auth_guard: AuthGuard = field(init=False)
+    connections: ConnectionCounter = field(init=False)
 
-    def spawn(self, coro: Any) -> None:
+    def __post_init__(self) -> None:
+        self.auth_guard = AuthGuard(self.settings.auth_limits)
+        self.connections = ConnectionCounter(self.settings.max_connections_per_client)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run work that must finish even if its session dies; Relay.stop waits for it."""
         task = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
 
 @dataclass
@@ -108,17 +140,87 @@ class RelaySMTP(SMTP):
         self.account_via: str = ""
         self.network_checked = False
         self.hold_id: str | None = None
+        self.reserving: asyncio.Future[Any] | None = None  # a reserve in flight for hold_id
+        self.storing = False  # a message is being spooled and committed
         self.refused = 0
+        self.peer_address = ""
+        self._counted = False  # holds a slot in context.connections
+        self._turned_away = False  # over the connection cap: no SMTP session at all
+        self._lost = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- connection lifecycle: cap, deadline, STARTTLS ------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None:
+            # The TLS layer after STARTTLS. RFC 3207 4.2: forget everything learnt
+            # before it, the account included (aiosmtpd only resets its own session).
+            super().connection_made(transport)
+            self._forget_client()
+            return
+        peer = transport.get_extra_info("peername")
+        self.peer_address = peer[0] if isinstance(peer, tuple) else ""
+        if not self.context.connections.acquire(self.peer_address):
+            self._turned_away = True
+            self.log.warning("smtp.connection", client=self.peer_address, result="too_many_connections",
+                             limit=self.context.settings.max_connections_per_client)
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+            transport.close()
+            return
+        self._counted = True
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.context.settings.max_session_seconds, self._session_deadline)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._turned_away:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._turned_away:
+            return False
+        return super().eof_received()
+
+    def _forget_client(self) -> None:
+        self.account, self.account_via, self.network_checked = None, "", False
+
+    def _session_deadline(self) -> None:
+        """Slow-drip defence: however busy a client keeps it, a session ends at the deadline."""
+        if self.storing:
+            self._deadline = self.loop.call_later(_COMMIT_GRACE, self._session_deadline)
+            return
+        self._close_with(replies.SESSION_TIME_LIMIT.format(hostname=self.hostname), "session_time_limit")
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timeout closes silently; say why first (RFC 5321 4.5.3.2)."""
+        if self.storing:
+            self._reset_timeout(_COMMIT_GRACE)
+            return
+        self._close_with(replies.IDLE_TIMEOUT.format(hostname=self.hostname), "idle_timeout")
+
+    def _close_with(self, reply: str, result: str) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.log.info("smtp.session_closed", account=self.account, client=self._client(), result=result)
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(reply.encode() + b"\r\n")
+        transport.close()
+
+    async def push(self, status: str | bytes) -> None:
+        """Every reply on one line: client text echoed in a reply (a bad command, an
+        address) may hold CR, LF, NUL or bytes that are not UTF-8."""
+        await super().push(safe_reply(status))
 
     # -- account of the session ---------------------------------------------------
 
     async def _resolve_account(self) -> str | None:
         if self.account is None and not self.network_checked:
-            self.network_checked = True
             assert self.session is not None
             peer = self.session.peer
             address = peer[0] if isinstance(peer, tuple) else ""
             found = await self.context.meter.account_for_client(address)
+            self.network_checked = True  # only once the meter answered: a failure is asked again
             if found is not None:
                 self.account, self.account_via = found.name, "network"
         return self.account
@@ -150,20 +252,36 @@ class RelaySMTP(SMTP):
         return await self._finish_auth(await super().auth_LOGIN(_, args))
 
     async def _finish_auth(self, result: AuthResult) -> AuthResult:
+        """Check the credentials, unless the client or the login is locked out.
+
+        A locked-out AUTH is refused before the password is looked at, so the right
+        password does not get in either, and a brute force costs us no scrypt.
+        """
         pending = result.auth_data
         if not isinstance(pending, _Pending):
             return result
         name = pending.login.decode("utf-8", "replace")
+        client = self._client()
+        guard = self.context.auth_guard
+        locked = guard.lockout(client, name)
+        if locked is not None:
+            self.log.warning("smtp.auth", account=name, client=client, result="locked", scope=locked.scope)
+            text = replies.AUTH_LOCKED_CLIENT if locked.scope == "client" else replies.AUTH_LOCKED_LOGIN
+            return AuthResult(success=False, handled=False, message=text.format(seconds=max(1, round(locked.seconds_left))))
         try:
             account = await self.context.meter.authenticate(name, pending.password)
         except Exception as error:
             self.log.warning("smtp.auth", account=name, result="tempfail", error=repr(error))
             return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
         if account is None:
-            self.log.info("smtp.auth", account=name, client=self._client(), result="failed")
+            delay = guard.failed(client, name)
+            self.log.info("smtp.auth", account=name, client=client, result="failed", delay=delay)
+            if delay > 0:
+                await asyncio.sleep(delay)
             return AuthResult(success=False, handled=False)
+        guard.succeeded(name)
         self.account, self.account_via = account.name, "auth"
-        self.log.info("smtp.auth", account=account.name, client=self._client(), result="ok")
+        self.log.info("smtp.auth", account=account.name, client=client, result="ok")
         return AuthResult(success=True, auth_data=account.name)
 
     # -- MAIL parameters ----------------------------------------------------------------
@@ -182,14 +300,22 @@ class RelaySMTP(SMTP):
         super()._set_post_data_state()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._turned_away or self._lost:
+            return  # aiosmtpd calls this twice when a TLS handshake fails
+        self._lost = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._counted:
+            self.context.connections.release(self.peer_address)
         self._end_transaction("disconnected")
         super().connection_lost(error)
 
     def _end_transaction(self, result: str) -> None:
         hold_id, self.hold_id = self.hold_id, None
+        reserving, self.reserving = self.reserving, None
         envelope = self.envelope
         if hold_id is not None:
-            self.context.spawn(self._release(hold_id))
+            self.context.spawn(self._release(hold_id, after=reserving))
         if envelope is not None and envelope.mail_from and result:
             self.log.info(
                 "smtp.transaction",
@@ -202,7 +328,11 @@ class RelaySMTP(SMTP):
             )
         self.refused = 0
 
-    async def _release(self, hold_id: str) -> None:
+    async def _release(self, hold_id: str, after: asyncio.Future[Any] | None = None) -> None:
+        """Release a hold; after the reserve still in flight for it, if any, or that
+        reserve would create the hold after the release and leak it."""
+        if after is not None:
+            await asyncio.wait([after])
         try:
             await self.context.meter.release(hold_id)
         except Exception as error:
@@ -225,6 +355,9 @@ class _Handler:
     ) -> str:
         account = server.account
         assert account is not None  # check_auth_needed ran first
+        problem = address_problem(address, envelope.smtp_utf8, sender=True)
+        if problem is not None:
+            return problem
         meter = self.context.meter
         try:
             domains = await meter.sender_domains(account)
@@ -251,17 +384,30 @@ class _Handler:
     ) -> str:
         account = server.account
         assert account is not None
+        problem = address_problem(address, envelope.smtp_utf8)
+        if problem is not None:
+            server.refused += 1
+            return problem
         limit = self.context.settings.recipients_per_message
         if len(envelope.rcpt_tos) >= limit:
             server.refused += 1
             return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
+        # The hold id is the session's before the reserve starts, and the reserve runs
+        # shielded: a disconnect meanwhile releases the hold once the reserve is done.
+        if server.hold_id is None:
+            server.hold_id = secrets.token_hex(12)
+        # (A client's EOF cancels this coroutine before connection_lost runs, so
+        # `reserving` is cleared only once the reserve is over, never on cancellation.)
+        reserve = asyncio.ensure_future(self.context.meter.reserve(account, server.hold_id, 1))
+        server.reserving = reserve
         try:
-            grant = await self.context.meter.reserve(account, server.hold_id, 1)
+            grant = await asyncio.shield(reserve)
         except Exception as error:
+            server.reserving = None
             server.log.error("smtp.meter_unavailable", account=account, stage="RCPT", error=repr(error))
             server.refused += 1
             return replies.METER_UNAVAILABLE
-        server.hold_id = grant.hold_id
+        server.reserving = None
         if grant.granted < 1:
             server.refused += 1
             return replies.rcpt_refused(grant.refusal or "quota_exhausted")
@@ -273,19 +419,9 @@ class _Handler:
         context = self.context
         account = server.account
         assert account is not None and server.hold_id is not None
-        hold_id = server.hold_id
         queue_id = new_queue_id()
         started = time.monotonic()
         raw = envelope.original_content or b""
-        message = _received_header(context.settings.hostname, session, server, queue_id) + raw
-        spooled = Envelope(
-            queue_id=queue_id,
-            account=account,
-            mail_from=envelope.mail_from or "",
-            recipients=list(envelope.rcpt_tos),
-            received_at=time.time(),
-            client=server._client(),
-        )
         recipients = len(envelope.rcpt_tos)
 
         def logged(result: str, reply: str) -> str:
@@ -305,31 +441,101 @@ class _Handler:
             envelope.mail_from = None  # this transaction is logged; no "abandoned" line
             return reply
 
+        if _BARE_NEWLINE.search(raw):
+            if context.settings.bare_newlines != "normalize":
+                return logged("bare_newline", replies.BARE_NEWLINE)  # the hold goes at the reset after DATA
+            raw = _ANY_NEWLINE.sub(b"\r\n", raw)
+        spooled = Envelope(
+            queue_id=queue_id,
+            account=account,
+            mail_from=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            received_at=time.time(),
+            client=server._client(),
+        )
+        message = _received_header(context.settings.hostname, session, server, queue_id) + raw
+        # Shielded: a client that disconnects now does not stop a message half way
+        # between the spool and the meter; the pipeline finishes on its own.
+        envelope.mail_from = None  # logged below, or by the pipeline if the client is gone
+        server.storing = True
+        # From here the store pipeline owns the hold: it commits or releases it.
+        hold_id, server.hold_id = server.hold_id, None
+        store = context.spawn(self._store(server, hold_id, spooled, message, raw))
+        try:
+            result, reply = await asyncio.shield(store)
+        except asyncio.CancelledError:
+            store.add_done_callback(lambda done: done.cancelled() or logged(*done.result()))
+            raise
+        finally:
+            server.storing = False
+        return logged(result, reply)
+
+    async def _store(self, server: RelaySMTP, hold_id: str, spooled: Envelope, message: bytes,
+                     raw: bytes) -> tuple[str, str]:
+        """Spool, commit, activate. Returns (result, reply); never raises, never leaks the hold."""
+        context = self.context
+        queue_id, account = spooled.queue_id, spooled.account
         try:
             await asyncio.to_thread(context.spool.write_incoming, spooled, message)
-        except OSError as error:
-            server.log.error("spool.write_failed", queue_id=queue_id, error=repr(error))
-            reply = replies.SPOOL_FULL if error.errno == 28 else replies.SPOOL_FAILED
-            return logged("deferred", reply)  # the hold is released by _set_rset_state
-        try:
-            await context.meter.commit(hold_id, queue_id, recipients, campaign_tag(raw))
         except Exception as error:
-            server.log.error("smtp.meter_unavailable", account=account, stage="DATA", error=repr(error))
-            await asyncio.to_thread(context.spool.discard_incoming, queue_id)
-            return logged("deferred", replies.METER_UNAVAILABLE)
+            server.log.error("spool.write_failed", queue_id=queue_id, account=account, error=repr(error))
+            await server._release(hold_id)
+            if isinstance(error, OSError):
+                return "deferred", replies.SPOOL_FULL if error.errno == 28 else replies.SPOOL_FAILED
+            return "deferred", replies.INTERNAL_ERROR
+        try:
+            await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw))
+        except Exception as error:
+            server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",
+                             error=repr(error))
+            if not await self._committed_after_all(queue_id):
+                await server._release(hold_id)
+                return "deferred", replies.METER_UNAVAILABLE
         # Committed: the message is accepted. From here on it is delivered whatever happens.
-        server.hold_id = None
         try:
             await asyncio.to_thread(context.spool.activate, queue_id)
             context.on_accepted(queue_id)
-        except OSError as error:
-            server.log.error("spool.activate_failed", queue_id=queue_id, error=repr(error))
-        return logged("accepted", replies.QUEUED.format(queue_id=queue_id))
+        except Exception as error:  # it stays in incoming/; the next start activates it
+            server.log.error("spool.activate_failed", queue_id=queue_id, account=account, error=repr(error))
+        return "accepted", replies.QUEUED.format(queue_id=queue_id)
+
+    async def _committed_after_all(self, queue_id: str) -> bool:
+        """After a failed commit: did it land anyway? If the meter cannot say, the spooled
+        file stays in incoming/ for the next start to settle; it is dropped only when
+        the meter says for sure that it never committed."""
+        try:
+            committed = await self.context.meter.message_committed(queue_id)
+        except Exception:
+            return False
+        if not committed:
+            await asyncio.to_thread(self.context.spool.discard_incoming, queue_id)
+        return committed
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd would answer `500 Error: (Type) text` with our internals in it."""
+        structlog.get_logger("mailmeter.smtp").error("smtp.error", error=repr(error), result="internal_error")
+        return replies.INTERNAL_ERROR
+
+
+def safe_reply(status: str | bytes) -> bytes:
+    """One well-formed reply line: no CR, LF or other control bytes, valid UTF-8."""
+    raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
+    return _CONTROL.sub(b"?", raw)
+
+
+def address_problem(address: str, smtputf8: bool, sender: bool = False) -> str | None:
+    """Why an address cannot be taken, or None. Checked before anything is reserved, so
+    an address delivery could never send is not billed (and cannot poison the queue)."""
+    if not sendable_address(address, allow_empty=sender):
+        return replies.ADDRESS_INVALID
+    if not address.isascii() and not smtputf8:
+        return replies.ADDRESS_NEEDS_SMTPUTF8
+    return None
 
 
 def _received_header(hostname: str, session: Session, server: RelaySMTP, queue_id: str) -> bytes:
     peer = server._client()
-    helo = session.host_name or "unknown"
+    helo = _HELO_UNSAFE.sub("?", session.host_name or "unknown")[:255]
     protocol = "ESMTP" if session.extended_smtp else "SMTP"
     if session.ssl is not None:
         protocol += "S"

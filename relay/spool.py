@@ -33,7 +33,7 @@ class Envelope:
 @dataclass
 class RecipientState:
     address: str
-    status: str = "pending"  # pending | deferred | delivered | failed
+    status: str = "pending"  # pending | deferred | delivered | hard_bounced | soft_bounced
     reply: str = ""
     reported: bool = True  # has the latest result been recorded in the meter?
 
@@ -44,6 +44,7 @@ class QueueState:
     recipients: list[RecipientState]
     attempts: int = 0
     next_attempt_at: float = 0.0
+    last_attempt_at: float = 0.0  # when the latest attempt ended; next_attempt_at - this = the backoff
     bounced: list[str] = field(default_factory=list)  # recipients a DSN was already queued for
 
     def pending(self) -> list[RecipientState]:

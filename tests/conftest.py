@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ def write_config(directory: Path, upstream_port: int, **overrides: Any) -> Path:
         "listen": {"address": "127.0.0.1", "port": 0},
         "auth": {"allow_plaintext_on_loopback": True},
         "limits": {"message_size": 1_000_000, "recipients_per_message": 50},
+        # Tests open many sessions from 127.0.0.1 and fail AUTH on purpose: keep the abuse
+        # limits out of their way (tests/test_abuse.py sets its own).
+        "abuse": {"max_connections_per_client": 1000, "auth_failure_delay": 0},
         "upstream": {"host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": 5},
         "delivery": {"workers": 4, "retry_first_delay": 0.2, "retry_factor": 2, "retry_max_delay": 0.5, "max_age": 3600},
         "database": {"path": "meter.db"},
@@ -186,3 +190,73 @@ async def add_account(harness: RelayHarness, name: str = "app", plan: str = "sma
                       password: str | None = PASSWORD) -> None:
     assert harness.relay is not None
     await harness.relay.meter.add_account(name, password, plan, list(domains), list(networks))
+
+
+# -- raw SMTP over a socket: for input a client library refuses to send ----------------
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])([^\r\n]*)")
+
+
+class MalformedReply(AssertionError):
+    """The server sent something that is not a well-formed SMTP reply (RFC 5321 4.2)."""
+
+
+@dataclass
+class Reply:
+    code: int
+    lines: list[bytes]
+
+    @property
+    def text(self) -> str:
+        """The text after the code, lines joined by a newline."""
+        return "\n".join(line[4:].decode("utf-8", "replace") for line in self.lines)
+
+
+@dataclass
+class RawSmtp:
+    """One client connection that writes exactly the bytes it is given, and checks every
+    reply line: three digits, then a space (last line) or a dash, the same code on every
+    line of a multi-line reply, CRLF at the end and no other CR or LF."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    @classmethod
+    async def open(cls, port: int, source: str | None = None) -> RawSmtp:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(source, 0) if source else None, limit=1 << 20)
+        return cls(reader, writer)
+
+    async def reply(self, timeout: float = 10.0) -> Reply:
+        """One whole reply; EOFError if the server closed before sending one."""
+        lines: list[bytes] = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), timeout)
+            match = _REPLY_LINE.fullmatch(line[:-2])
+            if match is None:
+                raise MalformedReply(f"not a reply line: {line!r}")
+            if lines and int(match.group(1)) != int(lines[0][:3]):
+                raise MalformedReply(f"code changes inside a multi-line reply: {lines + [line]!r}")
+            lines.append(line[:-2])
+            if match.group(2) == b" ":
+                return Reply(int(match.group(1)), lines)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def command(self, line: str | bytes, timeout: float = 10.0) -> Reply:
+        await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return await self.reply(timeout)
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection within `timeout` (data before EOF is ignored)."""
+        try:
+            while await asyncio.wait_for(self.reader.read(65536), timeout):
+                pass
+        except (TimeoutError, ConnectionError):
+            return False
+        return True
+
+    def close(self) -> None:
+        self.writer.close()

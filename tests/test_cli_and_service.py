@@ -179,3 +179,17 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     command = next(line.strip() for line in readme.splitlines() if "pytest" in line and line.strip().startswith("python3"))
     assert command in ci
     assert os.access(REPO / ".ci" / "run", os.R_OK)
+
+
+def test_db_upgrade_and_online_backup(config: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    assert add(config).returncode == 0
+    upgraded = mailmeter(config, "db", "upgrade")
+    assert upgraded.returncode == 0 and "schema version" in upgraded.stdout
+    target = tmp_path / "backup.db"
+    assert mailmeter(config, "db", "backup", str(target)).returncode == 0
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("SELECT name FROM accounts").fetchall() == [("app",)]
+    again = mailmeter(config, "db", "backup", str(target))
+    assert again.returncode == 1 and "exists" in again.stderr

@@ -1,0 +1,428 @@
+"""The admin HTTP API: the CLI's actions over HTTP, on the relay's own asyncio loop.
+
+Every handler only reads the request, calls one AdminService method (the same
+layer the CLI uses, so the same rules and the same audit trail) and writes JSON;
+there is no business logic here. Calls need `Authorization: Bearer TOKEN` with a
+token from `api.tokens_file`, whose NAME becomes the audit actor: a route is
+registered either `authenticated(handler)` (the handler gets the AdminService
+acting for that NAME) or open. Only /healthz, /openapi.json and the payment
+webhook (HMAC-signed instead) are open.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+from mailmeter.apiauth import ApiTokens, bearer_token
+from mailmeter.audit import WEBHOOK_ACTOR
+from mailmeter.metrics import CONTENT_TYPE, Metrics
+from mailmeter.openapi import document
+from mailmeter.service import AdminError, AdminService, Conflict, NotFound
+from metering.gateway import verify
+from metering.meter import UnknownAccount, UnknownPlan
+from metering.sqlite_store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from mailmeter.app import Relay
+
+ServiceFor = Callable[[str], AdminService]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AdminHandler = Callable[[web.Request, AdminService], Awaitable[web.StreamResponse]]
+VERSION = "1"
+_ACTOR: ContextVar[str] = ContextVar("mailmeter_api_actor", default="")  # for the access log
+
+
+class BadRequest(Exception):
+    """The request itself is malformed (JSON, field types): 400 with the message."""
+
+
+@dataclass(frozen=True)
+class ApiDeps:
+    """What the handlers need from the node; `service_for(actor)` is read per request
+    so a config reload (a new Billing) is seen at once."""
+
+    service_for: ServiceFor
+    tokens: ApiTokens
+    webhook_secret: bytes | None
+    webhook_tolerance: float
+    metrics: Metrics | None
+    ping: Callable[[], Awaitable[None]]
+    node: str
+
+
+DEPS = web.AppKey("deps", ApiDeps)
+
+
+def _deps(request: web.Request) -> ApiDeps:
+    return request.app[DEPS]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# -- request bodies: shape checks only; meaning is the service's ----------------------
+
+
+async def _body(request: web.Request, fields: tuple[str, ...] | None) -> dict[str, Any]:
+    """The JSON object sent; a field not in `fields` is refused (None: any field, for
+    events whose sender may add fields over time)."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadRequest(f"the request body is not valid JSON ({error}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object, like {\"field\": \"value\"}")
+    unknown = sorted(set(data) - set(fields)) if fields is not None else []
+    if unknown:
+        takes = ", ".join(fields or ()) or "no fields"
+        raise BadRequest(f"{unknown[0]}: unknown field; this request takes {takes}")
+    return data
+
+
+def _string(data: dict[str, Any], key: str, required: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(f"{key}: this field is required")
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{key}: give a string")
+    return value
+
+
+def _money(data: dict[str, Any], key: str, required: bool = True) -> str | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f'{key}: write money as a decimal string like "25.00", not {json.dumps(value)}')
+    return value
+
+
+def _count(data: dict[str, Any], key: str, required: bool = False) -> int | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key}: give a whole number, like 1000")
+    return value
+
+
+def _strings(data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise BadRequest(f"{key}: give a list of strings")
+    return value
+
+
+def _date(data: dict[str, Any], key: str) -> date | None:
+    value = _string(data, key)
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"{key}: write the date as YYYY-MM-DD") from None
+
+
+# -- middleware: errors as JSON, bearer auth, one log event per request -----------------
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as error:
+        return _error(400, str(error))
+    except (NotFound, UnknownAccount) as error:
+        return _error(404, str(error).strip('"'))
+    except (Conflict, UnknownPlan) as error:
+        return _error(409, str(error).strip('"'))
+    except AdminError as error:
+        return _error(400, str(error))
+    except StoreUnavailable as error:
+        return _error(503, f"the database is unavailable ({error}); retry later")
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _error(error.status, f"{error.reason}: {request.method} {request.path}; see GET /openapi.json")
+    except Exception as error:  # noqa: BLE001 (a bug: the client still gets JSON, the log the traceback)
+        structlog.get_logger("mailmeter.api").exception("api.error", method=request.method, path=request.path,
+                                                        error=repr(error))
+        return _error(500, "internal error; the relay's log has the details (event api.error)")
+
+
+def authenticated(handler: AdminHandler) -> Handler:
+    """The route needs a bearer token; the handler gets the service acting for its NAME."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            return _error(401, "authentication required: send Authorization: Bearer TOKEN"
+                               " (a token from api.tokens_file)")
+        name = _deps(request).tokens.name_for(token)
+        if name is None:
+            return _error(401, "the bearer token is not one of api.tokens_file; check the token (or the file)"
+                               " and retry")
+        _ACTOR.set(name)
+        return await handler(request, _deps(request).service_for(name))
+
+    return checked
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    actor = _ACTOR.set("")  # a keep-alive connection serves several requests in one task
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        route = request.match_info.route.resource
+        structlog.get_logger("mailmeter.api").info(
+            "api.request", method=request.method, route=route.canonical if route else request.path,
+            status=status, actor=_ACTOR.get(), ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        _ACTOR.reset(actor)
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    await _deps(request).ping()
+    return web.json_response({"status": "ok", "node": _deps(request).node})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document(VERSION))
+
+
+async def metrics(request: web.Request, service: AdminService) -> web.Response:
+    registry = _deps(request).metrics
+    if registry is None:
+        raise NotFound("this node keeps no metrics")
+    return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def list_accounts(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.accounts())
+
+
+async def add_account(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("name", "password", "plan", "sender_domains", "networks", "contacts",
+                                 "subscribed_on"))
+    name = _string(data, "name", required=True)
+    plan = _string(data, "plan", required=True)
+    assert name is not None and plan is not None
+    account = await service.add_account(
+        name, _string(data, "password"), plan, _strings(data, "sender_domains"), _strings(data, "networks"),
+        _strings(data, "contacts"), _date(data, "subscribed_on"),
+    )
+    return web.json_response(account, status=201, headers={"Location": f"/v1/accounts/{account['name']}"})
+
+
+async def show_account(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.account(request.match_info["name"]))
+
+
+async def usage(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.usage(request.match_info["name"]))
+
+
+async def payment(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("state", "reason"))
+    state = _string(data, "state", required=True)
+    assert state is not None
+    account = await service.payment(request.match_info["name"], state, _string(data, "reason") or "")
+    return web.json_response(account)
+
+
+async def balance(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("amount",))
+    amount = _money(data, "amount")
+    assert amount is not None
+    return web.json_response(await service.add_balance(request.match_info["name"], amount))
+
+
+async def repay(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.repay(request.match_info["name"]))
+
+
+async def set_limit(request: web.Request, service: AdminService) -> web.Response:
+    which = request.match_info["which"]
+    if which == "spending":
+        data = await _body(request, ("amount",))
+        if "amount" not in data:
+            raise BadRequest('amount: this field is required (a decimal string like "20.00", or null for none)')
+        value: object = _money(data, "amount", required=False)
+    else:
+        data = await _body(request, ("emails",))
+        value = _count(data, "emails", required=True)
+    return web.json_response(await service.set_limit(request.match_info["name"], which, value))
+
+
+async def invoices(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.invoices(request.match_info["name"]))
+
+
+async def invoice(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.invoice(request.match_info["id"]))
+
+
+async def export(request: web.Request, service: AdminService) -> web.Response:
+    month = request.match_info["month"]
+    text = await service.export_csv(month)
+    return web.Response(text=text, content_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="mailmeter-{month}.csv"'})
+
+
+async def plans(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(service.plans())
+
+
+async def preview(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("emails", "start", "delivered", "soft_bounced", "invalid"))
+    emails = _count(data, "emails", required=True)
+    assert emails is not None
+    result = service.preview(
+        request.match_info["name"], emails, _date(data, "start"), _count(data, "delivered"),
+        _count(data, "soft_bounced") or 0, _count(data, "invalid") or 0,
+    )
+    return web.json_response(result)
+
+
+async def run_billing(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.run_billing())
+
+
+async def audit(request: web.Request, service: AdminService) -> web.Response:
+    limit_text = request.query.get("limit", "100")
+    try:
+        limit = int(limit_text)
+    except ValueError:
+        raise BadRequest(f"limit: {limit_text!r} is not a number; give 1 to 1000") from None
+    return web.json_response(await service.audit(request.query.get("account"), limit))
+
+
+async def payment_webhook(request: web.Request) -> web.Response:
+    """A payment provider's event, authenticated by its HMAC signature rather than a token."""
+    deps = _deps(request)
+    if deps.webhook_secret is None:
+        return _error(503, "the payment webhook is not configured: set api.payment_webhook_secret_file and restart")
+    body = await request.read()
+    timestamp = request.headers.get("X-Mailmeter-Timestamp", "")
+    signature = request.headers.get("X-Mailmeter-Signature", "")
+    if not timestamp or not signature:
+        return _error(401, "sign the request: send X-Mailmeter-Timestamp (Unix seconds) and"
+                           " X-Mailmeter-Signature: sha256=HMAC-SHA256(secret, timestamp + '.' + body)")
+    now = time.time()
+    if not verify(deps.webhook_secret, timestamp, body, signature, now, deps.webhook_tolerance):
+        try:
+            stale = not abs(now - float(timestamp)) <= deps.webhook_tolerance
+        except ValueError:
+            stale = True
+        if stale:
+            return _error(401, f"X-Mailmeter-Timestamp {timestamp!r} is not within {deps.webhook_tolerance:g} s"
+                               " of the relay's clock; sign the event again with the current time")
+        return _error(401, "the signature does not match: sign timestamp + '.' + body with the shared secret"
+                           " of api.payment_webhook_secret_file")
+    _ACTOR.set(WEBHOOK_ACTOR)
+    event = await _body(request, None)
+    event_id = event.get("id", request.headers.get("Idempotency-Key"))
+    service = deps.service_for(WEBHOOK_ACTOR)
+    return web.json_response(await service.payment_event(event, event_id))
+
+
+def build_app(deps: ApiDeps) -> web.Application:
+    app = web.Application(middlewares=[access_log, errors_as_json], client_max_size=1024 * 1024)
+    app[DEPS] = deps
+    routes = app.router
+    # Open: health checks, this API's description, and the HMAC-signed payment webhook.
+    routes.add_get("/healthz", healthz)
+    routes.add_get("/openapi.json", openapi)
+    routes.add_post("/v1/webhooks/payment", payment_webhook)
+    # Everything else needs a bearer token.
+    routes.add_get("/metrics", authenticated(metrics))
+    routes.add_get("/v1/accounts", authenticated(list_accounts))
+    routes.add_post("/v1/accounts", authenticated(add_account))
+    routes.add_get("/v1/accounts/{name}", authenticated(show_account))
+    routes.add_get("/v1/accounts/{name}/usage", authenticated(usage))
+    routes.add_post("/v1/accounts/{name}/payment", authenticated(payment))
+    routes.add_post("/v1/accounts/{name}/balance", authenticated(balance))
+    routes.add_post("/v1/accounts/{name}/repay", authenticated(repay))
+    routes.add_put("/v1/accounts/{name}/limits/{which}", authenticated(set_limit))
+    routes.add_get("/v1/accounts/{name}/invoices", authenticated(invoices))
+    routes.add_get("/v1/invoices/{id}", authenticated(invoice))
+    routes.add_get("/v1/exports/{month}.csv", authenticated(export))
+    routes.add_get("/v1/plans", authenticated(plans))
+    routes.add_post("/v1/plans/{name}/preview", authenticated(preview))
+    routes.add_post("/v1/billing/run", authenticated(run_billing))
+    routes.add_get("/v1/audit", authenticated(audit))
+    return app
+
+
+class ApiServer:
+    """The API's aiohttp runner and TCP site, started and stopped with the relay."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.runner = web.AppRunner(app, access_log=None)
+        self.site: web.TCPSite | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await self.site.start()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when api.port is 0)."""
+        addresses = self.runner.addresses
+        assert addresses, "the API is not listening"
+        return int(addresses[0][1])
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        self.site = None
+
+
+async def start_api(relay: Relay) -> ApiServer:
+    """The admin API of a running relay, on `api.address`:`api.port`."""
+    config = relay.config
+    deps = ApiDeps(
+        service_for=lambda actor: AdminService(relay.meter, relay.billing, actor),
+        tokens=config.api_tokens(),
+        webhook_secret=config.read_secret("api.payment_webhook_secret_file", config.api.payment_webhook_secret_file),
+        webhook_tolerance=config.api.webhook_tolerance,
+        metrics=relay.metrics,
+        ping=relay.store.ping,
+        node=config.node.name,
+    )
+    server = ApiServer(build_app(deps))
+    await server.start(config.api.address, config.api.port)
+    structlog.get_logger("mailmeter.api").info(
+        "api.started", listen=f"{config.api.address}:{server.port}", tokens=deps.tokens.names,
+        payment_webhook=deps.webhook_secret is not None,
+    )
+    return server

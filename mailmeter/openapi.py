@@ -1,0 +1,335 @@
+"""The admin API's OpenAPI 3.1 document, written by hand and served at GET /openapi.json.
+
+It is the contract for API clients, so it lives next to the routes and a test
+checks that every aiohttp route is in it and every path in it is a route.
+Money is a decimal string everywhere (`Money`), never a JSON number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    meaning = {
+        400: "Bad request: the message names the field and the fix",
+        401: "Missing or wrong credentials",
+        404: "Not found: the message says where to look",
+        409: "Conflict with the current state",
+        503: "The database (or the feature) is unavailable; retry",
+    }
+    return {str(code): _json(_ref("Error"), meaning[code]) for code in codes}
+
+
+def _op(
+    summary: str,
+    response: dict[str, Any],
+    *,
+    body: dict[str, Any] | None = None,
+    params: list[dict[str, Any]] | None = None,
+    errors: tuple[int, ...] = (401, 503),
+    status: int = 200,
+    public: bool = False,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {str(status): response, **_errors(*errors)},
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+    if params:
+        operation["parameters"] = params
+    if public:
+        operation["security"] = []
+    return operation
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
+
+
+ACCOUNT = _path("name", "The account name")
+MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "examples": ["25.00"],
+         "description": "An amount of the billing currency as a decimal string (never a JSON number)"}
+OPTIONAL_MONEY = {"oneOf": [_ref("Money"), {"type": "null"}]}
+COUNT = {"type": "integer", "minimum": 0}
+ANY_OBJECT = {"type": "object", "additionalProperties": True}
+
+SCHEMAS: dict[str, Any] = {
+    "Money": MONEY,
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Health": {"type": "object", "required": ["status"],
+               "properties": {"status": {"enum": ["ok"]}, "node": {"type": "string"}}},
+    "Account": {
+        "type": "object",
+        "required": ["name", "plan", "payment_state", "prepaid_balance"],
+        "properties": {
+            "name": {"type": "string"}, "plan": {"type": "string"},
+            "subscribed_on": {"type": "string", "format": "date"},
+            "sender_domains": {"type": "array", "items": {"type": "string"}},
+            "networks": {"type": "array", "items": {"type": "string"}},
+            "contacts": {"type": "array", "items": {"type": "string"}},
+            "payment_state": {"enum": ["ok", "failed"]}, "payment_detail": {"type": "string"},
+            "suspended": {"type": "boolean"}, "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
+            "spending_limit_override": OPTIONAL_MONEY, "has_password": {"type": "boolean"},
+        },
+    },
+    "NewAccount": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "plan", "sender_domains"],
+        "properties": {
+            "name": {"type": "string"}, "plan": {"type": "string"},
+            "password": {"type": "string", "description": "for SMTP AUTH; stored only as a salted scrypt hash"},
+            "sender_domains": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "networks": {"type": "array", "items": {"type": "string"}, "description": "client CIDRs bound to it"},
+            "contacts": {"type": "array", "items": {"type": "string", "format": "email"}},
+            "subscribed_on": {"type": "string", "format": "date"},
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["account", "plan", "period", "accepted", "remaining", "payment_state"],
+        "properties": {
+            "account": {"type": "string"}, "plan": {"type": "string"}, "period": {"type": "string"},
+            "accepted": COUNT, "delivered": COUNT, "soft_bounced": COUNT, "hard_bounced": COUNT,
+            "deferred": COUNT, "reserved": COUNT, "remaining": {"type": ["integer", "null"]},
+            "spent": _ref("Money"), "spending_limit": OPTIONAL_MONEY, "unbilled": _ref("Money"),
+            "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
+            "payment_state": {"enum": ["ok", "failed"]},
+            "by_campaign": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "by_region": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
+    "PaymentChange": {
+        "type": "object", "additionalProperties": False, "required": ["state"],
+        "properties": {"state": {"enum": ["failed", "ok"]}, "reason": {"type": "string"}},
+    },
+    "BalanceChange": {
+        "type": "object", "additionalProperties": False, "required": ["amount"],
+        "properties": {"amount": _ref("Money")},
+    },
+    "BalanceResult": {
+        "type": "object", "required": ["account", "added", "prepaid_balance"],
+        "properties": {"account": {"type": "string"}, "added": _ref("Money"), "prepaid_balance": _ref("Money")},
+    },
+    "RepayResult": {
+        "type": "object", "required": ["account", "repaid"],
+        "properties": {"account": {"type": "string"}, "repaid": _ref("Money")},
+    },
+    "LimitChange": {
+        "description": "included and quota take {\"emails\": N}; spending takes {\"amount\": \"20.00\" or null}",
+        "oneOf": [
+            {"type": "object", "additionalProperties": False, "required": ["emails"], "properties": {"emails": COUNT}},
+            {"type": "object", "additionalProperties": False, "required": ["amount"],
+             "properties": {"amount": OPTIONAL_MONEY}},
+        ],
+    },
+    "InvoiceSummary": {
+        "type": "object", "required": ["id", "period", "total", "amount_due", "status"],
+        "properties": {
+            "id": {"type": "string"}, "period": {"type": "string"},
+            "invoice_date": {"type": "string", "format": "date"}, "due_date": {"type": "string", "format": "date"},
+            "total": _ref("Money"), "amount_due": _ref("Money"), "status": {"enum": ["paid", "open", "overdrawn"]},
+        },
+    },
+    "Invoice": {
+        "type": "object", "required": ["id", "account", "period", "lines", "total", "amount_due", "status"],
+        "properties": {
+            "id": {"type": "string"}, "account": {"type": "string"}, "plan": {"type": "string"},
+            "currency": {"type": "string"}, "period": {"type": "string"},
+            "lines": {"type": "array", "items": ANY_OBJECT}, "total": _ref("Money"),
+            "amount_due": _ref("Money"), "status": {"type": "string"},
+            "in_period_charges": {"type": "array", "items": ANY_OBJECT},
+            "regions": {"type": "array", "items": ANY_OBJECT},
+        },
+    },
+    "Plan": {
+        "type": "object", "required": ["name", "display_name", "period", "funding"],
+        "properties": {
+            "name": {"type": "string"}, "display_name": {"type": "string"}, "period": ANY_OBJECT,
+            "billable": {"enum": ["accepted", "results"]}, "plan_fee": _ref("Money"),
+            "included_emails": COUNT, "email_quota": {"type": ["integer", "null"]},
+            "spending_limit": OPTIONAL_MONEY, "in_period_charge": {"enum": ["threshold", "per_block", None]},
+            "funding": ANY_OBJECT,
+        },
+    },
+    "PreviewRequest": {
+        "type": "object", "additionalProperties": False, "required": ["emails"],
+        "properties": {
+            "emails": COUNT, "start": {"type": "string", "format": "date"}, "delivered": COUNT,
+            "soft_bounced": COUNT, "invalid": COUNT,
+        },
+    },
+    "Preview": {
+        "type": "object", "required": ["plan", "accepted", "refused", "charges", "invoice"],
+        "properties": {
+            "plan": {"type": "string"}, "period": {"type": "string"}, "emails": COUNT, "accepted": COUNT,
+            "refused": COUNT, "refusal": {"type": ["string", "null"]},
+            "charges": {"type": "array", "items": ANY_OBJECT}, "invoice": ANY_OBJECT,
+        },
+    },
+    "BillingRun": {
+        "type": "object", "required": ["invoices", "charges_collected", "charges_failed", "statements"],
+        "properties": {
+            "invoices": {"type": "array", "items": {"type": "string"}}, "charges_collected": COUNT,
+            "charges_failed": COUNT, "statements": COUNT,
+        },
+    },
+    "AuditEvent": {
+        "type": "object", "required": ["id", "time", "actor", "action", "target", "before", "after"],
+        "properties": {
+            "id": {"type": "integer"}, "time": {"type": "string", "format": "date-time"},
+            "actor": {"type": "string", "description": "the API token's NAME, cli:USER, or webhook:payment"},
+            "action": {"type": "string"}, "target": {"type": "string"},
+            "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]},
+            "changes": {"type": "object", "description": "{key: [before, after]} of the keys that changed"},
+            "detail": ANY_OBJECT, "event_id": {"type": ["string", "null"]},
+        },
+    },
+    "PaymentEvent": {
+        "type": "object", "required": ["id", "type"],
+        "properties": {
+            "id": {"type": "string", "description": "the event id; a redelivery with the same id changes nothing"},
+            "type": {"enum": ["charge.succeeded", "charge.failed", "payment_method.updated"]},
+            "charge": {"type": "string", "description": "charge.*: the Idempotency-Key of the relay's charge"},
+            "reason": {"type": "string"},
+            "account": {"type": "string", "description": "payment_method.updated: the account to release"},
+        },
+    },
+    "PaymentEventResult": {
+        "type": "object", "required": ["event", "duplicate"],
+        "properties": {
+            "event": {"type": "string"}, "duplicate": {"type": "boolean"}, "type": {"type": "string"},
+            "account": {"type": "string"}, "charge": {"type": "string"}, "applied": {"type": "boolean"},
+            "charge_status": {"type": "string"}, "payment_state": {"enum": ["ok", "failed"]},
+        },
+    },
+}
+
+
+def _array(name: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(name)}
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/healthz": {"get": _op("Liveness: the API and the database answer", _json(_ref("Health"), "Healthy"),
+                            errors=(503,), public=True)},
+    "/openapi.json": {"get": _op("This document", _json({"type": "object"}, "The OpenAPI 3.1 document"),
+                                 errors=(), public=True)},
+    "/metrics": {"get": _op("Prometheus metrics of this node", {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}, errors=(401, 404))},
+    "/v1/accounts": {
+        "get": _op("List accounts", _json(_array("Account"), "Every account")),
+        "post": _op("Add an account", _json(_ref("Account"), "The new account"), body=_ref("NewAccount"),
+                    errors=(400, 401, 409, 503), status=201),
+    },
+    "/v1/accounts/{name}": {
+        "get": _op("One account (never its password hash)", _json(_ref("Account"), "The account"),
+                   params=[ACCOUNT], errors=(401, 404, 503)),
+    },
+    "/v1/accounts/{name}/usage": {
+        "get": _op("The current period's usage", _json(_ref("Usage"), "Usage and the dashboard"),
+                   params=[ACCOUNT], errors=(401, 404, 409, 503)),
+    },
+    "/v1/accounts/{name}/payment": {
+        "post": _op("Block (failed) or release (ok) sending, live at the next MAIL or RCPT",
+                    _json(_ref("Account"), "The account after the change"), body=_ref("PaymentChange"),
+                    params=[ACCOUNT], errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/balance": {
+        "post": _op("Top up the prepaid balance", _json(_ref("BalanceResult"), "The new balance"),
+                    body=_ref("BalanceChange"), params=[ACCOUNT], errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/repay": {
+        "post": _op("Settle the whole overdrawn amount", _json(_ref("RepayResult"), "What was repaid"),
+                    params=[ACCOUNT], errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/limits/{which}": {
+        "put": _op("Set a limit: included or quota emails (an increase at once, a decrease at period end),"
+                   " or the spending amount (at once)", _json(_ref("Usage"), "Usage under the new limit"),
+                   body=_ref("LimitChange"),
+                   params=[ACCOUNT, {**_path("which", "included, quota or spending"),
+                                     "schema": {"enum": ["included", "quota", "spending"]}}],
+                   errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/invoices": {
+        "get": _op("The account's invoices", _json(_array("InvoiceSummary"), "Invoices, oldest first"),
+                   params=[ACCOUNT], errors=(401, 404, 503)),
+    },
+    "/v1/invoices/{id}": {
+        "get": _op("One invoice: lines, totals, in-period charges, per-region results",
+                   _json(_ref("Invoice"), "The invoice"), params=[_path("id", "The invoice id")],
+                   errors=(401, 404, 503)),
+    },
+    "/v1/exports/{month}.csv": {
+        "get": _op("Every line item of the periods that start in the month, as CSV", {
+            "description": "CSV with a header row",
+            "content": {"text/csv": {"schema": {"type": "string"}}}},
+            params=[{**_path("month", "YYYY-MM"), "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}}],
+            errors=(400, 401, 503)),
+    },
+    "/v1/plans": {"get": _op("The plans the config defines", _json(_array("Plan"), "Plans by name"))},
+    "/v1/plans/{name}/preview": {
+        "post": _op("Run the plan's policy over one synthetic period", _json(_ref("Preview"), "Charges and invoice"),
+                    body=_ref("PreviewRequest"), params=[_path("name", "The plan name")],
+                    errors=(400, 401, 404)),
+    },
+    "/v1/billing/run": {
+        "post": _op("Close every ended period and collect pending charges now",
+                    _json(_ref("BillingRun"), "What the run did"), errors=(401, 503)),
+    },
+    "/v1/audit": {
+        "get": _op("Admin changes, newest first", _json(_array("AuditEvent"), "Audit events"), params=[
+            {"name": "account", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "only this account's changes"},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        ], errors=(400, 401, 404, 503)),
+    },
+    "/v1/webhooks/payment": {
+        "post": {
+            **_op("Inbound payment provider event (HMAC-signed, no bearer token)",
+                  _json(_ref("PaymentEventResult"), "Applied, or a duplicate that changed nothing"),
+                  body=_ref("PaymentEvent"), errors=(400, 401, 404, 503), public=True),
+            "parameters": [
+                {"name": "X-Mailmeter-Timestamp", "in": "header", "required": True, "schema": {"type": "string"},
+                 "description": "Unix seconds; refused when further than api.webhook_tolerance from now"},
+                {"name": "X-Mailmeter-Signature", "in": "header", "required": True, "schema": {"type": "string"},
+                 "description": "sha256=HEX(HMAC-SHA256(secret, timestamp + '.' + body))"},
+                {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "the event id, when the body has no id"},
+            ],
+        },
+    },
+}
+
+
+def document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mailmeter admin API",
+            "version": version,
+            "description": "Accounts, payment state, balances, limits, invoices, exports, plans, billing and"
+                           " the audit trail of one mailmeter relay. JSON in and out; money is a decimal string.",
+        },
+        "security": [{"bearer": []}],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "a token from api.tokens_file (NAME:TOKEN lines)"}},
+        },
+    }
