@@ -24,15 +24,24 @@ from mailmeter.sdnotify import Notifier
 from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
 from metering.meter import Meter
+from metering.pg_store import PgStore
 from metering.sqlite_store import SqliteStore
+from metering.store import Store
 from relay.abuse import AuthLimits
 from relay.delivery import Delivery, RetryPolicy, UpstreamConfig
 from relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
 from relay.spool import Spool
 
 
-def open_meter(config: Config) -> tuple[SqliteStore, Meter]:
-    store = SqliteStore(config.resolve(config.database.path))
+def open_store(config: Config) -> Store:
+    """PostgreSQL when `database.url` is set (nodes share one meter), else the SQLite file."""
+    if config.database.url is not None:
+        return PgStore(config.database.url, pool_size=config.database.pool_size)
+    return SqliteStore(config.resolve(config.database.path))
+
+
+def open_meter(config: Config) -> tuple[Store, Meter]:
+    store = open_store(config)
     return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region)
 
 
@@ -78,6 +87,28 @@ def retry_of(config: Config) -> RetryPolicy:
     )
 
 
+def smtp_settings(config: Config, listen_address: str, tls: ssl.SSLContext | None = None) -> SmtpSettings:
+    """The SMTP-in settings of a config (the listen address is the one actually bound)."""
+    return SmtpSettings(
+        hostname=config.hostname,
+        message_size_limit=config.limits.message_size,
+        recipients_per_message=config.limits.recipients_per_message,
+        tls_context=tls if tls is not None else tls_context(config),
+        plaintext_auth=config.auth.allow_plaintext_on_loopback and is_loopback(listen_address),
+        timeout=config.limits.session_timeout,
+        max_session_seconds=config.limits.session_max_duration,
+        bare_newlines=config.limits.bare_newlines,
+        max_connections_per_client=config.abuse.max_connections_per_client,
+        auth_limits=AuthLimits(
+            max_failures=config.abuse.auth_max_failures,
+            window=config.abuse.auth_failure_window,
+            lockout=config.abuse.auth_lockout,
+            delay=config.abuse.auth_failure_delay,
+            delay_max=config.abuse.auth_failure_delay_max,
+        ),
+    )
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
     if config.tls.certificate is None or config.tls.key is None:
         return None
@@ -91,7 +122,7 @@ class Relay:
     """One running relay node."""
 
     config: Config
-    store: SqliteStore
+    store: Store
     meter: Meter
     spool: Spool
     delivery: Delivery
@@ -115,25 +146,13 @@ class Relay:
             hostname=config.hostname,
             workers=config.delivery.workers,
         )
-        settings = SmtpSettings(
-            hostname=config.hostname,
-            message_size_limit=config.limits.message_size,
-            recipients_per_message=config.limits.recipients_per_message,
-            tls_context=tls_context(config),
-            plaintext_auth=config.auth.allow_plaintext_on_loopback and is_loopback(config.listen.address),
-            timeout=config.limits.session_timeout,
-            max_session_seconds=config.limits.session_max_duration,
-            bare_newlines=config.limits.bare_newlines,
-            max_connections_per_client=config.abuse.max_connections_per_client,
-            auth_limits=AuthLimits(
-                max_failures=config.abuse.auth_max_failures,
-                window=config.abuse.auth_failure_window,
-                lockout=config.abuse.auth_lockout,
-                delay=config.abuse.auth_failure_delay,
-                delay_max=config.abuse.auth_failure_delay_max,
-            ),
+        settings = smtp_settings(config, config.listen.address)
+        metrics = Metrics()
+        delivery.observer = metrics
+        context = RelayContext(
+            settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit, observer=metrics
         )
-        context = RelayContext(settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit)
+        metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
         notices_config = config.billing.notices
         notices = NoticeSender(
             store,
@@ -143,7 +162,9 @@ class Relay:
             webhook_url=notices_config.webhook_url,
             webhook_secret=config.read_secret("billing.notices.webhook_secret_file", notices_config.webhook_secret_file),
         )
-        return cls(config, store, meter, spool, delivery, context, build_billing(config, meter), notices)
+        return cls(
+            config, store, meter, spool, delivery, context, build_billing(config, meter), notices, metrics=metrics
+        )
 
     async def start(self) -> None:
         log = structlog.get_logger("mailmeter")
@@ -212,13 +233,7 @@ class Relay:
             ) if old != new
         ]
         self.meter.plans = plans
-        settings = self.context.settings
-        settings.hostname = config.hostname
-        settings.message_size_limit = config.limits.message_size
-        settings.recipients_per_message = config.limits.recipients_per_message
-        settings.timeout = config.limits.session_timeout
-        settings.tls_context = new_tls
-        settings.plaintext_auth = config.auth.allow_plaintext_on_loopback and is_loopback(self.config.listen.address)
+        self.context.reconfigure(smtp_settings(config, self.config.listen.address, new_tls))
         self.delivery.reconfigure(upstream_of(config), retry_of(config))
         self.billing = build_billing(config, self.meter)
         self.config = config.model_copy(update={"listen": self.config.listen, "database": self.config.database,
@@ -228,6 +243,7 @@ class Relay:
     async def billing_pass(self) -> None:
         """One pass of the billing job: close periods, queue statements, collect charges, send notices."""
         run = await self.billing.run_once()
+        self.metrics.charges_result(run.charges_collected, run.charges_failed)
         await self.notices.send_pending()
         if run.invoices or run.charges_collected or run.charges_failed or run.statements:
             structlog.get_logger("mailmeter.billing").info(
@@ -246,17 +262,34 @@ class Relay:
                 log.error("billing.pass", result="error", error=repr(error))
             await asyncio.sleep(self.config.billing.interval)
 
+    def begin_drain(self) -> None:
+        """At once: stop accepting connections and send idle sessions 421 4.3.2."""
+        if self.server is not None:
+            self.server.close()
+        self.context.drain()
+
+    async def drain(self, grace: float = 30.0) -> None:
+        """Stop accepting; idle sessions get 421 4.3.2; DATA in flight finishes (up to `grace` s)."""
+        self.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.context.busy_sessions() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.context.sessions):
+            session.close_for_shutdown()
+        if self.server is not None:
+            await self.server.wait_closed()
+            self.server = None
+
     async def stop(self) -> None:
-        if self.api is not None:  # first: no admin change may start against a closing store
+        await self.drain()  # first: SMTP clients learn at once to retry elsewhere or later
+        if self.api is not None:  # no admin change may start against a closing store
             await self.api.stop()
             self.api = None
         if self.billing_task is not None:
             self.billing_task.cancel()
             await asyncio.gather(self.billing_task, return_exceptions=True)
             self.billing_task = None
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
         if self.context.background:
             await asyncio.gather(*list(self.context.background), return_exceptions=True)
         await self.delivery.stop()
@@ -303,6 +336,7 @@ async def serve(path: Path, config: Config) -> None:
     notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{relay.port}")
     try:
         await stop.wait()
+        relay.begin_drain()
         notifier.notify("STOPPING=1", "STATUS=draining")
         log.info("relay.draining", node=config.node.name)
     finally:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import sqlite3
 from typing import Any
 
 from metering.records import Account
+from metering.store import Row
 
 WEBHOOK_ACTOR = "webhook:payment"
 
@@ -47,7 +47,7 @@ def changes(before: Any, after: Any) -> dict[str, list[Any]]:
     return {key: [before.get(key), after.get(key)] for key in keys if before.get(key) != after.get(key)}
 
 
-def event_json(row: sqlite3.Row) -> dict[str, Any]:
+def event_json(row: Row) -> dict[str, Any]:
     before = None if row["before"] is None else json.loads(row["before"])
     after = None if row["after"] is None else json.loads(row["after"])
     return {

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mailmeter.audit import cli_actor, event_line
 from mailmeter.config import Config, ConfigError, load_config
@@ -139,22 +140,34 @@ def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def database_label(config: Config) -> str:
+    """The database as the operator configured it, never with a password."""
+    if config.database.url is None:
+        return str(config.resolve(config.database.path))
+    parts = urlsplit(config.database.url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username
+    return f"{parts.scheme}://{f'{user}@' if user else ''}{host}{parts.path}"
+
+
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     """`db upgrade` applies pending schema migrations; `db backup FILE` copies the database online."""
     from mailmeter.app import open_meter
 
+    where = database_label(config)
+
     async def main() -> int:
         store, _ = open_meter(config)
-        await store.open()  # opening applies the pending migrations
+        await store.open()  # opening applies the pending migrations (PostgreSQL: under an advisory lock)
         try:
             if args.sub == "upgrade":
-                print(f"database {store.path} is at schema version {await store.schema_version()}")
+                print(f"database {where} is at schema version {await store.schema_version()}")
             else:
                 try:
                     await store.backup(Path(args.file))
                 except FileExistsError as error:
                     raise CliError(str(error)) from None
-                print(f"backed up {store.path} to {args.file}")
+                print(f"backed up {where} to {args.file}")
             return 0
         finally:
             await store.close()
@@ -313,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailmeter: {str(error).strip(chr(34))}", file=sys.stderr)
         return 1
     except StoreUnavailable as error:
-        print(f"mailmeter: the database is unavailable ({error}); check database.path and retry", file=sys.stderr)
+        print(f"mailmeter: the database is unavailable ({error}); check database.path or database.url and retry",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

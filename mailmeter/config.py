@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -86,7 +87,28 @@ class DeliveryConfig(_Section):
 
 
 class DatabaseConfig(_Section):
+    """SQLite at `path` (one node), or, when `url` is set, PostgreSQL shared by every node."""
+
     path: Path = Path("var/mailmeter.db")
+    url: str | None = None  # postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?search_path=SCHEMA]
+    pool_size: int = Field(10, ge=1, le=500)  # PostgreSQL connections this node keeps at most
+
+
+def check_database_url(url: str) -> None:
+    """Raise ConfigError (naming database.url) unless `url` is a usable PostgreSQL URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        scheme = f"{parts.scheme}:" if parts.scheme else "a URL without a scheme"
+        raise ConfigError(  # never the URL itself: it may hold a password
+            f"database.url: {scheme} is not a PostgreSQL URL; write it like"
+            " postgresql://mailmeter@db.example.net:5432/mailmeter (or remove the key to use database.path)"
+        )
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError("database.url: the port is not a number from 1 to 65535") from None
+    if not parts.path.strip("/"):
+        raise ConfigError("database.url: name the database after the host, like postgresql://HOST:5432/mailmeter")
 
 
 class SpoolConfig(_Section):
@@ -243,6 +265,8 @@ def load_config(path: Path) -> Config:
         )
     if not config.plans:
         raise ConfigError("plans: define at least one plan")
+    if config.database.url is not None:
+        check_database_url(config.database.url)
     config.parsed_plans()
     config.upstream_password()
     gateway = config.billing.gateway

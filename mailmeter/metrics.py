@@ -52,6 +52,33 @@ class Metrics:
             "mailmeter_queue_oldest_seconds", "Age of the oldest message in the spool", registry=r
         )
 
+    # -- relay.observe.RelayObserver ---------------------------------------------------
+
+    def session_opened(self) -> None:
+        self.sessions.inc()
+        self.sessions_open.inc()
+
+    def session_closed(self) -> None:
+        self.sessions_open.dec()
+
+    def transaction(self, reply_class: str, reason: str) -> None:
+        self.transactions.labels(reply_class=reply_class, reason=reason).inc()
+
+    def accepted(self, recipients: int) -> None:
+        self.emails_accepted.inc(recipients)
+
+    def meter_call(self, operation: str, seconds: float) -> None:
+        self.meter_latency.labels(operation=operation).observe(seconds)
+
+    def delivery_result(self, result: str, recipients: int) -> None:
+        self.delivery_results.labels(result=result).inc(recipients)
+
+    def charges_result(self, succeeded: int, failed: int) -> None:
+        if succeeded:
+            self.charges.labels(result="succeeded").inc(succeeded)
+        if failed:
+            self.charges.labels(result="failed").inc(failed)
+
     def watch_queue(self, depth: Callable[[], int], oldest_age: Callable[[], float]) -> None:
         """Read the spool's depth and oldest age at scrape time."""
         self.queue_depth.set_function(lambda: float(depth()))

@@ -23,7 +23,7 @@ import aiohttp
 import structlog
 
 from metering.gateway import sign
-from metering.sqlite_store import SqliteStore
+from metering.store import Store
 from relay.delivery import new_queue_id
 from relay.spool import Envelope, Spool
 
@@ -58,7 +58,7 @@ def notice_text(account: str, key: str, body: dict[str, Any]) -> tuple[str, str]
 class NoticeSender:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         spool: Spool,
         submit: Callable[[str], None],
         from_address: str,

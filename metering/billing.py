@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -20,6 +21,7 @@ from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
 from metering.meter import Meter, standing_of
 from metering.records import Account
 from metering.sqlite_store import InvoiceRecord
+from metering.store import Row
 from policies import Charge, Invoice, Plan, close_period
 from policies.money import format_money
 from policies.periods import Period, next_period, period_containing
@@ -54,7 +56,7 @@ def invoice_id(account: Account, period: Period, plan: Plan) -> str:
     return f"INV-{account.name}-{local:%Y%m%d}"
 
 
-def stored_charges(rows: list[Any]) -> list[Charge]:
+def stored_charges(rows: Sequence[Row]) -> list[Charge]:
     return [
         Charge(
             kind=row["kind"],
@@ -82,8 +84,8 @@ def invoice_body(
     plan: Plan,
     invoice: Invoice,
     status: str,
-    charges: list[Any],
-    regions: list[Any],
+    charges: Sequence[Row],
+    regions: Sequence[Row],
     currency: str,
 ) -> dict[str, Any]:
     """Everything `invoice show` prints and `export` flattens: decimal strings, never floats."""

@@ -19,7 +19,8 @@ from typing import Any
 
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
 from metering.records import Account, Grant, Result
-from metering.sqlite_store import Settlement, SqliteStore, StoreUnavailable
+from metering.sqlite_store import Settlement, StoreUnavailable
+from metering.store import Store
 from policies import (
     Admission,
     LimitChange,
@@ -123,7 +124,7 @@ class UsageReport:
 class Meter:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         plans: Mapping[str, Plan],
         node: str,
         clock: Clock = utc_now,

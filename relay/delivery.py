@@ -22,6 +22,7 @@ import aiosmtplib
 import structlog
 from aiosmtplib.email import parse_address
 
+from relay.observe import NoObserver, RelayObserver
 from relay.dsn import FailedRecipient, build_dsn
 from relay.spool import Envelope, QueueState, RecipientState, Spool
 
@@ -77,6 +78,7 @@ class Delivery:
         hostname: str,
         workers: int = 4,
         clock: Callable[[], float] = time.time,
+        observer: RelayObserver | None = None,
     ) -> None:
         self.spool = spool
         self.results = results
@@ -85,10 +87,11 @@ class Delivery:
         self.hostname = hostname
         self.workers = workers
         self.clock = clock
+        self.observer: RelayObserver = observer or NoObserver()
         self.log = structlog.get_logger("mailmeter.delivery")
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._scheduled: dict[str, asyncio.TimerHandle] = {}
-        self._known: set[str] = set()
+        self._known: dict[str, float] = {}  # queue id -> when this node first queued it
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -99,6 +102,7 @@ class Delivery:
         for queue_id in await asyncio.to_thread(self.spool.active_ids):
             envelope = await asyncio.to_thread(self.spool.read_envelope, queue_id)
             state = await asyncio.to_thread(self.spool.load_state, envelope)
+            self._known[queue_id] = envelope.received_at
             self._schedule(queue_id, state.next_attempt_at)
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
 
@@ -129,12 +133,16 @@ class Delivery:
     def queue_depth(self) -> int:
         return len(self._known)
 
+    def oldest_age(self) -> float:
+        """Seconds since the oldest message still in the queue was queued (0 when empty)."""
+        return self.clock() - min(self._known.values()) if self._known else 0.0
+
     def submit(self, queue_id: str) -> None:
         """A message just became active in the spool: try it now."""
         self._schedule(queue_id, 0.0)
 
     def _schedule(self, queue_id: str, at: float) -> None:
-        self._known.add(queue_id)
+        self._known.setdefault(queue_id, self.clock())
         previous = self._scheduled.pop(queue_id, None)
         if previous is not None:
             previous.cancel()
@@ -174,7 +182,7 @@ class Delivery:
         try:
             envelope, body = await asyncio.to_thread(self.spool.read, queue_id)
         except FileNotFoundError:
-            self._known.discard(queue_id)
+            self._known.pop(queue_id, None)
             return
         state = await asyncio.to_thread(self.spool.load_state, envelope)
         pending = state.pending()
@@ -193,6 +201,7 @@ class Delivery:
                 if status == "deferred" and expire:
                     status = "soft_bounced"
                 recipient.status, recipient.reply, recipient.reported = status, outcome.reply, False
+                self.observer.delivery_result(status, 1)
             state.next_attempt_at = now + next_delay
             # Results are durable before anything else happens: a crash from here on
             # never sends the same recipient twice.
@@ -219,7 +228,7 @@ class Delivery:
             await asyncio.to_thread(self.spool.save_state, state)
         if state.done:
             await asyncio.to_thread(self.spool.remove, queue_id)
-            self._known.discard(queue_id)
+            self._known.pop(queue_id, None)
             return
         if not reporting_ok and not state.pending():
             self._schedule(queue_id, self.clock() + min(self.retry.first_delay, 30.0))

@@ -57,6 +57,7 @@ AUTH_LOCKED_LOGIN = (
     " authentication is locked for {seconds} more seconds"
 )
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address; retry later"
+SHUTTING_DOWN = "421 4.3.2 {hostname} Service shutting down; retry later"
 IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle timeout exceeded; closing connection"
 SESSION_TIME_LIMIT = "421 4.4.2 {hostname} Session time limit exceeded; closing connection"
 BARE_NEWLINE = (

@@ -43,6 +43,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from relay import replies
 from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
 from relay.delivery import new_queue_id, sendable_address
+from relay.observe import NoObserver, RelayObserver, reply_class
 from relay.spool import Envelope, Spool
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
@@ -95,12 +96,32 @@ class RelayContext:
     spool: Spool
     on_accepted: Callable[[str], None]
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    observer: RelayObserver = field(default_factory=NoObserver)
+    sessions: set[RelaySMTP] = field(default_factory=set)
+    draining: bool = False
     auth_guard: AuthGuard = field(init=False)
     connections: ConnectionCounter = field(init=False)
 
     def __post_init__(self) -> None:
         self.auth_guard = AuthGuard(self.settings.auth_limits)
         self.connections = ConnectionCounter(self.settings.max_connections_per_client)
+
+    def reconfigure(self, settings: SmtpSettings) -> None:
+        """A reloaded config: new sessions use the new settings, open ones from their next command."""
+        self.settings = settings
+        self.auth_guard.limits = settings.auth_limits
+        self.connections.limit = settings.max_connections_per_client
+
+    def busy_sessions(self) -> int:
+        """Sessions inside DATA or storing a message: a drain waits for them."""
+        return sum(1 for session in self.sessions if session.in_data or session.storing)
+
+    def drain(self) -> None:
+        """Stop: every session not inside DATA gets 421 4.3.2 now; the rest after their reply."""
+        self.draining = True
+        for session in list(self.sessions):
+            if not (session.in_data or session.storing):
+                session.close_for_shutdown()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run work that must finish even if its session dies; Relay.stop waits for it."""
@@ -142,6 +163,7 @@ class RelaySMTP(SMTP):
         self.hold_id: str | None = None
         self.reserving: asyncio.Future[Any] | None = None  # a reserve in flight for hold_id
         self.storing = False  # a message is being spooled and committed
+        self.in_data = False  # between DATA and its final reply
         self.refused = 0
         self.peer_address = ""
         self._counted = False  # holds a slot in context.connections
@@ -169,6 +191,8 @@ class RelaySMTP(SMTP):
             transport.close()
             return
         self._counted = True
+        self.context.sessions.add(self)
+        self.context.observer.session_opened()
         super().connection_made(transport)
         self._deadline = self.loop.call_later(self.context.settings.max_session_seconds, self._session_deadline)
 
@@ -206,6 +230,19 @@ class RelaySMTP(SMTP):
         assert isinstance(transport, asyncio.WriteTransport)
         transport.write(reply.encode() + b"\r\n")
         transport.close()
+
+    def close_for_shutdown(self) -> None:
+        self._close_with(replies.SHUTTING_DOWN.format(hostname=self.hostname), "shutdown")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """Mark the session busy for a drain until DATA's reply is sent, then honour the drain."""
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+        if self.context.draining:
+            self.close_for_shutdown()
 
     async def push(self, status: str | bytes) -> None:
         """Every reply on one line: client text echoed in a reply (a bad command, an
@@ -307,6 +344,8 @@ class RelaySMTP(SMTP):
             self._deadline.cancel()
         if self._counted:
             self.context.connections.release(self.peer_address)
+            self.context.sessions.discard(self)
+            self.context.observer.session_closed()
         self._end_transaction("disconnected")
         super().connection_lost(error)
 
@@ -317,6 +356,7 @@ class RelaySMTP(SMTP):
         if hold_id is not None:
             self.context.spawn(self._release(hold_id, after=reserving))
         if envelope is not None and envelope.mail_from and result:
+            self.context.observer.transaction("none", result)
             self.log.info(
                 "smtp.transaction",
                 queue_id=None,
@@ -367,11 +407,13 @@ class _Handler:
             return replies.METER_UNAVAILABLE
         domain = address.rpartition("@")[2].lower().rstrip(".")
         if "@" not in address or domain not in domains:
+            server.context.observer.transaction("5xx", "sender_refused")
             server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
                             recipients=0, result="sender_refused")
             return replies.sender_not_allowed(address, account)
         if refusal is not None:
             reason = str(getattr(refusal, "value", refusal))
+            server.context.observer.transaction("4xx", reason)
             server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
                             recipients=0, result="deferred", reason=reason)
             return replies.mail_refused(reason)
@@ -400,8 +442,10 @@ class _Handler:
         # `reserving` is cleared only once the reserve is over, never on cancellation.)
         reserve = asyncio.ensure_future(self.context.meter.reserve(account, server.hold_id, 1))
         server.reserving = reserve
+        started = time.monotonic()
         try:
             grant = await asyncio.shield(reserve)
+            self.context.observer.meter_call("reserve", time.monotonic() - started)
         except Exception as error:
             server.reserving = None
             server.log.error("smtp.meter_unavailable", account=account, stage="RCPT", error=repr(error))
@@ -425,6 +469,9 @@ class _Handler:
         recipients = len(envelope.rcpt_tos)
 
         def logged(result: str, reply: str) -> str:
+            context.observer.transaction(reply_class(reply), result)
+            if result == "accepted":
+                context.observer.accepted(recipients)
             server.log.info(
                 "smtp.transaction",
                 queue_id=queue_id,
@@ -484,7 +531,9 @@ class _Handler:
                 return "deferred", replies.SPOOL_FULL if error.errno == 28 else replies.SPOOL_FAILED
             return "deferred", replies.INTERNAL_ERROR
         try:
+            started = time.monotonic()
             await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw))
+            context.observer.meter_call("commit", time.monotonic() - started)
         except Exception as error:
             server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",
                              error=repr(error))
