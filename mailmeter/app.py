@@ -37,7 +37,7 @@ def open_store(config: Config) -> Store:
     """PostgreSQL when `database.url` is set (nodes share one meter), else the SQLite file."""
     if config.database.url is not None:
         return PgStore(config.database.url, pool_size=config.database.pool_size)
-    return SqliteStore(config.resolve(config.database.path))
+    return SqliteStore(config.resolve(config.database.path), busy_timeout_ms=config.database.busy_timeout_ms)
 
 
 def open_meter(config: Config) -> tuple[Store, Meter]:

@@ -92,6 +92,7 @@ class DatabaseConfig(_Section):
     path: Path = Path("var/mailmeter.db")
     url: str | None = None  # postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?search_path=SCHEMA]
     pool_size: int = Field(10, ge=1, le=500)  # PostgreSQL connections this node keeps at most
+    busy_timeout_ms: int = Field(5000, ge=0, le=600_000)  # SQLite: wait this long for a lock, then 451
 
 
 def check_database_url(url: str) -> None:

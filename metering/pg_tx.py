@@ -66,10 +66,11 @@ async def with_retries(
             return await attempt()
         except RETRYABLE as error:
             on_failure()
+            sqlstate = getattr(error, "sqlstate", None)
             if number == retries:
-                log.warning("store.retries_exhausted", attempts=number + 1, sqlstate=error.sqlstate)  # type: ignore[attr-defined]
+                log.warning("store.retries_exhausted", attempts=number + 1, sqlstate=sqlstate)
                 raise unavailable(error) from error
-            log.info("store.retry", attempt=number + 1, sqlstate=error.sqlstate)  # type: ignore[attr-defined]
+            log.info("store.retry", attempt=number + 1, sqlstate=sqlstate)
             await asyncio.sleep(base_delay * (2**number) * (0.5 + random.random()))
         except DB_ERRORS as error:
             on_failure()

@@ -373,11 +373,20 @@ class RelaySMTP(SMTP):
         reserve would create the hold after the release and leak it."""
         if after is not None:
             await asyncio.wait([after])
-        try:
-            await self.context.meter.release(hold_id)
-        except Exception as error:
-            # The hold stays in the store; it is released when this node restarts.
-            self.log.error("meter.release_failed", hold_id=hold_id, error=repr(error))
+        delay = 0.1
+        while True:
+            try:
+                await self.context.meter.release(hold_id)
+                return
+            except Exception as error:
+                # Keep trying while the store is down (locked, unreachable), so the account
+                # gets its emails back as soon as it recovers. A node that stops meanwhile
+                # releases the hold when it starts again.
+                self.log.error("meter.release_failed", hold_id=hold_id, error=repr(error), retry_in=delay)
+            if self.context.draining:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def _client(self) -> str:
         peer = self.session.peer if self.session else None
@@ -526,7 +535,7 @@ class _Handler:
             await asyncio.to_thread(context.spool.write_incoming, spooled, message)
         except Exception as error:
             server.log.error("spool.write_failed", queue_id=queue_id, account=account, error=repr(error))
-            await server._release(hold_id)
+            context.spawn(server._release(hold_id))  # in the background: it retries while the store is down
             if isinstance(error, OSError):
                 return "deferred", replies.SPOOL_FULL if error.errno == 28 else replies.SPOOL_FAILED
             return "deferred", replies.INTERNAL_ERROR
@@ -538,7 +547,7 @@ class _Handler:
             server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",
                              error=repr(error))
             if not await self._committed_after_all(queue_id):
-                await server._release(hold_id)
+                context.spawn(server._release(hold_id))  # in the background: it retries while the store is down
                 return "deferred", replies.METER_UNAVAILABLE
         # Committed: the message is accepted. From here on it is delivered whatever happens.
         try:

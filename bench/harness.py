@@ -1,0 +1,499 @@
+"""Drive mailmeter, Postfix, and Postfix + policyd-rate-limit with the same load; compare.
+
+Called by bench/run, which installs the Debian packages, makes the work
+directory and cleans up after us. Per target:
+
+1. start a fresh smtp-sink (the upstream, and the delivery counter), then the server;
+2. throughput pass: smtp-source -s SESSIONS -l SIZE -m MESSAGES, timed:
+   accepted/s = messages / smtp-source wall time,
+   delivered/s = messages / time until the sink has counted all of them;
+3. latency pass, once everything was delivered: bench/smtpload.py with the same
+   sessions and size times each end-of-DATA reply (p50, p99);
+4. peak RSS of the server's processes over both passes (bench/procmem.py).
+
+Before the targets, both clients run against a bare smtp-sink, so their own
+ceilings are printed beside the results: a target near a ceiling is measuring
+the client, not the server.
+
+Settings come from the environment (BENCH_*), see Settings.from_env.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procmem import PeakRss, cpu_seconds, machine_busy_seconds  # noqa: E402
+from profiling import PySpy  # noqa: E402
+from services import (  # noqa: E402
+    RECIPIENT,
+    SENDER,
+    MailmeterServer,
+    PolicydRateLimit,
+    PortAllocator,
+    PostfixInstance,
+    ProcessLedger,
+    ServiceError,
+    SmtpSink,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+TARGETS = ("mailmeter", "postfix", "postfix+policyd")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's knobs. Every one can be set from the environment."""
+
+    workdir: Path
+    python: str
+    src: Path
+    messages: int = 20000
+    sessions: int = 20
+    size: int = 1024
+    latency_messages: int = 5000
+    targets: tuple[str, ...] = TARGETS
+    delivery_timeout: int = 900
+    port_base: int = 24000
+    mailmeter_workers: int = 4
+    mailmeter_log_level: str = "info"
+    profile: bool = False
+    out: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        messages = env_int("BENCH_MESSAGES", 20000)
+        targets = tuple(t.strip() for t in os.environ.get("BENCH_TARGETS", ",".join(TARGETS)).split(",") if t.strip())
+        unknown = set(targets) - set(TARGETS)
+        if unknown:
+            raise SystemExit(f"BENCH_TARGETS: unknown {sorted(unknown)}; known: {', '.join(TARGETS)}")
+        out = os.environ.get("BENCH_OUT", "")
+        return cls(
+            workdir=Path(os.environ["BENCH_WORKDIR"]),
+            python=os.environ.get("BENCH_PYTHON", sys.executable),
+            src=Path(os.environ.get("BENCH_SRC_DIR", str(BENCH_DIR.parent))),
+            messages=messages,
+            sessions=env_int("BENCH_SESSIONS", 20),
+            size=env_int("BENCH_SIZE", 1024),
+            latency_messages=env_int("BENCH_LATENCY_MESSAGES", min(messages, 5000)),
+            targets=targets,
+            delivery_timeout=env_int("BENCH_DELIVERY_TIMEOUT", 900),
+            port_base=env_int("BENCH_PORT_BASE", 24000),
+            mailmeter_workers=env_int("BENCH_MAILMETER_WORKERS", 4),
+            mailmeter_log_level=os.environ.get("BENCH_MAILMETER_LOG_LEVEL", "info"),
+            profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
+            out=Path(out) if out else None,
+        )
+
+
+@dataclass
+class Measurement:
+    """What one target scored. Rates per second; latencies in ms; memory in MiB."""
+
+    target: str
+    accepted_per_s: float | None = None
+    delivered_per_s: float | None = None
+    delivered: int = 0
+    accept_seconds: float | None = None
+    deliver_seconds: float | None = None
+    server_cpu_seconds: float | None = None
+    machine_busy_seconds: float | None = None
+    latency: dict[str, Any] = field(default_factory=dict)
+    peak_rss_mib: float | None = None
+    peak_pss_mib: float | None = None
+    rss_processes: int = 0
+    rss_by_name_mib: dict[str, float] = field(default_factory=dict)
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class Server(Protocol):
+    """What the harness needs of a target."""
+
+    name: str
+
+    def roots(self) -> list[int]: ...
+    def check_alive(self) -> None: ...
+
+
+# -- the two drivers ---------------------------------------------------------
+
+
+def smtp_source(port: int, messages: int, settings: Settings, timeout: float) -> float:
+    """Run smtp-source against 127.0.0.1:port; its wall time in seconds. Raises if it failed.
+
+    smtp-source exits non-zero on the first reply it does not expect, so a zero
+    exit status means every message was accepted with a 2xx.
+    """
+    argv = [
+        "smtp-source", "-s", str(settings.sessions), "-l", str(settings.size), "-m", str(messages),
+        "-M", "client.bench.test", "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise ServiceError(f"smtp-source failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    return wall
+
+
+def smtpload(port: int, messages: int, settings: Settings, timeout: float) -> dict[str, Any]:
+    """Run the latency client in its own process (its CPU must not slow the sink reader here)."""
+    argv = [
+        settings.python, str(BENCH_DIR / "smtpload.py"), "--port", str(port), "--messages", str(messages),
+        "--sessions", str(settings.sessions), "--size", str(settings.size), "--from", SENDER, "--to", RECIPIENT,
+    ]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
+    try:
+        summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise ServiceError(f"smtpload.py failed ({done.returncode}): {done.stderr.strip()[-500:]}") from None
+    return summary
+
+
+# -- one target ----------------------------------------------------------------
+
+
+def throughput_pass(server: Server, sink: SmtpSink, port: int, settings: Settings, result: Measurement) -> None:
+    """smtp-source for accepted/s; the sink's count for delivered/s; the server's CPU time."""
+    cpu_before, busy_before = cpu_seconds(server.roots()), machine_busy_seconds()
+    started = time.monotonic()
+    result.accept_seconds = smtp_source(port, settings.messages, settings, settings.delivery_timeout)
+    result.accepted_per_s = settings.messages / result.accept_seconds
+    server.check_alive()
+    arrived = sink.wait_for(settings.messages, settings.delivery_timeout)
+    result.delivered = sink.count
+    result.server_cpu_seconds = cpu_seconds(server.roots()) - cpu_before
+    result.machine_busy_seconds = machine_busy_seconds() - busy_before
+    if arrived is None:
+        elapsed = time.monotonic() - started
+        result.notes.append(f"only {sink.count} of {settings.messages} delivered after {elapsed:.0f} s")
+        result.delivered_per_s = sink.count / elapsed
+        return
+    result.deliver_seconds = arrived - started
+    result.delivered_per_s = settings.messages / result.deliver_seconds
+
+
+def latency_pass(server: Server, sink: SmtpSink, port: int, settings: Settings, result: Measurement) -> None:
+    """Same concurrency, measured per message from '.' to the reply; then wait for delivery."""
+    if settings.latency_messages <= 0:
+        return
+    already = sink.count
+    result.latency = smtpload(port, settings.latency_messages, settings, settings.delivery_timeout)
+    if result.latency.get("errors"):
+        result.notes.append(f"latency pass errors: {result.latency.get('first_errors')}")
+    server.check_alive()
+    expected = already + int(result.latency.get("messages", 0))
+    if sink.wait_for(expected, settings.delivery_timeout) is None:
+        result.notes.append(f"latency pass: {sink.count - already} of {expected - already} delivered")
+
+
+def measure(
+    name: str,
+    start: Callable[[int], Server],
+    stop: Callable[[], None],
+    ports: PortAllocator,
+    settings: Settings,
+    ledger: ProcessLedger,
+    port: int,
+) -> Measurement:
+    """Start sink and server, run both passes, stop them; errors become part of the result."""
+    result = Measurement(target=name, load_before=os.getloadavg())
+    sink = SmtpSink(ledger, ports.take(), settings.workdir / f"sink-{slug(name)}.log")
+    sampler: PeakRss | None = None
+    profiler: PySpy | None = None
+    try:
+        sink.start()
+        server = start(sink.port)
+        sampler = PeakRss(server.roots)
+        sampler.start()
+        if settings.profile and name == "mailmeter" and settings.out is not None:
+            profiler = PySpy(settings.python, server.roots()[0], settings.out / "mailmeter-profile")
+            profiler.start()
+        throughput_pass(server, sink, port, settings, result)
+        if profiler is not None:
+            result.notes.append("profiled with py-spy: this target's throughput figures are lowered by it")
+            result.notes.extend(profiler.stop_and_summarize())
+            profiler = None
+        latency_pass(server, sink, port, settings, result)
+    except (ServiceError, subprocess.TimeoutExpired, OSError) as error:
+        result.error = str(error)
+    finally:
+        if profiler is not None:
+            profiler.stop_and_summarize()
+        if sampler is not None:
+            sampler.stop()
+            result.peak_rss_mib = round(sampler.peak_mib, 1)
+            result.peak_pss_mib = round(sampler.peak_pss_mib, 1)
+            result.rss_processes = sampler.peak_processes
+            result.rss_by_name_mib = {k: round(v / 1024, 1) for k, v in sorted(sampler.by_name_kib.items())}
+        stop()
+        sink.stop()
+    return result
+
+
+def slug(name: str) -> str:
+    return name.replace("+", "-")
+
+
+def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedger) -> Measurement:
+    server = MailmeterServer(
+        ledger, settings.workdir / "mailmeter", settings.python, settings.src, ports.take(),
+        workers=settings.mailmeter_workers, log_level=settings.mailmeter_log_level,
+    )
+
+    def start(sink_port: int) -> Server:
+        server.start(sink_port)
+        return server
+
+    return measure("mailmeter", start, server.stop, ports, settings, ledger, server.port)
+
+
+def run_postfix(settings: Settings, ports: PortAllocator, ledger: ProcessLedger, with_policyd: bool) -> Measurement:
+    name = "postfix+policyd" if with_policyd else "postfix"
+    policyd = PolicydRateLimit(ledger, settings.workdir / "policyd") if with_policyd else None
+    instance = PostfixInstance(ledger, settings.workdir / slug(name), ports.take(),
+                               policy_socket=policyd.socket_path if policyd else None, name=name)
+
+    def start(sink_port: int) -> Server:
+        if policyd is not None:
+            policyd.start()
+            instance.extra_roots.append(policyd.pid or 0)
+        instance.start(sink_port)
+        return instance
+
+    def stop() -> None:
+        instance.stop()
+        if policyd is not None:
+            policyd.stop()
+
+    result = measure(name, start, stop, ports, settings, ledger, instance.port)
+    if policyd is not None and result.error is None:
+        result.notes.append(f"policyd-rate-limit recorded {policyd.rows()} mails")
+    return result
+
+
+# -- client ceilings -------------------------------------------------------------
+
+
+@dataclass
+class Ceilings:
+    """Each client against a bare smtp-sink: the most it can measure on this machine."""
+
+    smtp_source_per_s: float | None = None
+    smtpload: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def measure_ceilings(settings: Settings, ports: PortAllocator, ledger: ProcessLedger) -> Ceilings:
+    ceilings = Ceilings()
+    sink = SmtpSink(ledger, ports.take(), settings.workdir / "sink-ceiling.log")
+    try:
+        sink.start()
+        wall = smtp_source(sink.port, settings.messages, settings, settings.delivery_timeout)
+        ceilings.smtp_source_per_s = settings.messages / wall
+        if settings.latency_messages > 0:
+            ceilings.smtpload = smtpload(sink.port, settings.latency_messages, settings, settings.delivery_timeout)
+    except (ServiceError, subprocess.TimeoutExpired, OSError) as error:
+        ceilings.error = str(error)
+    finally:
+        sink.stop()
+    return ceilings
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def fmt(value: object, digits: int = 0) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def results_table(ceilings: Ceilings, results: Sequence[Measurement]) -> list[str]:
+    header = (f"{'target':<22}{'accepted/s':>12}{'delivered/s':>13}{'p50 DATA ms':>13}{'p99 DATA ms':>13}"
+              f"{'peak RSS MiB':>14}{'peak PSS MiB':>14}")
+    lines = [header, "-" * len(header)]
+    lat = ceilings.smtpload
+    lines.append(
+        f"{'(clients -> sink)':<22}{fmt(ceilings.smtp_source_per_s):>12}{'':>13}"
+        f"{fmt(lat.get('p50_ms'), 2):>13}{fmt(lat.get('p99_ms'), 2):>13}"
+    )
+    for r in results:
+        lines.append(
+            f"{r.target:<22}{fmt(r.accepted_per_s):>12}{fmt(r.delivered_per_s):>13}"
+            f"{fmt(r.latency.get('p50_ms'), 2):>13}{fmt(r.latency.get('p99_ms'), 2):>13}"
+            f"{fmt(r.peak_rss_mib, 1):>14}{fmt(r.peak_pss_mib, 1):>14}"
+        )
+    return lines
+
+
+def details(ceilings: Ceilings, results: Sequence[Measurement]) -> list[str]:
+    lines = []
+    if ceilings.error:
+        lines.append(f"client ceilings: ERROR {ceilings.error}")
+    elif ceilings.smtpload:
+        lines.append(f"latency client alone: {fmt(ceilings.smtpload.get('accepted_per_s'))} msg/s into smtp-sink "
+                     "(its p50/p99 above are its own floor)")
+    for result in results:
+        lines.extend(target_details(result))
+    return lines
+
+
+def target_details(r: Measurement) -> list[str]:
+    """How each figure of one target came about, and what else was going on."""
+    lines = [f"{r.target}: load average before {r.load_before[0]:.2f}"]
+    if r.error:
+        lines.append(f"  ERROR: {r.error}")
+    if r.accept_seconds is not None:
+        lines.append(f"  throughput pass: accepted in {r.accept_seconds:.2f} s, "
+                     f"delivered in {fmt(r.deliver_seconds, 2)} s ({r.delivered} at the sink)")
+    if r.server_cpu_seconds is not None and r.deliver_seconds:
+        lines.append(f"  server CPU over that pass: {r.server_cpu_seconds:.1f} s = "
+                     f"{100 * r.server_cpu_seconds / r.deliver_seconds:.0f}% of one core, "
+                     f"{1000 * r.server_cpu_seconds / max(r.delivered, 1):.2f} ms per message")
+    if r.machine_busy_seconds is not None and r.deliver_seconds:
+        cores = os.cpu_count() or 1
+        busy = 100 * r.machine_busy_seconds / r.deliver_seconds / cores
+        lines.append(f"  whole machine over that pass: {busy:.0f}% of {cores} cores busy "
+                     "(server, client, sink, and anything else running)")
+    if r.latency:
+        lines.append(f"  latency pass: {r.latency.get('messages')} messages, "
+                     f"{fmt(r.latency.get('accepted_per_s'))}/s, max {fmt(r.latency.get('max_ms'), 1)} ms, "
+                     f"{r.latency.get('errors')} errors")
+    if r.peak_rss_mib is not None:
+        names = ", ".join(f"{k} {v}" for k, v in r.rss_by_name_mib.items())
+        lines.append(f"  peak RSS: largest sum of VmHWM over the live processes ({r.rss_processes} then; "
+                     f"shared pages counted in each); PSS splits them. VmHWM by name (MiB): {names}")
+    lines.extend(f"  {note}" for note in r.notes)
+    return lines
+
+
+def verdicts(results: Sequence[Measurement]) -> list[str]:
+    """Ratios mailmeter/(b), mailmeter/(c) for delivered/s, and the issue's targets."""
+    by_name = {r.target: r for r in results}
+    mm = by_name.get("mailmeter")
+    lines = []
+
+    def ratio_line(other: str, goal: float) -> None:
+        theirs = by_name.get(other)
+        if mm is None or theirs is None or not mm.delivered_per_s or not theirs.delivered_per_s:
+            lines.append(f"delivered/s mailmeter/{other}: not measured (target >= {goal}x)")
+            return
+        ratio = mm.delivered_per_s / theirs.delivered_per_s
+        verdict = "MET" if ratio >= goal else "MISSED"
+        lines.append(f"delivered/s mailmeter/{other}: {ratio:.2f}x (target >= {goal}x): {verdict}")
+
+    ratio_line("postfix", 2.0)
+    ratio_line("postfix+policyd", 5.0)
+    p99 = mm.latency.get("p99_ms") if mm else None
+    if isinstance(p99, (int, float)):
+        verdict = "MET" if p99 < 20 else "MISSED"
+        lines.append(f"mailmeter p99 reply after DATA: {p99:.2f} ms (target < 20 ms): {verdict}")
+    else:
+        lines.append("mailmeter p99 reply after DATA: not measured (target < 20 ms)")
+    return lines
+
+
+def print_report(settings: Settings, ceilings: Ceilings, results: Sequence[Measurement]) -> None:
+    print()
+    print(f"== load: {settings.sessions} sessions, {settings.size}-byte messages, {settings.messages} messages "
+          f"(latency pass: {settings.latency_messages}), loopback, {os.cpu_count()} CPUs")
+    print("\n".join(results_table(ceilings, results)))
+    print()
+    print("\n".join(details(ceilings, results)))
+    print()
+    print("\n".join(verdicts(results)))
+
+
+def save_json(settings: Settings, ceilings: Ceilings, results: Sequence[Measurement]) -> None:
+    if settings.out is None:
+        return
+    settings.out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+        "ceilings": asdict(ceilings),
+        "results": [asdict(r) for r in results],
+    }
+    (settings.out / "results.json").write_text(json.dumps(data, indent=2))
+    print(f"\nresults: {settings.out / 'results.json'}")
+
+
+def keep_logs(settings: Settings) -> None:
+    """Copy the services' logs next to the results when something failed."""
+    if settings.out is None:
+        return
+    target = settings.out / "logs"
+    for path in settings.workdir.rglob("*"):
+        if path.is_file() and (path.suffix == ".log" or path.name == "maillog"):
+            dest = target / path.relative_to(settings.workdir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+    print(f"logs kept in {target}")
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM/SIGHUP into an exception, so finally blocks stop what we started."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def main() -> int:
+    # Our own process group: bench/run's trap can then stop us together with the
+    # smtp-source or smtpload.py we are running, even if we were killed first.
+    os.setpgrp()
+    raise_on_sigterm()
+    settings = Settings.from_env()
+    ledger = ProcessLedger(settings.workdir)
+    ports = PortAllocator(settings.port_base)
+    print(f"load: {os.getloadavg()[0]:.2f} (other work on this machine skews every figure)", flush=True)
+    print("measuring the clients' own ceilings against a bare smtp-sink ...", flush=True)
+    ceilings = measure_ceilings(settings, ports, ledger)
+    results: list[Measurement] = []
+    for name in settings.targets:
+        print(f"measuring {name} ...", flush=True)
+        if name == "mailmeter":
+            results.append(run_mailmeter(settings, ports, ledger))
+        else:
+            results.append(run_postfix(settings, ports, ledger, with_policyd=name == "postfix+policyd"))
+        last = results[-1]
+        print(f"  {name}: accepted/s {fmt(last.accepted_per_s)}, delivered/s {fmt(last.delivered_per_s)}, "
+              f"p99 {fmt(last.latency.get('p99_ms'), 2)} ms" + (f", ERROR {last.error}" if last.error else ""),
+              flush=True)
+    print_report(settings, ceilings, results)
+    save_json(settings, ceilings, results)
+    failed = ceilings.error is not None or any(r.error for r in results)
+    if failed or os.environ.get("BENCH_KEEP_LOGS"):
+        keep_logs(settings)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything started was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,143 @@
+"""Micro-benchmark: the meter's reserve + commit, in process, against a SQLite file.
+
+The relay pays one reserve per RCPT and one commit per message before it can
+answer; the issue's target is p99 < 1 ms for the pair. This uses the real
+`metering.meter.Meter` over the real `metering.sqlite_store.SqliteStore`
+(WAL, synchronous=FULL, on a file: the fsyncs are part of what is measured),
+built the way mailmeter/app.py builds them, with no SMTP around it.
+
+Two passes: one caller at a time (the latency of the pair itself, which is
+what the target is about), then `--concurrency` callers at once, as many SMTP
+sessions would (adds the wait for the store's single connection).
+
+    PYTHONPATH=. python bench/meter_latency.py --iterations 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Run from anywhere: the checkout this file sits in, unless PYTHONPATH says otherwise.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from metering.meter import Meter  # noqa: E402
+from metering.sqlite_store import SqliteStore  # noqa: E402
+from policies.plans import parse_plan  # noqa: E402
+
+TARGET_P99_MS = 1.0
+
+
+@dataclass
+class Timings:
+    """Seconds per call, kept separately for reserve, commit and the pair."""
+
+    reserve: list[float] = field(default_factory=list)
+    commit: list[float] = field(default_factory=list)
+    pair: list[float] = field(default_factory=list)
+
+
+def percentile_ms(samples: list[float], pct: float) -> float:
+    """Nearest-rank percentile in milliseconds."""
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1] * 1000
+
+
+def describe(label: str, samples: list[float]) -> str:
+    return (f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
+            f"   max {max(samples) * 1000:8.3f} ms")
+
+
+async def open_meter(directory: Path) -> tuple[SqliteStore, Meter]:
+    """A store on a file and a meter with one account whose quota is never reached."""
+    store = SqliteStore(directory / "meter.db")
+    plans = {"bench": parse_plan("bench", {"email_quota": 1_000_000_000})}
+    meter = Meter(store, plans, node="bench")
+    await store.open()
+    await meter.add_account("bench", None, "bench", ["bench.test"], ["127.0.0.0/8"])
+    return store, meter
+
+
+async def reserve_commit(meter: Meter, number: int, timings: Timings | None) -> None:
+    """One message's metering: reserve 1 email, commit it under a fresh queue id."""
+    started = time.perf_counter()
+    grant = await meter.reserve("bench", None, 1)
+    reserved = time.perf_counter()
+    if grant.granted != 1:
+        raise RuntimeError(f"reserve refused ({grant.refusal}): the bench plan should never refuse")
+    await meter.commit(grant.hold_id, f"BENCH{number:012d}", 1)
+    done = time.perf_counter()
+    if timings is not None:
+        timings.reserve.append(reserved - started)
+        timings.commit.append(done - reserved)
+        timings.pair.append(done - started)
+
+
+async def sequential(meter: Meter, iterations: int, start: int) -> Timings:
+    timings = Timings()
+    for number in range(start, start + iterations):
+        await reserve_commit(meter, number, timings)
+    return timings
+
+
+async def concurrent(meter: Meter, iterations: int, start: int, callers: int) -> tuple[Timings, float]:
+    """`callers` tasks sharing the work; returns the timings and the wall time."""
+    timings = Timings()
+    numbers = iter(range(start, start + iterations))
+
+    async def caller() -> None:
+        for number in numbers:
+            await reserve_commit(meter, number, timings)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return timings, time.perf_counter() - started
+
+
+async def run(iterations: int, warmup: int, callers: int, directory: Path) -> bool:
+    """Print both passes; True if the sequential p99 of the pair meets the target."""
+    store, meter = await open_meter(directory)
+    try:
+        for number in range(warmup):
+            await reserve_commit(meter, number, None)
+        alone = await sequential(meter, iterations, warmup)
+        together, wall = await concurrent(meter, iterations, warmup + iterations, callers)
+    finally:
+        await store.close()
+    p99 = percentile_ms(alone.pair, 99)
+    met = p99 < TARGET_P99_MS
+    print(f"== meter reserve + commit, in process, SQLite file {directory / 'meter.db'}")
+    print(f"one caller at a time, {iterations} messages:")
+    print(describe("reserve", alone.reserve))
+    print(describe("commit", alone.commit))
+    print(describe("reserve+commit", alone.pair))
+    print(f"{callers} concurrent callers, {iterations} messages, {iterations / wall:,.0f} messages/s:")
+    print(describe("reserve+commit", together.pair))
+    print(f"meter reserve+commit p99 {p99:.3f} ms (target < {TARGET_P99_MS:g} ms): {'MET' if met else 'MISSED'}")
+    return met
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--dir", type=Path, help="directory for the database (default: a temporary one)")
+    args = parser.parse_args(argv)
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        asyncio.run(run(args.iterations, args.warmup, args.concurrency, args.dir))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="meter-latency.") as directory:
+        asyncio.run(run(args.iterations, args.warmup, args.concurrency, Path(directory)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

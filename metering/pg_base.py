@@ -1,0 +1,271 @@
+"""The PostgreSQL store's foundation: the pool, one-transaction writes, locks, the audit hook.
+
+Every write runs as one transaction through `_write`, which retries serialization
+failures and deadlocks (metering/pg_tx.py) and maps every other database error to
+StoreUnavailable. A transaction that touches an account's counters, balance or
+ledger locks that account's row first (`_lock`, `SELECT ... FOR UPDATE`) and reads
+only after the lock is granted: under READ COMMITTED each later statement then sees
+everything the previous lock holder committed. One lock, always first, also gives
+every transaction the same lock order, so nodes queue instead of deadlocking.
+
+An admin change's audit event goes into the change's own transaction, as in
+SqliteStore.audited; here the transaction also locks the target account first, so
+`before` and `after` bracket exactly this change while other nodes work on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from metering import pg_backup, pg_schema
+from metering.pg_tx import DB_ERRORS, unavailable, with_retries
+from metering.records import Account
+from metering.sqlite_store import AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
+from policies.charges import Charge
+
+T = TypeVar("T")
+
+# The account with its overdrawn debt (as SqliteStore's), plus its domains and networks
+# as arrays so one round trip reads a whole account.
+ACCOUNT_SELECT = (
+    "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
+    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt FROM accounts a"
+)
+ACCOUNT_FULL = (
+    "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
+    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt,"
+    " ARRAY(SELECT d.domain FROM account_domains d WHERE d.account_id = a.id ORDER BY d.domain) AS domains,"
+    " ARRAY(SELECT n.network FROM account_networks n WHERE n.account_id = a.id ORDER BY n.network) AS networks"
+    " FROM accounts a"
+)
+_AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_pg_audit_draft", default=None)
+
+
+def full_account(row: asyncpg.Record) -> Account:
+    """An Account from an ACCOUNT_FULL row."""
+    return account_core(row, tuple(row["domains"]), tuple(row["networks"]))
+
+
+class PgBase:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int = 10,
+        server_settings: Mapping[str, str] | None = None,
+        retries: int = 5,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self._pool_size = pool_size
+        self._server_settings = dict(server_settings or {})
+        self._retries = retries
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings=self._server_settings or None,
+            )
+        except DB_ERRORS as error:
+            raise unavailable(error) from error
+        except ValueError as error:  # a DSN asyncpg cannot parse
+            raise StoreUnavailable(f"meter store (PostgreSQL): bad database.url: {error}") from error
+        await self.migrate()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def _open_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the meter store is not open")
+        return self._pool
+
+    # -- transactions and reads -------------------------------------------------
+
+    async def _write(self, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `body` as one transaction (with the pending audit draft), retrying conflicts."""
+        pool = self._open_pool()
+        draft = _AUDIT_DRAFT.get()
+        if draft is not None and draft.written:
+            draft = None
+        saved_before = draft.before if draft is not None else None
+
+        async def attempt() -> T:
+            async with pool.acquire(timeout=self._connect_timeout) as conn:
+                async with conn.transaction():
+                    if draft is not None:
+                        draft.before = await self._audit_view(conn, draft, lock=True)
+                    result = await body(conn)
+                    audit = await self._audit_insert(conn, draft) if draft is not None else None
+            if draft is not None and audit is not None:  # committed: now the draft is written
+                draft.after, draft.id, draft.written = audit[0], audit[1], True
+            return result
+
+        def undo() -> None:
+            if draft is not None:
+                draft.before = saved_before
+
+        return await with_retries(attempt, self._retries, on_failure=undo)
+
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            async with self._open_pool().acquire(timeout=self._connect_timeout) as conn:
+                return list(await conn.fetch(sql, *args))
+        except DB_ERRORS as error:
+            raise unavailable(error) from error
+
+    async def _fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
+        rows = await self._fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def migrate(self) -> int:
+        """Apply pending migrations (advisory-locked: nodes may upgrade at once)."""
+        try:
+            async with self._open_pool().acquire(timeout=self._connect_timeout) as conn:
+                return await pg_schema.migrate(conn)
+        except DB_ERRORS as error:
+            raise unavailable(error) from error
+
+    async def schema_version(self) -> int:
+        row = await self._fetchrow("SELECT version FROM schema_version")
+        return int(row[0]) if row else 0
+
+    async def backup(self, target: Path) -> None:
+        """A consistent online copy of this store's schema (pg_dump, one snapshot)."""
+        if target.exists():
+            raise FileExistsError(f"{target} exists; choose a new file for the backup")
+        row = await self._fetchrow("SELECT current_schema()")
+        await pg_backup.dump(self.url, str(row[0]) if row else "public", target)
+
+    # -- locks --------------------------------------------------------------------
+
+    @staticmethod
+    async def _lock(conn: asyncpg.Connection, account_id: int) -> bool:
+        """Lock the account row for the rest of the transaction; False if there is none."""
+        return await conn.fetchval("SELECT id FROM accounts WHERE id = $1 FOR UPDATE", account_id) is not None
+
+    @staticmethod
+    async def _lock_named(conn: asyncpg.Connection, name: str) -> int | None:
+        account_id = await conn.fetchval("SELECT id FROM accounts WHERE name = $1 FOR UPDATE", name)
+        return None if account_id is None else int(account_id)
+
+    async def _account_in_tx(self, conn: asyncpg.Connection, account_id: int) -> Account:
+        row = await conn.fetchrow(f"{ACCOUNT_SELECT} WHERE a.id = $1", account_id)
+        if row is None:
+            raise LookupError(f"account id {account_id} is gone")
+        return account_core(row)
+
+    @staticmethod
+    async def _insert_charges(
+        conn: asyncpg.Connection, account: Account, period_key: str, charges: list[Charge], now: datetime
+    ) -> None:
+        """Insert charges under their idempotency keys; a key already there is left alone."""
+        if not charges:
+            return
+        await conn.executemany(
+            "INSERT INTO charges (idempotency_key, account_id, period_key, kind, seq, amount, emails_unlocked,"
+            " description, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            " ON CONFLICT (idempotency_key) DO NOTHING",
+            [
+                (charge_key(account.name, period_key, charge.key), account.id, period_key, charge.kind,
+                 charge.index, charge.amount, charge.emails_unlocked, charge.description,
+                 now.isoformat(), now.isoformat())
+                for charge in charges
+            ],
+        )
+
+    # -- the audit trail of admin changes ------------------------------------------------
+
+    @asynccontextmanager
+    async def audited(self, draft: AuditDraft) -> AsyncIterator[AuditDraft]:
+        """Record `draft` inside the next write transaction this task runs (see
+        SqliteStore.audited: same contract). The transaction locks the target account
+        first, so `before` and `after` bracket exactly this change, even with other
+        nodes changing the account at the same moment.
+        """
+        token = _AUDIT_DRAFT.set(draft)
+        try:
+            yield draft
+        finally:
+            _AUDIT_DRAFT.reset(token)
+
+    async def _audit_view(
+        self, conn: asyncpg.Connection, draft: AuditDraft, lock: bool = False
+    ) -> dict[str, Any] | None:
+        if lock and await self._lock_named(conn, draft.target) is None:
+            return None
+        row = await conn.fetchrow(f"{ACCOUNT_FULL} WHERE a.name = $1", draft.target)
+        return None if row is None else draft.view(full_account(row))
+
+    async def _audit_insert(self, conn: asyncpg.Connection, draft: AuditDraft) -> tuple[dict[str, Any], int] | None:
+        """Write the draft's event at the end of the change's transaction; None if no account."""
+        after = await self._audit_view(conn, draft)
+        if after is None:
+            return None
+        try:
+            event_id = await conn.fetchval(
+                "INSERT INTO audit_events (time, actor, action, target, before, after, detail, event_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                draft.at.isoformat(), draft.actor, draft.action, draft.target,
+                None if draft.before is None else json.dumps(draft.before, sort_keys=True),
+                json.dumps(after, sort_keys=True), json.dumps(draft.detail, sort_keys=True), draft.event_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise DuplicateEvent(f"event {draft.event_id!r} was already applied") from None
+        return after, int(event_id)
+
+    async def add_audit_event(
+        self,
+        at: datetime,
+        actor: str,
+        action: str,
+        target: str,
+        before: object,
+        after: object,
+        detail: dict[str, Any],
+    ) -> int:
+        """An audit event for a change that is not one account's (a billing run)."""
+
+        async def body(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval(
+                "INSERT INTO audit_events (time, actor, action, target, before, after, detail)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                at.isoformat(), actor, action, target,
+                None if before is None else json.dumps(before, sort_keys=True),
+                None if after is None else json.dumps(after, sort_keys=True), json.dumps(detail, sort_keys=True),
+            ))
+
+        return await self._write(body)
+
+    async def audit_events(self, target: str | None = None, limit: int = 100) -> list[asyncpg.Record]:
+        """The newest `limit` events, newest first; only those of `target` when given."""
+        if target is None:
+            return await self._fetch("SELECT * FROM audit_events ORDER BY id DESC LIMIT $1", limit)
+        return await self._fetch(
+            "SELECT * FROM audit_events WHERE target = $1 ORDER BY id DESC LIMIT $2", target, limit
+        )
+
+    async def audit_event_for(self, event_id: str) -> asyncpg.Record | None:
+        return await self._fetchrow("SELECT * FROM audit_events WHERE event_id = $1", event_id)
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers (for health checks)."""
+        await self._fetch("SELECT 1")

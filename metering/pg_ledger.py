@@ -1,0 +1,199 @@
+"""The PostgreSQL store's ledger: charges, invoices, statements, notices, breakdowns.
+
+A charge is inserted with `ON CONFLICT DO NOTHING` on its idempotency key, so it is
+never issued twice. An invoice is unique per (account, period): when several nodes
+close the same period at once they queue on the account's lock, exactly one insert
+wins, and only that transaction deducts prepaid and adds the collection charge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+import asyncpg
+
+from metering.pg_base import PgBase
+from metering.pg_tx import rows_affected
+from metering.sqlite_store import InvoiceRecord
+from policies.charges import Charge
+
+_INVOICE_COLUMNS = (
+    "id, account_id, period_key, period_end, issued_at, invoice_date, due_date, statement_date,"
+    " total, amount_due, prepaid_applied, status, body"
+)
+
+
+class PgLedger(PgBase):
+    # -- ledger: charges, invoices, notices, breakdowns ----------------------------------
+
+    async def charges_due_for_collection(self, now: datetime, limit: int = 100) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT c.*, a.name AS account FROM charges c JOIN accounts a ON a.id = c.account_id"
+            " WHERE c.status = 'pending' AND c.next_attempt_at <= $1 ORDER BY c.created_at LIMIT $2",
+            now.isoformat(), limit,
+        )
+
+    async def charge(self, key: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            "SELECT c.*, a.name AS account FROM charges c JOIN accounts a ON a.id = c.account_id"
+            " WHERE c.idempotency_key = $1",
+            key,
+        )
+
+    async def charges_of(self, account_id: int, period_key: str | None = None) -> list[asyncpg.Record]:
+        if period_key is None:
+            return await self._fetch(
+                "SELECT * FROM charges WHERE account_id = $1 ORDER BY created_at, seq", account_id
+            )
+        return await self._fetch(
+            "SELECT * FROM charges WHERE account_id = $1 AND period_key = $2 ORDER BY created_at, seq",
+            account_id, period_key,
+        )
+
+    async def set_charge_result(
+        self, key: str, status: str, detail: str, attempts: int, next_attempt_at: datetime
+    ) -> bool:
+        """Record a gateway verdict. A failed charge blocks the account's sending at once.
+
+        Only a charge still pending or submitted changes (a late duplicate verdict is ignored).
+        """
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            owner = await conn.fetchval("SELECT account_id FROM charges WHERE idempotency_key = $1", key)
+            if owner is None:
+                return False
+            await self._lock(conn, owner)
+            changed = rows_affected(await conn.execute(
+                "UPDATE charges SET status = $1, detail = $2, attempts = $3, next_attempt_at = $4"
+                " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted')",
+                status, detail[:500], attempts, next_attempt_at.isoformat(), key,
+            )) == 1
+            if changed and status == "failed":
+                await conn.execute(
+                    "UPDATE accounts SET payment_ok = 0, payment_detail = $1 WHERE id = $2",
+                    f"charge {key} failed: {detail}"[:500], owner,
+                )
+            if changed and status == "succeeded":
+                await conn.execute(
+                    "UPDATE invoices SET status = 'paid' WHERE (account_id, period_key) ="
+                    " (SELECT account_id, period_key FROM charges WHERE idempotency_key = $1 AND kind = 'invoice')",
+                    key,
+                )
+            return changed
+
+        return await self._write(body)
+
+    async def last_invoiced_period(self, account_id: int) -> str | None:
+        row = await self._fetchrow("SELECT MAX(period_key) FROM invoices WHERE account_id = $1", account_id)
+        return row[0] if row else None
+
+    async def add_invoice(
+        self,
+        invoice: InvoiceRecord,
+        collect: Charge | None,
+        prepaid_applied: int,
+        notice_body: str,
+        now: datetime,
+    ) -> bool:
+        """Close a period: the invoice, its prepaid deduction, and its collection charge.
+
+        Idempotent per (account, period): when several nodes close the same period at
+        once, they queue on the account's lock, exactly one insert wins and only that
+        one deducts and charges; the others insert nothing and return False.
+        """
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            await self._lock(conn, invoice.account_id)
+            inserted = rows_affected(await conn.execute(
+                f"INSERT INTO invoices ({_INVOICE_COLUMNS})"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
+                invoice.id, invoice.account_id, invoice.period_key, invoice.period_end, invoice.issued_at,
+                invoice.invoice_date, invoice.due_date, invoice.statement_date, invoice.total,
+                invoice.amount_due, invoice.prepaid_applied, invoice.status, invoice.body,
+            ))
+            if inserted != 1:
+                return False
+            if prepaid_applied:
+                await conn.execute(
+                    "UPDATE accounts SET prepaid_balance = prepaid_balance - $1 WHERE id = $2",
+                    prepaid_applied, invoice.account_id,
+                )
+                await conn.execute(
+                    "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
+                    " VALUES ($1, $2, 'usage', $3, $4)",
+                    invoice.account_id, -prepaid_applied, invoice.id, now.isoformat(),
+                )
+            if collect is not None:
+                account = await self._account_in_tx(conn, invoice.account_id)
+                await self._insert_charges(conn, account, invoice.period_key, [collect], now)
+            await conn.execute(
+                "INSERT INTO notices (account_id, period_key, key, body, created_at)"
+                " VALUES ($1, $2, 'invoice', $3, $4) ON CONFLICT DO NOTHING",
+                invoice.account_id, invoice.period_key, notice_body, now.isoformat(),
+            )
+            return True
+
+        return await self._write(body)
+
+    async def invoices(self, account_id: int | None = None) -> list[InvoiceRecord]:
+        sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
+        rows = await (
+            self._fetch(sql + " ORDER BY period_key, id")
+            if account_id is None
+            else self._fetch(sql + " WHERE account_id = $1 ORDER BY period_key", account_id)
+        )
+        return [InvoiceRecord(*tuple(row)) for row in rows]
+
+    async def statements_due(self, today_by_invoice: Callable[[InvoiceRecord], bool]) -> list[InvoiceRecord]:
+        rows = await self._fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE statement_sent = 0")
+        return [r for r in (InvoiceRecord(*tuple(row)) for row in rows) if today_by_invoice(r)]
+
+    async def mark_statement(self, invoice: InvoiceRecord, body: str, now: datetime) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            await self._lock(conn, invoice.account_id)
+            await conn.execute("UPDATE invoices SET statement_sent = 1 WHERE id = $1", invoice.id)
+            await conn.execute(
+                "INSERT INTO notices (account_id, period_key, key, body, created_at)"
+                " VALUES ($1, $2, 'statement', $3, $4) ON CONFLICT DO NOTHING",
+                invoice.account_id, invoice.period_key, body, now.isoformat(),
+            )
+
+        await self._write(run)
+
+    async def pending_notices(self) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT n.*, a.name AS account, a.contacts AS contacts FROM notices n"
+            " JOIN accounts a ON a.id = n.account_id WHERE n.email_sent = 0 OR n.webhook_sent = 0"
+            " ORDER BY n.created_at"
+        )
+
+    async def mark_notice(self, account_id: int, period_key: str, key: str, channel: str) -> None:
+        column = {"email": "email_sent", "webhook": "webhook_sent"}[channel]
+
+        async def body(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                f"UPDATE notices SET {column} = 1 WHERE account_id = $1 AND period_key = $2 AND key = $3",
+                account_id, period_key, key,
+            )
+
+        await self._write(body)
+
+    async def notices_of(self, account_id: int) -> list[asyncpg.Record]:
+        return await self._fetch("SELECT * FROM notices WHERE account_id = $1 ORDER BY created_at, key", account_id)
+
+    async def breakdown(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT campaign, region, accepted FROM usage_breakdown WHERE account_id = $1 AND period_key = $2"
+            " ORDER BY campaign, region",
+            account_id, period_key,
+        )
+
+    async def results_by_region(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT m.region AS region, r.result AS result, COUNT(*) AS n FROM recipient_results r"
+            " JOIN messages m ON m.queue_id = r.queue_id"
+            " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result != 'deferred'"
+            " GROUP BY m.region, r.result ORDER BY m.region, r.result",
+            account_id, period_key,
+        )
