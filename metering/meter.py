@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import secrets
+from time import monotonic
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
@@ -41,6 +42,8 @@ from policies.money import format_money
 from policies.periods import Period, period_containing
 
 Clock = Callable[[], datetime]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+NETWORKS_TTL = 2.0
 
 
 def utc_now() -> datetime:
@@ -135,6 +138,7 @@ class Meter:
         self.node = node
         self.region = region
         self.clock = clock
+        self._networks: tuple[float, list[tuple[IPNetwork, str]]] | None = None
 
     # -- accounts -----------------------------------------------------------
 
@@ -199,15 +203,27 @@ class Meter:
     async def sender_domains(self, name: str) -> tuple[str, ...]:
         return (await self.account(name)).domains
 
+    async def mail_check(self, name: str) -> tuple[tuple[str, ...], Refusal | None]:
+        """At MAIL, with one account read: its sender domains, and why it may not send (if so)."""
+        account = await self.account(name)
+        return account.domains, await self._refusal_of(account)
+
     async def account_for_client(self, address: str) -> Account | None:
-        """The account bound to the client's IP network, if any (like Postfix mynetworks)."""
+        """The account bound to the client's IP network, if any (like Postfix mynetworks).
+
+        The bindings are read at most every NETWORKS_TTL seconds (every new connection
+        asks); a binding added or removed takes effect within that time.
+        """
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return None
+        now = monotonic()
+        if self._networks is None or now - self._networks[0] > NETWORKS_TTL:
+            bindings = [(ipaddress.ip_network(n), name) for n, name in await self.store.all_networks()]
+            self._networks = (now, bindings)
         best: tuple[int, str] | None = None
-        for network, name in await self.store.all_networks():
-            net = ipaddress.ip_network(network)
+        for net, name in self._networks[1]:
             if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, name)
         return await self.store.get_account(best[1]) if best else None
@@ -250,7 +266,9 @@ class Meter:
 
     async def sending_refusal(self, name: str) -> Refusal | None:
         """Checked at MAIL: a reason the account may not send at all right now."""
-        account = await self.account(name)
+        return await self._refusal_of(await self.account(name))
+
+    async def _refusal_of(self, account: Account) -> Refusal | None:
         period = self.period_of(account)
         standing = standing_of(account, period)
         blocked = blocking_refusal(standing)
@@ -306,17 +324,17 @@ class Meter:
         return await self.store.message_committed(queue_id)
 
     async def record_result(self, queue_id: str, recipient: str, result: Result | str, detail: str = "") -> bool:
-        result = Result(result)
-        account_id = await self.store.message_account(queue_id)
-        if account_id is None:
-            return False  # not a metered message (a bounce or notice the relay generated)
-        account = await self.store.get_account_by_id(account_id)
-        if account is None:
-            raise UnknownAccount(f"account id {account_id} of message {queue_id} is gone")
-        period = self.period_of(account)
-        return await self.store.record_result(
-            queue_id, recipient, result, detail, account.id, period.key, self.clock()
+        """Count a recipient's result once, in the period it arrives in (one transaction)."""
+        now = self.clock()
+        plans = self.plans
+
+        def period_key_for(account: Account) -> str:
+            return period_containing(plans[account.plan].period, now, account.subscribed_on).key
+
+        recorded = await self.store.record_message_result(
+            queue_id, recipient, Result(result), detail, now, period_key_for
         )
+        return bool(recorded)  # None: not a metered message (a bounce or notice the relay made)
 
     async def usage(self, name: str, at: datetime | None = None) -> UsageReport:
         account = await self.account(name)

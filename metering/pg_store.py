@@ -23,7 +23,7 @@ from metering.pg_base import ACCOUNT_FULL, full_account
 from metering.pg_ledger import PgLedger
 from metering.pg_tx import rows_affected
 from metering.records import Account, Result, limit_change_to_json
-from metering.sqlite_store import Settlement, UnknownHold
+from metering.sqlite_store import Settlement, UnknownHold, account_core
 from policies.decision import Admission, Usage
 from policies.limits import LimitChange
 
@@ -189,22 +189,20 @@ class PgStore(PgLedger):
         """Atomically: lock the account, read it and the period's counters, ask `decide`, add the grant."""
 
         async def body(conn: asyncpg.Connection) -> Admission:
+            # Three round trips while the lock is held (every node queues on it): lock,
+            # read account and counters at once, write counter and hold at once.
             await self._lock(conn, account_id)
-            account = await self._account_in_tx(conn, account_id)
-            usage = await self._usage(conn, account_id, period_key, account.awaiting_results)
+            account, usage = await self._account_and_usage(conn, account_id, period_key)
             admission = decide(account, usage)
             if admission.granted > 0:
                 await conn.execute(
-                    "INSERT INTO period_usage (account_id, period_key, reserved) VALUES ($1, $2, $3)"
-                    " ON CONFLICT (account_id, period_key) DO UPDATE"
-                    " SET reserved = period_usage.reserved + excluded.reserved",
-                    account_id, period_key, admission.granted,
-                )
-                await conn.execute(
-                    "INSERT INTO holds (id, account_id, period_key, emails, node, created_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $6)"
+                    "WITH counted AS (INSERT INTO period_usage (account_id, period_key, reserved)"
+                    " VALUES ($1, $2, $3) ON CONFLICT (account_id, period_key) DO UPDATE"
+                    " SET reserved = period_usage.reserved + excluded.reserved RETURNING 1)"
+                    " INSERT INTO holds (id, account_id, period_key, emails, node, created_at)"
+                    " VALUES ($4, $1, $2, $3, $5, $6)"
                     " ON CONFLICT (id) DO UPDATE SET emails = holds.emails + excluded.emails",
-                    hold_id, account_id, period_key, admission.granted, node, now.isoformat(),
+                    account_id, period_key, admission.granted, hold_id, node, now.isoformat(),
                 )
             return admission
 
@@ -230,43 +228,38 @@ class PgStore(PgLedger):
         """
 
         async def body(conn: asyncpg.Connection) -> None:
-            if await conn.fetchval("SELECT 1 FROM messages WHERE queue_id = $1", queue_id):
+            done, owner = await conn.fetchrow(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE queue_id = $1), (SELECT account_id FROM holds WHERE id = $2)",
+                queue_id, hold_id,
+            )
+            if done:
                 return
-            owner = await conn.fetchval("SELECT account_id FROM holds WHERE id = $1", hold_id)
             if owner is None:
                 raise UnknownHold(hold_id)
             await self._lock(conn, owner)
             if await conn.fetchval("SELECT 1 FROM messages WHERE queue_id = $1", queue_id):
-                return
-            row = await conn.fetchrow("SELECT account_id, period_key, emails FROM holds WHERE id = $1", hold_id)
+                return  # a commit of the same message on another connection won the lock first
+            row = await conn.fetchrow(
+                "DELETE FROM holds WHERE id = $1 RETURNING account_id, period_key, emails", hold_id
+            )
             if row is None:
                 raise UnknownHold(hold_id)
             account_id, period_key, held = row["account_id"], row["period_key"], row["emails"]
-            if emails > held:
+            if emails > held:  # raising rolls the delete back: nothing changes
                 raise ValueError(f"commit of {emails} emails exceeds the {held} held")
-            await conn.execute(
-                "UPDATE period_usage SET reserved = reserved - $1, accepted = accepted + $2"
-                " WHERE account_id = $3 AND period_key = $4",
-                held, emails, account_id, period_key,
-            )
-            await conn.execute("DELETE FROM holds WHERE id = $1", hold_id)
-            await conn.execute(
-                "INSERT INTO messages (queue_id, account_id, period_key, recipients, node, accepted_at, region)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                queue_id, account_id, period_key, emails, node, now.isoformat(), region,
-            )
-            await conn.execute(
-                "UPDATE accounts SET awaiting_results = awaiting_results + $1 WHERE id = $2", emails, account_id
-            )
-            await conn.execute(
-                "INSERT INTO usage_breakdown (account_id, period_key, campaign, region, accepted)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_id, period_key, campaign, region)"
+            await conn.execute(  # one statement: usage, message, awaiting results, breakdown
+                "WITH counted AS (UPDATE period_usage SET reserved = reserved - $1, accepted = accepted + $2"
+                " WHERE account_id = $3 AND period_key = $4 RETURNING 1),"
+                " message AS (INSERT INTO messages (queue_id, account_id, period_key, recipients, node, accepted_at,"
+                " region) VALUES ($5, $3, $4, $2, $6, $7, $8) RETURNING 1),"
+                " awaiting AS (UPDATE accounts SET awaiting_results = awaiting_results + $2 WHERE id = $3 RETURNING 1)"
+                " INSERT INTO usage_breakdown (account_id, period_key, campaign, region, accepted)"
+                " VALUES ($3, $4, $9, $8, $2) ON CONFLICT (account_id, period_key, campaign, region)"
                 " DO UPDATE SET accepted = usage_breakdown.accepted + excluded.accepted",
-                account_id, period_key, campaign, region, emails,
+                held, emails, account_id, period_key, queue_id, node, now.isoformat(), region, campaign,
             )
             if settle is not None:
-                account = await self._account_in_tx(conn, account_id)
-                usage = await self._usage(conn, account_id, period_key, account.awaiting_results)
+                account, usage = await self._account_and_usage(conn, account_id, period_key)
                 last_seq = int(await conn.fetchval(
                     "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = $1 AND period_key = $2"
                     " AND kind != 'invoice'",
@@ -352,32 +345,93 @@ class PgStore(PgLedger):
 
         async def body(conn: asyncpg.Connection) -> bool:
             await self._lock(conn, account_id)
-            previous = await conn.fetchval(
-                "SELECT result FROM recipient_results WHERE queue_id = $1 AND recipient = $2", queue_id, recipient
-            )
-            if previous is not None and Result(previous).final:
-                return False
-            await conn.execute(
-                "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
-                " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at",
-                queue_id, recipient, result.value, period_key, detail[:500], now.isoformat(),
-            )
-            counter = _COUNTER_FOR_RESULT.get(result)
-            if counter is not None:
-                await conn.execute(
-                    "UPDATE accounts SET awaiting_results = GREATEST(awaiting_results - 1, 0) WHERE id = $1",
-                    account_id,
-                )
-                await conn.execute(
-                    f"INSERT INTO period_usage (account_id, period_key, {counter}) VALUES ($1, $2, 1)"
-                    f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = period_usage.{counter} + 1",
-                    account_id, period_key,
-                )
-            return True
+            return await self._record_locked(conn, queue_id, recipient, result, detail, account_id, period_key, now)
 
         return await self._write(body)
+
+    async def record_message_result(
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result,
+        detail: str,
+        now: datetime,
+        period_key_for: Callable[[Account], str],
+    ) -> bool | None:
+        """record_result for a queue id, finding its account in the same transaction.
+
+        None: not a metered message (a bounce or notice the relay made itself).
+        """
+
+        async def body(conn: asyncpg.Connection) -> bool | None:
+            account_id = await conn.fetchval("SELECT account_id FROM messages WHERE queue_id = $1", queue_id)
+            if account_id is None:
+                return None
+            await self._lock(conn, account_id)
+            account = await self._account_in_tx(conn, account_id)
+            return await self._record_locked(
+                conn, queue_id, recipient, result, detail, account_id, period_key_for(account), now
+            )
+
+        return await self._write(body)
+
+    @staticmethod
+    async def _record_locked(
+        conn: asyncpg.Connection,
+        queue_id: str,
+        recipient: str,
+        result: Result,
+        detail: str,
+        account_id: int,
+        period_key: str,
+        now: datetime,
+    ) -> bool:
+        """The result under the account's lock: False if the recipient already had a final one."""
+        previous = await conn.fetchval(
+            "SELECT result FROM recipient_results WHERE queue_id = $1 AND recipient = $2", queue_id, recipient
+        )
+        if previous is not None and Result(previous).final:
+            return False
+        upsert = (
+            "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)"
+            " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
+            " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at"
+        )
+        values = (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat())
+        counter = _COUNTER_FOR_RESULT.get(result)
+        if counter is None:
+            await conn.execute(upsert, *values)
+            return True
+        await conn.execute(  # one statement: the result, awaiting results, the period's counter
+            f"WITH result AS ({upsert} RETURNING 1),"
+            " awaiting AS (UPDATE accounts SET awaiting_results = GREATEST(awaiting_results - 1, 0)"
+            " WHERE id = $7 RETURNING 1)"
+            f" INSERT INTO period_usage (account_id, period_key, {counter}) VALUES ($7, $4, 1)"
+            f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = period_usage.{counter} + 1",
+            *values, account_id,
+        )
+        return True
+
+    async def record_message_result(
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result,
+        detail: str,
+        now: datetime,
+        period_key_for: Callable[[Account], str],
+    ) -> bool | None:
+        """record_result for a queue id (None: not a metered message). The counting itself
+        is record_result's transaction under the account lock, so it stays exactly-once."""
+        account_id = await self.message_account(queue_id)
+        if account_id is None:
+            return None
+        account = await self.get_account_by_id(account_id)
+        if account is None:
+            return None
+        return await self.record_result(queue_id, recipient, result, detail, account.id,
+                                        period_key_for(account), now)
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
         row = await self._fetchrow(
@@ -388,13 +442,32 @@ class PgStore(PgLedger):
         return _usage_of(row, awaiting_results)
 
     @staticmethod
-    async def _usage(conn: asyncpg.Connection, account_id: int, period_key: str, awaiting_results: int | None) -> Usage:
+    async def _account_and_usage(
+        conn: asyncpg.Connection, account_id: int, period_key: str
+    ) -> tuple[Account, Usage]:
+        """The account (as ACCOUNT_SELECT reads it) and its counters for the period, in one statement."""
         row = await conn.fetchrow(
-            "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced FROM period_usage"
-            " WHERE account_id = $1 AND period_key = $2",
+            "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
+            " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, u.accepted AS usage_accepted,"
+            " u.reserved AS usage_reserved, u.delivered AS usage_delivered, u.soft_bounced AS usage_soft_bounced,"
+            " u.hard_bounced AS usage_hard_bounced"
+            " FROM accounts a LEFT JOIN period_usage u ON u.account_id = a.id AND u.period_key = $2"
+            " WHERE a.id = $1",
             account_id, period_key,
         )
-        return _usage_of(row, awaiting_results)
+        if row is None:
+            raise LookupError(f"account id {account_id} is gone")
+        account = account_core(row)
+        if row["usage_accepted"] is None:
+            return account, Usage(awaiting_results=account.awaiting_results)
+        return account, Usage(
+            accepted=row["usage_accepted"],
+            reserved=row["usage_reserved"],
+            delivered=row["usage_delivered"],
+            soft_bounced=row["usage_soft_bounced"],
+            hard_bounced=row["usage_hard_bounced"],
+            awaiting_results=account.awaiting_results,
+        )
 
     async def deferred_recipients(self, account_id: int) -> int:
         row = await self._fetchrow(

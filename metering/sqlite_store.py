@@ -14,6 +14,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -27,6 +28,8 @@ from metering.schema import MIGRATIONS
 from policies.charges import Charge
 from policies.decision import Admission, Usage
 from policies.limits import LimitChange
+
+_T = TypeVar("_T")
 
 _ACCOUNT_SELECT = (
     "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0) FROM invoices i"
@@ -126,6 +129,41 @@ class SqliteStore:
                 except sqlite3.Error:
                     pass
                 raise StoreUnavailable(f"meter store commit failed: {error}") from error
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], _T], write: bool = True) -> _T:
+        """Run `operation` whole in the connection's thread: one hop for a whole transaction.
+
+        The hot path (reserve, commit, release, results, account reads) goes through here:
+        statement-by-statement awaits cost a thread round trip each, which is most of a
+        message's CPU. A write runs inside BEGIN IMMEDIATE ... COMMIT; a read as is.
+        Under the store lock, so it never interleaves with a multi-step `_tx`.
+        """
+        if self._db is None:
+            raise StoreUnavailable("the meter store is not open")
+        db = self._db
+
+        def in_thread() -> _T:
+            conn = db._conn  # aiosqlite's sqlite3 connection; we are on its thread
+            if not write:
+                return operation(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = operation(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                conn.execute("ROLLBACK")
+                raise
+            return result
+
+        async with self._lock:
+            try:
+                return await db._execute(in_thread)
+            except sqlite3.Error as error:
+                raise StoreUnavailable(f"meter store: {error}") from error
 
     async def _read(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
         if self._db is None:
@@ -277,14 +315,10 @@ class SqliteStore:
             return amount
 
     async def get_account(self, name: str) -> Account | None:
-        rows = await self._read(f"{_ACCOUNT_SELECT} WHERE a.name = ?", (name,))
-        if not rows:
-            return None
-        return await self._account_from_row(rows[0])
+        return await self._run(lambda conn: _full_account(conn, "a.name = ?", name), write=False)
 
     async def get_account_by_id(self, account_id: int) -> Account | None:
-        rows = await self._read(f"{_ACCOUNT_SELECT} WHERE a.id = ?", (account_id,))
-        return await self._account_from_row(rows[0]) if rows else None
+        return await self._run(lambda conn: _full_account(conn, "a.id = ?", account_id), write=False)
 
     async def list_accounts(self) -> list[Account]:
         rows = await self._read(f"{_ACCOUNT_SELECT} ORDER BY a.name")
@@ -318,24 +352,27 @@ class SqliteStore:
         decide: Callable[[Account, Usage], Admission],
     ) -> Admission:
         """Atomically: read the account and the period's counters, ask `decide`, add the grant."""
-        async with self._tx() as db:
-            account = await self._account_in_tx(db, account_id)
-            usage = await self._usage(db, account_id, period_key, account.awaiting_results)
+
+        def operation(conn: sqlite3.Connection) -> Admission:
+            account = _account_row(conn, account_id)
+            usage = _usage_row(conn, account_id, period_key, account.awaiting_results)
             admission = decide(account, usage)
             if admission.granted > 0:
-                await db.execute(
+                conn.execute(
                     "INSERT INTO period_usage (account_id, period_key, reserved) VALUES (?, ?, ?)"
                     " ON CONFLICT (account_id, period_key) DO UPDATE"
                     " SET reserved = reserved + excluded.reserved",
                     (account_id, period_key, admission.granted),
                 )
-                await db.execute(
+                conn.execute(
                     "INSERT INTO holds (id, account_id, period_key, emails, node, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (id) DO UPDATE SET emails = emails + excluded.emails",
                     (hold_id, account_id, period_key, admission.granted, node, now.isoformat()),
                 )
             return admission
+
+        return await self._run(operation)
 
     async def commit(
         self,
@@ -354,62 +391,63 @@ class SqliteStore:
         Idempotent on queue_id. Emails held beyond `emails` go back to the account.
         Charges go in under their idempotency key, so none is ever issued twice.
         """
-        async with self._tx() as db:
-            cursor = await db.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
-            if await cursor.fetchone():
+        def operation(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
+            if cursor.fetchone():
                 return
-            cursor = await db.execute(
+            cursor = conn.execute(
                 "SELECT account_id, period_key, emails FROM holds WHERE id = ?", (hold_id,)
             )
-            row = await cursor.fetchone()
+            row = cursor.fetchone()
             if row is None:
                 raise UnknownHold(hold_id)
             account_id, period_key, held = row
             if emails > held:
                 raise ValueError(f"commit of {emails} emails exceeds the {held} held")
-            await db.execute(
+            conn.execute(
                 "UPDATE period_usage SET reserved = reserved - ?, accepted = accepted + ?"
                 " WHERE account_id = ? AND period_key = ?",
                 (held, emails, account_id, period_key),
             )
-            await db.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
-            await db.execute(
+            conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+            conn.execute(
                 "INSERT INTO messages (queue_id, account_id, period_key, recipients, node, accepted_at, region)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (queue_id, account_id, period_key, emails, node, now.isoformat(), region),
             )
-            await db.execute(
+            conn.execute(
                 "UPDATE accounts SET awaiting_results = awaiting_results + ? WHERE id = ?", (emails, account_id)
             )
-            await db.execute(
+            conn.execute(
                 "INSERT INTO usage_breakdown (account_id, period_key, campaign, region, accepted)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id, period_key, campaign, region)"
                 " DO UPDATE SET accepted = accepted + excluded.accepted",
                 (account_id, period_key, campaign, region, emails),
             )
             if settle is not None:
-                account = await self._account_in_tx(db, account_id)
-                usage = await self._usage(db, account_id, period_key, account.awaiting_results)
-                cursor = await db.execute(
+                account = _account_row(conn, account_id)
+                usage = _usage_row(conn, account_id, period_key, account.awaiting_results)
+                cursor = conn.execute(
                     "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = ? AND period_key = ?"
                     " AND kind != 'invoice'",
                     (account_id, period_key),
                 )
-                last_seq = int((await cursor.fetchone())[0])
+                last_seq = int((cursor.fetchone())[0])
                 settlement = settle(account, usage, last_seq, period_key)
                 for charge in settlement.charges:
-                    await self._insert_charge(db, account, period_key, charge, now)
+                    _insert_charge_sync(conn, account, period_key, charge, now)
                 for key, body in settlement.notices:
-                    await db.execute(
+                    conn.execute(
                         "INSERT OR IGNORE INTO notices (account_id, period_key, key, body, created_at)"
                         " VALUES (?, ?, ?, ?, ?)",
                         (account_id, period_key, key, body, now.isoformat()),
                     )
 
+        await self._run(operation)
+
     async def release(self, hold_id: str) -> int:
         """Return a hold's emails to the account; returns how many (0 if already gone)."""
-        async with self._tx() as db:
-            return await self._release(db, hold_id)
+        return await self._run(lambda conn: _release_sync(conn, hold_id))
 
     async def _release(self, db: aiosqlite.Connection, hold_id: str) -> int:
         cursor = await db.execute(
@@ -488,10 +526,31 @@ class SqliteStore:
             return True
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
-        if self._db is None:
-            raise StoreUnavailable("the meter store is not open")
-        async with self._lock:
-            return await self._usage(self._db, account_id, period_key, awaiting_results)
+        return await self._run(lambda conn: _usage_row(conn, account_id, period_key, awaiting_results), write=False)
+
+    async def record_message_result(
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result,
+        detail: str,
+        now: datetime,
+        period_key_for: Callable[[Account], str],
+    ) -> bool | None:
+        """record_result for a queue id, finding its account in the same transaction.
+
+        None: not a metered message (a bounce or notice the relay made itself).
+        """
+
+        def operation(conn: sqlite3.Connection) -> bool | None:
+            row = conn.execute("SELECT account_id FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+            if row is None:
+                return None
+            account = _account_row(conn, row[0])
+            return _record_result_sync(conn, queue_id, recipient, result, detail, account.id,
+                                       period_key_for(account), now)
+
+        return await self._run(operation)
 
     async def _account_in_tx(self, db: aiosqlite.Connection, account_id: int) -> Account:
         cursor = await db.execute(f"{_ACCOUNT_SELECT} WHERE a.id = ?", (account_id,))
@@ -867,3 +926,101 @@ def account_core(
         included_change=limit_change_from_json(row["included_change"]),
         quota_change=limit_change_from_json(row["quota_change"]),
     )
+
+
+def _account_row(conn: sqlite3.Connection, account_id: int) -> Account:
+    row = conn.execute(f"{_ACCOUNT_SELECT} WHERE a.id = ?", (account_id,)).fetchone()
+    if row is None:
+        raise LookupError(f"account id {account_id} is gone")
+    return account_core(row)
+
+
+_FULL_ACCOUNT_SELECT = (
+    "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0) FROM invoices i"
+    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt,"
+    " (SELECT group_concat(domain, ' ') FROM (SELECT domain FROM account_domains"
+    "  WHERE account_id = a.id ORDER BY domain)) AS domain_list,"
+    " (SELECT group_concat(network, ' ') FROM (SELECT network FROM account_networks"
+    "  WHERE account_id = a.id ORDER BY network)) AS network_list"
+    " FROM accounts a"
+)
+
+
+def _full_account(conn: sqlite3.Connection, where: str, value: object) -> Account | None:
+    """An account with its domains and networks, in one query (it is read on every MAIL)."""
+    row = conn.execute(f"{_FULL_ACCOUNT_SELECT} WHERE {where}", (value,)).fetchone()
+    if row is None:
+        return None
+    return account_core(
+        row, tuple((row["domain_list"] or "").split()), tuple((row["network_list"] or "").split())
+    )
+
+
+def _usage_row(conn: sqlite3.Connection, account_id: int, period_key: str, awaiting_results: int | None) -> Usage:
+    row = conn.execute(
+        "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced FROM period_usage"
+        " WHERE account_id = ? AND period_key = ?",
+        (account_id, period_key),
+    ).fetchone()
+    if row is None:
+        return Usage(awaiting_results=awaiting_results)
+    return Usage(accepted=row[0], reserved=row[1], delivered=row[2], soft_bounced=row[3], hard_bounced=row[4],
+                 awaiting_results=awaiting_results)
+
+
+def _insert_charge_sync(
+    conn: sqlite3.Connection, account: Account, period_key: str, charge: Charge, now: datetime
+) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
+        " emails_unlocked, description, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (charge_key(account.name, period_key, charge.key), account.id, period_key, charge.kind, charge.index,
+         charge.amount, charge.emails_unlocked, charge.description, now.isoformat(), now.isoformat()),
+    )
+
+
+def _release_sync(conn: sqlite3.Connection, hold_id: str) -> int:
+    row = conn.execute("SELECT account_id, period_key, emails FROM holds WHERE id = ?", (hold_id,)).fetchone()
+    if row is None:
+        return 0
+    account_id, period_key, held = row
+    conn.execute(
+        "UPDATE period_usage SET reserved = reserved - ? WHERE account_id = ? AND period_key = ?",
+        (held, account_id, period_key),
+    )
+    conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+    return int(held)
+
+
+def _record_result_sync(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    recipient: str,
+    result: Result,
+    detail: str,
+    account_id: int,
+    period_key: str,
+    now: datetime,
+) -> bool:
+    row = conn.execute(
+        "SELECT result FROM recipient_results WHERE queue_id = ? AND recipient = ?", (queue_id, recipient)
+    ).fetchone()
+    if row is not None and Result(row[0]).final:
+        return False
+    conn.execute(
+        "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
+        " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at",
+        (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat()),
+    )
+    counter = _COUNTER_FOR_RESULT.get(result)
+    if counter is not None:
+        conn.execute("UPDATE accounts SET awaiting_results = MAX(awaiting_results - 1, 0) WHERE id = ?",
+                     (account_id,))
+        conn.execute(
+            f"INSERT INTO period_usage (account_id, period_key, {counter}) VALUES (?, ?, 1)"
+            f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = {counter} + 1",
+            (account_id, period_key),
+        )
+    return True

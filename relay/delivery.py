@@ -180,11 +180,10 @@ class Delivery:
 
     async def _attempt(self, queue_id: str, connection: list[aiosmtplib.SMTP | None]) -> None:
         try:
-            envelope, body = await asyncio.to_thread(self.spool.read, queue_id)
+            envelope, body, state = await asyncio.to_thread(self.spool.read_with_state, queue_id)
         except FileNotFoundError:
             self._known.pop(queue_id, None)
             return
-        state = await asyncio.to_thread(self.spool.load_state, envelope)
         pending = state.pending()
         if pending:
             started = time.monotonic()
@@ -203,9 +202,12 @@ class Delivery:
                 recipient.status, recipient.reply, recipient.reported = status, outcome.reply, False
                 self.observer.delivery_result(status, 1)
             state.next_attempt_at = now + next_delay
-            # Results are durable before anything else happens: a crash from here on
-            # never sends the same recipient twice.
-            await asyncio.to_thread(self.spool.save_state, state)
+            if state.pending() or any(r.status != "delivered" for r in pending):
+                # Results are durable before anything else happens (retries and bounces
+                # build on them). When every recipient was delivered, the message is
+                # removed as soon as the meter has the results; a crash before that sends
+                # it again, as a crash before this write would, and the meter counts once.
+                await asyncio.to_thread(self.spool.save_state, state)
             self.log.info(
                 "delivery.attempt",
                 queue_id=queue_id,
@@ -220,7 +222,7 @@ class Delivery:
                 seconds=round(time.monotonic() - started, 4),
             )
         # The meter first: a DSN that cannot be queued must not hold results back.
-        reporting_ok = await self._report(state)
+        reporting_ok = await self._report(state, persist=bool(state.pending()))
         await self._bounce(envelope, body, state)
         if reporting_ok and state.unreported():
             reporting_ok = False
@@ -235,8 +237,12 @@ class Delivery:
         else:
             self._schedule(queue_id, state.next_attempt_at)
 
-    async def _report(self, state: QueueState) -> bool:
-        """Hand every unreported result to the meter; False if the meter could not take one."""
+    async def _report(self, state: QueueState, persist: bool = True) -> bool:
+        """Hand every unreported result to the meter; False if the meter could not take one.
+
+        persist=False: the caller removes the message right after, so the "reported" marks
+        need not be written (reporting again after a crash is idempotent in the meter).
+        """
         changed = False
         for recipient in state.unreported():
             try:
@@ -248,7 +254,7 @@ class Delivery:
                 return False
             recipient.reported = True
             changed = True
-        if changed:
+        if changed and persist:
             await asyncio.to_thread(self.spool.save_state, state)
         return True
 
