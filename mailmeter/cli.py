@@ -1,8 +1,9 @@
 """The `mailmeter` command: serve the relay; manage accounts, payments, plans and invoices.
 
-Admin commands open the same SQLite database the relay uses (WAL mode lets both
-work at once); a change such as a payment block is seen by the relay at the
-next SMTP command, with no restart and no signal.
+Admin commands open the same database the relay uses (the SQLite file, whose WAL
+mode lets both work at once, or the PostgreSQL database every node shares); a
+change such as a payment block is seen by the relay at the next SMTP command,
+with no restart and no signal.
 """
 
 from __future__ import annotations

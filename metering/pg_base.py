@@ -63,13 +63,19 @@ class PgBase:
         retries: int = 5,
         connect_timeout: float = 5.0,
         command_timeout: float = 30.0,
+        acquire_timeout: float = 10.0,
     ) -> None:
+        """`retries`: how often a transaction that lost a serialization or deadlock race is
+        run again; `acquire_timeout`: how long a call waits for a free pooled connection
+        (then StoreUnavailable: 451); `command_timeout`: for one statement, lock waits included.
+        Extra `server_settings` (e.g. search_path) apply to every connection."""
         self.url = url
         self._pool_size = pool_size
         self._server_settings = dict(server_settings or {})
         self._retries = retries
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
+        self._acquire_timeout = acquire_timeout
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
@@ -86,7 +92,11 @@ class PgBase:
             raise unavailable(error) from error
         except ValueError as error:  # a DSN asyncpg cannot parse
             raise StoreUnavailable(f"meter store (PostgreSQL): bad database.url: {error}") from error
-        await self.migrate()
+        try:
+            await self.migrate()
+        except BaseException:
+            await self.close()  # a half-open store holds no connections
+            raise
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -109,7 +119,7 @@ class PgBase:
         saved_before = draft.before if draft is not None else None
 
         async def attempt() -> T:
-            async with pool.acquire(timeout=self._connect_timeout) as conn:
+            async with pool.acquire(timeout=self._acquire_timeout) as conn:
                 async with conn.transaction():
                     if draft is not None:
                         draft.before = await self._audit_view(conn, draft, lock=True)
@@ -127,7 +137,7 @@ class PgBase:
 
     async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
         try:
-            async with self._open_pool().acquire(timeout=self._connect_timeout) as conn:
+            async with self._open_pool().acquire(timeout=self._acquire_timeout) as conn:
                 return list(await conn.fetch(sql, *args))
         except DB_ERRORS as error:
             raise unavailable(error) from error
@@ -139,7 +149,7 @@ class PgBase:
     async def migrate(self) -> int:
         """Apply pending migrations (advisory-locked: nodes may upgrade at once)."""
         try:
-            async with self._open_pool().acquire(timeout=self._connect_timeout) as conn:
+            async with self._open_pool().acquire(timeout=self._acquire_timeout) as conn:
                 return await pg_schema.migrate(conn)
         except DB_ERRORS as error:
             raise unavailable(error) from error

@@ -229,7 +229,8 @@ class PgStore(PgLedger):
 
         async def body(conn: asyncpg.Connection) -> None:
             done, owner = await conn.fetchrow(
-                "SELECT EXISTS (SELECT 1 FROM messages WHERE queue_id = $1), (SELECT account_id FROM holds WHERE id = $2)",
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE queue_id = $1),"
+                " (SELECT account_id FROM holds WHERE id = $2)",
                 queue_id, hold_id,
             )
             if done:
@@ -412,26 +413,6 @@ class PgStore(PgLedger):
             *values, account_id,
         )
         return True
-
-    async def record_message_result(
-        self,
-        queue_id: str,
-        recipient: str,
-        result: Result,
-        detail: str,
-        now: datetime,
-        period_key_for: Callable[[Account], str],
-    ) -> bool | None:
-        """record_result for a queue id (None: not a metered message). The counting itself
-        is record_result's transaction under the account lock, so it stays exactly-once."""
-        account_id = await self.message_account(queue_id)
-        if account_id is None:
-            return None
-        account = await self.get_account_by_id(account_id)
-        if account is None:
-            return None
-        return await self.record_result(queue_id, recipient, result, detail, account.id,
-                                        period_key_for(account), now)
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
         row = await self._fetchrow(

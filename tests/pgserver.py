@@ -34,14 +34,13 @@ def _absent(reason: str) -> None:
 
 async def admin_connection() -> asyncpg.Connection:
     """A plain connection to the test database, or skip/fail the test when there is none."""
-    if _unreachable:
-        _absent(_unreachable[0])
-    try:
-        return await asyncpg.connect(PG_URL, timeout=5)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        _unreachable.append(f"{type(error).__name__}: {error}")
-        _absent(_unreachable[0])
-        raise  # not reached: _absent raises
+    if not _unreachable:
+        try:
+            return await asyncpg.connect(PG_URL, timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            _unreachable.append(f"{type(error).__name__}: {error}")
+    _absent(_unreachable[0])
+    raise AssertionError("unreachable: _absent skips or fails")
 
 
 def schema_url(schema: str) -> str:
@@ -59,4 +58,14 @@ async def isolated_schema() -> AsyncIterator[str]:
         yield schema
     finally:
         await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+async def scalar(schema: str, sql: str) -> int:
+    """One integer from `sql` run in `schema`, on a connection of its own (what the nodes committed)."""
+    admin = await admin_connection()
+    try:
+        await admin.execute(f'SET search_path = "{schema}"')
+        return int(await admin.fetchval(sql))
+    finally:
         await admin.close()

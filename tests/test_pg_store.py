@@ -12,7 +12,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from mailmeter.app import open_store
 from mailmeter.config import ConfigError, load_config
 from mailmeter.service import AdminService
-from metering.billing import Billing
+from metering.billing import Billing, CollectionCharge
 from metering.gateway import NoGateway
 from metering.meter import Meter
 from metering.pg_schema import PG_MIGRATIONS
@@ -32,10 +32,9 @@ from metering.pg_store import PgStore
 from metering.records import Result
 from metering.schema import MIGRATIONS
 from metering.sqlite_store import SqliteStore, StoreUnavailable, UnknownHold
-from policies import parse_plans
-from policies.charges import Charge
+from policies import Plan, parse_plans
 from tests.conftest import free_port, write_config
-from tests.pgserver import PG_URL, admin_connection, isolated_schema, schema_url
+from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar, schema_url
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = parse_plans({"small": {"email_quota": 1000}})
@@ -51,13 +50,15 @@ async def schema() -> AsyncIterator[str]:
 class Nodes:
     """Several PgStores (own pools) on one schema, each behind its own Meter, as relay nodes."""
 
-    def __init__(self, schema: str, count: int, plans: object = PLANS, pool_size: int = 5, **settings: str) -> None:
+    def __init__(
+        self, schema: str, count: int, plans: Mapping[str, Plan] = PLANS, pool_size: int = 5, **settings: str
+    ) -> None:
         self.stores = [
             PgStore(PG_URL, pool_size=pool_size, server_settings={"search_path": schema, **settings})
             for _ in range(count)
         ]
         self.meters = [
-            Meter(store, plans, node=f"n{n + 1}", clock=lambda: NOW, region=f"region-{n + 1}")  # type: ignore[arg-type]
+            Meter(store, plans, node=f"n{n + 1}", clock=lambda: NOW, region=f"region-{n + 1}")
             for n, store in enumerate(self.stores)
         ]
 
@@ -69,15 +70,6 @@ class Nodes:
         await asyncio.gather(*(store.close() for store in self.stores))
 
 
-async def count(schema: str, sql: str) -> int:
-    admin = await admin_connection()
-    try:
-        await admin.execute(f'SET search_path = "{schema}"')
-        return int(await admin.fetchval(sql))
-    finally:
-        await admin.close()
-
-
 # -- schema and migrations ----------------------------------------------------------------
 
 
@@ -85,8 +77,8 @@ async def test_migrations_mirror_sqlite_and_concurrent_upgrades_apply_once(schem
     assert len(PG_MIGRATIONS) == len(MIGRATIONS)  # a migration added to one store only fails here
     async with Nodes(schema, 4):  # four nodes start on an empty schema at the same moment
         pass
-    assert await count(schema, "SELECT COUNT(*) FROM schema_version") == 1
-    assert await count(schema, "SELECT version FROM schema_version") == len(MIGRATIONS)
+    assert await scalar(schema, "SELECT COUNT(*) FROM schema_version") == 1
+    assert await scalar(schema, "SELECT version FROM schema_version") == len(MIGRATIONS)
     # The same tables with the same columns as the SQLite store.
     sqlite = SqliteStore(tmp_path / "meter.db")
     await sqlite.open()
@@ -125,7 +117,7 @@ async def test_db_upgrade_from_two_processes_at_once(schema: str, tmp_path: Path
         assert process.returncode == 0, err.decode()
         assert f"is at schema version {len(PG_MIGRATIONS)}" in out.decode()
         assert "postgresql://postgres@127.0.0.1:5432/test" in out.decode()
-    assert await count(schema, "SELECT COUNT(*) FROM schema_version") == 1
+    assert await scalar(schema, "SELECT COUNT(*) FROM schema_version") == 1
 
 
 # -- reserve, commit, release ------------------------------------------------------------
@@ -152,7 +144,7 @@ async def test_reserve_commit_release(schema: str) -> None:
         usage = (await meter.usage("app")).usage
         assert (usage.accepted, usage.reserved) == (3, 0)
         assert (await meter.usage("app")).as_json()["by_region"] == {"region-1": 3}
-        assert await count(schema, "SELECT COUNT(*) FROM holds") == 0
+        assert await scalar(schema, "SELECT COUNT(*) FROM holds") == 0
 
 
 async def test_holds_are_released_per_node(schema: str) -> None:
@@ -213,7 +205,7 @@ async def test_200_concurrent_reserves_over_several_connections_grant_exactly_th
         assert sum(grant.granted for grant in grants) == 100
         assert {grant.refusal for grant in grants if not grant.granted} == {"quota_exhausted"}
         assert (await first.usage("app")).usage.reserved == 100
-        assert await count(schema, "SELECT COUNT(*) FROM holds") == 100
+        assert await scalar(schema, "SELECT COUNT(*) FROM holds") == 100
         granted = [grant for grant in grants if grant.granted]
         await asyncio.gather(*(nodes.meters[n % 4].commit(g.hold_id, f"Q{n}", 1) for n, g in enumerate(granted)))
         usage = (await first.usage("app")).usage
@@ -242,27 +234,27 @@ async def test_nodes_closing_the_same_periods_at_once_invoice_and_charge_once(sc
         with capture_logs() as logs:
             runs = await asyncio.gather(*(b.close_due_periods() for b in billings for _ in range(2)))
         assert set().union(*runs) == {"INV-a-20260401", "INV-b-20260401"}
-        assert await count(schema, "SELECT COUNT(*) FROM invoices") == 2
+        assert await scalar(schema, "SELECT COUNT(*) FROM invoices") == 2
         # Only the winning insert of each invoice deducted and charged.
         assert sorted(log["account"] for log in logs if log["event"] == "billing.invoice") == ["a", "b"]
-        assert await count(schema, "SELECT COUNT(*) FROM charges WHERE kind = 'invoice'") == 2
-        assert await count(schema, "SELECT COUNT(*) FROM balance_entries WHERE kind = 'usage'") == 1
+        assert await scalar(schema, "SELECT COUNT(*) FROM charges WHERE kind = 'invoice'") == 2
+        assert await scalar(schema, "SELECT COUNT(*) FROM balance_entries WHERE kind = 'usage'") == 1
         b = await meter.account("b")
         [invoice] = await meter.store.invoices(b.id)
         assert invoice.prepaid_applied > 0
         assert b.prepaid_balance == 90_000_000 - invoice.prepaid_applied
-        assert await count(schema, "SELECT COUNT(*) FROM notices WHERE key = 'invoice'") == 2
+        assert await scalar(schema, "SELECT COUNT(*) FROM notices WHERE key = 'invoice'") == 2
         # The store's own race, every node's insert in flight at once: one wins, once.
         b_before = (await meter.account("b")).prepaid_balance
         record = replace(invoice, id="INV-b-race", period_key="2026-05-01T00:00:00+02:00")
-        collect = Charge(kind="invoice", index=1, amount=7, emails_unlocked=None, trigger_email=None,
-                         description="race")
+        collect = CollectionCharge(amount=7, description="race")
         inserted = await asyncio.gather(*(
-            store.add_invoice(record, collect, 1_000, "{}", clock[0]) for store in nodes.stores for _ in range(3)
+            store.add_invoice(record, collect, 1_000, "{}", clock[0])  # type: ignore[arg-type]  # as Billing does
+            for store in nodes.stores for _ in range(3)
         ))
         assert sorted(inserted) == [False] * 8 + [True]
         assert (await meter.account("b")).prepaid_balance == b_before - 1_000
-        assert await count(schema, "SELECT COUNT(*) FROM charges WHERE description = 'race'") == 1
+        assert await scalar(schema, "SELECT COUNT(*) FROM charges WHERE description = 'race'") == 1
 
 
 async def test_a_payment_event_delivered_to_two_nodes_at_once_applies_once(schema: str) -> None:
@@ -309,7 +301,7 @@ async def test_unreachable_closed_or_cut_off_database_is_store_unavailable(schem
             await blocked.rollback()
         finally:
             await blocker.close()
-        assert await count(schema, "SELECT COUNT(*) FROM holds") == 0
+        assert await scalar(schema, "SELECT COUNT(*) FROM holds") == 0
         # The pool replaces lost connections: the store serves again.
         assert (await meter.reserve("app", None, 1)).granted == 1
     with pytest.raises(StoreUnavailable, match="not open"):

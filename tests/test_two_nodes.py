@@ -26,7 +26,7 @@ from metering.meter import Meter
 from metering.pg_store import PgStore
 from policies import parse_plans
 from tests.conftest import PASSWORD, Upstream, write_config
-from tests.pgserver import PG_URL, admin_connection, isolated_schema, schema_url
+from tests.pgserver import PG_URL, isolated_schema, scalar, schema_url
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = re.compile(rb"X-Test-Id: (\S+)")
@@ -115,15 +115,6 @@ async def cluster(tmp_path: Path, upstream: Upstream, schema: str) -> AsyncItera
         await store.close()
 
 
-async def count(schema: str, sql: str) -> int:
-    admin = await admin_connection()
-    try:
-        await admin.execute(f'SET search_path = "{schema}"')
-        return int(await admin.fetchval(sql))
-    finally:
-        await admin.close()
-
-
 def message(test_id: str) -> bytes:
     return f"X-Test-Id: {test_id}\r\nSubject: two nodes\r\n\r\nhello\r\n".encode()
 
@@ -175,7 +166,7 @@ async def test_200_sessions_on_two_nodes_race_for_the_last_1000_emails(
     assert (report.usage.accepted, report.usage.reserved) == (5000, 0)
     assert by_node["eu"] > 0 and by_node["us"] > 0  # both nodes really took part
     assert report.as_json()["by_region"] == {"preload": 4000, **by_node}  # each node's region label
-    assert await count(schema, "SELECT COUNT(*) FROM holds") == 0
+    assert await scalar(schema, "SELECT COUNT(*) FROM holds") == 0
 
 
 @dataclass
@@ -249,7 +240,7 @@ async def test_a_node_killed_under_load_the_other_keeps_serving_and_the_meter_st
     await asyncio.gather(*clients)
     stranded.close()
     assert len(tally.after_kill) > 10 and set(tally.after_kill) == {250}, tally.after_kill
-    assert await count(schema, "SELECT COUNT(*) FROM holds WHERE node = 'node-eu'") >= 1
+    assert await scalar(schema, "SELECT COUNT(*) FROM holds WHERE node = 'node-eu'") >= 1
     await victim.start()  # the same node again: releases its holds, settles its incoming spool
     assert int(victim.started["holds_released"]) >= 1  # type: ignore[call-overload]
     deadline = time.monotonic() + 30
@@ -277,7 +268,7 @@ async def test_a_node_killed_under_load_the_other_keeps_serving_and_the_meter_st
     usage = await store.usage(account.id, period.key)
     assert usage.accepted == distinct == usage.delivered
     assert usage.reserved == 0
-    assert await count(schema, "SELECT COUNT(*) FROM holds") == 0
-    assert await count(schema, "SELECT COUNT(*) FROM recipient_results WHERE result = 'delivered'") == distinct
+    assert await scalar(schema, "SELECT COUNT(*) FROM holds") == 0
+    assert await scalar(schema, "SELECT COUNT(*) FROM recipient_results WHERE result = 'delivered'") == distinct
     regions = await store.breakdown(account.id, period.key)
     assert {row["region"] for row in regions} == {"eu", "us"}
