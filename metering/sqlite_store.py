@@ -470,29 +470,14 @@ class SqliteStore:
         """Return a hold's emails to the account; returns how many (0 if already gone)."""
         return await self._run(lambda conn: _release_sync(conn, hold_id))
 
-    async def _release(self, db: aiosqlite.Connection, hold_id: str) -> int:
-        cursor = await db.execute(
-            "SELECT account_id, period_key, emails FROM holds WHERE id = ?", (hold_id,)
-        )
-        row = await cursor.fetchone()
-        if row is None:
-            return 0
-        account_id, period_key, held = row
-        await db.execute(
-            "UPDATE period_usage SET reserved = reserved - ? WHERE account_id = ? AND period_key = ?",
-            (held, account_id, period_key),
-        )
-        await db.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
-        return int(held)
-
     async def release_node_holds(self, node: str) -> int:
         """Release every hold a node left behind (it restarted: its sessions are gone)."""
-        async with self._tx() as db:
-            cursor = await db.execute("SELECT id FROM holds WHERE node = ?", (node,))
-            total = 0
-            for (hold_id,) in await cursor.fetchall():
-                total += await self._release(db, hold_id)
-            return total
+
+        def operation(conn: sqlite3.Connection) -> int:
+            holds = [row[0] for row in conn.execute("SELECT id FROM holds WHERE node = ?", (node,))]
+            return sum(_release_sync(conn, hold_id) for hold_id in holds)
+
+        return await self._run(operation)
 
     async def message_committed(self, queue_id: str) -> bool:
         rows = await self._read("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
@@ -517,34 +502,9 @@ class SqliteStore:
         Returns False when the recipient already had a final result (a retry after a
         crash reported it again), so nothing is counted twice.
         """
-        async with self._tx() as db:
-            cursor = await db.execute(
-                "SELECT result FROM recipient_results WHERE queue_id = ? AND recipient = ?",
-                (queue_id, recipient),
-            )
-            row = await cursor.fetchone()
-            if row is not None and Result(row[0]).final:
-                return False
-            await db.execute(
-                "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
-                " period_key = excluded.period_key, detail = excluded.detail,"
-                " updated_at = excluded.updated_at",
-                (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat()),
-            )
-            counter = _COUNTER_FOR_RESULT.get(result)
-            if counter is not None:
-                await db.execute(
-                    "UPDATE accounts SET awaiting_results = MAX(awaiting_results - 1, 0) WHERE id = ?",
-                    (account_id,),
-                )
-                await db.execute(
-                    f"INSERT INTO period_usage (account_id, period_key, {counter}) VALUES (?, ?, 1)"
-                    f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = {counter} + 1",
-                    (account_id, period_key),
-                )
-            return True
+        return await self._run(
+            lambda conn: _record_result_sync(conn, queue_id, recipient, result, detail, account_id, period_key, now)
+        )
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
         return await self._run(lambda conn: _usage_row(conn, account_id, period_key, awaiting_results), write=False)
@@ -598,29 +558,6 @@ class SqliteStore:
                 now.isoformat(),
                 now.isoformat(),
             ),
-        )
-
-    async def _usage(
-        self, db: aiosqlite.Connection, account_id: int, period_key: str, awaiting_results: int | None = None
-    ) -> Usage:
-        try:
-            cursor = await db.execute(
-                "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced FROM period_usage"
-                " WHERE account_id = ? AND period_key = ?",
-                (account_id, period_key),
-            )
-            row = await cursor.fetchone()
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"meter store: {error}") from error
-        if row is None:
-            return Usage(awaiting_results=awaiting_results)
-        return Usage(
-            accepted=row[0],
-            reserved=row[1],
-            delivered=row[2],
-            soft_bounced=row[3],
-            hard_bounced=row[4],
-            awaiting_results=awaiting_results,
         )
 
     async def deferred_recipients(self, account_id: int) -> int:
