@@ -100,9 +100,51 @@ async def concurrent(meter: Meter, iterations: int, start: int, callers: int) ->
     return timings, time.perf_counter() - started
 
 
-async def run(iterations: int, warmup: int, callers: int, directory: Path) -> bool:
+def prefill(database: Path, accounts: int, events: int) -> None:
+    """Issue 6 item 3's scale of state: `accounts` other accounts and `events` earlier
+    accepted messages (with their results) spread over them and over past periods."""
+    import sqlite3
+    import time
+
+    started = time.monotonic()
+    with sqlite3.connect(database) as db:
+        db.execute(
+            "INSERT INTO accounts (name, plan, subscribed_on, created_at)"
+            " WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            " SELECT 'filler' || i, 'bench', '2020-01-01', '2020-01-01T00:00:00+00:00' FROM n",
+            (accounts,),
+        )
+        db.execute(
+            "INSERT INTO messages (queue_id, account_id, period_key, recipients, node, accepted_at, region)"
+            " WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            " SELECT printf('OLD%012d', i), 2 + (i % ?), printf('2025-%02d-01T00:00:00Z', 1 + i % 12), 1,"
+            " 'bench', '2025-01-01T00:00:00+00:00', 'bench' FROM n",
+            (events, accounts),
+        )
+        db.execute(
+            "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
+            " SELECT queue_id, 'r@old.test', 'delivered', period_key, '', accepted_at FROM messages"
+            " WHERE queue_id LIKE 'OLD%'"
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO period_usage (account_id, period_key, accepted, delivered)"
+            " SELECT account_id, period_key, COUNT(*), COUNT(*) FROM messages WHERE queue_id LIKE 'OLD%'"
+            " GROUP BY account_id, period_key"
+        )
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # measure the store, not a 1 GB checkpoint
+    print(f"prefilled {accounts:,} accounts and {events:,} earlier messages with results"
+          f" in {time.monotonic() - started:.0f} s")
+
+
+async def run(iterations: int, warmup: int, callers: int, directory: Path,
+              prefill_accounts: int = 0, prefill_events: int = 0) -> bool:
     """Print both passes; True if the sequential p99 of the pair meets the target."""
     store, meter = await open_meter(directory)
+    if prefill_accounts or prefill_events:
+        await store.close()
+        prefill(directory / "meter.db", max(prefill_accounts, 1), prefill_events)
+        await store.open()
     try:
         for number in range(warmup):
             await reserve_commit(meter, number, None)
@@ -129,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--dir", type=Path, help="directory for the database (default: a temporary one)")
+    parser.add_argument("--prefill-accounts", type=int, default=0, help="other accounts in the store first")
+    parser.add_argument("--prefill-events", type=int, default=0, help="earlier usage events in the store first")
     args = parser.parse_args(argv)
+    fill = (args.prefill_accounts, args.prefill_events)
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        asyncio.run(run(args.iterations, args.warmup, args.concurrency, args.dir))
+        asyncio.run(run(args.iterations, args.warmup, args.concurrency, args.dir, *fill))
         return 0
     with tempfile.TemporaryDirectory(prefix="meter-latency.") as directory:
-        asyncio.run(run(args.iterations, args.warmup, args.concurrency, Path(directory)))
+        asyncio.run(run(args.iterations, args.warmup, args.concurrency, Path(directory), *fill))
     return 0
 
 
