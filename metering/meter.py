@@ -139,6 +139,7 @@ class Meter:
         self.region = region
         self.clock = clock
         self._networks: tuple[float, list[tuple[IPNetwork, str]]] | None = None
+        self._identities: dict[str, Account] = {}
 
     # -- accounts -----------------------------------------------------------
 
@@ -278,9 +279,22 @@ class Meter:
         room, refusal = headroom(self.plan_of(account), standing, usage)
         return refusal if room == 0 else None
 
+    async def _identity(self, name: str) -> Account:
+        """The account as first read, for what never changes (id, plan, subscription day).
+
+        A reserve only needs those to find its period; everything that does change
+        (payment state, balance, limits) is read again inside the reserve transaction,
+        so caching this saves a store round trip per RCPT without staling a decision.
+        """
+        account = self._identities.get(name)
+        if account is None:
+            account = await self.account(name)
+            self._identities[name] = account
+        return account
+
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Grant:
         """Hold up to `emails` more emails for one SMTP transaction, atomically."""
-        account = await self.account(name)
+        account = await self._identity(name)
         plan = self.plan_of(account)
         period = self.period_of(account)
         hold = hold_id or secrets.token_hex(12)
