@@ -6,12 +6,14 @@ nodes), delivered/s = messages / time until smtp-sink counted all of them, for:
 
   (a) one `mailmeter serve` on SQLite (as bench/run's mailmeter target);
   (b) two `mailmeter serve` processes (nodes n1, n2, each its own spool) sharing
-      one fresh PostgreSQL schema, created here and dropped at the end.
+      one fresh PostgreSQL schema, created here and dropped at the end: first with
+      allowance leasing off (database.lease_emails: 0, every recipient decided in the
+      database), then on (--lease-emails, the config default 50).
 
 Then the meter's reserve + commit in process against PostgreSQL (metering.pg_store.PgStore
 + metering.meter.Meter, as bench/meter_latency.py does for SQLite): one caller
-(p50/p99), and CONCURRENCY callers (messages/s, p50/p99). Issue 7 wants two/one >= 1.6x;
-below that, allowance leasing is needed.
+(p50/p99), and CONCURRENCY callers (messages/s, p50/p99), without and with leasing.
+Issue 7 wants two/one >= 1.6x.
 
     PYTHONPATH=. python bench/two_nodes.py [--messages 3000] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
 
@@ -56,6 +58,7 @@ from services import (  # noqa: E402
     stop_group,
 )
 
+from metering.leases import LeaseSettings  # noqa: E402
 from metering.meter import Meter  # noqa: E402
 from metering.pg_store import PgStore  # noqa: E402
 from policies.plans import parse_plan  # noqa: E402
@@ -227,10 +230,13 @@ class MeterFigures:
     callers: int
 
 
-async def meter_on_pg(url: str, schema: str, iterations: int, warmup: int, callers: int) -> MeterFigures:
+async def meter_on_pg(
+    url: str, schema: str, iterations: int, warmup: int, callers: int, lease_emails: int
+) -> MeterFigures:
     store = PgStore(url, pool_size=max(10, callers), server_settings={"search_path": schema})
     plans = {"bench": parse_plan("bench", {"email_quota": 1_000_000_000})}
-    meter = Meter(store, plans, node="meterbench")
+    leasing = LeaseSettings(emails=lease_emails) if lease_emails else None
+    meter = Meter(store, plans, node="meterbench", leasing=leasing)
     await store.open()
     try:
         await meter.add_account("bench", None, "bench", [SENDER_DOMAIN], ["127.0.0.0/8"])
@@ -304,49 +310,64 @@ def run(args: argparse.Namespace, workdir: Path, schema: str, stack: list[Node],
     print(f"  one node SQLite: accepted in {one.accept_seconds:.2f} s, delivered {one.delivered} in "
           f"{fmt(one.deliver_seconds, 2)} s", flush=True)
 
-    # (b) two nodes, one PostgreSQL schema
-    database = {"url": with_search_path(args.pg_url, schema), "pool_size": args.pool_size}
-    nodes = [Node(name, workdir / f"pg-{name}", args.python, sink.port, database, args.workers)
-             for name in ("n1", "n2")]
-    for node in nodes:
-        node.write_config()
-    nodes[0].cli("db", "upgrade")
-    nodes[0].cli("account", "add", "bench", "--plan", "bench", "--sender-domain", SENDER_DOMAIN,
-                 "--network", "127.0.0.0/8")
-    for node in nodes:
-        stack.append(node)
-        node.start(ledger)
-    two = drive("two nodes, PostgreSQL", nodes, sink, args.messages, args.sessions, args.size, args.timeout)
-    for node in nodes:
-        node.stop()
-        stack.remove(node)
-    print(f"  two nodes PostgreSQL: accepted in {two.accept_seconds:.2f} s, delivered {two.delivered} in "
-          f"{fmt(two.deliver_seconds, 2)} s", flush=True)
+    # (b) two nodes, one PostgreSQL schema: every recipient decided in the database, then with leasing
+    passes: dict[int, Pass] = {}
+    for lease_emails in (0, args.lease_emails):
+        database = {"url": with_search_path(args.pg_url, schema), "pool_size": args.pool_size,
+                    "lease_emails": lease_emails}
+        label = f"lease-{lease_emails}"
+        nodes = [Node(name, workdir / f"pg-{label}-{name}", args.python, sink.port, database, args.workers)
+                 for name in ("n1", "n2")]
+        for node in nodes:
+            node.write_config()
+        if not passes:
+            nodes[0].cli("db", "upgrade")
+            nodes[0].cli("account", "add", "bench", "--plan", "bench", "--sender-domain", SENDER_DOMAIN,
+                         "--network", "127.0.0.0/8")
+        for node in nodes:
+            stack.append(node)
+            node.start(ledger)
+        two = drive(f"two nodes, PostgreSQL, {label}", nodes, sink, args.messages, args.sessions, args.size,
+                    args.timeout)
+        for node in nodes:
+            node.stop()
+            stack.remove(node)
+        passes[lease_emails] = two
+        print(f"  two nodes PostgreSQL, lease_emails {lease_emails}: accepted in {two.accept_seconds:.2f} s,"
+              f" delivered {two.delivered} in {fmt(two.deliver_seconds, 2)} s", flush=True)
 
     # meter micro-benchmark on PostgreSQL (its own schema-local account: nodes are stopped by now)
-    meter_schema = f"{schema}_meter"
-    asyncio.run(create_schema(args.pg_url, meter_schema))
-    try:
-        figures = asyncio.run(meter_on_pg(args.pg_url, meter_schema, args.meter_iterations, 200, args.sessions))
-    finally:
-        asyncio.run(drop_schema(args.pg_url, meter_schema))
+    meters: dict[int, MeterFigures] = {}
+    for lease_emails in (0, args.lease_emails):
+        meter_schema = f"{schema}_meter{lease_emails}"
+        asyncio.run(create_schema(args.pg_url, meter_schema))
+        try:
+            meters[lease_emails] = asyncio.run(meter_on_pg(
+                args.pg_url, meter_schema, args.meter_iterations, 200, args.sessions, lease_emails
+            ))
+        finally:
+            asyncio.run(drop_schema(args.pg_url, meter_schema))
 
-    ratio = (two.delivered_per_s / one.delivered_per_s
-             if two.delivered_per_s and one.delivered_per_s else None)
     print()
     print("== results")
     print(f"one node,  SQLite     delivered/s: {fmt(one.delivered_per_s)}   (accepted/s {fmt(one.messages / one.accept_seconds)})")
-    print(f"two nodes, PostgreSQL delivered/s: {fmt(two.delivered_per_s)}   (accepted/s {fmt(two.messages / two.accept_seconds)})")
-    verdict = "-" if ratio is None else ("MET" if ratio >= TARGET_RATIO else "MISSED: allowance leasing is needed")
-    print(f"ratio two/one: {fmt(ratio, 2)}x (issue 7 wants >= {TARGET_RATIO}x): {verdict}")
-    print(f"meter reserve+commit in process on PostgreSQL, one caller, {figures.iterations} messages:")
-    print(describe("reserve", figures.alone.reserve))
-    print(describe("commit", figures.alone.commit))
-    print(describe("reserve+commit", figures.alone.pair))
-    print(f"{figures.callers} concurrent callers, {figures.iterations} messages, "
-          f"{figures.iterations / figures.together_wall:,.0f} messages/s:")
-    print(describe("reserve+commit", figures.together.pair))
-    if one.deliver_seconds is None or two.deliver_seconds is None:
+    for lease_emails, two in passes.items():
+        ratio = (two.delivered_per_s / one.delivered_per_s
+                 if two.delivered_per_s and one.delivered_per_s else None)
+        verdict = "-" if ratio is None else ("MET" if ratio >= TARGET_RATIO else "MISSED")
+        print(f"two nodes, PostgreSQL, lease_emails {lease_emails:>4}: delivered/s {fmt(two.delivered_per_s)}"
+              f"   (accepted/s {fmt(two.messages / two.accept_seconds)});"
+              f" two/one {fmt(ratio, 2)}x (issue 7 wants >= {TARGET_RATIO}x): {verdict}")
+    for lease_emails, figures in meters.items():
+        print(f"meter reserve+commit in process on PostgreSQL, lease_emails {lease_emails},"
+              f" one caller, {figures.iterations} messages:")
+        print(describe("reserve", figures.alone.reserve))
+        print(describe("commit", figures.alone.commit))
+        print(describe("reserve+commit", figures.alone.pair))
+        print(f"  {figures.callers} concurrent callers, {figures.iterations} messages, "
+              f"{figures.iterations / figures.together_wall:,.0f} messages/s:")
+        print(describe("reserve+commit", figures.together.pair))
+    if one.deliver_seconds is None or any(two.deliver_seconds is None for two in passes.values()):
         print("note: not every message was delivered within the timeout; the rate is missing")
     return 0
 
@@ -358,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=4, help="delivery.workers per node")
     parser.add_argument("--pool-size", type=int, default=10, help="database.pool_size per node")
+    parser.add_argument("--lease-emails", type=int, default=50, help="database.lease_emails of the leasing pass")
     parser.add_argument("--meter-iterations", type=int, default=2000)
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--python", default=sys.executable, help="Python that runs mailmeter serve")

@@ -21,6 +21,7 @@ from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
 from mailmeter.sdnotify import Notifier
+from metering.leases import LeaseSettings
 from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
 from metering.meter import Meter
@@ -42,7 +43,12 @@ def open_store(config: Config) -> Store:
 
 def open_meter(config: Config) -> tuple[Store, Meter]:
     store = open_store(config)
-    return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region)
+    database = config.database
+    leasing = None
+    if database.url is not None and database.lease_emails > 0:
+        leasing = LeaseSettings(emails=database.lease_emails, seconds=database.lease_seconds)
+    return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region,
+                        leasing=leasing)
 
 
 def payment_gateway(config: Config) -> PaymentGateway:
@@ -131,6 +137,7 @@ class Relay:
     notices: NoticeSender
     server: asyncio.Server | None = None
     billing_task: asyncio.Task[None] | None = None
+    lease_task: asyncio.Task[None] | None = None  # gives back unused lease emails (PostgreSQL, leasing on)
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
     api: ApiServer | None = None  # the admin HTTP API, when api.enabled
 
@@ -180,6 +187,8 @@ class Relay:
             reuse_address=True,
         )
         self.billing_task = asyncio.create_task(self._billing_loop())
+        if self.meter.leases is not None:
+            self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
         if self.config.api.enabled:
             self.api = await start_api(self)
         log.info(
@@ -262,6 +271,17 @@ class Relay:
                 log.error("billing.pass", result="error", error=repr(error))
             await asyncio.sleep(self.config.billing.interval)
 
+    async def _lease_loop(self, interval: float) -> None:
+        log = structlog.get_logger("mailmeter.meter")
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.meter.tend_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the database may be down: its leases wait (or are reclaimed)
+                log.error("meter.lease_upkeep", result="error", error=repr(error))
+
     def begin_drain(self) -> None:
         """At once: stop accepting connections and send idle sessions 421 4.3.2."""
         if self.server is not None:
@@ -292,9 +312,26 @@ class Relay:
             self.billing_task = None
         if self.context.background:
             await asyncio.gather(*list(self.context.background), return_exceptions=True)
+        if self.lease_task is not None:
+            self.lease_task.cancel()
+            await asyncio.gather(self.lease_task, return_exceptions=True)
+            self.lease_task = None
         await self.delivery.stop()
+        await self._give_back_leases()
         await self.store.close()
         structlog.get_logger("mailmeter").info("relay.stopped", node=self.config.node.name)
+
+
+    async def _give_back_leases(self) -> None:
+        """At stop, sessions are gone: every unused leased email goes back to its account now
+        (if the database cannot be reached, this node's next start releases them)."""
+        try:
+            given = await self.meter.tend_leases(force=True)
+        except Exception as error:
+            structlog.get_logger("mailmeter.meter").error("meter.leases_returned", result="error", error=repr(error))
+            return
+        if given:
+            structlog.get_logger("mailmeter.meter").info("meter.leases_returned", emails=given, result="ok")
 
 
 async def serve(path: Path, config: Config) -> None:

@@ -92,6 +92,8 @@ class DatabaseConfig(_Section):
     path: Path = Path("var/mailmeter.db")
     url: str | None = None  # postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?search_path=SCHEMA]
     pool_size: int = Field(10, ge=1, le=500)  # PostgreSQL connections this node keeps at most
+    lease_emails: int = Field(50, ge=0, le=1_000_000)  # PostgreSQL: block of an allowance a node borrows; 0: off
+    lease_seconds: float = Field(1.0, gt=0, le=3600)  # PostgreSQL: a lease is renewed or given back after this
     busy_timeout_ms: int = Field(5000, ge=0, le=600_000)  # SQLite: wait this long for a lock, then 451
 
 

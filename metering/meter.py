@@ -13,13 +13,15 @@ import ipaddress
 import json
 import secrets
 from time import monotonic
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
-from typing import Any
+from typing import Any, Protocol, cast
 
+from metering.leases import LeaseBook, LeaseSettings, LeasingStore
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.records import Account, Grant, Result
+from metering.batching import Batcher
+from metering.records import Account, Grant, Result, ResultReport
 from metering.sqlite_store import Settlement, StoreUnavailable
 from metering.store import Store
 from policies import (
@@ -30,6 +32,7 @@ from policies import (
     Standing,
     Usage,
     admit,
+    admit_lease,
     blocking_refusal,
     charges_due,
     headroom,
@@ -44,6 +47,14 @@ from policies.periods import Period, period_containing
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NETWORKS_TTL = 2.0
+
+
+class ResultBatchStore(Protocol):
+    """A store that records many delivery results in one transaction (PostgreSQL)."""
+
+    async def record_message_results(
+        self, reports: Sequence[ResultReport], period_key_for: Callable[[Account, datetime], str]
+    ) -> list[bool | None | Exception]: ...
 
 
 def utc_now() -> datetime:
@@ -132,7 +143,10 @@ class Meter:
         node: str,
         clock: Clock = utc_now,
         region: str = "",
+        leasing: LeaseSettings | None = None,
     ) -> None:
+        """`leasing`: borrow blocks of each account's allowance and answer reserves from them
+        (metering/leases.py); only for a store that supports leases (PostgreSQL)."""
         self.store = store
         self.plans = dict(plans)
         self.node = node
@@ -140,6 +154,14 @@ class Meter:
         self.clock = clock
         self._networks: tuple[float, list[tuple[IPNetwork, str]]] | None = None
         self._identities: dict[str, Account] = {}
+        self.leases: LeaseBook | None = None
+        self._results: Batcher[ResultReport, bool | None] | None = None
+        if hasattr(store, "record_message_results"):
+            self._results = Batcher(self._record_results)
+        if leasing is not None and leasing.emails > 0:
+            if not hasattr(store, "commit_leased"):
+                raise ValueError("allowance leasing needs the PostgreSQL store (database.url)")
+            self.leases = LeaseBook(cast(LeasingStore, store), node, leasing, clock, region)
 
     # -- accounts -----------------------------------------------------------
 
@@ -205,15 +227,29 @@ class Meter:
         return (await self.account(name)).domains
 
     async def mail_check(self, name: str) -> tuple[tuple[str, ...], Refusal | None]:
-        """At MAIL, with one account read: its sender domains, and why it may not send (if so)."""
-        account = await self.account(name)
-        return account.domains, await self._refusal_of(account)
+        """At MAIL, with one store read: the sender domains, and why the account may not send (if so).
 
-    async def account_for_client(self, address: str) -> Account | None:
-        """The account bound to the client's IP network, if any (like Postfix mynetworks).
+        The account's live state (payment, balance, limits, domains) and the period's
+        counters are read together; only the period comes from the cached identity.
+        """
+        period = self.period_of(await self._identity(name))
+        found = await self.store.account_with_usage(name, period.key)
+        if found is None:
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+        account, usage = found
+        standing = standing_of(account, period)
+        blocked = blocking_refusal(standing)
+        if blocked is not None:
+            return account.domains, blocked
+        room, refusal = headroom(self.plan_of(account), standing, usage)
+        return account.domains, refusal if room == 0 else None
+
+    async def account_for_client(self, address: str) -> str | None:
+        """The name of the account bound to the client's IP network, if any (like Postfix mynetworks).
 
         The bindings are read at most every NETWORKS_TTL seconds (every new connection
-        asks); a binding added or removed takes effect within that time.
+        asks); a binding added or removed takes effect within that time. Whether the
+        account may send is MAIL's question (mail_check), asked of the store every time.
         """
         try:
             ip = ipaddress.ip_address(address)
@@ -227,7 +263,7 @@ class Meter:
         for net, name in self._networks[1]:
             if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, name)
-        return await self.store.get_account(best[1]) if best else None
+        return best[1] if best else None
 
     # -- admin changes that take effect at the next SMTP command -----------------
 
@@ -298,6 +334,15 @@ class Meter:
         plan = self.plan_of(account)
         period = self.period_of(account)
         hold = hold_id or secrets.token_hex(12)
+        if self.leases is not None:
+            block = self.leases.settings.emails
+
+            def decide_lease(current: Account, usage: Usage) -> Admission:
+                return admit_lease(plan, standing_of(current, period), usage, emails, block)
+
+            admission = await self.leases.reserve(account.id, period.key, hold, emails, decide_lease)
+            refusal = admission.refusal.value if admission.refusal else None
+            return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
 
         def decide(current: Account, usage: Usage) -> Admission:
             return admit(plan, standing_of(current, period), usage, emails)
@@ -323,12 +368,21 @@ class Meter:
             ]
             return Settlement(charges=charges, notices=notices)
 
+        if self.leases is not None and self.leases.owns(hold_id):
+            await self.leases.commit(hold_id, queue_id, emails, campaign, settle)
+            return
         await self.store.commit(
             hold_id, queue_id, emails, self.node, self.clock(), campaign=campaign, region=self.region, settle=settle
         )
 
     async def release(self, hold_id: str) -> int:
+        if self.leases is not None and self.leases.owns(hold_id):
+            return self.leases.release(hold_id)
         return await self.store.release(hold_id)
+
+    async def tend_leases(self, force: bool = False) -> int:
+        """Give back unused lease emails (every lease's `seconds`; `force` at stop); see metering/leases.py."""
+        return await self.leases.tend(force) if self.leases is not None else 0
 
     async def release_abandoned_holds(self) -> int:
         """At start: holds this node left when it stopped belong to no live session."""
@@ -338,9 +392,16 @@ class Meter:
         return await self.store.message_committed(queue_id)
 
     async def record_result(self, queue_id: str, recipient: str, result: Result | str, detail: str = "") -> bool:
-        """Count a recipient's result once, in the period it arrives in (one transaction)."""
+        """Count a recipient's result once, in the period it arrives in (one transaction).
+
+        On the shared PostgreSQL store, the results reported while a transaction is in
+        flight go together in the next one (metering/batching.py).
+        """
         now = self.clock()
         plans = self.plans
+        if self._results is not None:
+            report = ResultReport(queue_id, recipient, Result(result), detail, now)
+            return bool(await self._results.submit(report))
 
         def period_key_for(account: Account) -> str:
             return period_containing(plans[account.plan].period, now, account.subscribed_on).key
@@ -349,6 +410,14 @@ class Meter:
             queue_id, recipient, Result(result), detail, now, period_key_for
         )
         return bool(recorded)  # None: not a metered message (a bounce or notice the relay made)
+
+    async def _record_results(self, reports: list[ResultReport]) -> list[bool | None | Exception]:
+        plans = self.plans
+
+        def period_key_for(account: Account, at: datetime) -> str:
+            return period_containing(plans[account.plan].period, at, account.subscribed_on).key
+
+        return await cast(ResultBatchStore, self.store).record_message_results(reports, period_key_for)
 
     async def usage(self, name: str, at: datetime | None = None) -> UsageReport:
         account = await self.account(name)

@@ -8,21 +8,22 @@ nodes race, no two decide on the same counters, so nothing is overspent. A commi
 locks the account too and is idempotent on the queue id; a recipient's final
 result is counted once (the account lock serializes two reports of it). The
 foundation (pool, retries, locks, audit) is metering/pg_base.py; the ledger
-(charges, invoices, notices) metering/pg_ledger.py.
+(charges, invoices, notices) metering/pg_ledger.py; the steps shared under the
+account lock metering/pg_holds.py; allowance leases metering/pg_leases.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
 
 import asyncpg
 
 from metering.pg_base import ACCOUNT_FULL, full_account
-from metering.pg_ledger import PgLedger
+from metering.pg_leases import PgLeases
 from metering.pg_tx import rows_affected
-from metering.records import Account, Result, limit_change_to_json
+from metering.records import Account, Result, ResultReport, limit_change_to_json
 from metering.sqlite_store import Settlement, UnknownHold, account_core
 from policies.decision import Admission, Usage
 from policies.limits import LimitChange
@@ -34,7 +35,7 @@ _COUNTER_FOR_RESULT = {
 }
 
 
-class PgStore(PgLedger):
+class PgStore(PgLeases):
     # -- accounts -------------------------------------------------------------------
 
     async def add_account(
@@ -161,6 +162,28 @@ class PgStore(PgLedger):
         row = await self._fetchrow(f"{ACCOUNT_FULL} WHERE a.name = $1", name)
         return None if row is None else full_account(row)
 
+    async def account_with_usage(self, name: str, period_key: str) -> tuple[Account, Usage] | None:
+        """The whole account and its counters for the period, in one round trip (MAIL's check)."""
+        row = await self._fetchrow(
+            f"SELECT f.*, u.accepted AS usage_accepted, u.reserved AS usage_reserved,"
+            f" u.delivered AS usage_delivered, u.soft_bounced AS usage_soft_bounced,"
+            f" u.hard_bounced AS usage_hard_bounced"
+            f" FROM ({ACCOUNT_FULL} WHERE a.name = $1) f"
+            f" LEFT JOIN period_usage u ON u.account_id = f.id AND u.period_key = $2",
+            name, period_key,
+        )
+        if row is None:
+            return None
+        account = full_account(row)
+        return account, Usage(
+            accepted=row["usage_accepted"] or 0,
+            reserved=row["usage_reserved"] or 0,
+            delivered=row["usage_delivered"] or 0,
+            soft_bounced=row["usage_soft_bounced"] or 0,
+            hard_bounced=row["usage_hard_bounced"] or 0,
+            awaiting_results=account.awaiting_results,
+        )
+
     async def get_account_by_id(self, account_id: int) -> Account | None:
         row = await self._fetchrow(f"{ACCOUNT_FULL} WHERE a.id = $1", account_id)
         return None if row is None else full_account(row)
@@ -195,15 +218,7 @@ class PgStore(PgLedger):
             account, usage = await self._account_and_usage(conn, account_id, period_key)
             admission = decide(account, usage)
             if admission.granted > 0:
-                await conn.execute(
-                    "WITH counted AS (INSERT INTO period_usage (account_id, period_key, reserved)"
-                    " VALUES ($1, $2, $3) ON CONFLICT (account_id, period_key) DO UPDATE"
-                    " SET reserved = period_usage.reserved + excluded.reserved RETURNING 1)"
-                    " INSERT INTO holds (id, account_id, period_key, emails, node, created_at)"
-                    " VALUES ($4, $1, $2, $3, $5, $6)"
-                    " ON CONFLICT (id) DO UPDATE SET emails = holds.emails + excluded.emails",
-                    account_id, period_key, admission.granted, hold_id, node, now.isoformat(),
-                )
+                await self._add_to_hold(conn, account_id, period_key, hold_id, node, admission.granted, now.isoformat())
             return admission
 
         return await self._write(body)
@@ -260,20 +275,7 @@ class PgStore(PgLedger):
                 held, emails, account_id, period_key, queue_id, node, now.isoformat(), region, campaign,
             )
             if settle is not None:
-                account, usage = await self._account_and_usage(conn, account_id, period_key)
-                last_seq = int(await conn.fetchval(
-                    "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = $1 AND period_key = $2"
-                    " AND kind != 'invoice'",
-                    account_id, period_key,
-                ))
-                settlement = settle(account, usage, last_seq, period_key)
-                await self._insert_charges(conn, account, period_key, settlement.charges, now)
-                if settlement.notices:
-                    await conn.executemany(
-                        "INSERT INTO notices (account_id, period_key, key, body, created_at)"
-                        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                        [(account_id, period_key, key, text, now.isoformat()) for key, text in settlement.notices],
-                    )
+                await self._settle(conn, account_id, period_key, settle, now)
 
         await self._write(body)
 
@@ -288,20 +290,6 @@ class PgStore(PgLedger):
             return await self._release(conn, hold_id)
 
         return await self._write(body)
-
-    @staticmethod
-    async def _release(conn: asyncpg.Connection, hold_id: str) -> int:
-        """Delete the hold (the caller holds its account's lock) and give its emails back."""
-        row = await conn.fetchrow(
-            "DELETE FROM holds WHERE id = $1 RETURNING account_id, period_key, emails", hold_id
-        )
-        if row is None:
-            return 0
-        await conn.execute(
-            "UPDATE period_usage SET reserved = reserved - $1 WHERE account_id = $2 AND period_key = $3",
-            row["emails"], row["account_id"], row["period_key"],
-        )
-        return int(row["emails"])
 
     async def release_node_holds(self, node: str) -> int:
         """Release every hold a node left behind (it restarted: its sessions are gone).
@@ -376,6 +364,41 @@ class PgStore(PgLedger):
 
         return await self._write(body)
 
+    async def record_message_results(
+        self, reports: Sequence[ResultReport], period_key_for: Callable[[Account, datetime], str]
+    ) -> list[bool | None | Exception]:
+        """record_message_result for many reports in one transaction (the delivery side's group commit).
+
+        Accounts are locked in id order. Per report: True (counted), False (the recipient
+        already had a final result), None (not a metered message).
+        """
+
+        async def body(conn: asyncpg.Connection) -> list[bool | None | Exception]:
+            owners = {
+                row["queue_id"]: int(row["account_id"]) for row in await conn.fetch(
+                    "SELECT queue_id, account_id FROM messages WHERE queue_id = ANY($1::text[])",
+                    sorted({report.queue_id for report in reports}),
+                )
+            }
+            accounts: dict[int, Account] = {}
+            for account_id in sorted(set(owners.values())):
+                await self._lock(conn, account_id)
+                accounts[account_id] = await self._account_in_tx(conn, account_id)
+            outcomes: list[bool | None | Exception] = []
+            for report in reports:
+                account_id = owners.get(report.queue_id)
+                if account_id is None:
+                    outcomes.append(None)
+                    continue
+                period_key = period_key_for(accounts[account_id], report.at)
+                outcomes.append(await self._record_locked(
+                    conn, report.queue_id, report.recipient, report.result, report.detail, account_id, period_key,
+                    report.at,
+                ))
+            return outcomes
+
+        return await self._write(body)
+
     @staticmethod
     async def _record_locked(
         conn: asyncpg.Connection,
@@ -421,34 +444,6 @@ class PgStore(PgLedger):
             account_id, period_key,
         )
         return _usage_of(row, awaiting_results)
-
-    @staticmethod
-    async def _account_and_usage(
-        conn: asyncpg.Connection, account_id: int, period_key: str
-    ) -> tuple[Account, Usage]:
-        """The account (as ACCOUNT_SELECT reads it) and its counters for the period, in one statement."""
-        row = await conn.fetchrow(
-            "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
-            " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, u.accepted AS usage_accepted,"
-            " u.reserved AS usage_reserved, u.delivered AS usage_delivered, u.soft_bounced AS usage_soft_bounced,"
-            " u.hard_bounced AS usage_hard_bounced"
-            " FROM accounts a LEFT JOIN period_usage u ON u.account_id = a.id AND u.period_key = $2"
-            " WHERE a.id = $1",
-            account_id, period_key,
-        )
-        if row is None:
-            raise LookupError(f"account id {account_id} is gone")
-        account = account_core(row)
-        if row["usage_accepted"] is None:
-            return account, Usage(awaiting_results=account.awaiting_results)
-        return account, Usage(
-            accepted=row["usage_accepted"],
-            reserved=row["usage_reserved"],
-            delivered=row["usage_delivered"],
-            soft_bounced=row["usage_soft_bounced"],
-            hard_bounced=row["usage_hard_bounced"],
-            awaiting_results=account.awaiting_results,
-        )
 
     async def deferred_recipients(self, account_id: int) -> int:
         row = await self._fetchrow(

@@ -25,6 +25,17 @@ class Result(StrEnum):
 
 
 @dataclass(frozen=True)
+class ResultReport:
+    """One recipient's delivery result, as the delivery side reports it to the meter."""
+
+    queue_id: str
+    recipient: str
+    result: Result
+    detail: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Account:
     id: int
     name: str

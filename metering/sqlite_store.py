@@ -341,6 +341,17 @@ class SqliteStore:
     async def get_account(self, name: str) -> Account | None:
         return await self._run(lambda conn: _full_account(conn, "a.name = ?", name), write=False)
 
+    async def account_with_usage(self, name: str, period_key: str) -> tuple[Account, Usage] | None:
+        """The whole account and its counters for the period, in one hop (MAIL's check)."""
+
+        def read(conn: sqlite3.Connection) -> tuple[Account, Usage] | None:
+            account = _full_account(conn, "a.name = ?", name)
+            if account is None:
+                return None
+            return account, _usage_row(conn, account.id, period_key, account.awaiting_results)
+
+        return await self._run(read, write=False)
+
     async def get_account_by_id(self, account_id: int) -> Account | None:
         return await self._run(lambda conn: _full_account(conn, "a.id = ?", account_id), write=False)
 

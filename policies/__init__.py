@@ -15,6 +15,7 @@ Modules, from the bottom up:
   usage_cost  priced usage and the conservative exposure of held emails
   charges     charges_due: the complete, stable list of in-period charges
   decision    admit / headroom / blocking_refusal: caps as counts
+  lease       admit_lease: a node's block of the allowance (several nodes, one meter)
   invoice     close_period: the closing invoice, rounded per line
   dashboard   usage screen (model D) and usage alerts (model E)
   preview     one simulated period for `mailmeter plan preview`
@@ -24,6 +25,7 @@ from policies.account import Standing, Usage
 from policies.charges import Charge, charge_count, charged_total, charges_due, unbilled
 from policies.dashboard import UsageAlert, UsageScreen, usage_alerts_due, usage_screen
 from policies.decision import Admission, Cap, Refusal, admit, blocking_refusal, caps, headroom
+from policies.lease import admit_lease, lease_block
 from policies.invoice import Invoice, InvoiceLine, close_period
 from policies.limits import LimitChange, limit_in_effect
 from policies.plans import Plan, PlanError, parse_plan, parse_plans
@@ -47,6 +49,7 @@ __all__ = [
     "UsageAlert",
     "UsageScreen",
     "admit",
+    "admit_lease",
     "blocking_refusal",
     "caps",
     "charge_count",
@@ -55,6 +58,7 @@ __all__ = [
     "close_period",
     "exposure",
     "headroom",
+    "lease_block",
     "limit_in_effect",
     "parse_plan",
     "parse_plans",

@@ -1,8 +1,9 @@
 """The five worked examples of BILLING_MODELS.md through the real meter, on both stores.
 
-Every test runs twice: on the SQLite store and on the PostgreSQL store (a fresh
-schema of the real server; see tests/pgserver.py), so the two stores are held to
-the same results. Emails are reserved and committed in batches (the meter's
+Every test runs three times: on the SQLite store, on the PostgreSQL store (a fresh
+schema of the real server; see tests/pgserver.py), and on PostgreSQL with allowance
+leasing (metering/leases.py), so both stores and both reserve paths are held to the
+same results. Emails are reserved and committed in batches (the meter's
 reserve takes a count), so millions of emails cost a few transactions. Time is
 the meter's injected clock.
 """
@@ -20,6 +21,7 @@ import yaml
 
 from metering.billing import Billing
 from metering.gateway import NoGateway
+from metering.leases import LeaseSettings
 from metering.meter import Meter
 from metering.pg_store import PgStore
 from metering.sqlite_store import SqliteStore
@@ -63,7 +65,7 @@ class World:
         return [dict(row) for row in await self.meter.store.charges_of(account.id)]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres-leases"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """An open, empty store of each kind: a SQLite file, or a fresh PostgreSQL schema."""
     if request.param == "sqlite":
@@ -82,10 +84,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture
-async def world(store: Store) -> AsyncIterator[World]:
+async def world(store: Store, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     config = yaml.safe_load((REPO / "config.example.yaml").read_text())
     clock = Clock(datetime(2026, 4, 1, tzinfo=timezone.utc))
-    meter = Meter(store, parse_plans(config["plans"]), node="n1", clock=clock, region="eu-1")
+    # postgres-leases: every reserve goes through a lease (renewed at each one, seconds=0,
+    # so each decision sees the standing the example just set; the block stays held).
+    leasing = LeaseSettings(emails=50, seconds=0) if request.node.callspec.params["store"] == "postgres-leases" else None
+    meter = Meter(store, parse_plans(config["plans"]), node="n1", clock=clock, region="eu-1", leasing=leasing)
     yield World(meter, Billing(meter, NoGateway()), clock)
 
 

@@ -377,3 +377,22 @@ async def test_backup_is_a_pg_dump_of_the_schema(schema: str, tmp_path: Path) ->
     listing = subprocess.run(["pg_restore", "--list", str(target)], capture_output=True, text=True, check=True)
     assert f"TABLE DATA {schema} accounts" in listing.stdout
 
+
+
+async def test_results_reported_together_share_one_transaction_and_count_once(schema: str) -> None:
+    async with Nodes(schema, 1) as nodes:
+        meter = nodes.meters[0]
+        await meter.add_account("app", "pw", "small", ["example.com"], [])
+        await meter.add_account("shop", "pw", "small", ["shop.test"], [])
+        for name, queue_id in (("app", "QA"), ("shop", "QS")):
+            grant = await meter.reserve(name, None, 10)
+            await meter.commit(grant.hold_id, queue_id, 10)
+        reports = [meter.record_result(q, f"r{n}@dest.test", "delivered") for q in ("QA", "QS") for n in range(10)]
+        reports += [meter.record_result("QA", "r0@dest.test", "hard_bounced")]  # the same recipient again
+        reports += [meter.record_result("NOT-METERED", "x@dest.test", "delivered")]  # a bounce the relay made
+        outcomes = await asyncio.gather(*reports)
+        assert outcomes == [True] * 20 + [False, False]
+        assert meter._results is not None and meter._results.batches <= 2  # the first alone, the rest together
+        for name in ("app", "shop"):
+            report = await meter.usage(name)
+            assert (report.usage.delivered, report.usage.hard_bounced, report.account.awaiting_results) == (10, 0, 0)

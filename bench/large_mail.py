@@ -1,0 +1,136 @@
+"""Issue 6 item 4: do ten 10 MB messages in flight stall the other sessions?
+
+Starts `mailmeter serve` (SQLite, spool, delivery to smtp-sink; bench/services.py's
+MailmeterServer) and measures small messages' reply time after DATA (from the
+final "." to the reply, bench/smtpload.py's send_one) twice, under the same small
+load (SESSIONS concurrent sessions of 1 KB messages for SECONDS seconds):
+
+  (a) alone;
+  (b) while LARGE concurrent sessions keep sending 10 MB messages, one after the
+      other, so that ten are in flight (being received, spooled, metered or
+      delivered) the whole time.
+
+It prints p50/p99/max and messages/s of the small messages for both passes, the
+ratio of their p99, and how many large messages were accepted meanwhile.
+
+    PYTHONPATH=. python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10]
+
+Needs smtp-sink (Debian's postfix package). Everything listens on 127.0.0.1; every
+process started is stopped and the temporary directory deleted on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from services import (  # noqa: E402
+    LOOPBACK,
+    RECIPIENT,
+    SENDER,
+    MailmeterServer,
+    PortAllocator,
+    ProcessLedger,
+    ServiceError,
+    SmtpSink,
+)
+from smtpload import LoadResult, LoadSpec, SmtpError, send_one  # noqa: E402
+
+
+async def keep_sending(spec: LoadSpec, until: float, result: LoadResult, first: int) -> None:
+    """One session after another until `until`, each one message; record reply times after DATA."""
+    number = first
+    while time.monotonic() < until:
+        number += 1
+        try:
+            result.latencies.append(await asyncio.wait_for(send_one(spec, number), spec.timeout))
+        except (TimeoutError, SmtpError, OSError) as error:
+            result.errors.append(f"message {number}: {error!r}")
+
+
+async def measure(port: int, seconds: float, sessions: int, large: int, large_bytes: int) -> tuple[LoadResult, LoadResult]:
+    small_spec = LoadSpec(LOOPBACK, port, 0, sessions, 1024, SENDER, RECIPIENT)
+    large_spec = LoadSpec(LOOPBACK, port, 0, large, large_bytes, SENDER, RECIPIENT, timeout=300)
+    small, big = LoadResult(), LoadResult()
+    loop_started = time.monotonic()
+    large_until = loop_started + seconds + 2  # keep them in flight until the small load is over
+    senders = [keep_sending(large_spec, large_until, big, 1_000_000 * (n + 1)) for n in range(large)]
+    if large:
+        await asyncio.sleep(2)  # let the large messages get going first
+    started = time.monotonic()
+    small_senders = [keep_sending(small_spec, started + seconds, small, 10_000 * n) for n in range(sessions)]
+    small_task = asyncio.gather(*small_senders)
+    big_task = asyncio.gather(*senders)
+    await small_task
+    small.wall = time.monotonic() - started
+    await big_task
+    big.wall = time.monotonic() - loop_started
+    return small, big
+
+
+def line(label: str, result: LoadResult) -> str:
+    summary = result.summary()
+    return (f"  {label:<34} {summary['messages']:>6} msgs  {summary['accepted_per_s']:>7} /s"
+            f"  p50 {summary['p50_ms']:>8} ms  p99 {summary['p99_ms']:>8} ms  max {summary['max_ms']:>8} ms"
+            f"  errors {summary['errors']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--sessions", type=int, default=10, help="concurrent small-message sessions")
+    parser.add_argument("--large", type=int, default=10, help="concurrent large-message sessions")
+    parser.add_argument("--large-mb", type=float, default=10)
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--port-base", type=int, default=25500)
+    args = parser.parse_args(argv)
+    if shutil.which("smtp-sink") is None:
+        raise SystemExit("smtp-sink not found: apt-get install postfix (see bench/README.md)")
+    workdir = Path(tempfile.mkdtemp(prefix="large-mail."))
+    ledger = ProcessLedger(workdir)
+    ports = PortAllocator(args.port_base)
+    sink = SmtpSink(ledger, ports.take(), workdir / "sink.log")
+    server = MailmeterServer(ledger, workdir / "mailmeter", args.python, REPO_DIR, ports.take())
+    large_bytes = int(args.large_mb * 1024 * 1024)
+    try:
+        sink.start()
+        server.start(sink.port)
+        print(f"large_mail: {args.sessions} sessions of 1 KB messages for {args.seconds:.0f} s, alone and beside"
+              f" {args.large} sessions of {args.large_mb:g} MB messages; mailmeter on {LOOPBACK}:{server.port}",
+              flush=True)
+        alone, _ = asyncio.run(measure(server.port, args.seconds, args.sessions, 0, large_bytes))
+        server.check_alive()
+        beside, big = asyncio.run(measure(server.port, args.seconds, args.sessions, args.large, large_bytes))
+        server.check_alive()
+    except ServiceError as error:
+        print(f"large_mail: ERROR {error}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+        sink.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print("== results (small messages: reply time after DATA)")
+    print(line("alone", alone))
+    print(line(f"beside {args.large} x {args.large_mb:g} MB in flight", beside))
+    print(line(f"the {args.large_mb:g} MB messages themselves", big))
+    p99_alone, p99_beside = alone.summary()["p99_ms"], beside.summary()["p99_ms"]
+    assert isinstance(p99_alone, float) and isinstance(p99_beside, float)
+    megabytes = len(big.latencies) * args.large_mb
+    print(f"p99 beside / alone: {p99_beside / p99_alone if p99_alone else float('nan'):.2f}x;"
+          f" large messages accepted: {len(big.latencies)} ({megabytes:,.0f} MB in {big.wall:.1f} s,"
+          f" {megabytes / big.wall:.1f} MB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
