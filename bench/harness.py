@@ -75,6 +75,8 @@ class Settings:
     mailmeter_log_level: str = "info"
     profile: bool = False
     out: Path | None = None
+    prefill_accounts: int = 0
+    prefill_events: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -99,6 +101,8 @@ class Settings:
             mailmeter_log_level=os.environ.get("BENCH_MAILMETER_LOG_LEVEL", "info"),
             profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
             out=Path(out) if out else None,
+            prefill_accounts=env_int("BENCH_PREFILL_ACCOUNTS", 0),
+            prefill_events=env_int("BENCH_PREFILL_EVENTS", 0),
         )
 
 
@@ -257,6 +261,7 @@ def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedge
     server = MailmeterServer(
         ledger, settings.workdir / "mailmeter", settings.python, settings.src, ports.take(),
         workers=settings.mailmeter_workers, log_level=settings.mailmeter_log_level,
+        prefill_accounts=settings.prefill_accounts, prefill_events=settings.prefill_events,
     )
 
     def start(sink_port: int) -> Server:

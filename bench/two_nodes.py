@@ -176,6 +176,19 @@ def smtp_source(port: int, sessions: int, size: int, messages: int, timeout: flo
                             text=True)
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat's first line."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process and its waited-for children, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Pass:
     label: str
@@ -183,6 +196,16 @@ class Pass:
     accept_seconds: float = 0.0
     deliver_seconds: float | None = None
     delivered: int = 0
+    machine_busy: float = 0.0  # share of all CPUs busy during the pass (0..1)
+    relay_cpu_ms: float = 0.0  # mailmeter processes' CPU per message
+
+    @property
+    def other_cpu_ms(self) -> float:
+        """CPU per message of everything else on the machine (PostgreSQL, smtp-source, smtp-sink)."""
+        if not self.deliver_seconds:
+            return 0.0
+        total_ms = self.machine_busy * (os.cpu_count() or 1) * self.deliver_seconds * 1000 / self.messages
+        return total_ms - self.relay_cpu_ms
 
     @property
     def delivered_per_s(self) -> float | None:
@@ -196,6 +219,8 @@ def drive(label: str, nodes: list[Node], sink: SmtpSink, messages: int, sessions
     base = sink.count
     shares = [messages // len(nodes) + (1 if i < messages % len(nodes) else 0) for i in range(len(nodes))]
     per_node_sessions = max(1, sessions // len(nodes))
+    busy_before, total_before = cpu_ticks()
+    relay_before = sum(process_cpu_seconds(node.process.pid) for node in nodes if node.process is not None)
     started = time.monotonic()
     sources = [smtp_source(node.port, per_node_sessions, size, share, timeout)
                for node, share in zip(nodes, shares, strict=True)]
@@ -215,6 +240,10 @@ def drive(label: str, nodes: list[Node], sink: SmtpSink, messages: int, sessions
     result.delivered = sink.count - base
     if arrived is not None:
         result.deliver_seconds = arrived - started
+    busy_after, total_after = cpu_ticks()
+    result.machine_busy = (busy_after - busy_before) / max(total_after - total_before, 1)
+    relay_after = sum(process_cpu_seconds(node.process.pid) for node in nodes if node.process is not None)
+    result.relay_cpu_ms = (relay_after - relay_before) * 1000 / messages
     return result
 
 
@@ -351,6 +380,10 @@ def run(args: argparse.Namespace, workdir: Path, schema: str, stack: list[Node],
     print()
     print("== results")
     print(f"one node,  SQLite     delivered/s: {fmt(one.delivered_per_s)}   (accepted/s {fmt(one.messages / one.accept_seconds)})")
+    for run_ in (one, *passes.values()):
+        print(f"  {run_.label:<34} machine busy {run_.machine_busy:6.1%} of {os.cpu_count()} CPUs;"
+              f" CPU per message: mailmeter {run_.relay_cpu_ms:5.2f} ms,"
+              f" everything else (PostgreSQL, smtp-source, smtp-sink) {run_.other_cpu_ms:5.2f} ms")
     for lease_emails, two in passes.items():
         ratio = (two.delivered_per_s / one.delivered_per_s
                  if two.delivered_per_s and one.delivered_per_s else None)

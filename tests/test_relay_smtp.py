@@ -7,8 +7,12 @@ import base64
 
 import aiosmtplib
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account
+from relay.smtpd import has_bare_newline, has_long_line
+
+from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account
 
 MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -257,3 +261,100 @@ async def test_starttls_with_a_real_certificate_then_auth(make_relay, upstream: 
     assert errors == {}
     await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["tls@dest.test"])
     assert b"with ESMTPSA id" in upstream.handler.messages[0].content
+
+
+# -- DATA read in chunks (relay/smtpd.py read_data), byte for byte what aiosmtpd did ------
+
+
+async def open_transaction(port: int, recipient: str = "a@dest.test") -> RawSmtp:
+    """A raw session bound by network (no AUTH), up to the 354 of DATA."""
+    raw = await RawSmtp.open(port)
+    assert (await raw.reply()).code == 220
+    assert (await raw.command("EHLO client.test")).code == 250
+    assert (await raw.command("MAIL FROM:<app@example.com>")).code == 250
+    assert (await raw.command(f"RCPT TO:<{recipient}>")).code == 250
+    assert (await raw.command("DATA")).code == 354
+    return raw
+
+
+async def test_data_end_dot_stuffing_and_split_writes(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, networks=("127.0.0.0/8",))
+    body = (
+        b"Subject: dots\r\n\r\n"
+        b"..a line that began with one dot\r\n"
+        b"ends with a dot.\r\n"
+        b"...\r\n"  # was ".." before stuffing
+        b"x.\r\n"
+    )
+    raw = await open_transaction(harness.port)
+    # The end ".\r\n" split over several writes, right after a line that ends with "."
+    for piece in (body[:7], body[7:40], body[40:-1], body[-1:], b".", b"\r", b"\nQUIT\r\n"):
+        await raw.send(piece)
+        await asyncio.sleep(0.02)
+    reply = await raw.reply()
+    assert reply.code == 250, reply.text
+    assert (await raw.reply()).code == 221  # the pipelined QUIT after the end was read as a command
+    await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 1)
+    content = upstream.handler.messages[0].content
+    assert content.endswith(
+        b"Subject: dots\r\n\r\n.a line that began with one dot\r\nends with a dot.\r\n..\r\nx.\r\n"
+    )
+
+
+async def test_data_first_line_dot_ends_an_empty_message(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, networks=("127.0.0.0/8",))
+    raw = await open_transaction(harness.port)
+    reply = await raw.command(".")
+    assert reply.code == 250  # an empty message is a message (RFC 5321 allows it)
+    await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 1)
+
+
+async def test_data_line_too_long_500_nothing_spooled_hold_released(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, networks=("127.0.0.0/8",))
+    raw = await open_transaction(harness.port)
+    await raw.send(b"Subject: long\r\n\r\n" + b"y" * 1000 + b"\r\n")
+    reply = await raw.command(".")
+    assert reply.code == 500 and "Line too long" in reply.text
+    assert (await raw.command("RSET")).code == 250
+    assert harness.relay is not None
+    usage = (await harness.relay.meter.usage("app")).usage
+    assert (usage.accepted, usage.reserved) == (0, 0)
+    # 998 octets and CRLF is the longest line allowed
+    assert (await raw.command("MAIL FROM:<app@example.com>")).code == 250
+    assert (await raw.command("RCPT TO:<a@dest.test>")).code == 250
+    assert (await raw.command("DATA")).code == 354
+    await raw.send(b"Subject: ok\r\n\r\n" + b"y" * 998 + b"\r\n")
+    assert (await raw.command(".")).code == 250
+    assert len(upstream.handler.messages) <= 1
+
+
+async def test_a_large_message_arrives_intact(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    harness = make_relay(upstream.port, limits={"message_size": 10 * 1024 * 1024})
+    await harness.start()
+    await add_account(harness, networks=("127.0.0.0/8",))
+    lines = [b"Subject: big\r\n", b"\r\n"]
+    lines += [b"%07d " % n + (b"." if n % 7 == 0 else b"z") * 70 + b"\r\n" for n in range(60_000)]  # ~4.7 MB
+    body = b"".join(lines)
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    raw = await open_transaction(harness.port)
+    await raw.send(stuffed)
+    reply = await raw.command(".", timeout=60)
+    assert reply.code == 250, reply.text
+    await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 1, timeout=60)
+    assert upstream.handler.messages[0].content.endswith(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 10, 997, 998, 999, 1000, 1500]), max_size=8), st.sampled_from([5, 11, 1001]))
+def test_long_line_check_agrees_with_splitting(lengths: list[int], limit: int) -> None:
+    raw = b"".join(b"a" * n + b"\r\n" for n in lengths)
+    expected = any(n + 2 > limit for n in lengths)
+    assert has_long_line(raw, limit) is expected
+    assert has_bare_newline(raw) is False
+    assert has_bare_newline(raw + b"\n") and has_bare_newline(b"\r" + raw)
