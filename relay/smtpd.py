@@ -49,6 +49,9 @@ from relay.observe import NoObserver, RelayObserver, reply_class
 from relay.spool import Envelope, Spool
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# <dot-atom@domain> and the parameters after it: what RelaySMTP._getaddr answers itself.
+_PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)")
 # The session's stream limit: DATA is read in pieces of up to this (and a client's unread
 # input is buffered up to twice this before reading pauses). aiosmtpd's 1 KB made a
 # large message thousands of pauses; commands stay bounded by their own size limits.
@@ -159,6 +162,22 @@ class RelaySMTP(SMTP):
         session starts (auth_*, smtp_*): listing every attribute of every new session
         was a tenth of the relay's CPU at one message per connection."""
         return _protocol_names(type(self), ("auth_", "smtp_"))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing, with a fast path for the plain `<local@domain>` form.
+
+        aiosmtpd defines a class and runs the email package's header parser for every
+        MAIL and RCPT: a tenth of the relay's CPU. For a dot-atom address in angle
+        brackets (nearly all mail) the result is the text itself; anything else (quoted
+        local parts, domain literals, comments, UTF-8, <>) goes to aiosmtpd as before.
+        """
+        match = _PLAIN_ANGLE_ADDR.fullmatch(arg)
+        if match is None:
+            return SMTP._getaddr(self, arg)
+        address = match.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, match.group(2)
 
     def __init__(self, context: RelayContext) -> None:
         settings = context.settings

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtpd import has_bare_newline, has_long_line
+from aiosmtpd.smtp import SMTP
+
+from relay.smtpd import RelaySMTP, has_bare_newline, has_long_line
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account
 
@@ -358,3 +360,33 @@ def test_long_line_check_agrees_with_splitting(lengths: list[int], limit: int) -
     assert has_long_line(raw, limit) is expected
     assert has_bare_newline(raw) is False
     assert has_bare_newline(raw + b"\n") and has_bare_newline(b"\r" + raw)
+
+
+_ADDRESS_PARTS = ["<", ">", "@", ".", " ", "a", "b", "(", ")", '"', "\t", "=", "X", "[", "]", "1", "-", "+", "ü", ":"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(_ADDRESS_PARTS), max_size=16).map("".join))
+def test_fast_address_parsing_answers_exactly_as_aiosmtpd(arg: str) -> None:
+    """RelaySMTP._getaddr's fast path may only ever answer what aiosmtpd's parser answers."""
+
+    class Limits:
+        local_part_limit = 0
+
+    def outcome(parse: object) -> object:
+        try:
+            return parse(Limits(), arg)  # type: ignore[operator]
+        except Exception as error:  # the same exception type, if any
+            return type(error)
+
+    assert outcome(RelaySMTP._getaddr) == outcome(SMTP._getaddr)
+
+
+def test_fast_address_parsing_takes_the_plain_forms() -> None:
+    class Limits:
+        local_part_limit = 0
+
+    for plain, expected in (("<a.b+c@x-y.example>", ("a.b+c@x-y.example", "")),
+                            (" <A@B.C>  SIZE=10", ("A@B.C", "SIZE=10")),
+                            ("<a@b>\tBODY=8BITMIME", ("a@b", "BODY=8BITMIME"))):
+        assert RelaySMTP._getaddr(Limits(), plain) == expected == SMTP._getaddr(Limits(), plain)  # type: ignore[arg-type]
