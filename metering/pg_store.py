@@ -24,7 +24,7 @@ from metering.pg_base import ACCOUNT_FULL, full_account
 from metering.pg_leases import PgLeases
 from metering.pg_tx import rows_affected
 from metering.records import Account, Result, ResultReport, limit_change_to_json
-from metering.sqlite_store import Settlement, UnknownHold, account_core
+from metering.sqlite_store import Settlement, UnknownHold
 from policies.decision import Admission, Usage
 from policies.limits import LimitChange
 
