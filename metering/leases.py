@@ -123,39 +123,40 @@ class LeaseBook:
         A hold stays with the lease it was first carved from (so with its period). The
         lease's lock makes one renewal at a time; carving from a fresh lease needs no await.
         """
-        carve = self._carves.get(hold_id)
-        if carve is not None and carve.emails == 0 and carve.lease.lost:
-            del self._carves[hold_id]  # it holds nothing: it may start again on the account's new lease
-            carve = None
-        lease = carve.lease if carve is not None else self._lease_for(account_id, period_key)
-        if self._carve(lease, hold_id, emails):
-            return Admission(granted=emails, refusal=None, remaining=None)
-        async with lease.lock:
-            if self._carve(lease, hold_id, emails, holding_lock=True):  # another session's renewal served us
+        while True:
+            carve = self._carves.get(hold_id)
+            if carve is not None and carve.lease.lost:
+                if carve.emails > 0:
+                    raise StoreUnavailable("this node's lease for the account was reclaimed; retry the transaction")
+                del self._carves[hold_id]  # it holds nothing: it may start again on the account's new lease
+                carve = None
+            lease = carve.lease if carve is not None else self._lease_for(account_id, period_key)
+            if self._carve(lease, hold_id, emails):
                 return Admission(granted=emails, refusal=None, remaining=None)
-            if lease.lost:
-                raise StoreUnavailable("this node's lease for the account was reclaimed; the transaction must restart")
-            returning, lease.free = lease.free, 0
-            self.renewals += 1
-            try:
-                admission = await self.store.renew_lease(
-                    lease.lease_id, account_id, lease.period_key, self.node, returning, lease.existing,
-                    self.clock(), decide,
-                )
-            except BaseException:
-                lease.free += returning  # nothing changed in the database (or it cannot say: commits will tell)
-                raise
-            if admission is None:  # reclaimed by another node: forget it, carve from a new one
-                self._lose(lease)
-                if carve is not None:
-                    raise StoreUnavailable("this node's lease for the account was reclaimed; the transaction must restart")
-                return await self.reserve(account_id, period_key, hold_id, emails, decide)
-            lease.renewed_at = monotonic()
-            lease.existing = lease.existing or admission.granted > 0
-            mine = min(admission.granted, emails)
-            lease.free += admission.granted - mine
-            self._add_carve(lease, hold_id, mine)
-            return Admission(granted=mine, refusal=admission.refusal, remaining=admission.remaining)
+            async with lease.lock:
+                if lease.lost:
+                    continue  # given back (idle) or reclaimed while we waited: look again
+                if self._carve(lease, hold_id, emails, holding_lock=True):  # another session's renewal served us
+                    return Admission(granted=emails, refusal=None, remaining=None)
+                returning, lease.free = lease.free, 0
+                self.renewals += 1
+                try:
+                    admission = await self.store.renew_lease(
+                        lease.lease_id, account_id, lease.period_key, self.node, returning, lease.existing,
+                        self.clock(), decide,
+                    )
+                except BaseException:
+                    lease.free += returning  # nothing changed in the database (or it cannot say: commits will tell)
+                    raise
+                if admission is None:  # reclaimed by another node: forget it (and look again)
+                    self._lose(lease)
+                    continue
+                lease.renewed_at = monotonic()
+                lease.existing = lease.existing or admission.granted > 0
+                mine = min(admission.granted, emails)
+                lease.free += admission.granted - mine
+                self._add_carve(lease, hold_id, mine)
+                return Admission(granted=mine, refusal=admission.refusal, remaining=admission.remaining)
 
     def _lease_for(self, account_id: int, period_key: str) -> Lease:
         lease = self._leases.get((account_id, period_key))

@@ -283,3 +283,21 @@ async def test_a_lost_lease_fails_the_open_transaction_not_the_account(schema: s
             await meter.reserve("app", "h1", 1)  # the hold's lease is gone: 451, the client retries
         await meter.release("h1")
         assert (await meter.reserve("app", "h2", 1)).granted == 1
+
+
+async def test_a_reserve_waiting_while_an_idle_lease_is_given_back_moves_to_a_new_lease(schema: str) -> None:
+    async with Nodes(schema, 1, LeaseSettings(emails=50, seconds=0.05)) as nodes:
+        meter = nodes.meters[0]
+        await meter.add_account("app", "pw", "small", ["example.com"], [])
+        assert (await meter.reserve("app", "h1", 1)).granted == 1
+        assert await meter.release("h1") == 1
+        await asyncio.sleep(0.06)
+        # The upkeep gives the idle lease back (and drops it) while a session asks for an email.
+        tend = asyncio.create_task(meter.tend_leases())
+        await asyncio.sleep(0)  # the upkeep holds the lease's lock now
+        grant = await meter.reserve("app", "h2", 1)
+        await tend
+        assert grant.granted == 1
+        await meter.commit("h2", "Q2", 1)
+        await meter.tend_leases(force=True)
+        assert await nodes.counters() == (1, 0)
