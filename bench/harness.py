@@ -77,6 +77,7 @@ class Settings:
     out: Path | None = None
     prefill_accounts: int = 0
     prefill_events: int = 0
+    mailmeter_processes: int = 1
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -103,6 +104,7 @@ class Settings:
             out=Path(out) if out else None,
             prefill_accounts=env_int("BENCH_PREFILL_ACCOUNTS", 0),
             prefill_events=env_int("BENCH_PREFILL_EVENTS", 0),
+            mailmeter_processes=env_int("BENCH_MAILMETER_PROCESSES", 1),
         )
 
 
@@ -262,6 +264,7 @@ def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedge
         ledger, settings.workdir / "mailmeter", settings.python, settings.src, ports.take(),
         workers=settings.mailmeter_workers, log_level=settings.mailmeter_log_level,
         prefill_accounts=settings.prefill_accounts, prefill_events=settings.prefill_events,
+        processes=settings.mailmeter_processes,
     )
 
     def start(sink_port: int) -> Server:

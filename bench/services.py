@@ -249,6 +249,7 @@ class MailmeterServer:
     workers: int = 4
     log_level: str = "info"
     name: str = "mailmeter"
+    processes: int = 1  # listen.processes: relay processes sharing the port
     prefill_accounts: int = 0  # issue 6 item 3: other accounts in the store before the run
     prefill_events: int = 0  # ... and earlier messages with results, over past periods
     _process: subprocess.Popen[bytes] | None = None
@@ -264,7 +265,7 @@ class MailmeterServer:
         config = {
             "node": {"name": "bench", "region": "bench"},
             "hostname": "mailmeter.bench.test",
-            "listen": {"address": LOOPBACK, "port": self.port},
+            "listen": {"address": LOOPBACK, "port": self.port, "processes": self.processes},
             "auth": {"allow_plaintext_on_loopback": True},
             "upstream": {"host": LOOPBACK, "port": upstream_port, "tls": "none", "timeout": 30},
             "delivery": {"workers": self.workers},

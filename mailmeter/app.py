@@ -21,6 +21,7 @@ from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
 from mailmeter.sdnotify import Notifier
+from mailmeter.workers import supervise, worker_config
 from metering.leases import LeaseSettings
 from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
@@ -140,9 +141,10 @@ class Relay:
     lease_task: asyncio.Task[None] | None = None  # gives back unused lease emails (PostgreSQL, leasing on)
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
     api: ApiServer | None = None  # the admin HTTP API, when api.enabled
+    primary: bool = True  # runs the billing job and the API (worker 0 of listen.processes)
 
     @classmethod
-    def build(cls, config: Config) -> Relay:
+    def build(cls, config: Config, primary: bool = True) -> Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
         delivery = Delivery(
@@ -170,7 +172,8 @@ class Relay:
             webhook_secret=config.read_secret("billing.notices.webhook_secret_file", notices_config.webhook_secret_file),
         )
         return cls(
-            config, store, meter, spool, delivery, context, build_billing(config, meter), notices, metrics=metrics
+            config, store, meter, spool, delivery, context, build_billing(config, meter), notices, metrics=metrics,
+            primary=primary,
         )
 
     async def start(self) -> None:
@@ -185,11 +188,13 @@ class Relay:
             host=self.config.listen.address,
             port=self.config.listen.port,
             reuse_address=True,
+            reuse_port=self.config.listen.processes > 1 or None,  # the workers share the port
         )
-        self.billing_task = asyncio.create_task(self._billing_loop())
+        if self.primary:
+            self.billing_task = asyncio.create_task(self._billing_loop())
         if self.meter.leases is not None:
             self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
-        if self.config.api.enabled:
+        if self.config.api.enabled and self.primary:
             self.api = await start_api(self)
         log.info(
             "relay.started",
@@ -334,15 +339,20 @@ class Relay:
             structlog.get_logger("mailmeter.meter").info("meter.leases_returned", emails=given, result="ok")
 
 
-async def serve(path: Path, config: Config) -> None:
+async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     """Run on the main asyncio loop until SIGTERM/SIGINT; SIGHUP reloads the config.
 
     Tells systemd READY=1 once listening, RELOADING=1 then READY=1 around a reload,
     STOPPING=1 when the drain starts, and pings its watchdog when WatchdogSec is set.
+    With listen.processes > 1 this process supervises that many workers instead
+    (mailmeter/workers.py); `worker` is set in each of them. Returns the exit status.
     """
+    if worker is None and config.listen.processes > 1:
+        return await supervise(path, config)
     log = structlog.get_logger("mailmeter")
     notifier = Notifier()
-    relay = Relay.build(config)
+    config = worker_config(config, worker or 0)
+    relay = Relay.build(config, primary=not worker)
     await relay.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -354,7 +364,7 @@ async def serve(path: Path, config: Config) -> None:
     async def reload() -> None:
         notifier.notify("RELOADING=1")
         try:
-            await relay.reload(load_config(path))
+            await relay.reload(worker_config(load_config(path), worker or 0))
         except ConfigError as error:
             log.error("config.reload_refused", config=str(path), error=str(error),
                       result="kept the running config")
@@ -381,3 +391,4 @@ async def serve(path: Path, config: Config) -> None:
         await relay.stop()
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)
+    return 0

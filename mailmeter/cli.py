@@ -74,8 +74,7 @@ def _read_password(path: str) -> str:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from mailmeter.app import serve
 
-    asyncio.run(serve(Path(args.config), config))
-    return 0
+    return asyncio.run(serve(Path(args.config), config, worker=args.worker))
 
 
 def cmd_account_add(config: Config, args: argparse.Namespace) -> int:
@@ -230,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    sub(commands, "serve", "run the relay", cmd_serve)
+    serve = sub(commands, "serve", "run the relay", cmd_serve)
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
     account = commands.add_parser("account", help="manage accounts").add_subparsers(dest="sub", required=True)
     add = sub(account, "add", "add an account", cmd_account_add)

@@ -34,6 +34,7 @@ class NodeConfig(_Section):
 class ListenConfig(_Section):
     address: str = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
+    processes: int = Field(1, ge=1, le=64)  # relay processes sharing the port (SO_REUSEPORT); mailmeter/workers.py
 
     @field_validator("address")
     @classmethod
@@ -258,6 +259,8 @@ def load_config(path: Path) -> Config:
     tls = config.tls
     if (tls.certificate is None) != (tls.key is None):
         raise ConfigError("tls: set both certificate and key, or neither")
+    if config.listen.processes > 1 and config.listen.port == 0:
+        raise ConfigError("listen.processes: several processes share one port; set listen.port to a fixed port")
     for key, value in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
         if value is not None and not config.resolve(value).is_file():
             raise ConfigError(f"{key}: file {config.resolve(value)} does not exist")

@@ -19,7 +19,7 @@ import aiosmtplib
 import pytest
 import yaml
 
-from tests.conftest import PASSWORD, Upstream, write_config
+from tests.conftest import PASSWORD, Upstream, free_port, write_config
 from tests.test_cli_and_service import add
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,3 +176,67 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     problems = [line for line in result.stderr.splitlines() if "mailmeter.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, upstream: Upstream) -> None:
+    """listen.processes: 2 -> a supervisor and two relays on one port (SO_REUSEPORT), one meter."""
+    port = free_port()
+    config = write_config(tmp_path, upstream.port, log={"level": "info"}, plans={"small": {"email_quota": 30}},
+                          listen={"address": "127.0.0.1", "port": port, "processes": 2})
+    assert add(config).returncode == 0
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.setblocking(False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env,
+    )
+    svc = Service(process, sock, config, port=port)
+    try:
+        started = {(await svc.event("relay.started"))["node"] for _ in range(2)}
+        assert started == {"test-node", "test-node.1"}  # worker 0 is the node as configured
+        lines = await svc.notification("READY=1")  # from the supervisor, once both listen
+        assert "STATUS=serving on 127.0.0.1:%d with 2 processes" % port in lines
+        await svc.notification("WATCHDOG=1", timeout=2)  # the supervisor pings the watchdog
+
+        async def send(n: int) -> int:
+            client = await login(port)
+            try:
+                errors, _ = await client.sendmail("app@example.com", [f"r{n}@dest.test"], b"Subject: x\r\n\r\nx\r\n")
+                return 0 if errors else 1
+            except aiosmtplib.SMTPException:
+                return 0
+            finally:
+                client.close()
+
+        accepted = sum(await asyncio.gather(*(send(n) for n in range(40))))
+        assert accepted == 30  # 40 sessions over two processes for a quota of 30: exactly 30
+        await upstream.handler.wait_for(lambda: len(upstream.handler.delivered_to()) == 30)
+        served = {e.get("node") for e in svc.events if e.get("event") == "relay.started"}
+        assert served == {"test-node", "test-node.1"}
+        spools = [tmp_path / "spool" / "active", tmp_path / "spool" / "worker-1" / "active"]
+        assert all(path.is_dir() for path in spools)  # each worker its own spool
+        process.send_signal(signal.SIGHUP)  # forwarded: each worker reloads
+        reloads = [await svc.event("config.reloaded") for _ in range(2)]
+        assert all(r["result"] == "applied" and r["needs_restart"] == [] for r in reloads)
+        process.send_signal(signal.SIGTERM)
+        await svc.notification("STOPPING=1")
+        stopped = {(await svc.event("relay.stopped"))["node"] for _ in range(2)}
+        assert stopped == {"test-node", "test-node.1"}
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+        with pytest.raises((ConnectionRefusedError, aiosmtplib.SMTPConnectError, OSError)):
+            await login(port)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        sock.close()
+
+
+def test_several_processes_need_a_fixed_port(tmp_path: Path, upstream: Upstream) -> None:
+    config = write_config(tmp_path, upstream.port, listen={"address": "127.0.0.1", "port": 0, "processes": 2})
+    result = subprocess.run([sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode != 0 and "listen.processes" in result.stderr and "listen.port" in result.stderr
