@@ -104,7 +104,7 @@ class Settings:
             out=Path(out) if out else None,
             prefill_accounts=env_int("BENCH_PREFILL_ACCOUNTS", 0),
             prefill_events=env_int("BENCH_PREFILL_EVENTS", 0),
-            mailmeter_processes=env_int("BENCH_MAILMETER_PROCESSES", 1),
+            mailmeter_processes=env_int("BENCH_MAILMETER_PROCESSES", os.cpu_count() or 1),
         )
 
 
