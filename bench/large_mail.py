@@ -14,7 +14,7 @@ load (SESSIONS concurrent sessions of 1 KB messages for SECONDS seconds):
 It prints p50/p99/max and messages/s of the small messages for both passes, the
 ratio of their p99, and how many large messages reached the sink meanwhile.
 
-    PYTHONPATH=. python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10]
+    PYTHONPATH=. python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10] [--processes 1]
 
 Needs smtp-sink (Debian's postfix package). Everything listens on 127.0.0.1; every
 process started is stopped and the temporary directory deleted on exit.
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10, help="concurrent small-message sessions")
     parser.add_argument("--large", type=int, default=10, help="concurrent large-message sessions")
     parser.add_argument("--large-mb", type=float, default=10)
+    parser.add_argument("--processes", type=int, default=1, help="mailmeter's listen.processes")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--port-base", type=int, default=25500)
     args = parser.parse_args(argv)
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ledger = ProcessLedger(workdir)
     ports = PortAllocator(args.port_base)
     sink = SmtpSink(ledger, ports.take(), workdir / "sink.log")
-    server = MailmeterServer(ledger, workdir / "mailmeter", args.python, REPO_DIR, ports.take())
+    server = MailmeterServer(ledger, workdir / "mailmeter", args.python, REPO_DIR, ports.take(),
+                             processes=args.processes)
     large_bytes = int(args.large_mb * 1024 * 1024)
     try:
         sink.start()
