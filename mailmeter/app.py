@@ -22,9 +22,9 @@ from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
 from mailmeter.sdnotify import Notifier
 from mailmeter.workers import supervise, worker_config
-from metering.leases import LeaseSettings
 from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
+from metering.leases import LeaseSettings
 from metering.meter import Meter
 from metering.pg_store import PgStore
 from metering.sqlite_store import SqliteStore
@@ -325,7 +325,6 @@ class Relay:
         await self._give_back_leases()
         await self.store.close()
         structlog.get_logger("mailmeter").info("relay.stopped", node=self.config.node.name)
-
 
     async def _give_back_leases(self) -> None:
         """At stop, sessions are gone: every unused leased email goes back to its account now

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from typing import Any, Protocol, cast
 
+from metering.batching import Batcher
 from metering.leases import LeaseBook, LeaseSettings, LeasingStore
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.batching import Batcher
 from metering.records import Account, Grant, Result, ResultReport
 from metering.sqlite_store import Settlement, StoreUnavailable
 from metering.store import Store
@@ -223,9 +223,6 @@ class Meter:
         ok = await asyncio.to_thread(verify_password, password, stored)
         return account if ok and account is not None and account.password_hash else None
 
-    async def sender_domains(self, name: str) -> tuple[str, ...]:
-        return (await self.account(name)).domains
-
     async def mail_check(self, name: str) -> tuple[tuple[str, ...], Refusal | None]:
         """At MAIL, with one store read: the sender domains, and why the account may not send (if so).
 
@@ -302,18 +299,8 @@ class Meter:
     # -- the metering hook ----------------------------------------------------
 
     async def sending_refusal(self, name: str) -> Refusal | None:
-        """Checked at MAIL: a reason the account may not send at all right now."""
-        return await self._refusal_of(await self.account(name))
-
-    async def _refusal_of(self, account: Account) -> Refusal | None:
-        period = self.period_of(account)
-        standing = standing_of(account, period)
-        blocked = blocking_refusal(standing)
-        if blocked is not None:
-            return blocked
-        usage = await self.store.usage(account.id, period.key, account.awaiting_results)
-        room, refusal = headroom(self.plan_of(account), standing, usage)
-        return refusal if room == 0 else None
+        """A reason the account may not send at all right now (MAIL's answer)."""
+        return (await self.mail_check(name))[1]
 
     async def _identity(self, name: str) -> Account:
         """The account as first read, for what never changes (id, plan, subscription day).

@@ -95,8 +95,7 @@ class Delivery:
         self._known: dict[str, float] = {}  # queue id -> when this node first queued it
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        # Threads that send large messages (_send_large): at most one per worker.
-        self._large_senders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mailmeter-large")
+        self._large_senders: ThreadPoolExecutor | None = None  # threads for _send_large, one per worker
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -124,7 +123,9 @@ class Delivery:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        self._large_senders.shutdown(wait=False)
+        if self._large_senders is not None:
+            self._large_senders.shutdown(wait=False)
+            self._large_senders = None
 
     def reconfigure(self, upstream: UpstreamConfig, retry: RetryPolicy) -> None:
         """A reloaded config: the next attempt uses the new upstream and retry policy.
@@ -388,6 +389,7 @@ class Delivery:
             finally:
                 _drop(connection)  # the thread's loop ends with this send
 
+        assert self._large_senders is not None, "Delivery.start() runs before any send"
         return await asyncio.get_running_loop().run_in_executor(self._large_senders, asyncio.run, alone())
 
     async def _send_on(
