@@ -82,7 +82,7 @@ class SqliteStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
-        self._writes: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._writes: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]] = []
         self._flusher: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
@@ -136,7 +136,9 @@ class SqliteStore:
                     pass
                 raise StoreUnavailable(f"meter store commit failed: {error}") from error
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], _T], write: bool = True) -> _T:
+    async def _run(
+        self, operation: Callable[[sqlite3.Connection], _T], write: bool = True, durable: bool = True
+    ) -> _T:
         """Run `operation` whole in the connection's thread: one hop, not one per statement.
 
         The hot path (reserve, commit, release, results, account reads) goes through here:
@@ -147,6 +149,12 @@ class SqliteStore:
         ones before it (they run one after another, so a reserve's decision is as atomic
         as alone), one that fails rolls back alone, and none is answered before its
         COMMIT is durable: commits are grouped, never skipped.
+
+        `durable=False` is for holds only (reserve, release): a batch of nothing else
+        commits without waiting for the disk (WAL, synchronous=NORMAL: atomic, but a power
+        loss may forget it). A forgotten hold costs nothing: a restarting node releases
+        all its holds anyway. A batch with any other write is fsynced (synchronous=FULL),
+        and that also makes every hold written before it durable.
         """
         db = self._db
         if db is None:
@@ -158,7 +166,7 @@ class SqliteStore:
                 except sqlite3.Error as error:
                     raise StoreUnavailable(f"meter store: {error}") from error
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.append((operation, future))
+        self._writes.append((operation, future, durable))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_writes())
         return await future  # type: ignore[no-any-return]
@@ -172,14 +180,15 @@ class SqliteStore:
                 try:
                     if db is None:
                         raise StoreUnavailable("the meter store is not open")
-                    outcomes = await db._execute(_write_batch, db._conn, [op for op, _ in batch])
+                    durable = any(must_sync for _, _, must_sync in batch)
+                    outcomes = await db._execute(_write_batch, db._conn, [op for op, _, _ in batch], durable)
                 except (sqlite3.Error, StoreUnavailable, ValueError) as error:
                     failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"meter store: {error}")
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(failure)
                     continue
-            for (_, future), (ok, value) in zip(batch, outcomes):
+            for (_, future, _), (ok, value) in zip(batch, outcomes):
                 if future.done():
                     continue
                 if ok:
@@ -407,7 +416,7 @@ class SqliteStore:
                 )
             return admission
 
-        return await self._run(operation)
+        return await self._run(operation, durable=False)
 
     async def commit(
         self,
@@ -482,7 +491,7 @@ class SqliteStore:
 
     async def release(self, hold_id: str) -> int:
         """Return a hold's emails to the account; returns how many (0 if already gone)."""
-        return await self._run(lambda conn: _release_sync(conn, hold_id))
+        return await self._run(lambda conn: _release_sync(conn, hold_id), durable=False)
 
     async def release_node_holds(self, node: str) -> int:
         """Release every hold a node left behind (it restarted: its sessions are gone)."""
@@ -999,27 +1008,33 @@ def _record_result_sync(
 
 
 def _write_batch(
-    conn: sqlite3.Connection, operations: list[Callable[[sqlite3.Connection], Any]]
+    conn: sqlite3.Connection, operations: list[Callable[[sqlite3.Connection], Any]], durable: bool = True
 ) -> list[tuple[bool, Any]]:
     """Run write operations in one transaction, each in its own savepoint (group commit).
 
     Returns (True, result) or (False, exception) per operation. A failed BEGIN or COMMIT
-    raises: then none of them happened.
+    raises: then none of them happened. `durable`: COMMIT waits for the disk (see _run).
     """
-    conn.execute("BEGIN IMMEDIATE")
-    outcomes: list[tuple[bool, Any]] = []
+    if not durable:
+        conn.execute("PRAGMA synchronous = NORMAL")
     try:
-        for operation in operations:
-            conn.execute("SAVEPOINT op")
-            try:
-                outcomes.append((True, operation(conn)))
-            except Exception as error:
-                conn.execute("ROLLBACK TO op")
-                outcomes.append((False, error))
-            conn.execute("RELEASE op")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for operation in operations:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, operation(conn)))
+                except Exception as error:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, error))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        if not durable:  # every other transaction on this connection waits for the disk
+            conn.execute("PRAGMA synchronous = FULL")
     return outcomes

@@ -35,3 +35,43 @@ async def test_a_failing_write_rolls_back_alone_and_the_rest_commit(tmp_path: Pa
         assert all([await reopened.message_committed(f"Q{n}") for n in range(50)])
     finally:
         await reopened.close()
+
+
+async def test_holds_commit_without_fsync_everything_else_with_it(tmp_path: Path) -> None:
+    """A batch of only holds (reserve, release) commits with synchronous=NORMAL: a restarting
+    node releases its holds anyway. Any batch with a commit, and every other write, is FULL."""
+    store = SqliteStore(tmp_path / "meter.db")
+    await store.open()
+    statements: list[str] = []
+    try:
+        meter = Meter(store, parse_plans({"p": {"email_quota": 1000}}), node="n1")
+        await meter.add_account("app", "pw", "p", ["example.com"], [])
+        db = store._db
+        assert db is not None
+        await db._execute(db._conn.set_trace_callback, statements.append)  # in the connection's thread
+
+        def syncs() -> list[str]:
+            seen = [s for s in statements if s.startswith(("PRAGMA synchronous", "BEGIN", "COMMIT"))]
+            statements.clear()
+            return seen
+
+        grant = await meter.reserve("app", "h1", 2)
+        assert syncs() == ["PRAGMA synchronous = NORMAL", "BEGIN IMMEDIATE", "COMMIT", "PRAGMA synchronous = FULL"]
+        await meter.commit(grant.hold_id, "Q1", 1)
+        assert syncs() == ["BEGIN IMMEDIATE", "COMMIT"]  # the connection's FULL: fsynced
+        await meter.reserve("app", "h2", 1)
+        syncs()
+        # A reserve and a commit in one batch: the batch is durable.
+        await asyncio.gather(meter.reserve("app", "h3", 1), meter.commit("h2", "Q2", 1))
+        seen = syncs()
+        assert "PRAGMA synchronous = NORMAL" not in seen and seen.count("COMMIT") == 1
+        assert await meter.release("h3") == 1
+        assert syncs()[0] == "PRAGMA synchronous = NORMAL"
+        await meter.add_balance("app", 1_000_000)  # an admin write after a holds-only batch
+        assert "PRAGMA synchronous = NORMAL" not in syncs()
+        rows = await store._read("PRAGMA synchronous")
+        assert rows[0][0] == 2  # FULL
+        usage = (await meter.usage("app")).usage
+        assert (usage.accepted, usage.reserved) == (2, 0)  # a commit gives back what it did not use
+    finally:
+        await store.close()
