@@ -234,17 +234,17 @@ async def test_a_failed_payment_stops_carving_within_the_lease_time(schema: str)
 
 
 async def test_an_idle_lease_is_given_back(schema: str) -> None:
-    async with Nodes(schema, 1, LeaseSettings(emails=50, seconds=0.1)) as nodes:
+    async with Nodes(schema, 1, LeaseSettings(emails=50, seconds=1.0)) as nodes:
         meter = nodes.meters[0]
         await meter.add_account("app", "pw", "small", ["example.com"], [])
         await meter.reserve("app", "h1", 1)
         await meter.tend_leases()
         assert await nodes.counters() == (0, 51)  # still fresh: kept
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(1.05)
         assert await meter.tend_leases() == 50  # idle: the block goes back; the carve stays
         assert await nodes.counters() == (0, 1)
         assert await meter.release("h1") == 1
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(1.05)
         assert await meter.tend_leases() == 1
         assert await nodes.counters() == (0, 0)
         assert await scalar(schema, "SELECT COUNT(*) FROM holds") == 0
