@@ -35,12 +35,14 @@ class Notifier:
         if self.address is None:
             return
         payload = "\n".join(lines).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Non-blocking: a receiver that stopped reading (its queue full) must never stall
+        # the relay's event loop; a notification it misses is one it did not want.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             try:
                 sock.connect(self.address)
                 sock.sendall(payload)
             except OSError:
-                pass  # systemd went away; nothing useful to do about it
+                pass  # systemd (or the supervisor) went away or is not reading; nothing to do about it
 
     async def watchdog(self) -> None:
         """Ping the watchdog for as long as the event loop keeps running this task."""

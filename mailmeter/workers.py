@@ -79,6 +79,7 @@ async def supervise(path: Path, config: Config) -> int:
             notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{config.listen.port}"
                                        f" with {count} processes")
             log.info("relay.processes_ready", processes=count, pids=[w.pid for w in workers], result="ok")
+            ready = asyncio.ensure_future(_discard(loop, inbox))  # later notifications (reloads) are theirs
             done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if stopping not in done:  # a worker exited on its own: stop the rest, let systemd restart us
@@ -110,6 +111,12 @@ async def _all_ready(loop: asyncio.AbstractEventLoop, inbox: socket.socket, coun
     while ready < count:
         data = await loop.sock_recv(inbox, 4096)
         ready += data.decode(errors="replace").splitlines().count("READY=1")
+
+
+async def _discard(loop: asyncio.AbstractEventLoop, inbox: socket.socket) -> None:
+    """Keep reading the workers' notifications so their queue never fills."""
+    while True:
+        await loop.sock_recv(inbox, 4096)
 
 
 def _signal_all(workers: list[asyncio.subprocess.Process], sig: signal.Signals) -> None:

@@ -191,7 +191,7 @@ async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, up
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env, start_new_session=True,
     )
     svc = Service(process, sock, config, port=port)
     try:
@@ -229,9 +229,11 @@ async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, up
         with pytest.raises((ConnectionRefusedError, aiosmtplib.SMTPConnectError, OSError)):
             await login(port)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the supervisor and its workers, whatever happened
+        except ProcessLookupError:
+            pass
+        await process.wait()
         sock.close()
 
 
