@@ -59,20 +59,26 @@ class Service:
         raise AssertionError(f"no {wanted} from the service")
 
 
-@pytest.fixture
-async def service(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Service]:
-    config = write_config(tmp_path, upstream.port, log={"level": "info"}, plans={"small": {"email_quota": 1000}})
-    assert add(config).returncode == 0
-    notify_path = tmp_path / "notify.sock"
+async def launch(config: Path, directory: Path) -> Service:
+    """`mailmeter serve` in its own process group, with systemd's NOTIFY_SOCKET and watchdog."""
+    notify_path = directory / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify_path))
     sock.setblocking(False)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env, start_new_session=True,
     )
-    svc = Service(process, sock, config)
+    return Service(process, sock, config)
+
+
+@pytest.fixture
+async def service(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Service]:
+    config = write_config(tmp_path, upstream.port, log={"level": "info"}, plans={"small": {"email_quota": 1000}})
+    assert add(config).returncode == 0
+    svc = await launch(config, tmp_path)
+    process, sock = svc.process, svc.notify
     started = await svc.event("relay.started")
     svc.port = int(started["listen"].rsplit(":", 1)[1])
     yield svc
@@ -184,16 +190,9 @@ async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, up
     config = write_config(tmp_path, upstream.port, log={"level": "info"}, plans={"small": {"email_quota": 30}},
                           listen={"address": "127.0.0.1", "port": port, "processes": 2})
     assert add(config).returncode == 0
-    notify_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.setblocking(False)
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env, start_new_session=True,
-    )
-    svc = Service(process, sock, config, port=port)
+    svc = await launch(config, tmp_path)
+    svc.port = port
+    process, sock = svc.process, svc.notify
     try:
         started = {(await svc.event("relay.started"))["node"] for _ in range(2)}
         assert started == {"test-node", "test-node.1"}  # worker 0 is the node as configured
