@@ -75,10 +75,11 @@ class PySpy:
         if self.binary is None:
             return
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        # --subprocesses: with listen.processes the relay runs in the supervisor's children.
         # --gil: only the thread holding the GIL is sampled, i.e. Python CPU time. The relay's
         # event loop is one thread, so that is where its throughput goes; threads blocked in
         # fsync or SQLite's C code release the GIL and do not show (they show as less CPU).
-        argv = [self.binary, "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking", "--gil",
+        argv = [self.binary, "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking", "--gil", "--subprocesses",
                 "--threads", "--format", "raw", "--output", str(self.output)]
         self._process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

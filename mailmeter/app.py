@@ -200,6 +200,7 @@ class Relay:
             "relay.started",
             listen=f"{self.config.listen.address}:{self.port}",
             node=self.config.node.name,
+            event_loop=type(asyncio.get_running_loop()).__module__,
             holds_released=released,
             incoming_activated=activated,
             incoming_dropped=dropped,

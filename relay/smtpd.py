@@ -629,7 +629,7 @@ class _Handler:
                 return "deferred", replies.METER_UNAVAILABLE
         # Committed: the message is accepted. From here on it is delivered whatever happens.
         try:
-            await asyncio.to_thread(context.spool.activate, queue_id)
+            context.spool.activate(queue_id)  # one rename, no fsync: cheaper than a thread hop
             context.on_accepted(queue_id)
         except Exception as error:  # it stays in incoming/; the next start activates it
             server.log.error("spool.activate_failed", queue_id=queue_id, account=account, error=repr(error))

@@ -128,6 +128,7 @@ async def test_serve_process_relays_and_logs_json(tmp_path: Path, upstream: Upst
     lines: list[dict[str, Any]] = []
     try:
         started = await _read_event(process.stderr, "relay.started", lines)
+        assert started["event_loop"] == "uvloop"
         port = int(started["listen"].rsplit(":", 1)[1])
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
         await client.connect()
@@ -163,6 +164,53 @@ async def test_serve_process_relays_and_logs_json(tmp_path: Path, upstream: Upst
     assert {k: report[k] for k in ("accepted", "delivered", "soft_bounced", "hard_bounced", "reserved", "remaining")} == {
         "accepted": 2, "delivered": 2, "soft_bounced": 0, "hard_bounced": 0, "reserved": 0, "remaining": 998,
     }
+
+
+async def test_serve_process_starttls_then_auth(tmp_path: Path, upstream: Upstream) -> None:
+    """STARTTLS on the served loop (uvloop): aiosmtpd swaps the transport's protocol, which
+    once broke on uvloop (aiosmtpd#34, #295). AUTH is refused before TLS, works after."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    certificate = authority.issue_cert("relay.test", "127.0.0.1")
+    certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
+    certificate.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+    config = write_config(tmp_path, upstream.port, log={"level": "info"},
+                          auth={"allow_plaintext_on_loopback": False},
+                          tls={"certificate": str(tmp_path / "relay.pem"), "key": str(tmp_path / "relay.key")})
+    assert add(config).returncode == 0
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )
+    assert process.stderr is not None
+    lines: list[dict[str, Any]] = []
+    try:
+        started = await _read_event(process.stderr, "relay.started", lines)
+        assert started["event_loop"] == "uvloop"
+        port = int(started["listen"].rsplit(":", 1)[1])
+        context = ssl.create_default_context()
+        authority.configure_trust(context)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10,
+                                 tls_context=context)
+        await client.connect()
+        await client.ehlo()
+        assert not client.supports_extension("auth")  # no AUTH offered in the clear
+        await client.starttls()
+        await client.ehlo()
+        assert client.supports_extension("auth")
+        await client.login("app", PASSWORD)
+        _, reply = await client.sendmail("app@example.com", ["a@dest.test"], b"Subject: t\r\n\r\nover TLS\r\n")
+        await client.quit()
+        assert "queued as" in reply, reply
+        await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    assert upstream.handler.delivered_to() == ["a@dest.test"]
 
 
 def test_readme_lists_every_refusal_text() -> None:
