@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import format_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
@@ -225,8 +225,8 @@ class RelaySMTP(SMTP):
             self._turned_away = True
             self.log.warning("smtp.connection", client=self.peer_address, result="too_many_connections",
                              limit=self.context.settings.max_connections_per_client)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+            # (cast, not isinstance: uvloop's transports do not subclass asyncio's)
+            cast(asyncio.WriteTransport, transport).write(replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
             transport.close()
             return
         self._counted = True
@@ -266,8 +266,7 @@ class RelaySMTP(SMTP):
         if transport is None or transport.is_closing():
             return
         self.log.info("smtp.session_closed", account=self.account, client=self._client(), result=result)
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(reply.encode() + b"\r\n")
+        cast(asyncio.WriteTransport, transport).write(reply.encode() + b"\r\n")  # uvloop's is no subclass
         transport.close()
 
     def close_for_shutdown(self) -> None:

@@ -69,9 +69,36 @@ async def test_holds_commit_without_fsync_everything_else_with_it(tmp_path: Path
         assert syncs()[0] == "PRAGMA synchronous = NORMAL"
         await meter.add_balance("app", 1_000_000)  # an admin write after a holds-only batch
         assert "PRAGMA synchronous = NORMAL" not in syncs()
-        rows = await store._read("PRAGMA synchronous")
-        assert rows[0][0] == 2  # FULL
+        level = await db._execute(lambda: db._conn.execute("PRAGMA synchronous").fetchone()[0])
+        assert level == 2  # FULL, on the writer's connection
         usage = (await meter.usage("app")).usage
         assert (usage.accepted, usage.reserved) == (2, 0)  # a commit gives back what it did not use
     finally:
+        await store.close()
+
+
+async def test_reads_do_not_wait_for_a_write_in_flight(tmp_path: Path) -> None:
+    """MAIL's account check reads the last commit while a write batch waits for the disk
+    or for the database lock (here: another process holds it for a second)."""
+    import sqlite3
+
+    store = SqliteStore(tmp_path / "meter.db", busy_timeout_ms=3000)
+    await store.open()
+    locker = sqlite3.connect(tmp_path / "meter.db", isolation_level=None)
+    try:
+        meter = Meter(store, parse_plans({"p": {"email_quota": 1000}}), node="n1")
+        await meter.add_account("app", "pw", "p", ["example.com"], [])
+        locker.execute("BEGIN IMMEDIATE")  # another writer: our next batch waits for it
+        reserve = asyncio.ensure_future(meter.reserve("app", "h1", 1))
+        await asyncio.sleep(0.2)
+        assert not reserve.done()
+        domains, refusal = await meter.mail_check("app")
+        assert domains == ("example.com",) and refusal is None
+        assert (await meter.usage("app")).usage.reserved == 0  # the last commit, not the pending hold
+        assert not reserve.done()  # the reads did not wait for the write (it waits for the locker)
+        locker.execute("COMMIT")
+        assert (await reserve).granted == 1
+        assert (await meter.usage("app")).usage.reserved == 1  # a read sees a write once it returned
+    finally:
+        locker.close()
         await store.close()

@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP
 
 from relay.smtpd import RelaySMTP, has_bare_newline, has_long_line
 
-from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account
+from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
 
 MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -183,16 +183,11 @@ async def test_rset_quit_and_disconnect_release_holds(relay: RelayHarness) -> No
     await command(client, "RCPT TO:<b@dest.test>")
     assert (await meter.usage("app")).usage.reserved == 2
     assert (await command(client, "RSET"))[0] == 250
-    await asyncio.sleep(0.1)
-    assert (await meter.usage("app")).usage.reserved == 0
+    assert (await settled_usage(meter)).reserved == 0
     await command(client, "MAIL FROM:<app@example.com>")
     await command(client, "RCPT TO:<a@dest.test>")
     client.close()  # drop the connection without QUIT
-    for _ in range(50):
-        if (await meter.usage("app")).usage.reserved == 0:
-            break
-        await asyncio.sleep(0.05)
-    usage = (await meter.usage("app")).usage
+    usage = await settled_usage(meter)
     assert (usage.accepted, usage.reserved) == (0, 0)
 
 
@@ -225,9 +220,8 @@ async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upst
         await client.data(big)
     assert error.value.code == 552
     await client.quit()
-    await asyncio.sleep(0.1)
     assert harness.relay is not None
-    usage = (await harness.relay.meter.usage("app")).usage
+    usage = await settled_usage(harness.relay.meter)
     assert (usage.accepted, usage.reserved) == (0, 0)
 
 
@@ -325,7 +319,7 @@ async def test_data_line_too_long_500_nothing_spooled_hold_released(make_relay, 
     assert reply.code == 500 and "Line too long" in reply.text
     assert (await raw.command("RSET")).code == 250
     assert harness.relay is not None
-    usage = (await harness.relay.meter.usage("app")).usage
+    usage = await settled_usage(harness.relay.meter)
     assert (usage.accepted, usage.reserved) == (0, 0)
     # 998 octets and CRLF is the longest line allowed
     assert (await raw.command("MAIL FROM:<app@example.com>")).code == 250
