@@ -102,8 +102,8 @@ class SqliteStore:
         await self.migrate()
         # A second connection for reads (MAIL's account check, AUTH, the API): in WAL mode
         # it reads the last commit while the writer holds its lock and waits for the disk.
-        # On the writer's connection a read waited for the whole batch in flight, fsync
-        # included: a third of MAIL's reply time under load.
+        # On the writer's connection a read waited for the whole batch in flight, its
+        # fsync included.
         reader = await aiosqlite.connect(self.path, isolation_level=None)
         await reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         await reader.execute("PRAGMA query_only = ON")
