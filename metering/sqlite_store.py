@@ -1042,19 +1042,22 @@ def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -
         cursor.close()
 
 
-_LOCK_POLL = 0.0002  # seconds between tries for the write lock
+_LOCK_POLL = 0.0002  # seconds before the second try for the write lock; doubling from there
+_LOCK_POLL_MAX = 0.002  # at most this between tries: a long hold (a slow disk) costs few tries
 
 
 def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
-    """BEGIN IMMEDIATE, trying again every _LOCK_POLL while another connection writes.
+    """BEGIN IMMEDIATE, trying again after 0.2, 0.4, 0.8, 1.6, 2, 2... ms while another
+    connection writes.
 
     With several relay processes on one file (listen.processes, the CLI) the write lock
-    is often taken. SQLite's own busy handler sleeps 1, 2, 5, 10, 15... ms between tries,
-    so a lock freed after half a millisecond still cost a waiting writer several: that
-    was the largest part of the commit's time after DATA with two processes. Polling
-    costs a few microseconds per try, with the GIL released while it sleeps.
+    is often taken, usually for well under a millisecond. SQLite's own busy handler
+    sleeps 1, 2, 5, 10, 15... up to 100 ms between tries, so a waiting writer lost far
+    more than the lock was held. Fixed 0.2 ms polling, tried first, burnt CPU while a
+    slow disk held the lock for tens of milliseconds: hence the doubling, capped at 2 ms.
     """
     deadline = time.monotonic() + timeout
+    pause = _LOCK_POLL
     while True:
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -1062,7 +1065,8 @@ def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
         except sqlite3.OperationalError as error:
             if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
-        time.sleep(_LOCK_POLL)
+        time.sleep(pause)
+        pause = min(pause * 2, _LOCK_POLL_MAX)
 
 
 def _write_batch(
