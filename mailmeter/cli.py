@@ -77,7 +77,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
     # uvloop, not asyncio's own loop: the relay is a loop of small socket reads and
-    # writes, and uvloop's C loop took a fifth off its CPU per message (bench/run).
+    # writes; in bench/run its CPU per message fell from 3.5 to 2.7 ms on uvloop.
     return uvloop.run(serve(Path(args.config), config, worker=args.worker))
 
 

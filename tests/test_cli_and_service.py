@@ -117,19 +117,29 @@ async def _read_event(stream: asyncio.StreamReader, event: str, lines: list[dict
             return record
 
 
-async def test_serve_process_relays_and_logs_json(tmp_path: Path, upstream: Upstream) -> None:
-    config = write_config(tmp_path, upstream.port, log={"level": "info"})
-    assert add(config).returncode == 0
+async def serve(config: Path, lines: list[dict[str, Any]]) -> tuple[asyncio.subprocess.Process, int]:
+    """`mailmeter serve` as a process, and its port once it logged relay.started (on uvloop)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
         stderr=asyncio.subprocess.PIPE, cwd=REPO,
     )
     assert process.stderr is not None
-    lines: list[dict[str, Any]] = []
     try:
         started = await _read_event(process.stderr, "relay.started", lines)
-        assert started["event_loop"] == "uvloop"
-        port = int(started["listen"].rsplit(":", 1)[1])
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    assert started["event_loop"] == "uvloop"
+    return process, int(started["listen"].rsplit(":", 1)[1])
+
+
+async def test_serve_process_relays_and_logs_json(tmp_path: Path, upstream: Upstream) -> None:
+    config = write_config(tmp_path, upstream.port, log={"level": "info"})
+    assert add(config).returncode == 0
+    lines: list[dict[str, Any]] = []
+    process, port = await serve(config, lines)
+    try:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
         await client.connect()
         with pytest.raises(aiosmtplib.SMTPAuthenticationError):
@@ -181,16 +191,9 @@ async def test_serve_process_starttls_then_auth(tmp_path: Path, upstream: Upstre
                           auth={"allow_plaintext_on_loopback": False},
                           tls={"certificate": str(tmp_path / "relay.pem"), "key": str(tmp_path / "relay.key")})
     assert add(config).returncode == 0
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO,
-    )
-    assert process.stderr is not None
     lines: list[dict[str, Any]] = []
+    process, port = await serve(config, lines)
     try:
-        started = await _read_event(process.stderr, "relay.started", lines)
-        assert started["event_loop"] == "uvloop"
-        port = int(started["listen"].rsplit(":", 1)[1])
         context = ssl.create_default_context()
         authority.configure_trust(context)
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10,
