@@ -9,6 +9,7 @@ half-way, never bill twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
@@ -136,6 +137,9 @@ def invoice_body(
     }
 
 
+_YIELD_EVERY = 256  # accounts looked at between hand-backs of the loop to SMTP sessions
+
+
 class Billing:
     def __init__(
         self,
@@ -155,8 +159,9 @@ class Billing:
 
     async def run_once(self) -> BillingRun:
         run = BillingRun()
-        run.invoices = await self.close_due_periods()
-        run.statements = await self.queue_statements()
+        accounts = await self.store.list_accounts()
+        run.invoices = await self.close_due_periods(accounts)
+        run.statements = await self.queue_statements(accounts)
         collected, failed = await self.collect_charges()
         run.charges_collected, run.charges_failed = collected, failed
         return run
@@ -171,15 +176,27 @@ class Billing:
         start = datetime.combine(account.subscribed_on, time(12), tzinfo=plan.period.zone())
         return period_containing(plan.period, start, anchor)
 
-    async def close_due_periods(self) -> list[str]:
+    async def close_due_periods(self, accounts: list[Account] | None = None) -> list[str]:
+        """Close every ended period not yet invoiced, oldest first, account by account.
+
+        The pass runs on the relay's event loop every `billing.interval` seconds and
+        usually finds nothing to close: it reads all accounts and their last invoiced
+        periods in two queries, not two per account, and hands the loop back to the
+        SMTP sessions every few hundred accounts.
+        """
         now = self.meter.clock()
         closed: list[str] = []
-        for account in await self.store.list_accounts():
+        if accounts is None:
+            accounts = await self.store.list_accounts()
+        last_invoiced = await self.store.last_invoiced_periods()
+        for number, account in enumerate(accounts):
+            if number % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             plan = self.meter.plans.get(account.plan)
             if plan is None:
                 self.log.error("billing.unknown_plan", account=account.name, plan=account.plan)
                 continue
-            period = self._first_open_period(account, plan, await self.store.last_invoiced_period(account.id))
+            period = self._first_open_period(account, plan, last_invoiced.get(account.id))
             while period.end <= now:
                 invoice_key = await self._close(account, plan, period, now)
                 if invoice_key is None:
@@ -229,10 +246,10 @@ class Billing:
 
     # -- statements (model C: the billing email on the 5th) ---------------------------
 
-    async def queue_statements(self) -> int:
+    async def queue_statements(self, accounts: list[Account] | None = None) -> int:
         now = self.meter.clock()
         zones = {}
-        for account in await self.store.list_accounts():
+        for account in accounts if accounts is not None else await self.store.list_accounts():
             plan = self.meter.plans.get(account.plan)
             if plan is not None:
                 zones[account.id] = plan.period.zone()

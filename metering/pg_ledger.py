@@ -84,9 +84,9 @@ class PgLedger(PgBase):
 
         return await self._write(body)
 
-    async def last_invoiced_period(self, account_id: int) -> str | None:
-        row = await self._fetchrow("SELECT MAX(period_key) FROM invoices WHERE account_id = $1", account_id)
-        return row[0] if row else None
+    async def last_invoiced_periods(self) -> dict[int, str]:
+        rows = await self._fetch("SELECT account_id, MAX(period_key) FROM invoices GROUP BY account_id")
+        return {row[0]: row[1] for row in rows}
 
     async def add_invoice(
         self,

@@ -108,7 +108,7 @@ class Store(Protocol):
     async def set_charge_result(
         self, key: str, status: str, detail: str, attempts: int, next_attempt_at: datetime
     ) -> bool: ...
-    async def last_invoiced_period(self, account_id: int) -> str | None: ...
+    async def last_invoiced_periods(self) -> dict[int, str]: ...  # account id -> its latest invoiced period key
     async def add_invoice(
         self, invoice: InvoiceRecord, collect: Charge | None, prepaid_applied: int, notice_body: str,
         now: datetime,

@@ -10,6 +10,7 @@ the meter's injected clock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -290,3 +291,42 @@ async def test_mid_period_charges_survive_restart_and_are_never_doubled(world: W
     again = await world.charges("d")
     assert [c["idempotency_key"] for c in again[: len(first)]] == [c["idempotency_key"] for c in first]
     assert len({c["idempotency_key"] for c in again}) == len(again)
+
+
+async def test_billing_pass_over_many_accounts_closes_only_ended_periods_and_shares_the_loop(world: World) -> None:
+    """The pass runs on the relay's loop every minute: it reads every account's last invoiced
+    period in one query and hands the loop back to SMTP sessions while it walks the accounts."""
+    for number in range(3):
+        await add(world, f"old{number}", "per-email-threshold", date(2026, 3, 1))
+    for number in range(520):  # no password: hashing one takes tens of milliseconds by design
+        await world.meter.add_account(f"new{number:03d}", None, "per-email-threshold", ["example.com"], [],
+                                      subscribed_on=date(2026, 4, 1))
+    world.clock.set("2026-04-02T00:00:00+00:00")
+    assert sorted(await world.billing.close_due_periods()) == [f"INV-old{n}-20260301" for n in range(3)]
+
+    accounts = await world.meter.store.list_accounts()
+    assert len(accounts) == 523 and all(a.domains == ("example.com",) for a in accounts)
+
+    class CountingPlans(dict):  # type: ignore[type-arg]
+        """The plans, counting the pass's look-ups: one per account walked."""
+
+        looked_up = 0
+
+        def get(self, key: object, default: object = None) -> object:
+            CountingPlans.looked_up += 1
+            return super().get(key, default)
+
+    world.meter.plans = CountingPlans(world.meter.plans)
+    seen_mid_walk: list[int] = []
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(0)
+            if 0 < CountingPlans.looked_up < len(accounts):
+                seen_mid_walk.append(CountingPlans.looked_up)
+
+    task = asyncio.create_task(ticker())
+    assert await world.billing.close_due_periods(accounts) == []  # March is invoiced, April not over
+    task.cancel()
+    assert CountingPlans.looked_up == len(accounts)
+    assert seen_mid_walk  # another task ran while the pass was between accounts
