@@ -42,7 +42,7 @@ from policies import (
 )
 from policies.limits import email_quota, included_emails
 from policies.money import format_money
-from policies.periods import Period, period_containing
+from policies.periods import Period, PeriodSpec, period_containing
 
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -154,6 +154,7 @@ class Meter:
         self.clock = clock
         self._networks: tuple[float, list[tuple[IPNetwork, str]]] | None = None
         self._identities: dict[str, Account] = {}
+        self._periods: dict[tuple[PeriodSpec, date | None], Period] = {}
         self.leases: LeaseBook | None = None
         self._results: Batcher[ResultReport, bool | None] | None = None
         if hasattr(store, "record_message_results"):
@@ -174,8 +175,22 @@ class Meter:
         return plan
 
     def period_of(self, account: Account, at: datetime | None = None) -> Period:
-        plan = self.plan_of(account)
-        return period_containing(plan.period, at or self.clock(), account.subscribed_on)
+        return self._period(self.plan_of(account).period, at or self.clock(), account.subscribed_on)
+
+    def _period(self, spec: PeriodSpec, at: datetime, anchor: date) -> Period:
+        """period_containing, remembering the last answer per plan period and anchor.
+
+        Every message asks four times (MAIL, reserve, commit, result) and the answer
+        changes once a month. Also called from the store's thread (settle, result
+        keys): an entry is replaced whole, so a race only computes a period twice.
+        """
+        key = (spec, None if spec.kind == "calendar_month" else anchor)
+        known = self._periods.get(key)
+        if known is not None and known.start <= at < known.end:
+            return known
+        period = period_containing(spec, at, anchor)
+        self._periods[key] = period
+        return period
 
     async def add_account(
         self,
@@ -345,7 +360,7 @@ class Meter:
         def settle(account: Account, usage: Usage, last_seq: int, period_key: str) -> Settlement:
             # The hold's period, not the clock's: a transaction may straddle a period boundary.
             plan = plans[account.plan]
-            period = period_containing(plan.period, datetime.fromisoformat(period_key), account.subscribed_on)
+            period = self._period(plan.period, datetime.fromisoformat(period_key), account.subscribed_on)
             standing = standing_of(account, period)
             charges = charges_due(plan, standing, usage, after_index=last_seq)
             notices = [
@@ -391,7 +406,7 @@ class Meter:
             return bool(await self._results.submit(report))
 
         def period_key_for(account: Account) -> str:
-            return period_containing(plans[account.plan].period, now, account.subscribed_on).key
+            return self._period(plans[account.plan].period, now, account.subscribed_on).key
 
         recorded = await self.store.record_message_result(
             queue_id, recipient, Result(result), detail, now, period_key_for
@@ -402,7 +417,7 @@ class Meter:
         plans = self.plans
 
         def period_key_for(account: Account, at: datetime) -> str:
-            return period_containing(plans[account.plan].period, at, account.subscribed_on).key
+            return self._period(plans[account.plan].period, at, account.subscribed_on).key
 
         return await cast(ResultBatchStore, self.store).record_message_results(reports, period_key_for)
 

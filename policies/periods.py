@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -37,7 +38,7 @@ class Period:
     start: datetime
     end: datetime
 
-    @property
+    @cached_property  # a period is asked for its key on every message
     def key(self) -> str:
         return self.start.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -68,6 +68,7 @@ _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
 # the client must get the answer to a message that is already being accepted.
 _COMMIT_GRACE = 0.5
 CAMPAIGN_HEADER = "X-Mailmeter-Campaign"
+_CAMPAIGN_NAME = CAMPAIGN_HEADER.lower().encode()
 _CAMPAIGN_TAG = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 
 
@@ -760,7 +761,12 @@ def campaign_tag(message: bytes) -> str:
     """The application's campaign tag (X-Mailmeter-Campaign header) for usage breakdowns.
 
     Only the header block is read. A missing or malformed tag counts as untagged ("").
+    Most messages have no tag: a search for the name spares them the email package's
+    header parser, a tenth of a millisecond per message.
     """
+    end = message.find(b"\r\n\r\n", 0, 65536)
+    if _CAMPAIGN_NAME not in (message[:65536] if end < 0 else message[:end]).lower():
+        return ""
     headers = BytesHeaderParser(policy=compat32).parsebytes(message[:65536], headersonly=True)
     value = (headers.get(CAMPAIGN_HEADER) or "").strip()
     return value if _CAMPAIGN_TAG.fullmatch(value) else ""

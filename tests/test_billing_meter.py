@@ -330,3 +330,16 @@ async def test_billing_pass_over_many_accounts_closes_only_ended_periods_and_sha
     task.cancel()
     assert CountingPlans.looked_up == len(accounts)
     assert seen_mid_walk  # another task ran while the pass was between accounts
+
+
+async def test_periods_are_per_anchor_and_move_on_at_the_boundary(world: World) -> None:
+    """The meter remembers each plan's current period; it must not hand one account's
+    anniversary period to another, nor keep a period past its end."""
+    await add(world, "d6", "included-capped", date(2025, 12, 6))
+    await add(world, "d20", "included-capped", date(2025, 12, 20))
+    d6, d20 = await world.meter.account("d6"), await world.meter.account("d20")
+    at = datetime(2026, 4, 10, 12, tzinfo=timezone.utc)
+    assert world.meter.period_of(d6, at).start.day == 6 and world.meter.period_of(d20, at).start.day == 20
+    assert world.meter.period_of(d6, at) != world.meter.period_of(d20, at)
+    end = world.meter.period_of(d6, at).end
+    assert world.meter.period_of(d6, end).start == end  # the next period, not the remembered one

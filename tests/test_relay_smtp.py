@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from aiosmtpd.smtp import SMTP
 
-from relay.smtpd import RelaySMTP, has_bare_newline, has_long_line
+from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag, has_bare_newline, has_long_line
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
 
@@ -384,3 +384,32 @@ def test_fast_address_parsing_takes_the_plain_forms() -> None:
                             (" <A@B.C>  SIZE=10", ("A@B.C", "SIZE=10")),
                             ("<a@b>\tBODY=8BITMIME", ("a@b", "BODY=8BITMIME"))):
         assert RelaySMTP._getaddr(Limits(), plain) == expected == SMTP._getaddr(Limits(), plain)  # type: ignore[arg-type]
+
+
+def _campaign_by_parser(message: bytes) -> str:
+    """campaign_tag without its fast path: the email package's header parser on every message."""
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+
+    from relay.smtpd import _CAMPAIGN_TAG
+
+    value = (BytesHeaderParser(policy=compat32).parsebytes(message[:65536], headersonly=True).get(CAMPAIGN_HEADER) or "").strip()
+    return value if _CAMPAIGN_TAG.fullmatch(value) else ""
+
+
+_HEADER_LINES = [b"Subject: hi", b"X-Mailmeter-Campaign: spring", b"x-mailmeter-campaign:  launch-2 ",
+                 b"X-MAILMETER-CAMPAIGN: bad tag!", b"X-Mailmeter-Campaign-Not: other", b" folded", b"",
+                 b"From: a@b.test", b"X-Mailmeter-Campaign:", b"body X-Mailmeter-Campaign: inbody"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(_HEADER_LINES), max_size=7))
+def test_campaign_tag_answers_as_the_header_parser(lines: list[bytes]) -> None:
+    message = b"\r\n".join(lines) + b"\r\n\r\nX-Mailmeter-Campaign: body\r\n"
+    assert campaign_tag(message) == _campaign_by_parser(message)
+
+
+def test_campaign_tag_reads_the_header_not_the_body() -> None:
+    assert campaign_tag(b"Subject: x\r\nX-Mailmeter-Campaign: spring\r\n\r\nhello\r\n") == "spring"
+    assert campaign_tag(b"Subject: x\r\n\r\nX-Mailmeter-Campaign: spring\r\n") == ""
+    assert campaign_tag(b"Subject: x\r\nX-Mailmeter-Campaign: not a tag\r\n\r\n") == ""
