@@ -8,8 +8,11 @@ import time
 from email.message import Message
 
 import aiosmtplib
+from aiosmtplib.email import parse_address
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from relay.delivery import new_queue_id
+from relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address
 from relay.spool import Envelope
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 
@@ -213,3 +216,28 @@ async def test_delivery_reuses_upstream_connections(make_relay, upstream: Upstre
         await send(harness.port, [f"r{n}@dest.test"])
     await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 12)
     assert upstream.connections <= 2  # one per worker, kept open between messages
+
+
+_ADDRESS_PIECES = ["a", "B", "1", ".", "@", "-", "_", "+", " ", "<", ">", '"', "(", ")", ",", ";", ":", "\\", "[", "]",
+                   "ü", "\r", "\n", "\t", "=", "'"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_ADDRESS_PIECES), max_size=14).map("".join))
+def test_plain_address_fast_path_answers_as_the_parser(address: str) -> None:
+    """sendable_address skips aiosmtplib's parse for plain addresses: only where the parse
+    would have given the address back unchanged."""
+    if _PLAIN_ADDRESS.fullmatch(address):
+        assert parse_address(address) == address
+    try:
+        by_parser = parse_address(address) == address
+    except ValueError:
+        by_parser = False
+    assert sendable_address(address) is (by_parser and address not in ("", "<>"))
+
+
+def test_plain_addresses_take_the_fast_path() -> None:
+    for address in ("a@b.test", "first.last+tag@mail-1.example.com", "x_y@z"):
+        assert _PLAIN_ADDRESS.fullmatch(address) and sendable_address(address)
+    for address in ("a..b@c.test", ".a@b.test", "a@b..test", "a b@c.test"):
+        assert not _PLAIN_ADDRESS.fullmatch(address)
