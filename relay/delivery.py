@@ -15,10 +15,13 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosmtplib
 import structlog
@@ -96,7 +99,7 @@ class Delivery:
         self._known: dict[str, float] = {}  # queue id -> when this node first queued it
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._large_senders: ThreadPoolExecutor | None = None  # threads for _send_large, one per worker
+        self._large_senders: ProcessPoolExecutor | None = None  # processes for _send_large, started at the first
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -107,7 +110,6 @@ class Delivery:
             state = await asyncio.to_thread(self.spool.load_state, envelope)
             self._known[queue_id] = envelope.received_at
             self._schedule(queue_id, state.next_attempt_at)
-        self._large_senders = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="mailmeter-large")
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -124,9 +126,18 @@ class Delivery:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._large_senders is not None:
-            self._large_senders.shutdown(wait=False)
-            self._large_senders = None
+        self._stop_large_senders()
+
+    def _stop_large_senders(self) -> None:
+        """Stop the large-message processes now: a send still in flight is cut off (its
+        message is tried again, as after any lost connection) rather than holding up the exit."""
+        pool, self._large_senders = self._large_senders, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values())  # no public way before Python 3.14
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()  # they ignore SIGTERM (_large_sender_started)
 
     def reconfigure(self, upstream: UpstreamConfig, retry: RetryPolicy) -> None:
         """A reloaded config: the next attempt uses the new upstream and retry policy.
@@ -317,22 +328,6 @@ class Delivery:
 
     # -- one SMTP conversation upstream ------------------------------------------
 
-    async def _connect(self) -> aiosmtplib.SMTP:
-        up = self.upstream
-        client = aiosmtplib.SMTP(
-            hostname=up.host,
-            port=up.port,
-            local_hostname=self.hostname,
-            timeout=up.timeout,
-            use_tls=up.tls == "tls",
-            start_tls=True if up.tls == "starttls" else False,
-            validate_certs=up.verify_certificate,
-            username=up.username,
-            password=up.password,
-        )
-        await client.connect()
-        return client
-
     async def _send(
         self,
         sender: str,
@@ -378,23 +373,30 @@ class Delivery:
     async def _send_large(
         self, sender: str, recipients: list[str], body: bytes, smtputf8: bool
     ) -> dict[str, Outcome]:
-        """A large message goes out on a connection of its own, from a thread with its own loop.
+        """A large message goes out from a process of its own, on a connection of its own.
 
         aiosmtplib rewrites the whole message with two regular expressions (line endings,
-        dot-stuffing) on the loop that sends it: for 10 MB that is a tenth of a second in
-        which no SMTP session would be served. In a thread, the interpreter's switch
-        interval hands the relay's loop the GIL every few milliseconds meanwhile.
+        dot-stuffing) before it sends it, and a regular expression holds the interpreter's
+        lock from its start to its end: for 10 MB, sent from a thread of this process,
+        every SMTP session stood still for tens of milliseconds at a time (bench/large_mail.py:
+        small messages' p99 650 ms; those two expressions were 59% of the samples holding
+        the lock). A process of its own has a lock of its own. The pool starts at the first
+        large message (a relay may never see one) with one process per delivery worker.
         """
-
-        async def alone() -> dict[str, Outcome]:
-            connection: list[aiosmtplib.SMTP | None] = [None]
-            try:
-                return await self._send_on(sender, recipients, body, connection, smtputf8)
-            finally:
-                _drop(connection)  # the thread's loop ends with this send
-
-        assert self._large_senders is not None, "Delivery.start() runs before any send"
-        return await asyncio.get_running_loop().run_in_executor(self._large_senders, asyncio.run, alone())
+        if self._large_senders is None:
+            self._large_senders = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),  # not fork: this process runs threads
+                initializer=_large_sender_started,
+            )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._large_senders, send_alone, self.upstream, self.hostname, sender, recipients, body, smtputf8
+            )
+        except BrokenProcessPool as error:  # a sender process died (killed, out of memory)
+            self._stop_large_senders()
+            self.log.error("delivery.large_sender_died", error=repr(error), result="deferred")
+            return {r: Outcome("deferred", f"the large-message sender process died: {error!r}") for r in recipients}
 
     async def _send_on(
         self,
@@ -404,56 +406,111 @@ class Delivery:
         connection: list[aiosmtplib.SMTP | None],
         smtputf8: bool,
     ) -> dict[str, Outcome]:
-        options = ["SMTPUTF8"] if smtputf8 else []
-        for fresh_connection in (False, True):
-            client = connection[0]
-            reused = (
-                client is not None
-                and client.is_connected
-                and not fresh_connection
-                and (client.hostname, client.port) == (self.upstream.host, self.upstream.port)
-            )
-            try:
-                if not reused:
-                    if client is not None:
-                        client.close()
-                    connection[0] = None
-                    client = await self._connect()
-                    connection[0] = client
-                assert client is not None
-                errors, _ = await client.sendmail(sender, recipients, body, mail_options=options)
-                return {
-                    r: (_classify(errors[r].code, errors[r].message) if r in errors else Outcome("delivered", "250"))
-                    for r in recipients
-                }
-            except aiosmtplib.SMTPRecipientsRefused as refused:
-                by_rcpt = {e.recipient: _classify(e.code, e.message) for e in refused.recipients}
-                await _reset(client)
-                return {r: by_rcpt.get(r, Outcome("deferred", "no reply")) for r in recipients}
-            except aiosmtplib.SMTPAuthenticationError as error:
-                # Our smarthost credentials are refused: a configuration problem to fix,
-                # never a reason to bounce the customer's mail.
-                _drop(connection)
-                return {r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients}
-            except aiosmtplib.SMTPResponseException as error:
-                await _reset(client)
-                outcome = _classify(error.code, error.message)
-                return {r: outcome for r in recipients}
-            except aiosmtplib.SMTPNotSupported as error:
-                await _reset(client)
-                reply = f"553 5.6.7 Non-ASCII address and the upstream does not support SMTPUTF8 ({error})"
-                return {r: Outcome("hard_bounced", reply) for r in recipients}
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
-                _drop(connection)
-                if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
-                    continue  # the upstream closed an idle connection: retry once on a new one
-                reply = f"connection to {self.upstream.host}:{self.upstream.port} failed: {error!r}"
-                return {r: Outcome("deferred", reply) for r in recipients}
-            except Exception as error:  # a bug must defer (and so expire), never loop forever
-                _drop(connection)
-                self.log.error("delivery.error", error=repr(error), result="deferred")
-                return {r: Outcome("deferred", f"internal error: {error!r}") for r in recipients}
-        raise AssertionError("unreachable")
+        return await converse(self.upstream, self.hostname, sender, recipients, body, connection, smtputf8, self.log)
+
+
+async def connect(upstream: UpstreamConfig, hostname: str) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(
+        hostname=upstream.host,
+        port=upstream.port,
+        local_hostname=hostname,
+        timeout=upstream.timeout,
+        use_tls=upstream.tls == "tls",
+        start_tls=True if upstream.tls == "starttls" else False,
+        validate_certs=upstream.verify_certificate,
+        username=upstream.username,
+        password=upstream.password,
+    )
+    await client.connect()
+    return client
+
+
+async def converse(
+    upstream: UpstreamConfig,
+    hostname: str,
+    sender: str,
+    recipients: list[str],
+    body: bytes,
+    connection: list[aiosmtplib.SMTP | None],
+    smtputf8: bool,
+    log: Any = None,
+) -> dict[str, Outcome]:
+    """One transaction upstream on `connection` (reused when it is still open to the same
+    upstream, else opened); one outcome per recipient, never raises."""
+    options = ["SMTPUTF8"] if smtputf8 else []
+    for fresh_connection in (False, True):
+        client = connection[0]
+        reused = (
+            client is not None
+            and client.is_connected
+            and not fresh_connection
+            and (client.hostname, client.port) == (upstream.host, upstream.port)
+        )
+        try:
+            if not reused:
+                if client is not None:
+                    client.close()
+                connection[0] = None
+                client = await connect(upstream, hostname)
+                connection[0] = client
+            assert client is not None
+            errors, _ = await client.sendmail(sender, recipients, body, mail_options=options)
+            return {
+                r: (_classify(errors[r].code, errors[r].message) if r in errors else Outcome("delivered", "250"))
+                for r in recipients
+            }
+        except aiosmtplib.SMTPRecipientsRefused as refused:
+            by_rcpt = {e.recipient: _classify(e.code, e.message) for e in refused.recipients}
+            await _reset(client)
+            return {r: by_rcpt.get(r, Outcome("deferred", "no reply")) for r in recipients}
+        except aiosmtplib.SMTPAuthenticationError as error:
+            # Our smarthost credentials are refused: a configuration problem to fix,
+            # never a reason to bounce the customer's mail.
+            _drop(connection)
+            return {r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients}
+        except aiosmtplib.SMTPResponseException as error:
+            await _reset(client)
+            outcome = _classify(error.code, error.message)
+            return {r: outcome for r in recipients}
+        except aiosmtplib.SMTPNotSupported as error:
+            await _reset(client)
+            reply = f"553 5.6.7 Non-ASCII address and the upstream does not support SMTPUTF8 ({error})"
+            return {r: Outcome("hard_bounced", reply) for r in recipients}
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+            _drop(connection)
+            if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
+                continue  # the upstream closed an idle connection: retry once on a new one
+            reply = f"connection to {upstream.host}:{upstream.port} failed: {error!r}"
+            return {r: Outcome("deferred", reply) for r in recipients}
+        except Exception as error:  # a bug must defer (and so expire), never loop forever
+            _drop(connection)
+            if log is not None:
+                log.error("delivery.error", error=repr(error), result="deferred")
+            return {r: Outcome("deferred", f"internal error: {error!r}") for r in recipients}
+    raise AssertionError("unreachable")
+
+
+def _large_sender_started() -> None:
+    """In a large-message sender process: systemd's SIGTERM (to the whole control group)
+    and Ctrl-C (to the whole process group) are for the relay, which lets the sends in
+    flight finish within its drain grace, as it does its own, then kills what is left."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def send_alone(
+    upstream: UpstreamConfig, hostname: str, sender: str, recipients: list[str], body: bytes, smtputf8: bool
+) -> dict[str, Outcome]:
+    """In a large-message sender process: one transaction on a connection of its own."""
+
+    async def alone() -> dict[str, Outcome]:
+        connection: list[aiosmtplib.SMTP | None] = [None]
+        try:
+            return await converse(upstream, hostname, sender, recipients, body, connection, smtputf8)
+        finally:
+            _drop(connection)
+
+    return asyncio.run(alone())
 
 
 def sendable_address(address: str, allow_empty: bool = False) -> bool:
@@ -488,7 +545,7 @@ def _drop(connection: list[aiosmtplib.SMTP | None]) -> None:
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _STOP = ""  # wakes a worker to exit; never a queue id
 INLINE_READ = 256 * 1024  # spool files up to this are read on the loop (no thread hop)
-LARGE_MESSAGE = 1024 * 1024  # bodies above this are sent from a thread of their own (_send_large)
+LARGE_MESSAGE = 1024 * 1024  # bodies above this are sent from a process of their own (_send_large)
 
 
 def _classify(code: int, message: str) -> Outcome:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import multiprocessing
 import time
 from email.message import Message
 
@@ -241,3 +242,32 @@ def test_plain_addresses_take_the_fast_path() -> None:
         assert _PLAIN_ADDRESS.fullmatch(address) and sendable_address(address)
     for address in ("a..b@c.test", ".a@b.test", "a@b..test", "a b@c.test"):
         assert not _PLAIN_ADDRESS.fullmatch(address)
+
+
+async def test_large_message_goes_out_from_a_sender_process_per_recipient(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """Above delivery.LARGE_MESSAGE the transaction runs in a process of its own: the
+    per-recipient outcomes still come back (one delivered, one refused and bounced), and
+    stopping the relay leaves no sender process behind."""
+    harness = make_relay(upstream.port, limits={"message_size": 10 * 1024 * 1024})
+    await harness.start()
+    await add_account(harness)
+    upstream.handler.rcpt_replies["nobody@dest.test"] = "550 5.1.1 No such user here"
+    body = b"Subject: big\r\nMessage-ID: <big@example.com>\r\n\r\n" + (b"." + b"x" * 77 + b"\r\n") * 20_000  # 1.6 MB
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=30)
+    await client.connect()
+    await client.login("app", PASSWORD)
+    errors, _ = await client.sendmail("app@example.com", ["ok@dest.test", "nobody@dest.test"], body)
+    client.close()
+    assert errors == {}
+    await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 2, timeout=60)
+    original, bounce = upstream.handler.messages
+    assert original.rcpt_tos == ["ok@dest.test"] and original.content.endswith(body)  # dots unstuffed again
+    assert bounce.rcpt_tos == ["app@example.com"] and b"550 5.1.1 No such user here" in bounce.content
+    assert harness.relay is not None
+    await eventually(lambda: _counts(harness.relay.meter, (1, 1)))
+    senders = multiprocessing.active_children()
+    assert senders  # the large message went out from a child process
+    await harness.stop()
+    for process in senders:
+        process.join(timeout=10)
+    assert not any(process.is_alive() for process in senders)
