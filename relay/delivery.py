@@ -11,12 +11,12 @@ steps neither loses nor doubles a result.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
 import secrets
+import signal
 import time
 from collections.abc import Callable
-import multiprocessing
-import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -368,7 +368,7 @@ class Delivery:
     ) -> dict[str, Outcome]:
         if len(body) > LARGE_MESSAGE:
             return await self._send_large(sender, recipients, body, smtputf8)
-        return await self._send_on(sender, recipients, body, connection, smtputf8)
+        return await converse(self.upstream, self.hostname, sender, recipients, body, connection, smtputf8, self.log)
 
     async def _send_large(
         self, sender: str, recipients: list[str], body: bytes, smtputf8: bool
@@ -397,16 +397,6 @@ class Delivery:
             self._stop_large_senders()
             self.log.error("delivery.large_sender_died", error=repr(error), result="deferred")
             return {r: Outcome("deferred", f"the large-message sender process died: {error!r}") for r in recipients}
-
-    async def _send_on(
-        self,
-        sender: str,
-        recipients: list[str],
-        body: bytes,
-        connection: list[aiosmtplib.SMTP | None],
-        smtputf8: bool,
-    ) -> dict[str, Outcome]:
-        return await converse(self.upstream, self.hostname, sender, recipients, body, connection, smtputf8, self.log)
 
 
 async def connect(upstream: UpstreamConfig, hostname: str) -> aiosmtplib.SMTP:
