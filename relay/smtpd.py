@@ -17,8 +17,8 @@ client and per login; each client has a connection cap; a session has an idle
 timeout and a total deadline (a slow-drip client cannot hold a slot forever).
 SMTP smuggling: DATA ends only at CRLF.CRLF, and a message with a bare CR or LF is
 refused (or normalized to CRLF), so no upstream can see a line end the relay did not
-see. DATA itself is read in large chunks (read_data), not aiosmtpd's line by line:
-large messages must not stall the other sessions on the event loop.
+see. DATA itself is read and checked in large pieces (relay/data.py), not aiosmtpd's
+line by line: large messages must not stall the other sessions on the event loop.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import replies
 from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
+from relay.data import DATA_CHUNK, read_data
 from relay.delivery import new_queue_id, sendable_address
 from relay.observe import NoObserver, RelayObserver, reply_class
 from relay.spool import Envelope, Spool
@@ -52,13 +53,6 @@ _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # <dot-atom@domain> and the parameters after it: what RelaySMTP._getaddr answers itself.
 _PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)")
-# The session's stream limit: DATA is read in pieces of up to this (and a client's unread
-# input is buffered up to twice this before reading pauses). aiosmtpd's 1 KB made a
-# large message thousands of pauses; commands stay bounded by their own size limits.
-DATA_CHUNK = 64 * 1024
-MAX_LINE = 1001  # aiosmtpd's line_length_limit: 998 octets + CRLF (RFC 5321 4.5.3.1.6), with slack
-LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
-TOO_MUCH_DATA = "552 Error: Too much mail data"
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 # The HELO name goes into our Received: header: a CR or LF in it would start a header
@@ -204,6 +198,7 @@ class RelaySMTP(SMTP):
         self.reserving: asyncio.Future[Any] | None = None  # a reserve in flight for hold_id
         self.storing = False  # a message is being spooled and committed
         self.in_data = False  # between DATA and its final reply
+        self.bare_newline = False  # the message DATA just read has a bare CR or LF (relay/data.py)
         self.refused = 0
         self.peer_address = ""
         self._counted = False  # holds a slot in context.connections
@@ -284,13 +279,13 @@ class RelaySMTP(SMTP):
             self.close_for_shutdown()
 
     async def _data(self, arg: str) -> None:
-        """aiosmtpd's DATA, reading the message in large chunks instead of line by line.
+        """aiosmtpd's DATA, reading the message in large pieces instead of line by line.
 
         aiosmtpd reads DATA one line at a time through a 1 KB stream limit: for a 10 MB
         message that is 130,000 awaits and thousands of transport pauses on the event
         loop, which stalled every other session (bench/large_mail.py). Here the stream
-        limit is DATA_CHUNK and the end is found by searching for ".\r\n" at a line
-        start in C; the replies, limits and de-transparency are aiosmtpd's.
+        limit is DATA_CHUNK and each piece is checked as it arrives (relay/data.py); the
+        replies, limits and de-transparency are aiosmtpd's.
         """
         if await self.check_helo_needed():
             return
@@ -305,15 +300,16 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            content, problem = await read_data(self._reader, self.data_size_limit)
+            read = await read_data(self._reader, self.data_size_limit)
         except asyncio.IncompleteReadError:  # the client went away mid-message
             self._writer.close()
             return
-        if problem is not None:
-            await self.push(problem)
+        if read.problem is not None:
+            await self.push(read.problem)
             self._set_post_data_state()
             return
-        self.envelope.content = self.envelope.original_content = content
+        self.envelope.content = self.envelope.original_content = read.content
+        self.bare_newline = read.bare_newline
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)
@@ -574,11 +570,10 @@ class _Handler:
             envelope.mail_from = None  # this transaction is logged; no "abandoned" line
             return reply
 
-        bare = await asyncio.to_thread(has_bare_newline, raw) if len(raw) > LARGE_DATA else has_bare_newline(raw)
-        if bare:
+        if server.bare_newline:
             if context.settings.bare_newlines != "normalize":
                 return logged("bare_newline", replies.BARE_NEWLINE)  # the hold goes at the reset after DATA
-            raw = _ANY_NEWLINE.sub(b"\r\n", raw)
+            raw = await asyncio.to_thread(_ANY_NEWLINE.sub, b"\r\n", raw)  # a regex holds the loop: not on it
         spooled = Envelope(
             queue_id=queue_id,
             account=account,
@@ -680,81 +675,6 @@ def _received_header(hostname: str, session: Session, server: RelaySMTP, queue_i
     stamp = format_datetime(datetime.now(timezone.utc))
     line = f"Received: from {helo} ([{peer}])\r\n\tby {hostname} (mailmeter) with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
     return line.encode("utf-8", "replace")
-
-
-LARGE_DATA = 1024 * 1024  # above this, DATA's whole-message steps run in a worker thread
-
-
-async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> tuple[bytes, str | None]:
-    """Read DATA up to the lone "." line; the de-transparent content, or a reply for what was wrong.
-
-    The whole message is always read to its end, as aiosmtpd does (RFC 5321 4.2.5: the
-    reply comes after the data), but not kept once it is known to be refused. A
-    ".\r\n" counts as the end only at the start of a line: after the CRLF that ended
-    the DATA command or the previous line.
-    """
-    pieces: list[bytes] = []
-    size = 0
-    before = b"\r\n"  # the last two bytes read: DATA starts at the start of a line
-    too_much = False
-    while True:
-        try:
-            piece = await reader.readuntil(b".\r\n")
-            found = True
-        except asyncio.LimitOverrunError as error:  # no ".\r\n" within the limit: take what is safe
-            piece = await reader.readexactly(error.consumed)
-            found = False
-        if found:
-            preceding = piece[-5:-3] if len(piece) >= 5 else (before + piece)[-5:-3]
-            if preceding == b"\r\n":
-                piece = piece[:-3]
-                size += len(piece)
-                if not too_much:
-                    pieces.append(piece)
-                break
-        size += len(piece)
-        before = piece[-2:] if len(piece) >= 2 else (before + piece)[-2:]
-        if not too_much and size_limit and size > size_limit:
-            too_much, pieces = True, []
-        if not too_much:
-            pieces.append(piece)
-    if too_much or (size_limit and size > size_limit):
-        return b"", TOO_MUCH_DATA
-    if size > LARGE_DATA:  # bytes operations over the whole message hold the GIL, not the loop, there
-        return await asyncio.to_thread(_transparent, pieces)
-    return _transparent(pieces)
-
-
-def _transparent(pieces: list[bytes]) -> tuple[bytes, str | None]:
-    """The message from its pieces: line length checked, de-transparency (RFC 5321 4.5.2) applied."""
-    raw = b"".join(pieces)
-    if has_long_line(raw):
-        return b"", LINE_TOO_LONG
-    content = raw.replace(b"\r\n.", b"\r\n")  # a line's leading "." is removed
-    return (content[1:] if content.startswith(b".") else content), None
-
-
-def has_long_line(raw: bytes, limit: int = MAX_LINE) -> bool:
-    """Is any line longer than `limit` octets with its line end? Without splitting the message.
-
-    A line that long holds a whole aligned block of (limit - 1) // 2 octets with no LF,
-    so only such blocks (found with bytes.find, in C) are measured.
-    """
-    block = (limit - 1) // 2
-    for start in range(0, len(raw) - block + 1, block):
-        if raw.find(b"\n", start, start + block) >= 0:
-            continue
-        line_start = raw.rfind(b"\n", 0, start) + 1
-        line_end = raw.find(b"\n", start)
-        if (len(raw) if line_end < 0 else line_end + 1) - line_start > limit:
-            return True
-    return False
-
-
-def has_bare_newline(message: bytes) -> bool:
-    """A CR or LF that is not part of a CRLF: three counts in C, not a regex over the message."""
-    crlf = message.count(b"\r\n")
-    return message.count(b"\r") != crlf or message.count(b"\n") != crlf
 
 
 def campaign_tag(message: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 
 import aiosmtplib
 import pytest
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 
 from aiosmtpd.smtp import SMTP
 
-from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag, has_bare_newline, has_long_line
+from relay.data import DataScan, has_long_line
+from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
 
@@ -352,8 +354,38 @@ def test_long_line_check_agrees_with_splitting(lengths: list[int], limit: int) -
     raw = b"".join(b"a" * n + b"\r\n" for n in lengths)
     expected = any(n + 2 > limit for n in lengths)
     assert has_long_line(raw, limit) is expected
-    assert has_bare_newline(raw) is False
-    assert has_bare_newline(raw + b"\n") and has_bare_newline(b"\r" + raw)
+    assert whole_scan(raw, limit)[2] is False
+    assert whole_scan(raw + b"\n", limit)[2] and whole_scan(b"\r" + raw, limit)[2]
+
+
+def whole_scan(raw: bytes, limit: int) -> tuple[bytes, bool, bool]:
+    """The reference: de-transparency, long line and bare CR/LF over the whole message at once."""
+    lines = raw.split(b"\n")
+    long_line = any(len(line) + 1 > limit for line in lines[:-1]) or len(lines[-1]) > limit
+    bare = re.search(rb"\r(?!\n)|(?<!\r)\n", raw) is not None
+    content = raw.replace(b"\r\n.", b"\r\n")
+    return (content[1:] if content.startswith(b".") else content), long_line, bare
+
+
+_DATA_ALPHABET = [b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"a", b"aaaa", b"a" * 9]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(st.sampled_from(_DATA_ALPHABET), max_size=40).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+    st.sampled_from([5, 11, 1001]),
+)
+def test_data_scanned_in_pieces_is_the_whole_message_scanned(raw: bytes, cuts: list[int], limit: int) -> None:
+    """However DATA arrives cut into pieces (a CRLF or a "\r\n." split in two, a piece
+    of one octet), the pieces give exactly the whole message's content and checks."""
+    bounds = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})
+    scan = DataScan(limit=limit)
+    content = b"".join(scan.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
+    expected_content, expected_long, expected_bare = whole_scan(raw, limit)
+    assert scan.long_line is expected_long
+    assert scan.bare_newline() is expected_bare
+    assert content == expected_content
 
 
 _ADDRESS_PARTS = ["<", ">", "@", ".", " ", "a", "b", "(", ")", '"', "\t", "=", "X", "[", "]", "1", "-", "+", "ü", ":"]
