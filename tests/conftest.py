@@ -39,6 +39,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class UpstreamHandler:
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    data_reply: str = "250 2.0.0 Ok: queued upstream"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         reply = self.rcpt_replies.get(address)
@@ -57,9 +59,10 @@ class UpstreamHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b""))
+        self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"",
+                                      list(envelope.mail_options)))
         self.arrived.set()
-        return "250 2.0.0 Ok: queued upstream"
+        return self.data_reply
 
     def delivered_to(self) -> list[str]:
         return [r for m in self.messages for r in m.rcpt_tos]

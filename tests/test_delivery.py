@@ -13,7 +13,7 @@ from aiosmtplib.email import parse_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address
+from relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address, transaction
 from relay.spool import Envelope
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 
@@ -271,3 +271,50 @@ async def test_large_message_goes_out_from_a_sender_process_per_recipient(make_r
     for process in senders:
         process.join(timeout=10)
     assert not any(process.is_alive() for process in senders)
+
+
+_TRICKY_BODIES = [
+    b"Subject: dots\r\n\r\n.first\r\n..second\r\n.\r\nlast\r\n",
+    b".starts with a dot\r\nno line end at the end",
+    b"Subject: bare\n\nline feeds only\n.dot\n",  # as an old spool file or a generated notice might hold
+    b"Subject: cr\r\n\r\na lone\rcarriage return\r\n",
+    b"",
+]
+
+
+async def test_transaction_sends_what_sendmail_sends(upstream: Upstream) -> None:
+    """delivery.transaction (no regular expressions over the message) and aiosmtplib's
+    sendmail put the same message and SIZE on the wire, dots and line ends included."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=upstream.port, start_tls=False, timeout=10)
+    await client.connect()
+    for body in _TRICKY_BODIES:
+        errors = await transaction(client, "app@example.com", ["a@dest.test"], body, False)
+        await client.sendmail("app@example.com", ["a@dest.test"], body)
+        assert errors == {}
+        ours, theirs = upstream.handler.messages[-2:]
+        assert ours.content == theirs.content and ours.content.endswith(b"\r\n"), body
+        assert [o.upper() for o in ours.mail_options] == [o.upper() for o in theirs.mail_options], body
+    assert upstream.handler.messages[0].content == b"Subject: dots\r\n\r\n.first\r\n..second\r\n.\r\nlast\r\n"
+    client.close()
+
+
+async def test_transaction_refusals_raise_as_sendmail_does(upstream: Upstream) -> None:
+    """Refused recipients come back as replies; all refused, or DATA refused, raise."""
+    upstream.handler.rcpt_replies["nobody@dest.test"] = "550 5.1.1 No such user here"
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=upstream.port, start_tls=False, timeout=10)
+    await client.connect()
+    errors = await transaction(client, "app@example.com", ["nobody@dest.test", "a@dest.test"], MESSAGE, False)
+    assert {r: (e.code, e.message) for r, e in errors.items()} == {"nobody@dest.test": (550, "5.1.1 No such user here")}
+    try:
+        await transaction(client, "app@example.com", ["nobody@dest.test"], MESSAGE, False)
+        raise AssertionError("all recipients refused must raise")
+    except aiosmtplib.SMTPRecipientsRefused as refused:
+        assert [e.code for e in refused.recipients] == [550]
+    await client.rset()
+    upstream.handler.data_reply = "554 5.7.1 Message refused"
+    try:
+        await transaction(client, "app@example.com", ["a@dest.test"], MESSAGE, False)
+        raise AssertionError("a refused DATA must raise")
+    except aiosmtplib.SMTPDataError as error:
+        assert (error.code, error.message) == (554, "5.7.1 Message refused")
+    client.close()
