@@ -582,14 +582,14 @@ class _Handler:
             received_at=time.time(),
             client=server._client(),
         )
-        message = _received_header(context.settings.hostname, session, server, queue_id) + raw
+        received = _received_header(context.settings.hostname, session, server, queue_id)
         # Shielded: a client that disconnects now does not stop a message half way
         # between the spool and the meter; the pipeline finishes on its own.
         envelope.mail_from = None  # logged below, or by the pipeline if the client is gone
         server.storing = True
         # From here the store pipeline owns the hold: it commits or releases it.
         hold_id, server.hold_id = server.hold_id, None
-        store = context.spawn(self._store(server, hold_id, spooled, message, raw))
+        store = context.spawn(self._store(server, hold_id, spooled, received, raw))
         try:
             result, reply = await asyncio.shield(store)
         except asyncio.CancelledError:
@@ -599,13 +599,14 @@ class _Handler:
             server.storing = False
         return logged(result, reply)
 
-    async def _store(self, server: RelaySMTP, hold_id: str, spooled: Envelope, message: bytes,
+    async def _store(self, server: RelaySMTP, hold_id: str, spooled: Envelope, received: bytes,
                      raw: bytes) -> tuple[str, str]:
-        """Spool, commit, activate. Returns (result, reply); never raises, never leaks the hold."""
+        """Spool (our Received header, then the message), commit, activate. Returns
+        (result, reply); never raises, never leaks the hold."""
         context = self.context
         queue_id, account = spooled.queue_id, spooled.account
         try:
-            await asyncio.to_thread(context.spool.write_incoming, spooled, message)
+            await asyncio.to_thread(context.spool.write_incoming, spooled, received, raw)
         except Exception as error:
             server.log.error("spool.write_failed", queue_id=queue_id, account=account, error=repr(error))
             context.spawn(server._release(hold_id))  # in the background: it retries while the store is down

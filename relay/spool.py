@@ -93,14 +93,20 @@ class Spool:
 
     # -- acceptance (SMTP side) ---------------------------------------------
 
-    def write_incoming(self, envelope: Envelope, message: bytes) -> None:
-        """Write and fsync the message before the meter commit. Raises OSError."""
+    def write_incoming(self, envelope: Envelope, *message: bytes) -> None:
+        """Write and fsync the message before the meter commit. Raises OSError.
+
+        The message may come in parts written one after the other (SMTP in's Received
+        header, then the message as received): joining them would copy a large message
+        once more, on the event loop.
+        """
         path = self._incoming + envelope.queue_id
         header = json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n"
         try:
             with open(path, "wb") as handle:
                 handle.write(header)
-                handle.write(message)
+                for part in message:
+                    handle.write(part)
                 handle.flush()
                 os.fsync(handle.fileno())
             _fsync_dir(self.incoming)
