@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,11 +79,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DirectorySync:
+    """fsync of one directory, shared by the threads that need it at the same time.
+
+    A new file's name is durable only once its directory is fsynced. Each caller
+    needs an fsync that *started after* it called (one already running may have
+    begun before its file was created); every caller that arrives while one runs
+    is covered by the single next one. Under load, concurrent spool writes then
+    share a directory fsync (a flush of the disk's cache, as costly as the file's
+    own) instead of each paying one.
+    """
+
+    def __init__(self, path: Path, fsync: Callable[[Path], None] | None = None) -> None:
+        self.path = path
+        self._fsync = fsync or _fsync_dir
+        self._changed = threading.Condition()
+        self._started = 0  # fsyncs started so far (the generation of the latest)
+        self._done = 0  # the latest generation that completed without error
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an fsync of the directory that started after this call has succeeded."""
+        with self._changed:
+            needed = self._started + 1
+            while self._done < needed:
+                if self._running:
+                    self._changed.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                generation = self._started
+                try:
+                    self._changed.release()
+                    try:
+                        self._fsync(self.path)
+                    finally:
+                        self._changed.acquire()
+                    self._done = generation
+                finally:  # on an error this caller raises; the others try again themselves
+                    self._running = False
+                    self._changed.notify_all()
+
+
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.incoming = root / "incoming"
         self.active = root / "active"
+        self._incoming_sync = DirectorySync(self.incoming)
         # Per-message paths are built as strings: pathlib's joins cost more than the
         # syscalls they name, several times per message.
         self._incoming = f"{self.incoming}{os.sep}"
@@ -109,7 +154,7 @@ class Spool:
                     handle.write(part)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _fsync_dir(self.incoming)
+            self._incoming_sync.sync()
         except OSError:
             _unlink(path)
             raise
