@@ -573,7 +573,7 @@ class _Handler:
         if server.bare_newline:
             if context.settings.bare_newlines != "normalize":
                 return logged("bare_newline", replies.BARE_NEWLINE)  # the hold goes at the reset after DATA
-            raw = await asyncio.to_thread(_ANY_NEWLINE.sub, b"\r\n", raw)  # a regex holds the loop: not on it
+            raw = _ANY_NEWLINE.sub(b"\r\n", raw)
         spooled = Envelope(
             queue_id=queue_id,
             account=account,
