@@ -14,6 +14,7 @@ the pieces to them, cut anywhere).
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 # The session's stream limit: DATA is read in pieces of up to this (and a client's unread
@@ -23,6 +24,7 @@ DATA_CHUNK = 64 * 1024
 MAX_LINE = 1001  # aiosmtpd's line_length_limit: 998 octets + CRLF (RFC 5321 4.5.3.1.6), with slack
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
+_ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass
@@ -146,3 +148,15 @@ def has_long_line(raw: bytes, limit: int = MAX_LINE, start: int = 0, end: int | 
         if (end if line_end < 0 else line_end + 1) - line_start > limit:
             return True
     return False
+
+
+def has_bare_newline(message: bytes) -> bool:
+    """A CR or LF that is not part of a CRLF: three counts in C, not a regex over the message."""
+    crlf = message.count(b"\r\n")
+    return message.count(b"\r") != crlf or message.count(b"\n") != crlf
+
+
+def crlf_line_ends(message: bytes) -> bytes:
+    """Every line end (CRLF, or a bare CR or LF) as CRLF. A regex: only for a message
+    known to have a bare one (has_bare_newline, DataScan)."""
+    return _ANY_LINE_END.sub(b"\r\n", message)

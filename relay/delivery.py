@@ -27,6 +27,7 @@ import aiosmtplib
 import structlog
 from aiosmtplib.email import parse_address
 
+from relay.data import crlf_line_ends, has_bare_newline
 from relay.observe import NoObserver, RelayObserver
 from relay.dsn import FailedRecipient, build_dsn
 from relay.spool import Envelope, QueueState, RecipientState, Spool
@@ -502,9 +503,8 @@ async def transaction(
             await client.helo()
     if smtputf8 and not client.supports_extension("smtputf8"):
         raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
-    crlf = body.count(b"\r\n")
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:  # not from SMTP in (an old spool file)
-        body = _ANY_NEWLINE.sub(b"\r\n", body)
+    if has_bare_newline(body):  # not from SMTP in (a spool file from before it refused them)
+        body = crlf_line_ends(body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     options = ["SMTPUTF8"] if smtputf8 else []
@@ -591,7 +591,6 @@ def _drop(connection: list[aiosmtplib.SMTP | None]) -> None:
 # A dot-atom local part at a dot-atom domain: parse_address answers such an address as
 # it is (tests/test_delivery.py holds the two to the same answers).
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
-_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _STOP = ""  # wakes a worker to exit; never a queue id
 INLINE_READ = 256 * 1024  # spool files up to this are read on the loop (no thread hop)
 LARGE_MESSAGE = 1024 * 1024  # bodies above this are sent from a process of their own (_send_large)

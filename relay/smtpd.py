@@ -44,7 +44,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import replies
 from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
-from relay.data import DATA_CHUNK, read_data
+from relay.data import DATA_CHUNK, crlf_line_ends, read_data
 from relay.delivery import new_queue_id, sendable_address
 from relay.observe import NoObserver, RelayObserver, reply_class
 from relay.spool import Envelope, Spool
@@ -53,7 +53,6 @@ _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # <dot-atom@domain> and the parameters after it: what RelaySMTP._getaddr answers itself.
 _PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)")
-_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 # The HELO name goes into our Received: header: a CR or LF in it would start a header
 # of the client's choosing (aiosmtpd reads commands up to LF, so "EHLO a\rBcc: x" is one line).
@@ -573,7 +572,7 @@ class _Handler:
         if server.bare_newline:
             if context.settings.bare_newlines != "normalize":
                 return logged("bare_newline", replies.BARE_NEWLINE)  # the hold goes at the reset after DATA
-            raw = _ANY_NEWLINE.sub(b"\r\n", raw)
+            raw = crlf_line_ends(raw)
         spooled = Envelope(
             queue_id=queue_id,
             account=account,

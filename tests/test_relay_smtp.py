@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from aiosmtpd.smtp import SMTP
 
-from relay.data import DataScan, has_long_line
+from relay.data import DataScan, has_bare_newline, has_long_line
 from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
@@ -384,7 +384,7 @@ def test_data_scanned_in_pieces_is_the_whole_message_scanned(raw: bytes, cuts: l
     content = b"".join(scan.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
     expected_content, expected_long, expected_bare = whole_scan(raw, limit)
     assert scan.long_line is expected_long
-    assert scan.bare_newline() is expected_bare
+    assert scan.bare_newline() is expected_bare and has_bare_newline(raw) is expected_bare
     assert content == expected_content
 
 
