@@ -156,7 +156,22 @@ def has_bare_newline(message: bytes) -> bool:
     return message.count(b"\r") != crlf or message.count(b"\n") != crlf
 
 
-def crlf_line_ends(message: bytes) -> bytes:
-    """Every line end (CRLF, or a bare CR or LF) as CRLF. A regex: only for a message
-    known to have a bare one (has_bare_newline, DataScan)."""
-    return _ANY_LINE_END.sub(b"\r\n", message)
+async def crlf_line_ends(message: bytes, piece: int = DATA_CHUNK) -> bytes:
+    """Every line end (CRLF, or a bare CR or LF) as CRLF, for a message known to have a
+    bare one (has_bare_newline, DataScan).
+
+    A regular expression holds the interpreter lock from its start to its end, so it
+    runs over one piece at a time, handing the loop back between pieces. A piece
+    never ends between the CR and the LF of a CRLF.
+    """
+    parts: list[bytes] = []
+    start = 0
+    while start < len(message):
+        end = start + piece
+        if message[end - 1 : end + 1] == b"\r\n":
+            end += 1
+        parts.append(_ANY_LINE_END.sub(b"\r\n", message[start:end]))
+        start = end
+        if start < len(message):
+            await asyncio.sleep(0)
+    return b"".join(parts)

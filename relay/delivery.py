@@ -504,7 +504,7 @@ async def transaction(
     if smtputf8 and not client.supports_extension("smtputf8"):
         raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
     if has_bare_newline(body):  # not from SMTP in (a spool file from before it refused them)
-        body = crlf_line_ends(body)
+        body = await crlf_line_ends(body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     options = ["SMTPUTF8"] if smtputf8 else []

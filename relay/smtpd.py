@@ -572,7 +572,7 @@ class _Handler:
         if server.bare_newline:
             if context.settings.bare_newlines != "normalize":
                 return logged("bare_newline", replies.BARE_NEWLINE)  # the hold goes at the reset after DATA
-            raw = crlf_line_ends(raw)
+            raw = await crlf_line_ends(raw)
         spooled = Envelope(
             queue_id=queue_id,
             account=account,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from aiosmtpd.smtp import SMTP
 
-from relay.data import DataScan, has_bare_newline, has_long_line
+from relay.data import DataScan, crlf_line_ends, has_bare_newline, has_long_line
 from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
@@ -386,6 +386,16 @@ def test_data_scanned_in_pieces_is_the_whole_message_scanned(raw: bytes, cuts: l
     assert scan.long_line is expected_long
     assert scan.bare_newline() is expected_bare and has_bare_newline(raw) is expected_bare
     assert content == expected_content
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(_DATA_ALPHABET), max_size=40).map(b"".join), st.integers(min_value=1, max_value=9))
+def test_line_ends_normalized_in_pieces_as_in_one_pass(raw: bytes, piece: int) -> None:
+    """Normalized a piece at a time (a CRLF never cut in two), the message is what one
+    regular expression over the whole would make of it."""
+    normalized = asyncio.run(crlf_line_ends(raw, piece))
+    assert normalized == re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
+    assert not has_bare_newline(normalized)
 
 
 _ADDRESS_PARTS = ["<", ">", "@", ".", " ", "a", "b", "(", ")", '"', "\t", "=", "X", "[", "]", "1", "-", "+", "ü", ":"]
