@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
 from typing import Any
@@ -104,7 +105,8 @@ class NoticeSender:
         queue_id = new_queue_id()
         envelope = Envelope(queue_id=queue_id, account=None, mail_from="", recipients=contacts,
                             received_at=time.time())
-        await asyncio.to_thread(self.spool.enqueue_local, envelope, message.as_bytes())
+        # policy SMTP: CRLF line ends, as every spooled message has (SMTP in's, DSNs)
+        await asyncio.to_thread(self.spool.enqueue_local, envelope, message.as_bytes(policy=SMTP))
         self.submit(queue_id)
         return queue_id
 

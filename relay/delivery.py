@@ -491,7 +491,7 @@ async def transaction(
     the server has SIZE (line endings, to measure it and again to send it; the leading
     dots), which for 10 MB cost a sender a tenth of a second of CPU. The spool's
     messages already end their lines with CRLF (SMTP in refuses or normalizes bare CR
-    and LF), so the line endings are only checked here, by counting, and the dots are
+    and LF; bounces and notices are made with CRLF), so the line endings are only checked here, by counting, and the dots are
     doubled with one bytes.replace.
     """
     if client.is_ehlo_or_helo_needed:

@@ -19,6 +19,7 @@ import pytest
 
 from metering.billing import Billing
 from metering.gateway import WebhookGateway, verify
+from relay.data import has_bare_newline
 from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, write_config
 from tests.test_cli_and_service import mailmeter
 
@@ -164,6 +165,25 @@ async def test_usage_notices_are_emailed_once_through_the_relay(make_relay, upst
     assert b"has used 50% of its 10 emails" in texts and b"has used 100% of its 10 emails" in texts
     message = next(m for m in upstream.handler.messages if "owner@example.com" in m.rcpt_tos)
     assert sorted(message.rcpt_tos) == ["finance@example.com", "owner@example.com"]
+
+
+async def test_usage_notices_are_spooled_with_crlf_line_ends(make_relay) -> None:  # type: ignore[no-untyped-def]
+    """Like every spooled message: delivery sends the spool as it is (line ends only checked)."""
+    harness: RelayHarness = make_relay(free_port(), plans={"e": E_PLAN}, billing={"interval": 0.1})  # upstream down
+    await harness.start()
+    assert harness.relay is not None
+    await harness.relay.meter.add_account("app", PASSWORD, "e", ["example.com"], [], contacts=["owner@example.com"])
+    grant = await harness.relay.meter.reserve("app", None, 5)
+    await harness.relay.meter.commit(grant.hold_id, "Q1", 5)  # 50% of 10: a notice
+    spool = harness.relay.spool
+    for _ in range(100):
+        ids = await asyncio.to_thread(spool.active_ids)
+        if ids:
+            break
+        await asyncio.sleep(0.05)
+    envelope, body = await asyncio.to_thread(spool.read, ids[0])
+    assert envelope.recipients == ["owner@example.com"] and b"Subject:" in body
+    assert not has_bare_newline(body)
 
 
 async def test_usage_notices_also_go_to_a_signed_webhook(
