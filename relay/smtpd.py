@@ -8,6 +8,9 @@ The order of a transaction, which is the relay's core promise:
            move the message to spool/active, answer 250 with the queue id
     RSET, QUIT, new EHLO, disconnect, any failure: release the hold
 
+A transaction belongs to the account it began with: AUTH inside it gets 503 (RFC
+4954 4), and the meter refuses a hold of another account anyway.
+
 aiosmtpd traps handled here (REFERENCES.md): its `authenticator` is synchronous,
 so AUTH PLAIN/LOGIN are finished asynchronously in `_finish_auth`; it answers
 `555` to `MAIL FROM:<..> AUTH=<>`, so the AUTH parameter is stripped first.
@@ -39,7 +42,7 @@ from email.utils import format_datetime
 from typing import Any, Protocol, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import replies
@@ -72,7 +75,9 @@ class MeterPort(Protocol):
     async def account_for_client(self, address: str) -> str | None: ...
     async def mail_check(self, name: str) -> tuple[tuple[str, ...], Any | None]: ...
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Any: ...
-    async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None: ...
+    async def commit(
+        self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
+    ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def message_committed(self, queue_id: str) -> bool: ...
 
@@ -347,6 +352,16 @@ class RelaySMTP(SMTP):
 
     # -- AUTH, checked without blocking the loop ------------------------------------
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """RFC 4954 4: AUTH inside a mail transaction is refused with 503. The transaction's
+        recipients are held under the account it began with; a new login must not move
+        the rest of it (and its commit) to another account."""
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push(replies.AUTH_IN_TRANSACTION)
+            return
+        await super().smtp_AUTH(arg)
+
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         return AuthResult(success=False, handled=False, auth_data=_Pending(auth_data.login, auth_data.password))
@@ -614,7 +629,7 @@ class _Handler:
             return "deferred", replies.INTERNAL_ERROR
         try:
             started = time.monotonic()
-            await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw))
+            await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw), account=account)
             context.observer.meter_call("commit", time.monotonic() - started)
         except Exception as error:
             server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",

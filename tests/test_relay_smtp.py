@@ -205,6 +205,55 @@ async def test_too_many_recipients_452(make_relay, upstream: Upstream) -> None:
     await client.quit()
 
 
+async def drained(harness: RelayHarness) -> None:
+    """Every accepted message (and any bounce it caused) delivered or bounced, its results in the meter."""
+    assert harness.relay is not None
+    delivery = harness.relay.delivery
+    for _ in range(500):
+        if delivery.queue_depth == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the spool did not drain: {delivery.queue_depth} messages")
+
+
+async def test_auth_inside_a_transaction_is_503_and_the_transaction_keeps_its_account(
+    make_relay, upstream: Upstream  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 14's case: a session bound to `office` by its network sends MAIL and RCPT, then
+    AUTH as another account, more RCPTs and DATA. AUTH gets 503 5.5.1 (RFC 4954 4); every
+    recipient is held and billed under office; the other account is untouched. Outside a
+    transaction the same AUTH works. (Before: AUTH succeeded, the later holds were taken
+    from `other` and the commit billed `office`: reserved -3 and +3 per message.)"""
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, name="office", networks=("127.0.0.2/32",), password=None)
+    await add_account(harness, name="other", domains=("example.org",))
+    token = base64.b64encode(f"\0other\0{PASSWORD}".encode()).decode()
+    client = await RawSmtp.open(harness.port, "127.0.0.2")
+    assert (await client.reply()).code == 220
+    assert (await client.command("EHLO client.test")).code == 250
+    for round_ in range(2):
+        assert (await client.command("MAIL FROM:<printer@example.com>")).code == 250
+        assert (await client.command(f"RCPT TO:<a{round_}@dest.test>")).code == 250
+        reply = await client.command(f"AUTH PLAIN {token}")
+        assert (reply.code, reply.text) == (
+            503, "5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first")
+        assert [(await client.command(f"RCPT TO:<b{round_}{n}@dest.test>")).code for n in range(3)] == [250] * 3
+        assert (await client.command("DATA")).code == 354
+        assert (await client.command(b"Subject: hi\r\n\r\nhello\r\n.")).code == 250
+    assert (await client.command("RSET")).code == 250
+    assert (await client.command(f"AUTH PLAIN {token}")).code == 235  # no transaction: fine
+    assert (await client.command("MAIL FROM:<app@example.org>")).code == 250
+    assert (await client.command("QUIT")).code == 221
+    assert harness.relay is not None
+    office = await settled_usage(harness.relay.meter, "office")
+    other = await settled_usage(harness.relay.meter, "other")
+    assert (office.accepted, office.reserved) == (8, 0)
+    assert (other.accepted, other.reserved) == (0, 0)
+    await drained(harness)
+    assert len(upstream.handler.delivered_to()) == 8
+
+
 async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upstream) -> None:
     harness = make_relay(upstream.port, limits={"message_size": 2048})
     await harness.start()
