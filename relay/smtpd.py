@@ -9,7 +9,9 @@ The order of a transaction, which is the relay's core promise:
     RSET, QUIT, new EHLO, disconnect, any failure: release the hold
 
 A transaction belongs to the account it began with: AUTH inside it gets 503 (RFC
-4954 4), and the meter refuses a hold of another account anyway.
+4954 4), and the meter refuses a hold of another account anyway. A repeated recipient
+(recipient_key) is answered 250 and dropped, like Postfix's cleanup does, so every
+counted recipient is sent once and gets one result.
 
 aiosmtpd traps handled here (REFERENCES.md): its `authenticator` is synchronous,
 so AUTH PLAIN/LOGIN are finished asynchronously in `_finish_auth`; it answers
@@ -32,6 +34,7 @@ import ipaddress
 import re
 import secrets
 import ssl
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +67,7 @@ _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
 # the client must get the answer to a message that is already being accepted.
 _COMMIT_GRACE = 0.5
 CAMPAIGN_HEADER = "X-Mailmeter-Campaign"
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _CAMPAIGN_NAME = CAMPAIGN_HEADER.lower().encode()
 _CAMPAIGN_TAG = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 
@@ -204,6 +208,8 @@ class RelaySMTP(SMTP):
         self.in_data = False  # between DATA and its final reply
         self.bare_newline = False  # the message DATA just read has a bare CR or LF (relay/data.py)
         self.refused = 0
+        self.duplicates = 0  # repeated recipients of the open transaction, accepted and dropped
+        self._recipient_keys: tuple[SmtpEnvelope | None, set[str]] = (None, set())
         self.peer_address = ""
         self._counted = False  # holds a slot in context.connections
         self._turned_away = False  # over the connection cap: no SMTP session at all
@@ -405,6 +411,24 @@ class RelaySMTP(SMTP):
         self.log.info("smtp.auth", account=account.name, client=client, result="ok")
         return AuthResult(success=True, auth_data=account.name)
 
+    def _recipient_keys_of(self, envelope: SmtpEnvelope) -> set[str]:
+        """The recipient keys of this envelope's transaction, rebuilt whenever aiosmtpd
+        made a new envelope (RSET, EHLO, STARTTLS, after DATA)."""
+        owner, keys = self._recipient_keys
+        if owner is not envelope:
+            keys = {recipient_key(known) for known in envelope.rcpt_tos}
+            self._recipient_keys = (envelope, keys)
+        return keys
+
+    def recipient_seen(self, envelope: SmtpEnvelope, address: str) -> bool:
+        """Is `address` already a recipient of this transaction (see recipient_key)?"""
+        return recipient_key(address) in self._recipient_keys_of(envelope)
+
+    def add_recipient(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> None:
+        self._recipient_keys_of(envelope).add(recipient_key(address))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+
     # -- MAIL parameters ----------------------------------------------------------------
 
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -448,9 +472,10 @@ class RelaySMTP(SMTP):
                 client=self._client(),
                 recipients=len(envelope.rcpt_tos),
                 refused=self.refused,
+                duplicates=self.duplicates,
                 result=result,
             )
-        self.refused = 0
+        self.refused = self.duplicates = 0
 
     async def _release(self, hold_id: str, after: asyncio.Future[Any] | None = None) -> None:
         """Release a hold; after the reserve still in flight for it, if any, or that
@@ -526,6 +551,12 @@ class _Handler:
         if problem is not None:
             server.refused += 1
             return problem
+        if server.recipient_seen(envelope, address):
+            # A repeated recipient (Postfix's cleanup drops them too): accepted, but neither
+            # held nor counted nor sent again, so each counted recipient is sent once and
+            # gets exactly one result.
+            server.duplicates += 1
+            return replies.RECIPIENT_OK
         limit = self.context.settings.recipients_per_message
         if len(envelope.rcpt_tos) >= limit:
             server.refused += 1
@@ -551,8 +582,7 @@ class _Handler:
         if grant.granted < 1:
             server.refused += 1
             return replies.rcpt_refused(grant.refusal or "quota_exhausted")
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
+        server.add_recipient(envelope, address, options)
         return replies.RECIPIENT_OK
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope) -> str:
@@ -575,12 +605,13 @@ class _Handler:
                 client=server._client(),
                 recipients=recipients,
                 refused=server.refused,
+                duplicates=server.duplicates,
                 size=len(raw),
                 result=result,
                 reply=reply[:3],
                 seconds=round(time.monotonic() - started, 4),
             )
-            server.refused = 0
+            server.refused = server.duplicates = 0
             envelope.mail_from = None  # this transaction is logged; no "abandoned" line
             return reply
 
@@ -667,6 +698,19 @@ def safe_reply(status: str | bytes) -> bytes:
     """One well-formed reply line: no CR, LF or other control bytes, valid UTF-8."""
     raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
     return _CONTROL.sub(b"?", raw)
+
+
+def recipient_key(address: str) -> str:
+    """What two RCPTs of one transaction must share to be the same recipient.
+
+    Like Postfix's duplicate filter (cleanup), the address as aiosmtpd canonicalized it
+    (needless quotes and source routes removed) with letter case ignored, in the local
+    part too: RFC 5321 lets a local part be case-sensitive, but mailbox providers are
+    not, and a Postfix upstream would drop the second spelling after we had counted it.
+    Only ASCII letters are folded: two spellings that differ in another letter's case
+    stay two recipients, each counted, sent and given a result.
+    """
+    return address.translate(_ASCII_LOWER)
 
 
 def address_problem(address: str, smtputf8: bool, sender: bool = False) -> str | None:

@@ -254,6 +254,34 @@ async def test_auth_inside_a_transaction_is_503_and_the_transaction_keeps_its_ac
     assert len(upstream.handler.delivered_to()) == 8
 
 
+async def test_repeated_recipients_are_accepted_and_sent_and_counted_once(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """RCPT TO the same address four times and in other letter cases: each RCPT gets 250,
+    the message goes to the address once (as first spelled), the meter counts it once and
+    it gets one result; a repeat does not count against the recipient limit. Every
+    counted recipient ends in exactly one result (delivered, or a 550 from the upstream
+    hard-bounced with its report to the sender), and nothing waits for a result.
+    (Before: accepted 6, delivered 3, 3 waiting for a result forever.)"""
+    upstream.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    harness = make_relay(upstream.port, limits={"recipients_per_message": 2})
+    await harness.start()
+    await add_account(harness)
+    client = await connect(harness.port)
+    await client.login("app", PASSWORD)
+    assert (await command(client, "MAIL FROM:<app@example.com>"))[0] == 250
+    repeats = ["x@dest.test"] * 4 + ["x@DEST.test", "X@Dest.Test", "gone@dest.test", "GONE@dest.test"]
+    assert [(await command(client, f"RCPT TO:<{address}>"))[0] for address in repeats] == [250] * len(repeats)
+    assert (await command(client, "RCPT TO:<y@dest.test>"))[0] == 452  # the third distinct one: over 2
+    code, _ = await client.data(MESSAGE)
+    assert code == 250
+    await client.quit()
+    await drained(harness)
+    assert upstream.handler.delivered_to() == ["x@dest.test", "app@example.com"]  # x, then the bounce report
+    assert harness.relay is not None
+    usage = (await harness.relay.meter.usage("app")).usage
+    assert (usage.accepted, usage.delivered, usage.hard_bounced, usage.reserved, usage.awaiting_results) == (
+        2, 1, 1, 0, 0)
+
+
 async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upstream) -> None:
     harness = make_relay(upstream.port, limits={"message_size": 2048})
     await harness.start()
