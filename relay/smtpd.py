@@ -11,7 +11,7 @@ The order of a transaction, which is the relay's core promise:
 A transaction belongs to the account it began with: AUTH inside it gets 503 (RFC
 4954 4), and the meter refuses a hold of another account anyway. A repeated recipient
 (recipient_key) is answered 250 and dropped, like Postfix's cleanup does, so every
-counted recipient is sent once and gets one result.
+counted recipient is sent once and gets one result. MAIL FROM:<> is any account's.
 
 aiosmtpd traps handled here (REFERENCES.md): its `authenticator` is synchronous,
 so AUTH PLAIN/LOGIN are finished asynchronously in `_finish_auth`; it answers
@@ -67,6 +67,7 @@ _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
 # the client must get the answer to a message that is already being accepted.
 _COMMIT_GRACE = 0.5
 CAMPAIGN_HEADER = "X-Mailmeter-Campaign"
+NULL_SENDER = "<>"  # aiosmtpd's address for MAIL FROM:<>; spooled as "" (what delivery sends as <>)
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _CAMPAIGN_NAME = CAMPAIGN_HEADER.lower().encode()
 _CAMPAIGN_TAG = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
@@ -527,7 +528,9 @@ class _Handler:
             server.log.error("smtp.meter_unavailable", account=account, stage="MAIL", error=repr(error))
             return replies.METER_UNAVAILABLE
         domain = address.rpartition("@")[2].lower().rstrip(".")
-        if "@" not in address or domain not in domains:
+        # The null reverse-path (RFC 5321 4.5.5: bounces, DSNs, vacation replies) names no
+        # domain: any account may send it, and it is counted and delivered like any email.
+        if address != NULL_SENDER and ("@" not in address or domain not in domains):
             server.context.observer.transaction("5xx", "sender_refused")
             server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
                             recipients=0, result="sender_refused")
@@ -622,7 +625,7 @@ class _Handler:
         spooled = Envelope(
             queue_id=queue_id,
             account=account,
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from == NULL_SENDER else envelope.mail_from or "",
             recipients=list(envelope.rcpt_tos),
             received_at=time.time(),
             client=server._client(),

@@ -282,6 +282,38 @@ async def test_repeated_recipients_are_accepted_and_sent_and_counted_once(make_r
         2, 1, 1, 0, 0)
 
 
+async def test_the_null_sender_is_counted_delivered_and_never_bounced(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """MAIL FROM:<> (a bounce, a DSN, an auto-reply: what a Postfix in front of the relay
+    sends) from an authenticated and from a network-bound account: taken, counted and
+    relayed with the null reverse-path like any email; a recipient the upstream refuses
+    hard-bounces without a report (RFC 5321 4.5.5: never bounce a bounce).
+    (Before: 550 5.7.1 Sender <<>> is not in the sender domains.)"""
+    upstream.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness)
+    await add_account(harness, name="office", networks=("127.0.0.2/32",), password=None)
+    token = base64.b64encode(f"\0app\0{PASSWORD}".encode()).decode()
+    for source, login in (("127.0.0.1", [f"AUTH PLAIN {token}"]), ("127.0.0.2", [])):
+        client = await RawSmtp.open(harness.port, source)
+        assert (await client.reply()).code == 220
+        for line in ["EHLO client.test", *login]:
+            assert (await client.command(line)).code in (235, 250)
+        assert (await client.command("MAIL FROM:<>")).code == 250
+        assert (await client.command("RCPT TO:<ok@dest.test>")).code == 250
+        assert (await client.command("RCPT TO:<gone@dest.test>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        assert (await client.command(b"Subject: Out of office\r\n\r\nback soon\r\n.")).code == 250
+        assert (await client.command("QUIT")).code == 221
+    await drained(harness)
+    assert [(m.mail_from, m.rcpt_tos) for m in upstream.handler.messages] == [("<>", ["ok@dest.test"])] * 2
+    assert harness.relay is not None
+    for name in ("app", "office"):
+        usage = (await harness.relay.meter.usage(name)).usage
+        assert (usage.accepted, usage.delivered, usage.hard_bounced, usage.reserved, usage.awaiting_results) == (
+            2, 1, 1, 0, 0), name
+
+
 async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upstream) -> None:
     harness = make_relay(upstream.port, limits={"message_size": 2048})
     await harness.start()
