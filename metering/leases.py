@@ -37,7 +37,7 @@ from typing import Protocol
 from metering.batching import Batcher
 from metering.pg_leases import LeasedCommit
 from metering.records import Account
-from metering.sqlite_store import Settlement, StoreUnavailable, UnknownHold
+from metering.sqlite_store import HoldAccountMismatch, Settlement, StoreUnavailable, UnknownHold
 from policies.decision import Admission, Usage
 
 Decide = Callable[[Account, Usage], Admission]
@@ -120,11 +120,14 @@ class LeaseBook:
     async def reserve(self, account_id: int, period_key: str, hold_id: str, emails: int, decide: Decide) -> Admission:
         """Carve `emails` for the session's hold from the account's lease, renewing it if needed.
 
-        A hold stays with the lease it was first carved from (so with its period). The
-        lease's lock makes one renewal at a time; carving from a fresh lease needs no await.
+        A hold stays with the lease it was first carved from (so with its account and
+        period: HoldAccountMismatch for another account). The lease's lock makes one
+        renewal at a time; carving from a fresh lease needs no await.
         """
         while True:
             carve = self._carves.get(hold_id)
+            if carve is not None and carve.lease.account_id != account_id:
+                raise HoldAccountMismatch(hold_id, carve.lease.account_id, account_id)
             if carve is not None and carve.lease.lost:
                 if carve.emails > 0:
                     raise StoreUnavailable("this node's lease for the account was reclaimed; retry the transaction")
@@ -201,11 +204,18 @@ class LeaseBook:
         carve.lease.free += carve.emails
         return carve.emails
 
-    async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str, settle: Settle) -> None:
-        """The commit point of a carved message, in the next batch transaction; raises if it did not count."""
+    async def commit(
+        self, hold_id: str, queue_id: str, emails: int, campaign: str, settle: Settle, account_id: int | None = None
+    ) -> None:
+        """The commit point of a carved message, in the next batch transaction; raises if it did not count.
+
+        `account_id`: the account the caller commits for (HoldAccountMismatch for a carve of another).
+        """
         carve = self._carves.get(hold_id)
         if carve is None:
             raise UnknownHold(hold_id)
+        if account_id is not None and carve.lease.account_id != account_id:
+            raise HoldAccountMismatch(hold_id, carve.lease.account_id, account_id)
         if emails > carve.emails:
             raise ValueError(f"commit of {emails} emails exceeds the {carve.emails} held")
         lease = carve.lease

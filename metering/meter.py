@@ -331,7 +331,11 @@ class Meter:
         return account
 
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Grant:
-        """Hold up to `emails` more emails for one SMTP transaction, atomically."""
+        """Hold up to `emails` more emails for one SMTP transaction, atomically.
+
+        More for an existing hold go into it, in its period; a hold of another account
+        raises HoldAccountMismatch (a session's account cannot change inside a transaction).
+        """
         account = await self._identity(name)
         plan = self.plan_of(account)
         period = self.period_of(account)
@@ -353,9 +357,16 @@ class Meter:
         refusal = admission.refusal.value if admission.refusal else None
         return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
 
-    async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None:
-        """The commit point: usage, queue id, and any charges and notices now due, atomically."""
+    async def commit(
+        self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
+    ) -> None:
+        """The commit point: usage, queue id, and any charges and notices now due, atomically.
+
+        `account`: the account the message is sent for (SMTP in always names it); a hold
+        taken under another account is refused with HoldAccountMismatch, nothing counted.
+        """
         plans = self.plans
+        account_id = (await self._identity(account)).id if account is not None else None
 
         def settle(account: Account, usage: Usage, last_seq: int, period_key: str) -> Settlement:
             # The hold's period, not the clock's: a transaction may straddle a period boundary.
@@ -371,10 +382,11 @@ class Meter:
             return Settlement(charges=charges, notices=notices)
 
         if self.leases is not None and self.leases.owns(hold_id):
-            await self.leases.commit(hold_id, queue_id, emails, campaign, settle)
+            await self.leases.commit(hold_id, queue_id, emails, campaign, settle, account_id=account_id)
             return
         await self.store.commit(
-            hold_id, queue_id, emails, self.node, self.clock(), campaign=campaign, region=self.region, settle=settle
+            hold_id, queue_id, emails, self.node, self.clock(), campaign=campaign, region=self.region, settle=settle,
+            account_id=account_id,
         )
 
     async def release(self, hold_id: str) -> int:

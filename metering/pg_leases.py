@@ -157,9 +157,12 @@ class PgLeases(PgHolds):
                 await self._lock(conn, account_id)
                 items = [commits[i] for i in indexes]
                 lease_ids = sorted({item.lease_id for item in items})
-                available = {
+                available = {  # only leases of this account: emails never move between accounts
                     row["id"]: int(row["emails"])
-                    for row in await conn.fetch("SELECT id, emails FROM holds WHERE id = ANY($1::text[])", lease_ids)
+                    for row in await conn.fetch(
+                        "SELECT id, emails FROM holds WHERE id = ANY($1::text[]) AND account_id = $2",
+                        lease_ids, account_id,
+                    )
                 }
                 done = {
                     row["queue_id"] for row in await conn.fetch(

@@ -24,7 +24,7 @@ from metering.pg_base import ACCOUNT_FULL, full_account
 from metering.pg_leases import PgLeases
 from metering.pg_tx import rows_affected
 from metering.records import Account, Result, ResultReport, limit_change_to_json
-from metering.sqlite_store import Settlement, UnknownHold
+from metering.sqlite_store import HoldAccountMismatch, Settlement, UnknownHold
 from policies.decision import Admission, Usage
 from policies.limits import LimitChange
 
@@ -209,16 +209,31 @@ class PgStore(PgLeases):
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
     ) -> Admission:
-        """Atomically: lock the account, read it and the period's counters, ask `decide`, add the grant."""
+        """Atomically: lock the account, read it and the period's counters, ask `decide`, add the grant.
+
+        A hold that exists already stays in its account (HoldAccountMismatch for another)
+        and its period: a transaction that straddles a period boundary is counted in the
+        period it began in, as its commit is.
+        """
 
         async def body(conn: asyncpg.Connection) -> Admission:
-            # Three round trips while the lock is held (every node queues on it): lock,
-            # read account and counters at once, write counter and hold at once.
-            await self._lock(conn, account_id)
-            account, usage = await self._account_and_usage(conn, account_id, period_key)
+            # Three round trips while the lock is held (every node queues on it): lock (and
+            # read the session's hold, if it has one), read account and counters at once,
+            # write counter and hold at once.
+            held = await conn.fetchrow(
+                "SELECT h.account_id, h.period_key FROM accounts a LEFT JOIN holds h ON h.id = $2"
+                " WHERE a.id = $1 FOR UPDATE OF a",
+                account_id, hold_id,
+            )
+            period = period_key
+            if held is not None and held["account_id"] is not None:
+                if held["account_id"] != account_id:
+                    raise HoldAccountMismatch(hold_id, held["account_id"], account_id)
+                period = held["period_key"]
+            account, usage = await self._account_and_usage(conn, account_id, period)
             admission = decide(account, usage)
             if admission.granted > 0:
-                await self._add_to_hold(conn, account_id, period_key, hold_id, node, admission.granted, now.isoformat())
+                await self._add_to_hold(conn, account_id, period, hold_id, node, admission.granted, now.isoformat())
             return admission
 
         return await self._write(body)
@@ -233,6 +248,7 @@ class PgStore(PgLeases):
         campaign: str = "",
         region: str = "",
         settle: Callable[[Account, Usage, int, str], Settlement] | None = None,
+        account_id: int | None = None,
     ) -> None:
         """The commit point of a message: its usage, its queue id, and the charges and
         notices that usage makes due, in one transaction.
@@ -240,7 +256,10 @@ class PgStore(PgLeases):
         Idempotent on queue_id (checked again once the account is locked, so two
         commits of one message on two connections count it once). Emails held beyond
         `emails` go back to the account. Charges go in under their idempotency key.
+        `account_id`: the account the caller commits for; a hold of another account is
+        refused (HoldAccountMismatch) and nothing changes.
         """
+        expected_account = account_id
 
         async def body(conn: asyncpg.Connection) -> None:
             done, owner = await conn.fetchrow(
@@ -252,6 +271,8 @@ class PgStore(PgLeases):
                 return
             if owner is None:
                 raise UnknownHold(hold_id)
+            if expected_account is not None and owner != expected_account:
+                raise HoldAccountMismatch(hold_id, owner, expected_account)
             await self._lock(conn, owner)
             if await conn.fetchval("SELECT 1 FROM messages WHERE queue_id = $1", queue_id):
                 return  # a commit of the same message on another connection won the lock first

@@ -70,6 +70,18 @@ class UnknownHold(LookupError):
     """A hold id that is not (or no longer) in the store."""
 
 
+class HoldAccountMismatch(LookupError):
+    """A reserve into, or a commit of, a hold under another account than the hold's own.
+
+    A hold belongs to the account it was first taken for: adding to it, or committing
+    it, for another account would count one account's emails against another's
+    allowance (an SMTP session must not change its account inside a transaction).
+    """
+
+    def __init__(self, hold_id: str, hold_account: int, asked_for: int) -> None:
+        super().__init__(f"hold {hold_id} belongs to account id {hold_account}, not {asked_for}")
+
+
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
     Result.SOFT_BOUNCED: "soft_bounced",
@@ -412,24 +424,35 @@ class SqliteStore:
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
     ) -> Admission:
-        """Atomically: read the account and the period's counters, ask `decide`, add the grant."""
+        """Atomically: read the account and the period's counters, ask `decide`, add the grant.
+
+        A hold that exists already stays in its account (HoldAccountMismatch for another)
+        and its period: a transaction that straddles a period boundary is counted in the
+        period it began in, as its commit is.
+        """
 
         def operation(conn: sqlite3.Connection) -> Admission:
+            period = period_key
+            held = conn.execute("SELECT account_id, period_key FROM holds WHERE id = ?", (hold_id,)).fetchone()
+            if held is not None:
+                if held[0] != account_id:
+                    raise HoldAccountMismatch(hold_id, held[0], account_id)
+                period = held[1]
             account = _account_row(conn, account_id)
-            usage = _usage_row(conn, account_id, period_key, account.awaiting_results)
+            usage = _usage_row(conn, account_id, period, account.awaiting_results)
             admission = decide(account, usage)
             if admission.granted > 0:
                 conn.execute(
                     "INSERT INTO period_usage (account_id, period_key, reserved) VALUES (?, ?, ?)"
                     " ON CONFLICT (account_id, period_key) DO UPDATE"
                     " SET reserved = reserved + excluded.reserved",
-                    (account_id, period_key, admission.granted),
+                    (account_id, period, admission.granted),
                 )
                 conn.execute(
                     "INSERT INTO holds (id, account_id, period_key, emails, node, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (id) DO UPDATE SET emails = emails + excluded.emails",
-                    (hold_id, account_id, period_key, admission.granted, node, now.isoformat()),
+                    (hold_id, account_id, period, admission.granted, node, now.isoformat()),
                 )
             return admission
 
@@ -445,13 +468,18 @@ class SqliteStore:
         campaign: str = "",
         region: str = "",
         settle: Callable[[Account, Usage, int, str], Settlement] | None = None,
+        account_id: int | None = None,
     ) -> None:
         """The commit point of a message: its usage, its queue id, and the charges and
         notices that usage makes due, in one transaction.
 
         Idempotent on queue_id. Emails held beyond `emails` go back to the account.
         Charges go in under their idempotency key, so none is ever issued twice.
+        `account_id`: the account the caller commits for; a hold of another account is
+        refused (HoldAccountMismatch) and nothing changes.
         """
+        expected_account = account_id
+
         def operation(conn: sqlite3.Connection) -> None:
             cursor = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
             if cursor.fetchone():
@@ -462,6 +490,8 @@ class SqliteStore:
             row = cursor.fetchone()
             if row is None:
                 raise UnknownHold(hold_id)
+            if expected_account is not None and row[0] != expected_account:
+                raise HoldAccountMismatch(hold_id, row[0], expected_account)
             account_id, period_key, held = row
             if emails > held:
                 raise ValueError(f"commit of {emails} emails exceeds the {held} held")

@@ -19,6 +19,7 @@ from metering.records import Account, Result
 from metering.sqlite_store import (
     AuditDraft,
     DuplicateEvent,
+    HoldAccountMismatch,
     InvoiceRecord,
     Settlement,
     StoreUnavailable,
@@ -84,7 +85,7 @@ class Store(Protocol):
     ) -> Admission: ...
     async def commit(
         self, hold_id: str, queue_id: str, emails: int, node: str, now: datetime, campaign: str = "",
-        region: str = "", settle: Settle | None = None,
+        region: str = "", settle: Settle | None = None, account_id: int | None = None,
     ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def release_node_holds(self, node: str) -> int: ...
@@ -134,6 +135,6 @@ class Store(Protocol):
 
 
 __all__ = [
-    "AuditDraft", "Decide", "DuplicateEvent", "InvoiceRecord", "Row", "Settle", "Settlement", "Store",
-    "StoreUnavailable", "UnknownHold",
+    "AuditDraft", "Decide", "DuplicateEvent", "HoldAccountMismatch", "InvoiceRecord", "Row", "Settle", "Settlement",
+    "Store", "StoreUnavailable", "UnknownHold",
 ]

@@ -8,6 +8,11 @@ The order of a transaction, which is the relay's core promise:
            move the message to spool/active, answer 250 with the queue id
     RSET, QUIT, new EHLO, disconnect, any failure: release the hold
 
+A transaction belongs to the account it began with: AUTH inside it gets 503 (RFC
+4954 4), and the meter refuses a hold of another account anyway. A repeated recipient
+(recipient_key) is answered 250 and dropped, like Postfix's cleanup does, so every
+counted recipient is sent once and gets one result. MAIL FROM:<> is any account's.
+
 aiosmtpd traps handled here (REFERENCES.md): its `authenticator` is synchronous,
 so AUTH PLAIN/LOGIN are finished asynchronously in `_finish_auth`; it answers
 `555` to `MAIL FROM:<..> AUTH=<>`, so the AUTH parameter is stripped first.
@@ -29,6 +34,7 @@ import ipaddress
 import re
 import secrets
 import ssl
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +45,7 @@ from email.utils import format_datetime
 from typing import Any, Protocol, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import replies
@@ -61,6 +67,8 @@ _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
 # the client must get the answer to a message that is already being accepted.
 _COMMIT_GRACE = 0.5
 CAMPAIGN_HEADER = "X-Mailmeter-Campaign"
+NULL_SENDER = "<>"  # aiosmtpd's address for MAIL FROM:<>; spooled as "" (what delivery sends as <>)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _CAMPAIGN_NAME = CAMPAIGN_HEADER.lower().encode()
 _CAMPAIGN_TAG = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 
@@ -72,7 +80,9 @@ class MeterPort(Protocol):
     async def account_for_client(self, address: str) -> str | None: ...
     async def mail_check(self, name: str) -> tuple[tuple[str, ...], Any | None]: ...
     async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Any: ...
-    async def commit(self, hold_id: str, queue_id: str, emails: int, campaign: str = "") -> None: ...
+    async def commit(
+        self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
+    ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def message_committed(self, queue_id: str) -> bool: ...
 
@@ -199,6 +209,8 @@ class RelaySMTP(SMTP):
         self.in_data = False  # between DATA and its final reply
         self.bare_newline = False  # the message DATA just read has a bare CR or LF (relay/data.py)
         self.refused = 0
+        self.duplicates = 0  # repeated recipients of the open transaction, accepted and dropped
+        self._recipient_keys: tuple[SmtpEnvelope | None, set[str]] = (None, set())
         self.peer_address = ""
         self._counted = False  # holds a slot in context.connections
         self._turned_away = False  # over the connection cap: no SMTP session at all
@@ -347,6 +359,16 @@ class RelaySMTP(SMTP):
 
     # -- AUTH, checked without blocking the loop ------------------------------------
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """RFC 4954 4: AUTH inside a mail transaction is refused with 503. The transaction's
+        recipients are held under the account it began with; a new login must not move
+        the rest of it (and its commit) to another account."""
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push(replies.AUTH_IN_TRANSACTION)
+            return
+        await super().smtp_AUTH(arg)
+
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         return AuthResult(success=False, handled=False, auth_data=_Pending(auth_data.login, auth_data.password))
@@ -389,6 +411,24 @@ class RelaySMTP(SMTP):
         self.account, self.account_via = account.name, "auth"
         self.log.info("smtp.auth", account=account.name, client=client, result="ok")
         return AuthResult(success=True, auth_data=account.name)
+
+    def _recipient_keys_of(self, envelope: SmtpEnvelope) -> set[str]:
+        """The recipient keys of this envelope's transaction, rebuilt whenever aiosmtpd
+        made a new envelope (RSET, EHLO, STARTTLS, after DATA)."""
+        owner, keys = self._recipient_keys
+        if owner is not envelope:
+            keys = {recipient_key(known) for known in envelope.rcpt_tos}
+            self._recipient_keys = (envelope, keys)
+        return keys
+
+    def recipient_seen(self, envelope: SmtpEnvelope, address: str) -> bool:
+        """Is `address` already a recipient of this transaction (see recipient_key)?"""
+        return recipient_key(address) in self._recipient_keys_of(envelope)
+
+    def add_recipient(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> None:
+        self._recipient_keys_of(envelope).add(recipient_key(address))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
 
     # -- MAIL parameters ----------------------------------------------------------------
 
@@ -433,9 +473,10 @@ class RelaySMTP(SMTP):
                 client=self._client(),
                 recipients=len(envelope.rcpt_tos),
                 refused=self.refused,
+                duplicates=self.duplicates,
                 result=result,
             )
-        self.refused = 0
+        self.refused = self.duplicates = 0
 
     async def _release(self, hold_id: str, after: asyncio.Future[Any] | None = None) -> None:
         """Release a hold; after the reserve still in flight for it, if any, or that
@@ -487,7 +528,9 @@ class _Handler:
             server.log.error("smtp.meter_unavailable", account=account, stage="MAIL", error=repr(error))
             return replies.METER_UNAVAILABLE
         domain = address.rpartition("@")[2].lower().rstrip(".")
-        if "@" not in address or domain not in domains:
+        # The null reverse-path (RFC 5321 4.5.5: bounces, DSNs, vacation replies) names no
+        # domain: any account may send it, and it is counted and delivered like any email.
+        if address != NULL_SENDER and ("@" not in address or domain not in domains):
             server.context.observer.transaction("5xx", "sender_refused")
             server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
                             recipients=0, result="sender_refused")
@@ -511,6 +554,12 @@ class _Handler:
         if problem is not None:
             server.refused += 1
             return problem
+        if server.recipient_seen(envelope, address):
+            # A repeated recipient (Postfix's cleanup drops them too): accepted, but neither
+            # held nor counted nor sent again, so each counted recipient is sent once and
+            # gets exactly one result.
+            server.duplicates += 1
+            return replies.RECIPIENT_OK
         limit = self.context.settings.recipients_per_message
         if len(envelope.rcpt_tos) >= limit:
             server.refused += 1
@@ -536,8 +585,7 @@ class _Handler:
         if grant.granted < 1:
             server.refused += 1
             return replies.rcpt_refused(grant.refusal or "quota_exhausted")
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
+        server.add_recipient(envelope, address, options)
         return replies.RECIPIENT_OK
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope) -> str:
@@ -560,12 +608,13 @@ class _Handler:
                 client=server._client(),
                 recipients=recipients,
                 refused=server.refused,
+                duplicates=server.duplicates,
                 size=len(raw),
                 result=result,
                 reply=reply[:3],
                 seconds=round(time.monotonic() - started, 4),
             )
-            server.refused = 0
+            server.refused = server.duplicates = 0
             envelope.mail_from = None  # this transaction is logged; no "abandoned" line
             return reply
 
@@ -576,7 +625,7 @@ class _Handler:
         spooled = Envelope(
             queue_id=queue_id,
             account=account,
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from == NULL_SENDER else envelope.mail_from or "",
             recipients=list(envelope.rcpt_tos),
             received_at=time.time(),
             client=server._client(),
@@ -614,7 +663,7 @@ class _Handler:
             return "deferred", replies.INTERNAL_ERROR
         try:
             started = time.monotonic()
-            await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw))
+            await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw), account=account)
             context.observer.meter_call("commit", time.monotonic() - started)
         except Exception as error:
             server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",
@@ -652,6 +701,19 @@ def safe_reply(status: str | bytes) -> bytes:
     """One well-formed reply line: no CR, LF or other control bytes, valid UTF-8."""
     raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
     return _CONTROL.sub(b"?", raw)
+
+
+def recipient_key(address: str) -> str:
+    """What two RCPTs of one transaction must share to be the same recipient.
+
+    Like Postfix's duplicate filter (cleanup), the address as aiosmtpd canonicalized it
+    (needless quotes and source routes removed) with letter case ignored, in the local
+    part too: RFC 5321 lets a local part be case-sensitive, but mailbox providers are
+    not, and a Postfix upstream would drop the second spelling after we had counted it.
+    Only ASCII letters are folded: two spellings that differ in another letter's case
+    stay two recipients, each counted, sent and given a result.
+    """
+    return address.translate(_ASCII_LOWER)
 
 
 def address_problem(address: str, smtputf8: bool, sender: bool = False) -> str | None:

@@ -205,6 +205,115 @@ async def test_too_many_recipients_452(make_relay, upstream: Upstream) -> None:
     await client.quit()
 
 
+async def drained(harness: RelayHarness) -> None:
+    """Every accepted message (and any bounce it caused) delivered or bounced, its results in the meter."""
+    assert harness.relay is not None
+    delivery = harness.relay.delivery
+    for _ in range(500):
+        if delivery.queue_depth == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the spool did not drain: {delivery.queue_depth} messages")
+
+
+async def test_auth_inside_a_transaction_is_503_and_the_transaction_keeps_its_account(
+    make_relay, upstream: Upstream  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 14's case: a session bound to `office` by its network sends MAIL and RCPT, then
+    AUTH as another account, more RCPTs and DATA. AUTH gets 503 5.5.1 (RFC 4954 4); every
+    recipient is held and billed under office; the other account is untouched. Outside a
+    transaction the same AUTH works. (Before: AUTH succeeded, the later holds were taken
+    from `other` and the commit billed `office`: reserved -3 and +3 per message.)"""
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, name="office", networks=("127.0.0.2/32",), password=None)
+    await add_account(harness, name="other", domains=("example.org",))
+    token = base64.b64encode(f"\0other\0{PASSWORD}".encode()).decode()
+    client = await RawSmtp.open(harness.port, "127.0.0.2")
+    assert (await client.reply()).code == 220
+    assert (await client.command("EHLO client.test")).code == 250
+    for round_ in range(2):
+        assert (await client.command("MAIL FROM:<printer@example.com>")).code == 250
+        assert (await client.command(f"RCPT TO:<a{round_}@dest.test>")).code == 250
+        reply = await client.command(f"AUTH PLAIN {token}")
+        assert (reply.code, reply.text) == (
+            503, "5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first")
+        assert [(await client.command(f"RCPT TO:<b{round_}{n}@dest.test>")).code for n in range(3)] == [250] * 3
+        assert (await client.command("DATA")).code == 354
+        assert (await client.command(b"Subject: hi\r\n\r\nhello\r\n.")).code == 250
+    assert (await client.command("RSET")).code == 250
+    assert (await client.command(f"AUTH PLAIN {token}")).code == 235  # no transaction: fine
+    assert (await client.command("MAIL FROM:<app@example.org>")).code == 250
+    assert (await client.command("QUIT")).code == 221
+    assert harness.relay is not None
+    office = await settled_usage(harness.relay.meter, "office")
+    other = await settled_usage(harness.relay.meter, "other")
+    assert (office.accepted, office.reserved) == (8, 0)
+    assert (other.accepted, other.reserved) == (0, 0)
+    await drained(harness)
+    assert len(upstream.handler.delivered_to()) == 8
+
+
+async def test_repeated_recipients_are_accepted_and_sent_and_counted_once(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """RCPT TO the same address four times and in other letter cases: each RCPT gets 250,
+    the message goes to the address once (as first spelled), the meter counts it once and
+    it gets one result; a repeat does not count against the recipient limit. Every
+    counted recipient ends in exactly one result (delivered, or a 550 from the upstream
+    hard-bounced with its report to the sender), and nothing waits for a result.
+    (Before: accepted 6, delivered 3, 3 waiting for a result forever.)"""
+    upstream.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    harness = make_relay(upstream.port, limits={"recipients_per_message": 2})
+    await harness.start()
+    await add_account(harness)
+    client = await connect(harness.port)
+    await client.login("app", PASSWORD)
+    assert (await command(client, "MAIL FROM:<app@example.com>"))[0] == 250
+    repeats = ["x@dest.test"] * 4 + ["x@DEST.test", "X@Dest.Test", "gone@dest.test", "GONE@dest.test"]
+    assert [(await command(client, f"RCPT TO:<{address}>"))[0] for address in repeats] == [250] * len(repeats)
+    assert (await command(client, "RCPT TO:<y@dest.test>"))[0] == 452  # the third distinct one: over 2
+    code, _ = await client.data(MESSAGE)
+    assert code == 250
+    await client.quit()
+    await drained(harness)
+    assert upstream.handler.delivered_to() == ["x@dest.test", "app@example.com"]  # x, then the bounce report
+    assert harness.relay is not None
+    usage = (await harness.relay.meter.usage("app")).usage
+    assert (usage.accepted, usage.delivered, usage.hard_bounced, usage.reserved, usage.awaiting_results) == (
+        2, 1, 1, 0, 0)
+
+
+async def test_the_null_sender_is_counted_delivered_and_never_bounced(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """MAIL FROM:<> (a bounce, a DSN, an auto-reply: what a Postfix in front of the relay
+    sends) from an authenticated and from a network-bound account: taken, counted and
+    relayed with the null reverse-path like any email; a recipient the upstream refuses
+    hard-bounces without a report (RFC 5321 4.5.5: never bounce a bounce).
+    (Before: 550 5.7.1 Sender <<>> is not in the sender domains.)"""
+    upstream.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness)
+    await add_account(harness, name="office", networks=("127.0.0.2/32",), password=None)
+    token = base64.b64encode(f"\0app\0{PASSWORD}".encode()).decode()
+    for source, login in (("127.0.0.1", [f"AUTH PLAIN {token}"]), ("127.0.0.2", [])):
+        client = await RawSmtp.open(harness.port, source)
+        assert (await client.reply()).code == 220
+        for line in ["EHLO client.test", *login]:
+            assert (await client.command(line)).code in (235, 250)
+        assert (await client.command("MAIL FROM:<>")).code == 250
+        assert (await client.command("RCPT TO:<ok@dest.test>")).code == 250
+        assert (await client.command("RCPT TO:<gone@dest.test>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        assert (await client.command(b"Subject: Out of office\r\n\r\nback soon\r\n.")).code == 250
+        assert (await client.command("QUIT")).code == 221
+    await drained(harness)
+    assert [(m.mail_from, m.rcpt_tos) for m in upstream.handler.messages] == [("<>", ["ok@dest.test"])] * 2
+    assert harness.relay is not None
+    for name in ("app", "office"):
+        usage = (await harness.relay.meter.usage(name)).usage
+        assert (usage.accepted, usage.delivered, usage.hard_bounced, usage.reserved, usage.awaiting_results) == (
+            2, 1, 1, 0, 0), name
+
+
 async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upstream) -> None:
     harness = make_relay(upstream.port, limits={"message_size": 2048})
     await harness.start()

@@ -13,8 +13,9 @@ Invariants after every session:
 - a connection the server closes ends with a closing reply (221, 421, 502);
 - the relay still answers the next connection with 220;
 - no hold is left: `reserved` returns to 0 once the session is closed;
-- the meter's `accepted` grew by exactly the recipients of the transactions whose
-  DATA got 250, and each such message reaches the upstream once, with no other
+- the meter's `accepted` grew by exactly the distinct recipients of the transactions
+  whose DATA got 250 (a repeated RCPT is answered 250 and dropped, see
+  relay.smtpd.recipient_key), and each such message reaches the upstream once, with no other
   message, no smuggled sender, and no bare CR or LF (so no upstream, however
   lenient, can read a line end the relay did not).
 """
@@ -190,6 +191,18 @@ def sessions(draw: st.DrawFn) -> tuple[list[bytes], str]:
 
 # -- the client side model: which reply answers which line ---------------------------------
 
+_PARSER = SMTP.__new__(SMTP)
+_PARSER.local_part_limit = 0
+
+
+def recipient_key(line: bytes) -> str:
+    """The recipient of an accepted RCPT line as the relay compares them: the address as
+    aiosmtpd reads it, letter case ignored (a repeated recipient is sent and counted once)."""
+    arg = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape").partition(":")[2]
+    address, _ = _PARSER._getaddr(arg)
+    return (address or "").lower()
+
+
 
 @dataclass
 class Session:
@@ -201,7 +214,7 @@ class Session:
     in_challenge: bool = False
     closed: bool = False
     replies: list[tuple[bytes, Reply]] = field(default_factory=list)
-    recipients_ok: int = 0
+    recipients_ok: set[str] = field(default_factory=set)  # of the open transaction, each once (repeats drop)
     mail_line: bytes = b""  # the MAIL command of the open transaction
     accepted: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # queue id -> (recipients, MAIL line)
 
@@ -248,8 +261,8 @@ class Session:
             if reply.code == 250:
                 match = re.fullmatch(r"2\.0\.0 Ok: queued as ([0-9A-F]+)", reply.text)
                 assert match, reply
-                self.accepted[match.group(1)] = (self.recipients_ok, self.mail_line)
-            self.recipients_ok = 0
+                self.accepted[match.group(1)] = (len(self.recipients_ok), self.mail_line)
+            self.recipients_ok = set()
             return
         if self.in_challenge:
             self.in_challenge = reply.code == 334
@@ -257,10 +270,10 @@ class Session:
         verb = unit.rstrip(b"\r\n").partition(b" ")[0].upper()
         self.in_challenge = reply.code == 334
         if reply.code == 250 and verb in (b"MAIL", b"RSET", b"EHLO", b"HELO"):
-            self.recipients_ok = 0
+            self.recipients_ok = set()
             self.mail_line = unit if verb == b"MAIL" else b""
         elif reply.code == 250 and verb == b"RCPT":
-            self.recipients_ok += 1
+            self.recipients_ok.add(recipient_key(unit))
         elif verb == b"DATA" and reply.code == 354:
             self.in_data = True
 
