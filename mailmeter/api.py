@@ -12,6 +12,7 @@ webhook (HMAC-signed instead) are open.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -390,9 +391,10 @@ class ApiServer:
         self.runner = web.AppRunner(app, access_log=None)
         self.site: web.TCPSite | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on a socket bound beforehand (bind_api), so a port in use fails the relay's start early."""
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        self.site = web.SockSite(self.runner, sock)
         await self.site.start()
 
     @property
@@ -407,8 +409,21 @@ class ApiServer:
         self.site = None
 
 
-async def start_api(relay: Relay) -> ApiServer:
-    """The admin API of a running relay, on `api.address`:`api.port`."""
+def bind_api(address: str, port: int) -> socket.socket:
+    """The API's listening socket, bound (not yet listening): raises OSError if the port is taken."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
+    """The admin API of a running relay, on `sock` (bound by bind_api to `api.address`:`api.port`)."""
     config = relay.config
     deps = ApiDeps(
         service_for=lambda actor: AdminService(relay.meter, relay.billing, actor),
@@ -420,7 +435,7 @@ async def start_api(relay: Relay) -> ApiServer:
         node=config.node.name,
     )
     server = ApiServer(build_app(deps))
-    await server.start(config.api.address, config.api.port)
+    await server.start(sock)
     structlog.get_logger("mailmeter.api").info(
         "api.started", listen=f"{config.api.address}:{server.port}", tokens=deps.tokens.names,
         payment_webhook=deps.webhook_secret is not None,

@@ -17,10 +17,9 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from mailmeter.audit import cli_actor, event_line
-from mailmeter.config import Config, ConfigError, load_config
+from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.logs import configure_logging
 from mailmeter.service import AdminError, AdminService
 from metering.meter import UnknownAccount, UnknownPlan
@@ -142,16 +141,6 @@ def cmd_limit(config: Config, args: argparse.Namespace) -> int:
         return 0
 
     return _run(config, action)
-
-
-def database_label(config: Config) -> str:
-    """The database as the operator configured it, never with a password."""
-    if config.database.url is None:
-        return str(config.resolve(config.database.path))
-    parts = urlsplit(config.database.url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username
-    return f"{parts.scheme}://{f'{user}@' if user else ''}{host}{parts.path}"
 
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:

@@ -115,6 +115,16 @@ def check_database_url(url: str) -> None:
         raise ConfigError("database.url: name the database after the host, like postgresql://HOST:5432/mailmeter")
 
 
+def database_label(config: Config) -> str:
+    """The database as the operator configured it, never with a password."""
+    if config.database.url is None:
+        return str(config.resolve(config.database.path))
+    parts = urlsplit(config.database.url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username
+    return f"{parts.scheme}://{f'{user}@' if user else ''}{host}{parts.path}"
+
+
 class SpoolConfig(_Section):
     path: Path = Path("var/spool")
 
