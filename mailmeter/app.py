@@ -126,6 +126,8 @@ def smtp_settings(config: Config, listen_address: str, tls: ssl.SSLContext | Non
             lockout=config.abuse.auth_lockout,
             delay=config.abuse.auth_failure_delay,
             delay_max=config.abuse.auth_failure_delay_max,
+            checks_per_client=config.abuse.auth_checks_per_client,
+            checks_in_flight=config.abuse.auth_checks_in_flight,
         ),
     )
 
@@ -486,7 +488,12 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
         reloading.add(task)
         task.add_done_callback(reloading.discard)
 
+    def on_usr1() -> None:  # the operator lifts every AUTH lockout of this process
+        lifted = relay.context.auth_guard.clear()
+        log.info("smtp.auth_lockouts_cleared", node=config.node.name, lockouts=lifted, result="ok")
+
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     watchdog = asyncio.create_task(notifier.watchdog())
     # Everything built so far (modules, config, plans) lives as long as the process: out of
     # the collector's sight, a full collection no longer walks it. Those walks were 25-52 ms
@@ -507,6 +514,7 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
         log.info("relay.draining", node=config.node.name)
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(signal.SIGUSR1)
         await relay.stop()
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)

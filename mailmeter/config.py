@@ -67,6 +67,8 @@ class AbuseConfig(_Section):
     auth_lockout: float = Field(900.0, ge=0)
     auth_failure_delay: float = Field(1.0, ge=0)
     auth_failure_delay_max: float = Field(8.0, ge=0)
+    auth_checks_per_client: int = Field(2, ge=1, le=1000)  # password checks (scrypt) in flight per client
+    auth_checks_in_flight: int = Field(8, ge=1, le=1000)  # ... and on this relay process, all clients
 
 
 class UpstreamSection(_Section):

@@ -72,6 +72,7 @@ async def supervise(path: Path, config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _signal_all(workers, signal.SIGHUP))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _signal_all(workers, signal.SIGUSR1))  # lift AUTH lockouts
     watchdog = asyncio.create_task(notifier.watchdog())
     status = 0
     try:
@@ -105,7 +106,7 @@ async def supervise(path: Path, config: Config) -> int:
         except TimeoutError:
             _signal_all(workers, signal.SIGKILL)
             await asyncio.gather(*exits)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)

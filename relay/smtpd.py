@@ -361,34 +361,45 @@ class RelaySMTP(SMTP):
         """Check the credentials, unless the client or the login is locked out.
 
         A locked-out AUTH is refused before the password is looked at, so the right
-        password does not get in either, and a brute force costs us no scrypt.
+        password does not get in either, and a brute force costs us no scrypt. The check
+        runs on its own (a client that hangs up does not free its slot before the hash
+        is done, nor escape the failure it would count); the delay is the session's.
         """
         pending = result.auth_data
         if not isinstance(pending, _Pending):
             return result
         name = pending.login.decode("utf-8", "replace")
         client = self._client()
-        guard = self.context.auth_guard
-        locked = guard.lockout(client, name)
-        if locked is not None:
-            self.log.warning("smtp.auth", account=name, client=client, result="locked", scope=locked.scope)
-            text = replies.AUTH_LOCKED_CLIENT if locked.scope == "client" else replies.AUTH_LOCKED_LOGIN
-            return AuthResult(success=False, handled=False, message=text.format(seconds=max(1, round(locked.seconds_left))))
-        try:
-            account = await self.context.meter.authenticate(name, pending.password)
-        except Exception as error:
-            self.log.warning("smtp.auth", account=name, result="tempfail", error=repr(error))
-            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
-        if account is None:
-            delay = guard.failed(client, name)
-            self.log.info("smtp.auth", account=name, client=client, result="failed", delay=delay)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            return AuthResult(success=False, handled=False)
-        guard.succeeded(name)
-        self.account, self.account_via = account.name, "auth"
-        self.log.info("smtp.auth", account=account.name, client=client, result="ok")
-        return AuthResult(success=True, auth_data=account.name)
+        check = asyncio.ensure_future(self._check_password(client, name, pending.password))
+        outcome, delay = await asyncio.shield(check)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if outcome.success:
+            self.account, self.account_via = outcome.auth_data, "auth"
+            self.log.info("smtp.auth", account=outcome.auth_data, client=client, result="ok")
+        return outcome
+
+    async def _check_password(self, client: str, name: str, password: bytes) -> tuple[AuthResult, float]:
+        """(the AUTH's result, the delay before answering it): one password check, when the
+        guard lets it start (relay/abuse.py: it counts from its start, within the caps)."""
+        async with self.context.auth_guard.attempt(client, name) as attempt:
+            locked = attempt.locked
+            if locked is not None:
+                self.log.warning("smtp.auth", account=name, client=client, result="locked", scope=locked.scope)
+                text = replies.AUTH_LOCKED_CLIENT if locked.scope == "client" else replies.AUTH_LOCKED_LOGIN
+                seconds = max(1, round(locked.seconds_left))
+                return AuthResult(success=False, handled=False, message=text.format(seconds=seconds)), 0.0
+            try:
+                account = await self.context.meter.authenticate(name, password)
+            except Exception as error:
+                self.log.warning("smtp.auth", account=name, result="tempfail", error=repr(error))
+                return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL), 0.0
+            if account is None:
+                delay = attempt.failed()
+                self.log.info("smtp.auth", account=name, client=client, result="failed", delay=delay)
+                return AuthResult(success=False, handled=False), delay
+            attempt.succeeded()
+            return AuthResult(success=True, auth_data=account.name), 0.0
 
     # -- MAIL parameters ----------------------------------------------------------------
 
