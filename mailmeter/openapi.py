@@ -92,9 +92,13 @@ SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"}, "plan": {"type": "string"},
             "password": {"type": "string", "description": "for SMTP AUTH; stored only as a salted scrypt hash"},
             "sender_domains": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            "networks": {"type": "array", "items": {"type": "string"}, "description": "client CIDRs bound to it"},
+            "networks": {"type": "array", "items": {"type": "string"},
+                         "description": "client CIDRs bound to it (they send without AUTH, billed to it); wider"
+                                        " than a /16 (IPv4) or /48 (IPv6) only with allow_wide_network"},
             "contacts": {"type": "array", "items": {"type": "string", "format": "email"}},
             "subscribed_on": {"type": "string", "format": "date"},
+            "allow_wide_network": {"type": "boolean", "default": False,
+                                   "description": "accept a network binding wider than a /16 or /48"},
         },
     },
     "Usage": {
@@ -200,7 +204,9 @@ SCHEMAS: dict[str, Any] = {
     "PaymentEvent": {
         "type": "object", "required": ["id", "type"],
         "properties": {
-            "id": {"type": "string", "description": "the event id; a redelivery with the same id changes nothing"},
+            "id": {"type": "string", "minLength": 1,
+                   "description": "the event id, required (it is signed with the body; an Idempotency-Key header"
+                                  " is not and is ignored); a redelivery with the same id changes nothing"},
             "type": {"enum": ["charge.succeeded", "charge.failed", "payment_method.updated"]},
             "charge": {"type": "string", "description": "charge.*: the Idempotency-Key of the relay's charge"},
             "reason": {"type": "string"},
@@ -308,8 +314,6 @@ PATHS: dict[str, dict[str, Any]] = {
                  "description": "Unix seconds; refused when further than api.webhook_tolerance from now"},
                 {"name": "X-Mailmeter-Signature", "in": "header", "required": True, "schema": {"type": "string"},
                  "description": "sha256=HEX(HMAC-SHA256(secret, timestamp + '.' + body))"},
-                {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "the event id, when the body has no id"},
             ],
         },
     },
