@@ -149,6 +149,8 @@ def _count(data: dict[str, Any], key: str, required: bool = False) -> int | None
     value = data.get(key)
     if value is None and not required:
         return None
+    if isinstance(value, float) and value.is_integer():  # 1000.0 is a whole number in JSON
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{key}: give a whole number, like 1000")
     return value

@@ -248,7 +248,12 @@ async def test_a_node_takes_its_name_again_after_a_lost_connection_and_stops_if_
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", await admin.fetchval(claim, owner))
             again = await node.event("meter.node_claim", timeout=20)
             assert again["result"] == "claimed again"
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", await admin.fetchval(claim, owner))
+            backend = await admin.fetchval(claim, owner)
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", backend)
+            for _ in range(100):  # terminating is asynchronous: the lock goes when the backend has gone
+                if not await admin.fetchval("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1", backend):
+                    break
+                await asyncio.sleep(0.01)
             taken = await admin.fetchval(
                 "SELECT pg_try_advisory_lock(hashtextextended('mailmeter.node:' || current_schema() || ':test-node', 0))")
             assert taken
