@@ -12,6 +12,8 @@ webhook (HMAC-signed instead) are open.
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -26,7 +28,7 @@ from mailmeter.apiauth import ApiTokens, bearer_token
 from mailmeter.audit import WEBHOOK_ACTOR
 from mailmeter.metrics import CONTENT_TYPE, Metrics
 from mailmeter.openapi import document
-from mailmeter.service import AdminError, AdminService, Conflict, NotFound
+from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
 from metering.gateway import verify
 from metering.meter import UnknownAccount, UnknownPlan
 from metering.sqlite_store import StoreUnavailable
@@ -38,6 +40,8 @@ ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AdminHandler = Callable[[web.Request, AdminService], Awaitable[web.StreamResponse]]
 VERSION = "1"
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_SIGNATURE = re.compile(r"sha256=[0-9a-fA-F]{64}")
 _ACTOR: ContextVar[str] = ContextVar("mailmeter_api_actor", default="")  # for the access log
 
 
@@ -83,13 +87,42 @@ async def _body(request: web.Request, fields: tuple[str, ...] | None) -> dict[st
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"the request body is not valid JSON ({error}); send a JSON object") from None
+    except RecursionError:
+        raise BadRequest(f"the request body is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object, like {\"field\": \"value\"}")
+    _check_texts(data)
     unknown = sorted(set(data) - set(fields)) if fields is not None else []
     if unknown:
         takes = ", ".join(fields or ()) or "no fields"
         raise BadRequest(f"{unknown[0]}: unknown field; this request takes {takes}")
     return data
+
+
+MAX_DEPTH = 8  # no request takes more than a list in an object; events get some room to grow
+
+
+def _check_texts(data: dict[str, Any]) -> None:
+    """Every key and string in the body is text the store can keep (service.text_problem),
+    and the body is no deeper than MAX_DEPTH; else 400 naming the field (walked without
+    recursion: the body may be as deep as the JSON parser allowed)."""
+    pending: list[tuple[str, object, int]] = [("", data, 1)]
+    while pending:
+        path, value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"{path or 'the request body'}: nested too deeply (at most {MAX_DEPTH} levels)")
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem is not None:
+                raise BadRequest(f"{path}: {problem}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                problem = text_problem(key)
+                if problem is not None:
+                    raise BadRequest(f"{path + '.' if path else ''}{key!a}: the field name {problem}")
+                pending.append((f"{path}.{key}" if path else key, item, depth + 1))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item, depth + 1) for index, item in enumerate(value))
 
 
 def _string(data: dict[str, Any], key: str, required: bool = False) -> str | None:
@@ -116,8 +149,17 @@ def _count(data: dict[str, Any], key: str, required: bool = False) -> int | None
     value = data.get(key)
     if value is None and not required:
         return None
+    if isinstance(value, float) and value.is_integer():  # 1000.0 is a whole number in JSON
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{key}: give a whole number, like 1000")
+    return value
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key}: give true or false")
     return value
 
 
@@ -141,9 +183,19 @@ def _date(data: dict[str, Any], key: str) -> date | None:
 # -- middleware: errors as JSON, bearer auth, one log event per request -----------------
 
 
+def _check_parameters(request: web.Request) -> None:
+    """Path and query parameters are text the store can look up (else 400 naming them)."""
+    for kind, items in (("path", request.match_info.items()), ("query", request.query.items())):
+        for key, value in items:
+            problem = text_problem(value) or text_problem(key)
+            if problem is not None:
+                raise BadRequest(f"{key!a} ({kind} parameter): {problem}")
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        _check_parameters(request)
         return await handler(request)
     except BadRequest as error:
         return _error(400, str(error))
@@ -229,13 +281,13 @@ async def list_accounts(request: web.Request, service: AdminService) -> web.Resp
 
 async def add_account(request: web.Request, service: AdminService) -> web.Response:
     data = await _body(request, ("name", "password", "plan", "sender_domains", "networks", "contacts",
-                                 "subscribed_on"))
+                                 "subscribed_on", "allow_wide_network"))
     name = _string(data, "name", required=True)
     plan = _string(data, "plan", required=True)
     assert name is not None and plan is not None
     account = await service.add_account(
         name, _string(data, "password"), plan, _strings(data, "sender_domains"), _strings(data, "networks"),
-        _strings(data, "contacts"), _date(data, "subscribed_on"),
+        _strings(data, "contacts"), _date(data, "subscribed_on"), allow_wide_network=_flag(data, "allow_wide_network"),
     )
     return web.json_response(account, status=201, headers={"Location": f"/v1/accounts/{account['name']}"})
 
@@ -336,6 +388,11 @@ async def payment_webhook(request: web.Request) -> web.Response:
     if not timestamp or not signature:
         return _error(401, "sign the request: send X-Mailmeter-Timestamp (Unix seconds) and"
                            " X-Mailmeter-Signature: sha256=HMAC-SHA256(secret, timestamp + '.' + body)")
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise BadRequest("X-Mailmeter-Timestamp: give the signing time as Unix seconds (ASCII digits)")
+    if not _SIGNATURE.fullmatch(signature):
+        raise BadRequest("X-Mailmeter-Signature: give sha256= and the 64 hex digits of"
+                         " HMAC-SHA256(secret, timestamp + '.' + body)")
     now = time.time()
     if not verify(deps.webhook_secret, timestamp, body, signature, now, deps.webhook_tolerance):
         try:
@@ -349,7 +406,12 @@ async def payment_webhook(request: web.Request) -> web.Response:
                            " of api.payment_webhook_secret_file")
     _ACTOR.set(WEBHOOK_ACTOR)
     event = await _body(request, None)
-    event_id = event.get("id", request.headers.get("Idempotency-Key"))
+    # The id inside the signed body, never a header: an unsigned Idempotency-Key would let a
+    # captured event be applied again under a new key within the timestamp's tolerance.
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        raise BadRequest("id: give the event's id (a non-empty string) in the signed body; it is how a"
+                         " redelivery is recognised (an Idempotency-Key header is not signed, so it cannot be)")
     service = deps.service_for(WEBHOOK_ACTOR)
     return web.json_response(await service.payment_event(event, event_id))
 
@@ -390,9 +452,10 @@ class ApiServer:
         self.runner = web.AppRunner(app, access_log=None)
         self.site: web.TCPSite | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on a socket bound beforehand (bind_api), so a port in use fails the relay's start early."""
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        self.site = web.SockSite(self.runner, sock)
         await self.site.start()
 
     @property
@@ -407,8 +470,21 @@ class ApiServer:
         self.site = None
 
 
-async def start_api(relay: Relay) -> ApiServer:
-    """The admin API of a running relay, on `api.address`:`api.port`."""
+def bind_api(address: str, port: int) -> socket.socket:
+    """The API's listening socket, bound (not yet listening): raises OSError if the port is taken."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
+    """The admin API of a running relay, on `sock` (bound by bind_api to `api.address`:`api.port`)."""
     config = relay.config
     deps = ApiDeps(
         service_for=lambda actor: AdminService(relay.meter, relay.billing, actor),
@@ -420,7 +496,7 @@ async def start_api(relay: Relay) -> ApiServer:
         node=config.node.name,
     )
     server = ApiServer(build_app(deps))
-    await server.start(config.api.address, config.api.port)
+    await server.start(sock)
     structlog.get_logger("mailmeter.api").info(
         "api.started", listen=f"{config.api.address}:{server.port}", tokens=deps.tokens.names,
         payment_webhook=deps.webhook_secret is not None,

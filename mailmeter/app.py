@@ -11,29 +11,42 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import ssl
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from mailmeter.api import ApiServer, start_api
-from mailmeter.config import Config, ConfigError, load_config
+from mailmeter.api import ApiServer, bind_api, start_api
+from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
 from mailmeter.sdnotify import Notifier
-from mailmeter.workers import supervise, worker_config
+from mailmeter.startup import (
+    EXIT_STARTUP,
+    StartupError,
+    cannot_listen,
+    database_unusable,
+    node_claimed,
+    owner_label,
+    spool_busy,
+    spool_unusable,
+)
+from mailmeter.workers import STARTUP_FAILED, supervise, worker_config
 from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
 from metering.leases import LeaseSettings
 from metering.meter import Meter
+from metering.pg_claim import NodeClaimed
 from metering.pg_store import PgStore
-from metering.sqlite_store import SqliteStore
+from metering.sqlite_store import SqliteStore, StoreUnavailable
 from metering.store import Store
 from relay.abuse import AuthLimits
 from relay.delivery import Delivery, RetryPolicy, UpstreamConfig
 from relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
-from relay.spool import Spool
+from relay.spool import Spool, SpoolBusy
 
 
 def open_store(config: Config) -> Store:
@@ -113,6 +126,8 @@ def smtp_settings(config: Config, listen_address: str, tls: ssl.SSLContext | Non
             lockout=config.abuse.auth_lockout,
             delay=config.abuse.auth_failure_delay,
             delay_max=config.abuse.auth_failure_delay_max,
+            checks_per_client=config.abuse.auth_checks_per_client,
+            checks_in_flight=config.abuse.auth_checks_in_flight,
         ),
     )
 
@@ -121,7 +136,13 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     if config.tls.certificate is None or config.tls.key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.resolve(config.tls.certificate), config.resolve(config.tls.key))
+    certificate, key = config.resolve(config.tls.certificate), config.resolve(config.tls.key)
+    try:
+        context.load_cert_chain(certificate, key)
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(f"tls: cannot load the certificate {certificate} with the key {key}"
+                          f" ({getattr(error, 'strerror', None) or error}); give a PEM certificate chain and"
+                          " its private key") from None
     return context
 
 
@@ -143,6 +164,9 @@ class Relay:
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
     api: ApiServer | None = None  # the admin HTTP API, when api.enabled
     primary: bool = True  # runs the billing job and the API (worker 0 of listen.processes)
+    claim_task: asyncio.Task[None] | None = None  # keeps the node-name claim (PostgreSQL)
+    fatal: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
+    _api_socket: socket.socket | None = None  # bound at start, served once the spool is settled
 
     @classmethod
     def build(cls, config: Config, primary: bool = True) -> Relay:
@@ -178,26 +202,14 @@ class Relay:
         )
 
     async def start(self) -> None:
-        log = structlog.get_logger("mailmeter")
-        await self.store.open()
-        released = await self.meter.release_abandoned_holds()
-        await asyncio.to_thread(self.spool.open)
-        activated, dropped = await self.settle_incoming()
-        await self.delivery.start()
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: RelaySMTP(self.context),
-            host=self.config.listen.address,
-            port=self.config.listen.port,
-            reuse_address=True,
-            reuse_port=self.config.listen.processes > 1 or None,  # the workers share the port
-        )
-        if self.primary:
-            self.billing_task = asyncio.create_task(self._billing_loop())
-        if self.meter.leases is not None:
-            self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
-        if self.config.api.enabled and self.primary:
-            self.api = await start_api(self)
-        log.info(
+        """Claim, bind, recover, serve; a failure before serving raises StartupError (one
+        line for the operator) after undoing what was done, the spool and meter untouched."""
+        try:
+            released, activated, dropped = await self._start()
+        except BaseException:
+            await self._abandon_start()
+            raise
+        structlog.get_logger("mailmeter").info(
             "relay.started",
             listen=f"{self.config.listen.address}:{self.port}",
             node=self.config.node.name,
@@ -207,6 +219,89 @@ class Relay:
             incoming_dropped=dropped,
             queue_depth=self.delivery.queue_depth,
         )
+
+    async def _start(self) -> tuple[int, int, int]:
+        """The start order. Nothing that belongs to a running node (its holds, its incoming/
+        files, its active queue) is touched before this process holds the spool's lock and,
+        on PostgreSQL, the claim on its node name, and owns its listening sockets."""
+        config = self.config
+        node = config.node.name
+        owner = owner_label(node)
+        root = self.spool.root
+        try:
+            await asyncio.to_thread(self.spool.claim, owner)
+        except SpoolBusy as busy:
+            raise spool_busy(root, busy.holder) from None
+        except OSError as error:
+            raise spool_unusable(root, error) from None
+        # PostgreSQL's errors do not say where; SQLite's name the file.
+        key = f"database.url {database_label(config)}" if config.database.url else "database.path"
+        try:
+            await self.store.open()
+            claim = await self.store.claim_node(node, owner)
+        except NodeClaimed as claimed:
+            raise node_claimed(node, claimed.holder) from None
+        except StoreUnavailable as error:
+            raise database_unusable(key, str(error).removeprefix("meter store (PostgreSQL): ")) from None
+        try:
+            await asyncio.to_thread(self.spool.open)
+        except OSError as error:
+            raise spool_unusable(root, error) from None
+        listen = config.listen
+        try:  # bound now, accepting only once the spool is settled (start_serving below)
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: RelaySMTP(self.context),
+                host=listen.address,
+                port=listen.port,
+                reuse_address=True,
+                reuse_port=listen.processes > 1 or None,  # the workers share the port
+                start_serving=False,
+            )
+        except OSError as error:
+            raise cannot_listen("listen", listen.address, listen.port, error) from None
+        if config.api.enabled and self.primary:
+            try:
+                self._api_socket = bind_api(config.api.address, config.api.port)
+            except OSError as error:
+                raise cannot_listen("api", config.api.address, config.api.port, error) from None
+        # Alone on this spool and node name: what the last run of this node left is ours.
+        released = await self.meter.release_abandoned_holds()
+        activated, dropped = await self.settle_incoming()
+        await self.delivery.start()
+        await self.server.start_serving()
+        if claim is not None:
+            self.claim_task = asyncio.create_task(claim.keep(self._claim_lost))
+        if self.primary:
+            self.billing_task = asyncio.create_task(self._billing_loop())
+        if self.meter.leases is not None:
+            self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
+        if self._api_socket is not None:
+            api_socket, self._api_socket = self._api_socket, None
+            self.api = await start_api(self, api_socket)
+        return released, activated, dropped
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that failed part way, in reverse order (each step may not have happened)."""
+        if self._api_socket is not None:
+            self._api_socket.close()
+            self._api_socket = None
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for task in (self.claim_task, self.billing_task, self.lease_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self.claim_task = self.billing_task = self.lease_task = None
+        await self.delivery.stop()
+        await self.store.close()
+        self.spool.unclaim()
+
+    def _claim_lost(self, reason: str) -> None:
+        """Another process took this node's name (our claim's connection was down): stop."""
+        if not self.fatal.done():
+            self.fatal.set_result(reason)
 
     @property
     def port(self) -> int:
@@ -325,7 +420,12 @@ class Relay:
             self.lease_task = None
         await self.delivery.stop()
         await self._give_back_leases()
-        await self.store.close()
+        if self.claim_task is not None:
+            self.claim_task.cancel()
+            await asyncio.gather(self.claim_task, return_exceptions=True)
+            self.claim_task = None
+        await self.store.close()  # and with it the node-name claim
+        self.spool.unclaim()  # last: the next instance may settle this spool now
         structlog.get_logger("mailmeter").info("relay.stopped", node=self.config.node.name)
 
     async def _give_back_leases(self) -> None:
@@ -353,8 +453,17 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     log = structlog.get_logger("mailmeter")
     notifier = Notifier()
     config = worker_config(config, worker or 0)
-    relay = Relay.build(config, primary=not worker)
-    await relay.start()
+    try:
+        relay = Relay.build(config, primary=not worker)
+        await relay.start()
+    except (StartupError, ConfigError) as error:
+        report_startup_failure(notifier, str(error), worker, config.node.name)
+        return EXIT_STARTUP
+    except (StoreUnavailable, OSError) as error:  # the database or the disk failed while recovering
+        report_startup_failure(notifier, f"could not recover the spool and the meter's holds ({error});"
+                                         " fix the cause and start again: nothing was lost", worker,
+                               config.node.name)
+        return EXIT_STARTUP
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -379,7 +488,12 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
         reloading.add(task)
         task.add_done_callback(reloading.discard)
 
+    def on_usr1() -> None:  # the operator lifts every AUTH lockout of this process
+        lifted = relay.context.auth_guard.clear()
+        log.info("smtp.auth_lockouts_cleared", node=config.node.name, lockouts=lifted, result="ok")
+
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     watchdog = asyncio.create_task(notifier.watchdog())
     # Everything built so far (modules, config, plans) lives as long as the process: out of
     # the collector's sight, a full collection no longer walks it. Those walks were 25-52 ms
@@ -387,14 +501,31 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     gc.collect()
     gc.freeze()
     notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{relay.port}")
+    status = 0
     try:
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopping, relay.fatal], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if relay.fatal.done():
+            log.error("relay.stopping", node=config.node.name, reason=relay.fatal.result(), result="exit 1")
+            status = 1
         relay.begin_drain()
         notifier.notify("STOPPING=1", "STATUS=draining")
         log.info("relay.draining", node=config.node.name)
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(signal.SIGUSR1)
         await relay.stop()
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)
-    return 0
+    return status
+
+
+def report_startup_failure(notifier: Notifier, message: str, worker: int | None, node: str) -> None:
+    """One line: on stderr for the operator (and systemd's STATUS=), or, in a worker of
+    listen.processes, to the supervisor, which prints it once for all (mailmeter/workers.py)."""
+    if worker is not None and notifier.enabled:
+        notifier.notify(f"{STARTUP_FAILED}worker {worker} (node {node}): {message}")
+        return
+    notifier.notify(f"STATUS=could not start: {message}")
+    print(f"mailmeter: {message}", file=sys.stderr, flush=True)

@@ -17,12 +17,11 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from mailmeter.audit import cli_actor, event_line
-from mailmeter.config import Config, ConfigError, load_config
+from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.logs import configure_logging
-from mailmeter.service import AdminError, AdminService
+from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
 from metering.meter import UnknownAccount, UnknownPlan
 from metering.sqlite_store import StoreUnavailable
 
@@ -30,7 +29,7 @@ DEFAULT_CONFIG = os.environ.get("MAILMETER_CONFIG", "config.yaml")
 
 
 class CliError(Exception):
-    """An error for the operator: printed as one line, exit status 1."""
+    """A bad argument or input file: printed as one line, exit status 2."""
 
 
 def _emit(data: Any, as_json: bool) -> None:
@@ -90,7 +89,8 @@ def cmd_account_add(config: Config, args: argparse.Namespace) -> int:
 
     async def action(service: AdminService) -> int:
         account = await service.add_account(
-            args.name, password, args.plan, args.sender_domain, args.network, args.contact, args.subscribed_on
+            args.name, password, args.plan, args.sender_domain, args.network, args.contact, args.subscribed_on,
+            allow_wide_network=args.allow_wide_network,
         )
         print(f"account {account['name']} added on plan {account['plan']}")
         return 0
@@ -142,16 +142,6 @@ def cmd_limit(config: Config, args: argparse.Namespace) -> int:
         return 0
 
     return _run(config, action)
-
-
-def database_label(config: Config) -> str:
-    """The database as the operator configured it, never with a password."""
-    if config.database.url is None:
-        return str(config.resolve(config.database.path))
-    parts = urlsplit(config.database.url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username
-    return f"{parts.scheme}://{f'{user}@' if user else ''}{host}{parts.path}"
 
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
@@ -243,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--plan", required=True, help="a plan defined in the config")
     add.add_argument("--sender-domain", action="append", default=[], help="a domain it may send from (repeatable)")
     add.add_argument("--network", action="append", default=[], help="client IP network bound to it (repeatable)")
+    add.add_argument("--allow-wide-network", action="store_true",
+                     help="accept a --network wider than a /16 (IPv4) or /48 (IPv6): every client in it sends"
+                          " unauthenticated, billed to this account")
     add.add_argument("--contact", action="append", default=[], help="address for usage and billing notices (repeatable)")
     add.add_argument("--subscribed-on", type=date.fromisoformat, help="subscription day (default: today)")
     listing = sub(account, "list", "list accounts", _simple(
@@ -317,8 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bad_argument(args: argparse.Namespace) -> str | None:
+    """The first argument that is not text the meter can store or look up (service.text_problem)."""
+    for key, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                problem = text_problem(item)
+                if problem is not None:
+                    return f"{key.replace('_', '-')}: {problem}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 1 it could not be done (no such account, a conflict, the database
+    unavailable); 2 bad input: a bad argument or config, named in one line on stderr."""
     args = build_parser().parse_args(argv)
+    problem = bad_argument(args)
+    if problem is not None:
+        print(f"mailmeter: {problem}", file=sys.stderr)
+        return 2
     try:
         config = load_config(Path(args.config))
     except ConfigError as error:
@@ -327,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log.level)
     try:
         return int(args.func(config, args))
-    except (CliError, AdminError, UnknownAccount, UnknownPlan, ValueError) as error:
+    except (NotFound, Conflict, UnknownAccount, UnknownPlan) as error:
         print(f"mailmeter: {str(error).strip(chr(34))}", file=sys.stderr)
         return 1
+    except (CliError, AdminError, ValueError) as error:
+        print(f"mailmeter: {str(error).strip(chr(34))}", file=sys.stderr)
+        return 2
     except StoreUnavailable as error:
         print(f"mailmeter: the database is unavailable ({error}); check database.path or database.url and retry",
               file=sys.stderr)

@@ -67,6 +67,8 @@ class AbuseConfig(_Section):
     auth_lockout: float = Field(900.0, ge=0)
     auth_failure_delay: float = Field(1.0, ge=0)
     auth_failure_delay_max: float = Field(8.0, ge=0)
+    auth_checks_per_client: int = Field(2, ge=1, le=1000)  # password checks (scrypt) in flight per client
+    auth_checks_in_flight: int = Field(8, ge=1, le=1000)  # ... and on this relay process, all clients
 
 
 class UpstreamSection(_Section):
@@ -113,6 +115,16 @@ def check_database_url(url: str) -> None:
         raise ConfigError("database.url: the port is not a number from 1 to 65535") from None
     if not parts.path.strip("/"):
         raise ConfigError("database.url: name the database after the host, like postgresql://HOST:5432/mailmeter")
+
+
+def database_label(config: Config) -> str:
+    """The database as the operator configured it, never with a password."""
+    if config.database.url is None:
+        return str(config.resolve(config.database.path))
+    parts = urlsplit(config.database.url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username
+    return f"{parts.scheme}://{f'{user}@' if user else ''}{host}{parts.path}"
 
 
 class SpoolConfig(_Section):

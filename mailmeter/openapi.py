@@ -41,6 +41,8 @@ def _op(
     status: int = 200,
     public: bool = False,
 ) -> dict[str, Any]:
+    if not public and 400 not in errors:  # any route: a path or query parameter that is not text
+        errors = (400, *errors)
     operation: dict[str, Any] = {
         "summary": summary,
         "responses": {str(status): response, **_errors(*errors)},
@@ -54,8 +56,12 @@ def _op(
     return operation
 
 
+# Text the API takes: no control characters but TAB (a 400 names the field otherwise).
+TEXT = {"type": "string", "pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}
+
+
 def _path(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": TEXT}
 
 
 ACCOUNT = _path("name", "The account name")
@@ -89,12 +95,16 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["name", "plan", "sender_domains"],
         "properties": {
-            "name": {"type": "string"}, "plan": {"type": "string"},
+            "name": TEXT, "plan": TEXT,
             "password": {"type": "string", "description": "for SMTP AUTH; stored only as a salted scrypt hash"},
-            "sender_domains": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            "networks": {"type": "array", "items": {"type": "string"}, "description": "client CIDRs bound to it"},
-            "contacts": {"type": "array", "items": {"type": "string", "format": "email"}},
+            "sender_domains": {"type": "array", "items": TEXT, "minItems": 1},
+            "networks": {"type": "array", "items": TEXT,
+                         "description": "client CIDRs bound to it (they send without AUTH, billed to it); wider"
+                                        " than a /16 (IPv4) or /48 (IPv6) only with allow_wide_network"},
+            "contacts": {"type": "array", "items": {**TEXT, "format": "email"}},
             "subscribed_on": {"type": "string", "format": "date"},
+            "allow_wide_network": {"type": "boolean", "default": False,
+                                   "description": "accept a network binding wider than a /16 or /48"},
         },
     },
     "Usage": {
@@ -113,7 +123,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "PaymentChange": {
         "type": "object", "additionalProperties": False, "required": ["state"],
-        "properties": {"state": {"enum": ["failed", "ok"]}, "reason": {"type": "string"}},
+        "properties": {"state": {"enum": ["failed", "ok"]}, "reason": TEXT},
     },
     "BalanceChange": {
         "type": "object", "additionalProperties": False, "required": ["amount"],
@@ -200,7 +210,9 @@ SCHEMAS: dict[str, Any] = {
     "PaymentEvent": {
         "type": "object", "required": ["id", "type"],
         "properties": {
-            "id": {"type": "string", "description": "the event id; a redelivery with the same id changes nothing"},
+            "id": {"type": "string", "minLength": 1,
+                   "description": "the event id, required (it is signed with the body; an Idempotency-Key header"
+                                  " is not and is ignored); a redelivery with the same id changes nothing"},
             "type": {"enum": ["charge.succeeded", "charge.failed", "payment_method.updated"]},
             "charge": {"type": "string", "description": "charge.*: the Idempotency-Key of the relay's charge"},
             "reason": {"type": "string"},
@@ -292,7 +304,7 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/audit": {
         "get": _op("Admin changes, newest first", _json(_array("AuditEvent"), "Audit events"), params=[
-            {"name": "account", "in": "query", "required": False, "schema": {"type": "string"},
+            {"name": "account", "in": "query", "required": False, "schema": TEXT,
              "description": "only this account's changes"},
             {"name": "limit", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
@@ -308,8 +320,6 @@ PATHS: dict[str, dict[str, Any]] = {
                  "description": "Unix seconds; refused when further than api.webhook_tolerance from now"},
                 {"name": "X-Mailmeter-Signature", "in": "header", "required": True, "schema": {"type": "string"},
                  "description": "sha256=HEX(HMAC-SHA256(secret, timestamp + '.' + body))"},
-                {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "the event id, when the body has no id"},
             ],
         },
     },

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -23,11 +24,12 @@ import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from metering.billing import Billing
-from metering.meter import Meter, UnknownAccount, UnknownPlan
+from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
 from metering.sqlite_store import AuditDraft, DuplicateEvent
 from policies import Standing, preview
 from policies.money import MoneyError, format_money, parse_money
 from policies.parts import ThresholdCharge
+from relay.domains import DomainError, canonical_domain
 
 
 class AdminError(ValueError):
@@ -44,6 +46,22 @@ class Conflict(AdminError):
 
 PAYMENT_EVENTS = ("charge.succeeded", "charge.failed", "payment_method.updated")
 LIMITS = ("included", "quota", "spending")
+MAX_EMAILS = 1_000_000_000_000  # any count of emails an operator gives (limits, previews)
+MAX_NAME = 128
+# NUL and the other control characters (TAB aside), and lone surrogates (not Unicode text:
+# they cannot be encoded, and PostgreSQL refuses NUL): never in a stored or looked-up text.
+_BAD_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be a name, domain, reason or parameter, or None. The CLI and the
+    API check every text they are given with it before anything reaches the store."""
+    match = _BAD_TEXT.search(value)
+    if match is None:
+        return None
+    if "\ud800" <= match.group() <= "\udfff":
+        return "is not valid Unicode text (it holds a lone surrogate); send UTF-8 text"
+    return f"contains the control character U+{ord(match.group()):04X}; remove it"
 
 
 def _emails(value: object, what: str) -> int:
@@ -51,11 +69,31 @@ def _emails(value: object, what: str) -> int:
     if isinstance(value, bool):
         raise AdminError(f"{what}: give a whole number of emails, like 50000")
     if isinstance(value, int):
-        return value
-    try:
-        return int(str(value).replace(",", "").replace("_", ""))
-    except ValueError:
-        raise AdminError(f"{what}: {value!r} is not a whole number of emails (write it like 50000)") from None
+        emails = value
+    else:
+        try:
+            emails = int(str(value).replace(",", "").replace("_", ""))
+        except ValueError:
+            raise AdminError(f"{what}: {value!r} is not a whole number of emails (write it like 50000)") from None
+    if emails > MAX_EMAILS:
+        raise AdminError(f"{what}: {emails} is more emails than the meter counts (at most {MAX_EMAILS:,})")
+    return emails
+
+
+def _account_name(name: str) -> str:
+    if not name or len(name) > MAX_NAME or not name.isprintable() or any(c.isspace() or c == "/" for c in name):
+        raise AdminError(f"name: an account name is 1-{MAX_NAME} printable characters, no spaces or '/'")
+    return name
+
+
+def _sender_domains(domains: list[str]) -> list[str]:
+    canonical = []
+    for domain in domains:
+        try:
+            canonical.append(canonical_domain(domain))
+        except DomainError as error:
+            raise AdminError(f"sender_domains: {domain!r} is not a domain name: {error}") from None
+    return canonical
 
 
 def _text(event: Mapping[str, Any], key: str) -> str:
@@ -67,9 +105,12 @@ def _text(event: Mapping[str, Any], key: str) -> str:
 
 def _money(text: str, what: str) -> int:
     try:
-        return parse_money(text)
+        micros = parse_money(text)
     except MoneyError as error:
         raise AdminError(f"{what}: {error}") from None
+    if abs(micros) > MAX_MONEY:
+        raise AdminError(f"{what}: {text!r} is beyond what the meter keeps (at most {format_money(MAX_MONEY)})")
+    return micros
 
 
 EXPORT_COLUMNS = [
@@ -116,18 +157,31 @@ class AdminService:
         networks: list[str],
         contacts: list[str],
         subscribed_on: date | None = None,
+        allow_wide_network: bool = False,
     ) -> dict[str, Any]:
+        """`allow_wide_network`: the operator means a network binding wider than a /16 (IPv4)
+        or /48 (IPv6); without it such a binding, which lets every client in it send
+        unauthenticated billed to this account, is refused."""
         if password is None and not networks:
             raise AdminError("give a password (for SMTP AUTH) or a client network binding, or both")
         if not domains:
             raise AdminError("give at least one sender domain the account may send from")
+        name = _account_name(name)
+        domains = _sender_domains(domains)
         if await self.meter.store.get_account(name) is not None:
             raise Conflict(f"account {name!r} already exists; choose another name")
         try:
             async with self._audit("account.add", name, {"plan": plan}):
                 account = await self.meter.add_account(
-                    name, password, plan, domains, networks, subscribed_on=subscribed_on, contacts=contacts
+                    name, password, plan, domains, networks, subscribed_on=subscribed_on, contacts=contacts,
+                    allow_wide_networks=allow_wide_network,
                 )
+        except WideNetwork as wide:
+            raise AdminError(
+                f"networks: {wide.network} is wider than a /{wide.widest}: every client in it could send"
+                f" unauthenticated mail billed to account {name}; bind the clients' own network, or, if that"
+                " is what you mean, pass --allow-wide-network (API: \"allow_wide_network\": true)"
+            ) from None
         except (UnknownPlan, ValueError) as error:
             raise AdminError(str(error).strip('"')) from None
         return account.public()
@@ -159,8 +213,11 @@ class AdminService:
         micros = _money(amount, "amount")
         if micros <= 0:
             raise AdminError("amount: a top-up must be positive, like 25.00")
-        async with self._audit("balance.add", name, {"amount": format_money(micros)}):
-            balance = await self.meter.add_balance(name, micros)
+        try:
+            async with self._audit("balance.add", name, {"amount": format_money(micros)}):
+                balance = await self.meter.add_balance(name, micros)
+        except BalanceTooLarge as error:
+            raise AdminError(f"amount: {error}") from None
         return {"account": name, "added": format_money(micros), "prepaid_balance": format_money(balance)}
 
     async def repay(self, name: str) -> dict[str, Any]:
@@ -372,6 +429,8 @@ class AdminService:
             raise NotFound(f"plan {plan_name!r} is not defined (known: {', '.join(sorted(self.meter.plans))})")
         if emails < 0 or soft_bounced < 0 or invalid < 0 or (delivered is not None and delivered < 0):
             raise AdminError("counts must not be negative")
+        if max(emails, soft_bounced, invalid, delivered or 0) > MAX_EMAILS:
+            raise AdminError(f"emails: at most {MAX_EMAILS:,} emails in a preview")
         begin = datetime.combine(start or datetime.now(timezone.utc).date(), time(0), tzinfo=plan.period.zone())
         try:
             result = preview(plan, emails, begin, standing=Standing(), delivered=delivered,

@@ -35,6 +35,9 @@ from mailmeter.config import Config
 from mailmeter.sdnotify import Notifier
 
 STOP_GRACE = 60.0  # seconds a worker gets to drain after SIGTERM before it is killed
+# A worker that cannot start says why in one notification line beginning with this, and
+# exits 2; the supervisor prints the first such line (one line for all) and exits 2 too.
+STARTUP_FAILED = "MAILMETER_STARTUP_FAILED="
 
 
 def worker_config(config: Config, worker: int) -> Config:
@@ -69,10 +72,12 @@ async def supervise(path: Path, config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _signal_all(workers, signal.SIGHUP))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _signal_all(workers, signal.SIGUSR1))  # lift AUTH lockouts
     watchdog = asyncio.create_task(notifier.watchdog())
     status = 0
     try:
-        ready = asyncio.ensure_future(_all_ready(loop, inbox, count))
+        reported: list[str] = []  # start-up failures the workers sent
+        ready = asyncio.ensure_future(_all_ready(loop, inbox, count, reported))
         stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
@@ -83,9 +88,15 @@ async def supervise(path: Path, config: Config) -> int:
             done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if stopping not in done:  # a worker exited on its own: stop the rest, let systemd restart us
-            dead = [w.pid for w in workers if w.returncode is not None]
-            log.error("relay.worker_exited", pids=dead, result="stopping the other workers")
-            status = 1
+            failures = reported + _startup_failures(inbox)
+            if failures:
+                print(f"mailmeter: {failures[0]}", file=sys.stderr, flush=True)
+                notifier.notify(f"STATUS=could not start: {failures[0]}")
+                status = 2
+            else:
+                dead = [w.pid for w in workers if w.returncode is not None]
+                log.error("relay.worker_exited", pids=dead, result="stopping the other workers")
+                status = 1
         stopping.cancel()
     finally:
         notifier.notify("STOPPING=1", "STATUS=draining")
@@ -95,22 +106,38 @@ async def supervise(path: Path, config: Config) -> int:
         except TimeoutError:
             _signal_all(workers, signal.SIGKILL)
             await asyncio.gather(*exits)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)
         inbox.close()
-    if any(worker.returncode not in (0, None) for worker in workers):
+    if status == 0 and any(worker.returncode not in (0, None) for worker in workers):
         status = 1
     return status
 
 
-async def _all_ready(loop: asyncio.AbstractEventLoop, inbox: socket.socket, count: int) -> None:
-    """Until `count` READY=1 datagrams came (one per worker, sent once it listens)."""
+def _startup_failures(inbox: socket.socket) -> list[str]:
+    """The start-up failures the workers reported (read from what is queued on the socket)."""
+    failures: list[str] = []
+    while True:
+        try:
+            data = inbox.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return failures
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith(STARTUP_FAILED):
+                failures.append(line.removeprefix(STARTUP_FAILED))
+
+
+async def _all_ready(loop: asyncio.AbstractEventLoop, inbox: socket.socket, count: int,
+                     failures: list[str]) -> None:
+    """Until `count` READY=1 datagrams came (one per worker, sent once it listens); the
+    start-up failures reported meanwhile go into `failures`."""
     ready = 0
     while ready < count:
-        data = await loop.sock_recv(inbox, 4096)
-        ready += data.decode(errors="replace").splitlines().count("READY=1")
+        lines = (await loop.sock_recv(inbox, 65536)).decode(errors="replace").splitlines()
+        ready += lines.count("READY=1")
+        failures.extend(line.removeprefix(STARTUP_FAILED) for line in lines if line.startswith(STARTUP_FAILED))
 
 
 async def _discard(loop: asyncio.AbstractEventLoop, inbox: socket.socket) -> None:
@@ -128,4 +155,4 @@ def _signal_all(workers: list[asyncio.subprocess.Process], sig: signal.Signals) 
                 pass
 
 
-__all__ = ["supervise", "worker_config"]
+__all__ = ["STARTUP_FAILED", "supervise", "worker_config"]

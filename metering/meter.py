@@ -69,6 +69,43 @@ class UnknownPlan(LookupError):
     pass
 
 
+# The largest amount (micros) the meter takes or lets a balance reach: a billion units,
+# far below the 64-bit integers of SQLite and PostgreSQL (SQLite would turn an overflowing
+# sum into a float, PostgreSQL refuse it), so no sum of amounts the meter keeps overflows.
+MAX_MONEY = 1_000_000_000 * 1_000_000
+
+
+class BalanceTooLarge(ValueError):
+    """A top-up that would take a prepaid balance past MAX_MONEY."""
+
+
+class WideNetwork(ValueError):
+    """A client network binding wider than WIDEST_PREFIX, without the operator saying so."""
+
+    def __init__(self, network: IPNetwork, widest: int) -> None:
+        super().__init__(f"network {network} is wider than a /{widest}")
+        self.network = network
+        self.widest = widest
+
+
+# A bound network sends without AUTH, billed to its account: wider than this it is most
+# likely a mistake that opens the relay (0.0.0.0/0, ::/0, a typo'd prefix length).
+WIDEST_PREFIX = {4: 16, 6: 48}
+
+
+def too_wide(network: IPNetwork) -> int | None:
+    """The widest prefix allowed for `network`'s family if `network` is wider, else None.
+    Loopback networks (only this host) are never too wide; an IPv4-mapped IPv6 network
+    (::ffff:0:0/96 is all of IPv4) is judged as the IPv4 network it maps."""
+    if network.is_loopback:
+        return None
+    mapped = ipaddress.ip_network("::ffff:0:0/96")
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
+        return WIDEST_PREFIX[4] if network.prefixlen - 96 < WIDEST_PREFIX[4] else None
+    widest = WIDEST_PREFIX[network.version]
+    return widest if network.prefixlen < widest else None
+
+
 def standing_of(account: Account, period: Period) -> Standing:
     """The account facts for decisions in `period`, with limit changes resolved for it."""
     return Standing(
@@ -201,13 +238,21 @@ class Meter:
         networks: list[str],
         subscribed_on: date | None = None,
         contacts: list[str] | None = None,
+        allow_wide_networks: bool = False,
     ) -> Account:
+        """Raises WideNetwork for a network wider than WIDEST_PREFIX unless `allow_wide_networks`."""
         if plan not in self.plans:
             raise UnknownPlan(f"plan {plan!r} is not defined in the config (known: {', '.join(sorted(self.plans))})")
         if not name or any(ch.isspace() or ch == "/" for ch in name):
             raise ValueError("account name must be non-empty and contain no spaces or '/'")
         for network in networks:
-            ipaddress.ip_network(network, strict=False)
+            parsed = ipaddress.ip_network(network, strict=False)
+            widest = too_wide(parsed)
+            if widest is not None and not allow_wide_networks:
+                raise WideNetwork(parsed, widest)
+        for domain in domains:
+            if not domain.isascii():  # str.lower() would make the Kelvin sign a "k"
+                raise ValueError(f"sender domain {domain!r}: give it in ASCII (an IDN as its xn-- A-label)")
         for contact in contacts or []:
             if "@" not in contact or any(ch.isspace() for ch in contact):
                 raise ValueError(f"contact {contact!r} is not an email address")
@@ -233,7 +278,9 @@ class Meter:
 
     async def authenticate(self, name: str, password: bytes) -> Account | None:
         """Check a login off the event loop; None for a wrong name or password."""
-        account = await self.store.get_account(name)
+        # A name with a NUL or another control character names no account (PostgreSQL would
+        # refuse the lookup, a 454 instead of the 535 a wrong name gets); it costs the same hash.
+        account = await self.store.get_account(name) if name.isprintable() else None
         stored = account.password_hash if account and account.password_hash else DUMMY_HASH
         ok = await asyncio.to_thread(verify_password, password, stored)
         return account if ok and account is not None and account.password_hash else None
@@ -286,7 +333,9 @@ class Meter:
     async def add_balance(self, name: str, micros: int, reference: str = "") -> int:
         if micros <= 0:
             raise ValueError("the top-up amount must be positive")
-        await self.account(name)
+        account = await self.account(name)
+        if account.prepaid_balance + micros > MAX_MONEY:  # a race passes it by one top-up at most
+            raise BalanceTooLarge(f"the balance would pass {format_money(MAX_MONEY)}, the most the meter keeps")
         return await self.store.add_balance(name, micros, "topup", reference, self.clock())
 
     async def repay(self, name: str) -> int:
@@ -453,4 +502,7 @@ class Meter:
         )
 
 
-__all__ = ["Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport", "standing_of", "utc_now"]
+__all__ = [
+    "MAX_MONEY", "BalanceTooLarge", "Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport", "WideNetwork", "standing_of",
+    "too_wide", "utc_now",
+]

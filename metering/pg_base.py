@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from metering import pg_backup, pg_schema
+from metering.pg_claim import NodeClaim
 from metering.pg_tx import DB_ERRORS, unavailable, with_retries
 from metering.records import Account
 from metering.sqlite_store import AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
@@ -77,6 +78,7 @@ class PgBase:
         self._command_timeout = command_timeout
         self._acquire_timeout = acquire_timeout
         self._pool: asyncpg.Pool | None = None
+        self._claim: NodeClaim | None = None
 
     async def open(self) -> None:
         try:
@@ -102,6 +104,17 @@ class PgBase:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            await claim.release()
+
+    async def claim_node(self, node: str, owner: str) -> NodeClaim:
+        """Claim `node` for this process for as long as the store is open (metering/pg_claim.py).
+        Raises NodeClaimed when another live process holds the name."""
+        claim = NodeClaim(self.url, self._server_settings, node, owner, self._connect_timeout)
+        await claim.take()
+        self._claim = claim
+        return claim
 
     def _open_pool(self) -> asyncpg.Pool:
         if self._pool is None:

@@ -100,8 +100,20 @@ class SqliteStore:
         self._flusher: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
+        """Open (creating the file if needed) and migrate; StoreUnavailable if it cannot be used
+        (a read-only file or directory, a file that is not an SQLite database, a full disk)."""
+        try:
+            await self._open()
+        except (sqlite3.Error, OSError, StoreUnavailable) as error:
+            await self.close()
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            reason = reason.removeprefix("meter store: ")
+            raise StoreUnavailable(f"cannot open {self.path}: {reason}") from error
+
+    async def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db = db  # from here close() closes it, if what follows fails
         await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = FULL")
@@ -110,21 +122,25 @@ class SqliteStore:
         await db.execute("PRAGMA cache_size = -65536")
         await db.execute("PRAGMA foreign_keys = ON")
         db.row_factory = sqlite3.Row
-        self._db = db
         await self.migrate()
         # A second connection for reads (MAIL's account check, AUTH, the API): in WAL mode
         # it reads the last commit while the writer holds its lock and waits for the disk.
         # On the writer's connection a read waited for the whole batch in flight, its
         # fsync included.
         reader = await aiosqlite.connect(self.path, isolation_level=None)
+        self._reader = reader
         await reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         await reader.execute("PRAGMA query_only = ON")
         await reader.execute("PRAGMA cache_size = -65536")
         reader.row_factory = sqlite3.Row
-        self._reader = reader
         # From here the writer waits for the write lock itself (_begin_immediate), in
         # steps of a fifth of a millisecond, not SQLite's 1, 2, 5, 10, 15... ms sleeps.
         await db.execute("PRAGMA busy_timeout = 0")
+
+    async def claim_node(self, node: str, owner: str) -> None:
+        """Nothing to claim: an SQLite meter has one machine, whose spool lock (relay/spool.py)
+        keeps a second process of the same config from starting (PgBase.claim_node)."""
+        return None
 
     async def close(self) -> None:
         if self._flusher is not None:

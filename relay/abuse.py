@@ -13,10 +13,12 @@ an attacker nothing about which accounts exist.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 Clock = Callable[[], float]
@@ -41,13 +43,16 @@ def client_key(address: str) -> str:
 
 @dataclass(frozen=True)
 class AuthLimits:
-    """How AUTH failures are slowed and then locked out (all seconds)."""
+    """How AUTH failures are slowed and then locked out (all seconds), and how many
+    password checks may run at once."""
 
     max_failures: int = 5  # failures within `window` that lock a client or a login
     window: float = 600.0
     lockout: float = 900.0
     delay: float = 1.0  # before the first 535; doubles with each further failure ...
     delay_max: float = 8.0  # ... up to this
+    checks_per_client: int = 2  # password checks in flight for one client at once
+    checks_in_flight: int = 8  # password checks in flight on this node, all clients together
 
     def delay_for(self, failures: int) -> float:
         if failures <= 0 or self.delay <= 0:
@@ -64,13 +69,43 @@ class Lockout:
 
 
 @dataclass
+class Attempt:
+    """One AUTH while it holds its check slots: report how the password check ended."""
+
+    guard: AuthGuard
+    client: str
+    login: str | None
+    locked: Lockout | None = None  # set: refuse without checking the password
+
+    def failed(self) -> float:
+        """A wrong name or password; returns how long to wait before answering it."""
+        return self.guard.failed(self.client, self.login)
+
+    def succeeded(self) -> None:
+        if self.login is not None:
+            self.guard.succeeded(self.login)
+
+
+@dataclass
 class AuthGuard:
-    """Counts AUTH failures per client and per login; answers whether either is locked."""
+    """Counts AUTH failures per client and per login; answers whether either is locked;
+    and lets a password check start only when it cannot overshoot the lockout.
+
+    An attempt counts from the moment it starts: the checks in flight for a client (or a
+    login) plus its recent failures never exceed `max_failures`, so a burst of parallel
+    guesses gets at most that many passwords checked before the lockout; the others wait
+    for a slot and then find the lockout. Each client has at most `checks_per_client`
+    checks in flight and the node `checks_in_flight`, taken in that order: one client's
+    queue never stands in front of another's AUTH for more than that many checks.
+    """
 
     limits: AuthLimits = field(default_factory=AuthLimits)
     clock: Clock = time.monotonic
     _failures: dict[str, deque[float]] = field(default_factory=dict)
     _locked_until: dict[str, float] = field(default_factory=dict)
+    _running: dict[str, int] = field(default_factory=dict)  # checks in flight per client and login key
+    _total: int = 0  # checks in flight on this node
+    _freed: asyncio.Condition | None = None  # notified whenever a check ends
 
     def lockout(self, client: str, login: str | None) -> Lockout | None:
         """The lockout in force for this client or login, client first."""
@@ -85,6 +120,61 @@ class AuthGuard:
                 return Lockout(scope, until - now)
             del self._locked_until[key]
         return None
+
+    @asynccontextmanager
+    async def attempt(self, client: str, login: str | None) -> AsyncIterator[Attempt]:
+        """Wait for the slots to check one password (or find a lockout: `locked` is set and
+        no password may be checked); the slots are given back on leaving the block."""
+        if self._freed is None:
+            self._freed = asyncio.Condition()
+        keys = [key for key in (_client(client), _login(login)) if key is not None]
+        async with self._freed:
+            while True:
+                locked = self.lockout(client, login)
+                if locked is not None:
+                    break
+                if self._may_start(keys):
+                    break
+                await self._freed.wait()
+        if locked is not None:
+            yield Attempt(self, client, login, locked)
+            return
+        for key in keys:
+            self._running[key] = self._running.get(key, 0) + 1
+        self._total += 1
+        try:
+            yield Attempt(self, client, login)
+        finally:
+            self._total -= 1
+            for key in keys:
+                left = self._running[key] - 1
+                if left:
+                    self._running[key] = left
+                else:
+                    del self._running[key]
+            async with self._freed:
+                self._freed.notify_all()
+
+    def _may_start(self, keys: list[str]) -> bool:
+        limits = self.limits
+        if self._total >= limits.checks_in_flight:
+            return False
+        now = self.clock()
+        for key in keys:
+            running = self._running.get(key, 0)
+            if key.startswith("client:") and running >= limits.checks_per_client:
+                return False
+            if running + self._recent_failures(key, now) >= limits.max_failures:
+                return False
+        return True
+
+    def _recent_failures(self, key: str, now: float) -> int:
+        recent = self._failures.get(key)
+        if not recent:
+            return 0
+        while recent and recent[0] <= now - self.limits.window:
+            recent.popleft()
+        return len(recent)
 
     def failed(self, client: str, login: str | None) -> float:
         """Record one failed AUTH; returns how long to wait before answering it."""
@@ -109,6 +199,15 @@ class AuthGuard:
         """A right password clears that login's failures (not the client's: an attacker
         with one valid account must not reset the count for guessing others)."""
         self._failures.pop(_login(login) or "", None)
+
+    def clear(self) -> int:
+        """Lift every lockout and forget every failure (the operator's SIGUSR1); how many
+        lockouts were in force."""
+        now = self.clock()
+        lifted = sum(1 for until in self._locked_until.values() if until > now)
+        self._locked_until.clear()
+        self._failures.clear()
+        return lifted
 
     def _sweep(self, now: float) -> None:
         for key in [k for k, t in self._failures.items() if not t or t[-1] <= now - self.limits.window]:

@@ -44,6 +44,7 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required: AUTH with your account's cre
 AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure; retry later"
 # RFC 4954 4: the account of an open transaction cannot change under its recipients.
 AUTH_IN_TRANSACTION = "503 5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first"
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 METER_UNAVAILABLE = "451 4.3.0 Metering is temporarily unavailable; retry later"
 SPOOL_FULL = "452 4.3.1 Insufficient system storage; retry later"
 SPOOL_FAILED = "451 4.3.0 Could not store the message; retry later"

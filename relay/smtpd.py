@@ -29,6 +29,8 @@ line by line: large messages must not stall the other sessions on the event loop
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import ipaddress
 import re
@@ -45,13 +47,14 @@ from email.utils import format_datetime
 from typing import Any, Protocol, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import replies
 from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
 from relay.data import DATA_CHUNK, crlf_line_ends, read_data
 from relay.delivery import new_queue_id, sendable_address
+from relay.domains import domain_allowed
 from relay.observe import NoObserver, RelayObserver, reply_class
 from relay.spool import Envelope, Spool
 
@@ -373,6 +376,42 @@ class RelaySMTP(SMTP):
         assert isinstance(auth_data, LoginPassword)
         return AuthResult(success=False, handled=False, auth_data=_Pending(auth_data.login, auth_data.password))
 
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> Any:
+        """aiosmtpd's AUTH challenge (334), reading the client's answer with a length limit:
+        a line longer than the stream's limit is read to its end and answered `500 5.5.6`
+        (RFC 4954 section 4), where aiosmtpd raised and the client got 451 Internal error."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        try:
+            line = await self._reader.readuntil()
+        except asyncio.LimitOverrunError as error:
+            await self._discard_line(error.consumed)
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            return MISSING
+        except asyncio.IncompleteReadError:  # the client went away
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    async def _discard_line(self, consumed: int) -> None:
+        """Skip the rest of a line that overran the stream's limit (as aiosmtpd does for commands)."""
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil()
+                return
+            except asyncio.LimitOverrunError as error:
+                await self._reader.read(error.consumed)
+
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._finish_auth(await super().auth_PLAIN(_, args))
 
@@ -383,34 +422,47 @@ class RelaySMTP(SMTP):
         """Check the credentials, unless the client or the login is locked out.
 
         A locked-out AUTH is refused before the password is looked at, so the right
-        password does not get in either, and a brute force costs us no scrypt.
+        password does not get in either, and a brute force costs us no scrypt. The check
+        runs on its own (a client that hangs up does not free its slot before the hash
+        is done, nor escape the failure it would count); the delay is the session's.
         """
         pending = result.auth_data
         if not isinstance(pending, _Pending):
-            return result
+            # aiosmtpd already answered (a 501, an aborted or too long challenge): with
+            # `handled` unset it would send a 535 as well, one reply too many.
+            return AuthResult(success=False, handled=True) if not result.success else result
         name = pending.login.decode("utf-8", "replace")
         client = self._client()
-        guard = self.context.auth_guard
-        locked = guard.lockout(client, name)
-        if locked is not None:
-            self.log.warning("smtp.auth", account=name, client=client, result="locked", scope=locked.scope)
-            text = replies.AUTH_LOCKED_CLIENT if locked.scope == "client" else replies.AUTH_LOCKED_LOGIN
-            return AuthResult(success=False, handled=False, message=text.format(seconds=max(1, round(locked.seconds_left))))
-        try:
-            account = await self.context.meter.authenticate(name, pending.password)
-        except Exception as error:
-            self.log.warning("smtp.auth", account=name, result="tempfail", error=repr(error))
-            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
-        if account is None:
-            delay = guard.failed(client, name)
-            self.log.info("smtp.auth", account=name, client=client, result="failed", delay=delay)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            return AuthResult(success=False, handled=False)
-        guard.succeeded(name)
-        self.account, self.account_via = account.name, "auth"
-        self.log.info("smtp.auth", account=account.name, client=client, result="ok")
-        return AuthResult(success=True, auth_data=account.name)
+        check = asyncio.ensure_future(self._check_password(client, name, pending.password))
+        outcome, delay = await asyncio.shield(check)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if outcome.success:
+            self.account, self.account_via = outcome.auth_data, "auth"
+            self.log.info("smtp.auth", account=outcome.auth_data, client=client, result="ok")
+        return outcome
+
+    async def _check_password(self, client: str, name: str, password: bytes) -> tuple[AuthResult, float]:
+        """(the AUTH's result, the delay before answering it): one password check, when the
+        guard lets it start (relay/abuse.py: it counts from its start, within the caps)."""
+        async with self.context.auth_guard.attempt(client, name) as attempt:
+            locked = attempt.locked
+            if locked is not None:
+                self.log.warning("smtp.auth", account=name, client=client, result="locked", scope=locked.scope)
+                text = replies.AUTH_LOCKED_CLIENT if locked.scope == "client" else replies.AUTH_LOCKED_LOGIN
+                seconds = max(1, round(locked.seconds_left))
+                return AuthResult(success=False, handled=False, message=text.format(seconds=seconds)), 0.0
+            try:
+                account = await self.context.meter.authenticate(name, password)
+            except Exception as error:
+                self.log.warning("smtp.auth", account=name, result="tempfail", error=repr(error))
+                return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL), 0.0
+            if account is None:
+                delay = attempt.failed()
+                self.log.info("smtp.auth", account=name, client=client, result="failed", delay=delay)
+                return AuthResult(success=False, handled=False), delay
+            attempt.succeeded()
+            return AuthResult(success=True, auth_data=account.name), 0.0
 
     def _recipient_keys_of(self, envelope: SmtpEnvelope) -> set[str]:
         """The recipient keys of this envelope's transaction, rebuilt whenever aiosmtpd
@@ -527,10 +579,9 @@ class _Handler:
         except Exception as error:
             server.log.error("smtp.meter_unavailable", account=account, stage="MAIL", error=repr(error))
             return replies.METER_UNAVAILABLE
-        domain = address.rpartition("@")[2].lower().rstrip(".")
         # The null reverse-path (RFC 5321 4.5.5: bounces, DSNs, vacation replies) names no
         # domain: any account may send it, and it is counted and delivered like any email.
-        if address != NULL_SENDER and ("@" not in address or domain not in domains):
+        if address != NULL_SENDER and ("@" not in address or not domain_allowed(address.rpartition("@")[2], domains)):
             server.context.observer.transaction("5xx", "sender_refused")
             server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
                             recipients=0, result="sender_refused")

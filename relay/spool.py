@@ -18,6 +18,7 @@ was 1.8 ms (p50) of the reply time after DATA under bench/run's load.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -121,20 +122,64 @@ class DirectorySync:
                     self._changed.notify_all()
 
 
+class SpoolBusy(Exception):
+    """Another live process holds the spool's lock; `holder` is what it wrote there."""
+
+    def __init__(self, lock: Path, holder: str) -> None:
+        super().__init__(f"{lock} is locked by {holder or 'another process'}")
+        self.lock = lock
+        self.holder = holder
+
+
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.incoming = root / "incoming"
         self.active = root / "active"
+        self.lock_path = root / "lock"
+        self._lock_fd: int | None = None
         self._incoming_sync = DirectorySync(self.incoming)
         # Per-message paths are built as strings: pathlib's joins cost more than the
         # syscalls they name, several times per message.
         self._incoming = f"{self.incoming}{os.sep}"
         self._active = f"{self.active}{os.sep}"
 
+    def claim(self, owner: str) -> None:
+        """Take the spool for this process: an exclusive lock on `ROOT/lock`, held until
+        `unclaim` or the process ends (the kernel drops it then, however the process died).
+
+        A second process on the same spool would settle incoming/ files whose commit is in
+        flight and deliver the same messages twice, so it must stop here, before it touches
+        anything. Raises SpoolBusy (naming the holder, as it wrote itself into the file)
+        or OSError (the directory cannot be created or written).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise SpoolBusy(self.lock_path, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{owner}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unclaim(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the lock
+
     def open(self) -> None:
+        """Create the queue directories and check they are writable (raises OSError naming one)."""
         for path in (self.root, self.incoming, self.active):
             path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".probe-{os.getpid()}"
+            probe.touch()  # os.access says yes to root even on a read-only mount: try it
+            probe.unlink()
 
     # -- acceptance (SMTP side) ---------------------------------------------
 

@@ -117,6 +117,52 @@ async def test_lockout_per_login_across_addresses(make_relay, upstream: Upstream
     assert (await try_login(harness.port, "app", PASSWORD, source="127.0.0.5")).code == 235
 
 
+async def test_parallel_guesses_get_at_most_max_failures_passwords_checked(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """49 wrong passwords sent at once from one address, then the right one, with the lockout
+    at 5 and the concurrency caps out of the way: an attempt counts from its start, so exactly
+    5 passwords are checked (535) and everything after them, the right password too, gets 454."""
+    harness = await started(make_relay, upstream, abuse={
+        "auth_max_failures": 5, "auth_failure_window": 600, "auth_lockout": 600, "auth_failure_delay": 0,
+        "auth_checks_per_client": 100, "auth_checks_in_flight": 100})
+    clients = [await session(harness.port) for _ in range(50)]
+    for client in clients[:49]:
+        await client.send((plain("app", "wrong-guess") + "\r\n").encode())
+    await asyncio.sleep(0.3)  # the guesses are in; the right password comes after them
+    await clients[49].send((plain("app", PASSWORD) + "\r\n").encode())
+    replies = await asyncio.gather(*(client.reply(timeout=60) for client in clients))
+    codes = [reply.code for reply in replies]
+    assert codes.count(535) == 5, codes  # checked and wrong
+    assert codes.count(454) == 45 and codes[49] == 454, codes  # never checked: locked out
+    for client in clients:
+        client.close()
+
+
+async def test_one_clients_auth_burst_does_not_hold_up_another_clients_auth(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """30 AUTHs at once from 127.0.0.1 (right password, no lockout in play), then one from
+    127.0.0.2: at most 2 of the burst's checks run at a time, so the other client's check
+    starts at once and its 235 comes before nearly all of the burst's."""
+    harness = await started(make_relay, upstream, abuse={
+        "auth_max_failures": 1000, "auth_failure_delay": 0, "auth_checks_per_client": 2,
+        "auth_checks_in_flight": 4})
+    burst = [await session(harness.port) for _ in range(30)]
+    other = await session(harness.port, source="127.0.0.2")
+    finished: list[str] = []
+
+    async def login(client: RawSmtp, who: str) -> int:
+        reply = await client.command(plain("app", PASSWORD), timeout=60)
+        finished.append(who)
+        return reply.code
+
+    tasks = [asyncio.ensure_future(login(client, "burst")) for client in burst]
+    await asyncio.sleep(0.05)  # the burst is queued first
+    codes = await asyncio.gather(login(other, "other"), *tasks)
+    assert set(codes) == {235}
+    before = finished.index("other")
+    assert before <= 8, f"the other client's AUTH finished after {before} of the burst's 30"
+    for client in [*burst, other]:
+        client.close()
+
+
 # -- connections and session time --------------------------------------------------------------
 
 

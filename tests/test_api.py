@@ -427,3 +427,119 @@ def test_readme_documents_every_route() -> None:
     for path, item in PATHS.items():
         for method in item:
             assert f"{method.upper()} {path}" in readme, f"{method.upper()} {path}"
+
+
+# -- input that must be a 400 naming the field, never a 500 or a 503 (issue 14) -------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store_api(request: pytest.FixtureRequest, start_api: Callable[..., Awaitable[Api]]) -> AsyncIterator[Api]:
+    """The API on the SQLite meter, and on PostgreSQL (which refuses NUL in text: a 503 there)."""
+    if request.param == "sqlite":
+        yield await start_api()
+        return
+    from tests.pgserver import isolated_schema, schema_url
+
+    async with isolated_schema() as schema:
+        api = await start_api(database={"url": schema_url(schema), "pool_size": 4})
+        yield api
+        await api.harness.stop()
+
+
+async def test_wide_network_bindings_need_allow_wide_network(api: Api) -> None:
+    """A network binding sends without AUTH: wider than a /16 or /48 it is refused unless the
+    request says allow_wide_network (loopback is only this host: always allowed)."""
+    for network, widest in (("0.0.0.0/0", 16), ("::/0", 48), ("10.0.0.0/8", 16), ("2001:db8::/32", 48),
+                            ("::ffff:0:0/96", 16)):
+        status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "networks": [network]})
+        assert status == 400, (network, body)
+        assert body["error"].startswith(f"networks: {network} is wider than a /{widest}")
+        assert '"allow_wide_network": true' in body["error"] and "--allow-wide-network" in body["error"]
+    assert (await api.call("GET", "/v1/accounts"))[1] == []  # nothing was added
+    for name, network in (("lan", "10.1.0.0/16"), ("v6", "2001:db8:1::/48"), ("local", "127.0.0.0/8")):
+        status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": name, "networks": [network]})
+        assert status == 201, body
+    status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "networks": ["0.0.0.0/0"],
+                                                            "allow_wide_network": True})
+    assert status == 201 and body["networks"] == ["0.0.0.0/0"]
+    status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "x", "allow_wide_network": "yes"})
+    assert status == 400 and body["error"].startswith("allow_wide_network:")
+
+
+def deep(depth: int) -> bytes:
+    return b'{"amount": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+async def test_inputs_that_gave_500_or_503_are_400_naming_the_field(store_api: Api) -> None:
+    api = store_api
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    lone = '"\\ud800"'  # a lone surrogate, as JSON can carry it
+    cases: list[tuple[str, str, bytes, str]] = [
+        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "a\0b"}).encode(), "name:"),
+        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "x"})[:-1].encode() + b', "contacts": ['
+         + lone.encode() + b"]}", "contacts[0]:"),
+        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "y", "sender_domains": ["ex\0.com"]}).encode(),
+         "sender_domains[0]:"),
+        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "k", "sender_domains": ["\u212aelvin.test"]}).encode(),
+         "is not a domain name: it holds U+212A (KELVIN SIGN), a look-alike of 'K'"),
+        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "p", "password": "pw\udfff"},
+                                            ensure_ascii=True).encode(), "password:"),
+        ("POST", "/v1/accounts/app/payment", json.dumps({"state": "failed", "reason": "card\0declined"}).encode(),
+         "reason:"),
+        ("POST", "/v1/accounts/app/balance", b'{"amount": "99999999999999999999999999.00"}', "amount:"),
+        ("POST", "/v1/accounts/app/balance", deep(100_000), "the request body is nested too deeply"),
+        ("POST", "/v1/accounts/app/balance", deep(50), "amount"),
+        ("PUT", "/v1/accounts/app/limits/spending", b'{"amount": "99999999999999999999999999.00"}', "amount:"),
+        ("PUT", "/v1/accounts/app/limits/quota", b'{"emails": 1000000000000000000000000000}', "emails:"),
+        ("POST", "/v1/plans/e/preview", b'{"emails": 1000000000000000000000000000}', "emails:"),
+        ("GET", "/v1/accounts/a%00b", b"", "'name' (path parameter):"),
+        ("GET", "/v1/audit?account=a%00b", b"", "'account' (query parameter):"),
+        ("GET", "/v1/invoices/x%01y", b"", "'id' (path parameter):"),
+    ]
+    for method, path, raw, named in cases:
+        status, body = await api.call(method, path, raw=raw or None)
+        assert status == 400 and named in body["error"], (method, path, raw[:80], status, body)
+    # Near the most the meter keeps, a balance stops growing with a 400 (no float, no overflow).
+    assert (await api.call("POST", "/v1/accounts/app/balance", {"amount": "999999999.00"}))[0] == 200
+    status, body = await api.call("POST", "/v1/accounts/app/balance", {"amount": "2.00"})
+    assert status == 400 and body["error"].startswith("amount: the balance would pass 1000000000.00")
+    status, account = await api.call("GET", "/v1/accounts/app")
+    assert (status, account["prepaid_balance"], account["payment_state"]) == (200, "999999999.00", "ok")
+    status, accounts = await api.call("GET", "/v1/accounts")
+    assert [a["name"] for a in accounts] == ["app"]  # none of the refused requests added anything
+
+
+async def test_webhook_headers_and_replays(api: Api) -> None:
+    """Malformed signature headers are a 400 naming the header (no credentials needed to get one,
+    never a 500); an event needs its id in the signed body, so a captured event cannot be applied
+    again under a new Idempotency-Key."""
+    status, body = await api.call("POST", "/v1/webhooks/payment", raw=b"{}", token=None, headers={
+        "X-Mailmeter-Timestamp": str(int(time.time())), "X-Mailmeter-Signature": "sha256=é" + "0" * 63})
+    assert status == 400 and body["error"].startswith("X-Mailmeter-Signature:")
+    status, body = await api.call("POST", "/v1/webhooks/payment", raw=b"{}", token=None, headers={
+        "X-Mailmeter-Timestamp": "١٧٠٠٠٠٠٠٠٠", "X-Mailmeter-Signature": "sha256=" + "0" * 64})
+    assert status == 400 and body["error"].startswith("X-Mailmeter-Timestamp:")
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    assert (await api.call("POST", "/v1/accounts/app/payment", {"state": "failed"}))[0] == 200
+    event = {"type": "payment_method.updated", "account": "app"}
+    body_bytes = json.dumps(event).encode()
+    stamp = str(int(time.time()))
+    signed = {"X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(WEBHOOK_SECRET, stamp, body_bytes)}
+    for key in ("key-1", "key-2"):
+        status, body = await api.call("POST", "/v1/webhooks/payment", raw=body_bytes, token=None,
+                                      headers={**signed, "Idempotency-Key": key})
+        assert status == 400 and body["error"].startswith("id:"), body
+    assert (await api.call("GET", "/v1/accounts/app"))[1]["payment_state"] == "failed"  # never applied
+    with_id = json.dumps({**event, "id": "evt_1"}).encode()
+    signed = {"X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(WEBHOOK_SECRET, stamp, with_id)}
+    first = await api.call("POST", "/v1/webhooks/payment", raw=with_id, token=None, headers=signed)
+    assert first[0] == 200 and first[1]["duplicate"] is False
+    assert (await api.call("POST", "/v1/accounts/app/payment", {"state": "failed"}))[0] == 200
+    replay = await api.call("POST", "/v1/webhooks/payment", raw=with_id, token=None,
+                            headers={**signed, "Idempotency-Key": "a-new-key"})
+    assert replay[0] == 200 and replay[1]["duplicate"] is True
+    assert (await api.call("GET", "/v1/accounts/app"))[1]["payment_state"] == "failed"  # the replay changed nothing
+    nested = b'{"id": "evt_2", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    signed = {"X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(WEBHOOK_SECRET, stamp, nested)}
+    status, body = await api.call("POST", "/v1/webhooks/payment", raw=nested, token=None, headers=signed)
+    assert status == 400 and "nested too deeply" in body["error"]

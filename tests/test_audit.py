@@ -38,7 +38,7 @@ def test_cli_changes_are_audited_with_the_local_user(tmp_path: Path) -> None:
         result = mailmeter(config, *step)
         assert result.returncode == 0, result.stderr
     refused = mailmeter(config, "balance", "add", "app", "1.5e3")  # refused: no change, no event
-    assert refused.returncode == 1
+    assert refused.returncode == 2
 
     listed = mailmeter(config, "audit", "--account", "app", "--json")
     assert listed.returncode == 0, listed.stderr

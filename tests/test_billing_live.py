@@ -236,7 +236,7 @@ def test_invoices_export_and_preview_from_the_cli(tmp_path: Path) -> None:
     assert exported.returncode == 0, exported.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert rows and {row["invoice_id"] for row in rows} == {"INV-app-20260101"}
-    assert mailmeter(config, "export", "--period", "Jan", "--csv", str(out)).returncode == 1
+    assert mailmeter(config, "export", "--period", "Jan", "--csv", str(out)).returncode == 2
 
     preview = mailmeter(config, "plan", "preview", "e", "--emails", "26", "--start", "2026-04-01", "--json")
     assert preview.returncode == 0, preview.stderr
@@ -248,7 +248,7 @@ def test_invoices_export_and_preview_from_the_cli(tmp_path: Path) -> None:
     top_up = mailmeter(config, "balance", "add", "app", "12.50")
     assert top_up.returncode == 0 and json.loads(top_up.stdout)["prepaid_balance"] == "12.50"
     bad = mailmeter(config, "balance", "add", "app", "1.5e3")
-    assert bad.returncode == 1 and "amount" in bad.stderr
+    assert bad.returncode == 2 and "amount" in bad.stderr
     spending = mailmeter(config, "limit", "spending", "app", "20")
     assert spending.returncode == 0 and json.loads(spending.stdout)["spending_limit"] == "20.00"
     repaid = mailmeter(config, "repay", "app")

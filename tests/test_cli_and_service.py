@@ -65,9 +65,9 @@ def test_account_errors_name_the_fix(config: Path) -> None:
     password_file = config.parent / "app.password"
     unknown_plan = mailmeter(config, "account", "add", "x", "--password-file", str(password_file),
                              "--plan", "gold", "--sender-domain", "x.test")
-    assert unknown_plan.returncode == 1 and "plan 'gold' is not defined" in unknown_plan.stderr
+    assert unknown_plan.returncode == 2 and "plan 'gold' is not defined" in unknown_plan.stderr
     no_domain = mailmeter(config, "account", "add", "y", "--password-file", str(password_file), "--plan", "small")
-    assert no_domain.returncode == 1 and "--sender-domain" in no_domain.stderr
+    assert no_domain.returncode == 2 and "--sender-domain" in no_domain.stderr
     missing = mailmeter(config, "account", "show", "ghost")
     assert missing.returncode == 1 and "no account named 'ghost'" in missing.stderr
 
@@ -243,4 +243,38 @@ def test_db_upgrade_and_online_backup(config: Path, tmp_path: Path) -> None:
     with sqlite3.connect(target) as copy:
         assert copy.execute("SELECT name FROM accounts").fetchall() == [("app",)]
     again = mailmeter(config, "db", "backup", str(target))
-    assert again.returncode == 1 and "exists" in again.stderr
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_bad_input_is_one_line_and_exit_2(config: Path) -> None:
+    """The CLI refuses what the API refuses with a 400: one line naming the argument, exit 2,
+    nothing changed (a wide network without its flag, money or counts past what the meter
+    keeps, control characters, text that is not UTF-8, a look-alike in a domain)."""
+    assert add(config).returncode == 0
+    password_file = config.parent / "app.password"
+    base = ["account", "add", "lan", "--password-file", str(password_file), "--plan", "small",
+            "--sender-domain", "example.net"]
+    cases: list[tuple[list[str | bytes], str]] = [
+        ([*base, "--network", "0.0.0.0/0"], "networks: 0.0.0.0/0 is wider than a /16"),
+        ([*base, "--network", "::/0"], "--allow-wide-network"),
+        (["balance", "add", "app", "99999999999999999999999999.00"], "amount:"),
+        (["limit", "spending", "app", "99999999999999999999999999"], "amount:"),
+        (["limit", "quota", "app", "1000000000000000000000000"], "emails:"),
+        (["payment", "failed", "app", "--reason", "card\x01declined"], "reason: contains the control character"),
+        (["account", "show", b"app\xff"], "name: is not valid Unicode text"),
+        (["account", "add", "k", "--password-file", str(password_file), "--plan", "small",
+          "--sender-domain", "\u212aelvin.test"], "U+212A (KELVIN SIGN)"),
+        (["account", "add", "bad\x7fname", "--password-file", str(password_file), "--plan", "small",
+          "--sender-domain", "example.org"], "name: contains the control character U+007F"),
+    ]
+    for args, named in cases:
+        result = subprocess.run([sys.executable, "-m", "mailmeter.cli", "--config", str(config), *args],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and named in lines[0], (args, result.stderr)
+    wide = mailmeter(config, *base, "--network", "0.0.0.0/0", "--allow-wide-network")
+    assert wide.returncode == 0, wide.stderr
+    shown = json.loads(mailmeter(config, "account", "show", "app", "--json").stdout)
+    assert (shown["prepaid_balance"], shown["payment_state"]) == ("0.00", "ok")
+    names = [a["name"] for a in json.loads(mailmeter(config, "account", "list", "--json").stdout)]
+    assert names == ["app", "lan"]

@@ -396,3 +396,13 @@ async def test_results_reported_together_share_one_transaction_and_count_once(sc
         for name in ("app", "shop"):
             report = await meter.usage(name)
             assert (report.usage.delivered, report.usage.hard_bounced, report.account.awaiting_results) == (10, 0, 0)
+
+
+async def test_a_login_name_with_a_nul_is_a_wrong_login_not_a_database_error(schema: str) -> None:
+    """PostgreSQL refuses NUL in text: AUTH LOGIN as "app\\0x" must be a plain wrong login (535),
+    not a StoreUnavailable (454 "temporary failure", retried forever)."""
+    async with Nodes(schema, 1) as nodes:
+        meter = nodes.meters[0]
+        await meter.add_account("app", "pw", "small", ["example.com"], [])
+        assert await meter.authenticate("app\0x", b"pw") is None
+        assert (await meter.authenticate("app", b"pw")) is not None

@@ -113,6 +113,49 @@ async def test_foreign_sender_domain_refused(relay: RelayHarness) -> None:
     await client.quit()
 
 
+async def test_non_ascii_look_alikes_do_not_pass_as_an_ascii_sender_domain(relay: RelayHarness) -> None:
+    """The Kelvin sign lowercases to an ASCII "k" with str.lower(): MAIL FROM a domain spelled with
+    it, or with a Cyrillic "р" or fullwidth letters, is not the account's ASCII domain; an IDN
+    matches the account's A-label."""
+    await add_account(relay, domains=("kelvin.test", "example.com", "xn--bcher-kva.example"))
+    client = await RawSmtp.open(relay.port)
+    assert (await client.reply()).code == 220
+    assert (await client.command("EHLO client.test")).code == 250
+    login = base64.b64encode(f"\0app\0{PASSWORD}".encode()).decode()
+    assert (await client.command(f"AUTH PLAIN {login}")).code == 235
+    for sender in ("a@\u212aelvin.test", "a@exam\u0440le.com", "a@\uff45xample.com"):
+        reply = await client.command(f"MAIL FROM:<{sender}> SMTPUTF8".encode())
+        assert reply.code == 550 and reply.text.startswith("5.7.1 Sender"), (sender, reply)
+    for sender in ("a@KELVIN.test", "a@B\u00fccher.Example", "a@XN--bcher-KVA.example"):
+        assert (await client.command(f"MAIL FROM:<{sender}> SMTPUTF8".encode())).code == 250, sender
+        assert (await client.command("RSET")).code == 250
+    client.close()
+
+
+async def test_auth_login_continuation_over_the_line_limit_is_500_and_the_session_goes_on(
+    relay: RelayHarness,
+) -> None:
+    """RFC 4954 section 4: an AUTH line the server cannot take is `500 5.5.6`, not `451 4.3.0
+    Internal error`; the rest of the long line is not read as commands. An aborted exchange
+    (`*`) gets one reply, 501, and no stray 535 after it."""
+    await add_account(relay)
+    client = await RawSmtp.open(relay.port)
+    assert (await client.reply()).code == 220
+    assert (await client.command("EHLO client.test")).code == 250
+    assert (await client.command("AUTH LOGIN")).code == 334
+    reply = await client.command(b"A" * 70_000 + b"NOOP")
+    assert (reply.code, reply.text) == (500, "5.5.6 Authentication Exchange line is too long")
+    assert (await client.command("AUTH LOGIN")).code == 334
+    assert (await client.command(base64.b64encode(b"app"))).code == 334
+    assert (await client.command(b"Q" * 200_000)).code == 500
+    assert (await client.command("AUTH LOGIN")).code == 334
+    assert (await client.command("*")).code == 501
+    assert (await client.command("NOOP")).code == 250  # the next reply is NOOP's own
+    assert (await client.command("AUTH LOGIN " + base64.b64encode(b"app").decode())).code == 334
+    assert (await client.command(base64.b64encode(PASSWORD.encode()))).code == 235
+    client.close()
+
+
 async def test_mail_from_auth_parameter_accepted(relay: RelayHarness, upstream: Upstream) -> None:
     await add_account(relay)
     client = await connect(relay.port)

@@ -241,3 +241,18 @@ def test_several_processes_need_a_fixed_port(tmp_path: Path, upstream: Upstream)
     result = subprocess.run([sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config)],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode != 0 and "listen.processes" in result.stderr and "listen.port" in result.stderr
+
+
+async def test_sigusr1_lifts_every_auth_lockout(service: Service) -> None:
+    """Five wrong passwords lock 127.0.0.1 and the login out (the right password gets 454);
+    `kill -USR1` (systemctl kill -s USR1) lifts the lockouts of the running relay at once."""
+    from tests.test_abuse import try_login
+
+    await service.notification("READY=1")
+    for _ in range(5):
+        assert (await try_login(service.port, "app", "wrong")).code == 535
+    assert (await try_login(service.port, "app", PASSWORD)).code == 454
+    service.process.send_signal(signal.SIGUSR1)
+    cleared = await service.event("smtp.auth_lockouts_cleared")
+    assert cleared["lockouts"] == 2  # the address and the login
+    assert (await try_login(service.port, "app", PASSWORD)).code == 235
