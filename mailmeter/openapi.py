@@ -103,6 +103,15 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "account": {"type": "string"}, "plan": {"type": "string"}, "period": {"type": "string"},
             "accepted": COUNT, "delivered": COUNT, "soft_bounced": COUNT, "hard_bounced": COUNT,
+            "bounce_types": {
+                "type": "object",
+                "description": "the period's final bounces by category and sub-type (docs/delivery-results.md):"
+                               " soft_bounced: mailbox_full, message_too_large, server_unavailable;"
+                               " hard_bounced (Invalid Email): format_error, not_exist, reject, junk_mail;"
+                               " unclassified for results recorded before sub-types existed",
+                "properties": {category: {"type": "object", "additionalProperties": COUNT}
+                               for category in ("soft_bounced", "hard_bounced")},
+            },
             "deferred": COUNT, "reserved": COUNT, "remaining": {"type": ["integer", "null"]},
             "spent": _ref("Money"), "spending_limit": OPTIONAL_MONEY, "unbilled": _ref("Money"),
             "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),

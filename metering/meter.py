@@ -14,7 +14,7 @@ import json
 import secrets
 from time import monotonic
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from typing import Any, Protocol, cast
 
@@ -42,6 +42,7 @@ from policies import (
 )
 from policies.limits import email_quota, included_emails
 from policies.money import format_money
+from policies.results import classify, classify_failure
 from policies.periods import Period, PeriodSpec, period_containing
 
 Clock = Callable[[], datetime]
@@ -82,6 +83,15 @@ def standing_of(account: Account, period: Period) -> Standing:
     )
 
 
+def result_category(verdict: Result, code: int | None, enhanced: str | None) -> tuple[Result, str]:
+    """The billing category and sub-type of a delivery verdict (deferred stays deferred,
+    with the sub-type its reply would have if it never clears)."""
+    classified = classify(verdict.value, code, enhanced)
+    if classified is None:
+        return Result.DEFERRED, classify_failure(code, enhanced, permanent=False).reason
+    return Result(classified.category), classified.reason
+
+
 def subscribed_at(account: Account) -> datetime:
     return datetime.combine(account.subscribed_on, time(0), tzinfo=timezone.utc)
 
@@ -96,6 +106,7 @@ class UsageReport:
     remaining: int | None
     standing: Standing
     breakdown: list[tuple[str, str, int]]
+    bounce_rows: list[tuple[str, str, int]] = field(default_factory=list)  # (category, sub-type, emails)
 
     def as_json(self) -> dict[str, Any]:
         screen = usage_screen(self.plan, self.standing, self.usage, self.period)
@@ -104,6 +115,9 @@ class UsageReport:
         for campaign, region, accepted in self.breakdown:
             by_campaign[campaign or "(untagged)"] = by_campaign.get(campaign or "(untagged)", 0) + accepted
             by_region[region or "(unknown)"] = by_region.get(region or "(unknown)", 0) + accepted
+        bounce_types: dict[str, dict[str, int]] = {"soft_bounced": {}, "hard_bounced": {}}
+        for category, reason, emails in self.bounce_rows:
+            bounce_types[category][reason or "unclassified"] = emails
         return {
             "account": self.account.name,
             "plan": self.account.plan,
@@ -115,6 +129,7 @@ class UsageReport:
             "delivered": self.usage.delivered,
             "soft_bounced": self.usage.soft_bounced,
             "hard_bounced": self.usage.hard_bounced,
+            "bounce_types": bounce_types,
             "deferred": self.deferred,
             "reserved": self.usage.reserved,
             "remaining": self.remaining,
@@ -393,23 +408,35 @@ class Meter:
     async def message_committed(self, queue_id: str) -> bool:
         return await self.store.message_committed(queue_id)
 
-    async def record_result(self, queue_id: str, recipient: str, result: Result | str, detail: str = "") -> bool:
+    async def record_result(
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result | str,
+        detail: str = "",
+        code: int | None = None,
+        enhanced: str | None = None,
+    ) -> bool:
         """Count a recipient's result once, in the period it arrives in (one transaction).
 
-        On the shared PostgreSQL store, the results reported while a transaction is in
-        flight go together in the next one (metering/batching.py).
+        `result` is the relay's delivery verdict and `code` / `enhanced` the reply behind
+        it ("552", "5.2.2"); what is stored and counted is the billing category those
+        mean (policies/results.py), with its sub-type. On the shared PostgreSQL store,
+        the results reported while a transaction is in flight go together in the next
+        one (metering/batching.py).
         """
+        category, reason = result_category(Result(result), code, enhanced)
         now = self.clock()
         plans = self.plans
         if self._results is not None:
-            report = ResultReport(queue_id, recipient, Result(result), detail, now)
+            report = ResultReport(queue_id, recipient, category, detail, now, reason)
             return bool(await self._results.submit(report))
 
         def period_key_for(account: Account) -> str:
             return self._period(plans[account.plan].period, now, account.subscribed_on).key
 
         recorded = await self.store.record_message_result(
-            queue_id, recipient, Result(result), detail, now, period_key_for
+            queue_id, recipient, category, detail, now, period_key_for, reason
         )
         return bool(recorded)  # None: not a metered message (a bounce or notice the relay made)
 
@@ -429,6 +456,7 @@ class Meter:
         usage = await self.store.usage(account.id, period.key, account.awaiting_results)
         room, _ = headroom(plan, standing, usage)
         rows = await self.store.breakdown(account.id, period.key)
+        bounces = await self.store.results_by_reason(account.id, period.key)
         return UsageReport(
             account=account,
             plan=plan,
@@ -438,6 +466,7 @@ class Meter:
             remaining=room,
             standing=standing,
             breakdown=[(r["campaign"], r["region"], int(r["accepted"])) for r in rows],
+            bounce_rows=[(r["result"], r["reason"], int(r["n"])) for r in bounces],
         )
 
 

@@ -197,3 +197,13 @@ class PgLedger(PgBase):
             " GROUP BY m.region, r.result ORDER BY m.region, r.result",
             account_id, period_key,
         )
+
+    async def results_by_reason(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
+        """The period's final bounces by category and sub-type (model C's Soft Bounce and Invalid Email)."""
+        return await self._fetch(
+            "SELECT r.result AS result, r.reason AS reason, COUNT(*) AS n FROM recipient_results r"
+            " JOIN messages m ON m.queue_id = r.queue_id"
+            " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result IN ('soft_bounced', 'hard_bounced')"
+            " GROUP BY r.result, r.reason ORDER BY r.result, r.reason",
+            account_id, period_key,
+        )

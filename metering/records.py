@@ -12,12 +12,20 @@ from policies.money import format_money
 
 
 class Result(StrEnum):
-    """Per-recipient delivery result categories (model C's categories)."""
+    """Per-recipient results.
+
+    As the relay reports them, they are its delivery verdict: delivered; deferred (will
+    be retried); soft_bounced (temporary failures until the queue's maximum age);
+    hard_bounced (refused permanently, not retried). As the meter stores and counts them
+    they are the billing category (model C), which policies/results.py derives from the
+    verdict and what the reply means: a `552 5.2.2` (mailbox full) is refused
+    permanently and billed as soft_bounced. hard_bounced is the document's "Invalid Email".
+    """
 
     DELIVERED = "delivered"
-    DEFERRED = "deferred"  # a soft bounce that will be retried
-    SOFT_BOUNCED = "soft_bounced"  # a soft bounce that expired: final
-    HARD_BOUNCED = "hard_bounced"  # a permanent failure: final
+    DEFERRED = "deferred"  # not final: will be retried
+    SOFT_BOUNCED = "soft_bounced"  # final: Soft Bounce
+    HARD_BOUNCED = "hard_bounced"  # final: Invalid Email
 
     @property
     def final(self) -> bool:
@@ -30,9 +38,10 @@ class ResultReport:
 
     queue_id: str
     recipient: str
-    result: Result
+    result: Result  # the billing category
     detail: str
     at: datetime
+    reason: str = ""  # the category's sub-type (policies/results.py)
 
 
 @dataclass(frozen=True)

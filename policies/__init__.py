@@ -17,6 +17,7 @@ Modules, from the bottom up:
   decision    admit / headroom / blocking_refusal: caps as counts
   lease       admit_lease: a node's block of the allowance (several nodes, one meter)
   invoice     close_period: the closing invoice, rounded per line
+  results     a delivery result's billing category and sub-type, from what its reply means
   dashboard   usage screen (model D) and usage alerts (model E)
   preview     one simulated period for `mailmeter plan preview`
 """
