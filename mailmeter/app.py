@@ -259,12 +259,13 @@ class Relay:
     async def billing_pass(self) -> None:
         """One pass of the billing job: close periods, queue statements, collect charges, send notices."""
         run = await self.billing.run_once()
-        self.metrics.charges_result(run.charges_collected, run.charges_failed)
+        self.metrics.charges_result(run.charges_collected, run.charges_failed, run.charges_recorded)
         await self.notices.send_pending()
-        if run.invoices or run.charges_collected or run.charges_failed or run.statements:
+        if run.invoices or run.charges_collected or run.charges_failed or run.charges_recorded or run.statements:
             structlog.get_logger("mailmeter.billing").info(
                 "billing.pass", invoices=len(run.invoices), charges_collected=run.charges_collected,
-                charges_failed=run.charges_failed, statements=run.statements, result="ok",
+                charges_failed=run.charges_failed, charges_recorded=run.charges_recorded,
+                statements=run.statements, result="ok",
             )
 
     async def _billing_loop(self) -> None:

@@ -136,6 +136,16 @@ def cmd_payment(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def cmd_charge(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        charge = await service.settle_charge(args.key, args.sub, args.reason or "")
+        blocked = "; the account's sending is blocked until `mailmeter payment ok`" if args.sub == "failed" else ""
+        print(f"charge {charge['key']} ({charge['amount']}) marked {args.sub}: {charge['status']}{blocked}")
+        return 0
+
+    return _run(config, action)
+
+
 def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         _emit(await service.set_limit(args.name, args.which, args.value), True)
@@ -276,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
                             " spending: spending limit (amount, or 'none')")
     limit.add_argument("name")
     limit.add_argument("value")
+
+    charge = commands.add_parser("charge", help="charges: in-period and invoice collections").add_subparsers(
+        dest="sub", required=True)
+    charge_list = sub(charge, "list", "an account's charges and their state", _simple(
+        "charges", "name", "status",
+        line=lambda c: f"{c['key']}\t{c['amount']}\t{c['status']}\t{c['description']}"))
+    charge_list.add_argument("name")
+    charge_list.add_argument("--status", help="only charges in this state (e.g. recorded: waiting for collection)")
+    charge_list.add_argument("--json", action="store_true")
+    for state, what in (("collected", "the external system collected the charge"),
+                        ("failed", "collecting the charge failed: blocks the account's sending, live")):
+        settle = sub(charge, state, f"mark a charge {state} ({what})", cmd_charge)
+        settle.add_argument("key", help="the charge's key (mailmeter charge list ACCOUNT)")
+        settle.add_argument("--reason", help="what the collecting system said, kept with the charge")
 
     invoice = commands.add_parser("invoice", help="invoices").add_subparsers(dest="sub", required=True)
     invoice_list = sub(invoice, "list", "an account's invoices", _simple(

@@ -144,6 +144,28 @@ SCHEMAS: dict[str, Any] = {
              "properties": {"amount": OPTIONAL_MONEY}},
         ],
     },
+    "Charge": {
+        "type": "object", "required": ["key", "amount", "status"],
+        "properties": {
+            "key": {"type": "string", "description": "the charge's idempotency key: ACCOUNT/PERIOD/KIND/INDEX"},
+            "period_start": {"type": "string"}, "kind": {"enum": ["threshold", "block", "invoice"]},
+            "index": COUNT, "amount": _ref("Money"), "emails_unlocked": {"type": ["integer", "null"]},
+            "description": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
+            "status": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"],
+                       "description": "pending: to be sent; submitted: the gateway will report; recorded: no"
+                                      " gateway, left to an external system; succeeded, failed: final"},
+            "attempts": COUNT, "detail": {"type": "string"},
+            "account": {"type": "string"}, "payment_state": {"enum": ["ok", "failed"]},
+        },
+    },
+    "ChargeSettlement": {
+        "type": "object", "additionalProperties": False, "required": ["charge", "state"],
+        "properties": {
+            "charge": {"type": "string", "description": "the charge's key (GET /v1/accounts/{name}/charges)"},
+            "state": {"enum": ["collected", "failed"]},
+            "reason": {"type": "string", "description": "what the collecting system said"},
+        },
+    },
     "InvoiceSummary": {
         "type": "object", "required": ["id", "period", "total", "amount_due", "status"],
         "properties": {
@@ -192,7 +214,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["invoices", "charges_collected", "charges_failed", "statements"],
         "properties": {
             "invoices": {"type": "array", "items": {"type": "string"}}, "charges_collected": COUNT,
-            "charges_failed": COUNT, "statements": COUNT,
+            "charges_failed": COUNT, "charges_recorded": COUNT, "statements": COUNT,
         },
     },
     "AuditEvent": {
@@ -272,6 +294,19 @@ PATHS: dict[str, dict[str, Any]] = {
                    params=[ACCOUNT, {**_path("which", "included, quota or spending"),
                                      "schema": {"enum": ["included", "quota", "spending"]}}],
                    errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/charges": {
+        "get": _op("The account's charges and their state, oldest first", _json(_array("Charge"), "Charges"),
+                   params=[ACCOUNT, {"name": "status", "in": "query", "required": False,
+                                     "schema": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"]},
+                                     "description": "only charges in this state"}],
+                   errors=(400, 401, 404, 503)),
+    },
+    "/v1/charges/settle": {
+        "post": _op("Mark a charge collected or failed, as the system that collects it reports (for"
+                    " billing.gateway.kind none); failed blocks the account's sending at its next MAIL or RCPT",
+                    _json(_ref("Charge"), "The charge after the change"), body=_ref("ChargeSettlement"),
+                    errors=(400, 401, 404, 409, 503)),
     },
     "/v1/accounts/{name}/invoices": {
         "get": _op("The account's invoices", _json(_array("InvoiceSummary"), "Invoices, oldest first"),

@@ -43,6 +43,8 @@ class Conflict(AdminError):
 
 
 PAYMENT_EVENTS = ("charge.succeeded", "charge.failed", "payment_method.updated")
+CHARGE_STATES = ("pending", "submitted", "recorded", "succeeded", "failed")
+OPEN_CHARGE_STATES = ("pending", "submitted", "recorded")
 LIMITS = ("included", "quota", "spending")
 
 
@@ -70,6 +72,23 @@ def _money(text: str, what: str) -> int:
         return parse_money(text)
     except MoneyError as error:
         raise AdminError(f"{what}: {error}") from None
+
+
+def charge_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One charge as `charge list` and the API show it."""
+    return {
+        "key": row["idempotency_key"],
+        "period_start": row["period_key"],
+        "kind": row["kind"],
+        "index": row["seq"],
+        "amount": format_money(row["amount"]),
+        "emails_unlocked": row["emails_unlocked"],
+        "description": row["description"],
+        "created_at": row["created_at"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "detail": row["detail"],
+    }
 
 
 EXPORT_COLUMNS = [
@@ -234,15 +253,57 @@ class AdminService:
         if charge is None:
             raise NotFound(f"charge: no charge {key!r}; send the Idempotency-Key of the relay's charge request")
         status = "succeeded" if kind == "charge.succeeded" else "failed"
-        detail = {"event": event_id, "charge": key, "reason": reason}
-        async with self._audit(kind, charge["account"], detail, event_id=event_id):
-            applied = await self.meter.store.set_charge_result(
-                key, status, reason or kind, charge["attempts"], self.meter.clock()
-            )
+        applied = await self._set_charge(charge, kind, status, reason or kind, {"event": event_id}, event_id)
         account = await self.meter.account(charge["account"])
         return {"event": event_id, "duplicate": False, "type": kind, "account": account.name, "charge": key,
                 "applied": applied, "charge_status": status if applied else charge["status"],
                 "payment_state": account.payment_state}
+
+    async def _set_charge(
+        self, charge: Mapping[str, Any], action: str, status: str, reason: str, detail: dict[str, Any],
+        event_id: str | None = None,
+    ) -> bool:
+        """One charge's verdict, audited on its account; `failed` blocks the account at once."""
+        detail = {**detail, "charge": charge["idempotency_key"], "reason": reason}
+        async with self._audit(action, charge["account"], detail, event_id=event_id):
+            return await self.meter.store.set_charge_result(
+                charge["idempotency_key"], status, reason, charge["attempts"], self.meter.clock()
+            )
+
+    # -- charges: what the gateway (or, with none, an external system) collects ----------
+
+    async def charges(self, name: str, status: str | None = None) -> list[dict[str, Any]]:
+        """The account's charges, oldest first; only those in `status` when given."""
+        if status is not None and status not in CHARGE_STATES:
+            raise AdminError(f"status: {status!r} is not a charge state; give one of {', '.join(CHARGE_STATES)}")
+        account = await self.meter.account(name)
+        return [charge_json(row) for row in await self.meter.store.charges_of(account.id)
+                if status is None or row["status"] == status]
+
+    async def settle_charge(self, key: str, state: str, reason: str = "") -> dict[str, Any]:
+        """Mark a charge `collected` or `failed`, as the system that collects it reports.
+
+        For `billing.gateway.kind: none`, where the relay only records charges. Only an open
+        charge (pending, submitted, recorded) changes. `failed` blocks the account's sending
+        at the next MAIL or RCPT, as the payment webhook's charge.failed does; collecting
+        the charge of an invoice marks the invoice paid.
+        """
+        if state not in ("collected", "failed"):
+            raise AdminError(f"state: {state!r} is not a charge outcome; give collected or failed")
+        charge = await self.meter.store.charge(key)
+        if charge is None:
+            raise NotFound(f"charge: no charge {key!r} (see `mailmeter charge list ACCOUNT`)")
+        if charge["status"] not in OPEN_CHARGE_STATES:
+            raise Conflict(f"charge {key!r} is already {charge['status']}; only a pending, submitted or recorded"
+                           " charge can be marked (a failed one is sent again after `mailmeter payment ok`)")
+        status = "succeeded" if state == "collected" else "failed"
+        reason = reason or ("collected by the external system" if state == "collected" else "collection failed")
+        if not await self._set_charge(charge, f"charge.{state}", status, reason, {}):
+            raise Conflict(f"charge {key!r} changed meanwhile; look at it again (mailmeter charge list)")
+        changed = await self.meter.store.charge(key)
+        assert changed is not None
+        account = await self.meter.account(changed["account"])
+        return {**charge_json(changed), "account": account.name, "payment_state": account.payment_state}
 
     # -- invoices -----------------------------------------------------------------------
 
@@ -311,7 +372,8 @@ class AdminService:
     async def run_billing(self) -> dict[str, Any]:
         run = await self.billing.run_once()
         result = {"invoices": run.invoices, "charges_collected": run.charges_collected,
-                  "charges_failed": run.charges_failed, "statements": run.statements}
+                  "charges_failed": run.charges_failed, "charges_recorded": run.charges_recorded,
+                  "statements": run.statements}
         # Many accounts and transactions: one event for the run, after it (target "billing").
         audit_id = await self.meter.store.add_audit_event(self.meter.clock(), self.actor, "billing.run",
                                                           "billing", None, result, {})

@@ -49,6 +49,7 @@ class BillingRun:
     invoices: list[str] = field(default_factory=list)
     charges_collected: int = 0
     charges_failed: int = 0
+    charges_recorded: int = 0  # billing.gateway.kind none: left to an external system to collect
     statements: int = 0
 
 
@@ -162,8 +163,7 @@ class Billing:
         accounts = await self.store.list_accounts()
         run.invoices = await self.close_due_periods(accounts)
         run.statements = await self.queue_statements(accounts)
-        collected, failed = await self.collect_charges()
-        run.charges_collected, run.charges_failed = collected, failed
+        run.charges_collected, run.charges_failed, run.charges_recorded = await self.collect_charges()
         return run
 
     # -- closing periods ----------------------------------------------------------
@@ -276,9 +276,10 @@ class Billing:
     def _backoff(self, attempts: int) -> timedelta:
         return timedelta(seconds=min(self.retry_first_delay * 2 ** max(attempts - 1, 0), self.retry_max_delay))
 
-    async def collect_charges(self) -> tuple[int, int]:
+    async def collect_charges(self) -> tuple[int, int, int]:
+        """Hand every pending charge that is due to the gateway: (succeeded, failed, recorded)."""
         now = self.meter.clock()
-        collected = failed = 0
+        collected = failed = recorded = 0
         for row in await self.store.charges_due_for_collection(now):
             request = ChargeRequest(
                 idempotency_key=row["idempotency_key"],
@@ -298,6 +299,7 @@ class Billing:
                 ChargeOutcome.FAILED: "failed",
                 ChargeOutcome.PENDING: "submitted",
                 ChargeOutcome.RETRY: "pending",
+                ChargeOutcome.RECORDED: "recorded",
             }[result.outcome]
             next_attempt = now + self._backoff(attempts) if status == "pending" else now
             await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
@@ -305,4 +307,5 @@ class Billing:
                           amount=request.amount, attempt=attempts, result=status, detail=result.detail)
             collected += status == "succeeded"
             failed += status == "failed"
-        return collected, failed
+            recorded += status == "recorded"
+        return collected, failed, recorded

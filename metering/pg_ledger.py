@@ -56,7 +56,8 @@ class PgLedger(PgBase):
     ) -> bool:
         """Record a gateway verdict. A failed charge blocks the account's sending at once.
 
-        Only a charge still pending or submitted changes (a late duplicate verdict is ignored).
+        Only a charge still open (pending, submitted, or recorded for an external system to
+        collect) changes: a late duplicate verdict is ignored.
         """
 
         async def body(conn: asyncpg.Connection) -> bool:
@@ -66,7 +67,7 @@ class PgLedger(PgBase):
             await self._lock(conn, owner)
             changed = rows_affected(await conn.execute(
                 "UPDATE charges SET status = $1, detail = $2, attempts = $3, next_attempt_at = $4"
-                " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted')",
+                " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted', 'recorded')",
                 status, detail[:500], attempts, next_attempt_at.isoformat(), key,
             )) == 1
             if changed and status == "failed":

@@ -644,12 +644,13 @@ class SqliteStore:
     ) -> bool:
         """Record a gateway verdict. A failed charge blocks the account's sending at once.
 
-        Only a charge still pending or submitted changes (a late duplicate verdict is ignored).
+        Only a charge still open (pending, submitted, or recorded for an external system to
+        collect) changes: a late duplicate verdict is ignored.
         """
         async with self._tx() as db:
             cursor = await db.execute(
                 "UPDATE charges SET status = ?, detail = ?, attempts = ?, next_attempt_at = ?"
-                " WHERE idempotency_key = ? AND status IN ('pending', 'submitted')",
+                " WHERE idempotency_key = ? AND status IN ('pending', 'submitted', 'recorded')",
                 (status, detail[:500], attempts, next_attempt_at.isoformat(), key),
             )
             changed = cursor.rowcount == 1
