@@ -67,7 +67,6 @@ def build_billing(config: Config, meter: Meter) -> Billing:
     return Billing(
         meter,
         payment_gateway(config),
-        currency=config.billing.currency,
         retry_first_delay=config.billing.charge_retry_first_delay,
         retry_max_delay=config.billing.charge_retry_max_delay,
     )
@@ -239,6 +238,11 @@ class Relay:
         missing = sorted(in_use - set(plans))
         if missing:
             raise ConfigError(f"plans: accounts use plans the new config drops: {', '.join(missing)}")
+        if config.currency() != self.meter.currency:
+            raise ConfigError(
+                f"billing.currency: the ledger holds amounts in {self.meter.currency.code}; changing the currency"
+                f" to {config.currency().code} would relabel every balance, charge and invoice"
+            )
         new_tls = tls_context(config)
         fixed = [
             key for key, old, new in (

@@ -59,8 +59,10 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 
 ACCOUNT = _path("name", "The account name")
-MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "examples": ["25.00"],
-         "description": "An amount of the billing currency as a decimal string (never a JSON number)"}
+MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "examples": ["25.00", "2500", "25.000"],
+         "description": "An amount of billing.currency as a decimal string (never a JSON number), in its minor"
+                        " units: USD \"25.00\", JPY \"2500\", BHD \"25.000\"; an amount sent with more decimals"
+                        " than the currency has is refused"}
 OPTIONAL_MONEY = {"oneOf": [_ref("Money"), {"type": "null"}]}
 COUNT = {"type": "integer", "minimum": 0}
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
@@ -115,7 +117,7 @@ SCHEMAS: dict[str, Any] = {
             "deferred": COUNT, "reserved": COUNT, "remaining": {"type": ["integer", "null"]},
             "spent": _ref("Money"), "spending_limit": OPTIONAL_MONEY, "unbilled": _ref("Money"),
             "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
-            "payment_state": {"enum": ["ok", "failed"]},
+            "payment_state": {"enum": ["ok", "failed"]}, "currency": {"type": "string"},
             "by_campaign": {"type": "object", "additionalProperties": {"type": "integer"}},
             "by_region": {"type": "object", "additionalProperties": {"type": "integer"}},
         },
@@ -149,7 +151,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "key": {"type": "string", "description": "the charge's idempotency key: ACCOUNT/PERIOD/KIND/INDEX"},
             "period_start": {"type": "string"}, "kind": {"enum": ["threshold", "block", "invoice"]},
-            "index": COUNT, "amount": _ref("Money"), "emails_unlocked": {"type": ["integer", "null"]},
+            "index": COUNT, "amount": _ref("Money"), "currency": {"type": "string"},
+            "emails_unlocked": {"type": ["integer", "null"]},
             "description": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
             "status": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"],
                        "description": "pending: to be sent; submitted: the gateway will report; recorded: no"
@@ -171,6 +174,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"}, "period": {"type": "string"},
             "invoice_date": {"type": "string", "format": "date"}, "due_date": {"type": "string", "format": "date"},
+            "currency": {"type": "string"},
             "total": _ref("Money"), "amount_due": _ref("Money"), "status": {"enum": ["paid", "open", "overdrawn"]},
         },
     },
@@ -189,7 +193,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["name", "display_name", "period", "funding"],
         "properties": {
             "name": {"type": "string"}, "display_name": {"type": "string"}, "period": ANY_OBJECT,
-            "billable": {"enum": ["accepted", "results"]}, "plan_fee": _ref("Money"),
+            "billable": {"enum": ["accepted", "results"]}, "currency": {"type": "string"}, "plan_fee": _ref("Money"),
             "included_emails": COUNT, "email_quota": {"type": ["integer", "null"]},
             "spending_limit": OPTIONAL_MONEY, "in_period_charge": {"enum": ["threshold", "per_block", None]},
             "funding": ANY_OBJECT,
@@ -205,7 +209,8 @@ SCHEMAS: dict[str, Any] = {
     "Preview": {
         "type": "object", "required": ["plan", "accepted", "refused", "charges", "invoice"],
         "properties": {
-            "plan": {"type": "string"}, "period": {"type": "string"}, "emails": COUNT, "accepted": COUNT,
+            "plan": {"type": "string"}, "currency": {"type": "string"}, "period": {"type": "string"},
+            "emails": COUNT, "accepted": COUNT,
             "refused": COUNT, "refusal": {"type": ["string", "null"]},
             "charges": {"type": "array", "items": ANY_OBJECT}, "invoice": ANY_OBJECT,
         },

@@ -16,6 +16,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from datetime import date, datetime, time, timezone
 from typing import Any
 
@@ -26,6 +27,7 @@ from metering.billing import Billing
 from metering.meter import Meter, UnknownAccount, UnknownPlan
 from metering.sqlite_store import AuditDraft, DuplicateEvent
 from policies import Standing, preview
+from policies.currency import Currency, currency_for
 from policies.money import MoneyError, format_money, parse_money
 from policies.parts import ThresholdCharge
 
@@ -67,21 +69,23 @@ def _text(event: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _money(text: str, what: str) -> int:
+def _money(text: str, what: str, currency: Currency) -> int:
+    """An amount the operator wrote, in the currency's minor units at most ("25.00"; JPY "2500")."""
     try:
-        return parse_money(text)
+        return parse_money(text, currency)
     except MoneyError as error:
         raise AdminError(f"{what}: {error}") from None
 
 
-def charge_json(row: Mapping[str, Any]) -> dict[str, Any]:
+def charge_json(row: Mapping[str, Any], currency: Currency) -> dict[str, Any]:
     """One charge as `charge list` and the API show it."""
     return {
         "key": row["idempotency_key"],
         "period_start": row["period_key"],
         "kind": row["kind"],
         "index": row["seq"],
-        "amount": format_money(row["amount"]),
+        "amount": format_money(row["amount"], currency),
+        "currency": currency.code,
         "emails_unlocked": row["emails_unlocked"],
         "description": row["description"],
         "created_at": row["created_at"],
@@ -115,7 +119,8 @@ class AdminService:
     ) -> AsyncIterator[AuditDraft]:
         """Wrap the one meter call that changes `account`: its audit event commits with it."""
         draft = AuditDraft(at=self.meter.clock(), actor=self.actor, action=action, target=account,
-                           view=account_view, detail=detail or {}, event_id=event_id)
+                           view=partial(account_view, currency=self.meter.currency), detail=detail or {},
+                           event_id=event_id)
         async with self.meter.store.audited(draft):
             yield draft
         if draft.written:
@@ -149,13 +154,14 @@ class AdminService:
                 )
         except (UnknownPlan, ValueError) as error:
             raise AdminError(str(error).strip('"')) from None
-        return account.public()
+        return account.public(self.meter.currency)
 
     async def accounts(self) -> list[dict[str, Any]]:
-        return [a.public() for a in await self.meter.store.list_accounts()]
+        currency = self.meter.currency
+        return [a.public(currency) for a in await self.meter.store.list_accounts()]
 
     async def account(self, name: str) -> dict[str, Any]:
-        return (await self.meter.account(name)).public()
+        return (await self.meter.account(name)).public(self.meter.currency)
 
     async def usage(self, name: str) -> dict[str, Any]:
         return (await self.meter.usage(name)).as_json()
@@ -175,17 +181,18 @@ class AdminService:
         return await self.set_payment(name, state == "ok", reason)
 
     async def add_balance(self, name: str, amount: str) -> dict[str, Any]:
-        micros = _money(amount, "amount")
+        currency = self.meter.currency
+        micros = _money(amount, "amount", currency)
         if micros <= 0:
-            raise AdminError("amount: a top-up must be positive, like 25.00")
-        async with self._audit("balance.add", name, {"amount": format_money(micros)}):
+            raise AdminError(f"amount: a top-up must be positive, like {format_money(25_000_000, currency)}")
+        async with self._audit("balance.add", name, {"amount": format_money(micros, currency)}):
             balance = await self.meter.add_balance(name, micros)
-        return {"account": name, "added": format_money(micros), "prepaid_balance": format_money(balance)}
+        return {"account": name, "added": format_money(micros, currency), "prepaid_balance": format_money(balance, currency)}
 
     async def repay(self, name: str) -> dict[str, Any]:
         async with self._audit("repay", name):
             repaid = await self.meter.repay(name)
-        return {"account": name, "repaid": format_money(repaid)}
+        return {"account": name, "repaid": format_money(repaid, self.meter.currency)}
 
     async def set_limit(self, name: str, which: str, value: object) -> dict[str, Any]:
         """One of the account's limits: `included` or `quota` emails, or a `spending` amount."""
@@ -207,10 +214,11 @@ class AdminService:
         return await self.usage(name)
 
     async def set_spending_limit(self, name: str, amount: str | None) -> dict[str, Any]:
-        micros = None if amount in (None, "none") else _money(str(amount), "amount")
+        currency = self.meter.currency
+        micros = None if amount in (None, "none") else _money(str(amount), "amount", currency)
         if micros is not None and micros < 0:
             raise AdminError("amount: the spending limit must not be negative")
-        detail = {"amount": None if micros is None else format_money(micros)}
+        detail = {"amount": None if micros is None else format_money(micros, currency)}
         async with self._audit("limit.spending", name, detail):
             await self.meter.set_spending_limit(name, micros)
         return await self.usage(name)
@@ -277,7 +285,7 @@ class AdminService:
         if status is not None and status not in CHARGE_STATES:
             raise AdminError(f"status: {status!r} is not a charge state; give one of {', '.join(CHARGE_STATES)}")
         account = await self.meter.account(name)
-        return [charge_json(row) for row in await self.meter.store.charges_of(account.id)
+        return [charge_json(row, self.meter.currency) for row in await self.meter.store.charges_of(account.id)
                 if status is None or row["status"] == status]
 
     async def settle_charge(self, key: str, state: str, reason: str = "") -> dict[str, Any]:
@@ -303,24 +311,35 @@ class AdminService:
         changed = await self.meter.store.charge(key)
         assert changed is not None
         account = await self.meter.account(changed["account"])
-        return {**charge_json(changed), "account": account.name, "payment_state": account.payment_state}
+        return {**charge_json(changed, self.meter.currency), "account": account.name,
+                "payment_state": account.payment_state}
 
     # -- invoices -----------------------------------------------------------------------
 
     async def invoices(self, name: str) -> list[dict[str, Any]]:
         account = await self.meter.account(name)
-        return [
-            {
+        summaries = []
+        for record in await self.meter.store.invoices(account.id):
+            body = json.loads(record.body)
+            currency = self._issued_in(body)
+            summaries.append({
                 "id": record.id,
-                "period": json.loads(record.body)["period"],
+                "period": body["period"],
                 "invoice_date": record.invoice_date,
                 "due_date": record.due_date,
-                "total": format_money(record.total),
-                "amount_due": format_money(record.amount_due),
+                "currency": currency.code,
+                "total": format_money(record.total, currency),
+                "amount_due": format_money(record.amount_due, currency),
                 "status": record.status,
-            }
-            for record in await self.meter.store.invoices(account.id)
-        ]
+            })
+        return summaries
+
+    def _issued_in(self, body: Mapping[str, Any]) -> Currency:
+        """The currency an invoice was issued in (its body says), else the billing currency."""
+        try:
+            return currency_for(str(body.get("currency", "")))
+        except ValueError:
+            return self.meter.currency
 
     async def invoice(self, invoice_id: str) -> dict[str, Any]:
         for record in await self.meter.store.invoices():
@@ -403,10 +422,12 @@ class AdminService:
                 "display_name": plan.title,
                 "period": {"kind": plan.period.kind, "timezone": plan.period.timezone},
                 "billable": plan.billable,
-                "plan_fee": format_money(plan.plan_fee),
+                "currency": plan.currency.code,
+                "plan_fee": format_money(plan.plan_fee, plan.currency),
                 "included_emails": plan.included_emails,
                 "email_quota": plan.email_quota,
-                "spending_limit": None if plan.spending_limit is None else format_money(plan.spending_limit),
+                "spending_limit": (None if plan.spending_limit is None
+                                   else format_money(plan.spending_limit, plan.currency)),
                 "in_period_charge": (None if plan.in_period_charge is None
                                      else "threshold" if isinstance(plan.in_period_charge, ThresholdCharge)
                                      else "per_block"),
@@ -414,7 +435,7 @@ class AdminService:
                     "kind": plan.funding.kind,
                     "net_days": plan.funding.net_days,
                     "overdraft_allowance": (None if plan.funding.overdraft_allowance is None
-                                            else format_money(plan.funding.overdraft_allowance)),
+                                            else format_money(plan.funding.overdraft_allowance, plan.currency)),
                 },
             }
             for name, plan in sorted(self.meter.plans.items())
@@ -441,8 +462,10 @@ class AdminService:
         except ValueError as error:
             raise AdminError(str(error)) from None
         invoice = result.invoice
+        currency = plan.currency
         return {
             "plan": plan_name,
+            "currency": currency.code,
             "period": result.period_label,
             "period_start": result.period.start.isoformat(),
             "period_end": result.period.end.isoformat(),
@@ -455,7 +478,7 @@ class AdminService:
                 {
                     "key": timed.charge.key,
                     "at": timed.at.isoformat() if timed.at else None,
-                    "amount": format_money(timed.charge.amount),
+                    "amount": format_money(timed.charge.amount, currency),
                     "emails_unlocked": timed.charge.emails_unlocked,
                     "trigger_email": timed.charge.trigger_email,
                     "description": timed.charge.description,
@@ -467,11 +490,11 @@ class AdminService:
                 "due_date": invoice.due_date.isoformat(),
                 "lines": [
                     {"kind": line.kind, "description": line.description, "quantity": line.quantity,
-                     "amount": format_money(line.amount)}
+                     "amount": format_money(line.amount, currency)}
                     for line in invoice.lines
                 ],
-                "total": format_money(invoice.total),
-                "amount_due": format_money(invoice.amount_due),
+                "total": format_money(invoice.total, currency),
+                "amount_due": format_money(invoice.amount_due, currency),
             },
         }
 

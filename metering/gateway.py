@@ -45,7 +45,7 @@ class ChargeOutcome(StrEnum):
 class ChargeRequest:
     idempotency_key: str
     account: str
-    amount: str  # decimal string of the currency, e.g. "250.00"
+    amount: str  # decimal string in the currency's minor units: "250.00" (USD), "25000" (JPY), "25.000" (BHD)
     amount_micros: int
     currency: str
     kind: str

@@ -41,6 +41,7 @@ from policies import (
     usage_screen,
 )
 from policies.limits import email_quota, included_emails
+from policies.currency import USD, Currency
 from policies.money import format_money
 from policies.results import classify, classify_failure
 from policies.periods import Period, PeriodSpec, period_containing
@@ -110,6 +111,7 @@ class UsageReport:
 
     def as_json(self) -> dict[str, Any]:
         screen = usage_screen(self.plan, self.standing, self.usage, self.period)
+        currency = self.plan.currency
         by_campaign: dict[str, int] = {}
         by_region: dict[str, int] = {}
         for campaign, region, accepted in self.breakdown:
@@ -137,13 +139,14 @@ class UsageReport:
             "extra_emails": screen.extra_emails,
             "emails_sent": screen.emails_sent,
             "total_allowed": screen.total_allowed,
-            "spent": format_money(screen.spent),
-            "spending_limit": None if screen.spending_limit is None else format_money(screen.spending_limit),
+            "currency": currency.code,
+            "spent": format_money(screen.spent, currency),
+            "spending_limit": None if screen.spending_limit is None else format_money(screen.spending_limit, currency),
             "emails_remaining_before_next_charge": screen.remaining,
             "dashboard": list(screen.rows()),
-            "unbilled": format_money(unbilled(self.plan, self.standing, self.usage)),
-            "prepaid_balance": format_money(self.account.prepaid_balance),
-            "overdrawn": format_money(self.account.outstanding_debt),
+            "unbilled": format_money(unbilled(self.plan, self.standing, self.usage), currency),
+            "prepaid_balance": format_money(self.account.prepaid_balance, currency),
+            "overdrawn": format_money(self.account.outstanding_debt, currency),
             "payment_state": self.account.payment_state,
             "by_campaign": by_campaign,
             "by_region": by_region,
@@ -163,7 +166,7 @@ class Meter:
         """`leasing`: borrow blocks of each account's allowance and answer reserves from them
         (metering/leases.py); only for a store that supports leases (PostgreSQL)."""
         self.store = store
-        self.plans = dict(plans)
+        self.plans = dict(plans)  # all in one currency (see `currency`)
         self.node = node
         self.region = region
         self.clock = clock
@@ -178,6 +181,15 @@ class Meter:
             if not hasattr(store, "commit_leased"):
                 raise ValueError("allowance leasing needs the PostgreSQL store (database.url)")
             self.leases = LeaseBook(cast(LeasingStore, store), node, leasing, clock, region)
+
+    @property
+    def currency(self) -> Currency:
+        """The billing currency: every plan's (`billing.currency`); USD when there are none."""
+        currencies = {plan.currency for plan in self.plans.values()}
+        if len(currencies) > 1:
+            raise ValueError(f"plans in several currencies ({', '.join(sorted(c.code for c in currencies))});"
+                             " one billing.currency applies to every plan")
+        return currencies.pop() if currencies else USD
 
     # -- accounts -----------------------------------------------------------
 

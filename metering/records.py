@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
 
+from policies.currency import Currency
 from policies.limits import LimitChange
 from policies.money import format_money
 
@@ -68,8 +69,8 @@ class Account:
     def payment_state(self) -> str:
         return "ok" if self.payment_ok else "failed"
 
-    def public(self) -> dict[str, object]:
-        """What `account show --json` prints: never the password hash."""
+    def public(self, currency: Currency) -> dict[str, object]:
+        """What `account show --json` prints, money in `currency`: never the password hash."""
         return {
             "name": self.name,
             "plan": self.plan,
@@ -80,10 +81,10 @@ class Account:
             "payment_state": self.payment_state,
             "payment_detail": self.payment_detail,
             "suspended": self.suspended,
-            "prepaid_balance": format_money(self.prepaid_balance),
-            "overdrawn": format_money(self.outstanding_debt),
+            "prepaid_balance": format_money(self.prepaid_balance, currency),
+            "overdrawn": format_money(self.outstanding_debt, currency),
             "spending_limit_override": (
-                None if self.spending_limit_override is None else format_money(self.spending_limit_override)
+                None if self.spending_limit_override is None else format_money(self.spending_limit_override, currency)
             ),
             "has_password": self.password_hash is not None,
         }

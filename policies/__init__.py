@@ -5,7 +5,8 @@ about as an argument, so each worked example of BILLING_MODELS.md is a plain,
 fast, deterministic test.
 
 Modules, from the bottom up:
-  money       integer micros, parsing, half-up rounding to cents, display
+  currency    the billing currency: ISO 4217 code, minor units, symbol
+  money       integer micros, parsing, half-up rounding to the minor unit, display
   periods     calendar months in a time zone, subscription anniversaries
   pricing     unit prices (flat, graduated, volume, per block): cost and its inverse
   parts       result prices, in-period charges, funding, invoicing

@@ -54,7 +54,7 @@ async def test_charges_are_recorded_once_then_marked_collected_from_the_cli(
     key = charges[0]["key"]
     done = await asyncio.to_thread(mailmeter, config, "charge", "collected", key, "--reason", "SEPA run 42")
     assert done.returncode == 0, done.stderr
-    assert f"charge {key} (1.00) marked collected: succeeded" in done.stdout
+    assert f"charge {key} (1.00 USD) marked collected: succeeded" in done.stdout
     twice = await asyncio.to_thread(mailmeter, config, "charge", "collected", key)
     assert twice.returncode == 1 and "is already succeeded" in twice.stderr
     listed = await asyncio.to_thread(mailmeter, config, "charge", "list", "app", "--status", "recorded", "--json")
