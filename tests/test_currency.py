@@ -11,7 +11,6 @@ import json
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml

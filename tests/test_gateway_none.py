@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timezone
-from pathlib import Path
 
 import aiosmtplib
 import pytest
