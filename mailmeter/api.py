@@ -333,6 +333,18 @@ async def set_limit(request: web.Request, service: AdminService) -> web.Response
     return web.json_response(await service.set_limit(request.match_info["name"], which, value))
 
 
+async def charges(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.charges(request.match_info["name"], request.query.get("status")))
+
+
+async def settle_charge(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("charge", "state", "reason"))
+    key = _string(data, "charge", required=True)
+    state = _string(data, "state", required=True)
+    assert key is not None and state is not None
+    return web.json_response(await service.settle_charge(key, state, _string(data, "reason") or ""))
+
+
 async def invoices(request: web.Request, service: AdminService) -> web.Response:
     return web.json_response(await service.invoices(request.match_info["name"]))
 
@@ -434,6 +446,8 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_post("/v1/accounts/{name}/balance", authenticated(balance))
     routes.add_post("/v1/accounts/{name}/repay", authenticated(repay))
     routes.add_put("/v1/accounts/{name}/limits/{which}", authenticated(set_limit))
+    routes.add_get("/v1/accounts/{name}/charges", authenticated(charges))
+    routes.add_post("/v1/charges/settle", authenticated(settle_charge))
     routes.add_get("/v1/accounts/{name}/invoices", authenticated(invoices))
     routes.add_get("/v1/invoices/{id}", authenticated(invoice))
     routes.add_get("/v1/exports/{month}.csv", authenticated(export))

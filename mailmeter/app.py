@@ -80,7 +80,6 @@ def build_billing(config: Config, meter: Meter) -> Billing:
     return Billing(
         meter,
         payment_gateway(config),
-        currency=config.billing.currency,
         retry_first_delay=config.billing.charge_retry_first_delay,
         retry_max_delay=config.billing.charge_retry_max_delay,
     )
@@ -334,6 +333,11 @@ class Relay:
         missing = sorted(in_use - set(plans))
         if missing:
             raise ConfigError(f"plans: accounts use plans the new config drops: {', '.join(missing)}")
+        if config.currency() != self.meter.currency:
+            raise ConfigError(
+                f"billing.currency: the ledger holds amounts in {self.meter.currency.code}; changing the currency"
+                f" to {config.currency().code} would relabel every balance, charge and invoice"
+            )
         new_tls = tls_context(config)
         fixed = [
             key for key, old, new in (
@@ -354,12 +358,13 @@ class Relay:
     async def billing_pass(self) -> None:
         """One pass of the billing job: close periods, queue statements, collect charges, send notices."""
         run = await self.billing.run_once()
-        self.metrics.charges_result(run.charges_collected, run.charges_failed)
+        self.metrics.charges_result(run.charges_collected, run.charges_failed, run.charges_recorded)
         await self.notices.send_pending()
-        if run.invoices or run.charges_collected or run.charges_failed or run.statements:
+        if run.invoices or run.charges_collected or run.charges_failed or run.charges_recorded or run.statements:
             structlog.get_logger("mailmeter.billing").info(
                 "billing.pass", invoices=len(run.invoices), charges_collected=run.charges_collected,
-                charges_failed=run.charges_failed, statements=run.statements, result="ok",
+                charges_failed=run.charges_failed, charges_recorded=run.charges_recorded,
+                statements=run.statements, result="ok",
             )
 
     async def _billing_loop(self) -> None:

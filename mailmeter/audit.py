@@ -14,6 +14,7 @@ from typing import Any
 
 from metering.records import Account
 from metering.store import Row
+from policies.currency import Currency
 
 WEBHOOK_ACTOR = "webhook:payment"
 
@@ -27,9 +28,9 @@ def cli_actor() -> str:
     return f"cli:{user}"
 
 
-def account_view(account: Account) -> dict[str, Any]:
+def account_view(account: Account, currency: Currency) -> dict[str, Any]:
     """The account's public JSON, with the email-limit changes that `public()` leaves out."""
-    view = dict(account.public())
+    view = dict(account.public(currency))
     view["limit_changes"] = {
         which: None if change is None else {
             "previous": change.previous, "new": change.new, "changed_at": change.changed_at.isoformat()

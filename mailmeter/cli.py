@@ -136,6 +136,17 @@ def cmd_payment(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def cmd_charge(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        charge = await service.settle_charge(args.key, args.sub, args.reason or "")
+        blocked = "; the account's sending is blocked until `mailmeter payment ok`" if args.sub == "failed" else ""
+        print(f"charge {charge['key']} ({charge['amount']} {charge['currency']}) marked {args.sub}:"
+              f" {charge['status']}{blocked}")
+        return 0
+
+    return _run(config, action)
+
+
 def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         _emit(await service.set_limit(args.name, args.which, args.value), True)
@@ -190,11 +201,12 @@ def cmd_plan_preview(config: Config, args: argparse.Namespace) -> int:
             return 0
         print(f"plan {result['plan']}, period {result['period']}: {result['accepted']:,} accepted, "
               f"{result['refused']:,} refused")
+        code = result["currency"]
         for charge in result["charges"]:
-            print(f"  charge {charge['key']} at {charge['at']}: {charge['amount']}")
+            print(f"  charge {charge['key']} at {charge['at']}: {charge['amount']} {code}")
         for line in result["invoice"]["lines"]:
-            print(f"  invoice line: {line['description']}: {line['amount']}")
-        print(f"  invoice total {result['invoice']['total']} on {result['invoice']['invoice_date']}")
+            print(f"  invoice line: {line['description']}: {line['amount']} {code}")
+        print(f"  invoice total {result['invoice']['total']} {code} on {result['invoice']['invoice_date']}")
         return 0
 
     return _run(config, action)
@@ -258,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     balance = commands.add_parser("balance", help="prepaid balances").add_subparsers(dest="sub", required=True)
     top_up = sub(balance, "add", "top up a prepaid balance", _simple("add_balance", "name", "amount", json_flag=False))
     top_up.add_argument("name")
-    top_up.add_argument("amount", help="like 25.00")
+    top_up.add_argument("amount", help="in the billing currency's minor units at most: 25.00 (USD), 2500 (JPY)")
 
     repay = sub(commands, "repay", "settle an account's whole overdrawn amount", _simple("repay", "name", json_flag=False))
     repay.add_argument("name")
@@ -270,10 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("name")
     limit.add_argument("value")
 
+    charge = commands.add_parser("charge", help="charges: in-period and invoice collections").add_subparsers(
+        dest="sub", required=True)
+    charge_list = sub(charge, "list", "an account's charges and their state", _simple(
+        "charges", "name", "status",
+        line=lambda c: f"{c['key']}\t{c['amount']} {c['currency']}\t{c['status']}\t{c['description']}"))
+    charge_list.add_argument("name")
+    charge_list.add_argument("--status", help="only charges in this state (e.g. recorded: waiting for collection)")
+    charge_list.add_argument("--json", action="store_true")
+    for state, what in (("collected", "the external system collected the charge"),
+                        ("failed", "collecting the charge failed: blocks the account's sending, live")):
+        settle = sub(charge, state, f"mark a charge {state} ({what})", cmd_charge)
+        settle.add_argument("key", help="the charge's key (mailmeter charge list ACCOUNT)")
+        settle.add_argument("--reason", help="what the collecting system said, kept with the charge")
+
     invoice = commands.add_parser("invoice", help="invoices").add_subparsers(dest="sub", required=True)
     invoice_list = sub(invoice, "list", "an account's invoices", _simple(
         "invoices", "name",
-        line=lambda i: f"{i['id']}\t{i['period']}\t{i['invoice_date']}\t{i['total']}\t{i['amount_due']}\t{i['status']}"))
+        line=lambda i: (f"{i['id']}\t{i['period']}\t{i['invoice_date']}\t{i['total']} {i['currency']}"
+                        f"\t{i['amount_due']} {i['currency']}\t{i['status']}")))
     invoice_list.add_argument("name")
     invoice_list.add_argument("--json", action="store_true")
     invoice_show = sub(invoice, "show", "one invoice", _simple("invoice", "id", json_flag=False))

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mailmeter.apiauth import ApiTokens, TokenFileError, parse_tokens
+from policies.currency import Currency, currency_for
 from policies.plans import Plan, PlanError, parse_plans
 
 
@@ -146,7 +147,7 @@ class NoticesConfig(_Section):
 
 class BillingConfig(_Section):
     interval: float = Field(60.0, gt=0)
-    currency: str = Field("USD", min_length=3, max_length=3)
+    currency: str = "USD"  # ISO 4217, one for every plan; its minor units say how amounts are written
     charge_retry_first_delay: float = Field(30.0, gt=0)
     charge_retry_max_delay: float = Field(3600.0, gt=0)
     gateway: GatewayConfig = GatewayConfig()
@@ -194,9 +195,18 @@ class Config(_Section):
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)
 
-    def parsed_plans(self) -> dict[str, Plan]:
+    def currency(self) -> Currency:
+        """The billing currency, `billing.currency`."""
         try:
-            return parse_plans(self.plans)
+            return currency_for(self.billing.currency)
+        except ValueError as error:
+            raise ConfigError(f"billing.currency: {error}") from None
+
+    def parsed_plans(self) -> dict[str, Plan]:
+        """Every plan, in the billing currency: an amount it cannot express is refused."""
+        currency = self.currency()
+        try:
+            return parse_plans(self.plans, currency=currency)
         except PlanError as error:
             raise ConfigError(f"{error.key}: {error.message}") from None
 

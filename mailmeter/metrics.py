@@ -45,7 +45,7 @@ class Metrics:
             registry=r,
         )
         self.charges = Counter(
-            "mailmeter_charges_total", "Charges sent to the payment gateway, by result", ["result"], registry=r
+            "mailmeter_charges_total", "Charges sent to the payment gateway, by result (recorded: no gateway)", ["result"], registry=r
         )
         self.queue_depth = Gauge("mailmeter_queue_depth", "Messages in the spool awaiting delivery", registry=r)
         self.queue_oldest = Gauge(
@@ -73,11 +73,10 @@ class Metrics:
     def delivery_result(self, result: str, recipients: int) -> None:
         self.delivery_results.labels(result=result).inc(recipients)
 
-    def charges_result(self, succeeded: int, failed: int) -> None:
-        if succeeded:
-            self.charges.labels(result="succeeded").inc(succeeded)
-        if failed:
-            self.charges.labels(result="failed").inc(failed)
+    def charges_result(self, succeeded: int, failed: int, recorded: int = 0) -> None:
+        for result, count in (("succeeded", succeeded), ("failed", failed), ("recorded", recorded)):
+            if count:
+                self.charges.labels(result=result).inc(count)
 
     def watch_queue(self, depth: Callable[[], int], oldest_age: Callable[[], float]) -> None:
         """Read the spool's depth and oldest age at scrape time."""

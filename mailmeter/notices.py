@@ -25,8 +25,22 @@ import structlog
 
 from metering.gateway import sign
 from metering.store import Store
+from policies.currency import currency_for
+from policies.money import display_money, parse_money
 from relay.delivery import new_queue_id
 from relay.spool import Envelope, Spool
+
+
+def _amount(body: dict[str, Any], key: str) -> str:
+    """An amount of the notice as people read it: "$830.00", "¥2,500", "BHD 25.000"."""
+    text = str(body[key])
+    code = body.get("currency")
+    if code is None:  # a notice recorded before notices named their currency
+        return text
+    try:
+        return display_money(parse_money(text), currency_for(str(code)), short_whole=False)
+    except ValueError:
+        return f"{text} {code}"
 
 
 def notice_text(account: str, key: str, body: dict[str, Any]) -> tuple[str, str]:
@@ -44,13 +58,14 @@ def notice_text(account: str, key: str, body: dict[str, Any]) -> tuple[str, str]
         return subject, text
     if kind == "invoice":
         subject = f"mailmeter: invoice {body['invoice']} for {account}"
-        text = f"Invoice {body['invoice']}: total {body['total']}, amount due {body['amount_due']} by {body['due_date']}.\n"
+        text = (f"Invoice {body['invoice']}: total {_amount(body, 'total')}, amount due {_amount(body, 'amount_due')}"
+                f" by {body['due_date']}.\n")
         return subject, text
     if kind == "statement":
         subject = f"mailmeter: statement for {account}, {body['period']}"
         text = (
-            f"Statement for {body['period']}: invoice {body['invoice']}, total {body['total']}, "
-            f"amount due {body['amount_due']} ({body['status']}).\n"
+            f"Statement for {body['period']}: invoice {body['invoice']}, total {_amount(body, 'total')}, "
+            f"amount due {_amount(body, 'amount_due')} ({body['status']}).\n"
         )
         return subject, text
     return f"mailmeter notice for {account}", json.dumps(body, indent=2) + "\n"

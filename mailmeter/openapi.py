@@ -65,8 +65,10 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 
 ACCOUNT = _path("name", "The account name")
-MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "examples": ["25.00"],
-         "description": "An amount of the billing currency as a decimal string (never a JSON number)"}
+MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "examples": ["25.00", "2500", "25.000"],
+         "description": "An amount of billing.currency as a decimal string (never a JSON number), in its minor"
+                        " units: USD \"25.00\", JPY \"2500\", BHD \"25.000\"; an amount sent with more decimals"
+                        " than the currency has is refused"}
 OPTIONAL_MONEY = {"oneOf": [_ref("Money"), {"type": "null"}]}
 COUNT = {"type": "integer", "minimum": 0}
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
@@ -113,10 +115,19 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "account": {"type": "string"}, "plan": {"type": "string"}, "period": {"type": "string"},
             "accepted": COUNT, "delivered": COUNT, "soft_bounced": COUNT, "hard_bounced": COUNT,
+            "bounce_types": {
+                "type": "object",
+                "description": "the period's final bounces by category and sub-type (docs/delivery-results.md):"
+                               " soft_bounced: mailbox_full, message_too_large, server_unavailable;"
+                               " hard_bounced (Invalid Email): format_error, not_exist, reject, junk_mail;"
+                               " unclassified for results recorded before sub-types existed",
+                "properties": {category: {"type": "object", "additionalProperties": COUNT}
+                               for category in ("soft_bounced", "hard_bounced")},
+            },
             "deferred": COUNT, "reserved": COUNT, "remaining": {"type": ["integer", "null"]},
             "spent": _ref("Money"), "spending_limit": OPTIONAL_MONEY, "unbilled": _ref("Money"),
             "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
-            "payment_state": {"enum": ["ok", "failed"]},
+            "payment_state": {"enum": ["ok", "failed"]}, "currency": {"type": "string"},
             "by_campaign": {"type": "object", "additionalProperties": {"type": "integer"}},
             "by_region": {"type": "object", "additionalProperties": {"type": "integer"}},
         },
@@ -145,11 +156,35 @@ SCHEMAS: dict[str, Any] = {
              "properties": {"amount": OPTIONAL_MONEY}},
         ],
     },
+    "Charge": {
+        "type": "object", "required": ["key", "amount", "status"],
+        "properties": {
+            "key": {"type": "string", "description": "the charge's idempotency key: ACCOUNT/PERIOD/KIND/INDEX"},
+            "period_start": {"type": "string"}, "kind": {"enum": ["threshold", "block", "invoice"]},
+            "index": COUNT, "amount": _ref("Money"), "currency": {"type": "string"},
+            "emails_unlocked": {"type": ["integer", "null"]},
+            "description": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
+            "status": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"],
+                       "description": "pending: to be sent; submitted: the gateway will report; recorded: no"
+                                      " gateway, left to an external system; succeeded, failed: final"},
+            "attempts": COUNT, "detail": {"type": "string"},
+            "account": {"type": "string"}, "payment_state": {"enum": ["ok", "failed"]},
+        },
+    },
+    "ChargeSettlement": {
+        "type": "object", "additionalProperties": False, "required": ["charge", "state"],
+        "properties": {
+            "charge": {"type": "string", "description": "the charge's key (GET /v1/accounts/{name}/charges)"},
+            "state": {"enum": ["collected", "failed"]},
+            "reason": {"type": "string", "description": "what the collecting system said"},
+        },
+    },
     "InvoiceSummary": {
         "type": "object", "required": ["id", "period", "total", "amount_due", "status"],
         "properties": {
             "id": {"type": "string"}, "period": {"type": "string"},
             "invoice_date": {"type": "string", "format": "date"}, "due_date": {"type": "string", "format": "date"},
+            "currency": {"type": "string"},
             "total": _ref("Money"), "amount_due": _ref("Money"), "status": {"enum": ["paid", "open", "overdrawn"]},
         },
     },
@@ -168,7 +203,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["name", "display_name", "period", "funding"],
         "properties": {
             "name": {"type": "string"}, "display_name": {"type": "string"}, "period": ANY_OBJECT,
-            "billable": {"enum": ["accepted", "results"]}, "plan_fee": _ref("Money"),
+            "billable": {"enum": ["accepted", "results"]}, "currency": {"type": "string"}, "plan_fee": _ref("Money"),
             "included_emails": COUNT, "email_quota": {"type": ["integer", "null"]},
             "spending_limit": OPTIONAL_MONEY, "in_period_charge": {"enum": ["threshold", "per_block", None]},
             "funding": ANY_OBJECT,
@@ -184,7 +219,8 @@ SCHEMAS: dict[str, Any] = {
     "Preview": {
         "type": "object", "required": ["plan", "accepted", "refused", "charges", "invoice"],
         "properties": {
-            "plan": {"type": "string"}, "period": {"type": "string"}, "emails": COUNT, "accepted": COUNT,
+            "plan": {"type": "string"}, "currency": {"type": "string"}, "period": {"type": "string"},
+            "emails": COUNT, "accepted": COUNT,
             "refused": COUNT, "refusal": {"type": ["string", "null"]},
             "charges": {"type": "array", "items": ANY_OBJECT}, "invoice": ANY_OBJECT,
         },
@@ -193,7 +229,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["invoices", "charges_collected", "charges_failed", "statements"],
         "properties": {
             "invoices": {"type": "array", "items": {"type": "string"}}, "charges_collected": COUNT,
-            "charges_failed": COUNT, "statements": COUNT,
+            "charges_failed": COUNT, "charges_recorded": COUNT, "statements": COUNT,
         },
     },
     "AuditEvent": {
@@ -275,6 +311,19 @@ PATHS: dict[str, dict[str, Any]] = {
                    params=[ACCOUNT, {**_path("which", "included, quota or spending"),
                                      "schema": {"enum": ["included", "quota", "spending"]}}],
                    errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/charges": {
+        "get": _op("The account's charges and their state, oldest first", _json(_array("Charge"), "Charges"),
+                   params=[ACCOUNT, {"name": "status", "in": "query", "required": False,
+                                     "schema": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"]},
+                                     "description": "only charges in this state"}],
+                   errors=(400, 401, 404, 503)),
+    },
+    "/v1/charges/settle": {
+        "post": _op("Mark a charge collected or failed, as the system that collects it reports (for"
+                    " billing.gateway.kind none); failed blocks the account's sending at its next MAIL or RCPT",
+                    _json(_ref("Charge"), "The charge after the change"), body=_ref("ChargeSettlement"),
+                    errors=(400, 401, 404, 409, 503)),
     },
     "/v1/accounts/{name}/invoices": {
         "get": _op("The account's invoices", _json(_array("InvoiceSummary"), "Invoices, oldest first"),

@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from datetime import date, datetime, time, timezone
 from typing import Any
 
@@ -27,6 +28,7 @@ from metering.billing import Billing
 from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
 from metering.sqlite_store import AuditDraft, DuplicateEvent
 from policies import Standing, preview
+from policies.currency import Currency, currency_for
 from policies.money import MoneyError, format_money, parse_money
 from policies.parts import ThresholdCharge
 from relay.domains import DomainError, canonical_domain
@@ -45,6 +47,8 @@ class Conflict(AdminError):
 
 
 PAYMENT_EVENTS = ("charge.succeeded", "charge.failed", "payment_method.updated")
+CHARGE_STATES = ("pending", "submitted", "recorded", "succeeded", "failed")
+OPEN_CHARGE_STATES = ("pending", "submitted", "recorded")
 LIMITS = ("included", "quota", "spending")
 MAX_EMAILS = 1_000_000_000_000  # any count of emails an operator gives (limits, previews)
 MAX_NAME = 128
@@ -103,14 +107,33 @@ def _text(event: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _money(text: str, what: str) -> int:
+def _money(text: str, what: str, currency: Currency) -> int:
+    """An amount the operator wrote, in the currency's minor units at most ("25.00"; JPY "2500")."""
     try:
-        micros = parse_money(text)
+        micros = parse_money(text, currency)
     except MoneyError as error:
         raise AdminError(f"{what}: {error}") from None
     if abs(micros) > MAX_MONEY:
-        raise AdminError(f"{what}: {text!r} is beyond what the meter keeps (at most {format_money(MAX_MONEY)})")
+        raise AdminError(f"{what}: {text!r} is beyond what the meter keeps (at most {format_money(MAX_MONEY, currency)})")
     return micros
+
+
+def charge_json(row: Mapping[str, Any], currency: Currency) -> dict[str, Any]:
+    """One charge as `charge list` and the API show it."""
+    return {
+        "key": row["idempotency_key"],
+        "period_start": row["period_key"],
+        "kind": row["kind"],
+        "index": row["seq"],
+        "amount": format_money(row["amount"], currency),
+        "currency": currency.code,
+        "emails_unlocked": row["emails_unlocked"],
+        "description": row["description"],
+        "created_at": row["created_at"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "detail": row["detail"],
+    }
 
 
 EXPORT_COLUMNS = [
@@ -137,7 +160,8 @@ class AdminService:
     ) -> AsyncIterator[AuditDraft]:
         """Wrap the one meter call that changes `account`: its audit event commits with it."""
         draft = AuditDraft(at=self.meter.clock(), actor=self.actor, action=action, target=account,
-                           view=account_view, detail=detail or {}, event_id=event_id)
+                           view=partial(account_view, currency=self.meter.currency), detail=detail or {},
+                           event_id=event_id)
         async with self.meter.store.audited(draft):
             yield draft
         if draft.written:
@@ -184,13 +208,14 @@ class AdminService:
             ) from None
         except (UnknownPlan, ValueError) as error:
             raise AdminError(str(error).strip('"')) from None
-        return account.public()
+        return account.public(self.meter.currency)
 
     async def accounts(self) -> list[dict[str, Any]]:
-        return [a.public() for a in await self.meter.store.list_accounts()]
+        currency = self.meter.currency
+        return [a.public(currency) for a in await self.meter.store.list_accounts()]
 
     async def account(self, name: str) -> dict[str, Any]:
-        return (await self.meter.account(name)).public()
+        return (await self.meter.account(name)).public(self.meter.currency)
 
     async def usage(self, name: str) -> dict[str, Any]:
         return (await self.meter.usage(name)).as_json()
@@ -210,20 +235,21 @@ class AdminService:
         return await self.set_payment(name, state == "ok", reason)
 
     async def add_balance(self, name: str, amount: str) -> dict[str, Any]:
-        micros = _money(amount, "amount")
+        currency = self.meter.currency
+        micros = _money(amount, "amount", currency)
         if micros <= 0:
-            raise AdminError("amount: a top-up must be positive, like 25.00")
+            raise AdminError(f"amount: a top-up must be positive, like {format_money(25_000_000, currency)}")
         try:
-            async with self._audit("balance.add", name, {"amount": format_money(micros)}):
+            async with self._audit("balance.add", name, {"amount": format_money(micros, currency)}):
                 balance = await self.meter.add_balance(name, micros)
         except BalanceTooLarge as error:
             raise AdminError(f"amount: {error}") from None
-        return {"account": name, "added": format_money(micros), "prepaid_balance": format_money(balance)}
+        return {"account": name, "added": format_money(micros, currency), "prepaid_balance": format_money(balance, currency)}
 
     async def repay(self, name: str) -> dict[str, Any]:
         async with self._audit("repay", name):
             repaid = await self.meter.repay(name)
-        return {"account": name, "repaid": format_money(repaid)}
+        return {"account": name, "repaid": format_money(repaid, self.meter.currency)}
 
     async def set_limit(self, name: str, which: str, value: object) -> dict[str, Any]:
         """One of the account's limits: `included` or `quota` emails, or a `spending` amount."""
@@ -245,10 +271,11 @@ class AdminService:
         return await self.usage(name)
 
     async def set_spending_limit(self, name: str, amount: str | None) -> dict[str, Any]:
-        micros = None if amount in (None, "none") else _money(str(amount), "amount")
+        currency = self.meter.currency
+        micros = None if amount in (None, "none") else _money(str(amount), "amount", currency)
         if micros is not None and micros < 0:
             raise AdminError("amount: the spending limit must not be negative")
-        detail = {"amount": None if micros is None else format_money(micros)}
+        detail = {"amount": None if micros is None else format_money(micros, currency)}
         async with self._audit("limit.spending", name, detail):
             await self.meter.set_spending_limit(name, micros)
         return await self.usage(name)
@@ -291,32 +318,85 @@ class AdminService:
         if charge is None:
             raise NotFound(f"charge: no charge {key!r}; send the Idempotency-Key of the relay's charge request")
         status = "succeeded" if kind == "charge.succeeded" else "failed"
-        detail = {"event": event_id, "charge": key, "reason": reason}
-        async with self._audit(kind, charge["account"], detail, event_id=event_id):
-            applied = await self.meter.store.set_charge_result(
-                key, status, reason or kind, charge["attempts"], self.meter.clock()
-            )
+        applied = await self._set_charge(charge, kind, status, reason or kind, {"event": event_id}, event_id)
         account = await self.meter.account(charge["account"])
         return {"event": event_id, "duplicate": False, "type": kind, "account": account.name, "charge": key,
                 "applied": applied, "charge_status": status if applied else charge["status"],
+                "payment_state": account.payment_state}
+
+    async def _set_charge(
+        self, charge: Mapping[str, Any], action: str, status: str, reason: str, detail: dict[str, Any],
+        event_id: str | None = None,
+    ) -> bool:
+        """One charge's verdict, audited on its account; `failed` blocks the account at once."""
+        detail = {**detail, "charge": charge["idempotency_key"], "reason": reason}
+        async with self._audit(action, charge["account"], detail, event_id=event_id):
+            return await self.meter.store.set_charge_result(
+                charge["idempotency_key"], status, reason, charge["attempts"], self.meter.clock()
+            )
+
+    # -- charges: what the gateway (or, with none, an external system) collects ----------
+
+    async def charges(self, name: str, status: str | None = None) -> list[dict[str, Any]]:
+        """The account's charges, oldest first; only those in `status` when given."""
+        if status is not None and status not in CHARGE_STATES:
+            raise AdminError(f"status: {status!r} is not a charge state; give one of {', '.join(CHARGE_STATES)}")
+        account = await self.meter.account(name)
+        return [charge_json(row, self.meter.currency) for row in await self.meter.store.charges_of(account.id)
+                if status is None or row["status"] == status]
+
+    async def settle_charge(self, key: str, state: str, reason: str = "") -> dict[str, Any]:
+        """Mark a charge `collected` or `failed`, as the system that collects it reports.
+
+        For `billing.gateway.kind: none`, where the relay only records charges. Only an open
+        charge (pending, submitted, recorded) changes. `failed` blocks the account's sending
+        at the next MAIL or RCPT, as the payment webhook's charge.failed does; collecting
+        the charge of an invoice marks the invoice paid.
+        """
+        if state not in ("collected", "failed"):
+            raise AdminError(f"state: {state!r} is not a charge outcome; give collected or failed")
+        charge = await self.meter.store.charge(key)
+        if charge is None:
+            raise NotFound(f"charge: no charge {key!r} (see `mailmeter charge list ACCOUNT`)")
+        if charge["status"] not in OPEN_CHARGE_STATES:
+            raise Conflict(f"charge {key!r} is already {charge['status']}; only a pending, submitted or recorded"
+                           " charge can be marked (a failed one is sent again after `mailmeter payment ok`)")
+        status = "succeeded" if state == "collected" else "failed"
+        reason = reason or ("collected by the external system" if state == "collected" else "collection failed")
+        if not await self._set_charge(charge, f"charge.{state}", status, reason, {}):
+            raise Conflict(f"charge {key!r} changed meanwhile; look at it again (mailmeter charge list)")
+        changed = await self.meter.store.charge(key)
+        assert changed is not None
+        account = await self.meter.account(changed["account"])
+        return {**charge_json(changed, self.meter.currency), "account": account.name,
                 "payment_state": account.payment_state}
 
     # -- invoices -----------------------------------------------------------------------
 
     async def invoices(self, name: str) -> list[dict[str, Any]]:
         account = await self.meter.account(name)
-        return [
-            {
+        summaries = []
+        for record in await self.meter.store.invoices(account.id):
+            body = json.loads(record.body)
+            currency = self._issued_in(body)
+            summaries.append({
                 "id": record.id,
-                "period": json.loads(record.body)["period"],
+                "period": body["period"],
                 "invoice_date": record.invoice_date,
                 "due_date": record.due_date,
-                "total": format_money(record.total),
-                "amount_due": format_money(record.amount_due),
+                "currency": currency.code,
+                "total": format_money(record.total, currency),
+                "amount_due": format_money(record.amount_due, currency),
                 "status": record.status,
-            }
-            for record in await self.meter.store.invoices(account.id)
-        ]
+            })
+        return summaries
+
+    def _issued_in(self, body: Mapping[str, Any]) -> Currency:
+        """The currency an invoice was issued in (its body says), else the billing currency."""
+        try:
+            return currency_for(str(body.get("currency", "")))
+        except ValueError:
+            return self.meter.currency
 
     async def invoice(self, invoice_id: str) -> dict[str, Any]:
         for record in await self.meter.store.invoices():
@@ -368,7 +448,8 @@ class AdminService:
     async def run_billing(self) -> dict[str, Any]:
         run = await self.billing.run_once()
         result = {"invoices": run.invoices, "charges_collected": run.charges_collected,
-                  "charges_failed": run.charges_failed, "statements": run.statements}
+                  "charges_failed": run.charges_failed, "charges_recorded": run.charges_recorded,
+                  "statements": run.statements}
         # Many accounts and transactions: one event for the run, after it (target "billing").
         audit_id = await self.meter.store.add_audit_event(self.meter.clock(), self.actor, "billing.run",
                                                           "billing", None, result, {})
@@ -398,10 +479,12 @@ class AdminService:
                 "display_name": plan.title,
                 "period": {"kind": plan.period.kind, "timezone": plan.period.timezone},
                 "billable": plan.billable,
-                "plan_fee": format_money(plan.plan_fee),
+                "currency": plan.currency.code,
+                "plan_fee": format_money(plan.plan_fee, plan.currency),
                 "included_emails": plan.included_emails,
                 "email_quota": plan.email_quota,
-                "spending_limit": None if plan.spending_limit is None else format_money(plan.spending_limit),
+                "spending_limit": (None if plan.spending_limit is None
+                                   else format_money(plan.spending_limit, plan.currency)),
                 "in_period_charge": (None if plan.in_period_charge is None
                                      else "threshold" if isinstance(plan.in_period_charge, ThresholdCharge)
                                      else "per_block"),
@@ -409,7 +492,7 @@ class AdminService:
                     "kind": plan.funding.kind,
                     "net_days": plan.funding.net_days,
                     "overdraft_allowance": (None if plan.funding.overdraft_allowance is None
-                                            else format_money(plan.funding.overdraft_allowance)),
+                                            else format_money(plan.funding.overdraft_allowance, plan.currency)),
                 },
             }
             for name, plan in sorted(self.meter.plans.items())
@@ -438,8 +521,10 @@ class AdminService:
         except ValueError as error:
             raise AdminError(str(error)) from None
         invoice = result.invoice
+        currency = plan.currency
         return {
             "plan": plan_name,
+            "currency": currency.code,
             "period": result.period_label,
             "period_start": result.period.start.isoformat(),
             "period_end": result.period.end.isoformat(),
@@ -452,7 +537,7 @@ class AdminService:
                 {
                     "key": timed.charge.key,
                     "at": timed.at.isoformat() if timed.at else None,
-                    "amount": format_money(timed.charge.amount),
+                    "amount": format_money(timed.charge.amount, currency),
                     "emails_unlocked": timed.charge.emails_unlocked,
                     "trigger_email": timed.charge.trigger_email,
                     "description": timed.charge.description,
@@ -464,11 +549,11 @@ class AdminService:
                 "due_date": invoice.due_date.isoformat(),
                 "lines": [
                     {"kind": line.kind, "description": line.description, "quantity": line.quantity,
-                     "amount": format_money(line.amount)}
+                     "amount": format_money(line.amount, currency)}
                     for line in invoice.lines
                 ],
-                "total": format_money(invoice.total),
-                "amount_due": format_money(invoice.amount_due),
+                "total": format_money(invoice.total, currency),
+                "amount_due": format_money(invoice.amount_due, currency),
             },
         }
 

@@ -49,6 +49,7 @@ class BillingRun:
     invoices: list[str] = field(default_factory=list)
     charges_collected: int = 0
     charges_failed: int = 0
+    charges_recorded: int = 0  # billing.gateway.kind none: left to an external system to collect
     statements: int = 0
 
 
@@ -87,15 +88,16 @@ def invoice_body(
     status: str,
     charges: Sequence[Row],
     regions: Sequence[Row],
-    currency: str,
 ) -> dict[str, Any]:
-    """Everything `invoice show` prints and `export` flattens: decimal strings, never floats."""
+    """Everything `invoice show` prints and `export` flattens: decimal strings in the plan's
+    currency's minor units ("25.00", JPY "2500", BHD "25.000"), never floats."""
     local_start = invoice.period.start.astimezone(plan.period.zone())
+    currency = plan.currency
     return {
         "account": account.name,
         "plan": account.plan,
         "plan_display_name": invoice.plan,
-        "currency": currency,
+        "currency": currency.code,
         "period": invoice.period_label,
         "period_month": f"{local_start:%Y-%m}",
         "period_start": invoice.period.start.isoformat(),
@@ -109,19 +111,19 @@ def invoice_body(
                 "kind": line.kind,
                 "description": line.description,
                 "quantity": line.quantity,
-                "amount": format_money(line.amount),
+                "amount": format_money(line.amount, currency),
             }
             for line in invoice.lines
         ],
-        "total": format_money(invoice.total),
-        "prepaid_applied": format_money(invoice.prepaid_applied),
-        "amount_due": format_money(invoice.amount_due),
+        "total": format_money(invoice.total, currency),
+        "prepaid_applied": format_money(invoice.prepaid_applied, currency),
+        "amount_due": format_money(invoice.amount_due, currency),
         "status": status,
         "in_period_charges": [
             {
                 "key": row["idempotency_key"],
                 "kind": row["kind"],
-                "amount": format_money(row["amount"]),
+                "amount": format_money(row["amount"], currency),
                 "emails_unlocked": row["emails_unlocked"],
                 "description": row["description"],
                 "created_at": row["created_at"],
@@ -145,14 +147,12 @@ class Billing:
         self,
         meter: Meter,
         gateway: PaymentGateway,
-        currency: str = "USD",
         retry_first_delay: float = 30.0,
         retry_max_delay: float = 3600.0,
     ) -> None:
         self.meter = meter
         self.store = meter.store
         self.gateway = gateway
-        self.currency = currency
         self.retry_first_delay = retry_first_delay
         self.retry_max_delay = retry_max_delay
         self.log = structlog.get_logger("mailmeter.billing")
@@ -162,8 +162,7 @@ class Billing:
         accounts = await self.store.list_accounts()
         run.invoices = await self.close_due_periods(accounts)
         run.statements = await self.queue_statements(accounts)
-        collected, failed = await self.collect_charges()
-        run.charges_collected, run.charges_failed = collected, failed
+        run.charges_collected, run.charges_failed, run.charges_recorded = await self.collect_charges()
         return run
 
     # -- closing periods ----------------------------------------------------------
@@ -214,7 +213,7 @@ class Billing:
             return None
         status = invoice_status(plan, invoice)
         regions = await self.store.results_by_region(account.id, period.key)
-        body = invoice_body(account, plan, invoice, status, list(charge_rows), list(regions), self.currency)
+        body = invoice_body(account, plan, invoice, status, list(charge_rows), list(regions))
         identifier = invoice_id(account, period, plan)
         record = InvoiceRecord(
             id=identifier,
@@ -236,8 +235,8 @@ class Billing:
             if status == "open"
             else None
         )
-        notice = json.dumps({"kind": "invoice", "invoice": identifier, "total": body["total"],
-                             "amount_due": body["amount_due"], "due_date": body["due_date"]})
+        notice = json.dumps({"kind": "invoice", "invoice": identifier, "currency": body["currency"],
+                             "total": body["total"], "amount_due": body["amount_due"], "due_date": body["due_date"]})
         inserted = await self.store.add_invoice(record, collect, invoice.prepaid_applied, notice, now)  # type: ignore[arg-type]
         if inserted:
             self.log.info("billing.invoice", account=account.name, invoice=identifier, period=body["period"],
@@ -265,8 +264,8 @@ class Billing:
         for invoice in await self.store.statements_due(due):
             body = json.loads(invoice.body)
             notice = json.dumps({"kind": "statement", "invoice": invoice.id, "period": body["period"],
-                                 "total": body["total"], "amount_due": body["amount_due"],
-                                 "status": invoice.status})
+                                 "currency": body["currency"], "total": body["total"],
+                                 "amount_due": body["amount_due"], "status": invoice.status})
             await self.store.mark_statement(invoice, notice, now)
             count += 1
         return count
@@ -276,16 +275,18 @@ class Billing:
     def _backoff(self, attempts: int) -> timedelta:
         return timedelta(seconds=min(self.retry_first_delay * 2 ** max(attempts - 1, 0), self.retry_max_delay))
 
-    async def collect_charges(self) -> tuple[int, int]:
+    async def collect_charges(self) -> tuple[int, int, int]:
+        """Hand every pending charge that is due to the gateway: (succeeded, failed, recorded)."""
         now = self.meter.clock()
-        collected = failed = 0
+        currency = self.meter.currency
+        collected = failed = recorded = 0
         for row in await self.store.charges_due_for_collection(now):
             request = ChargeRequest(
                 idempotency_key=row["idempotency_key"],
                 account=row["account"],
-                amount=format_money(row["amount"]),
+                amount=format_money(row["amount"], currency),
                 amount_micros=row["amount"],
-                currency=self.currency,
+                currency=currency.code,
                 kind=row["kind"],
                 description=row["description"],
                 period_start=row["period_key"],
@@ -298,6 +299,7 @@ class Billing:
                 ChargeOutcome.FAILED: "failed",
                 ChargeOutcome.PENDING: "submitted",
                 ChargeOutcome.RETRY: "pending",
+                ChargeOutcome.RECORDED: "recorded",
             }[result.outcome]
             next_attempt = now + self._backoff(attempts) if status == "pending" else now
             await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
@@ -305,4 +307,5 @@ class Billing:
                           amount=request.amount, attempt=attempts, result=status, detail=result.detail)
             collected += status == "succeeded"
             failed += status == "failed"
-        return collected, failed
+            recorded += status == "recorded"
+        return collected, failed, recorded

@@ -13,6 +13,11 @@ and reads the result from the reply: 2xx with {"status": "succeeded"} or
 {"status": "failed", "reason": "..."} (a declined card: the account is blocked);
 {"status": "pending"} means the result will come later through the inbound
 payment webhook. A 5xx, 429, timeout or connection error is retried with backoff.
+
+Without a gateway (`billing.gateway.kind: none`) the relay collects nothing itself:
+each charge is *recorded* for an external system (the operator's accounting or
+payment run) to collect, which reads the ledger (`mailmeter charge list`, the API)
+and reports back with `mailmeter charge collected|failed` or its API equivalent.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ class ChargeOutcome(StrEnum):
     FAILED = "failed"  # the payment was declined: block the account
     PENDING = "pending"  # the gateway will report later
     RETRY = "retry"  # could not reach a verdict: try again later
+    RECORDED = "recorded"  # no gateway: left to an external system, which reports back
 
 
 @dataclass(frozen=True)
 class ChargeRequest:
     idempotency_key: str
     account: str
-    amount: str  # decimal string of the currency, e.g. "250.00"
+    amount: str  # decimal string in the currency's minor units: "250.00" (USD), "25000" (JPY), "25.000" (BHD)
     amount_micros: int
     currency: str
     kind: str
@@ -73,10 +79,14 @@ def verify(secret: bytes, timestamp: str, body: bytes, signature: str, now: floa
 
 
 class NoGateway:
-    """No collection configured: charges are recorded in the ledger as succeeded (invoiced)."""
+    """No collection configured: each charge is recorded for an external system to collect.
+
+    Its state becomes `recorded` (the relay never sends it again) until the operator
+    marks it collected or failed, as that system reports.
+    """
 
     async def submit(self, charge: ChargeRequest) -> GatewayResult:
-        return GatewayResult(ChargeOutcome.SUCCEEDED, "no payment gateway configured: recorded only")
+        return GatewayResult(ChargeOutcome.RECORDED, "recorded for external collection (billing.gateway.kind: none)")
 
 
 class WebhookGateway:

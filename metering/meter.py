@@ -14,7 +14,7 @@ import json
 import secrets
 from time import monotonic
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from typing import Any, Protocol, cast
 
@@ -41,7 +41,9 @@ from policies import (
     usage_screen,
 )
 from policies.limits import email_quota, included_emails
+from policies.currency import USD, Currency
 from policies.money import format_money
+from policies.results import classify, classify_failure
 from policies.periods import Period, PeriodSpec, period_containing
 
 Clock = Callable[[], datetime]
@@ -119,6 +121,15 @@ def standing_of(account: Account, period: Period) -> Standing:
     )
 
 
+def result_category(verdict: Result, code: int | None, enhanced: str | None) -> tuple[Result, str]:
+    """The billing category and sub-type of a delivery verdict (deferred stays deferred,
+    with the sub-type its reply would have if it never clears)."""
+    classified = classify(verdict.value, code, enhanced)
+    if classified is None:
+        return Result.DEFERRED, classify_failure(code, enhanced, permanent=False).reason
+    return Result(classified.category), classified.reason
+
+
 def subscribed_at(account: Account) -> datetime:
     return datetime.combine(account.subscribed_on, time(0), tzinfo=timezone.utc)
 
@@ -133,14 +144,19 @@ class UsageReport:
     remaining: int | None
     standing: Standing
     breakdown: list[tuple[str, str, int]]
+    bounce_rows: list[tuple[str, str, int]] = field(default_factory=list)  # (category, sub-type, emails)
 
     def as_json(self) -> dict[str, Any]:
         screen = usage_screen(self.plan, self.standing, self.usage, self.period)
+        currency = self.plan.currency
         by_campaign: dict[str, int] = {}
         by_region: dict[str, int] = {}
         for campaign, region, accepted in self.breakdown:
             by_campaign[campaign or "(untagged)"] = by_campaign.get(campaign or "(untagged)", 0) + accepted
             by_region[region or "(unknown)"] = by_region.get(region or "(unknown)", 0) + accepted
+        bounce_types: dict[str, dict[str, int]] = {"soft_bounced": {}, "hard_bounced": {}}
+        for category, reason, emails in self.bounce_rows:
+            bounce_types[category][reason or "unclassified"] = emails
         return {
             "account": self.account.name,
             "plan": self.account.plan,
@@ -152,6 +168,7 @@ class UsageReport:
             "delivered": self.usage.delivered,
             "soft_bounced": self.usage.soft_bounced,
             "hard_bounced": self.usage.hard_bounced,
+            "bounce_types": bounce_types,
             "deferred": self.deferred,
             "reserved": self.usage.reserved,
             "remaining": self.remaining,
@@ -159,13 +176,14 @@ class UsageReport:
             "extra_emails": screen.extra_emails,
             "emails_sent": screen.emails_sent,
             "total_allowed": screen.total_allowed,
-            "spent": format_money(screen.spent),
-            "spending_limit": None if screen.spending_limit is None else format_money(screen.spending_limit),
+            "currency": currency.code,
+            "spent": format_money(screen.spent, currency),
+            "spending_limit": None if screen.spending_limit is None else format_money(screen.spending_limit, currency),
             "emails_remaining_before_next_charge": screen.remaining,
             "dashboard": list(screen.rows()),
-            "unbilled": format_money(unbilled(self.plan, self.standing, self.usage)),
-            "prepaid_balance": format_money(self.account.prepaid_balance),
-            "overdrawn": format_money(self.account.outstanding_debt),
+            "unbilled": format_money(unbilled(self.plan, self.standing, self.usage), currency),
+            "prepaid_balance": format_money(self.account.prepaid_balance, currency),
+            "overdrawn": format_money(self.account.outstanding_debt, currency),
             "payment_state": self.account.payment_state,
             "by_campaign": by_campaign,
             "by_region": by_region,
@@ -185,7 +203,7 @@ class Meter:
         """`leasing`: borrow blocks of each account's allowance and answer reserves from them
         (metering/leases.py); only for a store that supports leases (PostgreSQL)."""
         self.store = store
-        self.plans = dict(plans)
+        self.plans = dict(plans)  # all in one currency (see `currency`)
         self.node = node
         self.region = region
         self.clock = clock
@@ -200,6 +218,15 @@ class Meter:
             if not hasattr(store, "commit_leased"):
                 raise ValueError("allowance leasing needs the PostgreSQL store (database.url)")
             self.leases = LeaseBook(cast(LeasingStore, store), node, leasing, clock, region)
+
+    @property
+    def currency(self) -> Currency:
+        """The billing currency: every plan's (`billing.currency`); USD when there are none."""
+        currencies = {plan.currency for plan in self.plans.values()}
+        if len(currencies) > 1:
+            raise ValueError(f"plans in several currencies ({', '.join(sorted(c.code for c in currencies))});"
+                             " one billing.currency applies to every plan")
+        return currencies.pop() if currencies else USD
 
     # -- accounts -----------------------------------------------------------
 
@@ -335,7 +362,7 @@ class Meter:
             raise ValueError("the top-up amount must be positive")
         account = await self.account(name)
         if account.prepaid_balance + micros > MAX_MONEY:  # a race passes it by one top-up at most
-            raise BalanceTooLarge(f"the balance would pass {format_money(MAX_MONEY)}, the most the meter keeps")
+            raise BalanceTooLarge(f"the balance would pass {format_money(MAX_MONEY, self.currency)}, the most the meter keeps")
         return await self.store.add_balance(name, micros, "topup", reference, self.clock())
 
     async def repay(self, name: str) -> int:
@@ -454,23 +481,35 @@ class Meter:
     async def message_committed(self, queue_id: str) -> bool:
         return await self.store.message_committed(queue_id)
 
-    async def record_result(self, queue_id: str, recipient: str, result: Result | str, detail: str = "") -> bool:
+    async def record_result(
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result | str,
+        detail: str = "",
+        code: int | None = None,
+        enhanced: str | None = None,
+    ) -> bool:
         """Count a recipient's result once, in the period it arrives in (one transaction).
 
-        On the shared PostgreSQL store, the results reported while a transaction is in
-        flight go together in the next one (metering/batching.py).
+        `result` is the relay's delivery verdict and `code` / `enhanced` the reply behind
+        it ("552", "5.2.2"); what is stored and counted is the billing category those
+        mean (policies/results.py), with its sub-type. On the shared PostgreSQL store,
+        the results reported while a transaction is in flight go together in the next
+        one (metering/batching.py).
         """
+        category, reason = result_category(Result(result), code, enhanced)
         now = self.clock()
         plans = self.plans
         if self._results is not None:
-            report = ResultReport(queue_id, recipient, Result(result), detail, now)
+            report = ResultReport(queue_id, recipient, category, detail, now, reason)
             return bool(await self._results.submit(report))
 
         def period_key_for(account: Account) -> str:
             return self._period(plans[account.plan].period, now, account.subscribed_on).key
 
         recorded = await self.store.record_message_result(
-            queue_id, recipient, Result(result), detail, now, period_key_for
+            queue_id, recipient, category, detail, now, period_key_for, reason
         )
         return bool(recorded)  # None: not a metered message (a bounce or notice the relay made)
 
@@ -490,6 +529,7 @@ class Meter:
         usage = await self.store.usage(account.id, period.key, account.awaiting_results)
         room, _ = headroom(plan, standing, usage)
         rows = await self.store.breakdown(account.id, period.key)
+        bounces = await self.store.results_by_reason(account.id, period.key)
         return UsageReport(
             account=account,
             plan=plan,
@@ -499,6 +539,7 @@ class Meter:
             remaining=room,
             standing=standing,
             breakdown=[(r["campaign"], r["region"], int(r["accepted"])) for r in rows],
+            bounce_rows=[(r["result"], r["reason"], int(r["n"])) for r in bounces],
         )
 
 

@@ -56,7 +56,8 @@ class PgLedger(PgBase):
     ) -> bool:
         """Record a gateway verdict. A failed charge blocks the account's sending at once.
 
-        Only a charge still pending or submitted changes (a late duplicate verdict is ignored).
+        Only a charge still open (pending, submitted, or recorded for an external system to
+        collect) changes: a late duplicate verdict is ignored.
         """
 
         async def body(conn: asyncpg.Connection) -> bool:
@@ -66,7 +67,7 @@ class PgLedger(PgBase):
             await self._lock(conn, owner)
             changed = rows_affected(await conn.execute(
                 "UPDATE charges SET status = $1, detail = $2, attempts = $3, next_attempt_at = $4"
-                " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted')",
+                " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted', 'recorded')",
                 status, detail[:500], attempts, next_attempt_at.isoformat(), key,
             )) == 1
             if changed and status == "failed":
@@ -195,5 +196,15 @@ class PgLedger(PgBase):
             " JOIN messages m ON m.queue_id = r.queue_id"
             " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result != 'deferred'"
             " GROUP BY m.region, r.result ORDER BY m.region, r.result",
+            account_id, period_key,
+        )
+
+    async def results_by_reason(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
+        """The period's final bounces by category and sub-type (model C's Soft Bounce and Invalid Email)."""
+        return await self._fetch(
+            "SELECT r.result AS result, r.reason AS reason, COUNT(*) AS n FROM recipient_results r"
+            " JOIN messages m ON m.queue_id = r.queue_id"
+            " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result IN ('soft_bounced', 'hard_bounced')"
+            " GROUP BY r.result, r.reason ORDER BY r.result, r.reason",
             account_id, period_key,
         )

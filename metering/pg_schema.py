@@ -166,6 +166,10 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_target ON audit_events (target, id);
     """,
+    # 4: a result's sub-type beside its billing category (see metering/schema.py).
+    """
+    ALTER TABLE recipient_results ADD COLUMN reason TEXT COLLATE "C" NOT NULL DEFAULT '';
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

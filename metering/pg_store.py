@@ -346,8 +346,10 @@ class PgStore(PgLeases):
         account_id: int,
         period_key: str,
         now: datetime,
+        reason: str = "",
     ) -> bool:
-        """Record a recipient's result; a final result is counted exactly once.
+        """Record a recipient's result (its billing category) and sub-type; a final result
+        is counted exactly once.
 
         The account lock serializes two reports of the same recipient (a retry after a
         crash, on any node): the second sees the first's final result and returns False.
@@ -355,7 +357,8 @@ class PgStore(PgLeases):
 
         async def body(conn: asyncpg.Connection) -> bool:
             await self._lock(conn, account_id)
-            return await self._record_locked(conn, queue_id, recipient, result, detail, account_id, period_key, now)
+            return await self._record_locked(conn, queue_id, recipient, result, detail, account_id, period_key, now,
+                                             reason)
 
         return await self._write(body)
 
@@ -367,6 +370,7 @@ class PgStore(PgLeases):
         detail: str,
         now: datetime,
         period_key_for: Callable[[Account], str],
+        reason: str = "",
     ) -> bool | None:
         """record_result for a queue id, finding its account in the same transaction.
 
@@ -380,7 +384,7 @@ class PgStore(PgLeases):
             await self._lock(conn, account_id)
             account = await self._account_in_tx(conn, account_id)
             return await self._record_locked(
-                conn, queue_id, recipient, result, detail, account_id, period_key_for(account), now
+                conn, queue_id, recipient, result, detail, account_id, period_key_for(account), now, reason
             )
 
         return await self._write(body)
@@ -414,7 +418,7 @@ class PgStore(PgLeases):
                 period_key = period_key_for(accounts[account_id], report.at)
                 outcomes.append(await self._record_locked(
                     conn, report.queue_id, report.recipient, report.result, report.detail, account_id, period_key,
-                    report.at,
+                    report.at, report.reason,
                 ))
             return outcomes
 
@@ -430,6 +434,7 @@ class PgStore(PgLeases):
         account_id: int,
         period_key: str,
         now: datetime,
+        reason: str = "",
     ) -> bool:
         """The result under the account's lock: False if the recipient already had a final one."""
         previous = await conn.fetchval(
@@ -437,24 +442,27 @@ class PgStore(PgLeases):
         )
         if previous is not None and Result(previous).final:
             return False
-        upsert = (
-            "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6)"
-            " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
-            " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at"
-        )
+        def upsert(reason_parameter: str) -> str:
+            return (
+                "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at, reason)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, {reason_parameter})"
+                " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
+                " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at,"
+                " reason = excluded.reason"
+            )
+
         values = (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat())
         counter = _COUNTER_FOR_RESULT.get(result)
         if counter is None:
-            await conn.execute(upsert, *values)
+            await conn.execute(upsert("$7"), *values, reason)
             return True
         await conn.execute(  # one statement: the result, awaiting results, the period's counter
-            f"WITH result AS ({upsert} RETURNING 1),"
+            f"WITH result AS ({upsert('$8')} RETURNING 1),"
             " awaiting AS (UPDATE accounts SET awaiting_results = GREATEST(awaiting_results - 1, 0)"
             " WHERE id = $7 RETURNING 1)"
             f" INSERT INTO period_usage (account_id, period_key, {counter}) VALUES ($7, $4, 1)"
             f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = period_usage.{counter} + 1",
-            *values, account_id,
+            *values, account_id, reason,
         )
         return True
 

@@ -7,17 +7,26 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
 
+from policies.currency import Currency
 from policies.limits import LimitChange
 from policies.money import format_money
 
 
 class Result(StrEnum):
-    """Per-recipient delivery result categories (model C's categories)."""
+    """Per-recipient results.
+
+    As the relay reports them, they are its delivery verdict: delivered; deferred (will
+    be retried); soft_bounced (temporary failures until the queue's maximum age);
+    hard_bounced (refused permanently, not retried). As the meter stores and counts them
+    they are the billing category (model C), which policies/results.py derives from the
+    verdict and what the reply means: a `552 5.2.2` (mailbox full) is refused
+    permanently and billed as soft_bounced. hard_bounced is the document's "Invalid Email".
+    """
 
     DELIVERED = "delivered"
-    DEFERRED = "deferred"  # a soft bounce that will be retried
-    SOFT_BOUNCED = "soft_bounced"  # a soft bounce that expired: final
-    HARD_BOUNCED = "hard_bounced"  # a permanent failure: final
+    DEFERRED = "deferred"  # not final: will be retried
+    SOFT_BOUNCED = "soft_bounced"  # final: Soft Bounce
+    HARD_BOUNCED = "hard_bounced"  # final: Invalid Email
 
     @property
     def final(self) -> bool:
@@ -30,9 +39,10 @@ class ResultReport:
 
     queue_id: str
     recipient: str
-    result: Result
+    result: Result  # the billing category
     detail: str
     at: datetime
+    reason: str = ""  # the category's sub-type (policies/results.py)
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,8 @@ class Account:
     def payment_state(self) -> str:
         return "ok" if self.payment_ok else "failed"
 
-    def public(self) -> dict[str, object]:
-        """What `account show --json` prints: never the password hash."""
+    def public(self, currency: Currency) -> dict[str, object]:
+        """What `account show --json` prints, money in `currency`: never the password hash."""
         return {
             "name": self.name,
             "plan": self.plan,
@@ -71,10 +81,10 @@ class Account:
             "payment_state": self.payment_state,
             "payment_detail": self.payment_detail,
             "suspended": self.suspended,
-            "prepaid_balance": format_money(self.prepaid_balance),
-            "overdrawn": format_money(self.outstanding_debt),
+            "prepaid_balance": format_money(self.prepaid_balance, currency),
+            "overdrawn": format_money(self.outstanding_debt, currency),
             "spending_limit_override": (
-                None if self.spending_limit_override is None else format_money(self.spending_limit_override)
+                None if self.spending_limit_override is None else format_money(self.spending_limit_override, currency)
             ),
             "has_password": self.password_hash is not None,
         }

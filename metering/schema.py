@@ -151,4 +151,9 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_target ON audit_events (target, id);
     """,
+    # 4: a result's sub-type (model C: mailbox_full, not_exist, ...; policies/results.py),
+    # beside its billing category in `result`. Results recorded before have '' (unclassified).
+    """
+    ALTER TABLE recipient_results ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    """,
 ]

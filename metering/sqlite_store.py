@@ -582,14 +582,17 @@ class SqliteStore:
         account_id: int,
         period_key: str,
         now: datetime,
+        reason: str = "",
     ) -> bool:
-        """Record a recipient's result; a final result is counted exactly once.
+        """Record a recipient's result (its billing category) and sub-type; a final result
+        is counted exactly once.
 
         Returns False when the recipient already had a final result (a retry after a
         crash reported it again), so nothing is counted twice.
         """
         return await self._run(
-            lambda conn: _record_result_sync(conn, queue_id, recipient, result, detail, account_id, period_key, now)
+            lambda conn: _record_result_sync(conn, queue_id, recipient, result, detail, account_id, period_key, now,
+                                             reason)
         )
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
@@ -603,6 +606,7 @@ class SqliteStore:
         detail: str,
         now: datetime,
         period_key_for: Callable[[Account], str],
+        reason: str = "",
     ) -> bool | None:
         """record_result for a queue id, finding its account in the same transaction.
 
@@ -615,7 +619,7 @@ class SqliteStore:
                 return None
             account = _account_row(conn, row[0])
             return _record_result_sync(conn, queue_id, recipient, result, detail, account.id,
-                                       period_key_for(account), now)
+                                       period_key_for(account), now, reason)
 
         return await self._run(operation)
 
@@ -686,12 +690,13 @@ class SqliteStore:
     ) -> bool:
         """Record a gateway verdict. A failed charge blocks the account's sending at once.
 
-        Only a charge still pending or submitted changes (a late duplicate verdict is ignored).
+        Only a charge still open (pending, submitted, or recorded for an external system to
+        collect) changes: a late duplicate verdict is ignored.
         """
         async with self._tx() as db:
             cursor = await db.execute(
                 "UPDATE charges SET status = ?, detail = ?, attempts = ?, next_attempt_at = ?"
-                " WHERE idempotency_key = ? AND status IN ('pending', 'submitted')",
+                " WHERE idempotency_key = ? AND status IN ('pending', 'submitted', 'recorded')",
                 (status, detail[:500], attempts, next_attempt_at.isoformat(), key),
             )
             changed = cursor.rowcount == 1
@@ -818,6 +823,16 @@ class SqliteStore:
             " JOIN messages m ON m.queue_id = r.queue_id"
             " WHERE m.account_id = ? AND r.period_key = ? AND r.result != 'deferred'"
             " GROUP BY m.region, r.result ORDER BY m.region, r.result",
+            (account_id, period_key),
+        )
+
+    async def results_by_reason(self, account_id: int, period_key: str) -> list[sqlite3.Row]:
+        """The period's final bounces by category and sub-type (model C's Soft Bounce and Invalid Email)."""
+        return await self._read(
+            "SELECT r.result AS result, r.reason AS reason, COUNT(*) AS n FROM recipient_results r"
+            " JOIN messages m ON m.queue_id = r.queue_id"
+            " WHERE m.account_id = ? AND r.period_key = ? AND r.result IN ('soft_bounced', 'hard_bounced')"
+            " GROUP BY r.result, r.reason ORDER BY r.result, r.reason",
             (account_id, period_key),
         )
 
@@ -1048,6 +1063,7 @@ def _record_result_sync(
     account_id: int,
     period_key: str,
     now: datetime,
+    reason: str = "",
 ) -> bool:
     row = conn.execute(
         "SELECT result FROM recipient_results WHERE queue_id = ? AND recipient = ?", (queue_id, recipient)
@@ -1055,11 +1071,12 @@ def _record_result_sync(
     if row is not None and Result(row[0]).final:
         return False
     conn.execute(
-        "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)"
+        "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (queue_id, recipient) DO UPDATE SET result = excluded.result,"
-        " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at",
-        (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat()),
+        " period_key = excluded.period_key, detail = excluded.detail, updated_at = excluded.updated_at,"
+        " reason = excluded.reason",
+        (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat(), reason),
     )
     counter = _COUNTER_FOR_RESULT.get(result)
     if counter is not None:

@@ -1,11 +1,12 @@
 """Billing models as pure code: a plan and usage go in, decisions and charges come out.
 
 Nothing here does I/O or reads a clock: every function takes the instant it reasons
-about as an argument, so each worked example of BILLING_MODELS.md is a plain,
-fast, deterministic test.
+about as an argument, so each worked example of docs/billing-models.md is a
+plain, fast, deterministic test.
 
 Modules, from the bottom up:
-  money       integer micros, parsing, half-up rounding to cents, display
+  currency    the billing currency: ISO 4217 code, minor units, symbol
+  money       integer micros, parsing, half-up rounding to the minor unit, display
   periods     calendar months in a time zone, subscription anniversaries
   pricing     unit prices (flat, graduated, volume, per block): cost and its inverse
   parts       result prices, in-period charges, funding, invoicing
@@ -17,6 +18,7 @@ Modules, from the bottom up:
   decision    admit / headroom / blocking_refusal: caps as counts
   lease       admit_lease: a node's block of the allowance (several nodes, one meter)
   invoice     close_period: the closing invoice, rounded per line
+  results     a delivery result's billing category and sub-type, from what its reply means
   dashboard   usage screen (model D) and usage alerts (model E)
   preview     one simulated period for `mailmeter plan preview`
 """

@@ -31,7 +31,7 @@ class Charge:
     """One in-period charge.
 
     index: 1-based position in the period's sequence of charges of this kind.
-    amount: micros, whole cents (plans.py guarantees it).
+    amount: micros, whole minor units of the plan's currency (plan.py guarantees it).
     emails_unlocked: for a block charge, the emails its block covers; None otherwise.
     trigger_email: the period's email ordinal whose acceptance makes this charge due
       (1,250,000 for model A's first $250; 135,739 for model D's 215th $1).
@@ -93,7 +93,10 @@ def _charge(plan: Plan, standing: Standing, index: int) -> Charge:
             amount=amount,
             emails_unlocked=None,
             trigger_email=first_email_reaching(plan.price, reached, included_emails(plan, standing)),
-            description=f"Usage charge {index}: {display_money(amount)} as usage reached {display_money(reached)}",
+            description=(
+                f"Usage charge {index}: {display_money(amount, plan.currency)}"
+                f" as usage reached {display_money(reached, plan.currency)}"
+            ),
         )
     assert isinstance(plan.price, BlockPrice)
     size = plan.price.block_emails
@@ -106,7 +109,7 @@ def _charge(plan: Plan, standing: Standing, index: int) -> Charge:
         emails_unlocked=size,
         trigger_email=first,
         description=(
-            f"Usage charge {index}: {display_money(amount)} for {size:,} more emails"
+            f"Usage charge {index}: {display_money(amount, plan.currency)} for {size:,} more emails"
             f" (emails {first:,} to {last:,} of the period)"
         ),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from policies.account import Standing, Usage
 from policies.limits import email_limit, included_emails, spending_limit
+from policies.currency import USD, Currency
 from policies.money import display_money
 from policies.periods import Period, period_label
 from policies.plan import Plan
@@ -39,15 +40,16 @@ class UsageScreen:
     spent: int
     spending_limit: int | None
     remaining: int | None
+    currency: Currency = USD
 
     def rows(self) -> tuple[str, ...]:
         """The screen's texts, in model D's order and wording."""
         rows = [self.plan, self.period, f"{self.extra_emails:,} extra emails", f"{self.emails_sent:,} emails sent"]
         if self.total_allowed is not None:
             rows.append(f"{self.total_allowed:,} total allowed")
-        rows.append(f"{display_money(self.spent)} spent")
+        rows.append(f"{display_money(self.spent, self.currency)} spent")
         if self.spending_limit is not None:
-            rows.append(f"{display_money(self.spending_limit)} spending limit")
+            rows.append(f"{display_money(self.spending_limit, self.currency)} spending limit")
         if self.remaining is not None:
             rows.append(f"{self.remaining:,} emails remaining")
         return tuple(rows)
@@ -73,6 +75,7 @@ def usage_screen(plan: Plan, standing: Standing, usage: Usage, period: Period) -
         spent=priced_usage(plan, standing, usage),
         spending_limit=spending_limit(plan, standing),
         remaining=None if total is None else max(total - sent, 0),
+        currency=plan.currency,
     )
 
 

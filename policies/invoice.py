@@ -1,15 +1,15 @@
 """The closing invoice of a period.
 
 Rounding rule (the one place money is rounded): each invoice line's amount is the
-exact micros of that line rounded half-up to whole cents, once. In-period charges
-and the plan fee are whole cents by construction (plans.py refuses other amounts),
-so for every period:
+exact micros of that line rounded half-up to the currency's minor unit (USD: the
+cent, JPY: the yen, BHD: the fils), once. In-period charges and the plan fee are
+whole minor units by construction (plan.py refuses other amounts), so for every period:
 
     sum(in-period charges) + invoice.total == plan fee + sum(rounded usage lines)
 
 and the rounded usage lines differ from the exact priced usage by at most half a
-cent per usage line (one line for accepted-email billing, one per result category
-for results billing). Prepaid plans then settle usage lines from the balance.
+minor unit per usage line (one line for accepted-email billing, one per result
+category for results billing). Prepaid plans then settle usage lines from the balance.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Literal
 from policies.account import Standing, Usage
 from policies.charges import Charge, charges_due
 from policies.limits import included_emails
-from policies.money import display_money, floor_to_cents, round_half_up_to_cents
+from policies.money import display_money, floor_to_minor, round_half_up
 from policies.periods import Period, period_label
 from policies.plan import Plan
 from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice, cost
@@ -32,7 +32,7 @@ LineKind = Literal["fee", "usage", "in_period_charges"]
 
 @dataclass(frozen=True)
 class InvoiceLine:
-    """One line: `amount` is micros in whole cents (negative for what was already charged)."""
+    """One line: `amount` is micros in whole minor units (negative for what was already charged)."""
 
     kind: LineKind
     description: str
@@ -95,30 +95,33 @@ def _accepted_usage_line(plan: Plan, standing: Standing, usage: Usage) -> Invoic
     included = included_emails(plan, standing)
     exact = cost(plan.price, emails, included)
     price = plan.price
+    currency = plan.currency
     if isinstance(price, BlockPrice):
         over = max(emails - included, 0)
         if over == 0:
             return None
-        amount = round_half_up_to_cents(exact)
+        amount = round_half_up(exact, currency)
         # Model E's wording, exactly: "Email overage: 1,200 emails. Cost: $1".
-        return InvoiceLine("usage", f"Email overage: {over:,} emails. Cost: {display_money(amount)}", over, amount)
+        cost_text = display_money(amount, currency)
+        return InvoiceLine("usage", f"Email overage: {over:,} emails. Cost: {cost_text}", over, amount)
     chargeable = max(emails - included, 0)
     priced: list[str] = []  # "90,000 at $0.001" for each price the chargeable emails met
     if chargeable:
         if isinstance(price, FlatPrice):
-            priced.append(f"{chargeable:,} at {display_money(price.per_email)}")
+            priced.append(f"{chargeable:,} at {display_money(price.per_email, currency)}")
         elif isinstance(price, GraduatedPrice):
             priced.extend(
-                f"{count:,} at {display_money(each)}" for count, each in _tier_segments(price.tiers, emails, included)
+                f"{count:,} at {display_money(each, currency)}"
+                for count, each in _tier_segments(price.tiers, emails, included)
             )
         elif isinstance(price, VolumePrice):
-            priced.append(f"{chargeable:,} at {display_money(exact // chargeable)}")
+            priced.append(f"{chargeable:,} at {display_money(exact // chargeable, currency)}")
     if not included and len(priced) == 1:
         description = f"Emails: {priced[0]}"  # "Emails: 4,150,000 at $0.0002"
     else:
         parts = ([f"{min(emails, included):,} included"] if included else []) + priced
         description = f"Emails: {emails:,}" + (f" ({'; '.join(parts)})" if parts else "")
-    return InvoiceLine("usage", description, emails, round_half_up_to_cents(exact))
+    return InvoiceLine("usage", description, emails, round_half_up(exact, currency))
 
 
 def _result_lines(plan: Plan, usage: Usage) -> list[InvoiceLine]:
@@ -128,16 +131,20 @@ def _result_lines(plan: Plan, usage: Usage) -> list[InvoiceLine]:
         ("Soft bounce", usage.soft_bounced, prices.soft_bounced),
         ("Invalid email", usage.hard_bounced, prices.hard_bounced),
     )
+    currency = plan.currency
     return [
         InvoiceLine(
-            "usage", f"{label}: {count:,} emails at {display_money(each)}", count, round_half_up_to_cents(count * each)
+            "usage",
+            f"{label}: {count:,} emails at {display_money(each, currency)}",
+            count,
+            round_half_up(count * each, currency),
         )
         for label, count, each in rows
     ]
 
 
 def usage_lines(plan: Plan, standing: Standing, usage: Usage) -> list[InvoiceLine]:
-    """The period's usage as invoice lines, each rounded half-up to cents once."""
+    """The period's usage as invoice lines, each rounded half-up to the currency's minor unit once."""
     if plan.billable == "results":
         return _result_lines(plan, usage)
     line = _accepted_usage_line(plan, standing, usage)
@@ -181,7 +188,7 @@ def close_period(
     prepaid_applied = 0
     balance_after: int | None = None
     if plan.funding.kind == "prepaid":
-        prepaid_applied = min(usage_total, max(floor_to_cents(standing.prepaid_balance), 0))
+        prepaid_applied = min(usage_total, max(floor_to_minor(standing.prepaid_balance, plan.currency), 0))
         balance_after = standing.prepaid_balance - prepaid_applied
     zone = plan.period.zone()
     invoice_date = period.end.astimezone(zone).date()

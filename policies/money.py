@@ -1,7 +1,10 @@
-"""Money as integer micro-units (1 unit of currency = 1,000,000 micros).
+"""Money as integer micro-units (1 unit of currency = 1,000,000 micros), in one currency.
 
-Floats never touch money: parsing goes through Decimal from the text and
-rounding is explicit half-up (Decimal's default is half-even).
+Floats never touch money: parsing goes through Decimal from the text and rounding is
+explicit half-up (Decimal's default is half-even). Every function that rounds, checks
+or writes an amount takes the currency (policies/currency.py), whose minor units say
+how: USD rounds to the cent and writes "25.00", JPY to the yen and writes "2500", BHD
+to the fils and writes "25.000".
 """
 
 from __future__ import annotations
@@ -9,19 +12,34 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-MICROS_PER_UNIT = 1_000_000
-MICROS_PER_CENT = 10_000
+from policies.currency import MICROS_PER_UNIT, USD, Currency
+
 _PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+__all__ = [
+    "MICROS_PER_UNIT",
+    "USD",
+    "Currency",
+    "MoneyError",
+    "display_money",
+    "floor_to_minor",
+    "format_money",
+    "is_whole_minor",
+    "parse_money",
+    "round_half_up",
+]
 
 
 class MoneyError(ValueError):
-    """A money amount that cannot be represented exactly in micro-units."""
+    """A money amount that cannot be represented exactly (in micros, or in the currency)."""
 
 
-def parse_money(text: str | int) -> int:
+def parse_money(text: str | int, currency: Currency | None = None) -> int:
     """Parse "12.34", "0.0002" or an int of whole units into micros, exactly.
 
-    Raises MoneyError for floats, garbage, or more precision than one micro.
+    With a currency, refuse more decimals than it has ("25.001" in USD, "25.5" in JPY):
+    what an operator or API client writes is an amount of that currency. Without one,
+    anything down to one micro. Raises MoneyError for floats, garbage, or more precision.
     """
     if isinstance(text, bool) or isinstance(text, float):
         raise MoneyError(f"money must be given as a string or integer, not {type(text).__name__}")
@@ -37,62 +55,67 @@ def parse_money(text: str | int) -> int:
         raise MoneyError(f"{text!r} is not an amount of money (write it like 12.34)") from None
     if not amount.is_finite():
         raise MoneyError(f"{text!r} is not a finite amount of money")
+    decimals = len(cleaned.partition(".")[2])
+    if currency is not None and decimals > currency.minor_units:
+        raise MoneyError(
+            f"{text!r} has more decimals than {currency.code} has ({currency.minor_units or 'none'}):"
+            f" write it like {format_money(25 * MICROS_PER_UNIT, currency)}"
+        )
     micros = amount * MICROS_PER_UNIT
     if micros != micros.to_integral_value():
         raise MoneyError(f"{text!r} has more precision than one micro-unit (0.000001)")
     return int(micros)
 
 
-def round_half_up_to_cents(micros: int) -> int:
-    """Round micros to whole cents, half away from zero (the invoice-line rule)."""
+def round_half_up(micros: int, currency: Currency) -> int:
+    """Round micros to whole minor units of the currency, half away from zero (the invoice-line rule)."""
     sign = -1 if micros < 0 else 1
-    magnitude = abs(micros)
-    cents, remainder = divmod(magnitude, MICROS_PER_CENT)
-    if remainder * 2 >= MICROS_PER_CENT:
-        cents += 1
-    return sign * cents * MICROS_PER_CENT
+    units, remainder = divmod(abs(micros), currency.minor)
+    if remainder * 2 >= currency.minor:
+        units += 1
+    return sign * units * currency.minor
 
 
-def format_money(micros: int, places: int = 2) -> str:
-    """Format micros as a decimal string; exact (no rounding) unless places cuts digits.
+def floor_to_minor(micros: int, currency: Currency) -> int:
+    """Round micros down (toward minus infinity) to whole minor units.
 
-    With places=2 the amount must already be whole cents, or the full precision is shown.
+    Used where a remainder below the minor unit must stay put rather than be spent, e.g.
+    the part of a prepaid balance that can settle an invoice line (lines are whole units).
     """
+    return (micros // currency.minor) * currency.minor
+
+
+def is_whole_minor(micros: int, currency: Currency) -> bool:
+    """True when an amount can be charged as it is (no fraction of the minor unit)."""
+    return micros % currency.minor == 0
+
+
+def _digits(micros: int, currency: Currency) -> tuple[str, int, str]:
+    """(sign, whole units, fraction digits): the minor units' digits, more only to stay exact."""
     sign = "-" if micros < 0 else ""
     whole, frac = divmod(abs(micros), MICROS_PER_UNIT)
-    frac_text = f"{frac:06d}"
-    trimmed = frac_text.rstrip("0")
-    if len(trimmed) < places:
-        trimmed = trimmed.ljust(places, "0")
-    if not trimmed:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{trimmed}"
+    fraction = f"{frac:06d}".rstrip("0").ljust(currency.minor_units, "0")
+    return sign, whole, fraction
 
 
-def floor_to_cents(micros: int) -> int:
-    """Round micros down (toward minus infinity) to whole cents.
+def format_money(micros: int, currency: Currency) -> str:
+    """The amount as a plain decimal string in the currency's minor units: "25.00" (USD),
+    "2500" (JPY), "25.000" (BHD); more digits only where the amount is finer (a
+    per-email price "0.0002"), so it is always exact. For JSON, the API, CSV."""
+    sign, whole, fraction = _digits(micros, currency)
+    return f"{sign}{whole}.{fraction}" if fraction else f"{sign}{whole}"
 
-    Used where a sub-cent remainder must stay put rather than be spent, e.g. the part
-    of a prepaid balance that can settle an invoice line (lines are whole cents).
+
+def display_money(micros: int, currency: Currency, short_whole: bool = True) -> str:
+    """Money as people read it on an invoice, a dashboard or a notice: "$1", "$1,250",
+    "$9.99", "$0.0002", "¥2,500", "BHD 1.250".
+
+    Whole amounts drop the minor digits (the documents write "Cost: $1", "$214 spent")
+    unless `short_whole` is False ("$80.00", for statements); other amounts show the
+    currency's minor digits and as many more as needed to stay exact, so a per-email
+    price like $0.0002 is never shown rounded to $0.00.
     """
-    return (micros // MICROS_PER_CENT) * MICROS_PER_CENT
-
-
-def is_whole_cents(micros: int) -> bool:
-    """True when an amount can be charged to a card as it is (no fraction of a cent)."""
-    return micros % MICROS_PER_CENT == 0
-
-
-def display_money(micros: int, symbol: str = "$") -> str:
-    """Money as people read it on an invoice or a dashboard: "$1", "$1,250", "$9.99", "$0.0002".
-
-    Whole amounts drop the cents (the documents write "Cost: $1", "$214 spent"); other
-    amounts show at least two decimals and as many more as needed to stay exact, so
-    a per-email price like $0.0002 is never shown rounded to $0.00.
-    """
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(micros), MICROS_PER_UNIT)
-    if frac == 0:
-        return f"{sign}{symbol}{whole:,}"
-    digits = f"{frac:06d}".rstrip("0").ljust(2, "0")
-    return f"{sign}{symbol}{whole:,}.{digits}"
+    sign, whole, fraction = _digits(micros, currency)
+    if not fraction or (short_whole and not fraction.strip("0")):
+        return f"{sign}{currency.symbol}{whole:,}"
+    return f"{sign}{currency.symbol}{whole:,}.{fraction}"

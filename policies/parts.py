@@ -39,7 +39,7 @@ class ThresholdCharge:
     Charge k is due once priced usage >= k * amount ("$250 charged" at $250 cumulative).
     """
 
-    amount: int  # micros, whole cents
+    amount: int  # micros, whole minor units of the currency
 
 
 @dataclass(frozen=True)

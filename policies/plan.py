@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.money import is_whole_cents
+from policies.currency import USD, Currency
+from policies.money import is_whole_minor
 from policies.parts import (
     Billable,
     Funding,
@@ -44,6 +45,8 @@ class Plan:
     in_period_charge: collect usage during the period (threshold or per block).
     spending_limit: micros of priced usage allowed per period (model D), None: none.
     usage_alerts: percentages of the email limit that notify once per period (model E).
+    currency: the billing currency (one for all plans: `billing.currency`); amounts
+      charged as they are must be whole minor units of it, invoice lines round to them.
 
     Construction checks that the parts fit together and raises PlanError naming
     the config key (under `plans.<name>`) otherwise, so an invalid combination
@@ -64,6 +67,7 @@ class Plan:
     funding: Funding = Funding()
     invoicing: Invoicing = Invoicing()
     usage_alerts: tuple[int, ...] = ()
+    currency: Currency = USD
 
     def __post_init__(self) -> None:
         problem = plan_problem(self)
@@ -102,8 +106,9 @@ def plan_problem(plan: Plan) -> tuple[str, str] | None:
     for key, value in (("email_quota", plan.email_quota), ("included_emails", plan.included_emails)):
         if value is not None and value < 0:
             return key, "must not be negative"
-    if plan.plan_fee < 0 or not is_whole_cents(plan.plan_fee):
-        return "plan_fee", "must be a non-negative amount in whole cents (it is charged as it is)"
+    whole = _whole_units(plan.currency)
+    if plan.plan_fee < 0 or not is_whole_minor(plan.plan_fee, plan.currency):
+        return "plan_fee", f"must be a non-negative amount in {whole} (it is charged as it is)"
     if plan.spending_limit is not None and plan.spending_limit < 0:
         return "spending_limit", "must not be negative"
     price = plan.price
@@ -154,8 +159,10 @@ def _charge_problem(plan: Plan) -> tuple[str, str] | None:
     if plan.funding.kind == "prepaid":
         return "in_period_charge", "a prepaid plan is paid from its balance; in-period charges are for postpaid plans"
     if isinstance(charge, ThresholdCharge):
-        if charge.amount <= 0 or not is_whole_cents(charge.amount):
-            return "in_period_charge.amount", "must be more than 0 and in whole cents (it is charged as it is)"
+        if charge.amount <= 0 or not is_whole_minor(charge.amount, plan.currency):
+            return "in_period_charge.amount", (
+                f"must be more than 0 and in {_whole_units(plan.currency)} (it is charged as it is)"
+            )
         if isinstance(plan.price, VolumePrice):
             return "in_period_charge", (
                 "volume tiers can lower the period's cost as volume grows, so a threshold charge"
@@ -170,6 +177,13 @@ def _charge_problem(plan: Plan) -> tuple[str, str] | None:
         return "funding.overdraft_allowance", (
             "per_block in-period charges collect each block as it opens; cap them with spending_limit instead"
         )
-    if plan.price.per_block <= 0 or not is_whole_cents(plan.price.per_block):
-        return "price.amount", "a block charged in the period must cost more than 0, in whole cents"
+    if plan.price.per_block <= 0 or not is_whole_minor(plan.price.per_block, plan.currency):
+        return "price.amount", (
+            f"a block charged in the period must cost more than 0, in {_whole_units(plan.currency)}"
+        )
     return None
+
+
+def _whole_units(currency: Currency) -> str:
+    """How an amount charged as it is must be written: "whole multiples of 0.01 USD"."""
+    return f"whole multiples of {currency.smallest} {currency.code}"

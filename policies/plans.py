@@ -4,8 +4,11 @@ Parsing is here (pure) so the config loader and `mailmeter plan preview` share o
 reading of a plan, and so a bad plan names the exact key (`plans.X.price.tiers[1].up_to`).
 Plan and PlanError live in plan.py and are re-exported here, where callers import them.
 
-Money in config is always a string ("0.0002") or a whole number of currency units:
+Money in config is always a string ("0.20") or a whole number of currency units:
 a YAML float would already have lost exactness before we see it, so it is refused.
+Every amount is written in the billing currency's minor units at most (USD "0.20",
+JPY "200", BHD "0.200"); a price below the minor unit per email is written per a
+number of emails (`amount: "0.02"`, `per: 100` is $0.0002 an email).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 from datetime import time
 from typing import Any
 
+from policies.currency import USD, Currency
 from policies.money import MoneyError, parse_money
 from policies.parts import BlockCharge, Funding, InPeriodCharge, Invoicing, ResultPrices, ThresholdCharge
 from policies.periods import PeriodSpec
@@ -62,16 +66,18 @@ def _int(data: Mapping[str, Any], key: str, path: str, minimum: int = 0) -> int 
     return value
 
 
-def _money(data: Mapping[str, Any], key: str, path: str) -> int | None:
+def _money(data: Mapping[str, Any], key: str, path: str, currency: Currency) -> int | None:
     if key not in data or data[key] is None:
         return None
     value = data[key]
     if isinstance(value, float):
         raise PlanError(f"{path}.{key}", f'write money as a quoted string like "{value}", never a float')
     try:
-        micros = parse_money(value)
+        micros = parse_money(value, currency)
     except MoneyError as error:
-        raise PlanError(f"{path}.{key}", str(error)) from None
+        hint = "; a smaller price per email is written per a number of emails (per: 1000)" if (
+            "decimals" in str(error)) else ""
+        raise PlanError(f"{path}.{key}", f"{error}{hint}") from None
     if micros < 0:
         raise PlanError(f"{path}.{key}", "must not be negative")
     return micros
@@ -105,14 +111,14 @@ def parse_period(data: Any, path: str) -> PeriodSpec:
     return spec
 
 
-def _parse_tiers(data: Any, path: str) -> tuple[Tier, ...]:
+def _parse_tiers(data: Any, path: str, currency: Currency) -> tuple[Tier, ...]:
     if not isinstance(data, list) or not data:
         raise PlanError(path, "must be a non-empty list of tiers ({up_to, amount, per}; the last without up_to)")
     tiers: list[Tier] = []
     for number, item in enumerate(data):
         tier_path = f"{path}[{number}]"
         item = _mapping(item, tier_path, {"up_to", "amount", "per"})
-        amount = _required(_money(item, "amount", tier_path), "amount", tier_path)
+        amount = _required(_money(item, "amount", tier_path, currency), "amount", tier_path)
         per = _int(item, "per", tier_path, minimum=1) or 1
         tiers.append(
             Tier(up_to=_int(item, "up_to", tier_path, minimum=1), per_email=_per_email(amount, per, tier_path))
@@ -123,7 +129,7 @@ def _parse_tiers(data: Any, path: str) -> tuple[Tier, ...]:
     return tuple(tiers)
 
 
-def parse_price(data: Any, path: str) -> UnitPrice:
+def parse_price(data: Any, path: str, currency: Currency = USD) -> UnitPrice:
     if data is None:
         return FlatPrice(0)
     if not isinstance(data, Mapping):
@@ -131,29 +137,29 @@ def parse_price(data: Any, path: str) -> UnitPrice:
     kind = data.get("kind")
     if kind == "flat":
         data = _mapping(data, path, {"kind", "amount", "per"})
-        amount = _required(_money(data, "amount", path), "amount", path)
+        amount = _required(_money(data, "amount", path, currency), "amount", path)
         return FlatPrice(_per_email(amount, _int(data, "per", path, minimum=1) or 1, path))
     if kind in ("graduated", "volume"):
         data = _mapping(data, path, {"kind", "tiers"})
-        tiers = _parse_tiers(data.get("tiers"), f"{path}.tiers")
+        tiers = _parse_tiers(data.get("tiers"), f"{path}.tiers", currency)
         return GraduatedPrice(tiers) if kind == "graduated" else VolumePrice(tiers)
     if kind == "per_block":
         data = _mapping(data, path, {"kind", "amount", "block_emails"})
         return BlockPrice(
             block_emails=_required(_int(data, "block_emails", path, minimum=1), "block_emails", path),
-            per_block=_required(_money(data, "amount", path), "amount", path),
+            per_block=_required(_money(data, "amount", path, currency), "amount", path),
         )
     raise PlanError(f"{path}.kind", f"must be flat, graduated, volume or per_block, got {kind!r}")
 
 
-def parse_result_prices(data: Any, path: str) -> ResultPrices:
+def parse_result_prices(data: Any, path: str, currency: Currency = USD) -> ResultPrices:
     data = _mapping(data, path, {"per", "delivered", "soft_bounced", "invalid", "hard_bounced"})
     if "invalid" in data and "hard_bounced" in data:
         raise PlanError(f"{path}.hard_bounced", "give invalid or hard_bounced (the same category), not both")
     per = _int(data, "per", path, minimum=1) or 1
     prices: dict[str, int] = {}
     for key in ("delivered", "soft_bounced", "invalid", "hard_bounced"):
-        amount = _money(data, key, path)
+        amount = _money(data, key, path, currency)
         if amount is not None:
             prices["hard_bounced" if key == "invalid" else key] = _per_email(amount, per, f"{path}.{key}")
     if not prices:
@@ -161,7 +167,7 @@ def parse_result_prices(data: Any, path: str) -> ResultPrices:
     return ResultPrices(**prices)
 
 
-def parse_in_period_charge(data: Any, path: str) -> InPeriodCharge | None:
+def parse_in_period_charge(data: Any, path: str, currency: Currency = USD) -> InPeriodCharge | None:
     if data is None:
         return None
     if not isinstance(data, Mapping):
@@ -169,14 +175,14 @@ def parse_in_period_charge(data: Any, path: str) -> InPeriodCharge | None:
     kind = data.get("kind")
     if kind == "threshold":
         data = _mapping(data, path, {"kind", "amount"})
-        return ThresholdCharge(amount=_required(_money(data, "amount", path), "amount", path))
+        return ThresholdCharge(amount=_required(_money(data, "amount", path, currency), "amount", path))
     if kind == "per_block":
         _mapping(data, path, {"kind"})
         return BlockCharge()
     raise PlanError(f"{path}.kind", f"must be threshold or per_block, got {kind!r}")
 
 
-def parse_funding(data: Any, path: str) -> Funding:
+def parse_funding(data: Any, path: str, currency: Currency = USD) -> Funding:
     if data is None:
         return Funding()
     data = _mapping(data, path, {"kind", "net_days", "overdraft_allowance"})
@@ -186,7 +192,7 @@ def parse_funding(data: Any, path: str) -> Funding:
     return Funding(
         kind=kind,
         net_days=_int(data, "net_days", path) or 0,
-        overdraft_allowance=_money(data, "overdraft_allowance", path),
+        overdraft_allowance=_money(data, "overdraft_allowance", path, currency),
     )
 
 
@@ -219,8 +225,8 @@ def parse_alerts(data: Any, path: str) -> tuple[int, ...]:
 DEFAULT_USAGE_ALERTS: tuple[int, ...] = (75, 90, 100)
 
 
-def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
-    """Build a Plan from its config mapping, or raise PlanError naming the key."""
+def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency = USD) -> Plan:
+    """Build a Plan in `currency` from its config mapping, or raise PlanError naming the key."""
     path = path or f"plans.{name}"
     if not isinstance(data, Mapping):
         raise PlanError(path, "must be a mapping of plan parts")
@@ -242,7 +248,7 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
     display_name = data.get("display_name")
     if display_name is not None and not isinstance(display_name, str):
         raise PlanError(f"{path}.display_name", "must be text")
-    fee = _money(data, "plan_fee", path)
+    fee = _money(data, "plan_fee", path, currency)
     quota = _int(data, "email_quota", path)
     included = _int(data, "included_emails", path) or 0
     if "usage_alerts" in data:
@@ -259,17 +265,19 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
             included_emails=included,
             plan_fee=fee or 0,
             billable=billable,
-            price=parse_price(data.get("price"), f"{path}.price"),
+            price=parse_price(data.get("price"), f"{path}.price", currency),
             result_prices=(
-                parse_result_prices(data["result_prices"], f"{path}.result_prices")
+                parse_result_prices(data["result_prices"], f"{path}.result_prices", currency)
                 if billable == "results"
                 else ResultPrices()
             ),
-            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge"),
-            spending_limit=_money(data, "spending_limit", path),
-            funding=parse_funding(data.get("funding"), f"{path}.funding"),
+            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge",
+                                                   currency),
+            spending_limit=_money(data, "spending_limit", path, currency),
+            funding=parse_funding(data.get("funding"), f"{path}.funding", currency),
             invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),
             usage_alerts=alerts,
+            currency=currency,
         )
     except PlanError as error:
         prefix = f"plans.{name}"
@@ -278,8 +286,8 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
         raise
 
 
-def parse_plans(data: Any, path: str = "plans") -> dict[str, Plan]:
-    """Every plan under a config's `plans:` mapping, by name."""
+def parse_plans(data: Any, path: str = "plans", currency: Currency = USD) -> dict[str, Plan]:
+    """Every plan under a config's `plans:` mapping, by name, all in the one billing currency."""
     if not isinstance(data, Mapping) or not data:
         raise PlanError(path, "must be a non-empty mapping of plan name to plan")
-    return {str(name): parse_plan(str(name), body, f"{path}.{name}") for name, body in data.items()}
+    return {str(name): parse_plan(str(name), body, f"{path}.{name}", currency) for name, body in data.items()}

@@ -29,14 +29,23 @@ from aiosmtplib.email import parse_address
 
 from relay.data import crlf_line_ends, has_bare_newline
 from relay.observe import NoObserver, RelayObserver
-from relay.dsn import FailedRecipient, build_dsn
+from relay.dsn import FailedRecipient, build_dsn, reply_codes
 from relay.spool import Envelope, QueueState, RecipientState, Spool
 
 
 class ResultSink(Protocol):
-    """Where per-recipient results go (the meter). Raises when it cannot record."""
+    """Where per-recipient results go (the meter). Raises when it cannot record.
 
-    async def record_result(self, queue_id: str, recipient: str, result: str, detail: str = "") -> bool: ...
+    result: the delivery verdict (delivered, deferred, soft_bounced: temporary failures
+    until `max_age`, hard_bounced: refused permanently); detail: the reply behind it, and
+    code / enhanced its reply code and enhanced status code when it has them. What the
+    verdict bills as is the meter's business, not the relay's.
+    """
+
+    async def record_result(
+        self, queue_id: str, recipient: str, result: str, detail: str = "",
+        code: int | None = None, enhanced: str | None = None,
+    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # delivered | deferred | hard_bounced
+    status: str  # delivered | deferred (retried) | hard_bounced (refused for good, not retried)
     reply: str
 
 
@@ -267,8 +276,11 @@ class Delivery:
         """
         changed = False
         for recipient in state.unreported():
+            code, enhanced = reply_codes(recipient.reply)
             try:
-                await self.results.record_result(state.queue_id, recipient.address, recipient.status, recipient.reply)
+                await self.results.record_result(
+                    state.queue_id, recipient.address, recipient.status, recipient.reply, code, enhanced
+                )
             except Exception as error:
                 self.log.warning("delivery.report_failed", queue_id=state.queue_id, error=repr(error))
                 if changed:
@@ -597,10 +609,20 @@ LARGE_MESSAGE = 1024 * 1024  # bodies above this are sent from a process of thei
 
 
 def _classify(code: int, message: str) -> Outcome:
+    """Retry or not, from the reply code (RFC 5321 4.2.1): 2yz delivered, 4yz deferred and
+    retried, 5yz refused for good. What a failure bills as is not decided here.
+
+    One exception, RFC 5321 4.5.3.1.10: some servers still answer "too many recipients"
+    with RFC 821's 552 instead of 452, and a client SHOULD treat that as temporary; the
+    enhanced code X.5.3 says which 552 it is.
+    """
     reply = f"{code} {message}".strip()
     if 200 <= code < 300:
         return Outcome("delivered", reply)
     if 400 <= code < 500:
+        return Outcome("deferred", reply)
+    _, enhanced = reply_codes(reply)
+    if code == 552 and enhanced is not None and enhanced.endswith(".5.3"):
         return Outcome("deferred", reply)
     return Outcome("hard_bounced", reply)
 

@@ -13,9 +13,10 @@ from email.parser import BytesHeaderParser
 from email.policy import SMTP, SMTPUTF8, compat32
 from email.utils import format_datetime, make_msgid
 
-# The enhanced status code right after the reply code ("452 4.2.2 Mailbox full"),
-# never a dotted number elsewhere in the text (an IP address in a connection error).
-_STATUS = re.compile(r"^[245]\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})\b")
+# The reply code at the start of a reply, and the enhanced status code right after it
+# ("452 4.2.2 Mailbox full"), never a dotted number elsewhere in the text (an IP
+# address in a connection error, which has no reply code at all).
+_REPLY = re.compile(r"^([2-5]\d\d)(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b|[ -]|$)")
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,20 @@ class FailedRecipient:
     permanent: bool
 
 
+def reply_codes(reply: str) -> tuple[int | None, str | None]:
+    """The reply code and enhanced status code a reply starts with ("552 5.2.2 ..." ->
+    (552, "5.2.2")); None for what it lacks (our own "connection ... failed" has neither)."""
+    match = _REPLY.match(reply)
+    if match is None:
+        return None, None
+    return int(match.group(1)), match.group(2)
+
+
 def status_of(failure: FailedRecipient) -> str:
     """The enhanced status code for the DSN: the server's own if its class fits, else 5.0.0 / 4.4.7."""
-    match = _STATUS.match(failure.reply)
-    if match and match.group(1) == ("5" if failure.permanent else "4"):
-        return ".".join(match.groups())
+    _, enhanced = reply_codes(failure.reply)
+    if enhanced is not None and enhanced[0] == ("5" if failure.permanent else "4"):
+        return enhanced
     return "5.0.0" if failure.permanent else "4.4.7"
 
 

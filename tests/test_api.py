@@ -105,7 +105,7 @@ async def test_every_admin_route_needs_a_valid_bearer_token(api: Api) -> None:
     status, doc = await api.call("GET", "/openapi.json", token=None)
     guarded = [(method, re.sub(r"{\w+}", "x", path)) for path, item in doc["paths"].items()
                for method, operation in item.items() if operation.get("security") != []]
-    assert len(guarded) == 16
+    assert len(guarded) == 18
     for method, path in guarded:
         status, body = await api.call(method.upper(), path, {}, token=None)
         assert status == 401 and body["error"].startswith("authentication required"), (method, path)

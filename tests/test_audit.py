@@ -7,6 +7,7 @@ import getpass
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from mailmeter.audit import account_view
 from metering.meter import Meter, UnknownAccount
 from metering.sqlite_store import AuditDraft, DuplicateEvent, SqliteStore
+from policies.currency import USD
 from policies.plans import parse_plans
 from tests.conftest import PASSWORD, write_config
 from tests.test_api import BILLING_TOKEN, NEW_ACCOUNT, Api, start_api  # noqa: F401 (a fixture)
@@ -101,7 +103,7 @@ async def meter(tmp_path: Path) -> Any:
 
 def _draft(action: str, target: str = "app", event_id: str | None = None) -> AuditDraft:
     return AuditDraft(at=datetime.now(UTC), actor="test", action=action, target=target,
-                      view=account_view, event_id=event_id)
+                      view=partial(account_view, currency=USD), event_id=event_id)
 
 
 async def test_an_audit_event_commits_or_rolls_back_with_its_change(meter: Meter) -> None:

@@ -89,16 +89,16 @@ async def test_webhook_gateway_signs_retries_and_blocks_on_decline(
     grant = await relay.meter.reserve("app", None, 16)
     await relay.meter.commit(grant.hold_id, "Q1", 16)
     payments.script = [(503, {}), (200, {"status": "succeeded"}), (200, {"status": "failed", "reason": "card declined"})]
-    assert await billing.collect_charges() == (1, 0)  # block/1 gets a 503 (retried later), block/2 succeeds
-    assert await billing.collect_charges() == (0, 0)  # block/1 is not due yet: backoff
+    assert await billing.collect_charges() == (1, 0, 0)  # block/1 gets a 503 (retried later), block/2 succeeds
+    assert await billing.collect_charges() == (0, 0, 0)  # block/1 is not due yet: backoff
     await asyncio.sleep(1.1)
-    assert await billing.collect_charges() == (0, 1)  # the retry of block/1 is declined
+    assert await billing.collect_charges() == (0, 1, 0)  # the retry of block/1 is declined
     keys = [key for key, _ in payments.received]
     assert keys[0].endswith("/block/1") and keys[1].endswith("/block/2")
     assert keys[2] == keys[0]  # the retry reuses the idempotency key
     assert payments.received[0][1]["amount"] == "1.00" and payments.received[0][1]["amount_micros"] == 1_000_000
     assert payments.bad_signatures == 0
-    assert await billing.collect_charges() == (0, 0)  # nothing is ever sent twice
+    assert await billing.collect_charges() == (0, 0, 0)  # nothing is ever sent twice
     assert len(payments.received) == 3
     # The declined charge blocked the account: the next SMTP transaction is deferred.
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10)

@@ -63,7 +63,8 @@ def test_quota_only_plans_keep_working() -> None:
         ({"emails_quota": 1}, "plans.p.emails_quota"),
         ({"email_quota": "10"}, "plans.p.email_quota"),
         ({"price": {"kind": "flat", "amount": 0.0002}}, "plans.p.price.amount"),
-        ({"price": {"kind": "flat", "amount": "0.0001", "per": 1000}}, "plans.p.price.per"),
+        ({"price": {"kind": "flat", "amount": "1", "per": 3}}, "plans.p.price.per"),
+        ({"price": {"kind": "flat", "amount": "0.0001", "per": 1000}}, "plans.p.price.amount"),
         ({"price": {"kind": "flat"}}, "plans.p.price.amount"),
         ({"price": {"kind": "tiered"}}, "plans.p.price.kind"),
         (

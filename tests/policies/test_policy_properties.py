@@ -30,7 +30,8 @@ from policies.charges import Charge, charged_total, charges_due
 from policies.decision import Refusal, admit
 from policies.invoice import close_period
 from policies.limits import email_quota, included_emails, spending_limit
-from policies.money import display_money
+from policies.currency import USD
+from policies.money import format_money
 from policies.periods import Period, period_containing
 from policies.plans import Plan, parse_plan
 from policies.preview import preview
@@ -41,7 +42,19 @@ CENT = 10_000
 
 
 def money(micros: int) -> str:
-    return display_money(micros, symbol="")
+    """An amount as the config writes it; amounts are whole cents (USD's minor unit)."""
+    assert micros % CENT == 0
+    return format_money(micros, USD)
+
+
+def per_email(micros: int) -> dict[str, Any]:
+    """A price of `micros` per email, written as the config must: whole cents per 10,000 emails."""
+    return {"amount": money(micros * 10_000), "per": 10_000}
+
+
+def cents(draw: st.DrawFn, low: int, high: int) -> int:
+    """Micros of a whole number of cents in [low, high] micros."""
+    return draw(st.integers(min_value=-(-low // CENT), max_value=high // CENT)) * CENT
 
 
 @st.composite
@@ -49,7 +62,7 @@ def tier_list(draw: st.DrawFn) -> list[dict[str, Any]]:
     bounds = sorted(draw(st.sets(st.integers(min_value=1, max_value=400), max_size=3)))
     tiers: list[dict[str, Any]] = []
     for up_to in [*bounds, None]:
-        tier: dict[str, Any] = {"amount": money(draw(st.integers(min_value=0, max_value=3_000)))}
+        tier: dict[str, Any] = per_email(draw(st.integers(min_value=0, max_value=3_000)))
         if up_to is not None:
             tier["up_to"] = up_to
         tiers.append(tier)
@@ -63,19 +76,20 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
     funding_kind = draw(st.sampled_from(["prepaid", "postpaid", "postpaid"]))
     funding: dict[str, Any] = {"kind": funding_kind, "net_days": draw(st.sampled_from([0, 14]))}
     if funding_kind == "postpaid" and draw(st.booleans()):
-        funding["overdraft_allowance"] = money(draw(st.integers(min_value=0, max_value=300_000)))
+        funding["overdraft_allowance"] = money(cents(draw, 0, 300_000))
     config["funding"] = funding
     if draw(st.booleans()):
         config["plan_fee"] = money(draw(st.integers(min_value=0, max_value=2_000)) * CENT)
     if draw(st.integers(min_value=0, max_value=2)) == 0:
         config["email_quota"] = draw(st.integers(min_value=0, max_value=600))
     if draw(st.integers(min_value=0, max_value=2)) == 0:
-        config["spending_limit"] = money(draw(st.integers(min_value=0, max_value=300_000)))
+        config["spending_limit"] = money(cents(draw, 0, 300_000))
     if draw(st.integers(min_value=0, max_value=3)) == 0:
         config["billable"] = "results"
         config["result_prices"] = {
-            key: money(draw(st.integers(min_value=0, max_value=3_000)))
-            for key in ("delivered", "soft_bounced", "invalid")
+            "per": 10_000,
+            **{key: per_email(draw(st.integers(min_value=0, max_value=3_000)))["amount"]
+               for key in ("delivered", "soft_bounced", "invalid")},
         }
         return config
     config["included_emails"] = draw(st.integers(min_value=0, max_value=60))
@@ -83,7 +97,7 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
     may_charge = funding_kind == "postpaid"
     may_charge_blocks = may_charge and "overdraft_allowance" not in funding
     if kind == "flat":
-        config["price"] = {"kind": "flat", "amount": money(draw(st.integers(min_value=0, max_value=3_000)))}
+        config["price"] = {"kind": "flat", **per_email(draw(st.integers(min_value=0, max_value=3_000)))}
     elif kind in ("graduated", "volume"):
         config["price"] = {"kind": kind, "tiers": draw(tier_list())}
     else:
@@ -91,7 +105,7 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
         per_block = (
             draw(st.integers(min_value=1, max_value=5)) * CENT
             if charged
-            else draw(st.integers(min_value=0, max_value=30_000))
+            else cents(draw, 0, 30_000)
         )
         config["price"] = {
             "kind": "per_block",
@@ -293,7 +307,7 @@ def charging_plans(draw: st.DrawFn) -> dict[str, Any]:
         config["in_period_charge"] = {"kind": "per_block"}
     else:
         if draw(st.booleans()):
-            config["price"] = {"kind": "flat", "amount": money(draw(st.integers(min_value=1, max_value=3_000)))}
+            config["price"] = {"kind": "flat", **per_email(draw(st.integers(min_value=1, max_value=3_000)))}
         else:
             config["price"] = {"kind": "graduated", "tiers": draw(tier_list())}
         config["in_period_charge"] = {
@@ -301,9 +315,9 @@ def charging_plans(draw: st.DrawFn) -> dict[str, Any]:
             "amount": money(draw(st.integers(min_value=1, max_value=4)) * CENT),
         }
     if draw(st.booleans()):
-        config["spending_limit"] = money(draw(st.integers(min_value=100_000, max_value=2_000_000)))
+        config["spending_limit"] = money(cents(draw, 100_000, 2_000_000))
     if draw(st.booleans()) and config["in_period_charge"]["kind"] == "threshold":
-        config["funding"]["overdraft_allowance"] = money(draw(st.integers(min_value=50_000, max_value=500_000)))
+        config["funding"]["overdraft_allowance"] = money(cents(draw, 50_000, 500_000))
     return config
 
 
