@@ -166,6 +166,11 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_target ON audit_events (target, id);
     """,
+    # 4: plan changes and a period's history (see metering/schema.py).
+    """
+    ALTER TABLE accounts ADD COLUMN plan_change TEXT COLLATE "C";
+    ALTER TABLE period_usage ADD COLUMN history TEXT COLLATE "C";
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

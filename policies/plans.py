@@ -38,6 +38,7 @@ PLAN_KEYS = frozenset(
         "funding",
         "invoicing",
         "usage_alerts",
+        "rank",
     }
 )
 
@@ -270,6 +271,7 @@ def parse_plan(name: str, data: Any, path: str | None = None) -> Plan:
             funding=parse_funding(data.get("funding"), f"{path}.funding"),
             invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),
             usage_alerts=alerts,
+            rank=_int(data, "rank", path),
         )
     except PlanError as error:
         prefix = f"plans.{name}"
