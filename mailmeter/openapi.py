@@ -181,6 +181,7 @@ SCHEMAS: dict[str, Any] = {
             "included_emails": COUNT, "email_quota": {"type": ["integer", "null"]},
             "spending_limit": OPTIONAL_MONEY, "in_period_charge": {"enum": ["threshold", "per_block", None]},
             "funding": ANY_OBJECT,
+            "rank": {"type": ["integer", "null"], "description": "the plan's place in upgrades (higher: bigger)"},
         },
     },
     "PreviewEvent": {
