@@ -148,7 +148,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "account": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
             "change": {"enum": ["upgrade", "downgrade", "unchanged", "cancelled"]},
-            "at_once": {"type": "boolean", "description": "true: in force now; false: from `effective`, the period's end"},
+            "at_once": {"type": "boolean",
+                        "description": "true: in force now; false: from `effective`, the period's end"},
             "effective": {"type": "string", "format": "date-time"}, "reason": {"type": "string"},
             "plan": {"type": "string", "description": "the plan in force now"},
             "plan_change": {"type": ["object", "null"], "description": "the change waiting for the period's end"},
@@ -188,7 +189,8 @@ SCHEMAS: dict[str, Any] = {
         "description": "Happens once `at` emails of the preview were attempted",
         "oneOf": [
             {"type": "object", "additionalProperties": False, "required": ["at", "type", "which"],
-             "properties": {"at": COUNT, "type": {"const": "limit"}, "which": {"enum": ["included", "quota", "spending"]},
+             "properties": {"at": COUNT, "type": {"const": "limit"},
+                            "which": {"enum": ["included", "quota", "spending"]},
                             "emails": COUNT, "amount": OPTIONAL_MONEY}},
             {"type": "object", "additionalProperties": False, "required": ["at", "type", "plan"],
              "properties": {"at": COUNT, "type": {"const": "plan"}, "plan": {"type": "string"}}},

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -345,19 +346,19 @@ async def test_periods_are_per_anchor_and_move_on_at_the_boundary(world: World) 
     assert world.meter.period_of(d6, end).start == end  # the next period, not the remembered one
 
 
-async def close_one(world: World, name: str, at: str) -> dict[str, object]:
+async def close_one(world: World, name: str, at: str) -> dict[str, Any]:
     """Close the account's ended periods at `at` and return its last invoice's body."""
     world.clock.set(at)
     await world.billing.close_due_periods()
     account = await world.meter.account(name)
     record = (await world.meter.store.invoices(account.id))[-1]
-    body: dict[str, object] = json.loads(record.body)
+    body: dict[str, Any] = json.loads(record.body)
     body["status"] = record.status
     return body
 
 
-def invoice_lines(body: dict[str, object]) -> list[tuple[str, str, str]]:
-    return [(line["kind"], line["description"], line["amount"]) for line in body["lines"]]  # type: ignore[attr-defined, index]
+def invoice_lines(body: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(line["kind"], line["description"], line["amount"]) for line in body["lines"]]
 
 
 async def test_model_e_limit_raised_after_the_overage_was_charged_keeps_the_charge(world: World) -> None:
