@@ -345,6 +345,12 @@ async def settle_charge(request: web.Request, service: AdminService) -> web.Resp
     return web.json_response(await service.settle_charge(key, state, _string(data, "reason") or ""))
 
 
+async def set_plan(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("plan",))
+    plan = _string(data, "plan", required=True)
+    return web.json_response(await service.set_plan(request.match_info["name"], plan))
+
+
 async def invoices(request: web.Request, service: AdminService) -> web.Response:
     return web.json_response(await service.invoices(request.match_info["name"]))
 
@@ -365,12 +371,16 @@ async def plans(request: web.Request, service: AdminService) -> web.Response:
 
 
 async def preview(request: web.Request, service: AdminService) -> web.Response:
-    data = await _body(request, ("emails", "start", "delivered", "soft_bounced", "invalid"))
+    data = await _body(request, ("emails", "start", "delivered", "soft_bounced", "invalid", "balance", "events"))
     emails = _count(data, "emails", required=True)
     assert emails is not None
+    events = data.get("events", [])
+    if not isinstance(events, list):
+        raise BadRequest('events: give a list of events like [{"at": 1000, "type": "payment", "state": "failed"}]')
     result = service.preview(
         request.match_info["name"], emails, _date(data, "start"), _count(data, "delivered"),
-        _count(data, "soft_bounced") or 0, _count(data, "invalid") or 0,
+        _count(data, "soft_bounced") or 0, _count(data, "invalid") or 0, _money(data, "balance", required=False),
+        events,
     )
     return web.json_response(result)
 
@@ -448,6 +458,7 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_put("/v1/accounts/{name}/limits/{which}", authenticated(set_limit))
     routes.add_get("/v1/accounts/{name}/charges", authenticated(charges))
     routes.add_post("/v1/charges/settle", authenticated(settle_charge))
+    routes.add_put("/v1/accounts/{name}/plan", authenticated(set_plan))
     routes.add_get("/v1/accounts/{name}/invoices", authenticated(invoices))
     routes.add_get("/v1/invoices/{id}", authenticated(invoice))
     routes.add_get("/v1/exports/{month}.csv", authenticated(export))

@@ -147,6 +147,25 @@ def cmd_charge(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def cmd_account_plan(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        result = await service.set_plan(args.name, args.plan)
+        if args.json:
+            _emit(result, True)
+            return 0
+        if result["change"] in ("unchanged", "cancelled"):
+            print(f"account {args.name}: {result['reason']}")
+        elif result["at_once"]:
+            print(f"account {args.name}: {result['change']} from plan {result['from']} to plan {result['to']},"
+                  f" in force now: {result['reason']}")
+        else:
+            print(f"account {args.name}: {result['change']} from plan {result['from']} to plan {result['to']},"
+                  f" in force from {result['effective']}: {result['reason']}")
+        return 0
+
+    return _run(config, action)
+
+
 def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         _emit(await service.set_limit(args.name, args.which, args.value), True)
@@ -195,13 +214,19 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_plan_preview(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
-        result = service.preview(args.plan, args.emails, args.start, args.delivered, args.soft_bounced, args.invalid)
+        result = service.preview(args.plan, args.emails, args.start, args.delivered, args.soft_bounced, args.invalid,
+                                 args.balance, args.event)
         if args.json:
             _emit(result, True)
             return 0
         print(f"plan {result['plan']}, period {result['period']}: {result['accepted']:,} accepted, "
               f"{result['refused']:,} refused")
         code = result["currency"]
+        for event in result["events"]:
+            effect = f": {event['change']}, {event['reason']}" if "change" in event else ""
+            print(f"  event after {event['at']:,} emails at {event['time']}: {event['type']}{effect}")
+        for run in result["refusals"]:
+            print(f"  refused emails {run['first']:,} to {run['last']:,} from {run['at']}: {run['reason']}")
         for charge in result["charges"]:
             print(f"  charge {charge['key']} at {charge['at']}: {charge['amount']} {code}")
         for line in result["invoice"]["lines"]:
@@ -210,6 +235,34 @@ def cmd_plan_preview(config: Config, args: argparse.Namespace) -> int:
         return 0
 
     return _run(config, action)
+
+
+PREVIEW_EVENT = "AT:NAME=VALUE"
+_EVENT_HELP = (
+    "after AT emails attempted: included=N, quota=N, spending=AMOUNT|none, plan=PLAN, top-up=AMOUNT,"
+    " payment=failed|ok (repeatable), e.g. 52000:included=60000"
+)
+
+
+def _event(text: str) -> dict[str, Any]:
+    """`--event 52000:included=60000` as the service's event {"at", "type", ...}."""
+    at_text, _, change = text.partition(":")
+    name, equals, value = change.partition("=")
+    if not equals or not at_text:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an event as {PREVIEW_EVENT}, like 52000:included=60000")
+    at = _count(at_text)
+    if name in ("included", "quota"):
+        return {"at": at, "type": "limit", "which": name, "emails": _count(value)}
+    if name == "spending":
+        return {"at": at, "type": "limit", "which": "spending", "amount": None if value == "none" else value}
+    if name == "plan":
+        return {"at": at, "type": "plan", "plan": value}
+    if name == "top-up":
+        return {"at": at, "type": "top_up", "amount": value}
+    if name == "payment":
+        return {"at": at, "type": "payment", "state": value}
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: {name!r} is not an event; use included, quota, spending, plan, top-up or payment")
 
 
 def _count(text: str) -> int:
@@ -257,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub(account, "show", "show one account", _simple("account", "name"))
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
+    change_plan = sub(account, "plan", "move an account to another plan (an upgrade at once, any other change"
+                                       " when the period ends)", cmd_account_plan)
+    change_plan.add_argument("name")
+    change_plan.add_argument("plan", help="a plan defined in the config")
+    change_plan.add_argument("--json", action="store_true")
 
     usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")
@@ -333,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_preview.add_argument("--delivered", type=_count)
     plan_preview.add_argument("--soft-bounced", type=_count, default=0)
     plan_preview.add_argument("--invalid", type=_count, default=0)
+    plan_preview.add_argument("--balance", help="prepaid balance to start from, like 90.00")
+    plan_preview.add_argument("--event", type=_event, action="append", default=[], metavar=PREVIEW_EVENT,
+                              help=_EVENT_HELP)
     plan_preview.add_argument("--json", action="store_true")
     return parser
 

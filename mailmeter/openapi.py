@@ -90,6 +90,10 @@ SCHEMAS: dict[str, Any] = {
             "payment_state": {"enum": ["ok", "failed"]}, "payment_detail": {"type": "string"},
             "suspended": {"type": "boolean"}, "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
             "spending_limit_override": OPTIONAL_MONEY, "has_password": {"type": "boolean"},
+            "plan_change": {"oneOf": [{"type": "null"}, {
+                "type": "object", "description": "a plan change that takes effect when the period ends",
+                "properties": {"plan": {"type": "string"}, "effective": {"type": "string", "format": "date-time"},
+                               "requested_at": {"type": "string", "format": "date-time"}}}]},
         },
     },
     "NewAccount": {
@@ -179,6 +183,22 @@ SCHEMAS: dict[str, Any] = {
             "reason": {"type": "string", "description": "what the collecting system said"},
         },
     },
+    "PlanChangeRequest": {
+        "type": "object", "additionalProperties": False, "required": ["plan"],
+        "properties": {"plan": {"type": "string", "description": "a plan the config defines"}},
+    },
+    "PlanChangeResult": {
+        "type": "object", "required": ["account", "from", "to", "change", "at_once", "effective", "reason", "plan"],
+        "properties": {
+            "account": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
+            "change": {"enum": ["upgrade", "downgrade", "unchanged", "cancelled"]},
+            "at_once": {"type": "boolean",
+                        "description": "true: in force now; false: from `effective`, the period's end"},
+            "effective": {"type": "string", "format": "date-time"}, "reason": {"type": "string"},
+            "plan": {"type": "string", "description": "the plan in force now"},
+            "plan_change": {"type": ["object", "null"], "description": "the change waiting for the period's end"},
+        },
+    },
     "InvoiceSummary": {
         "type": "object", "required": ["id", "period", "total", "amount_due", "status"],
         "properties": {
@@ -207,13 +227,31 @@ SCHEMAS: dict[str, Any] = {
             "included_emails": COUNT, "email_quota": {"type": ["integer", "null"]},
             "spending_limit": OPTIONAL_MONEY, "in_period_charge": {"enum": ["threshold", "per_block", None]},
             "funding": ANY_OBJECT,
+            "rank": {"type": ["integer", "null"], "description": "the plan's place in upgrades (higher: bigger)"},
         },
+    },
+    "PreviewEvent": {
+        "description": "Happens once `at` emails of the preview were attempted",
+        "oneOf": [
+            {"type": "object", "additionalProperties": False, "required": ["at", "type", "which"],
+             "properties": {"at": COUNT, "type": {"const": "limit"},
+                            "which": {"enum": ["included", "quota", "spending"]},
+                            "emails": COUNT, "amount": OPTIONAL_MONEY}},
+            {"type": "object", "additionalProperties": False, "required": ["at", "type", "plan"],
+             "properties": {"at": COUNT, "type": {"const": "plan"}, "plan": {"type": "string"}}},
+            {"type": "object", "additionalProperties": False, "required": ["at", "type", "amount"],
+             "properties": {"at": COUNT, "type": {"const": "top_up"}, "amount": _ref("Money")}},
+            {"type": "object", "additionalProperties": False, "required": ["at", "type", "state"],
+             "properties": {"at": COUNT, "type": {"const": "payment"}, "state": {"enum": ["failed", "ok"]}}},
+        ],
     },
     "PreviewRequest": {
         "type": "object", "additionalProperties": False, "required": ["emails"],
         "properties": {
             "emails": COUNT, "start": {"type": "string", "format": "date"}, "delivered": COUNT,
             "soft_bounced": COUNT, "invalid": COUNT,
+            "balance": {**MONEY, "description": "the prepaid balance to start from"},
+            "events": {"type": "array", "items": _ref("PreviewEvent")},
         },
     },
     "Preview": {
@@ -221,7 +259,10 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "plan": {"type": "string"}, "currency": {"type": "string"}, "period": {"type": "string"},
             "emails": COUNT, "accepted": COUNT,
-            "refused": COUNT, "refusal": {"type": ["string", "null"]},
+            "refused": COUNT, "refusal": {"type": ["string", "null"]}, "balance": _ref("Money"),
+            "refusals": {"type": "array", "items": ANY_OBJECT, "description": "each run of refused attempts"},
+            "events": {"type": "array", "items": ANY_OBJECT, "description": "the script as applied"},
+            "plan_at_end": {"type": "string"}, "plan_change": {"type": ["object", "null"]},
             "charges": {"type": "array", "items": ANY_OBJECT}, "invoice": ANY_OBJECT,
         },
     },
@@ -325,6 +366,12 @@ PATHS: dict[str, dict[str, Any]] = {
                     _json(_ref("Charge"), "The charge after the change"), body=_ref("ChargeSettlement"),
                     errors=(400, 401, 404, 409, 503)),
     },
+    "/v1/accounts/{name}/plan": {
+        "put": _op("Move the account to another plan: an upgrade at once (the invoice shows each part of the"
+                   " period under its plan), any other change when the period ends",
+                   _json(_ref("PlanChangeResult"), "What the change did and when it takes effect"),
+                   body=_ref("PlanChangeRequest"), params=[ACCOUNT], errors=(400, 401, 404, 409, 503)),
+    },
     "/v1/accounts/{name}/invoices": {
         "get": _op("The account's invoices", _json(_array("InvoiceSummary"), "Invoices, oldest first"),
                    params=[ACCOUNT], errors=(401, 404, 503)),
@@ -343,7 +390,8 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/plans": {"get": _op("The plans the config defines", _json(_array("Plan"), "Plans by name"))},
     "/v1/plans/{name}/preview": {
-        "post": _op("Run the plan's policy over one synthetic period", _json(_ref("Preview"), "Charges and invoice"),
+        "post": _op("Run the plan's policy over one synthetic period, from a prepaid balance, through scripted"
+                    " events", _json(_ref("Preview"), "Charges, refusals and invoice"),
                     body=_ref("PreviewRequest"), params=[_path("name", "The plan name")],
                     errors=(400, 401, 404)),
     },

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -26,11 +26,13 @@ import structlog
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from metering.billing import Billing
 from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
+from metering.records import in_force
 from metering.sqlite_store import AuditDraft, DuplicateEvent
-from policies import Standing, preview
+from policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
 from policies.currency import Currency, currency_for
 from policies.money import MoneyError, format_money, parse_money
 from policies.parts import ThresholdCharge
+from policies.plan import Plan
 from relay.domains import DomainError, canonical_domain
 
 
@@ -211,11 +213,13 @@ class AdminService:
         return account.public(self.meter.currency)
 
     async def accounts(self) -> list[dict[str, Any]]:
+        now = self.meter.clock()
         currency = self.meter.currency
-        return [a.public(currency) for a in await self.meter.store.list_accounts()]
+        return [in_force(a, now).public(currency) for a in await self.meter.store.list_accounts()]
 
     async def account(self, name: str) -> dict[str, Any]:
-        return (await self.meter.account(name)).public(self.meter.currency)
+        """The account as it stands now (a plan change due by now is in force)."""
+        return in_force(await self.meter.account(name), self.meter.clock()).public(self.meter.currency)
 
     async def usage(self, name: str) -> dict[str, Any]:
         return (await self.meter.usage(name)).as_json()
@@ -279,6 +283,24 @@ class AdminService:
         async with self._audit("limit.spending", name, detail):
             await self.meter.set_spending_limit(name, micros)
         return await self.usage(name)
+
+    # -- plan changes --------------------------------------------------------------------
+
+    async def set_plan(self, name: str, plan: object) -> dict[str, Any]:
+        """Move the account to `plan`: an upgrade at once, any other change when the period ends."""
+        if not isinstance(plan, str) or not plan:
+            raise AdminError("plan: name a plan the config defines (GET /v1/plans lists them)")
+        if plan not in self.meter.plans:
+            raise AdminError(f"plan {plan!r} is not defined (known: {', '.join(sorted(self.meter.plans))})")
+        previous = in_force(await self.meter.account(name), self.meter.clock()).plan
+        try:
+            async with self._audit("plan.change", name, {"plan": plan}):
+                switch = await self.meter.set_plan(name, plan)
+        except PlanChangeRefused as error:
+            raise Conflict(str(error)) from None
+        account = await self.account(name)
+        return {"account": name, "from": previous, "to": plan, **switch_json(switch),
+                "plan": account["plan"], "plan_change": account["plan_change"]}
 
     # -- the inbound payment webhook ---------------------------------------------------
 
@@ -488,6 +510,7 @@ class AdminService:
                 "in_period_charge": (None if plan.in_period_charge is None
                                      else "threshold" if isinstance(plan.in_period_charge, ThresholdCharge)
                                      else "per_block"),
+                "rank": plan.rank,
                 "funding": {
                     "kind": plan.funding.kind,
                     "net_days": plan.funding.net_days,
@@ -498,6 +521,12 @@ class AdminService:
             for name, plan in sorted(self.meter.plans.items())
         ]
 
+    def _plan(self, name: str) -> Plan:
+        plan = self.meter.plans.get(name)
+        if plan is None:
+            raise NotFound(f"plan {name!r} is not defined (known: {', '.join(sorted(self.meter.plans))})")
+        return plan
+
     def preview(
         self,
         plan_name: str,
@@ -506,18 +535,24 @@ class AdminService:
         delivered: int | None = None,
         soft_bounced: int = 0,
         invalid: int = 0,
+        balance: str | None = None,
+        events: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:
-        plan = self.meter.plans.get(plan_name)
-        if plan is None:
-            raise NotFound(f"plan {plan_name!r} is not defined (known: {', '.join(sorted(self.meter.plans))})")
+        """One simulated period of a plan, from a prepaid `balance`, following `events`
+        (each {"at": N, "type": ...}; see preview_events)."""
+        plan = self._plan(plan_name)
         if emails < 0 or soft_bounced < 0 or invalid < 0 or (delivered is not None and delivered < 0):
             raise AdminError("counts must not be negative")
         if max(emails, soft_bounced, invalid, delivered or 0) > MAX_EMAILS:
             raise AdminError(f"emails: at most {MAX_EMAILS:,} emails in a preview")
+        micros = 0 if balance is None else _money(balance, "balance", plan.currency)
+        if micros < 0:
+            raise AdminError("balance: the starting balance must not be negative")
+        script = self.preview_events(events)
         begin = datetime.combine(start or datetime.now(timezone.utc).date(), time(0), tzinfo=plan.period.zone())
         try:
-            result = preview(plan, emails, begin, standing=Standing(), delivered=delivered,
-                             soft_bounced=soft_bounced, invalid=invalid)
+            result = preview(plan, emails, begin, standing=Standing(prepaid_balance=micros), delivered=delivered,
+                             soft_bounced=soft_bounced, invalid=invalid, events=script)
         except ValueError as error:
             raise AdminError(str(error)) from None
         invoice = result.invoice
@@ -529,10 +564,21 @@ class AdminService:
             "period_start": result.period.start.isoformat(),
             "period_end": result.period.end.isoformat(),
             "emails": emails,
+            "balance": format_money(micros, currency),
             "accepted": result.accepted,
             "refused": result.refused,
             "refusal": result.refusal.value if result.refusal else None,
             "first_refused_at": result.first_refused_at.isoformat() if result.first_refused_at else None,
+            "refusals": [
+                {"first": run.first, "last": run.last, "emails": run.emails, "reason": run.reason.value,
+                 "at": run.at.isoformat()}
+                for run in result.refusals
+            ],
+            "events": [
+                {**dict(source), "time": applied.at.isoformat(),
+                 **({} if applied.switch is None else switch_json(applied.switch))}
+                for source, applied in zip(sorted(events, key=lambda e: e["at"]), result.events)
+            ],
             "charges": [
                 {
                     "key": timed.charge.key,
@@ -544,6 +590,9 @@ class AdminService:
                 }
                 for timed in result.charges
             ],
+            "plan_at_end": result.plan,
+            "plan_change": None if result.pending is None else {
+                "plan": result.pending.plan, "effective": result.pending.effective.isoformat()},
             "invoice": {
                 "invoice_date": invoice.invoice_date.isoformat(),
                 "due_date": invoice.due_date.isoformat(),
@@ -553,9 +602,84 @@ class AdminService:
                     for line in invoice.lines
                 ],
                 "total": format_money(invoice.total, currency),
+                "prepaid_applied": format_money(invoice.prepaid_applied, currency),
                 "amount_due": format_money(invoice.amount_due, currency),
+                "prepaid_balance_after": (None if invoice.prepaid_balance_after is None
+                                          else format_money(invoice.prepaid_balance_after, currency)),
             },
         }
+
+    def preview_events(self, events: Sequence[Mapping[str, Any]]) -> list[ScriptEvent]:
+        """A preview's script from JSON-like events, each {"at": N, "type": T, ...}:
+
+        limit: "which" included | quota with "emails": N, or spending with "amount": "20.00" | null;
+        plan: "plan": NAME; top_up: "amount": "25.00"; payment: "state": failed | ok.
+        """
+        if not isinstance(events, Sequence) or isinstance(events, str):
+            raise AdminError("events: give a list of events like {\"at\": 1000, \"type\": \"payment\","
+                             " \"state\": \"failed\"}")
+        script: list[ScriptEvent] = []
+        for number, event in enumerate(events):
+            where = f"events[{number}]"
+            if not isinstance(event, Mapping):
+                raise AdminError(f"{where}: give an object like {{\"at\": 1000, \"type\": \"top_up\","
+                                 " \"amount\": \"25.00\"}")
+            kind = event.get("type")
+            fields = {"at", "type", *EVENT_FIELDS.get(str(kind), ())}
+            unknown = sorted(set(event) - fields)
+            if kind not in EVENT_FIELDS:
+                raise AdminError(f"{where}.type: {kind!r} is not an event; choose {', '.join(EVENT_FIELDS)}")
+            if unknown:
+                raise AdminError(f"{where}.{unknown[0]}: unknown field; a {kind} event takes"
+                                 f" {', '.join(EVENT_FIELDS[kind])}")
+            at = event.get("at")
+            if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+                raise AdminError(f"{where}.at: give the number of emails attempted before it, like 1000")
+            script.append(self._script_event(where, at, kind, event))
+        return script
+
+    def _script_event(self, where: str, at: int, kind: str, event: Mapping[str, Any]) -> ScriptEvent:
+        if kind == "limit":
+            which = event.get("which")
+            if which == "spending":
+                amount = event.get("amount")
+                if amount is not None and not isinstance(amount, str):
+                    raise AdminError(f'{where}.amount: write the spending limit as a decimal string like "20.00",'
+                                     " or null for none")
+                micros = None if amount in (None, "none") else _money(str(amount), f"{where}.amount", self.meter.currency)
+                return ScriptEvent(at, "limit", limit="spending", value=micros)
+            if which not in ("included", "quota"):
+                raise AdminError(f"{where}.which: choose included, quota or spending")
+            return ScriptEvent(at, "limit", limit=which, value=_emails(event.get("emails"), f"{where}.emails"))
+        if kind == "plan":
+            name = event.get("plan")
+            if not isinstance(name, str) or name not in self.meter.plans:
+                raise AdminError(f"{where}.plan: {name!r} is not a plan the config defines"
+                                 f" (known: {', '.join(sorted(self.meter.plans))})")
+            return ScriptEvent(at, "plan", plan=self.meter.plans[name])
+        if kind == "top_up":
+            amount = event.get("amount")
+            if not isinstance(amount, str):
+                raise AdminError(f'{where}.amount: write the top-up as a decimal string like "25.00"')
+            return ScriptEvent(at, "top_up", value=_money(amount, f"{where}.amount", self.meter.currency))
+        state = event.get("state")
+        if state not in ("failed", "ok"):
+            raise AdminError(f"{where}.state: give failed (sending blocked) or ok (released)")
+        return ScriptEvent(at, "payment", ok=state == "ok")
+
+
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "limit": ("which", "emails", "amount"),
+    "plan": ("plan",),
+    "top_up": ("amount",),
+    "payment": ("state",),
+}
+
+
+def switch_json(switch: PlanSwitch) -> dict[str, Any]:
+    """What a plan change request did, as the CLI, the API and a preview show it."""
+    return {"change": switch.kind, "at_once": switch.at_once, "effective": switch.effective.isoformat(),
+            "reason": switch.reason}
 
 
 __all__ = ["AdminError", "AdminService", "Conflict", "NotFound", "UnknownAccount"]

@@ -20,7 +20,7 @@ import structlog
 
 from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
 from metering.meter import Meter, standing_of
-from metering.records import Account
+from metering.records import Account, in_force
 from metering.sqlite_store import InvoiceRecord
 from metering.store import Row
 from policies import Charge, Invoice, Plan, close_period
@@ -197,7 +197,12 @@ class Billing:
                 continue
             period = self._first_open_period(account, plan, last_invoiced.get(account.id))
             while period.end <= now:
-                invoice_key = await self._close(account, plan, period, now)
+                # The plan the period ran under: a change due by its start is in force in it.
+                in_period = in_force(account, period.start)
+                if in_period.plan not in self.meter.plans:
+                    self.log.error("billing.unknown_plan", account=account.name, plan=in_period.plan)
+                    break
+                invoice_key = await self._close(in_period, period, now)
                 if invoice_key is None:
                     break  # not issued yet (model C: 15:00 on the 1st)
                 closed.append(invoice_key)
@@ -205,7 +210,9 @@ class Billing:
                 period = next_period(plan.period, period, account.subscribed_on)
         return closed
 
-    async def _close(self, account: Account, plan: Plan, period: Period, now: datetime) -> str | None:
+    async def _close(self, account: Account, period: Period, now: datetime) -> str | None:
+        """Invoice `period` of `account` (as in force in the period), unless it is not issued yet."""
+        plan = self.meter.plan_of(account)
         usage = await self.store.usage(account.id, period.key)
         charge_rows = await self.store.charges_of(account.id, period.key)
         invoice = close_period(plan, standing_of(account, period), usage, period, stored_charges(charge_rows))

@@ -21,26 +21,28 @@ from typing import Any, Protocol, cast
 from metering.batching import Batcher
 from metering.leases import LeaseBook, LeaseSettings, LeasingStore
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.records import Account, Grant, Result, ResultReport
+from metering.records import Account, AccountUpdate, Grant, Result, ResultReport, in_force
 from metering.sqlite_store import Settlement, StoreUnavailable
 from metering.store import Store
 from policies import (
     Admission,
-    LimitChange,
     Plan,
+    PlanSwitch,
     Refusal,
     Standing,
     Usage,
     admit,
     admit_lease,
     blocking_refusal,
+    change_limit,
     charges_due,
     headroom,
+    switch_plan,
     unbilled,
     usage_alerts_due,
     usage_screen,
 )
-from policies.limits import email_quota, included_emails
+from policies.changes import LimitName
 from policies.currency import USD, Currency
 from policies.money import format_money
 from policies.results import classify, classify_failure
@@ -109,7 +111,9 @@ def too_wide(network: IPNetwork) -> int | None:
 
 
 def standing_of(account: Account, period: Period) -> Standing:
-    """The account facts for decisions in `period`, with limit changes resolved for it."""
+    """The account facts for decisions in `period`, with limit changes resolved for it (and
+    a plan change due by its start in force, which drops the account's own limits)."""
+    account = in_force(account, period.start)
     return Standing(
         payment_ok=account.payment_ok,
         suspended=account.suspended,
@@ -230,13 +234,20 @@ class Meter:
 
     # -- accounts -----------------------------------------------------------
 
-    def plan_of(self, account: Account) -> Plan:
+    def plan_of(self, account: Account, period: Period | None = None) -> Plan:
+        """The account's plan; in `period` when given (a plan change due by its start is in force)."""
+        if period is not None:
+            account = in_force(account, period.start)
         plan = self.plans.get(account.plan)
         if plan is None:
             raise UnknownPlan(
                 f"account {account.name!r} is on plan {account.plan!r}, which the config does not define"
             )
         return plan
+
+    def terms(self, account: Account, period: Period) -> tuple[Plan, Standing]:
+        """The plan and the standing that decide for the account in `period`."""
+        return self.plan_of(account, period), standing_of(account, period)
 
     def period_of(self, account: Account, at: datetime | None = None) -> Period:
         return self._period(self.plan_of(account).period, at or self.clock(), account.subscribed_on)
@@ -323,11 +334,11 @@ class Meter:
         if found is None:
             raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
         account, usage = found
-        standing = standing_of(account, period)
+        plan, standing = self.terms(account, period)
         blocked = blocking_refusal(standing)
         if blocked is not None:
             return account.domains, blocked
-        room, refusal = headroom(self.plan_of(account), standing, usage)
+        room, refusal = headroom(plan, standing, usage)
         return account.domains, refusal if room == 0 else None
 
     async def account_for_client(self, address: str) -> str | None:
@@ -373,19 +384,61 @@ class Meter:
         """Model D: the account's spending limit, at once (raising it resumes sending)."""
         if micros is not None and micros < 0:
             raise ValueError("the spending limit must not be negative")
-        if not await self.store.set_spending_limit(name, micros):
-            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+        await self._change_limit(name, "spending", micros)
 
     async def set_email_limit(self, name: str, which: str, emails: int) -> None:
-        """Model E: an increase applies at once, a decrease when the period ends."""
+        """Model E: an increase applies at once, a decrease when the period ends; the emails
+        already sent keep their prices (the period's history keeps them)."""
         if emails < 0:
             raise ValueError("the email limit must not be negative")
-        account = await self.account(name)
-        plan = self.plan_of(account)
-        standing = standing_of(account, self.period_of(account))
-        previous = included_emails(plan, standing) if which == "included" else email_quota(plan, standing)
-        change = LimitChange(previous=previous, new=emails, changed_at=self.clock())
-        await self.store.set_limit_change(name, which, change)
+        if which not in ("included", "quota"):
+            raise ValueError("the email limit is included or quota")
+        await self._change_limit(name, "included" if which == "included" else "quota", emails)
+
+    async def _change_limit(self, name: str, which: LimitName, value: int | None) -> None:
+        now = self.clock()
+        period = self.period_of(await self.account(name), now)
+
+        def change(account: Account, usage: Usage) -> AccountUpdate:
+            plan, standing = self.terms(account, period)
+            outcome = change_limit(plan, standing, usage, which, value, now, period)
+            field = {"included": "included_change", "quota": "quota_change"}.get(which, "spending_limit_override")
+            stored = outcome.spending if which == "spending" else outcome.change
+            return AccountUpdate(fields={field: stored}, history=outcome.history)
+
+        if await self.store.change_account(name, period.key, now, change) is None:
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+
+    async def set_plan(self, name: str, plan_name: str) -> PlanSwitch:
+        """Move the account to another plan: an upgrade at once, anything else when the period
+        ends (policies/changes.py). Raises UnknownPlan, PlanChangeRefused, UnknownAccount."""
+        new = self.plans.get(plan_name)
+        if new is None:
+            raise UnknownPlan(
+                f"plan {plan_name!r} is not defined in the config (known: {', '.join(sorted(self.plans))})"
+            )
+        now = self.clock()
+        period = self.period_of(await self.account(name), now)
+
+        def change(account: Account, usage: Usage) -> AccountUpdate:
+            plan, standing = self.terms(account, period)
+            switch = switch_plan(plan, new, standing, usage, period, now, account.plan_change)
+            if switch.kind == "unchanged":
+                return AccountUpdate(outcome=switch)
+            if switch.kind == "cancelled" or not switch.at_once:
+                return AccountUpdate(fields={"plan_change": switch.pending}, outcome=switch)
+            return AccountUpdate(
+                fields={"plan": new.name, "plan_change": None, "included_change": None, "quota_change": None,
+                        "spending_limit_override": None},
+                history=switch.history,
+                outcome=switch,
+            )
+
+        update = await self.store.change_account(name, period.key, now, change)
+        if update is None:
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+        switch: PlanSwitch = update.outcome
+        return switch
 
     # -- the metering hook ----------------------------------------------------
 
@@ -411,23 +464,27 @@ class Meter:
 
         More for an existing hold go into it, in its period; a hold of another account
         raises HoldAccountMismatch (a session's account cannot change inside a transaction).
+        The plan and standing are those of the account as read inside the transaction
+        (a plan change is seen at once); the period comes from the cached identity: a
+        plan change never changes how an account's time is cut into periods.
         """
         account = await self._identity(name)
-        plan = self.plan_of(account)
         period = self.period_of(account)
         hold = hold_id or secrets.token_hex(12)
         if self.leases is not None:
             block = self.leases.settings.emails
 
             def decide_lease(current: Account, usage: Usage) -> Admission:
-                return admit_lease(plan, standing_of(current, period), usage, emails, block)
+                plan, standing = self.terms(current, period)
+                return admit_lease(plan, standing, usage, emails, block)
 
             admission = await self.leases.reserve(account.id, period.key, hold, emails, decide_lease)
             refusal = admission.refusal.value if admission.refusal else None
             return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
 
         def decide(current: Account, usage: Usage) -> Admission:
-            return admit(plan, standing_of(current, period), usage, emails)
+            plan, standing = self.terms(current, period)
+            return admit(plan, standing, usage, emails)
 
         admission = await self.store.reserve(account.id, period.key, hold, self.node, emails, self.clock(), decide)
         refusal = admission.refusal.value if admission.refusal else None
@@ -446,9 +503,9 @@ class Meter:
 
         def settle(account: Account, usage: Usage, last_seq: int, period_key: str) -> Settlement:
             # The hold's period, not the clock's: a transaction may straddle a period boundary.
-            plan = plans[account.plan]
-            period = self._period(plan.period, datetime.fromisoformat(period_key), account.subscribed_on)
-            standing = standing_of(account, period)
+            spec = plans[account.plan].period  # every plan an account changes between cuts periods alike
+            period = self._period(spec, datetime.fromisoformat(period_key), account.subscribed_on)
+            plan, standing = self.terms(account, period)
             charges = charges_due(plan, standing, usage, after_index=last_seq)
             notices = [
                 (alert.key, json.dumps({"kind": "usage_alert", "percent": alert.percent, "limit": alert.limit,
@@ -523,9 +580,9 @@ class Meter:
 
     async def usage(self, name: str, at: datetime | None = None) -> UsageReport:
         account = await self.account(name)
-        plan = self.plan_of(account)
         period = self.period_of(account, at)
-        standing = standing_of(account, period)
+        plan, standing = self.terms(account, period)
+        account = in_force(account, period.start)
         usage = await self.store.usage(account.id, period.key, account.awaiting_results)
         room, _ = headroom(plan, standing, usage)
         rows = await self.store.breakdown(account.id, period.key)

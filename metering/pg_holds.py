@@ -13,9 +13,10 @@ from datetime import datetime
 import asyncpg
 
 from metering.pg_ledger import PgLedger
-from metering.records import Account
+from metering.records import Account, history_from_json, history_to_json
 from metering.sqlite_store import Settlement, account_core
 from policies.decision import Usage
+from policies.history import History
 
 
 class PgHolds(PgLedger):
@@ -28,7 +29,7 @@ class PgHolds(PgLedger):
             "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
             " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, u.accepted AS usage_accepted,"
             " u.reserved AS usage_reserved, u.delivered AS usage_delivered, u.soft_bounced AS usage_soft_bounced,"
-            " u.hard_bounced AS usage_hard_bounced"
+            " u.hard_bounced AS usage_hard_bounced, u.history AS usage_history"
             " FROM accounts a LEFT JOIN period_usage u ON u.account_id = a.id AND u.period_key = $2"
             " WHERE a.id = $1",
             account_id, period_key,
@@ -45,6 +46,16 @@ class PgHolds(PgLedger):
             soft_bounced=row["usage_soft_bounced"],
             hard_bounced=row["usage_hard_bounced"],
             awaiting_results=account.awaiting_results,
+            history=history_from_json(row["usage_history"]),
+        )
+
+    @staticmethod
+    async def _store_history(conn: asyncpg.Connection, account_id: int, period_key: str, history: History) -> None:
+        """Keep the period's history with its counters (the caller holds the account's lock)."""
+        await conn.execute(
+            "INSERT INTO period_usage (account_id, period_key, history) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account_id, period_key) DO UPDATE SET history = excluded.history",
+            account_id, period_key, history_to_json(history),
         )
 
     @staticmethod

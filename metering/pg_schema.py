@@ -170,6 +170,11 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE recipient_results ADD COLUMN reason TEXT COLLATE "C" NOT NULL DEFAULT '';
     """,
+    # 5: plan changes and a period's history (see metering/schema.py).
+    """
+    ALTER TABLE accounts ADD COLUMN plan_change TEXT COLLATE "C";
+    ALTER TABLE period_usage ADD COLUMN history TEXT COLLATE "C";
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

@@ -23,10 +23,9 @@ import asyncpg
 from metering.pg_base import ACCOUNT_FULL, full_account
 from metering.pg_leases import PgLeases
 from metering.pg_tx import rows_affected
-from metering.records import Account, Result, ResultReport, limit_change_to_json
+from metering.records import Account, AccountUpdate, Result, ResultReport, applying_due_plan_change, history_from_json
 from metering.sqlite_store import HoldAccountMismatch, Settlement, UnknownHold
 from policies.decision import Admission, Usage
-from policies.limits import LimitChange
 
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
@@ -113,25 +112,39 @@ class PgStore(PgLeases):
 
         return await self._write(body)
 
-    async def set_spending_limit(self, name: str, micros: int | None) -> bool:
-        async def body(conn: asyncpg.Connection) -> bool:
-            status = await conn.execute(
-                "UPDATE accounts SET spending_limit_override = $1 WHERE name = $2", micros, name
-            )
-            return rows_affected(status) == 1
+    async def change_account(
+        self,
+        name: str,
+        period_key: str,
+        now: datetime,
+        change: Callable[[Account, Usage], AccountUpdate],
+    ) -> AccountUpdate | None:
+        """An admin change of the account's plan or limits, in one transaction under the
+        account's lock (see SqliteStore.change_account: same contract)."""
+
+        async def body(conn: asyncpg.Connection) -> AccountUpdate | None:
+            account_id = await self._lock_named(conn, name)
+            if account_id is None:
+                return None
+            account, usage = await self._account_and_usage(conn, account_id, period_key)
+            due = applying_due_plan_change(account, now)
+            if due is not None:
+                await self._write_account(conn, account_id, due)
+                account, usage = await self._account_and_usage(conn, account_id, period_key)
+            update = change(account, usage)
+            await self._write_account(conn, account_id, update)
+            if update.history is not None:
+                await self._store_history(conn, account_id, period_key, update.history)
+            return update
 
         return await self._write(body)
 
-    async def set_limit_change(self, name: str, which: str, change: LimitChange) -> bool:
-        column = {"included": "included_change", "quota": "quota_change"}[which]
-
-        async def body(conn: asyncpg.Connection) -> bool:
-            status = await conn.execute(
-                f"UPDATE accounts SET {column} = $1 WHERE name = $2", limit_change_to_json(change), name
-            )
-            return rows_affected(status) == 1
-
-        return await self._write(body)
+    @staticmethod
+    async def _write_account(conn: asyncpg.Connection, account_id: int, update: AccountUpdate) -> None:
+        columns = update.columns()
+        if columns:
+            assignments = ", ".join(f"{column} = ${number}" for number, column in enumerate(columns, start=2))
+            await conn.execute(f"UPDATE accounts SET {assignments} WHERE id = $1", account_id, *columns.values())
 
     async def repay(self, name: str, now: datetime) -> int:
         """Settle every overdrawn invoice of the account at once; returns the amount repaid."""
@@ -167,7 +180,7 @@ class PgStore(PgLeases):
         row = await self._fetchrow(
             f"SELECT f.*, u.accepted AS usage_accepted, u.reserved AS usage_reserved,"
             f" u.delivered AS usage_delivered, u.soft_bounced AS usage_soft_bounced,"
-            f" u.hard_bounced AS usage_hard_bounced"
+            f" u.hard_bounced AS usage_hard_bounced, u.history AS usage_history"
             f" FROM ({ACCOUNT_FULL} WHERE a.name = $1) f"
             f" LEFT JOIN period_usage u ON u.account_id = f.id AND u.period_key = $2",
             name, period_key,
@@ -182,6 +195,7 @@ class PgStore(PgLeases):
             soft_bounced=row["usage_soft_bounced"] or 0,
             hard_bounced=row["usage_hard_bounced"] or 0,
             awaiting_results=account.awaiting_results,
+            history=history_from_json(row["usage_history"]),
         )
 
     async def get_account_by_id(self, account_id: int) -> Account | None:
@@ -468,7 +482,7 @@ class PgStore(PgLeases):
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
         row = await self._fetchrow(
-            "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced FROM period_usage"
+            "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced, history FROM period_usage"
             " WHERE account_id = $1 AND period_key = $2",
             account_id, period_key,
         )
@@ -493,4 +507,5 @@ def _usage_of(row: asyncpg.Record | None, awaiting_results: int | None) -> Usage
         soft_bounced=row[3],
         hard_bounced=row[4],
         awaiting_results=awaiting_results,
+        history=history_from_json(row[5]),
     )

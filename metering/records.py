@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from enum import StrEnum
+from typing import Any
 
 from policies.currency import Currency
+from policies.changes import PlanChange
+from policies.history import History, PartPricing, PlanPart
 from policies.limits import LimitChange
 from policies.money import format_money
 
@@ -64,6 +68,7 @@ class Account:
     spending_limit_override: int | None = None
     included_change: LimitChange | None = None
     quota_change: LimitChange | None = None
+    plan_change: PlanChange | None = None  # a plan change waiting for the end of the period
 
     @property
     def payment_state(self) -> str:
@@ -87,7 +92,27 @@ class Account:
                 None if self.spending_limit_override is None else format_money(self.spending_limit_override, currency)
             ),
             "has_password": self.password_hash is not None,
+            "plan_change": None if self.plan_change is None else {
+                "plan": self.plan_change.plan,
+                "effective": self.plan_change.effective.isoformat(),
+                "requested_at": self.plan_change.requested_at.isoformat(),
+            },
         }
+
+
+def in_force(account: Account, instant: datetime) -> Account:
+    """The account as it stands at `instant`: a pending plan change that is due by then is in
+    force, and the account's own limits, which belonged to the old plan, are gone.
+
+    The store applies a due change for good at the account's next admin change; until then
+    every decision reads it through here, so the change takes effect at the very instant
+    the period ends, whenever the billing job runs.
+    """
+    change = account.plan_change
+    if change is None or not change.due(instant):
+        return account
+    return replace(account, plan=change.plan, plan_change=None, included_change=None, quota_change=None,
+                   spending_limit_override=None)
 
 
 def limit_change_to_json(change: LimitChange | None) -> str | None:
@@ -110,3 +135,103 @@ class Grant:
     hold_id: str
     granted: int
     refusal: str | None  # a policies.decision.Refusal value when granted < requested
+
+
+def plan_change_to_json(change: PlanChange | None) -> str | None:
+    if change is None:
+        return None
+    return json.dumps({"plan": change.plan, "previous": change.previous,
+                       "requested_at": change.requested_at.isoformat(), "effective": change.effective.isoformat()})
+
+
+def plan_change_from_json(text: str | None) -> PlanChange | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    return PlanChange(plan=data["plan"], previous=data["previous"],
+                      requested_at=datetime.fromisoformat(data["requested_at"]),
+                      effective=datetime.fromisoformat(data["effective"]))
+
+
+def _pricing_json(pricing: PartPricing) -> dict[str, Any]:
+    return {"billable": pricing.billable, "emails": pricing.emails, "limit": pricing.limit,
+            "chargeable": pricing.chargeable, "priced": [list(pair) for pair in pricing.priced],
+            "tiers": list(pricing.tiers), "cost": pricing.cost}
+
+
+def _pricing(data: Mapping[str, Any]) -> PartPricing:
+    return PartPricing(billable=data["billable"], emails=data["emails"], limit=data["limit"],
+                       chargeable=data["chargeable"], priced=tuple((n, each) for n, each in data["priced"]),
+                       tiers=tuple(data["tiers"]), cost=data["cost"])
+
+
+def history_to_json(history: History | None) -> str | None:
+    """A period's history as stored with its counters (period_usage.history)."""
+    if history is None:
+        return None
+    return json.dumps({
+        "since": history.since,
+        "chargeable": history.chargeable,
+        "tiers": list(history.tiers),
+        "parts": [
+            {"plan": part.plan, "title": part.title, "start": part.start.isoformat(), "end": part.end.isoformat(),
+             "first_email": part.first_email, "charges": part.charges, "charged": part.charged,
+             "pricing": _pricing_json(part.pricing)}
+            for part in history.parts
+        ],
+    }, sort_keys=True)
+
+
+def history_from_json(text: str | None) -> History | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    parts = tuple(
+        PlanPart(plan=part["plan"], title=part["title"], start=datetime.fromisoformat(part["start"]),
+                 end=datetime.fromisoformat(part["end"]), first_email=part["first_email"],
+                 pricing=_pricing(part["pricing"]), charges=part["charges"], charged=part["charged"])
+        for part in data["parts"]
+    )
+    return History(parts=parts, since=data["since"], chargeable=data["chargeable"], tiers=tuple(data["tiers"]))
+
+
+# The account columns an admin change may write (AccountUpdate.fields), each with the
+# function that turns the Account field's value into the column's value.
+_ACCOUNT_COLUMNS: dict[str, Any] = {
+    "plan": str,
+    "plan_change": plan_change_to_json,
+    "included_change": limit_change_to_json,
+    "quota_change": limit_change_to_json,
+    "spending_limit_override": lambda micros: micros,
+}
+
+
+@dataclass(frozen=True)
+class AccountUpdate:
+    """An admin change's writes, decided inside its transaction from the account as it is then.
+
+    fields: Account fields to write (plan, plan_change, included_change, quota_change,
+      spending_limit_override) and their new values.
+    history: the current period's history, stored with its counters (None: unchanged).
+    outcome: what the change decided, handed back to its caller.
+    """
+
+    fields: Mapping[str, object] = field(default_factory=dict)
+    history: History | None = None
+    outcome: Any = None
+
+    def columns(self) -> dict[str, object]:
+        """The fields as column values; an unknown field is a bug, refused."""
+        unknown = set(self.fields) - set(_ACCOUNT_COLUMNS)
+        if unknown:
+            raise ValueError(f"an admin change may not write {sorted(unknown)}")
+        return {name: _ACCOUNT_COLUMNS[name](value) for name, value in self.fields.items()}
+
+
+def applying_due_plan_change(account: Account, now: datetime) -> AccountUpdate | None:
+    """The writes that put a due pending plan change in force for good (see in_force)."""
+    change = account.plan_change
+    if change is None or not change.due(now):
+        return None
+    return AccountUpdate(fields={"plan": change.plan, "plan_change": None, "included_change": None,
+                                 "quota_change": None, "spending_limit_override": None})

@@ -156,4 +156,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE recipient_results ADD COLUMN reason TEXT NOT NULL DEFAULT '';
     """,
+    # 5: plan changes and a period's history. accounts.plan_change: a change waiting for the
+    # end of the period (JSON: plan, previous, requested_at, effective); period_usage.history:
+    # what a limit raise or an upgrade fixed earlier in the period (JSON, policies/history.py).
+    """
+    ALTER TABLE accounts ADD COLUMN plan_change TEXT;
+    ALTER TABLE period_usage ADD COLUMN history TEXT;
+    """,
 ]

@@ -23,11 +23,19 @@ from pathlib import Path
 
 import aiosqlite
 
-from metering.records import Account, Result, limit_change_from_json, limit_change_to_json
+from metering.records import (
+    Account,
+    AccountUpdate,
+    Result,
+    applying_due_plan_change,
+    history_from_json,
+    history_to_json,
+    limit_change_from_json,
+    plan_change_from_json,
+)
 from metering.schema import MIGRATIONS
 from policies.charges import Charge
 from policies.decision import Admission, Usage
-from policies.limits import LimitChange
 
 _T = TypeVar("_T")
 
@@ -355,20 +363,52 @@ class SqliteStore:
             )
             return int(row["prepaid_balance"]) + amount
 
-    async def set_spending_limit(self, name: str, micros: int | None) -> bool:
-        async with self._tx() as db:
-            cursor = await db.execute(
-                "UPDATE accounts SET spending_limit_override = ? WHERE name = ?", (micros, name)
-            )
-            return cursor.rowcount == 1
+    async def change_account(
+        self,
+        name: str,
+        period_key: str,
+        now: datetime,
+        change: Callable[[Account, Usage], AccountUpdate],
+    ) -> AccountUpdate | None:
+        """An admin change of the account's plan or limits, in one transaction: a pending plan
+        change that is due is put in force first, then `change` decides from the account and
+        the period's counters as they are, and its writes (and the period's history) go in.
 
-    async def set_limit_change(self, name: str, which: str, change: LimitChange) -> bool:
-        column = {"included": "included_change", "quota": "quota_change"}[which]
+        None: no such account. Whatever `change` raises rolls everything back.
+        """
         async with self._tx() as db:
+            cursor = await db.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            account_id = int(row["id"])
+            account = await self._account_in_tx(db, account_id)
+            due = applying_due_plan_change(account, now)
+            if due is not None:
+                await self._write_account(db, account_id, due)
+                account = await self._account_in_tx(db, account_id)
             cursor = await db.execute(
-                f"UPDATE accounts SET {column} = ? WHERE name = ?", (limit_change_to_json(change), name)
+                "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced, history FROM period_usage"
+                " WHERE account_id = ? AND period_key = ?",
+                (account_id, period_key),
             )
-            return cursor.rowcount == 1
+            usage = _usage_of(await cursor.fetchone(), account.awaiting_results)
+            update = change(account, usage)
+            await self._write_account(db, account_id, update)
+            if update.history is not None:
+                await db.execute(
+                    "INSERT INTO period_usage (account_id, period_key, history) VALUES (?, ?, ?)"
+                    " ON CONFLICT (account_id, period_key) DO UPDATE SET history = excluded.history",
+                    (account_id, period_key, history_to_json(update.history)),
+                )
+            return update
+
+    @staticmethod
+    async def _write_account(db: aiosqlite.Connection, account_id: int, update: AccountUpdate) -> None:
+        columns = update.columns()
+        if columns:
+            assignments = ", ".join(f"{column} = ?" for column in columns)
+            await db.execute(f"UPDATE accounts SET {assignments} WHERE id = ?", (*columns.values(), account_id))
 
     async def repay(self, name: str, now: datetime) -> int:
         """Settle every overdrawn invoice of the account at once; returns the amount repaid."""
@@ -984,6 +1024,7 @@ def account_core(
         spending_limit_override=row["spending_limit_override"],
         included_change=limit_change_from_json(row["included_change"]),
         quota_change=limit_change_from_json(row["quota_change"]),
+        plan_change=plan_change_from_json(row["plan_change"]),
     )
 
 
@@ -1020,14 +1061,19 @@ def _account_with_lists(row: sqlite3.Row) -> Account:
 
 def _usage_row(conn: sqlite3.Connection, account_id: int, period_key: str, awaiting_results: int | None) -> Usage:
     row = conn.execute(
-        "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced FROM period_usage"
+        "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced, history FROM period_usage"
         " WHERE account_id = ? AND period_key = ?",
         (account_id, period_key),
     ).fetchone()
+    return _usage_of(row, awaiting_results)
+
+
+def _usage_of(row: sqlite3.Row | None, awaiting_results: int | None) -> Usage:
+    """A period's counters and history from (accepted, reserved, delivered, soft, hard, history)."""
     if row is None:
         return Usage(awaiting_results=awaiting_results)
     return Usage(accepted=row[0], reserved=row[1], delivered=row[2], soft_bounced=row[3], hard_bounced=row[4],
-                 awaiting_results=awaiting_results)
+                 awaiting_results=awaiting_results, history=history_from_json(row[5]))
 
 
 def _insert_charge_sync(

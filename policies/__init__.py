@@ -11,40 +11,63 @@ Modules, from the bottom up:
   pricing     unit prices (flat, graduated, volume, per block): cost and its inverse
   parts       result prices, in-period charges, funding, invoicing
   plans       Plan = a combination of parts; parse_plan with key-naming errors
-  account     Standing (account facts) and Usage (period counts)
+  history     what earlier in a period fixed some prices (a limit raised, a plan changed)
+  account     Standing (account facts) and Usage (period counts and history)
   limits      overrides in force; the "decrease applies at period end" rule
-  usage_cost  priced usage and the conservative exposure of held emails
+  usage_cost  priced usage (prices fixed when sent) and the exposure of held emails
   charges     charges_due: the complete, stable list of in-period charges
   decision    admit / headroom / blocking_refusal: caps as counts
   lease       admit_lease: a node's block of the allowance (several nodes, one meter)
-  invoice     close_period: the closing invoice, rounded per line
+  invoice     close_period: the closing invoice, rounded per line, each plan's part shown
   results     a delivery result's billing category and sub-type, from what its reply means
   dashboard   usage screen (model D) and usage alerts (model E)
-  preview     one simulated period for `mailmeter plan preview`
+  changes     a limit change and a plan change (upgrade at once, downgrade at period end)
+  preview     one simulated period for `mailmeter plan preview`, with a script of events
 """
 
 from policies.account import Standing, Usage
+from policies.changes import (
+    LimitOutcome,
+    PlanChange,
+    PlanChangeRefused,
+    PlanSwitch,
+    change_limit,
+    is_upgrade,
+    switch_plan,
+    without_own_limits,
+)
 from policies.charges import Charge, charge_count, charged_total, charges_due, unbilled
 from policies.dashboard import UsageAlert, UsageScreen, usage_alerts_due, usage_screen
+from policies.history import History, PartPricing, PlanPart
 from policies.decision import Admission, Cap, Refusal, admit, blocking_refusal, caps, headroom
 from policies.lease import admit_lease, lease_block
 from policies.invoice import Invoice, InvoiceLine, close_period
 from policies.limits import LimitChange, limit_in_effect
 from policies.plans import Plan, PlanError, parse_plan, parse_plans
-from policies.preview import Preview, TimedCharge, preview
+from policies.preview import AppliedEvent, Preview, RefusedRun, ScriptEvent, TimedCharge, preview
 from policies.usage_cost import exposure, priced_usage
 
 __all__ = [
     "Admission",
+    "AppliedEvent",
     "Cap",
     "Charge",
+    "History",
     "Invoice",
     "InvoiceLine",
     "LimitChange",
+    "LimitOutcome",
+    "PartPricing",
     "Plan",
+    "PlanChange",
+    "PlanChangeRefused",
     "PlanError",
+    "PlanPart",
+    "PlanSwitch",
     "Preview",
+    "RefusedRun",
     "Refusal",
+    "ScriptEvent",
     "Standing",
     "TimedCharge",
     "Usage",
@@ -54,19 +77,23 @@ __all__ = [
     "admit_lease",
     "blocking_refusal",
     "caps",
+    "change_limit",
     "charge_count",
     "charged_total",
     "charges_due",
     "close_period",
     "exposure",
     "headroom",
+    "is_upgrade",
     "lease_block",
     "limit_in_effect",
     "parse_plan",
     "parse_plans",
     "preview",
     "priced_usage",
+    "switch_plan",
     "unbilled",
     "usage_alerts_due",
     "usage_screen",
+    "without_own_limits",
 ]

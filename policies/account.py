@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from policies.history import History
+
 
 @dataclass(frozen=True)
 class Standing:
@@ -50,6 +52,8 @@ class Usage:
       prices them at the highest result price. None: assume results land in the period
       of acceptance and use accepted - (results counted), which undercounts across a
       period boundary; the meter should supply the real count for results-billed plans.
+    history: what earlier in the period fixed some prices (a limit raised, a plan
+      changed; policies/history.py); None when nothing did.
     """
 
     accepted: int = 0
@@ -58,6 +62,7 @@ class Usage:
     soft_bounced: int = 0
     hard_bounced: int = 0
     awaiting_results: int | None = None
+    history: History | None = None
 
     @property
     def held(self) -> int:

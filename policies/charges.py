@@ -8,6 +8,8 @@ charge already there, and no charge is ever issued twice.
 For a fixed plan and standing the list at usage u is a prefix of the list at any later
 usage u' >= u (usage only grows within a period and the priced cost is monotone for
 every plan that may have in-period charges; plans.py refuses the other combinations).
+A change of limit or plan never lowers the count either: the emails already sent keep
+their prices (policies/history.py), so a charge once made stays due.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from policies.limits import included_emails
 from policies.money import display_money
 from policies.parts import BlockCharge, ThresholdCharge
 from policies.plan import Plan
-from policies.pricing import BlockPrice, blocks_opened, first_email_reaching
-from policies.usage_cost import priced_usage
+from policies.pricing import BlockPrice, first_email_reaching
+from policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
 
 ChargeKind = Literal["threshold", "block"]
 
@@ -30,11 +32,13 @@ ChargeKind = Literal["threshold", "block"]
 class Charge:
     """One in-period charge.
 
-    index: 1-based position in the period's sequence of charges of this kind.
+    index: 1-based position in the period's sequence of in-period charges (after a plan
+      change, the new plan's charges continue the numbering).
     amount: micros, whole minor units of the plan's currency (plan.py guarantees it).
     emails_unlocked: for a block charge, the emails its block covers; None otherwise.
     trigger_email: the period's email ordinal whose acceptance makes this charge due
-      (1,250,000 for model A's first $250; 135,739 for model D's 215th $1).
+      (1,250,000 for model A's first $250; 135,739 for model D's 215th $1); None when
+      that was before the email limit in force applied.
     """
 
     kind: ChargeKind
@@ -50,15 +54,26 @@ class Charge:
         return f"{self.kind}/{self.index}"
 
 
-def charge_count(plan: Plan, standing: Standing, usage: Usage) -> int:
-    """How many in-period charges the committed usage has made due. O(1)."""
+def _part_charge_count(plan: Plan, standing: Standing, usage: Usage) -> int:
+    """In-period charges the part of the period under the plan in force has made due."""
     charge = plan.in_period_charge
     if charge is None:
         return 0
+    pricing = part_pricing(plan, standing, usage)
     if isinstance(charge, ThresholdCharge):
-        return priced_usage(plan, standing, usage) // charge.amount
+        return pricing.cost // charge.amount
     assert isinstance(plan.price, BlockPrice)
-    return blocks_opened(plan.price.block_emails, usage.accepted, included_emails(plan, standing))
+    return -(-pricing.chargeable // plan.price.block_emails)
+
+
+def charge_count(plan: Plan, standing: Standing, usage: Usage) -> int:
+    """How many in-period charges the committed usage of the period has made due. O(tiers).
+
+    Charges the finished parts of the period made (under earlier plans) come first; the
+    indexes of the part in force follow them.
+    """
+    history = usage.history or NO_HISTORY
+    return history.parts_charges + _part_charge_count(plan, standing, usage)
 
 
 def charge_amount(plan: Plan) -> int:
@@ -73,8 +88,9 @@ def charge_amount(plan: Plan) -> int:
 
 
 def charged_total(plan: Plan, standing: Standing, usage: Usage) -> int:
-    """Micros of in-period charges due at this usage."""
-    return charge_count(plan, standing, usage) * charge_amount(plan)
+    """Micros of in-period charges due at this usage, earlier plans' included."""
+    history = usage.history or NO_HISTORY
+    return history.parts_charged + _part_charge_count(plan, standing, usage) * charge_amount(plan)
 
 
 def unbilled(plan: Plan, standing: Standing, usage: Usage) -> int:
@@ -82,17 +98,39 @@ def unbilled(plan: Plan, standing: Standing, usage: Usage) -> int:
     return priced_usage(plan, standing, usage) - charged_total(plan, standing, usage)
 
 
-def _charge(plan: Plan, standing: Standing, index: int) -> Charge:
+def _trigger(plan: Plan, standing: Standing, usage: Usage, number: int) -> int | None:
+    """The period's email number whose sending makes the part's charge `number` due; None
+    when that happened before the limit in force applied (an earlier segment)."""
+    history = usage.history or NO_HISTORY
+    base = max(history.since, included_emails(plan, standing))
+    price = plan.price
+    if isinstance(plan.in_period_charge, ThresholdCharge):
+        reached = number * plan.in_period_charge.amount
+        fixed = part_pricing(plan, standing, usage, history.since).cost
+        if reached <= fixed:
+            return None
+        return first_email_reaching(price, reached - fixed, base)
+    assert isinstance(price, BlockPrice)
+    opening = (number - 1) * price.block_emails + 1  # the chargeable email that opens the block
+    if opening <= history.chargeable:
+        return None
+    return base + opening - history.chargeable
+
+
+def _charge(plan: Plan, standing: Standing, usage: Usage, index: int) -> Charge:
+    history = usage.history or NO_HISTORY
+    number = index - history.parts_charges  # the charge's number within the part in force
     charge = plan.in_period_charge
     amount = charge_amount(plan)
+    trigger = _trigger(plan, standing, usage, number)
     if isinstance(charge, ThresholdCharge):
-        reached = index * amount
+        reached = number * amount
         return Charge(
             kind="threshold",
             index=index,
             amount=amount,
             emails_unlocked=None,
-            trigger_email=first_email_reaching(plan.price, reached, included_emails(plan, standing)),
+            trigger_email=trigger,
             description=(
                 f"Usage charge {index}: {display_money(amount, plan.currency)}"
                 f" as usage reached {display_money(reached, plan.currency)}"
@@ -100,26 +138,29 @@ def _charge(plan: Plan, standing: Standing, index: int) -> Charge:
         )
     assert isinstance(plan.price, BlockPrice)
     size = plan.price.block_emails
-    first = included_emails(plan, standing) + (index - 1) * size + 1
-    last = first + size - 1
+    if trigger is None:
+        first = (number - 1) * size + 1
+        where = f"extra emails {first:,} to {first + size - 1:,} of the plan's part of the period"
+    else:
+        where = f"emails {trigger:,} to {trigger + size - 1:,} of the period"
     return Charge(
         kind="block",
         index=index,
         amount=amount,
         emails_unlocked=size,
-        trigger_email=first,
-        description=(
-            f"Usage charge {index}: {display_money(amount, plan.currency)} for {size:,} more emails"
-            f" (emails {first:,} to {last:,} of the period)"
-        ),
+        trigger_email=trigger,
+        description=f"Usage charge {index}: {display_money(amount, plan.currency)} for {size:,} more emails ({where})",
     )
 
 
 def charges_due(plan: Plan, standing: Standing, usage: Usage, *, after_index: int = 0) -> list[Charge]:
     """Every in-period charge due at this committed usage, in order, with index > after_index.
 
-    With the default after_index=0 this is the complete list. The meter may pass the
-    highest index it already holds to build only the missing ones (O(new charges)).
+    With the default after_index=0 this is the complete list of the part of the period
+    under the plan in force (the charges of earlier plans' parts were made under them and
+    are not rebuilt). The meter may pass the highest index it already holds to build only
+    the missing ones (O(new charges)).
     """
     count = charge_count(plan, standing, usage)
-    return [_charge(plan, standing, index) for index in range(max(after_index, 0) + 1, count + 1)]
+    first = max(after_index, (usage.history or NO_HISTORY).parts_charges, 0) + 1
+    return [_charge(plan, standing, usage, index) for index in range(first, count + 1)]

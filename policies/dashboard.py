@@ -16,8 +16,8 @@ from policies.currency import USD, Currency
 from policies.money import display_money
 from policies.periods import Period, period_label
 from policies.plan import Plan
-from policies.pricing import BlockPrice, blocks_opened
-from policies.usage_cost import priced_usage
+from policies.pricing import BlockPrice
+from policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,20 @@ class UsageScreen:
 
 
 def usage_screen(plan: Plan, standing: Standing, usage: Usage, period: Period) -> UsageScreen:
-    """The usage screen at this committed usage, in this period."""
+    """The usage screen at this committed usage, in this period.
+
+    After a limit raised or a plan changed mid-period (Usage.history), extra emails are
+    those the plan in force has unlocked, and the emails a paid block still covers
+    count as remaining: total allowed = sent + remaining.
+    """
     sent = usage.accepted
     included = included_emails(plan, standing)
     if isinstance(plan.price, BlockPrice) and plan.billable == "accepted":
-        extra = blocks_opened(plan.price.block_emails, sent, included) * plan.price.block_emails
-        total: int | None = included + extra
+        history = usage.history or NO_HISTORY
+        chargeable = part_pricing(plan, standing, usage).chargeable
+        extra = -(-chargeable // plan.price.block_emails) * plan.price.block_emails
+        within = max(max(history.since, included) - sent, 0)  # emails before the limit is passed
+        total: int | None = sent + within + extra - chargeable
     else:
         extra = 0
         total = email_limit(plan, standing)
@@ -87,20 +95,28 @@ class UsageAlert:
     limit: int
     trigger_email: int
 
+    changed: bool = False  # the limit (or plan) changed earlier in the period
+
     @property
     def key(self) -> str:
-        """Stable within a period: the meter sends each key once per period."""
-        return f"alert/{self.percent}"
+        """Stable within a period: the meter sends each key once per period. After a limit or
+        plan change the key names the limit, so the new limit's alerts are new notices."""
+        return f"alert/{self.percent}@{self.limit}" if self.changed else f"alert/{self.percent}"
 
 
 def usage_alerts_due(plan: Plan, standing: Standing, usage: Usage) -> list[UsageAlert]:
-    """Every alert reached at this committed usage, in ascending order (a prefix as usage grows)."""
+    """Every alert reached at this committed usage, in ascending order (a prefix as usage grows).
+
+    After a limit raised or a plan changed mid-period, only the alerts of the limit in
+    force that are crossed after the change are due: the others were passed before it.
+    """
     limit = email_limit(plan, standing)
     if not limit:
         return []
+    history = usage.history
     due: list[UsageAlert] = []
     for percent in plan.usage_alerts:
         trigger = -(-percent * limit // 100)
-        if usage.accepted >= trigger:
-            due.append(UsageAlert(percent=percent, limit=limit, trigger_email=trigger))
+        if usage.accepted >= trigger and (history is None or trigger > history.since):
+            due.append(UsageAlert(percent=percent, limit=limit, trigger_email=trigger, changed=history is not None))
     return due

@@ -8,8 +8,13 @@ whole minor units by construction (plan.py refuses other amounts), so for every 
     sum(in-period charges) + invoice.total == plan fee + sum(rounded usage lines)
 
 and the rounded usage lines differ from the exact priced usage by at most half a
-minor unit per usage line (one line for accepted-email billing, one per result
-category for results billing). Prepaid plans then settle usage lines from the balance.
+minor unit per usage line (one line for accepted-email billing, one per result category
+for results billing). Prepaid plans then settle usage lines from the balance.
+
+A charge once made is final, and the emails already sent keep their prices when a
+limit or the plan changes (policies/history.py), so the in-period charges never exceed
+the usage lines they collect: the total is at least the plan fee, never negative. A
+period whose plan changed shows each part under its plan, in order.
 """
 
 from __future__ import annotations
@@ -21,18 +26,23 @@ from typing import Literal
 
 from policies.account import Standing, Usage
 from policies.charges import Charge, charges_due
-from policies.limits import included_emails
+from policies.currency import Currency
+from policies.history import PartPricing, part_start
 from policies.money import display_money, floor_to_minor, round_half_up
-from policies.periods import Period, period_label
+from policies.periods import Period, PeriodSpec, period_label
 from policies.plan import Plan
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice, cost
+from policies.usage_cost import NO_HISTORY, part_pricing
 
-LineKind = Literal["fee", "usage", "in_period_charges"]
+LineKind = Literal["fee", "plan_part", "usage", "in_period_charges", "charges_kept"]
 
 
 @dataclass(frozen=True)
 class InvoiceLine:
-    """One line: `amount` is micros in whole minor units (negative for what was already charged)."""
+    """One line: `amount` is micros in whole minor units of the plan's currency (negative for what was already charged).
+
+    kinds: fee; plan_part (amount 0: the part of the period, under which plan, that the
+    lines after it belong to); usage; in_period_charges (negative); charges_kept.
+    """
 
     kind: LineKind
     description: str
@@ -44,7 +54,7 @@ class InvoiceLine:
 class Invoice:
     """A closed period's invoice.
 
-    total: sum of the lines = plan fee + usage lines - in-period charges.
+    total: sum of the lines = plan fee + usage lines - in-period charges (+ charges kept).
     prepaid_applied: part of the usage lines paid from the prepaid balance (prepaid plans).
     amount_due: total - prepaid_applied, to collect by `due_date`.
     prepaid_balance_after: the balance to carry into the next period (prepaid plans;
@@ -75,80 +85,108 @@ class Invoice:
         return -sum(line.amount for line in self.lines if line.kind == "in_period_charges")
 
 
-def _tier_segments(tiers: tuple[Tier, ...], emails: int, included: int) -> list[tuple[int, int]]:
-    """(emails, micros per email) of each graduated tier the chargeable emails reach."""
-    segments: list[tuple[int, int]] = []
-    low = 0
-    for tier in tiers:
-        start = max(low, included)
-        end = emails if tier.up_to is None else min(tier.up_to, emails)
-        if end > start:
-            segments.append((end - start, tier.per_email))
-        if tier.up_to is None:
-            break
-        low = tier.up_to
-    return segments
-
-
-def _accepted_usage_line(plan: Plan, standing: Standing, usage: Usage) -> InvoiceLine | None:
-    emails = usage.accepted
-    included = included_emails(plan, standing)
-    exact = cost(plan.price, emails, included)
-    price = plan.price
-    currency = plan.currency
-    if isinstance(price, BlockPrice):
-        over = max(emails - included, 0)
-        if over == 0:
-            return None
-        amount = round_half_up(exact, currency)
-        # Model E's wording, exactly: "Email overage: 1,200 emails. Cost: $1".
-        cost_text = display_money(amount, currency)
-        return InvoiceLine("usage", f"Email overage: {over:,} emails. Cost: {cost_text}", over, amount)
-    chargeable = max(emails - included, 0)
-    priced: list[str] = []  # "90,000 at $0.001" for each price the chargeable emails met
-    if chargeable:
-        if isinstance(price, FlatPrice):
-            priced.append(f"{chargeable:,} at {display_money(price.per_email, currency)}")
-        elif isinstance(price, GraduatedPrice):
-            priced.extend(
-                f"{count:,} at {display_money(each, currency)}"
-                for count, each in _tier_segments(price.tiers, emails, included)
+def pricing_lines(pricing: PartPricing, currency: Currency) -> list[InvoiceLine]:
+    """A part's usage as invoice lines, each rounded half-up to the currency's minor unit once."""
+    if pricing.billable == "results":
+        labels = ("Delivered", "Soft bounce", "Invalid email")
+        return [
+            InvoiceLine(
+                "usage", f"{label}: {count:,} emails at {display_money(each, currency)}", count,
+                round_half_up(count * each, currency),
             )
-        elif isinstance(price, VolumePrice):
-            priced.append(f"{chargeable:,} at {display_money(exact // chargeable, currency)}")
-    if not included and len(priced) == 1:
+            for label, (count, each) in zip(labels, pricing.priced)
+        ]
+    if pricing.billable == "overage":
+        over = pricing.chargeable
+        if over == 0:
+            return []
+        amount = round_half_up(pricing.cost, currency)
+        # Model E's wording, exactly: "Email overage: 1,200 emails. Cost: $1". The emails are
+        # those sent beyond the limit in force when they were sent, even if it was raised since.
+        return [InvoiceLine("usage", f"Email overage: {over:,} emails. Cost: {display_money(amount, currency)}", over, amount)]
+    emails = pricing.emails
+    priced = [f"{count:,} at {display_money(each, currency)}" for count, each in pricing.priced]  # "90,000 at $0.001"
+    if not pricing.limit and len(priced) == 1:
         description = f"Emails: {priced[0]}"  # "Emails: 4,150,000 at $0.0002"
     else:
-        parts = ([f"{min(emails, included):,} included"] if included else []) + priced
+        parts = ([f"{emails - pricing.chargeable:,} included"] if pricing.limit else []) + priced
         description = f"Emails: {emails:,}" + (f" ({'; '.join(parts)})" if parts else "")
-    return InvoiceLine("usage", description, emails, round_half_up(exact, currency))
-
-
-def _result_lines(plan: Plan, usage: Usage) -> list[InvoiceLine]:
-    prices = plan.result_prices
-    rows = (
-        ("Delivered", usage.delivered, prices.delivered),
-        ("Soft bounce", usage.soft_bounced, prices.soft_bounced),
-        ("Invalid email", usage.hard_bounced, prices.hard_bounced),
-    )
-    currency = plan.currency
-    return [
-        InvoiceLine(
-            "usage",
-            f"{label}: {count:,} emails at {display_money(each, currency)}",
-            count,
-            round_half_up(count * each, currency),
-        )
-        for label, count, each in rows
-    ]
+    return [InvoiceLine("usage", description, emails, round_half_up(pricing.cost, currency))]
 
 
 def usage_lines(plan: Plan, standing: Standing, usage: Usage) -> list[InvoiceLine]:
-    """The period's usage as invoice lines, each rounded half-up to the currency's minor unit once."""
-    if plan.billable == "results":
-        return _result_lines(plan, usage)
-    line = _accepted_usage_line(plan, standing, usage)
-    return [] if line is None else [line]
+    """The usage of the part of the period under the plan in force, as invoice lines."""
+    return pricing_lines(part_pricing(plan, standing, usage), plan.currency)
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One plan's part of the period on the invoice: its usage and the charges it made."""
+
+    header: InvoiceLine | None
+    pricing: PartPricing
+    charges: int
+    charged: int
+
+
+def _header(title: str, spec: PeriodSpec, start: datetime, end: datetime, first: int, last: int) -> InvoiceLine:
+    """ "Pro 100k, Dec 6 - Dec 20: emails 1 to 135,640" (amount 0): which part of the period follows."""
+    label = period_label(spec, Period(start, max(end, start + timedelta(microseconds=1))))
+    emails = last - first + 1
+    what = f"emails {first:,} to {last:,}" if emails > 0 else "no emails"
+    return InvoiceLine("plan_part", f"{title}, {label}: {what}", max(emails, 0), 0)
+
+
+def _sections(
+    plan: Plan, standing: Standing, usage: Usage, period: Period, issued: Sequence[Charge] | None
+) -> list[_Section]:
+    history = usage.history or NO_HISTORY
+    current = part_pricing(plan, standing, usage)
+    if issued is None:
+        own = charges_due(plan, standing, usage)
+        current_charges = (len(own), sum(charge.amount for charge in own))
+    else:
+        later = [charge for charge in issued if charge.index > history.parts_charges]
+        current_charges = (len(later), sum(charge.amount for charge in later))
+    if not history.parts:
+        return [_Section(None, current, *current_charges)]
+    sections: list[_Section] = []
+    offset = 0
+    for part in history.parts:
+        if issued is None:
+            made = (part.charges, part.charged)
+        else:
+            mine = [charge for charge in issued if offset < charge.index <= offset + part.charges]
+            made = (len(mine), sum(charge.amount for charge in mine))
+        offset += part.charges
+        header = _header(part.title, plan.period, part.start, part.end, part.first_email, part.last_email)
+        sections.append(_Section(header, part.pricing, *made))
+    start = part_start(history, period.start)
+    header = _header(plan.title, plan.period, start, period.end, history.part_from + 1, usage.accepted)
+    sections.append(_Section(header, current, *current_charges))
+    return sections
+
+
+def _section_lines(section: _Section, currency: Currency) -> list[InvoiceLine]:
+    lines = [] if section.header is None else [section.header]
+    usage = pricing_lines(section.pricing, currency)
+    lines.extend(usage)
+    if section.charges:
+        count = section.charges
+        lines.append(
+            InvoiceLine(
+                "in_period_charges",
+                f"Charged during the period: {count:,} usage charge{'s' if count != 1 else ''}",
+                count,
+                -section.charged,
+            )
+        )
+    kept = section.charged - sum(line.amount for line in usage)
+    if kept > 0:
+        # Charges are final: were they ever more than the usage they collected (a price
+        # changed in the config mid-period), the invoice keeps them instead of crediting.
+        lines.append(InvoiceLine("charges_kept", "Usage charges kept (a charge once made is final)", None, kept))
+    return lines
 
 
 def close_period(
@@ -160,29 +198,19 @@ def close_period(
 ) -> Invoice:
     """The invoice for `period`, closed with this final committed `usage`.
 
+    plan: the plan the period ends on (its fee is the period's fee). When the plan changed
+    mid-period (usage.history), each part of the period is shown under its plan: a
+    header line, its usage lines and the in-period charges it made.
     issued_charges: the in-period charges actually issued in the period (what the meter
-    stored). None means exactly charges_due(plan, standing, usage), as in a preview.
-    Passing the stored ones keeps the invoice right even if an override changed the
-    due charges mid-period: the invoice settles the difference (a negative total is
-    a credit).
+    stored). None means exactly what the policy makes due, as in a preview. A charge once
+    made is final: the total is never negative (see _section_lines).
     standing.prepaid_balance is the balance before this period's usage (see Standing).
     """
-    issued = list(charges_due(plan, standing, usage) if issued_charges is None else issued_charges)
     lines: list[InvoiceLine] = []
     if plan.plan_fee:
         lines.append(InvoiceLine("fee", f"Plan fee: {plan.title}", 1, plan.plan_fee))
-    lines.extend(usage_lines(plan, standing, usage))
-    charged = sum(charge.amount for charge in issued)
-    if issued:
-        count = len(issued)
-        lines.append(
-            InvoiceLine(
-                "in_period_charges",
-                f"Charged during the period: {count:,} usage charge{'s' if count != 1 else ''}",
-                count,
-                -charged,
-            )
-        )
+    for section in _sections(plan, standing, usage, period, issued_charges):
+        lines.extend(_section_lines(section, plan.currency))
     total = sum(line.amount for line in lines)
     usage_total = sum(line.amount for line in lines if line.kind == "usage")
     prepaid_applied = 0
@@ -209,4 +237,4 @@ def close_period(
     )
 
 
-__all__ = ["Invoice", "InvoiceLine", "close_period", "usage_lines"]
+__all__ = ["Invoice", "InvoiceLine", "close_period", "pricing_lines", "usage_lines"]

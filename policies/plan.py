@@ -47,6 +47,9 @@ class Plan:
     usage_alerts: percentages of the email limit that notify once per period (model E).
     currency: the billing currency (one for all plans: `billing.currency`); amounts
       charged as they are must be whole minor units of it, invoice lines round to them.
+    rank: the plan's place among plans an account changes between; a change to a higher
+      rank is an upgrade (at once), to a lower or equal one a downgrade (at period end).
+      None: ordered by plan fee, then included emails (policies/changes.py).
 
     Construction checks that the parts fit together and raises PlanError naming
     the config key (under `plans.<name>`) otherwise, so an invalid combination
@@ -68,6 +71,7 @@ class Plan:
     invoicing: Invoicing = Invoicing()
     usage_alerts: tuple[int, ...] = ()
     currency: Currency = USD
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         problem = plan_problem(self)
@@ -111,6 +115,8 @@ def plan_problem(plan: Plan) -> tuple[str, str] | None:
         return "plan_fee", f"must be a non-negative amount in {whole} (it is charged as it is)"
     if plan.spending_limit is not None and plan.spending_limit < 0:
         return "spending_limit", "must not be negative"
+    if plan.rank is not None and plan.rank < 0:
+        return "rank", "must not be negative"
     price = plan.price
     if isinstance(price, (GraduatedPrice, VolumePrice)):
         problem = tiers_problem(price.tiers)

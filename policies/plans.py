@@ -42,6 +42,7 @@ PLAN_KEYS = frozenset(
         "funding",
         "invoicing",
         "usage_alerts",
+        "rank",
     }
 )
 
@@ -278,6 +279,7 @@ def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency
             invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),
             usage_alerts=alerts,
             currency=currency,
+            rank=_int(data, "rank", path),
         )
     except PlanError as error:
         prefix = f"plans.{name}"

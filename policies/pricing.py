@@ -67,7 +67,7 @@ class BlockPrice:
 UnitPrice = FlatPrice | GraduatedPrice | VolumePrice | BlockPrice
 
 
-def _tier_bounds(tiers: tuple[Tier, ...]) -> list[tuple[int, int | None, int]]:
+def tier_bounds(tiers: tuple[Tier, ...]) -> list[tuple[int, int | None, int]]:
     """(first ordinal - 1, last ordinal or None, price) for each tier, in order."""
     bounds: list[tuple[int, int | None, int]] = []
     low = 0
@@ -100,13 +100,13 @@ def cost(price: UnitPrice, emails: int, included: int) -> int:
         return blocks_opened(price.block_emails, emails, included) * price.per_block
     if isinstance(price, GraduatedPrice):
         total = 0
-        for low, high, per_email in _tier_bounds(price.tiers):
+        for low, high, per_email in tier_bounds(price.tiers):
             start = max(low, included)
             end = emails if high is None else min(high, emails)
             if end > start:
                 total += (end - start) * per_email
         return total
-    for low, high, per_email in _tier_bounds(price.tiers):
+    for low, high, per_email in tier_bounds(price.tiers):
         if high is None or emails <= high:
             return (emails - included) * per_email
     raise ValueError("volume tiers must end with an open tier")  # guarded by parse_plan
@@ -122,7 +122,7 @@ def cost_ceiling(price: UnitPrice, emails: int, included: int) -> int:
         return cost(price, emails, included)
     assert isinstance(price, VolumePrice)
     highest = cost(price, emails, included)
-    for _low, high, _per_email in _tier_bounds(price.tiers):
+    for _low, high, _per_email in tier_bounds(price.tiers):
         if high is None or high >= emails:
             break
         highest = max(highest, cost(price, high, included))
@@ -144,14 +144,14 @@ def max_emails_within(price: UnitPrice, budget: int, included: int) -> int | Non
             return None
         return included + (budget // price.per_block) * price.block_emails
     if isinstance(price, GraduatedPrice):
-        return _graduated_max(price, budget, included)
+        return graduated_max(price, budget, included)
     return _volume_max(price, budget, included)
 
 
-def _graduated_max(price: GraduatedPrice, budget: int, included: int) -> int | None:
+def graduated_max(price: GraduatedPrice, budget: int, included: int) -> int | None:
     left = budget
     reached = included
-    for low, high, per_email in _tier_bounds(price.tiers):
+    for low, high, per_email in tier_bounds(price.tiers):
         start = max(low, included)
         if high is not None and high <= start:
             continue
@@ -170,7 +170,7 @@ def _graduated_max(price: GraduatedPrice, budget: int, included: int) -> int | N
 
 def _volume_max(price: VolumePrice, budget: int, included: int) -> int | None:
     # Walk the tiers in order: the first email whose cost exceeds the budget ends it.
-    for low, high, per_email in _tier_bounds(price.tiers):
+    for low, high, per_email in tier_bounds(price.tiers):
         if per_email == 0:
             if high is None:
                 return None

@@ -105,7 +105,7 @@ async def test_every_admin_route_needs_a_valid_bearer_token(api: Api) -> None:
     status, doc = await api.call("GET", "/openapi.json", token=None)
     guarded = [(method, re.sub(r"{\w+}", "x", path)) for path, item in doc["paths"].items()
                for method, operation in item.items() if operation.get("security") != []]
-    assert len(guarded) == 18
+    assert len(guarded) == 19
     for method, path in guarded:
         status, body = await api.call(method.upper(), path, {}, token=None)
         assert status == 401 and body["error"].startswith("authentication required"), (method, path)
@@ -543,3 +543,99 @@ async def test_webhook_headers_and_replays(api: Api) -> None:
     signed = {"X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(WEBHOOK_SECRET, stamp, nested)}
     status, body = await api.call("POST", "/v1/webhooks/payment", raw=nested, token=None, headers=signed)
     assert status == 400 and "nested too deeply" in body["error"]
+
+
+PLAN_CHANGE_PLANS = {
+    "tiny": {"email_quota": 3},
+    "small": {"email_quota": 1000},
+    "e": E_PLAN,
+    "e-big": {**E_PLAN, "included_emails": 20},
+    "pro": {"period": {"kind": "anniversary"}, "email_quota": 5000},
+}
+
+
+async def test_plan_change_upgrades_a_live_session_at_once_and_downgrades_at_the_period_end(
+    start_api: Callable[..., Awaitable[Api]],
+) -> None:
+    api = await start_api(plans=PLAN_CHANGE_PLANS)
+    await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "plan": "tiny"})
+    session = aiosmtplib.SMTP(hostname="127.0.0.1", port=api.harness.port, start_tls=False, timeout=10)
+    await session.connect()
+    await session.login("app", PASSWORD)
+    await session.sendmail("app@example.com", ["a@example.net", "b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+    assert (await session.mail("app@example.com")).code == 250
+    assert (await session.execute_command(b"RCPT", b"TO:<c@example.net>")).code == 250  # the quota's third
+    refused = await session.execute_command(b"RCPT", b"TO:<d@example.net>")
+    assert refused.code == 452 and refused.message.startswith("4.7.1 Email quota")
+
+    status, result = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "small"})
+    assert status == 200
+    assert {k: result[k] for k in ("from", "to", "change", "at_once", "plan", "plan_change")} == {
+        "from": "tiny", "to": "small", "change": "upgrade", "at_once": True, "plan": "small", "plan_change": None}
+    assert (await session.execute_command(b"RCPT", b"TO:<d@example.net>")).code == 250  # the same transaction
+    assert (await session.data(b"Subject: y\r\n\r\ny\r\n")).code == 250
+    await session.quit()
+    status, usage = await api.call("GET", "/v1/accounts/app/usage")
+    assert (usage["plan"], usage["accepted"], usage["remaining"]) == ("small", 4, 996)
+
+    status, result = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "tiny"})
+    assert status == 200 and (result["change"], result["at_once"], result["plan"]) == ("downgrade", False, "small")
+    assert result["plan_change"]["plan"] == "tiny" and result["effective"] == result["plan_change"]["effective"]
+    assert result["effective"].endswith("T00:00:00+00:00") and result["effective"][8:10] == "01"
+    status, account = await api.call("GET", "/v1/accounts/app")
+    assert (account["plan"], account["plan_change"]["plan"]) == ("small", "tiny")
+    status, result = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "small"})
+    assert (result["change"], result["plan_change"]) == ("cancelled", None)
+    status, (event,) = await api.call("GET", "/v1/audit?account=app&limit=1")
+    assert (event["action"], event["detail"], event["changes"]["plan_change"][1]) == (
+        "plan.change", {"plan": "small"}, None)
+
+
+async def test_plan_change_errors_name_the_fix(start_api: Callable[..., Awaitable[Api]]) -> None:
+    api = await start_api(plans=PLAN_CHANGE_PLANS)
+    await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "plan": "e"})
+    status, body = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "gold"})
+    assert status == 400 and body["error"].startswith("plan 'gold' is not defined (known: e, e-big, pro, small")
+    status, body = await api.call("PUT", "/v1/accounts/app/plan", {})
+    assert (status, body["error"]) == (400, "plan: this field is required")
+    status, body = await api.call("PUT", "/v1/accounts/app/plan", {"plan": 5})
+    assert (status, body["error"]) == (400, "plan: give a string")
+    status, body = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "e-big", "at": "now"})
+    assert status == 400 and body["error"].startswith("at: unknown field")
+    assert (await api.call("PUT", "/v1/accounts/ghost/plan", {"plan": "e-big"}))[0] == 404
+    status, body = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "pro"})
+    assert status == 409 and "a plan change keeps the account's billing periods" in body["error"]
+    status, account = await api.call("GET", "/v1/accounts/app")
+    assert (account["plan"], account["plan_change"]) == ("e", None)  # refused changes change nothing
+    status, events = await api.call("GET", "/v1/audit?account=app")
+    assert [e["action"] for e in events] == ["account.add"]
+
+
+async def test_preview_from_a_balance_through_scripted_events(api: Api) -> None:
+    events = [
+        {"at": 12, "type": "limit", "which": "included", "emails": 20},
+        {"at": 15, "type": "payment", "state": "failed"},
+        {"at": 18, "type": "payment", "state": "ok"},
+    ]
+    status, result = await api.call("POST", "/v1/plans/e/preview",
+                                    {"emails": 30, "start": "2026-04-01", "balance": "5.00", "events": events})
+    assert status == 200, result
+    assert (result["balance"], result["accepted"], result["refused"]) == ("5.00", 27, 3)
+    assert [(r["first"], r["last"], r["reason"]) for r in result["refusals"]] == [(16, 18, "payment_failed")]
+    assert [(e["at"], e["type"]) for e in result["events"]] == [(12, "limit"), (15, "payment"), (18, "payment")]
+    # 11 and 12 over the first 10 (a $1 block of 5); raised to 20: 21-27 over it, overage 9: two blocks.
+    assert [(c["key"], c["trigger_email"]) for c in result["charges"]] == [("block/1", 11), ("block/2", 24)]
+    assert [line["description"] for line in result["invoice"]["lines"]] == [
+        "Email overage: 9 emails. Cost: $2", "Charged during the period: 2 usage charges"]
+    for bad, message in [
+        ({"events": {"at": 1}}, "events: give a list"),
+        ({"events": [{"at": 1, "type": "refund"}]}, "events[0].type: 'refund' is not an event"),
+        ({"events": [{"at": 1, "type": "top_up", "amount": 5}]}, "events[0].amount: write the top-up"),
+        ({"events": [{"at": 1, "type": "payment", "state": "ok", "x": 1}]}, "events[0].x: unknown field"),
+        ({"events": [{"at": 99, "type": "payment", "state": "ok"}]}, "events[0].at: 99 is not between 0 and"),
+        ({"events": [{"at": 1, "type": "plan", "plan": "gold"}]}, "events[0].plan: 'gold' is not a plan"),
+        ({"balance": 5}, "balance: write money as a decimal string"),
+        ({"balance": "-5.00"}, "balance: the starting balance must not be negative"),
+    ]:
+        status, body = await api.call("POST", "/v1/plans/e/preview", {"emails": 30, **bad})
+        assert status == 400 and body["error"].startswith(message), (bad, body)

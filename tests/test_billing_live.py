@@ -265,3 +265,41 @@ def test_example_config_defines_the_five_plans() -> None:
     d = plans["included-capped"]
     assert (d.display_name, d.included_emails, d.spending_limit) == ("Pro 100k", 100_000, 599_000_000)
     assert date(2026, 1, 1)  # (keeps the import honest for type checkers)
+
+
+def test_plan_changes_and_a_scripted_preview_from_the_cli(tmp_path: Path) -> None:
+    plans = {"e": {**E_PLAN, "usage_alerts": []}, "e-big": {**E_PLAN, "usage_alerts": [], "included_emails": 20},
+             "pro": {"period": {"kind": "anniversary"}, "email_quota": 5000}}
+    config = write_config(tmp_path, 2526, plans=plans)
+    password = tmp_path / "pw"
+    password.write_text("pw\n")
+    added = mailmeter(config, "account", "add", "app", "--password-file", str(password), "--plan", "e",
+                      "--sender-domain", "example.com")
+    assert added.returncode == 0, added.stderr
+    upgraded = mailmeter(config, "account", "plan", "app", "e-big")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.startswith("account app: upgrade from plan e to plan e-big, in force now: an upgrade")
+    downgraded = json.loads(mailmeter(config, "account", "plan", "app", "e", "--json").stdout)
+    assert (downgraded["change"], downgraded["at_once"], downgraded["plan"]) == ("downgrade", False, "e-big")
+    shown = json.loads(mailmeter(config, "account", "show", "app", "--json").stdout)
+    assert (shown["plan"], shown["plan_change"]["plan"]) == ("e-big", "e")
+    refused = mailmeter(config, "account", "plan", "app", "pro")
+    assert refused.returncode == 1 and "a plan change keeps the account's billing periods" in refused.stderr
+    unknown = mailmeter(config, "account", "plan", "app", "gold")
+    assert unknown.returncode == 1 and "plan 'gold' is not defined (known: e, e-big, pro" in unknown.stderr
+    audit = mailmeter(config, "audit", "--account", "app", "--json")
+    assert [e["action"] for e in json.loads(audit.stdout)] == ["plan.change", "plan.change", "account.add"]
+
+    script = ["--event", "12:included=20", "--event", "15:payment=failed", "--event", "18:payment=ok"]
+    preview = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--start", "2026-04-01",
+                        "--balance", "5.00", *script, "--json")
+    assert preview.returncode == 0, preview.stderr
+    data = json.loads(preview.stdout)
+    assert (data["accepted"], data["refused"], data["balance"]) == (27, 3, "5.00")
+    assert [(c["key"], c["trigger_email"]) for c in data["charges"]] == [("block/1", 11), ("block/2", 24)]
+    text = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--start", "2026-04-01", *script)
+    assert "  refused emails 16 to 18 from 2026-04-" in text.stdout and ": payment_failed" in text.stdout
+    bad = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--event", "12:refund=1")
+    assert bad.returncode == 2 and "'refund' is not an event" in bad.stderr
+    late = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--event", "31:payment=ok")
+    assert late.returncode == 1 and "events[0].at: 31 is not between 0 and the 30 emails" in late.stderr

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -343,3 +344,127 @@ async def test_periods_are_per_anchor_and_move_on_at_the_boundary(world: World) 
     assert world.meter.period_of(d6, at) != world.meter.period_of(d20, at)
     end = world.meter.period_of(d6, at).end
     assert world.meter.period_of(d6, end).start == end  # the next period, not the remembered one
+
+
+async def close_one(world: World, name: str, at: str) -> dict[str, Any]:
+    """Close the account's ended periods at `at` and return its last invoice's body."""
+    world.clock.set(at)
+    await world.billing.close_due_periods()
+    account = await world.meter.account(name)
+    record = (await world.meter.store.invoices(account.id))[-1]
+    body: dict[str, Any] = json.loads(record.body)
+    body["status"] = record.status
+    return body
+
+
+def invoice_lines(body: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(line["kind"], line["description"], line["amount"]) for line in body["lines"]]
+
+
+async def test_model_e_limit_raised_after_the_overage_was_charged_keeps_the_charge(world: World) -> None:
+    """Issue 15, item 1: 50,000 limit, 52,000 sent ($1 charged at once), limit raised to
+    60,000. The invoice shows the overage that was charged; total 0.00, not -1.00."""
+    await add(world, "e", "limit-overage", date(2026, 4, 1))
+    world.clock.set("2026-04-10T00:00:00+00:00")
+    assert await world.send("e", 52_000) == 52_000
+    world.clock.set("2026-04-12T00:00:00+00:00")
+    await world.meter.set_email_limit("e", "included", 60_000)
+    usage = (await world.meter.usage("e")).as_json()
+    assert (usage["total_allowed"], usage["emails_remaining_before_next_charge"]) == (63_000, 11_000)
+    await world.meter.store.close()
+    await world.meter.store.open()  # the period's history is in the database, not in memory
+    body = await close_one(world, "e", "2026-05-01T00:00:00+00:00")
+    assert invoice_lines(body) == [
+        ("usage", "Email overage: 2,000 emails. Cost: $1", "1.00"),
+        ("in_period_charges", "Charged during the period: 1 usage charge", "-1.00"),
+    ]
+    assert (body["total"], body["amount_due"], body["status"]) == ("0.00", "0.00", "paid")
+
+
+async def test_model_e_overage_adds_up_across_a_raise_and_alerts_measure_the_new_limit(world: World) -> None:
+    await add(world, "e", "limit-overage", date(2026, 4, 1))
+    world.clock.set("2026-04-10T00:00:00+00:00")
+    await world.send("e", 52_000)
+    await world.meter.set_email_limit("e", "included", 60_000)
+    await world.send("e", 11_000)  # 63,000: the $1 block covers overage emails 2,001-5,000
+    assert len(await world.charges("e")) == 1
+    await world.send("e", 1)  # 63,001: overage email 5,001 opens the second block
+    charges = await world.charges("e")
+    assert [(c["seq"], c["description"]) for c in charges][-1] == (
+        2, "Usage charge 2: $1 for 5,000 more emails (emails 63,001 to 68,000 of the period)")
+    account = await world.meter.account("e")
+    keys = sorted(row["key"] for row in await world.meter.store.notices_of(account.id))
+    assert keys == ["alert/100", "alert/100@60000", "alert/75", "alert/90", "alert/90@60000"]
+    body = await close_one(world, "e", "2026-05-01T00:00:00+00:00")
+    assert invoice_lines(body)[0] == ("usage", "Email overage: 5,001 emails. Cost: $2", "2.00")
+    assert body["total"] == "0.00"
+
+
+async def test_model_d_worked_example_across_a_mid_period_upgrade(world: World) -> None:
+    """Pro 100k at the document's 135,640 emails, upgraded to Pro 200k on Dec 20."""
+    await add(world, "d", "included-capped", date(2025, 12, 6))
+    world.clock.set("2025-12-20T00:00:00+00:00")
+    assert await world.send("d", 135_640) == 135_640
+    world.clock.set("2025-12-20T12:00:00+00:00")
+    switch = await world.meter.set_plan("d", "included-capped-200k")
+    assert (switch.kind, switch.at_once) == ("upgrade", True)
+    account = await world.meter.account("d")
+    assert (account.plan, account.plan_change) == ("included-capped-200k", None)
+    usage = (await world.meter.usage("d")).as_json()
+    assert usage["dashboard"] == [
+        "Pro 200k", "Dec 6 - Jan 5", "0 extra emails", "135,640 emails sent", "200,000 total allowed",
+        "$214 spent", "$999 spending limit", "64,360 emails remaining",
+    ]
+    assert await world.send("d", 64_360) == 64_360  # emails 135,641-200,000: within the new allowance
+    assert len(await world.charges("d")) == 214
+    assert await world.send("d", 250) == 250  # email 200,001 opens a $1 block of 250
+    charges = await world.charges("d")
+    assert (len(charges), charges[-1]["seq"], charges[-1]["emails_unlocked"]) == (215, 215, 250)
+    # The $999 limit counts the $214 spent under Pro 100k: 784 more blocks, then it pauses.
+    assert await world.send("d", 1_000_000) == 784 * 250
+    body = await close_one(world, "d", "2026-01-06T00:00:00+00:00")
+    assert invoice_lines(body) == [
+        ("fee", "Plan fee: Pro 200k", "199.00"),
+        ("plan_part", "Pro 100k, Dec 6 - Dec 20: emails 1 to 135,640", "0.00"),
+        ("usage", "Email overage: 35,640 emails. Cost: $214", "214.00"),
+        ("in_period_charges", "Charged during the period: 214 usage charges", "-214.00"),
+        ("plan_part", "Pro 200k, Dec 20 - Jan 5: emails 135,641 to 396,250", "0.00"),
+        ("usage", "Email overage: 196,250 emails. Cost: $785", "785.00"),
+        ("in_period_charges", "Charged during the period: 785 usage charges", "-785.00"),
+    ]
+    assert (body["plan"], body["total"]) == ("included-capped-200k", "199.00")
+
+
+async def test_a_downgrade_takes_effect_at_the_period_end_and_drops_the_accounts_limits(world: World) -> None:
+    await add(world, "e", "limit-overage-100k", date(2026, 4, 1))
+    world.clock.set("2026-04-10T00:00:00+00:00")
+    await world.meter.set_email_limit("e", "included", 120_000)
+    await world.send("e", 80_000)
+    switch = await world.meter.set_plan("e", "limit-overage")
+    assert (switch.kind, switch.at_once, switch.effective.isoformat()) == (
+        "downgrade", False, "2026-05-01T00:00:00+00:00")
+    account = await world.meter.account("e")
+    assert account.plan == "limit-overage-100k" and account.plan_change is not None
+    assert await world.send("e", 30_000) == 30_000
+    assert await world.charges("e") == []  # April stays on 100,000 a month (raised to 120,000)
+    world.clock.set("2026-05-02T00:00:00+00:00")  # in force from May 1, before any billing pass
+    assert (await world.meter.usage("e")).as_json()["plan"] == "limit-overage"
+    assert await world.send("e", 50_001) == 50_001
+    assert [c["period_key"] for c in await world.charges("e")] == ["2026-05-01T00:00:00Z"]
+    april = await close_one(world, "e", "2026-05-02T00:00:00+00:00")
+    assert (april["plan"], april["period"], april["total"]) == ("limit-overage-100k", "Apr 1 - Apr 30", "0.00")
+    await world.meter.set_email_limit("e", "quota", 900_000)  # the next admin change makes it stick
+    account = await world.meter.account("e")
+    assert (account.plan, account.plan_change, account.included_change) == ("limit-overage", None, None)
+    assert account.quota_change is not None and account.quota_change.new == 900_000
+
+
+async def test_plans_that_cannot_follow_each_other_are_refused_and_nothing_changes(world: World) -> None:
+    from policies import PlanChangeRefused
+
+    await add(world, "e", "limit-overage", date(2026, 4, 1))
+    world.clock.set("2026-04-10T00:00:00+00:00")
+    with pytest.raises(PlanChangeRefused):
+        await world.meter.set_plan("e", "included-capped")
+    account = await world.meter.account("e")
+    assert (account.plan, account.plan_change) == ("limit-overage", None)

@@ -14,6 +14,7 @@ import yaml
 from policies.plans import Plan, parse_plans
 
 FIVE_PLANS = Path(__file__).with_name("five_plans.yaml")
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config.example.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,19 @@ def plan_d(five_plans: dict[str, Plan]) -> Plan:
 @pytest.fixture(scope="session")
 def plan_e(five_plans: dict[str, Plan]) -> Plan:
     return five_plans["limit-overage"]
+
+
+@pytest.fixture(scope="session")
+def example_plans() -> dict[str, Plan]:
+    """Every plan config.example.yaml ships, the bigger plans to upgrade to included."""
+    return parse_plans(yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))["plans"])
+
+
+@pytest.fixture(scope="session")
+def plan_e100(example_plans: dict[str, Plan]) -> Plan:
+    return example_plans["limit-overage-100k"]
+
+
+@pytest.fixture(scope="session")
+def plan_d200(example_plans: dict[str, Plan]) -> Plan:
+    return example_plans["included-capped-200k"]
