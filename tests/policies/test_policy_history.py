@@ -29,7 +29,7 @@ from policies.changes import change_limit, switch_plan, without_own_limits
 from policies.charges import Charge, charges_due
 from policies.decision import admit
 from policies.invoice import close_period
-from policies.money import round_half_up_to_cents
+from policies.money import round_half_up
 from policies.parts import ThresholdCharge
 from policies.periods import period_containing
 from policies.plans import Plan, parse_plan
@@ -82,9 +82,9 @@ class RefPart:
         if self.plan.billable == "results":
             prices = self.plan.result_prices
             each = (prices.delivered, prices.soft_bounced, prices.hard_bounced)
-            return sum(round_half_up_to_cents(n * p) for n, p in zip(self.results, each))
+            return sum(round_half_up(n * p, self.plan.currency) for n, p in zip(self.results, each))
         cost = self.cost()
-        return round_half_up_to_cents(cost) if (cost or self.emails) else 0
+        return round_half_up(cost, self.plan.currency) if (cost or self.emails) else 0
 
     def charges(self) -> int:
         """The in-period charges the documents' rules make for this part, in micros."""
