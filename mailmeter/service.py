@@ -26,7 +26,7 @@ from metering.billing import Billing
 from metering.meter import Meter, UnknownAccount, UnknownPlan
 from metering.sqlite_store import AuditDraft, DuplicateEvent
 from policies import Standing, preview
-from policies.money import MoneyError, format_money, parse_money
+from policies.money import MoneyError, format_money, is_whole_cents, parse_money
 from policies.parts import ThresholdCharge
 
 
@@ -70,6 +70,14 @@ def _money(text: str, what: str) -> int:
         return parse_money(text)
     except MoneyError as error:
         raise AdminError(f"{what}: {error}") from None
+
+
+def _monthly_payment(text: str) -> int:
+    micros = _money(text, "amount")
+    if micros < 0 or not is_whole_cents(micros):
+        raise AdminError("amount: the monthly payment is charged as it is: give a non-negative amount in whole"
+                         " cents, like 150.00")
+    return micros
 
 
 EXPORT_COLUMNS = [
@@ -116,6 +124,7 @@ class AdminService:
         networks: list[str],
         contacts: list[str],
         subscribed_on: date | None = None,
+        monthly_payment: str | None = None,
     ) -> dict[str, Any]:
         if password is None and not networks:
             raise AdminError("give a password (for SMTP AUTH) or a client network binding, or both")
@@ -123,10 +132,15 @@ class AdminService:
             raise AdminError("give at least one sender domain the account may send from")
         if await self.meter.store.get_account(name) is not None:
             raise Conflict(f"account {name!r} already exists; choose another name")
+        payment = None if monthly_payment is None else _monthly_payment(monthly_payment)
+        detail: dict[str, Any] = {"plan": plan}
+        if payment is not None:
+            detail["monthly_payment"] = format_money(payment)
         try:
-            async with self._audit("account.add", name, {"plan": plan}):
+            async with self._audit("account.add", name, detail):
                 account = await self.meter.add_account(
-                    name, password, plan, domains, networks, subscribed_on=subscribed_on, contacts=contacts
+                    name, password, plan, domains, networks, subscribed_on=subscribed_on, contacts=contacts,
+                    monthly_payment=payment,
                 )
         except (UnknownPlan, ValueError) as error:
             raise AdminError(str(error).strip('"')) from None
@@ -162,6 +176,26 @@ class AdminService:
         async with self._audit("balance.add", name, {"amount": format_money(micros)}):
             balance = await self.meter.add_balance(name, micros)
         return {"account": name, "added": format_money(micros), "prepaid_balance": format_money(balance)}
+
+    async def set_monthly_payment(self, name: str, amount: str) -> dict[str, Any]:
+        """Model B's "increase your payment": the account's monthly payment, credited to its
+        prepaid balance from the next period on (the current period's credit is already fixed;
+        to send more in it, top up the balance)."""
+        micros = _monthly_payment(amount)
+        account = await self.meter.account(name)
+        plan = self.meter.plans.get(account.plan)
+        if plan is not None and plan.funding.kind != "prepaid":
+            raise Conflict(f"account {name!r} is on plan {account.plan!r}, which is postpaid: it is invoiced for"
+                           " what it sends; a monthly payment is credit to a prepaid balance")
+        try:
+            async with self._audit("balance.monthly", name, {"amount": format_money(micros)}):
+                change = await self.meter.set_monthly_payment(name, micros)
+        except ValueError as error:
+            raise AdminError(str(error).strip('"')) from None
+        prepaid = (await self.usage(name))["prepaid"]
+        return {"account": name, "monthly_payment": prepaid["monthly_payment"],
+                "next_monthly_payment": format_money(change.amount), "applies_from": change.starts.isoformat(),
+                "prepaid_balance": (await self.account(name))["prepaid_balance"]}
 
     async def repay(self, name: str) -> dict[str, Any]:
         async with self._audit("repay", name):
@@ -353,6 +387,7 @@ class AdminService:
                     "net_days": plan.funding.net_days,
                     "overdraft_allowance": (None if plan.funding.overdraft_allowance is None
                                             else format_money(plan.funding.overdraft_allowance)),
+                    "monthly_payment": format_money(plan.funding.monthly_payment),
                 },
             }
             for name, plan in sorted(self.meter.plans.items())

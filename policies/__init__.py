@@ -17,6 +17,7 @@ Modules, from the bottom up:
   decision    admit / headroom / blocking_refusal: caps as counts
   lease       admit_lease: a node's block of the allowance (several nodes, one meter)
   invoice     close_period: the closing invoice, rounded per line
+  prepaid     model B's monthly payment (credit) and an ended period's claim on the balance
   dashboard   usage screen (model D) and usage alerts (model E)
   preview     one simulated period for `mailmeter plan preview`
 """
@@ -29,6 +30,7 @@ from policies.lease import admit_lease, lease_block
 from policies.invoice import Invoice, InvoiceLine, close_period
 from policies.limits import LimitChange, limit_in_effect
 from policies.plans import Plan, PlanError, parse_plan, parse_plans
+from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage
 from policies.preview import Preview, TimedCharge, preview
 from policies.usage_cost import exposure, priced_usage
 
@@ -39,6 +41,7 @@ __all__ = [
     "Invoice",
     "InvoiceLine",
     "LimitChange",
+    "PaymentChange",
     "Plan",
     "PlanError",
     "Preview",
@@ -60,11 +63,14 @@ __all__ = [
     "headroom",
     "lease_block",
     "limit_in_effect",
+    "monthly_credit",
+    "monthly_payment",
     "parse_plan",
     "parse_plans",
     "preview",
     "priced_usage",
     "unbilled",
+    "unsettled_usage",
     "usage_alerts_due",
     "usage_screen",
 ]

@@ -23,7 +23,7 @@ from policies.plan import Plan
 from policies.pricing import BlockPrice, blocks_opened, first_email_reaching
 from policies.usage_cost import priced_usage
 
-ChargeKind = Literal["threshold", "block"]
+ChargeKind = Literal["threshold", "block", "monthly"]  # monthly: model B's payment (policies/prepaid.py)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ the admission is the conservative one the live relay applies while results lag.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 
 from policies.account import Standing, Usage
@@ -22,6 +22,7 @@ from policies.decision import Refusal, headroom
 from policies.invoice import Invoice, close_period
 from policies.periods import Period, period_containing, period_label
 from policies.plan import Plan
+from policies.prepaid import monthly_payment
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,17 @@ def preview(
     """Simulate sending `emails` from `start` to the end of its period.
 
     anchor: subscription day for anniversary periods (default: start's local date).
-    standing: the account facts to simulate with (prepaid balance, overrides...).
+    standing: the account facts to simulate with (prepaid balance carried in, overrides...);
+      a prepaid plan's monthly payment is added to the balance, as the period's credit.
     delivered / soft_bounced / invalid: how the emails end; delivered defaults to the rest.
     """
     if emails < 0:
         raise ValueError("emails must be >= 0")
     zone = plan.period.zone()
     period = period_containing(plan.period, start, anchor or start.astimezone(zone).date())
+    # A prepaid plan's monthly payment is the period's credit, added as the period starts.
+    credit = monthly_payment(plan, (), period)
+    standing = replace(standing, prepaid_balance=standing.prepaid_balance + credit)
     accepted, refusal = _accept(plan, standing, emails)
     good, soft, hard = _results(accepted, emails, delivered, soft_bounced, invalid)
     usage = Usage(accepted=accepted, delivered=good, soft_bounced=soft, hard_bounced=hard)
