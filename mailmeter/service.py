@@ -10,8 +10,6 @@ nor the API can change anything unaudited.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -23,6 +21,7 @@ import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from metering.billing import Billing
+from metering.export import export_csv, month_of
 from metering.meter import Meter, UnknownAccount, UnknownPlan
 from metering.sqlite_store import AuditDraft, DuplicateEvent
 from policies import Standing, preview
@@ -78,12 +77,6 @@ def _monthly_payment(text: str) -> int:
         raise AdminError("amount: the monthly payment is charged as it is: give a non-negative amount in whole"
                          " cents, like 150.00")
     return micros
-
-
-EXPORT_COLUMNS = [
-    "invoice_id", "account", "plan", "period", "period_start", "period_end", "item",
-    "description", "quantity", "amount", "currency", "status", "reference",
-]
 
 
 @dataclass
@@ -304,43 +297,14 @@ class AdminService:
                 return body
         raise NotFound(f"no invoice {invoice_id!r} (see `mailmeter invoice list ACCOUNT`)")
 
-    async def export_rows(self, month: str) -> list[dict[str, Any]]:
-        """Every line item of the invoices of periods starting in `month` (YYYY-MM, plan's zone)."""
+    async def export_csv(self, month: str) -> str:
+        """Every figure of the invoices of periods starting in `month` (YYYY-MM, plan's zone), as
+        CSV that reconciles alone (metering/export.py)."""
         try:
             datetime.strptime(month, "%Y-%m")
         except ValueError:
             raise AdminError(f"period {month!r}: write it as YYYY-MM, like 2026-04") from None
-        rows: list[dict[str, Any]] = []
-        for record in await self.meter.store.invoices():
-            body = json.loads(record.body)
-            if body["period_month"] != month:
-                continue
-            base = {
-                "invoice_id": record.id, "account": body["account"], "plan": body["plan"],
-                "period": body["period"], "period_start": body["period_start"], "period_end": body["period_end"],
-                "currency": body["currency"], "status": record.status,
-            }
-            for line in body["lines"]:
-                rows.append({**base, "item": line["kind"], "description": line["description"],
-                             "quantity": line["quantity"], "amount": line["amount"], "reference": ""})
-            for charge in body["in_period_charges"]:
-                rows.append({**base, "item": "charge", "description": charge["description"],
-                             "quantity": charge["emails_unlocked"], "amount": charge["amount"],
-                             "reference": charge["key"], "status": charge["status"]})
-            for region in body["regions"]:
-                rows.append({**base, "item": f"region:{region['region']}", "description": region["result"],
-                             "quantity": region["emails"], "amount": "", "reference": ""})
-            rows.append({**base, "item": "total", "description": f"Amount due by {body['due_date']}",
-                         "quantity": "", "amount": body["total"], "reference": body["amount_due"]})
-        return rows
-
-    async def export_csv(self, month: str) -> str:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in await self.export_rows(month):
-            writer.writerow(row)
-        return buffer.getvalue()
+        return export_csv(record for record in await self.meter.store.invoices() if month_of(record) == month)
 
     async def run_billing(self) -> dict[str, Any]:
         run = await self.billing.run_once()

@@ -11,6 +11,8 @@ the meter's injected clock.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mailmeter.service import AdminService
 from metering.billing import Billing
 from metering.gateway import ChargeOutcome, ChargeRequest, GatewayResult, NoGateway
 from metering.leases import LeaseSettings
@@ -30,6 +33,7 @@ from metering.sqlite_store import SqliteStore
 from metering.store import Store
 from policies import parse_plans
 from tests.pgserver import PG_URL, isolated_schema
+from tests.test_export import reconcile
 
 REPO = Path(__file__).resolve().parent.parent
 USD = 1_000_000
@@ -484,6 +488,32 @@ async def test_periods_are_per_anchor_and_move_on_at_the_boundary(world: World) 
     assert world.meter.period_of(d6, at) != world.meter.period_of(d20, at)
     end = world.meter.period_of(d6, at).end
     assert world.meter.period_of(d6, end).start == end  # the next period, not the remembered one
+
+
+async def test_the_export_of_a_month_reconciles_alone_across_the_plans(world: World) -> None:
+    """Accounts on every ready plan send, bounce, top up and are charged in April; the CSV
+    export of April adds up to each invoice's total and amount due (tests/test_export.py)."""
+    world.clock.set("2026-04-02T08:00:00+00:00")
+    for name, plan in (("a", "per-email-threshold"), ("b", "prepaid-tiered"), ("c", "delivery-results"),
+                       ("d", "included-capped"), ("e", "limit-overage"), ("p", "postpay-tiered")):
+        await add(world, name, plan, date(2026, 4, 1))
+    await world.meter.add_balance("b", 12_340_000)
+    for name, emails in (("a", 1_300_000), ("b", 105_000), ("c", 30), ("d", 100_400), ("e", 56_000), ("p", 7)):
+        assert await world.send(name, emails) == emails
+    for n in range(30):
+        await world.meter.record_result("Q00000003", f"r{n}", "delivered" if n % 3 else "hard_bounced")
+    world.clock.set("2026-05-01T12:00:00+00:00")
+    await world.billing.close_due_periods()
+    await world.billing.collect_charges()
+    service = AdminService(world.meter, world.billing, actor="test")
+    records = await world.meter.store.invoices()
+    assert len(records) == 6
+    text = await service.export_csv("2026-04")
+    reconcile(text, records)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["amount"], r["charge_status"]) for r in rows if r["account"] == "b" and r["record"] == "payment"] == [
+        ("-104.00", "")]  # 100,000 x $0.001 + 5,000 x $0.0008, paid from $112.34: $8.34 carries over
+    assert {r["item"] for r in rows if r["account"] == "b" and r["record"] == "charge"} == {"monthly"}
 
 
 async def test_an_existing_database_upgrades_with_its_invoiced_periods_settled(tmp_path: Path) -> None:
