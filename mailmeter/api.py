@@ -281,13 +281,14 @@ async def list_accounts(request: web.Request, service: AdminService) -> web.Resp
 
 async def add_account(request: web.Request, service: AdminService) -> web.Response:
     data = await _body(request, ("name", "password", "plan", "sender_domains", "networks", "contacts",
-                                 "subscribed_on", "allow_wide_network"))
+                                 "subscribed_on", "allow_wide_network", "monthly_payment"))
     name = _string(data, "name", required=True)
     plan = _string(data, "plan", required=True)
     assert name is not None and plan is not None
     account = await service.add_account(
         name, _string(data, "password"), plan, _strings(data, "sender_domains"), _strings(data, "networks"),
         _strings(data, "contacts"), _date(data, "subscribed_on"), allow_wide_network=_flag(data, "allow_wide_network"),
+        monthly_payment=_money(data, "monthly_payment", required=False),
     )
     return web.json_response(account, status=201, headers={"Location": f"/v1/accounts/{account['name']}"})
 
@@ -313,6 +314,13 @@ async def balance(request: web.Request, service: AdminService) -> web.Response:
     amount = _money(data, "amount")
     assert amount is not None
     return web.json_response(await service.add_balance(request.match_info["name"], amount))
+
+
+async def monthly_payment(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("amount",))
+    amount = _money(data, "amount")
+    assert amount is not None
+    return web.json_response(await service.set_monthly_payment(request.match_info["name"], amount))
 
 
 async def repay(request: web.Request, service: AdminService) -> web.Response:
@@ -454,6 +462,7 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_get("/v1/accounts/{name}/usage", authenticated(usage))
     routes.add_post("/v1/accounts/{name}/payment", authenticated(payment))
     routes.add_post("/v1/accounts/{name}/balance", authenticated(balance))
+    routes.add_put("/v1/accounts/{name}/monthly-payment", authenticated(monthly_payment))
     routes.add_post("/v1/accounts/{name}/repay", authenticated(repay))
     routes.add_put("/v1/accounts/{name}/limits/{which}", authenticated(set_limit))
     routes.add_get("/v1/accounts/{name}/charges", authenticated(charges))

@@ -90,7 +90,7 @@ def cmd_account_add(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         account = await service.add_account(
             args.name, password, args.plan, args.sender_domain, args.network, args.contact, args.subscribed_on,
-            allow_wide_network=args.allow_wide_network,
+            allow_wide_network=args.allow_wide_network, monthly_payment=args.monthly_payment,
         )
         print(f"account {account['name']} added on plan {account['plan']}")
         return 0
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                           " unauthenticated, billed to this account")
     add.add_argument("--contact", action="append", default=[], help="address for usage and billing notices (repeatable)")
     add.add_argument("--subscribed-on", type=date.fromisoformat, help="subscription day (default: today)")
+    add.add_argument("--monthly-payment", help="prepaid plans: the amount credited each period, like 150.00"
+                                               " (default: the plan's funding.monthly_payment)")
     listing = sub(account, "list", "list accounts", _simple(
         "accounts",
         line=lambda a: f"{a['name']}\t{a['plan']}\t{a['payment_state']}\t{','.join(a['sender_domains'])}"))
@@ -329,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     top_up = sub(balance, "add", "top up a prepaid balance", _simple("add_balance", "name", "amount", json_flag=False))
     top_up.add_argument("name")
     top_up.add_argument("amount", help="in the billing currency's minor units at most: 25.00 (USD), 2500 (JPY)")
+    monthly = sub(balance, "monthly", "set the monthly payment credited to a prepaid balance, from the next period on",
+                  _simple("set_monthly_payment", "name", "amount", json_flag=False))
+    monthly.add_argument("name")
+    monthly.add_argument("amount", help="in the billing currency, like 150.00")
 
     repay = sub(commands, "repay", "settle an account's whole overdrawn amount", _simple("repay", "name", json_flag=False))
     repay.add_argument("name")

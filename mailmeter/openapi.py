@@ -94,6 +94,11 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object", "description": "a plan change that takes effect when the period ends",
                 "properties": {"plan": {"type": "string"}, "effective": {"type": "string", "format": "date-time"},
                                "requested_at": {"type": "string", "format": "date-time"}}}]},
+            "monthly_payment_changes": {
+                "type": "array", "description": "the account's own monthly payment (prepaid plans), from each period on",
+                "items": {"type": "object", "properties": {"from": {"type": "string", "format": "date-time"},
+                                                           "amount": _ref("Money")}},
+            },
         },
     },
     "NewAccount": {
@@ -111,6 +116,8 @@ SCHEMAS: dict[str, Any] = {
             "subscribed_on": {"type": "string", "format": "date"},
             "allow_wide_network": {"type": "boolean", "default": False,
                                    "description": "accept a network binding wider than a /16 or /48"},
+            "monthly_payment": {**MONEY, "description": "prepaid plans: the amount credited each period instead of"
+                                                        " the plan's funding.monthly_payment"},
         },
     },
     "Usage": {
@@ -131,9 +138,34 @@ SCHEMAS: dict[str, Any] = {
             "deferred": COUNT, "reserved": COUNT, "remaining": {"type": ["integer", "null"]},
             "spent": _ref("Money"), "spending_limit": OPTIONAL_MONEY, "unbilled": _ref("Money"),
             "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
+            "prepaid": {"oneOf": [{"type": "null"}, _ref("PrepaidUsage")]},
             "payment_state": {"enum": ["ok", "failed"]}, "currency": {"type": "string"},
             "by_campaign": {"type": "object", "additionalProperties": {"type": "integer"}},
             "by_region": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
+    "PrepaidUsage": {
+        "type": "object", "description": "a prepaid plan's balance in the current period",
+        "properties": {
+            "available": {**MONEY, "description": "what the period may spend: carried in, its monthly payment,"
+                                                  " top-ups"},
+            "spent": _ref("Money"), "remaining": _ref("Money"),
+            "monthly_payment": {**MONEY, "description": "credited at this period's start"},
+            "next_monthly_payment": {**MONEY, "description": "to be credited at the next period's start"},
+            "next_credit_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "MonthlyPaymentChange": {
+        "type": "object", "additionalProperties": False, "required": ["amount"],
+        "properties": {"amount": {**MONEY, "description": "in the billing currency's minor units, credited from the next period on"}},
+    },
+    "MonthlyPaymentResult": {
+        "type": "object", "required": ["account", "monthly_payment", "next_monthly_payment", "applies_from"],
+        "properties": {
+            "account": {"type": "string"},
+            "monthly_payment": {**MONEY, "description": "this period's credit (fixed when the period started)"},
+            "next_monthly_payment": _ref("Money"), "applies_from": {"type": "string", "format": "date-time"},
+            "prepaid_balance": _ref("Money"),
         },
     },
     "PaymentChange": {
@@ -216,6 +248,13 @@ SCHEMAS: dict[str, Any] = {
             "lines": {"type": "array", "items": ANY_OBJECT}, "total": _ref("Money"),
             "amount_due": _ref("Money"), "status": {"type": "string"},
             "in_period_charges": {"type": "array", "items": ANY_OBJECT},
+            "prepaid_applied": _ref("Money"),
+            "payments": {"type": "array", "items": ANY_OBJECT,
+                         "description": "what paid part of the total before it fell due (kind prepaid)"},
+            "monthly_payments": {"type": "array", "items": ANY_OBJECT,
+                                 "description": "the period's monthly payment charge (prepaid plans)"},
+            "prepaid": {"type": ["object", "null"], "description": "a prepaid period's balance:"
+                        " balance_before_usage, monthly_payment, applied, balance_after"},
             "regions": {"type": "array", "items": ANY_OBJECT},
         },
     },
@@ -340,6 +379,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/accounts/{name}/balance": {
         "post": _op("Top up the prepaid balance", _json(_ref("BalanceResult"), "The new balance"),
                     body=_ref("BalanceChange"), params=[ACCOUNT], errors=(400, 401, 404, 503)),
+    },
+    "/v1/accounts/{name}/monthly-payment": {
+        "put": _op("Set the monthly payment credited to a prepaid balance, from the next period on",
+                   _json(_ref("MonthlyPaymentResult"), "This period's and the next period's monthly payment"),
+                   body=_ref("MonthlyPaymentChange"), params=[ACCOUNT], errors=(400, 401, 404, 409, 503)),
     },
     "/v1/accounts/{name}/repay": {
         "post": _op("Settle the whole overdrawn amount", _json(_ref("RepayResult"), "What was repaid"),

@@ -10,8 +10,6 @@ nor the API can change anything unaudited.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -25,12 +23,13 @@ import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from metering.billing import Billing
+from metering.export import export_csv, month_of
 from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
 from metering.records import in_force
 from metering.sqlite_store import AuditDraft, DuplicateEvent
 from policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
 from policies.currency import Currency, currency_for
-from policies.money import MoneyError, format_money, parse_money
+from policies.money import MoneyError, format_money, is_whole_minor, parse_money
 from policies.parts import ThresholdCharge
 from policies.plan import Plan
 from relay.domains import DomainError, canonical_domain
@@ -138,10 +137,12 @@ def charge_json(row: Mapping[str, Any], currency: Currency) -> dict[str, Any]:
     }
 
 
-EXPORT_COLUMNS = [
-    "invoice_id", "account", "plan", "period", "period_start", "period_end", "item",
-    "description", "quantity", "amount", "currency", "status", "reference",
-]
+def _monthly_payment(text: str, currency: Currency) -> int:
+    micros = _money(text, "amount", currency)
+    if micros < 0 or not is_whole_minor(micros, currency):
+        raise AdminError("amount: the monthly payment is charged as it is: give a non-negative amount in"
+                         f" {currency.code}, like {format_money(150_000_000, currency)}")
+    return micros
 
 
 @dataclass
@@ -184,6 +185,7 @@ class AdminService:
         contacts: list[str],
         subscribed_on: date | None = None,
         allow_wide_network: bool = False,
+        monthly_payment: str | None = None,
     ) -> dict[str, Any]:
         """`allow_wide_network`: the operator means a network binding wider than a /16 (IPv4)
         or /48 (IPv6); without it such a binding, which lets every client in it send
@@ -196,11 +198,15 @@ class AdminService:
         domains = _sender_domains(domains)
         if await self.meter.store.get_account(name) is not None:
             raise Conflict(f"account {name!r} already exists; choose another name")
+        payment = None if monthly_payment is None else _monthly_payment(monthly_payment, self.meter.currency)
+        detail: dict[str, Any] = {"plan": plan}
+        if payment is not None:
+            detail["monthly_payment"] = format_money(payment, self.meter.currency)
         try:
-            async with self._audit("account.add", name, {"plan": plan}):
+            async with self._audit("account.add", name, detail):
                 account = await self.meter.add_account(
                     name, password, plan, domains, networks, subscribed_on=subscribed_on, contacts=contacts,
-                    allow_wide_networks=allow_wide_network,
+                    allow_wide_networks=allow_wide_network, monthly_payment=payment,
                 )
         except WideNetwork as wide:
             raise AdminError(
@@ -249,6 +255,26 @@ class AdminService:
         except BalanceTooLarge as error:
             raise AdminError(f"amount: {error}") from None
         return {"account": name, "added": format_money(micros, currency), "prepaid_balance": format_money(balance, currency)}
+
+    async def set_monthly_payment(self, name: str, amount: str) -> dict[str, Any]:
+        """Model B's "increase your payment": the account's monthly payment, credited to its
+        prepaid balance from the next period on (the current period's credit is already fixed;
+        to send more in it, top up the balance)."""
+        micros = _monthly_payment(amount, self.meter.currency)
+        account = await self.meter.account(name)
+        plan = self.meter.plans.get(account.plan)
+        if plan is not None and plan.funding.kind != "prepaid":
+            raise Conflict(f"account {name!r} is on plan {account.plan!r}, which is postpaid: it is invoiced for"
+                           " what it sends; a monthly payment is credit to a prepaid balance")
+        try:
+            async with self._audit("balance.monthly", name, {"amount": format_money(micros, self.meter.currency)}):
+                change = await self.meter.set_monthly_payment(name, micros)
+        except ValueError as error:
+            raise AdminError(str(error).strip('"')) from None
+        prepaid = (await self.usage(name))["prepaid"]
+        return {"account": name, "monthly_payment": prepaid["monthly_payment"],
+                "next_monthly_payment": format_money(change.amount, self.meter.currency), "applies_from": change.starts.isoformat(),
+                "prepaid_balance": (await self.account(name))["prepaid_balance"]}
 
     async def repay(self, name: str) -> dict[str, Any]:
         async with self._audit("repay", name):
@@ -429,43 +455,14 @@ class AdminService:
                 return body
         raise NotFound(f"no invoice {invoice_id!r} (see `mailmeter invoice list ACCOUNT`)")
 
-    async def export_rows(self, month: str) -> list[dict[str, Any]]:
-        """Every line item of the invoices of periods starting in `month` (YYYY-MM, plan's zone)."""
+    async def export_csv(self, month: str) -> str:
+        """Every figure of the invoices of periods starting in `month` (YYYY-MM, plan's zone), as
+        CSV that reconciles alone (metering/export.py)."""
         try:
             datetime.strptime(month, "%Y-%m")
         except ValueError:
             raise AdminError(f"period {month!r}: write it as YYYY-MM, like 2026-04") from None
-        rows: list[dict[str, Any]] = []
-        for record in await self.meter.store.invoices():
-            body = json.loads(record.body)
-            if body["period_month"] != month:
-                continue
-            base = {
-                "invoice_id": record.id, "account": body["account"], "plan": body["plan"],
-                "period": body["period"], "period_start": body["period_start"], "period_end": body["period_end"],
-                "currency": body["currency"], "status": record.status,
-            }
-            for line in body["lines"]:
-                rows.append({**base, "item": line["kind"], "description": line["description"],
-                             "quantity": line["quantity"], "amount": line["amount"], "reference": ""})
-            for charge in body["in_period_charges"]:
-                rows.append({**base, "item": "charge", "description": charge["description"],
-                             "quantity": charge["emails_unlocked"], "amount": charge["amount"],
-                             "reference": charge["key"], "status": charge["status"]})
-            for region in body["regions"]:
-                rows.append({**base, "item": f"region:{region['region']}", "description": region["result"],
-                             "quantity": region["emails"], "amount": "", "reference": ""})
-            rows.append({**base, "item": "total", "description": f"Amount due by {body['due_date']}",
-                         "quantity": "", "amount": body["total"], "reference": body["amount_due"]})
-        return rows
-
-    async def export_csv(self, month: str) -> str:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in await self.export_rows(month):
-            writer.writerow(row)
-        return buffer.getvalue()
+        return export_csv(record for record in await self.meter.store.invoices() if month_of(record) == month)
 
     async def run_billing(self) -> dict[str, Any]:
         run = await self.billing.run_once()
@@ -516,6 +513,7 @@ class AdminService:
                     "net_days": plan.funding.net_days,
                     "overdraft_allowance": (None if plan.funding.overdraft_allowance is None
                                             else format_money(plan.funding.overdraft_allowance, plan.currency)),
+                    "monthly_payment": format_money(plan.funding.monthly_payment, plan.currency),
                 },
             }
             for name, plan in sorted(self.meter.plans.items())

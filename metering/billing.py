@@ -19,11 +19,12 @@ from typing import Any
 import structlog
 
 from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
-from metering.meter import Meter, standing_of
+from metering.meter import Meter, first_period, standing_of
 from metering.records import Account, in_force
 from metering.sqlite_store import InvoiceRecord
 from metering.store import Row
 from policies import Charge, Invoice, Plan, close_period
+from policies.currency import Currency
 from policies.money import format_money
 from policies.periods import Period, next_period, period_containing
 
@@ -69,8 +70,11 @@ def stored_charges(rows: Sequence[Row]) -> list[Charge]:
             description=row["description"],
         )
         for row in rows
-        if row["kind"] != "invoice"
+        if row["kind"] not in _NOT_IN_PERIOD
     ]
+
+
+_NOT_IN_PERIOD = ("invoice", "monthly")  # charges that are not usage collected during the period
 
 
 def invoice_status(plan: Plan, invoice: Invoice) -> str:
@@ -117,25 +121,46 @@ def invoice_body(
         ],
         "total": format_money(invoice.total, currency),
         "prepaid_applied": format_money(invoice.prepaid_applied, currency),
+        "payments": (
+            [{"kind": "prepaid", "description": "Paid from the prepaid balance",
+              "amount": format_money(-invoice.prepaid_applied, currency)}]
+            if invoice.prepaid_applied else []
+        ),
         "amount_due": format_money(invoice.amount_due, currency),
         "status": status,
-        "in_period_charges": [
-            {
-                "key": row["idempotency_key"],
-                "kind": row["kind"],
-                "amount": format_money(row["amount"], currency),
-                "emails_unlocked": row["emails_unlocked"],
-                "description": row["description"],
-                "created_at": row["created_at"],
-                "status": row["status"],
-            }
-            for row in charges
-            if row["kind"] != "invoice"
-        ],
+        "in_period_charges": [_charge_json(row, currency) for row in charges if row["kind"] not in _NOT_IN_PERIOD],
+        "monthly_payments": [_charge_json(row, currency) for row in charges if row["kind"] == "monthly"],
+        "prepaid": _prepaid_json(invoice, charges, currency),
         "regions": [
             {"region": row["region"] or "(unknown)", "result": row["result"], "emails": row["n"]}
             for row in regions
         ],
+    }
+
+
+def _charge_json(row: Row, currency: Currency) -> dict[str, Any]:
+    return {
+        "key": row["idempotency_key"],
+        "kind": row["kind"],
+        "amount": format_money(row["amount"], currency),
+        "emails_unlocked": row["emails_unlocked"],
+        "description": row["description"],
+        "created_at": row["created_at"],
+        "status": row["status"],
+    }
+
+
+def _prepaid_json(invoice: Invoice, charges: Sequence[Row], currency: Currency) -> dict[str, str] | None:
+    """A prepaid period's balance, as the receipt shows it: what the period could spend (carried
+    in, its monthly payment, top-ups made until it closed), what its usage took, what carries over."""
+    if invoice.prepaid_balance_after is None:
+        return None
+    before = invoice.prepaid_balance_after + invoice.prepaid_applied
+    return {
+        "balance_before_usage": format_money(before, currency),
+        "monthly_payment": format_money(sum(row["amount"] for row in charges if row["kind"] == "monthly"), currency),
+        "applied": format_money(invoice.prepaid_applied, currency),
+        "balance_after": format_money(invoice.prepaid_balance_after, currency),
     }
 
 
@@ -172,11 +197,11 @@ class Billing:
         if last_key is not None:
             last = period_containing(plan.period, datetime.fromisoformat(last_key), anchor)
             return next_period(plan.period, last, anchor)
-        start = datetime.combine(account.subscribed_on, time(12), tzinfo=plan.period.zone())
-        return period_containing(plan.period, start, anchor)
+        return first_period(account, plan)
 
     async def close_due_periods(self, accounts: list[Account] | None = None) -> list[str]:
-        """Close every ended period not yet invoiced, oldest first, account by account.
+        """Close every ended period not yet invoiced, oldest first, account by account; record
+        each prepaid period's monthly credit before its invoice, and the current one's after.
 
         The pass runs on the relay's event loop every `billing.interval` seconds and
         usually finds nothing to close: it reads all accounts and their last invoiced
@@ -202,12 +227,14 @@ class Billing:
                 if in_period.plan not in self.meter.plans:
                     self.log.error("billing.unknown_plan", account=account.name, plan=in_period.plan)
                     break
-                invoice_key = await self._close(in_period, period, now)
+                account = await self.meter.record_monthly_credits(account, self.meter.plans[in_period.plan])
+                invoice_key = await self._close(in_force(account, period.start), period, now)
                 if invoice_key is None:
                     break  # not issued yet (model C: 15:00 on the 1st)
                 closed.append(invoice_key)
                 account = await self.meter.account(account.name)  # the balance may have changed
                 period = next_period(plan.period, period, account.subscribed_on)
+            await self.meter.record_monthly_credits(account, self.meter.plans.get(in_force(account, now).plan))
         return closed
 
     async def _close(self, account: Account, period: Period, now: datetime) -> str | None:
@@ -215,7 +242,7 @@ class Billing:
         plan = self.meter.plan_of(account)
         usage = await self.store.usage(account.id, period.key)
         charge_rows = await self.store.charges_of(account.id, period.key)
-        invoice = close_period(plan, standing_of(account, period), usage, period, stored_charges(charge_rows))
+        invoice = close_period(plan, standing_of(account, period, plan), usage, period, stored_charges(charge_rows))
         if invoice.issued_at > now:
             return None
         status = invoice_status(plan, invoice)

@@ -14,14 +14,14 @@ import json
 import secrets
 from time import monotonic
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timezone
 from typing import Any, Protocol, cast
 
 from metering.batching import Batcher
 from metering.leases import LeaseBook, LeaseSettings, LeasingStore
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.records import Account, AccountUpdate, Grant, Result, ResultReport, in_force
+from metering.records import Account, AccountUpdate, Grant, Result, ResultReport, in_force, payment_changes_to_json
 from metering.sqlite_store import Settlement, StoreUnavailable
 from metering.store import Store
 from policies import (
@@ -44,9 +44,10 @@ from policies import (
 )
 from policies.changes import LimitName
 from policies.currency import USD, Currency
-from policies.money import format_money
+from policies.money import format_money, is_whole_minor
 from policies.results import classify, classify_failure
-from policies.periods import Period, PeriodSpec, period_containing
+from policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
+from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
 
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -110,11 +111,19 @@ def too_wide(network: IPNetwork) -> int | None:
     return widest if network.prefixlen < widest else None
 
 
-def standing_of(account: Account, period: Period) -> Standing:
+def standing_of(account: Account, period: Period, plan: Plan | None = None) -> Standing:
     """The account facts for decisions in `period`, with limit changes resolved for it (and
-    a plan change due by its start in force, which drops the account's own limits)."""
+    a plan change due by its start in force, which drops the account's own limits).
+
+    With the account's `plan`, a prepaid balance is what `period` may spend (policies'
+    Standing.prepaid_balance): the stored balance, plus the monthly credits of the
+    periods up to this one that are due but not recorded yet (the billing job records
+    them a moment after a period starts), minus what the usage of ended periods not
+    invoiced yet will still take from it. So the balance is exact from the first
+    instant of a period, whenever the billing job runs.
+    """
     account = in_force(account, period.start)
-    return Standing(
+    standing = Standing(
         payment_ok=account.payment_ok,
         suspended=account.suspended,
         prepaid_balance=account.prepaid_balance,
@@ -123,6 +132,49 @@ def standing_of(account: Account, period: Period) -> Standing:
         email_quota_override=account.quota_change.value_during(period) if account.quota_change else None,
         spending_limit_override=account.spending_limit_override,
     )
+    if plan is None or plan.funding.kind != "prepaid":
+        return standing
+    balance = account.prepaid_balance + _credits_not_recorded(account, plan, period)
+    for key, usage in account.open_periods:
+        if key < period.key:
+            ended = period_containing(plan.period, datetime.fromisoformat(key), account.subscribed_on)
+            balance -= unsettled_usage(plan, standing_of(account, ended), usage)
+    return replace(standing, prepaid_balance=balance)
+
+
+def first_period(account: Account, plan: Plan) -> Period:
+    """The account's first billing period: the one its subscription day is in."""
+    start = datetime.combine(account.subscribed_on, time(12), tzinfo=plan.period.zone())
+    return period_containing(plan.period, start, account.subscribed_on)
+
+
+def first_credited_period(account: Account, plan: Plan) -> Period:
+    """The first period with a monthly credit: the first one the account exists in (an account
+    added with an earlier subscription day is not charged for the months before it)."""
+    first = first_period(account, plan)
+    if account.created_at is None or first.contains(account.created_at) or account.created_at < first.start:
+        return first
+    return period_containing(plan.period, account.created_at, account.subscribed_on)
+
+
+def _after(account: Account, plan: Plan, key: str | None, first: Period) -> Period:
+    """The period after the one whose key is `key`; `first` when there is none."""
+    if key is None:
+        return first
+    anchor = account.subscribed_on
+    return next_period(plan.period, period_containing(plan.period, datetime.fromisoformat(key), anchor), anchor)
+
+
+def _credits_not_recorded(account: Account, plan: Plan, period: Period) -> int:
+    """The monthly credits of the periods up to `period` that are due but not recorded yet."""
+    if account.credited_through is not None and account.credited_through >= period.key:
+        return 0
+    due = 0
+    credit = _after(account, plan, account.credited_through, first_credited_period(account, plan))
+    while credit.start <= period.start:
+        due += monthly_payment(plan, account.monthly_payments, credit)
+        credit = next_period(plan.period, credit, account.subscribed_on)
+    return due
 
 
 def result_category(verdict: Result, code: int | None, enhanced: str | None) -> tuple[Result, str]:
@@ -187,10 +239,28 @@ class UsageReport:
             "dashboard": list(screen.rows()),
             "unbilled": format_money(unbilled(self.plan, self.standing, self.usage), currency),
             "prepaid_balance": format_money(self.account.prepaid_balance, currency),
+            "prepaid": self._prepaid(screen.spent),
             "overdrawn": format_money(self.account.outstanding_debt, currency),
             "payment_state": self.account.payment_state,
             "by_campaign": by_campaign,
             "by_region": by_region,
+        }
+
+
+    def _prepaid(self, spent: int) -> dict[str, Any] | None:
+        """A prepaid plan's balance in this period: what it may spend, has spent, has left, and
+        the monthly payment credited at this period's start and at the next one's."""
+        if self.plan.funding.kind != "prepaid":
+            return None
+        following = next_period(self.plan.period, self.period, self.account.subscribed_on)
+        changes = self.account.monthly_payments
+        return {
+            "available": format_money(self.standing.prepaid_balance, self.plan.currency),
+            "spent": format_money(spent, self.plan.currency),
+            "remaining": format_money(self.standing.prepaid_balance - spent, self.plan.currency),
+            "monthly_payment": format_money(monthly_payment(self.plan, changes, self.period), self.plan.currency),
+            "next_monthly_payment": format_money(monthly_payment(self.plan, changes, following), self.plan.currency),
+            "next_credit_at": following.start.isoformat(),
         }
 
 
@@ -247,7 +317,8 @@ class Meter:
 
     def terms(self, account: Account, period: Period) -> tuple[Plan, Standing]:
         """The plan and the standing that decide for the account in `period`."""
-        return self.plan_of(account, period), standing_of(account, period)
+        plan = self.plan_of(account, period)
+        return plan, standing_of(account, period, plan)
 
     def period_of(self, account: Account, at: datetime | None = None) -> Period:
         return self._period(self.plan_of(account).period, at or self.clock(), account.subscribed_on)
@@ -277,8 +348,14 @@ class Meter:
         subscribed_on: date | None = None,
         contacts: list[str] | None = None,
         allow_wide_networks: bool = False,
+        monthly_payment: int | None = None,
     ) -> Account:
-        """Raises WideNetwork for a network wider than WIDEST_PREFIX unless `allow_wide_networks`."""
+        """Add an account; a prepaid plan's first monthly credit is recorded at once.
+
+        Raises WideNetwork for a network wider than WIDEST_PREFIX unless `allow_wide_networks`.
+        `monthly_payment`: micros the account pays each period instead of the plan's
+        amount, from its first period on (prepaid plans only).
+        """
         if plan not in self.plans:
             raise UnknownPlan(f"plan {plan!r} is not defined in the config (known: {', '.join(sorted(self.plans))})")
         if not name or any(ch.isspace() or ch == "/" for ch in name):
@@ -294,8 +371,15 @@ class Meter:
         for contact in contacts or []:
             if "@" not in contact or any(ch.isspace() for ch in contact):
                 raise ValueError(f"contact {contact!r} is not an email address")
-        password_hash = await asyncio.to_thread(hash_password, password) if password else None
         now = self.clock()
+        changes: tuple[PaymentChange, ...] = ()
+        if monthly_payment is not None:
+            self._check_monthly_payment(name, plan, monthly_payment)
+            first = first_credited_period(
+                Account(0, name, plan, subscribed_on or now.date(), True, False, 0, created_at=now), self.plans[plan]
+            )
+            changes = (PaymentChange(first.start, monthly_payment),)
+        password_hash = await asyncio.to_thread(hash_password, password) if password else None
         await self.store.add_account(
             name,
             password_hash,
@@ -305,8 +389,9 @@ class Meter:
             [str(ipaddress.ip_network(n, strict=False)) for n in networks],
             now,
             contacts or [],
+            payment_changes_to_json(changes),
         )
-        return await self.account(name)
+        return await self.record_monthly_credits(await self.account(name))
 
     async def account(self, name: str) -> Account:
         account = await self.store.get_account(name)
@@ -439,6 +524,64 @@ class Meter:
             raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
         switch: PlanSwitch = update.outcome
         return switch
+
+    # -- model B: the monthly payment is credit ---------------------------------
+
+    def _check_monthly_payment(self, name: str, plan_name: str, micros: int) -> None:
+        if micros < 0 or not is_whole_minor(micros, self.currency):
+            raise ValueError(f"the monthly payment must be a non-negative amount in steps of {self.currency.smallest},"
+                             f" like {format_money(150_000_000, self.currency)} (it is charged as it is)")
+        if self.plans[plan_name].funding.kind != "prepaid":
+            raise ValueError(
+                f"account {name!r} is on plan {plan_name!r}, which is postpaid: it is invoiced for what it sends;"
+                " a monthly payment is credit to a prepaid balance"
+            )
+
+    async def set_monthly_payment(self, name: str, micros: int) -> PaymentChange:
+        """The account's monthly payment ("increase your payment"), from the next period's credit on.
+
+        The current period's credit was fixed when the period started (to send more in
+        it, top up the balance). Before the account's first period, from that period on.
+        """
+        account = await self.account(name)
+        self._check_monthly_payment(name, account.plan, micros)
+        plan = self.plan_of(account)
+        current = self.period_of(account)
+        first = first_credited_period(account, plan)
+        starts = first.start if first.start > current.start else next_period(
+            plan.period, current, account.subscribed_on).start
+        change = PaymentChange(starts, micros)
+        changes = with_change(account.monthly_payments, change)
+        if not await self.store.set_monthly_payment(name, payment_changes_to_json(changes)):
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+        return change
+
+    async def record_monthly_credits(self, account: Account, plan: Plan | None = None) -> Account:
+        """Record the monthly credits that are due (model B): each period's charge and the
+        amount added to the balance, once per period (store.add_monthly_credit).
+
+        Credits are recorded in order with the closing of periods, never past the first
+        period not invoiced yet, so each invoice sees the balance its period had; until
+        then the meter counts a due credit as if it were there (standing_of). Returns the
+        account as it is now. `plan`: the account's, when the caller has it at hand.
+        """
+        plan = plan or self.plans.get(account.plan)
+        if plan is None or plan.funding.kind != "prepaid":
+            return account
+        current = self.period_of(account)
+        if account.credited_through is not None and account.credited_through >= current.key:
+            return account
+        anchor = account.subscribed_on
+        unsettled = _after(account, plan, account.settled_through, first_period(account, plan))
+        through = min(current, unsettled, key=lambda period: period.start)
+        credit = _after(account, plan, account.credited_through, first_credited_period(account, plan))
+        recorded = False
+        while credit.start <= through.start:
+            charge = monthly_credit(plan, account.monthly_payments, credit, period_label(plan.period, credit))
+            await self.store.add_monthly_credit(account.id, credit.key, charge, self.clock())
+            recorded = True
+            credit = next_period(plan.period, credit, anchor)
+        return await self.account(account.name) if recorded else account
 
     # -- the metering hook ----------------------------------------------------
 
@@ -601,6 +744,6 @@ class Meter:
 
 
 __all__ = [
-    "MAX_MONEY", "BalanceTooLarge", "Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport", "WideNetwork", "standing_of",
-    "too_wide", "utc_now",
+    "MAX_MONEY", "BalanceTooLarge", "Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport",
+    "WideNetwork", "first_credited_period", "first_period", "standing_of", "too_wide", "utc_now",
 ]

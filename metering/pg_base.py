@@ -36,13 +36,19 @@ T = TypeVar("T")
 
 # The account with its overdrawn debt (as SqliteStore's), plus its domains and networks
 # as arrays so one round trip reads a whole account.
+# ... and the usage of the periods not invoiced yet, as SqliteStore's _OPEN_PERIODS.
+OPEN_PERIODS = (
+    "(SELECT string_agg(u.period_key || ' ' || u.accepted || ' ' || u.reserved || ' ' || u.delivered"
+    " || ' ' || u.soft_bounced || ' ' || u.hard_bounced, ',') FROM period_usage u"
+    " WHERE u.account_id = a.id AND u.period_key > COALESCE(a.settled_through, '')) AS open_periods"
+)
 ACCOUNT_SELECT = (
     "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
-    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt FROM accounts a"
+    f" WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, {OPEN_PERIODS} FROM accounts a"
 )
 ACCOUNT_FULL = (
     "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
-    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt,"
+    f" WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, {OPEN_PERIODS},"
     " ARRAY(SELECT d.domain FROM account_domains d WHERE d.account_id = a.id ORDER BY d.domain) AS domains,"
     " ARRAY(SELECT n.network FROM account_networks n WHERE n.account_id = a.id ORDER BY n.network) AS networks"
     " FROM accounts a"

@@ -12,6 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
+from metering.pg_base import OPEN_PERIODS
 from metering.pg_ledger import PgLedger
 from metering.records import Account, history_from_json, history_to_json
 from metering.sqlite_store import Settlement, account_core
@@ -27,7 +28,8 @@ class PgHolds(PgLedger):
         """The account (as ACCOUNT_SELECT reads it) and its counters for the period, in one statement."""
         row = await conn.fetchrow(
             "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
-            " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, u.accepted AS usage_accepted,"
+            f" WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, {OPEN_PERIODS},"
+            " u.accepted AS usage_accepted,"
             " u.reserved AS usage_reserved, u.delivered AS usage_delivered, u.soft_bounced AS usage_soft_bounced,"
             " u.hard_bounced AS usage_hard_bounced, u.history AS usage_history"
             " FROM accounts a LEFT JOIN period_usage u ON u.account_id = a.id AND u.period_key = $2"
@@ -99,7 +101,7 @@ class PgHolds(PgLedger):
         account, usage = await self._account_and_usage(conn, account_id, period_key)
         last_seq = int(await conn.fetchval(
             "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = $1 AND period_key = $2"
-            " AND kind != 'invoice'",
+            " AND kind NOT IN ('invoice', 'monthly')",
             account_id, period_key,
         ))
         settlement = settle(account, usage, last_seq, period_key)

@@ -15,7 +15,7 @@ import asyncpg
 
 from metering.pg_base import PgBase
 from metering.pg_tx import rows_affected
-from metering.sqlite_store import InvoiceRecord
+from metering.sqlite_store import InvoiceRecord, charge_key
 from policies.charges import Charge
 
 _INVOICE_COLUMNS = (
@@ -115,6 +115,11 @@ class PgLedger(PgBase):
             ))
             if inserted != 1:
                 return False
+            await conn.execute(
+                "UPDATE accounts SET settled_through = $1 WHERE id = $2"
+                " AND (settled_through IS NULL OR settled_through < $1)",
+                invoice.period_key, invoice.account_id,
+            )
             if prepaid_applied:
                 await conn.execute(
                     "UPDATE accounts SET prepaid_balance = prepaid_balance - $1 WHERE id = $2",
@@ -134,6 +139,42 @@ class PgLedger(PgBase):
                 invoice.account_id, invoice.period_key, notice_body, now.isoformat(),
             )
             return True
+
+        return await self._write(body)
+
+    async def add_monthly_credit(self, account_id: int, period_key: str, credit: Charge | None, now: datetime) -> bool:
+        """Record a period's monthly credit once (see SqliteStore.add_monthly_credit).
+
+        Under the account's lock: when several nodes record the same period's credit at
+        once, one charge insert wins and only that transaction adds to the balance.
+        """
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            await self._lock(conn, account_id)
+            account = await self._account_in_tx(conn, account_id)
+            added = False
+            if credit is not None:
+                key = charge_key(account.name, period_key, credit.key)
+                added = rows_affected(await conn.execute(
+                    "INSERT INTO charges (idempotency_key, account_id, period_key, kind, seq, amount, emails_unlocked,"
+                    " description, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
+                    " ON CONFLICT (idempotency_key) DO NOTHING",
+                    key, account_id, period_key, credit.kind, credit.index, credit.amount, credit.emails_unlocked,
+                    credit.description, now.isoformat(),
+                )) == 1
+                if added:
+                    await conn.execute(
+                        "WITH credited AS (UPDATE accounts SET prepaid_balance = prepaid_balance + $2 WHERE id = $1"
+                        " RETURNING 1) INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
+                        " VALUES ($1, $2, 'monthly', $3, $4)",
+                        account_id, credit.amount, key, now.isoformat(),
+                    )
+            await conn.execute(
+                "UPDATE accounts SET credited_through = $1 WHERE id = $2"
+                " AND (credited_through IS NULL OR credited_through < $1)",
+                period_key, account_id,
+            )
+            return added
 
         return await self._write(body)
 

@@ -175,6 +175,14 @@ PG_MIGRATIONS: list[str] = [
     ALTER TABLE accounts ADD COLUMN plan_change TEXT COLLATE "C";
     ALTER TABLE period_usage ADD COLUMN history TEXT COLLATE "C";
     """,
+    # 6: model B's monthly payment is credit (see metering/schema.py).
+    """
+    ALTER TABLE accounts ADD COLUMN monthly_payment TEXT COLLATE "C" NOT NULL DEFAULT '[]';
+    ALTER TABLE accounts ADD COLUMN credited_through TEXT COLLATE "C";
+    ALTER TABLE accounts ADD COLUMN settled_through TEXT COLLATE "C";
+    UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
+    UPDATE accounts SET credited_through = settled_through;
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

@@ -47,15 +47,17 @@ class PgStore(PgLeases):
         networks: Iterable[str],
         now: datetime,
         contacts: Iterable[str] = (),
+        monthly_payment: str = "[]",
     ) -> None:
         domain_list, network_list, contact_list = list(domains), list(networks), list(contacts)
 
         async def body(conn: asyncpg.Connection) -> None:
             try:
                 account_id = await conn.fetchval(
-                    "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts)"
-                    " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                    "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts,"
+                    " monthly_payment) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                     name, password_hash, plan, subscribed_on.isoformat(), now.isoformat(), json.dumps(contact_list),
+                    monthly_payment,
                 )
             except asyncpg.UniqueViolationError:
                 raise ValueError(f"account {name!r} already exists") from None
@@ -145,6 +147,15 @@ class PgStore(PgLeases):
         if columns:
             assignments = ", ".join(f"{column} = ${number}" for number, column in enumerate(columns, start=2))
             await conn.execute(f"UPDATE accounts SET {assignments} WHERE id = $1", account_id, *columns.values())
+
+    async def set_monthly_payment(self, name: str, changes: str) -> bool:
+        """Store the account's monthly payments (records.payment_changes_to_json)."""
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            status = await conn.execute("UPDATE accounts SET monthly_payment = $1 WHERE name = $2", changes, name)
+            return rows_affected(status) == 1
+
+        return await self._write(body)
 
     async def repay(self, name: str, now: datetime) -> int:
         """Settle every overdrawn invoice of the account at once; returns the amount repaid."""

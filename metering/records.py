@@ -12,8 +12,10 @@ from typing import Any
 from policies.currency import Currency
 from policies.changes import PlanChange
 from policies.history import History, PartPricing, PlanPart
+from policies.account import Usage
 from policies.limits import LimitChange
 from policies.money import format_money
+from policies.prepaid import PaymentChange
 
 
 class Result(StrEnum):
@@ -69,6 +71,11 @@ class Account:
     included_change: LimitChange | None = None
     quota_change: LimitChange | None = None
     plan_change: PlanChange | None = None  # a plan change waiting for the end of the period
+    created_at: datetime | None = None
+    monthly_payments: tuple[PaymentChange, ...] = ()  # the account's own monthly payment, by period (model B)
+    credited_through: str | None = None  # key of the last period whose monthly credit is recorded
+    settled_through: str | None = None  # key of the last period invoiced (periods are invoiced in order)
+    open_periods: tuple[tuple[str, Usage], ...] = ()  # usage of each period after settled_through, by key
 
     @property
     def payment_state(self) -> str:
@@ -91,6 +98,10 @@ class Account:
             "spending_limit_override": (
                 None if self.spending_limit_override is None else format_money(self.spending_limit_override, currency)
             ),
+            "monthly_payment_changes": [
+                {"from": change.starts.isoformat(), "amount": format_money(change.amount, currency)}
+                for change in self.monthly_payments
+            ],
             "has_password": self.password_hash is not None,
             "plan_change": None if self.plan_change is None else {
                 "plan": self.plan_change.plan,
@@ -126,6 +137,28 @@ def limit_change_from_json(text: str | None) -> LimitChange | None:
         return None
     previous, new, changed_at = json.loads(text)
     return LimitChange(previous, new, datetime.fromisoformat(changed_at))
+
+
+def payment_changes_to_json(changes: tuple[PaymentChange, ...]) -> str:
+    return json.dumps([[change.starts.isoformat(), change.amount] for change in changes])
+
+
+def payment_changes_from_json(text: str | None) -> tuple[PaymentChange, ...]:
+    if not text:
+        return ()
+    return tuple(PaymentChange(datetime.fromisoformat(starts), int(amount)) for starts, amount in json.loads(text))
+
+
+def open_periods_from_text(text: str | None) -> tuple[tuple[str, Usage], ...]:
+    """The stores' `open_periods` column: "KEY ACCEPTED RESERVED DELIVERED SOFT HARD" per period, comma-separated."""
+    if not text:
+        return ()
+    periods: list[tuple[str, Usage]] = []
+    for item in text.split(","):
+        key, accepted, reserved, delivered, soft, hard = item.split(" ")
+        periods.append((key, Usage(accepted=int(accepted), reserved=int(reserved), delivered=int(delivered),
+                                   soft_bounced=int(soft), hard_bounced=int(hard))))
+    return tuple(sorted(periods, key=lambda period: period[0]))
 
 
 @dataclass(frozen=True)

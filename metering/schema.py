@@ -163,4 +163,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE accounts ADD COLUMN plan_change TEXT;
     ALTER TABLE period_usage ADD COLUMN history TEXT;
     """,
+    # 6: model B's monthly payment is credit. monthly_payment: the account's own amounts,
+    # JSON [[first period start, micros], ...] ([]: the plan's); credited_through: the
+    # last period whose credit is recorded; settled_through: the last period invoiced
+    # (periods are invoiced in order), so an account read carries the usage of the
+    # periods after it, which the balance still holds until their invoices deduct it.
+    # An existing account's current period is credited from here on.
+    """
+    ALTER TABLE accounts ADD COLUMN monthly_payment TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE accounts ADD COLUMN credited_through TEXT;
+    ALTER TABLE accounts ADD COLUMN settled_through TEXT;
+    UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
+    UPDATE accounts SET credited_through = settled_through;
+    """,
 ]

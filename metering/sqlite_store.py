@@ -31,6 +31,8 @@ from metering.records import (
     history_from_json,
     history_to_json,
     limit_change_from_json,
+    open_periods_from_text,
+    payment_changes_from_json,
     plan_change_from_json,
 )
 from metering.schema import MIGRATIONS
@@ -39,9 +41,17 @@ from policies.decision import Admission, Usage
 
 _T = TypeVar("_T")
 
+# The usage of every period not invoiced yet (after settled_through), which a prepaid
+# balance still holds until the invoices deduct it: "KEY ACCEPTED RESERVED DELIVERED SOFT HARD",
+# comma-separated (records.open_periods_from_text). Usually one row: the current period.
+_OPEN_PERIODS = (
+    "(SELECT group_concat(u.period_key || ' ' || u.accepted || ' ' || u.reserved || ' ' || u.delivered"
+    " || ' ' || u.soft_bounced || ' ' || u.hard_bounced, ',') FROM period_usage u"
+    " WHERE u.account_id = a.id AND u.period_key > COALESCE(a.settled_through, '')) AS open_periods"
+)
 _ACCOUNT_SELECT = (
     "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0) FROM invoices i"
-    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt FROM accounts a"
+    f" WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, {_OPEN_PERIODS} FROM accounts a"
 )
 
 
@@ -309,14 +319,16 @@ class SqliteStore:
         networks: Iterable[str],
         now: datetime,
         contacts: Iterable[str] = (),
+        monthly_payment: str = "[]",
     ) -> None:
+        """`monthly_payment`: the account's own monthly payments (records.payment_changes_to_json)."""
         async with self._tx() as db:
             try:
                 cursor = await db.execute(
-                    "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts,"
+                    " monthly_payment) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (name, password_hash, plan, subscribed_on.isoformat(), now.isoformat(),
-                     json.dumps(list(contacts))),
+                     json.dumps(list(contacts)), monthly_payment),
                 )
             except sqlite3.IntegrityError:
                 raise ValueError(f"account {name!r} already exists") from None
@@ -409,6 +421,40 @@ class SqliteStore:
         if columns:
             assignments = ", ".join(f"{column} = ?" for column in columns)
             await db.execute(f"UPDATE accounts SET {assignments} WHERE id = ?", (*columns.values(), account_id))
+
+    async def set_monthly_payment(self, name: str, changes: str) -> bool:
+        """Store the account's monthly payments (records.payment_changes_to_json)."""
+        async with self._tx() as db:
+            cursor = await db.execute("UPDATE accounts SET monthly_payment = ? WHERE name = ?", (changes, name))
+            return cursor.rowcount == 1
+
+    async def add_monthly_credit(self, account_id: int, period_key: str, credit: Charge | None, now: datetime) -> bool:
+        """Record a period's monthly credit (model B): the charge that collects it, and its amount
+        added to the prepaid balance, once; then mark the period credited.
+
+        Idempotent on the charge's key: a retry, a restart or another node recording the
+        same period's credit finds the charge there and adds nothing. Returns whether this
+        call added it. `credit` None (a payment of 0) only marks the period credited.
+        """
+        async with self._tx() as db:
+            account = await self._account_in_tx(db, account_id)
+            added = False
+            if credit is not None and await self._insert_charge(db, account, period_key, credit, now):
+                await db.execute(
+                    "UPDATE accounts SET prepaid_balance = prepaid_balance + ? WHERE id = ?", (credit.amount, account_id)
+                )
+                await db.execute(
+                    "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
+                    " VALUES (?, ?, 'monthly', ?, ?)",
+                    (account_id, credit.amount, charge_key(account.name, period_key, credit.key), now.isoformat()),
+                )
+                added = True
+            await db.execute(
+                "UPDATE accounts SET credited_through = ? WHERE id = ?"
+                " AND (credited_through IS NULL OR credited_through < ?)",
+                (period_key, account_id, period_key),
+            )
+            return added
 
     async def repay(self, name: str, now: datetime) -> int:
         """Settle every overdrawn invoice of the account at once; returns the amount repaid."""
@@ -576,7 +622,7 @@ class SqliteStore:
                 usage = _usage_row(conn, account_id, period_key, account.awaiting_results)
                 cursor = conn.execute(
                     "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = ? AND period_key = ?"
-                    " AND kind != 'invoice'",
+                    " AND kind NOT IN ('invoice', 'monthly')",
                     (account_id, period_key),
                 )
                 last_seq = int((cursor.fetchone())[0])
@@ -672,8 +718,9 @@ class SqliteStore:
 
     async def _insert_charge(
         self, db: aiosqlite.Connection, account: Account, period_key: str, charge: Charge, now: datetime
-    ) -> None:
-        await db.execute(
+    ) -> bool:
+        """Insert a charge under its idempotency key; False if the key was already there."""
+        cursor = await db.execute(
             "INSERT OR IGNORE INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
             " emails_unlocked, description, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -689,6 +736,7 @@ class SqliteStore:
                 now.isoformat(),
             ),
         )
+        return cursor.rowcount == 1
 
     async def deferred_recipients(self, account_id: int) -> int:
         rows = await self._read(
@@ -784,6 +832,11 @@ class SqliteStore:
             )
             if cursor.rowcount != 1:
                 return False
+            await db.execute(
+                "UPDATE accounts SET settled_through = ? WHERE id = ?"
+                " AND (settled_through IS NULL OR settled_through < ?)",
+                (invoice.period_key, invoice.account_id, invoice.period_key),
+            )
             if prepaid_applied:
                 await db.execute(
                     "UPDATE accounts SET prepaid_balance = prepaid_balance - ? WHERE id = ?",
@@ -1025,6 +1078,11 @@ def account_core(
         included_change=limit_change_from_json(row["included_change"]),
         quota_change=limit_change_from_json(row["quota_change"]),
         plan_change=plan_change_from_json(row["plan_change"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        monthly_payments=payment_changes_from_json(row["monthly_payment"]),
+        credited_through=row["credited_through"],
+        settled_through=row["settled_through"],
+        open_periods=open_periods_from_text(row["open_periods"]) if "open_periods" in keys else (),
     )
 
 
@@ -1037,7 +1095,7 @@ def _account_row(conn: sqlite3.Connection, account_id: int) -> Account:
 
 _FULL_ACCOUNT_SELECT = (
     "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0) FROM invoices i"
-    " WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt,"
+    f" WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, {_OPEN_PERIODS},"
     " (SELECT group_concat(domain, ' ') FROM (SELECT domain FROM account_domains"
     "  WHERE account_id = a.id ORDER BY domain)) AS domain_list,"
     " (SELECT group_concat(network, ' ') FROM (SELECT network FROM account_networks"

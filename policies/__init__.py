@@ -20,6 +20,7 @@ Modules, from the bottom up:
   lease       admit_lease: a node's block of the allowance (several nodes, one meter)
   invoice     close_period: the closing invoice, rounded per line, each plan's part shown
   results     a delivery result's billing category and sub-type, from what its reply means
+  prepaid     model B's monthly payment (credit) and an ended period's claim on the balance
   dashboard   usage screen (model D) and usage alerts (model E)
   changes     a limit change and a plan change (upgrade at once, downgrade at period end)
   preview     one simulated period for `mailmeter plan preview`, with a script of events
@@ -44,6 +45,7 @@ from policies.lease import admit_lease, lease_block
 from policies.invoice import Invoice, InvoiceLine, close_period
 from policies.limits import LimitChange, limit_in_effect
 from policies.plans import Plan, PlanError, parse_plan, parse_plans
+from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage
 from policies.preview import AppliedEvent, Preview, RefusedRun, ScriptEvent, TimedCharge, preview
 from policies.usage_cost import exposure, priced_usage
 
@@ -58,6 +60,7 @@ __all__ = [
     "LimitChange",
     "LimitOutcome",
     "PartPricing",
+    "PaymentChange",
     "Plan",
     "PlanChange",
     "PlanChangeRefused",
@@ -87,12 +90,15 @@ __all__ = [
     "is_upgrade",
     "lease_block",
     "limit_in_effect",
+    "monthly_credit",
+    "monthly_payment",
     "parse_plan",
     "parse_plans",
     "preview",
     "priced_usage",
     "switch_plan",
     "unbilled",
+    "unsettled_usage",
     "usage_alerts_due",
     "usage_screen",
     "without_own_limits",

@@ -17,7 +17,8 @@ class Standing:
     """The account facts a decision needs, other than usage.
 
     prepaid_balance: micros of credit available to THIS period's usage, i.e. the
-      balance carried into the period plus top-ups made during it. The meter must not
+      balance carried into the period, plus the period's monthly payment (model B's
+      credit, policies/prepaid.py), plus top-ups made during it. The meter must not
       deduct this period's usage from it while the period runs: the policy prices the
       period's usage itself (graduated tiers make per-email deduction wrong), and
       close_period says what to deduct when the period closes.

@@ -25,7 +25,7 @@ from policies.plan import Plan
 from policies.pricing import BlockPrice, first_email_reaching
 from policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
 
-ChargeKind = Literal["threshold", "block"]
+ChargeKind = Literal["threshold", "block", "monthly"]  # monthly: model B's payment (policies/prepaid.py)
 
 
 @dataclass(frozen=True)

@@ -63,11 +63,15 @@ class Funding:
     postpaid: usage is invoiced after the period, due `net_days` after the invoice
     date (B's postpay option: 14). With `overdraft_allowance` set the account may run
     into debt only up to that amount (model C); None means no money cap.
+    monthly_payment: prepaid only (model B): micros charged at the start of every
+    period and added to the balance as credit; an account may pay another amount
+    (policies/prepaid.py). The emails it "includes" are what it buys at the plan's prices.
     """
 
     kind: FundingKind = "postpaid"
     net_days: int = 0
     overdraft_allowance: int | None = None  # micros; postpaid only
+    monthly_payment: int = 0  # micros, whole cents; prepaid only
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,16 @@ def plan_problem(plan: Plan) -> tuple[str, str] | None:
         return "funding.kind", f"must be prepaid or postpaid, got {funding.kind!r}"
     if funding.net_days < 0:
         return "funding.net_days", "must not be negative"
+    if funding.monthly_payment:
+        if funding.kind != "prepaid":
+            return "funding.monthly_payment", (
+                "is credit added to a prepaid balance; a postpaid plan is invoiced for what it sends"
+                " (remove it, or use kind: prepaid)"
+            )
+        if funding.monthly_payment < 0 or not is_whole_minor(funding.monthly_payment, plan.currency):
+            return "funding.monthly_payment", (
+                f"must be a non-negative amount in {_whole_units(plan.currency)} (it is charged as it is)"
+            )
     if funding.overdraft_allowance is not None:
         if funding.kind == "prepaid":
             return "funding.overdraft_allowance", "a prepaid plan sends only what its balance covers; use postpaid"

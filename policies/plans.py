@@ -186,7 +186,7 @@ def parse_in_period_charge(data: Any, path: str, currency: Currency = USD) -> In
 def parse_funding(data: Any, path: str, currency: Currency = USD) -> Funding:
     if data is None:
         return Funding()
-    data = _mapping(data, path, {"kind", "net_days", "overdraft_allowance"})
+    data = _mapping(data, path, {"kind", "net_days", "overdraft_allowance", "monthly_payment"})
     kind = data.get("kind", "postpaid")
     if kind not in ("prepaid", "postpaid"):
         raise PlanError(f"{path}.kind", f"must be prepaid or postpaid, got {kind!r}")
@@ -194,6 +194,7 @@ def parse_funding(data: Any, path: str, currency: Currency = USD) -> Funding:
         kind=kind,
         net_days=_int(data, "net_days", path) or 0,
         overdraft_allowance=_money(data, "overdraft_allowance", path, currency),
+        monthly_payment=_money(data, "monthly_payment", path, currency) or 0,
     )
 
 

@@ -41,6 +41,7 @@ from policies.decision import Refusal, headroom
 from policies.invoice import Invoice, close_period
 from policies.periods import Period, period_containing, period_label
 from policies.plan import Plan
+from policies.prepaid import monthly_payment
 
 EventKind = Literal["limit", "plan", "top_up", "payment"]
 
@@ -243,7 +244,8 @@ def preview(
     """Simulate sending `emails` from `start` to the end of its period.
 
     anchor: subscription day for anniversary periods (default: start's local date).
-    standing: the account facts to start with (prepaid balance, overrides...).
+    standing: the account facts to simulate with (prepaid balance carried in, overrides...);
+      a prepaid plan's monthly payment is added to the balance, as the period's credit.
     delivered / soft_bounced / invalid: how the emails end; delivered defaults to the rest.
     events: the script, applied in order of `at` (events at the same count in the order given).
     """
@@ -252,6 +254,9 @@ def preview(
     check_script(events, emails)
     zone = plan.period.zone()
     period = period_containing(plan.period, start, anchor or start.astimezone(zone).date())
+    # A prepaid plan's monthly payment is the period's credit, added as the period starts.
+    credit = monthly_payment(plan, (), period)
+    standing = replace(standing, prepaid_balance=standing.prepaid_balance + credit)
     script = sorted(events, key=lambda event: event.at)
     account = _Account(plan, standing, Usage())
     timed: list[TimedCharge] = []

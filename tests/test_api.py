@@ -105,7 +105,7 @@ async def test_every_admin_route_needs_a_valid_bearer_token(api: Api) -> None:
     status, doc = await api.call("GET", "/openapi.json", token=None)
     guarded = [(method, re.sub(r"{\w+}", "x", path)) for path, item in doc["paths"].items()
                for method, operation in item.items() if operation.get("security") != []]
-    assert len(guarded) == 19
+    assert len(guarded) == 20
     for method, path in guarded:
         status, body = await api.call(method.upper(), path, {}, token=None)
         assert status == 401 and body["error"].startswith("authentication required"), (method, path)
@@ -639,3 +639,38 @@ async def test_preview_from_a_balance_through_scripted_events(api: Api) -> None:
     ]:
         status, body = await api.call("POST", "/v1/plans/e/preview", {"emails": 30, **bad})
         assert status == 400 and body["error"].startswith(message), (bad, body)
+
+
+B_PLAN = {
+    "price": {"kind": "flat", "amount": "0.01"},
+    "funding": {"kind": "prepaid", "monthly_payment": "10.00"},
+}
+
+
+async def test_the_monthly_payment_of_a_prepaid_account(start_api: Callable[..., Awaitable[Api]]) -> None:
+    api = await start_api(plans={"e": E_PLAN, "b": B_PLAN})
+    status, account = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "plan": "b", "monthly_payment": "20.00"})
+    assert status == 201 and account["prepaid_balance"] == "20.00"  # the first period's credit, at once
+    [change] = account["monthly_payment_changes"]
+    assert change["amount"] == "20.00"
+    status, result = await api.call("PUT", "/v1/accounts/app/monthly-payment", {"amount": "35.00"})
+    assert status == 200 and (result["monthly_payment"], result["next_monthly_payment"]) == ("20.00", "35.00")
+    status, usage = await api.call("GET", "/v1/accounts/app/usage")
+    assert usage["prepaid"]["next_credit_at"] == result["applies_from"] > change["from"]
+    assert (usage["prepaid"]["available"], usage["remaining"]) == ("20.00", 2_000)
+    for bad in (35, "35.001", "-1.00", "lots"):
+        status, body = await api.call("PUT", "/v1/accounts/app/monthly-payment", {"amount": bad})
+        assert status == 400 and body["error"].startswith("amount:"), (bad, body)
+    status, body = await api.call("PUT", "/v1/accounts/app/monthly-payment", {"amount": "1.00", "when": "now"})
+    assert status == 400 and body["error"].startswith("when: unknown field")
+    assert (await api.call("PUT", "/v1/accounts/ghost/monthly-payment", {"amount": "1.00"}))[0] == 404
+    await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "e", "plan": "e"})
+    status, body = await api.call("PUT", "/v1/accounts/e/monthly-payment", {"amount": "1.00"})
+    assert status == 409 and "postpaid" in body["error"]
+    status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "x", "plan": "e",
+                                                           "monthly_payment": "5.00"})
+    assert status == 400 and "postpaid" in body["error"]
+    status, events = await api.call("GET", "/v1/audit?account=app")
+    assert [e["action"] for e in events] == ["balance.monthly", "account.add"]
+    assert events[0]["detail"] == {"amount": "35.00"} and events[0]["actor"] == "ops"
+    assert [c["amount"] for c in events[0]["changes"]["monthly_payment_changes"][1]] == ["20.00", "35.00"]

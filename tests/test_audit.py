@@ -124,3 +124,27 @@ async def test_an_audit_event_commits_or_rolls_back_with_its_change(meter: Meter
     await meter.set_payment("app", True)
     rows = await store.audit_events()
     assert [(row["action"], row["target"], row["event_id"]) for row in rows] == [("payment.ok", "app", "evt_1")]
+
+
+def test_the_monthly_payment_from_the_cli_applies_next_period_and_is_audited(tmp_path: Path) -> None:
+    plans = {"b": {"price": {"kind": "flat", "amount": "0.01"},
+                   "funding": {"kind": "prepaid", "monthly_payment": "10.00"}},
+             "small": {"email_quota": 10}}
+    config = write_config(tmp_path, 2526, plans=plans)
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    added = mailmeter(config, "account", "add", "app", "--password-file", str(tmp_path / "pw"), "--plan", "b",
+                      "--sender-domain", "example.com", "--monthly-payment", "20.00")
+    assert added.returncode == 0, added.stderr
+    changed = mailmeter(config, "balance", "monthly", "app", "35.00")
+    assert changed.returncode == 0, changed.stderr
+    result = json.loads(changed.stdout)
+    assert (result["monthly_payment"], result["next_monthly_payment"], result["prepaid_balance"]) == (
+        "20.00", "35.00", "20.00")
+    usage = json.loads(mailmeter(config, "usage", "app", "--json").stdout)
+    assert usage["prepaid"]["next_credit_at"] == result["applies_from"]
+    for args, message in ((("app", "35.005"), "whole cents"), (("ghost", "1.00"), "no account named 'ghost'")):
+        refused = mailmeter(config, "balance", "monthly", *args)  # (the API test covers the other refusals)
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+    events = json.loads(mailmeter(config, "audit", "--account", "app", "--json").stdout)
+    assert [(e["action"], e["actor"]) for e in events] == [("balance.monthly", CLI_ACTOR), ("account.add", CLI_ACTOR)]
+    assert events[0]["detail"] == {"amount": "35.00"} and events[1]["detail"]["monthly_payment"] == "20.00"

@@ -11,6 +11,8 @@ the meter's injected clock.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from mailmeter.service import AdminService
 from metering.billing import Billing
-from metering.gateway import NoGateway
+from metering.gateway import ChargeOutcome, ChargeRequest, GatewayResult, NoGateway
 from metering.leases import LeaseSettings
 from metering.meter import Meter
 from metering.pg_store import PgStore
@@ -30,8 +33,10 @@ from metering.sqlite_store import SqliteStore
 from metering.store import Store
 from policies import parse_plans
 from tests.pgserver import PG_URL, isolated_schema
+from tests.test_export import reconcile
 
 REPO = Path(__file__).resolve().parent.parent
+USD = 1_000_000
 
 
 @dataclass
@@ -128,26 +133,165 @@ async def test_model_a_830_dollars_in_april(world: World) -> None:
     assert invoice.total + sum(c["amount"] for c in charges) == 830_000_000  # $830 in all
 
 
-async def test_model_b_prepaid_balance_refuses_email_100001(world: World) -> None:
-    await add(world, "b", "prepaid-tiered", date(2026, 4, 1))
+class DecliningGateway:
+    """A payment provider that declines every charge (the card was refused)."""
+
+    async def submit(self, charge: ChargeRequest) -> GatewayResult:
+        return GatewayResult(ChargeOutcome.FAILED, "card declined")
+
+
+async def receipt(world: World, name: str, index: int = -1) -> dict[str, Any]:
+    account = await world.meter.account(name)
+    record = (await world.meter.store.invoices(account.id))[index]
+    return {**json.loads(record.body), "status": record.status}
+
+
+async def test_model_b_the_monthly_payment_is_credit_and_refuses_email_100001(world: World) -> None:
     world.clock.set("2026-04-10T10:00:00+00:00")
-    assert await world.send("b", 1) == 1  # the first 10,000 are included: no balance needed
-    assert await world.send("b", 20_000) == 9_999  # the rest of the included ones, then no balance
-    await world.meter.add_balance("b", 90_000_000)  # $90.00: good for exactly 100,000 emails in all
-    assert await world.send("b", 89_999) == 89_999
+    await add(world, "b", "prepaid-tiered", date(2026, 4, 10))
+    # Added: April's $100 monthly payment is charged and credited to the balance at once.
+    assert [(c["kind"], c["seq"], c["amount"]) for c in await world.charges("b")] == [("monthly", 1, 100 * USD)]
+    assert (await world.meter.account("b")).prepaid_balance == 100 * USD
+    assert await world.send("b", 99_999) == 99_999
     assert await world.send("b", 1) == 1  # email 100,000
     grant = await world.meter.reserve("b", None, 1)  # email 100,001
     assert (grant.granted, grant.refusal) == (0, "balance_exhausted")
     await world.meter.release(grant.hold_id)
-    assert await world.meter.sending_refusal("b") is not None
-    await world.meter.add_balance("b", 1_000_000)  # a top-up resumes sending at once
-    assert await world.send("b", 1) == 1
-    world.clock.set("2026-05-01T00:00:01+02:00")  # Europe/Amsterdam month end
-    [invoice_key] = await world.billing.close_due_periods()
+    assert await world.meter.sending_refusal("b") == "balance_exhausted"
+    prepaid = (await world.meter.usage("b")).as_json()["prepaid"]
+    assert prepaid == {"available": "100.00", "spent": "100.00", "remaining": "0.00", "monthly_payment": "100.00",
+                       "next_monthly_payment": "100.00", "next_credit_at": "2026-04-30T22:00:00+00:00"}
+    await world.meter.add_balance("b", 1 * USD)  # a top-up resumes sending at once, at the next tier's price
+    assert await world.send("b", 2_000) == 1_250  # $1 at $0.80 per 1,000
+    assert await world.billing.collect_charges() == (1, 0)  # the monthly payment goes through the gateway
+    # May 1, 00:00:01 in Amsterdam: May's $100 is there before the billing job has run.
+    world.clock.set("2026-05-01T00:00:01+02:00")
+    assert (await world.meter.usage("b")).as_json()["prepaid"]["available"] == "100.00"
+    assert await world.billing.close_due_periods() == ["INV-b-20260401"]
+    april = await receipt(world, "b")
+    assert [(line["description"], line["amount"]) for line in april["lines"]] == [
+        ("Emails: 101,250 (100,000 at $0.001; 1,250 at $0.0008)", "101.00")]
+    assert (april["total"], april["prepaid_applied"], april["amount_due"], april["status"]) == (
+        "101.00", "101.00", "0.00", "paid")
+    assert april["payments"] == [{"kind": "prepaid", "description": "Paid from the prepaid balance",
+                                  "amount": "-101.00"}]
+    assert april["prepaid"] == {"balance_before_usage": "101.00", "monthly_payment": "100.00", "applied": "101.00",
+                                "balance_after": "0.00"}
+    assert [(c["key"], c["status"]) for c in april["monthly_payments"]] == [("b/2026-03-31T22:00:00Z/monthly/1",
+                                                                             "succeeded")]
+    assert april["in_period_charges"] == []
+    # May's credit is recorded once, however often the job runs.
+    assert await world.billing.close_due_periods() == []
+    monthly = [c for c in await world.charges("b") if c["kind"] == "monthly"]
+    assert [(c["period_key"], c["amount"]) for c in monthly] == [
+        ("2026-03-31T22:00:00Z", 100 * USD), ("2026-04-30T22:00:00Z", 100 * USD)]
+    assert (await world.meter.account("b")).prepaid_balance == 100 * USD
+    assert await world.send("b", 100_001) == 100_000
+
+
+async def test_model_b_unspent_credit_carries_over_exact_at_the_period_boundary(world: World) -> None:
+    """The billing job closes April and credits May a moment after midnight; the balance is
+    exact from the first instant of May: carried over (April's credit less April's usage,
+    held emails included) plus May's credit, not April's undeducted balance."""
+    world.clock.set("2026-04-01T08:00:00+00:00")
+    await add(world, "b", "prepaid-tiered", date(2026, 4, 1))
+    assert await world.send("b", 60_000) == 60_000  # $60 of April's $100
+    straddling = await world.meter.reserve("b", None, 10_000)  # a transaction open across midnight
+    assert straddling.granted == 10_000
+    await world.meter.tend_leases(force=True)
+    world.clock.set("2026-05-01T00:00:00+02:00")
+    # April holds 70,000 ($70): May may spend $30 + $100 = 100,000 at $1.00 and 37,500 at $0.80 per 1,000.
+    assert (await world.meter.usage("b")).as_json()["prepaid"]["available"] == "130.00"
+    await world.meter.commit(straddling.hold_id, "Q-straddle", 5_000)  # counted in April: 65,000 ($65)
+    await world.meter.tend_leases(force=True)  # (a lease gives back the other 5,000 when tended)
+    assert (await world.meter.usage("b")).as_json()["prepaid"]["available"] == "135.00"
+    assert await world.send("b", 143_751) == 143_750  # $135 = 100,000 x $0.001 + 43,750 x $0.0008
+    await world.billing.close_due_periods()
+    april = await receipt(world, "b")
+    assert april["prepaid"] == {"balance_before_usage": "100.00", "monthly_payment": "100.00", "applied": "65.00",
+                                "balance_after": "35.00"}
     account = await world.meter.account("b")
-    [invoice] = await world.meter.store.invoices(account.id)
-    assert invoice.prepaid_applied > 0
-    assert account.prepaid_balance == 91_000_000 - invoice.prepaid_applied  # carried over
+    assert account.prepaid_balance == 135 * USD  # $35 carried over + May's $100
+    usage = (await world.meter.usage("b")).as_json()
+    assert usage["prepaid"]["remaining"] == "0.00" and usage["remaining"] == 0
+
+
+async def test_model_b_credits_once_per_period_through_catch_up_concurrent_jobs_and_restarts(world: World) -> None:
+    world.clock.set("2026-04-01T08:00:00+00:00")
+    await add(world, "b", "prepaid-tiered", date(2026, 4, 1))
+    await world.send("b", 30_000)  # $30 in April, nothing after: the relay was down from May to mid-July
+    await world.meter.tend_leases(force=True)  # (what a lease still held would count as April's, until given back)
+    world.clock.set("2026-07-15T12:00:00+00:00")
+    # Before the job catches up, July may spend what the ledger will say: $70 + May, June, July's $100.
+    assert (await world.meter.usage("b")).as_json()["prepaid"]["available"] == "370.00"
+    runs = await asyncio.gather(*(world.billing.close_due_periods() for _ in range(3)))
+    assert sorted(set().union(*runs)) == ["INV-b-20260401", "INV-b-20260501", "INV-b-20260601"]
+    monthly = [c for c in await world.charges("b") if c["kind"] == "monthly"]
+    assert [c["period_key"][:10] for c in monthly] == ["2026-03-31", "2026-04-30", "2026-05-31", "2026-06-30"]
+    befores = [(await receipt(world, "b", n))["prepaid"]["balance_before_usage"] for n in range(3)]
+    assert befores == ["100.00", "170.00", "270.00"]  # each receipt sees its own month's balance, in order
+    assert (await world.meter.account("b")).prepaid_balance == 370 * USD
+    await world.meter.store.close()
+    await world.meter.store.open()  # a restart: the ledger is in the database
+    assert await world.billing.close_due_periods() == []
+    assert len([c for c in await world.charges("b") if c["kind"] == "monthly"]) == 4
+    assert (await world.meter.account("b")).prepaid_balance == 370 * USD
+
+
+async def test_model_b_a_new_monthly_payment_applies_from_the_next_period(world: World) -> None:
+    world.clock.set("2026-04-10T08:00:00+00:00")
+    await add(world, "b", "prepaid-tiered", date(2026, 4, 1))
+    change = await world.meter.set_monthly_payment("b", 150 * USD)  # "increase your payment"
+    assert change.starts == datetime(2026, 4, 30, 22, 0, tzinfo=timezone.utc)
+    prepaid = (await world.meter.usage("b")).as_json()["prepaid"]
+    assert (prepaid["monthly_payment"], prepaid["next_monthly_payment"]) == ("100.00", "150.00")
+    assert await world.send("b", 100_001) == 100_000  # April's credit was fixed when April started
+    world.clock.set("2026-05-02T08:00:00+00:00")
+    await world.billing.close_due_periods()
+    assert [c["amount"] for c in await world.charges("b") if c["kind"] == "monthly"] == [100 * USD, 150 * USD]
+    assert await world.send("b", 200_000) == 162_500  # $150 = 100,000 x $0.001 + 62,500 x $0.0008
+    with pytest.raises(ValueError, match="whole cents"):
+        await world.meter.set_monthly_payment("b", 150_005_000)
+    await add(world, "e", "limit-overage", date(2026, 5, 1))
+    with pytest.raises(ValueError, match="postpaid"):
+        await world.meter.set_monthly_payment("e", 10 * USD)
+    # An account added with its own amount is credited that amount from its first period.
+    await world.meter.add_account("b2", "pw", "prepaid-tiered", ["example.com"], [], monthly_payment=250 * USD)
+    assert [c["amount"] for c in await world.charges("b2")] == [250 * USD]
+
+
+async def test_model_b_a_declined_monthly_payment_blocks_sending_until_paid(world: World) -> None:
+    world.clock.set("2026-04-01T08:00:00+00:00")
+    await add(world, "b", "prepaid-tiered", date(2026, 4, 1))
+    assert await world.send("b", 10) == 10  # the credit is there as soon as it is charged
+    declining = Billing(world.meter, DecliningGateway())
+    assert await declining.collect_charges() == (0, 1)
+    account = await world.meter.account("b")
+    assert not account.payment_ok and "monthly/1 failed: card declined" in account.payment_detail
+    grant = await world.meter.reserve("b", None, 1)
+    assert (grant.granted, grant.refusal) == (0, "payment_failed")
+    await world.meter.release(grant.hold_id)
+    await world.meter.set_payment("b", True)  # the payment method is fixed: the charge is sent again
+    assert await world.send("b", 1) == 1
+    assert await world.billing.collect_charges() == (1, 0)
+    [monthly] = await world.charges("b")
+    assert (monthly["status"], monthly["attempts"]) == ("succeeded", 2)
+
+
+async def test_model_b_postpay_is_invoiced_for_what_was_sent_due_in_14_days(world: World) -> None:
+    world.clock.set("2026-04-01T08:00:00+00:00")
+    await add(world, "p", "postpay-tiered", date(2026, 4, 1))
+    assert await world.charges("p") == []  # no monthly payment, no balance check
+    assert await world.send("p", 150_000) == 150_000
+    world.clock.set("2026-05-01T00:00:00+02:00")
+    assert await world.billing.close_due_periods() == ["INV-p-20260401"]
+    invoice = await receipt(world, "p")
+    assert [(line["description"], line["amount"]) for line in invoice["lines"]] == [
+        ("Emails: 150,000 (100,000 at $0.001; 50,000 at $0.0008)", "140.00")]
+    assert (invoice["total"], invoice["amount_due"], invoice["status"]) == ("140.00", "140.00", "open")
+    assert (invoice["invoice_date"], invoice["due_date"]) == ("2026-05-01", "2026-05-15")
+    assert invoice["prepaid"] is None and invoice["payments"] == []
+    assert [(c["kind"], c["amount"]) for c in await world.charges("p")] == [("invoice", 140 * USD)]
 
 
 async def test_model_c_results_split_at_utc8_midnight(world: World) -> None:
@@ -468,3 +612,60 @@ async def test_plans_that_cannot_follow_each_other_are_refused_and_nothing_chang
         await world.meter.set_plan("e", "included-capped")
     account = await world.meter.account("e")
     assert (account.plan, account.plan_change) == ("limit-overage", None)
+
+
+async def test_the_export_of_a_month_reconciles_alone_across_the_plans(world: World) -> None:
+    """Accounts on every ready plan send, bounce, top up and are charged in April; the CSV
+    export of April adds up to each invoice's total and amount due (tests/test_export.py)."""
+    world.clock.set("2026-04-02T08:00:00+00:00")
+    for name, plan in (("a", "per-email-threshold"), ("b", "prepaid-tiered"), ("c", "delivery-results"),
+                       ("d", "included-capped"), ("e", "limit-overage"), ("p", "postpay-tiered")):
+        await add(world, name, plan, date(2026, 4, 1))
+    await world.meter.add_balance("b", 12_340_000)
+    for name, emails in (("a", 1_300_000), ("b", 105_000), ("c", 30), ("d", 100_400), ("e", 56_000), ("p", 7)):
+        assert await world.send(name, emails) == emails
+    for n in range(30):
+        await world.meter.record_result("Q00000003", f"r{n}", "delivered" if n % 3 else "hard_bounced")
+    world.clock.set("2026-05-01T12:00:00+00:00")
+    await world.billing.close_due_periods()
+    await world.billing.collect_charges()
+    service = AdminService(world.meter, world.billing, actor="test")
+    records = await world.meter.store.invoices()
+    assert len(records) == 6
+    text = await service.export_csv("2026-04")
+    reconcile(text, records)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["amount"], r["charge_status"]) for r in rows if r["account"] == "b" and r["record"] == "payment"] == [
+        ("-104.00", "")]  # 100,000 x $0.001 + 5,000 x $0.0008, paid from $112.34: $8.34 carries over
+    assert {r["item"] for r in rows if r["account"] == "b" and r["record"] == "charge"} == {"monthly"}
+
+
+async def test_an_existing_database_upgrades_with_its_invoiced_periods_settled(tmp_path: Path) -> None:
+    """Migration 4 on a database of schema 3: each account's last invoiced period is its
+    settled and credited one, so only periods after it are credited from then on."""
+    import sqlite3
+
+    from metering.schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (3)")
+        for script in MIGRATIONS[:3]:
+            db.executescript(script)
+        db.execute("INSERT INTO accounts (id, name, plan, subscribed_on, created_at, prepaid_balance)"
+                   " VALUES (1, 'b', 'prepaid-tiered', '2026-01-01', '2026-01-01T00:00:00+00:00', 7000000)")
+        for key in ("2026-01-31T23:00:00Z", "2026-02-28T23:00:00Z"):
+            db.execute("INSERT INTO invoices (id, account_id, period_key, period_end, issued_at, invoice_date,"
+                       " due_date, statement_date, total, amount_due, prepaid_applied, status, body)"
+                       " VALUES (?, 1, ?, '', '', '', '', '', 0, 0, 0, 'paid', '{}')", (f"INV-{key}", key))
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        account = await store.get_account("b")
+        assert account is not None
+        assert (account.settled_through, account.credited_through) == ("2026-02-28T23:00:00Z",) * 2
+        assert account.monthly_payments == () and account.prepaid_balance == 7_000_000
+    finally:
+        await store.close()

@@ -237,12 +237,16 @@ async def test_nodes_closing_the_same_periods_at_once_invoice_and_charge_once(sc
         assert await scalar(schema, "SELECT COUNT(*) FROM invoices") == 2
         # Only the winning insert of each invoice deducted and charged.
         assert sorted(log["account"] for log in logs if log["event"] == "billing.invoice") == ["a", "b"]
-        assert await scalar(schema, "SELECT COUNT(*) FROM charges WHERE kind = 'invoice'") == 2
+        # a's remainder is collected; b's month ($50) was paid from its balance: nothing to collect.
+        assert await scalar(schema, "SELECT COUNT(*) FROM charges WHERE kind = 'invoice'") == 1
         assert await scalar(schema, "SELECT COUNT(*) FROM balance_entries WHERE kind = 'usage'") == 1
+        # b's monthly payment: April's when it was added, May's once however many passes ran.
+        assert await scalar(schema, "SELECT COUNT(*) FROM charges WHERE kind = 'monthly'") == 2
+        assert await scalar(schema, "SELECT COUNT(*) FROM balance_entries WHERE kind = 'monthly'") == 2
         b = await meter.account("b")
         [invoice] = await meter.store.invoices(b.id)
-        assert invoice.prepaid_applied > 0
-        assert b.prepaid_balance == 90_000_000 - invoice.prepaid_applied
+        assert invoice.prepaid_applied == 50_000_000
+        assert b.prepaid_balance == 100_000_000 + 90_000_000 - invoice.prepaid_applied + 100_000_000
         assert await scalar(schema, "SELECT COUNT(*) FROM notices WHERE key = 'invoice'") == 2
         # The store's own race, every node's insert in flight at once: one wins, once.
         b_before = (await meter.account("b")).prepaid_balance

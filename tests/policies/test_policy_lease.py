@@ -51,7 +51,7 @@ def test_a_blocked_account_gets_no_lease(plan_a: Plan) -> None:
 
 
 def test_a_prepaid_balance_bounds_the_lease(plan_b: Plan) -> None:
-    standing = Standing(prepaid_balance=1_000_000)  # $1: the 10,000 included emails and 1,000 more
+    standing = Standing(prepaid_balance=11_000_000)  # $11: 11,000 emails at $1.00 per 1,000
     room, _ = headroom(plan_b, standing, Usage())
     assert room == 11_000
     admission = admit_lease(plan_b, standing, Usage(), 1, 100_000)

@@ -22,13 +22,16 @@ def test_the_five_plans_parse_into_the_expected_parts(five_plans: dict[str, Plan
         "included-capped",
         "limit-overage",
         "per-email-threshold",
+        "postpay-tiered",
         "prepaid-tiered",
     ]
     a = five_plans["per-email-threshold"]
     assert a.price == FlatPrice(200) and a.in_period_charge == ThresholdCharge(250_000_000)
     b = five_plans["prepaid-tiered"]
-    assert isinstance(b.price, GraduatedPrice) and b.funding == Funding(kind="prepaid")
-    assert b.price.tiers[0] == Tier(up_to=100_000, per_email=1_000)
+    assert isinstance(b.price, GraduatedPrice) and b.funding == Funding(kind="prepaid", monthly_payment=100_000_000)
+    assert b.price.tiers[0] == Tier(up_to=100_000, per_email=1_000) and (b.plan_fee, b.included_emails) == (0, 0)
+    postpay = five_plans["postpay-tiered"]
+    assert postpay.price == b.price and postpay.funding == Funding(kind="postpaid", net_days=14)
     c = five_plans["delivery-results"]
     assert c.billable == "results" and c.result_prices.hard_bounced == 50
     assert c.funding.overdraft_allowance == 200_000_000 and c.period.timezone == "Asia/Shanghai"

@@ -31,12 +31,14 @@ def test_model_a_april_preview(plan_a: Plan) -> None:
     assert result.invoice.total == 80 * USD and result.invoice.invoice_date == date(2026, 5, 1)
 
 
-def test_model_b_preview_stops_at_the_balance(plan_b: Plan) -> None:
-    result = preview(plan_b, 150_000, APRIL_1, standing=Standing(prepaid_balance=90 * USD))
+def test_model_b_preview_credits_the_monthly_payment_and_stops_at_the_balance(plan_b: Plan) -> None:
+    result = preview(plan_b, 150_000, APRIL_1)  # the $100 monthly payment: 100,000 emails
     assert (result.accepted, result.refused, result.refusal) == (100_000, 50_000, Refusal.BALANCE_EXHAUSTED)
     assert result.first_refused_at is not None and result.period.contains(result.first_refused_at)
-    assert result.invoice.prepaid_applied == 90 * USD and result.invoice.prepaid_balance_after == 0
-    assert result.invoice.amount_due == 5 * USD
+    assert result.invoice.prepaid_applied == 100 * USD and result.invoice.prepaid_balance_after == 0
+    assert result.invoice.amount_due == 0
+    carried = preview(plan_b, 150_001, APRIL_1, standing=Standing(prepaid_balance=40 * USD))  # + $100 = $140
+    assert (carried.accepted, carried.refused) == (150_000, 1)  # 100,000 at $1.00 and 50,000 at $0.80 per 1,000
 
 
 def test_model_c_preview_splits_results(plan_c: Plan) -> None:
