@@ -125,13 +125,13 @@ def test_postpay_has_no_balance_check_same_discount_due_in_14_days(five_plans: d
     ("funding", "message"),
     [
         ({"kind": "postpaid", "monthly_payment": "100"}, "is credit added to a prepaid balance"),
-        ({"kind": "prepaid", "monthly_payment": "100.001"}, "whole cents"),
+        ({"kind": "prepaid", "monthly_payment": "100.001"}, "has more decimals than USD has (2)"),
         ({"kind": "prepaid", "monthly_payment": 100.5}, "never a float"),
     ],
 )
 def test_a_monthly_payment_is_prepaid_credit_in_whole_cents(funding: dict[str, object], message: str) -> None:
     with pytest.raises(PlanError) as caught:
-        parse_plan("b", {"price": {"kind": "flat", "amount": "0.001"}, "funding": funding})
+        parse_plan("b", {"price": {"kind": "flat", "amount": "1.00", "per": 1000}, "funding": funding})
     assert caught.value.key == "plans.b.funding.monthly_payment" and message in caught.value.message
 
 

@@ -89,15 +89,16 @@ def test_millions_of_emails_preview_in_well_under_a_second(five_plans: dict[str,
 
 
 def test_model_b_preview_from_a_balance_with_a_top_up_after_the_refusals(plan_b: Plan) -> None:
-    """A balance good for 100,000 emails: 100,000 accepted, 100,001 refused, until a
-    $10.00 top-up after 120,000 attempts buys 12,500 more (at the next tier's $0.80 per 1,000)."""
+    """The month's $100.00 payment, credited as the period starts, is good for 100,000 emails:
+    100,000 accepted, 100,001 refused, until a $10.00 top-up after 120,000 attempts buys
+    12,500 more (at the next tier's $0.80 per 1,000)."""
     events = [ScriptEvent(at=120_000, kind="top_up", value=10 * USD)]
-    result = preview(plan_b, 150_000, APRIL_1, standing=Standing(prepaid_balance=90 * USD), events=events)
+    result = preview(plan_b, 150_000, APRIL_1, standing=Standing(prepaid_balance=0), events=events)
     assert [(run.first, run.last, run.reason) for run in result.refusals] == [
         (100_001, 120_000, Refusal.BALANCE_EXHAUSTED), (132_501, 150_000, Refusal.BALANCE_EXHAUSTED)]
     assert (result.accepted, result.refused, result.refusal) == (112_500, 37_500, Refusal.BALANCE_EXHAUSTED)
-    assert result.standing.prepaid_balance == 100 * USD
-    assert (result.invoice.prepaid_applied, result.invoice.prepaid_balance_after) == (100 * USD, 0)
+    assert result.standing.prepaid_balance == 110 * USD
+    assert (result.invoice.prepaid_applied, result.invoice.prepaid_balance_after) == (110 * USD, 0)
 
 
 def test_model_e_preview_of_a_raise_a_failed_payment_and_an_upgrade(plan_e: Plan, plan_e100: Plan) -> None:
