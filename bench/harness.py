@@ -350,6 +350,7 @@ def check_limit_counter(instance: HarakaInstance, settings: Settings, result: Me
     where = f"Redis {settings.redis_host}:{settings.redis_port} db {settings.haraka_redis_db}, key {instance.counter_key}"
     try:
         counted = instance.counted()
+        instance.clear_counter()
     except ServiceError as error:
         result.error = f"could not read haraka-plugin-limit's counter: {error}"
         return

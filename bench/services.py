@@ -685,7 +685,7 @@ class HarakaInstance:
         installed = self.home / "node_modules" / "Haraka" / "bin" / "haraka"
         if not installed.exists():
             raise ServiceError(f"Haraka is not installed in {self.home} (bench/run installs it)")
-        redis_command(self.redis_host, self.redis_port, self.redis_db, "DEL", self.counter_key)
+        self.clear_counter()  # counting starts from zero
         self.root.parent.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(self.haraka("-i", str(self.root)), check=False, capture_output=True,
                               text=True, timeout=60)
@@ -729,6 +729,10 @@ class HarakaInstance:
         """Recipients haraka-plugin-limit counted for our sender in Redis; None if the key is missing."""
         value = redis_command(self.redis_host, self.redis_port, self.redis_db, "GET", self.counter_key)
         return int(str(value)) if value is not None else None
+
+    def clear_counter(self) -> None:
+        """Leave nothing behind in the machine's Redis."""
+        redis_command(self.redis_host, self.redis_port, self.redis_db, "DEL", self.counter_key)
 
     def queued_files(self) -> int:
         """Messages still in Haraka's outbound queue directory."""
