@@ -4,7 +4,8 @@ Every process is started in its own session (process group) and its group id
 is appended to `<workdir>/pids`, so `bench/run`'s EXIT trap can kill whatever a
 crash or a Ctrl-C left behind even if this Python process is gone. Postfix's
 master daemonizes itself; its instances are listed in `<workdir>/postfix-instances`
-for the same reason.
+for the same reason. Haraka runs in the foreground: its cluster workers are in
+its process group.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 LOOPBACK = "127.0.0.1"
 SENDER_DOMAIN = "bench.test"
@@ -523,3 +525,229 @@ class PolicydRateLimit:
     def stop(self) -> None:
         if self._process is not None:
             stop_group(self._process, signal.SIGINT, grace=10)  # its unit's KillSignal
+
+
+# -- Haraka ---------------------------------------------------------------------------
+
+# The bench's local Haraka plugin, listed last. Two jobs:
+# - Haraka asks DNS for the client's name on every connection (core, before the
+#   `connect` hook) unless a lookup_rdns plugin answers. Postfix's smtpd gets
+#   127.0.0.1's name from /etc/hosts; this gives Haraka the same answer without a
+#   query, so no DNS traffic leaves the machine under load.
+# - A worker listens before its plugins' init_child hooks have run, and
+#   haraka-plugin-limit skips counting until its Redis connection is up (it does
+#   not wait for it). init_child hooks run in plugin order, each after the one
+#   before has finished, so this line, logged from the last one, says the worker
+#   counts; the harness waits for one per worker before sending any load.
+_HARAKA_READY = "bench: worker ready"
+_HARAKA_BENCH_PLUGIN = f"""\
+// bench: no DNS query for the client's name (Postfix's smtpd reads it from /etc/hosts)
+exports.hook_lookup_rdns = (next) => next(OK, 'localhost')
+
+// bench: every plugin before this one (limit and its Redis connection) is initialised
+exports.hook_init_child = function (next) {{
+    this.lognotice('{_HARAKA_READY}')
+    next()
+}}
+"""
+
+
+def redis_command(host: str, port: int, db: int, *args: str, timeout: float = 5.0) -> object:
+    """One Redis command on database `db` (RESP over a socket: no client library needed).
+
+    Returns the reply: str for simple and bulk strings, int, None, or a list.
+    Raises ServiceError if Redis does not answer or answers with an error.
+    """
+
+    def encode(*words: str) -> bytes:
+        parts = [f"*{len(words)}\r\n".encode()]
+        for word in words:
+            data = word.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    def read(reader: BinaryIO) -> object:
+        line = reader.readline()
+        if not line:
+            raise ServiceError(f"Redis at {host}:{port} closed the connection")
+        kind, rest = line[:1], line[1:-2].decode()
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise ServiceError(f"Redis at {host}:{port}: {rest}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else reader.read(size + 2)[:-2].decode()
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [read(reader) for _ in range(count)]
+        raise ServiceError(f"Redis at {host}:{port}: unexpected reply {line!r}")
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(encode("SELECT", str(db)) + encode(*args))
+            reader = conn.makefile("rb")
+            read(reader)
+            return read(reader)
+    except OSError as error:
+        raise ServiceError(f"Redis at {host}:{port} does not answer ({error}); "
+                           "haraka-plugin-limit keeps its counters there: start it, or point BENCH_REDIS at one") from None
+
+
+@dataclass
+class HarakaInstance:
+    """A private Haraka (`haraka -i ROOT`, then `haraka -c ROOT`): its config, plugins and queue in ROOT.
+
+    Plugins, in order: `relay` (ACL: relaying for 127.0.0.0/8 only, everyone else
+    gets 550 for every recipient), `limit` (haraka-plugin-limit: rate_rcpt_sender
+    counts every recipient per sender in Redis, limit never reached),
+    `queue/smtp_forward`, and the bench's own `bench` (no DNS query for the
+    client's name; a log line once a worker is initialised). Two ways to hand on mail:
+
+    - queue=False (target "haraka"): smtp_forward forwards each message to the
+      sink during the client's DATA and answers the client's "." with the sink's
+      reply (enable_outbound=true: relayed mail goes through smtp_forward).
+      Nothing is written to Haraka's disk: the 250 means the next hop has it.
+    - queue=True (target "haraka+queue"): enable_outbound=false, so relayed mail
+      goes to Haraka's own outbound queue (the file fsynced, then renamed into
+      ROOT/queue, before the 250); outbound delivers it afterwards to the sink,
+      which smtp_forward's get_mx route for the recipient's domain names.
+
+    `nodes` worker processes (Node's cluster module) share the port, as
+    Postfix's smtpd processes and mailmeter's listen.processes do.
+    """
+
+    ledger: ProcessLedger
+    root: Path
+    home: Path  # the npm install: home/node_modules/Haraka, home/node_modules/haraka-plugin-*
+    port: int
+    node: str = "node"
+    nodes: int = 1
+    queue: bool = False
+    log_level: str = "notice"
+    redis_host: str = LOOPBACK
+    redis_port: int = 6379
+    redis_db: int = 4
+    name: str = "haraka"
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def counter_key(self) -> str:
+        """The key haraka-plugin-limit increments once per recipient from our sender."""
+        return f"rate_rcpt_sender:{SENDER}"
+
+    def haraka(self, *args: str) -> list[str]:
+        return [self.node, str(self.home / "node_modules" / "Haraka" / "bin" / "haraka"), *args]
+
+    def config_files(self, sink_port: int) -> dict[str, str]:
+        """Every file written over the stock `haraka -i` config, by name."""
+        forward = [
+            "[main]",
+            f"host={LOOPBACK}",
+            f"port={sink_port}",
+            f"enable_outbound={'false' if self.queue else 'true'}",
+        ]
+        if self.queue:
+            # outbound's next hop for the bench's recipients: smtp_forward's get_mx hook
+            # routes a domain that has a section here, so no MX lookup is made.
+            forward += ["", f"[{RECIPIENT.partition('@')[2]}]", f"host={LOOPBACK}", f"port={sink_port}"]
+        return {
+            "me": "haraka.bench.test\n",
+            "smtp.ini": "\n".join([
+                "[main]",
+                f"listen={LOOPBACK}:{self.port}",
+                f"nodes={self.nodes}",
+                "force_shutdown_timeout=10",
+                "",
+            ]),
+            "log.ini": f"[main]\nlevel={self.log_level}\ntimestamps=true\n",
+            "plugins": "relay\nlimit\nqueue/smtp_forward\nbench\n",
+            "relay.ini": "[relay]\nacl=true\n",
+            "relay_acl_allow": "127.0.0.0/8\n",
+            "limit.ini": "\n".join([
+                "[redis]",
+                f"host={self.redis_host}",
+                f"port={self.redis_port}",
+                f"db={self.redis_db}",
+                "",
+                "[rate_rcpt_sender]",
+                "enabled=true",
+                "; a billion recipients a day per sender: counted, never reached",
+                "default=1000000000/1d",
+                "",
+            ]),
+            "smtp_forward.ini": "\n".join(forward) + "\n",
+        }
+
+    def start(self, sink_port: int) -> None:
+        installed = self.home / "node_modules" / "Haraka" / "bin" / "haraka"
+        if not installed.exists():
+            raise ServiceError(f"Haraka is not installed in {self.home} (bench/run installs it)")
+        self.clear_counter()  # counting starts from zero
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(self.haraka("-i", str(self.root)), check=False, capture_output=True,
+                              text=True, timeout=60)
+        if done.returncode != 0:
+            raise ServiceError(f"haraka -i {self.root} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        for name, text in self.config_files(sink_port).items():
+            (self.root / "config" / name).write_text(text)
+        (self.root / "plugins").mkdir(exist_ok=True)
+        (self.root / "plugins" / "bench.js").write_text(_HARAKA_BENCH_PLUGIN)
+        (self.root / "queue").mkdir(exist_ok=True)
+        self._process = spawn(self.ledger, self.haraka("-c", str(self.root)), self.root / "haraka.log",
+                              cwd=self.root)
+        try:
+            wait_for_banner(self.port, 30, self._process)
+            self.wait_for_workers(30)
+        except ServiceError as error:
+            raise ServiceError(f"{self.name}: {error}; see {self.root / 'haraka.log'}:\n{self.log_tail()}") from None
+
+    def wait_for_workers(self, timeout: float) -> None:
+        """Until every worker logged that its plugins (and limit's Redis connection) are initialised."""
+        deadline = time.monotonic() + timeout
+        ready = 0
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                ready = (self.root / "haraka.log").read_text(errors="replace").count(_HARAKA_READY)
+            except OSError:
+                ready = 0
+            if ready >= self.nodes:
+                return
+            time.sleep(0.1)
+        raise ServiceError(f"{ready} of {self.nodes} Haraka workers initialised their plugins after {timeout:.0f} s")
+
+    def log_tail(self, lines: int = 10) -> str:
+        try:
+            return "\n".join((self.root / "haraka.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def counted(self) -> int | None:
+        """Recipients haraka-plugin-limit counted for our sender in Redis; None if the key is missing."""
+        value = redis_command(self.redis_host, self.redis_port, self.redis_db, "GET", self.counter_key)
+        return int(str(value)) if value is not None else None
+
+    def clear_counter(self) -> None:
+        """Leave nothing behind in the machine's Redis."""
+        redis_command(self.redis_host, self.redis_port, self.redis_db, "DEL", self.counter_key)
+
+    def queued_files(self) -> int:
+        """Messages still in Haraka's outbound queue directory."""
+        try:
+            return sum(1 for entry in (self.root / "queue").iterdir() if entry.is_file())
+        except OSError:
+            return 0
+
+    def roots(self) -> list[int]:
+        return [self._process.pid] if self._process is not None else []
+
+    def check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            raise ServiceError(f"{self.name} exited with status {self._process.returncode}:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_group(self._process, signal.SIGTERM, grace=15)
