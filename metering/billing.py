@@ -234,7 +234,10 @@ class Billing:
                 closed.append(invoice_key)
                 account = await self.meter.account(account.name)  # the balance may have changed
                 period = next_period(plan.period, period, account.subscribed_on)
-            await self.meter.record_monthly_credits(account, self.meter.plans.get(in_force(account, now).plan))
+            in_force_now = in_force(account, now).plan
+            await self.meter.record_monthly_credits(
+                account, plan if in_force_now == account.plan else self.meter.plans.get(in_force_now)
+            )
         return closed
 
     async def _close(self, account: Account, period: Period, now: datetime) -> str | None:

@@ -286,7 +286,7 @@ def test_plan_changes_and_a_scripted_preview_from_the_cli(tmp_path: Path) -> Non
     refused = mailmeter(config, "account", "plan", "app", "pro")
     assert refused.returncode == 1 and "a plan change keeps the account's billing periods" in refused.stderr
     unknown = mailmeter(config, "account", "plan", "app", "gold")
-    assert unknown.returncode == 1 and "plan 'gold' is not defined (known: e, e-big, pro" in unknown.stderr
+    assert unknown.returncode == 2 and "plan 'gold' is not defined (known: e, e-big, pro" in unknown.stderr
     audit = mailmeter(config, "audit", "--account", "app", "--json")
     assert [e["action"] for e in json.loads(audit.stdout)] == ["plan.change", "plan.change", "account.add"]
 

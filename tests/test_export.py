@@ -66,7 +66,7 @@ def billed_accounts(draw: st.DrawFn) -> InvoiceRecord:
                for region in draw(st.sets(st.sampled_from(["", "eu-1", "us-2"]), max_size=2))
                for result in ("delivered", "hard_bounced")]
     status = invoice_status(plan, invoice)
-    body = invoice_body(account, plan, invoice, status, rows, regions, "USD")  # type: ignore[arg-type]
+    body = invoice_body(account, plan, invoice, status, rows, regions)  # type: ignore[arg-type]
     return InvoiceRecord(
         id=invoice_id(account, period, plan), account_id=account.id, period_key=period.key,
         period_end=period.end.isoformat(), issued_at=invoice.issued_at.isoformat(),

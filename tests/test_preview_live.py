@@ -42,8 +42,9 @@ SCRIPTS = {
         {"at": 66_000, "type": "plan", "plan": "limit-overage-100k"},
         {"at": 100_000, "type": "plan", "plan": "limit-overage"},
     ]),
-    # Model B: a balance good for 100,000 emails, refusals, then a top-up.
-    "b-balance-top-up": Script("prepaid-tiered", 150_000, date(2026, 4, 1), balance="90.00", events=[
+    # Model B: the month's $100.00 payment (credited as the period starts) is good for
+    # 100,000 emails, then refusals, then a top-up.
+    "b-balance-top-up": Script("prepaid-tiered", 150_000, date(2026, 4, 1), events=[
         {"at": 120_000, "type": "top_up", "amount": "10.00"},
     ]),
     # Model D: a low spending limit pauses sending, an upgrade to Pro 200k (its own $999
@@ -116,7 +117,8 @@ async def run_live(world: World, service: AdminService, script: Script, name: st
             world.clock.now = send_time(begin, end, script.emails, stop)
             await apply_event(service, name, event)
     account = await meter.account(name)
-    charges = [row for row in await meter.store.charges_of(account.id) if row["kind"] != "invoice"]
+    # The preview counts the monthly payment (model B) in the starting balance, not as a charge.
+    charges = [row for row in await meter.store.charges_of(account.id) if row["kind"] not in ("invoice", "monthly")]
     world.clock.now = end + timedelta(days=1)
     [invoice_id] = [key for key in await world.billing.close_due_periods() if key.startswith(f"INV-{name}-")]
     invoice = await service.invoice(invoice_id)
