@@ -302,4 +302,4 @@ def test_plan_changes_and_a_scripted_preview_from_the_cli(tmp_path: Path) -> Non
     bad = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--event", "12:refund=1")
     assert bad.returncode == 2 and "'refund' is not an event" in bad.stderr
     late = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--event", "31:payment=ok")
-    assert late.returncode == 1 and "events[0].at: 31 is not between 0 and the 30 emails" in late.stderr
+    assert late.returncode == 2 and "events[0].at: 31 is not between 0 and the 30 emails" in late.stderr
