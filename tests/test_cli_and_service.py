@@ -216,12 +216,12 @@ async def test_serve_process_starttls_then_auth(tmp_path: Path, upstream: Upstre
     assert upstream.handler.delivered_to() == ["a@dest.test"]
 
 
-def test_readme_lists_every_refusal_text() -> None:
+def test_the_smtp_replies_page_lists_every_refusal_text() -> None:
     from relay.replies import all_refusal_texts
 
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "smtp-replies.md").read_text()
     for reason, text in all_refusal_texts().items():
-        assert f"`{reason}`" in readme and text in readme, reason
+        assert f"`{reason}`" in page and text in page, reason
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:

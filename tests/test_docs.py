@@ -1,14 +1,19 @@
-"""The project's own documentation of the billing models stays true and self-contained.
+"""The project's documentation stays true and self-contained.
 
 - every quoted sentence of docs/billing-models.md is, word for word, on the provider's
   page it cites (the pages are kept outside the repository, in the team's shared
   folder: without them the check is skipped);
 - every config key the page says expresses a model is what config.example.yaml has;
-- no user-facing file points at a file outside the repository.
+- no user-facing file points at a file outside the repository;
+- README's map lists every page of docs/, every relative link of README and docs/
+  resolves (its file, and its #anchor to a heading), every `docs/PAGE.md` a shipped file
+  names exists, every test a page names exists, and every module docs/architecture.md
+  names exists.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -76,8 +81,15 @@ def test_the_config_keys_of_each_model_are_the_example_configs() -> None:
             assert _subset(yaml.safe_load("{" + fragment + "}"), plans[name]), (name, fragment)
 
 
+def _shipped_files() -> list[str]:
+    """The repository's files: tracked, and new ones not ignored (a page not committed yet)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    return sorted(set(listed))
+
+
 def test_no_user_facing_file_points_outside_the_repository() -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = _shipped_files()
     outside = re.compile(r"BILLING_MODELS|seeds/|\.\./shared|/work/shared")
     offenders = [
         name for name in files
@@ -87,9 +99,109 @@ def test_no_user_facing_file_points_outside_the_repository() -> None:
     assert offenders == []
 
 
-def test_the_docs_link_to_each_other_and_exist() -> None:
+PAGES_READ = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _prose(path: Path) -> str:
+    """A markdown page without its fenced code blocks (a `# comment` in a shell block is no heading)."""
+    return _FENCE.sub("", path.read_text(encoding="utf-8"))
+
+
+def anchors(path: Path) -> set[str]:
+    """The #anchors of a markdown page's headings, as GitHub makes them."""
+    found: set[str] = set()
+    for line in _prose(path).splitlines():
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            candidate, n = slug, 0
+            while candidate in found:
+                n += 1
+                candidate = f"{slug}-{n}"
+            found.add(candidate)
+    return found
+
+
+def test_the_readme_maps_every_docs_page() -> None:
+    """One row per page in the map (`| [docs/PAGE.md](docs/PAGE.md) | what it is for | who reads it |`)."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "docs/billing-models.md" in readme and "docs/delivery-results.md" in readme
-    for page in (REPO / "docs").glob("*.md"):
-        for target in re.findall(r"\]\(([\w.-]+\.md)\)", page.read_text(encoding="utf-8")):
-            assert (page.parent / target).is_file(), (page.name, target)
+    rows = re.findall(r"^\| \[docs/([\w.-]+\.md)\]\(docs/\1\) \| [^|]+ \| [^|]+ \|$", readme, re.M)
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)\)", readme))
+    pages = {page.name for page in (REPO / "docs").glob("*.md")}
+    assert sorted(rows) == sorted(set(rows)) and set(rows) == pages, "README's map: one row for each page of docs/"
+    assert linked - pages == set(), "pages README links to that do not exist"
+    assert {"operating.md", "smtp-replies.md", "billing-models.md", "billing.md", "delivery-results.md",
+            "guarantees.md", "several-nodes.md", "http-api.md", "architecture.md"} <= pages
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = []
+    for page in PAGES_READ:
+        for target in _LINK.findall(_prose(page)):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            if not path.is_relative_to(REPO) or not path.exists():
+                broken.append((page.name, target))
+            elif anchor and (path.suffix != ".md" or anchor not in anchors(path)):
+                broken.append((page.name, target))
+    assert broken == []
+
+
+def test_every_docs_page_a_shipped_file_names_exists() -> None:
+    named = set()
+    for name in _shipped_files():
+        if (REPO / name).is_file() and not name.startswith(".git"):
+            named |= {(name, page) for page in re.findall(r"docs/([a-z][a-z0-9-]*\.md)",
+                                                         (REPO / name).read_text(encoding="utf-8", errors="replace"))}
+    assert named, "no file names a docs page"
+    assert [(name, page) for name, page in sorted(named) if not (REPO / "docs" / page).is_file()] == []
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """`test_x.py` and `test_x.py::test_y` (a `*` matches any name) on a page: the file may sit in
+    any folder of tests/ (tests move with their modules), the function must be in it; a path
+    written in full (`tests/policies/test_x.py`) must be exactly that."""
+    cited, paths = set(), set()
+    for page in PAGES_READ:
+        text = page.read_text(encoding="utf-8")
+        cited |= set(re.findall(r"(test_\w+\.py)(?:::(test_[\w*]+))?", text))
+        paths |= set(re.findall(r"`(tests/[\w/]+\.py)", text))
+    assert len(cited) > 50 and paths
+    missing = [path for path in sorted(paths) if not (REPO / path).is_file()]  # a path given in full is exact
+    for file, function in sorted(cited):
+        found = list((REPO / "tests").rglob(file))
+        if not found:
+            missing.append(file)
+            continue
+        if function:
+            source = "".join(path.read_text(encoding="utf-8") for path in found)
+            defined = re.findall(r"^(?:async )?def (test_\w+)", source, re.M)
+            if not fnmatch.filter(defined, function):
+                missing.append(f"{file}::{function}")
+    assert missing == []
+
+
+_LAYOUT_MERGED = (REPO / "metering" / "sqlite").is_dir()
+
+
+@pytest.mark.skipif(not _LAYOUT_MERGED, reason="the new layout's modules (metering/sqlite/, ...) are not here yet")
+def test_every_module_the_architecture_page_names_exists() -> None:
+    """`mailmeter.relay.smtpd` is relay/smtpd.py; `mailmeter.cli` is mailmeter/cli.py."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = set(re.findall(r"\bmailmeter(?:\.\w+)+", text))
+    assert len(modules) > 30
+    missing = []
+    for module in sorted(modules):
+        parts = module.split(".")[1:]
+        folder = REPO / (parts[0] if parts[0] in ("relay", "metering", "policies") else "mailmeter")
+        rest = parts[1:] if parts[0] in ("relay", "metering", "policies") else parts
+        path = folder.joinpath(*rest)
+        if not (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()):
+            missing.append(module)
+    files = set(re.findall(r"`((?:relay|metering|policies|mailmeter)/[\w/]*?(?:\.py|/))`", text))
+    missing += [name for name in sorted(files) if not (REPO / name).exists()]
+    assert missing == []
