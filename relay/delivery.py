@@ -582,6 +582,8 @@ def sendable_address(address: str, allow_empty: bool = False) -> bool:
         return allow_empty
     if _PLAIN_ADDRESS.fullmatch(address):  # the usual address: no parse (two per message and attempt)
         return True
+    if _CONTROL.search(address):  # aiosmtplib refuses every command argument with one
+        return False
     try:
         address.encode("utf-8")  # lone surrogates: 8-bit bytes that were not UTF-8
         return parse_address(address) == address
@@ -602,6 +604,7 @@ def _drop(connection: list[aiosmtplib.SMTP | None]) -> None:
 
 # A dot-atom local part at a dot-atom domain: parse_address answers such an address as
 # it is (tests/test_delivery.py holds the two to the same answers).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # as aiosmtplib's COMMAND_INJECTION_REGEX
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _STOP = ""  # wakes a worker to exit; never a queue id
 INLINE_READ = 256 * 1024  # spool files up to this are read on the loop (no thread hop)

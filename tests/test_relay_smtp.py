@@ -132,6 +132,29 @@ async def test_non_ascii_look_alikes_do_not_pass_as_an_ascii_sender_domain(relay
     client.close()
 
 
+async def test_addresses_with_control_characters_are_553_and_never_counted(relay: RelayHarness) -> None:
+    """An address delivery could never put on a MAIL or RCPT line (aiosmtplib refuses a command
+    argument with any C0 control character or DEL) is refused before anything is reserved:
+    before this check, `ctl\x01x@...` got 250, was counted, and deferred until it expired."""
+    await add_account(relay)
+    client = await RawSmtp.open(relay.port)
+    assert (await client.reply()).code == 220
+    assert (await client.command("EHLO client.test")).code == 250
+    login = base64.b64encode(f"\0app\0{PASSWORD}".encode()).decode()
+    assert (await client.command(f"AUTH PLAIN {login}")).code == 235
+    for control in ("\x01", "\x1b", "\x7f"):
+        reply = await client.command(f"MAIL FROM:<a{control}b@example.com>".encode())
+        assert (reply.code, reply.text[:5]) == (553, "5.1.3"), (control, reply)
+    assert (await client.command("MAIL FROM:<a@example.com>")).code == 250
+    for control in ("\x01", "\x1b", "\x7f"):
+        reply = await client.command(f"RCPT TO:<ctl{control}x@example.net>".encode())
+        assert (reply.code, reply.text[:5]) == (553, "5.1.3"), (control, reply)
+    assert (await client.command("RSET")).code == 250
+    client.close()
+    usage = await settled_usage(relay.relay.meter, "app")
+    assert (usage.accepted, usage.reserved) == (0, 0)
+
+
 async def test_auth_login_continuation_over_the_line_limit_is_500_and_the_session_goes_on(
     relay: RelayHarness,
 ) -> None:
