@@ -31,7 +31,7 @@ from mailmeter.openapi import document
 from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
 from metering.gateway import verify
 from metering.meter import UnknownAccount, UnknownPlan
-from metering.sqlite_store import StoreUnavailable
+from metering.records import StoreUnavailable
 
 if TYPE_CHECKING:
     from mailmeter.app import Relay

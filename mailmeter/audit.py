@@ -12,8 +12,7 @@ import json
 import os
 from typing import Any
 
-from metering.records import Account
-from metering.store import Row
+from metering.records import Account, Row
 from policies.currency import Currency
 
 WEBHOOK_ACTOR = "webhook:payment"

@@ -23,7 +23,7 @@ from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.logs import configure_logging
 from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
 from metering.meter import UnknownAccount, UnknownPlan
-from metering.sqlite_store import StoreUnavailable
+from metering.records import StoreUnavailable
 
 DEFAULT_CONFIG = os.environ.get("MAILMETER_CONFIG", "config.yaml")
 

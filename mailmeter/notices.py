@@ -24,7 +24,7 @@ import aiohttp
 import structlog
 
 from metering.gateway import sign
-from metering.store import Store
+from metering.store import NoticeStore
 from policies.currency import currency_for
 from policies.money import display_money, parse_money
 from relay.delivery import new_queue_id
@@ -74,7 +74,7 @@ def notice_text(account: str, key: str, body: dict[str, Any]) -> tuple[str, str]
 class NoticeSender:
     def __init__(
         self,
-        store: Store,
+        store: NoticeStore,
         spool: Spool,
         submit: Callable[[str], None],
         from_address: str,

@@ -25,8 +25,7 @@ from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from metering.billing import Billing
 from metering.export import export_csv, month_of
 from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
-from metering.records import in_force
-from metering.sqlite_store import AuditDraft, DuplicateEvent
+from metering.records import AuditDraft, DuplicateEvent, in_force
 from policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
 from policies.currency import Currency, currency_for
 from policies.money import MoneyError, format_money, is_whole_minor, parse_money

@@ -14,15 +14,14 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
 from metering.meter import Meter, first_period, standing_of
-from metering.records import Account, in_force
-from metering.sqlite_store import InvoiceRecord
-from metering.store import Row
+from metering.records import Account, InvoiceRecord, Row, in_force
+from metering.store import AccountStore, BillingStore, UsageStore
 from policies import Charge, Invoice, Plan, close_period
 from policies.currency import Currency
 from policies.money import format_money
@@ -43,6 +42,10 @@ class CollectionCharge:
     @property
     def key(self) -> str:
         return f"{self.kind}/{self.index}"
+
+
+class BillingJobStore(AccountStore, UsageStore, BillingStore, Protocol):
+    """What the billing job reads and writes: accounts, their periods' usage, charges and invoices."""
 
 
 @dataclass
@@ -176,7 +179,7 @@ class Billing:
         retry_max_delay: float = 3600.0,
     ) -> None:
         self.meter = meter
-        self.store = meter.store
+        self.store: BillingJobStore = meter.store
         self.gateway = gateway
         self.retry_first_delay = retry_first_delay
         self.retry_max_delay = retry_max_delay

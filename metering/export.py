@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from metering.sqlite_store import InvoiceRecord
+from metering.records import InvoiceRecord
 from policies.currency import currency_for
 from policies.money import format_money
 

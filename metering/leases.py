@@ -32,31 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from time import monotonic
-from typing import Protocol
 
 from metering.batching import Batcher
-from metering.pg_leases import LeasedCommit
-from metering.records import Account
-from metering.sqlite_store import HoldAccountMismatch, Settlement, StoreUnavailable, UnknownHold
-from policies.decision import Admission, Usage
-
-Decide = Callable[[Account, Usage], Admission]
-Settle = Callable[[Account, Usage, int, str], Settlement]
-
-
-class LeasingStore(Protocol):
-    """What leasing needs from the shared store (metering/pg_leases.py)."""
-
-    async def renew_lease(
-        self, lease_id: str, account_id: int, period_key: str, node: str, returning: int, existing: bool,
-        now: datetime, decide: Decide,
-    ) -> Admission | None: ...
-    async def shrink_lease(self, lease_id: str, returning: int, drop_if_empty: bool, now: datetime) -> int | None: ...
-    async def reclaim_stale_leases(self, renewed_before: datetime, node: str) -> int: ...
-    async def commit_leased(
-        self, commits: list[LeasedCommit], node: str, now: datetime, region: str, settle: Settle | None
-    ) -> list[Exception | None]: ...
-
+from metering.records import Decide, HoldAccountMismatch, LeasedCommit, Settle, StoreUnavailable, UnknownHold
+from metering.store import LeasingStore
+from policies.decision import Admission
 
 @dataclass(frozen=True)
 class LeaseSettings:
@@ -282,4 +262,4 @@ class LeaseBook:
         return given
 
 
-__all__ = ["Carve", "Lease", "LeaseBook", "LeaseSettings", "LeasingStore"]
+__all__ = ["Carve", "Lease", "LeaseBook", "LeaseSettings"]

@@ -13,17 +13,26 @@ import ipaddress
 import json
 import secrets
 from time import monotonic
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timezone
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from metering.batching import Batcher
-from metering.leases import LeaseBook, LeaseSettings, LeasingStore
+from metering.leases import LeaseBook, LeaseSettings
 from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.records import Account, AccountUpdate, Grant, Result, ResultReport, in_force, payment_changes_to_json
-from metering.sqlite_store import Settlement, StoreUnavailable
-from metering.store import Store
+from metering.records import (
+    Account,
+    AccountUpdate,
+    Grant,
+    Result,
+    ResultReport,
+    Settlement,
+    StoreUnavailable,
+    in_force,
+    payment_changes_to_json,
+)
+from metering.store import LeasingStore, ResultBatchStore, Store
 from policies import (
     Admission,
     Plan,
@@ -52,14 +61,6 @@ from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, uns
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NETWORKS_TTL = 2.0
-
-
-class ResultBatchStore(Protocol):
-    """A store that records many delivery results in one transaction (PostgreSQL)."""
-
-    async def record_message_results(
-        self, reports: Sequence[ResultReport], period_key_for: Callable[[Account, datetime], str]
-    ) -> list[bool | None | Exception]: ...
 
 
 def utc_now() -> datetime:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from metering.sqlite_store import StoreUnavailable
+from metering.records import StoreUnavailable
 
 _LIBPQ_PARAMS = {
     "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "connect_timeout",

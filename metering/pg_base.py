@@ -28,8 +28,7 @@ import asyncpg
 from metering import pg_backup, pg_schema
 from metering.pg_claim import NodeClaim
 from metering.pg_tx import DB_ERRORS, unavailable, with_retries
-from metering.records import Account
-from metering.sqlite_store import AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
+from metering.records import Account, AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
 from policies.charges import Charge
 
 T = TypeVar("T")

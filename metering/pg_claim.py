@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 
 from metering.pg_tx import DB_ERRORS, unavailable
+from metering.records import NodeClaimed
 
 # 64 bits from the schema and the node name: nodes of two deployments in two schemas
 # of one database do not collide. (The schema lock of pg_schema.py hashes another prefix.)
@@ -37,15 +38,6 @@ _HOLDER = (
     " AND a.pid <> pg_backend_pid()"
 )
 KEEP_EVERY = 5.0  # seconds between checks that the claim's connection is alive
-
-
-class NodeClaimed(Exception):
-    """Another live process holds this node name; `holder` says which, as far as the database knows."""
-
-    def __init__(self, node: str, holder: str) -> None:
-        super().__init__(f"node {node!r} is held by {holder}")
-        self.node = node
-        self.holder = holder
 
 
 class NodeClaim:

@@ -14,8 +14,7 @@ import asyncpg
 
 from metering.pg_base import OPEN_PERIODS
 from metering.pg_ledger import PgLedger
-from metering.records import Account, history_from_json, history_to_json
-from metering.sqlite_store import Settlement, account_core
+from metering.records import Account, Settlement, account_core, history_from_json, history_to_json
 from policies.decision import Usage
 from policies.history import History
 

@@ -16,29 +16,15 @@ whose memory disagrees with the row can fail a message (451), never overspend.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
 from metering.pg_holds import PgHolds
-from metering.records import Account
-from metering.sqlite_store import Settlement, UnknownHold
+from metering.records import Account, LeasedCommit, Settlement, UnknownHold
 from policies.decision import Admission, Usage
 
 LEASE_PREFIX = "lease/"
-
-
-@dataclass(frozen=True)
-class LeasedCommit:
-    """One message's commit point, carved from a lease: its emails leave the lease for `accepted`."""
-
-    lease_id: str
-    account_id: int
-    period_key: str
-    queue_id: str
-    emails: int
-    campaign: str = ""
 
 
 class PgLeases(PgHolds):
@@ -214,4 +200,4 @@ class PgLeases(PgHolds):
         return await self._write(body)
 
 
-__all__ = ["LEASE_PREFIX", "LeasedCommit", "PgLeases"]
+__all__ = ["LEASE_PREFIX", "PgLeases"]

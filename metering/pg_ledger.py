@@ -15,7 +15,7 @@ import asyncpg
 
 from metering.pg_base import PgBase
 from metering.pg_tx import rows_affected
-from metering.sqlite_store import InvoiceRecord, charge_key
+from metering.records import InvoiceRecord, charge_key
 from policies.charges import Charge
 
 _INVOICE_COLUMNS = (

@@ -23,8 +23,17 @@ import asyncpg
 from metering.pg_base import ACCOUNT_FULL, full_account
 from metering.pg_leases import PgLeases
 from metering.pg_tx import rows_affected
-from metering.records import Account, AccountUpdate, Result, ResultReport, applying_due_plan_change, history_from_json
-from metering.sqlite_store import HoldAccountMismatch, Settlement, UnknownHold
+from metering.records import (
+    Account,
+    AccountUpdate,
+    HoldAccountMismatch,
+    Result,
+    ResultReport,
+    Settlement,
+    UnknownHold,
+    applying_due_plan_change,
+    history_from_json,
+)
 from policies.decision import Admission, Usage
 
 _COUNTER_FOR_RESULT = {

@@ -17,7 +17,7 @@ from typing import TypeVar
 import asyncpg
 import structlog
 
-from metering.sqlite_store import StoreUnavailable
+from metering.records import StoreUnavailable
 
 T = TypeVar("T")
 

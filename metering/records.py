@@ -1,16 +1,19 @@
-"""Plain data the meter stores and returns."""
+"""The store interface's types: the plain data the meter stores and returns, the errors every
+store raises, and the pure helpers both stores share (account_core, charge_key)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, overload
 
+from policies.charges import Charge
 from policies.currency import Currency
 from policies.changes import PlanChange
+from policies.decision import Admission
 from policies.history import History, PartPricing, PlanPart
 from policies.account import Usage
 from policies.limits import LimitChange
@@ -268,3 +271,152 @@ def applying_due_plan_change(account: Account, now: datetime) -> AccountUpdate |
         return None
     return AccountUpdate(fields={"plan": change.plan, "plan_change": None, "included_change": None,
                                  "quota_change": None, "spending_limit_override": None})
+
+
+# -- what the stores exchange with their callers ------------------------------------
+
+
+class Row(Protocol):
+    """One result row: by column name or position, like sqlite3.Row and asyncpg.Record.
+
+    Both answer `row["col"]`, `row[0]`, `tuple(row)`, `dict(row)` and `row.keys()`,
+    which is all callers use.
+    """
+
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    @overload
+    def __getitem__(self, key: int) -> Any: ...
+    def keys(self) -> Iterable[str]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a commit adds besides usage: in-period charges and notices that became due."""
+
+    charges: list[Charge]
+    notices: list[tuple[str, str]]  # (key, JSON body), each sent once per period
+
+
+Decide = Callable[[Account, Usage], Admission]
+Settle = Callable[[Account, Usage, int, str], Settlement]
+
+
+@dataclass(frozen=True)
+class InvoiceRecord:
+    id: str
+    account_id: int
+    period_key: str
+    period_end: str
+    issued_at: str
+    invoice_date: str
+    due_date: str
+    statement_date: str
+    total: int
+    amount_due: int
+    prepaid_applied: int
+    status: str
+    body: str
+
+
+@dataclass(frozen=True)
+class LeasedCommit:
+    """One message's commit point, carved from a lease: its emails leave the lease for `accepted`."""
+
+    lease_id: str
+    account_id: int
+    period_key: str
+    queue_id: str
+    emails: int
+    campaign: str = ""
+
+
+@dataclass
+class AuditDraft:
+    """An admin change about to happen: who, what, on which account, and how to show it.
+
+    `view` turns the account into the JSON kept as before/after; the caller decides
+    what is public (never a password hash). The store fills before, after and id.
+    """
+
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    view: Callable[[Account], dict[str, Any]]
+    detail: dict[str, Any] = field(default_factory=dict)
+    event_id: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    written: bool = False
+    id: int | None = None
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not answer (locked, unreachable, corrupt). Callers fail closed."""
+
+
+class UnknownHold(LookupError):
+    """A hold id that is not (or no longer) in the store."""
+
+
+class HoldAccountMismatch(LookupError):
+    """A reserve into, or a commit of, a hold under another account than the hold's own.
+
+    A hold belongs to the account it was first taken for: adding to it, or committing
+    it, for another account would count one account's emails against another's
+    allowance (an SMTP session must not change its account inside a transaction).
+    """
+
+    def __init__(self, hold_id: str, hold_account: int, asked_for: int) -> None:
+        super().__init__(f"hold {hold_id} belongs to account id {hold_account}, not {asked_for}")
+
+
+class NodeClaimed(Exception):
+    """Another live process holds this node name; `holder` says which, as far as the database knows."""
+
+    def __init__(self, node: str, holder: str) -> None:
+        super().__init__(f"node {node!r} is held by {holder}")
+        self.node = node
+        self.holder = holder
+
+
+class DuplicateEvent(RuntimeError):
+    """An inbound event id that was already applied: the change it carried is rolled back."""
+
+
+def charge_key(account: str, period_key: str, charge_key_part: str) -> str:
+    """The idempotency key of a charge: account, period and the policy's kind/index."""
+    return f"{account}/{period_key}/{charge_key_part}"
+
+
+def account_core(row: Row, domains: tuple[str, ...] = (), networks: tuple[str, ...] = ()) -> Account:
+    """An Account from an `accounts` row of either store (with `debt` and `open_periods` when selected)."""
+    keys = row.keys()
+    return Account(
+        id=row["id"],
+        name=row["name"],
+        password_hash=row["password_hash"],
+        plan=row["plan"],
+        subscribed_on=date.fromisoformat(row["subscribed_on"]),
+        payment_ok=bool(row["payment_ok"]),
+        suspended=bool(row["suspended"]),
+        prepaid_balance=row["prepaid_balance"],
+        domains=domains,
+        networks=networks,
+        contacts=tuple(json.loads(row["contacts"])),
+        payment_detail=row["payment_detail"],
+        awaiting_results=row["awaiting_results"],
+        outstanding_debt=int(row["debt"]) if "debt" in keys else 0,
+        spending_limit_override=row["spending_limit_override"],
+        included_change=limit_change_from_json(row["included_change"]),
+        quota_change=limit_change_from_json(row["quota_change"]),
+        plan_change=plan_change_from_json(row["plan_change"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        monthly_payments=payment_changes_from_json(row["monthly_payment"]),
+        credited_through=row["credited_through"],
+        settled_through=row["settled_through"],
+        open_periods=open_periods_from_text(row["open_periods"]) if "open_periods" in keys else (),
+    )

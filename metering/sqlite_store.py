@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
@@ -26,14 +25,19 @@ import aiosqlite
 from metering.records import (
     Account,
     AccountUpdate,
+    AuditDraft,
+    DuplicateEvent,
+    HoldAccountMismatch,
+    InvoiceRecord,
     Result,
+    Settlement,
+    StoreUnavailable,
+    UnknownHold,
+    account_core,
     applying_due_plan_change,
+    charge_key,
     history_from_json,
     history_to_json,
-    limit_change_from_json,
-    open_periods_from_text,
-    payment_changes_from_json,
-    plan_change_from_json,
 )
 from metering.schema import MIGRATIONS
 from policies.charges import Charge
@@ -53,51 +57,6 @@ _ACCOUNT_SELECT = (
     "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0) FROM invoices i"
     f" WHERE i.account_id = a.id AND i.status = 'overdrawn') AS debt, {_OPEN_PERIODS} FROM accounts a"
 )
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """What a commit adds besides usage: in-period charges and notices that became due."""
-
-    charges: list[Charge]
-    notices: list[tuple[str, str]]  # (key, JSON body), each sent once per period
-
-
-@dataclass(frozen=True)
-class InvoiceRecord:
-    id: str
-    account_id: int
-    period_key: str
-    period_end: str
-    issued_at: str
-    invoice_date: str
-    due_date: str
-    statement_date: str
-    total: int
-    amount_due: int
-    prepaid_applied: int
-    status: str
-    body: str
-
-
-class StoreUnavailable(RuntimeError):
-    """The store could not answer (locked, unreachable, corrupt). Callers fail closed."""
-
-
-class UnknownHold(LookupError):
-    """A hold id that is not (or no longer) in the store."""
-
-
-class HoldAccountMismatch(LookupError):
-    """A reserve into, or a commit of, a hold under another account than the hold's own.
-
-    A hold belongs to the account it was first taken for: adding to it, or committing
-    it, for another account would count one account's emails against another's
-    allowance (an SMTP session must not change its account inside a transaction).
-    """
-
-    def __init__(self, hold_id: str, hold_account: int, asked_for: int) -> None:
-        super().__init__(f"hold {hold_id} belongs to account id {hold_account}, not {asked_for}")
 
 
 _COUNTER_FOR_RESULT = {
@@ -1022,68 +981,7 @@ class SqliteStore:
         await self._read("SELECT 1")
 
 
-class DuplicateEvent(RuntimeError):
-    """An inbound event id that was already applied: the change it carried is rolled back."""
-
-
-@dataclass
-class AuditDraft:
-    """An admin change about to happen: who, what, on which account, and how to show it.
-
-    `view` turns the account into the JSON kept as before/after; the caller decides
-    what is public (never a password hash). The store fills before, after and id.
-    """
-
-    at: datetime
-    actor: str
-    action: str
-    target: str
-    view: Callable[[Account], dict[str, Any]]
-    detail: dict[str, Any] = field(default_factory=dict)
-    event_id: str | None = None
-    before: dict[str, Any] | None = None
-    after: dict[str, Any] | None = None
-    written: bool = False
-    id: int | None = None
-
-
 _AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_audit_draft", default=None)
-
-
-def charge_key(account: str, period_key: str, charge_key_part: str) -> str:
-    """The idempotency key of a charge: account, period and the policy's kind/index."""
-    return f"{account}/{period_key}/{charge_key_part}"
-
-
-def account_core(
-    row: sqlite3.Row, domains: tuple[str, ...] = (), networks: tuple[str, ...] = ()
-) -> Account:
-    keys = row.keys()
-    return Account(
-        id=row["id"],
-        name=row["name"],
-        password_hash=row["password_hash"],
-        plan=row["plan"],
-        subscribed_on=date.fromisoformat(row["subscribed_on"]),
-        payment_ok=bool(row["payment_ok"]),
-        suspended=bool(row["suspended"]),
-        prepaid_balance=row["prepaid_balance"],
-        domains=domains,
-        networks=networks,
-        contacts=tuple(json.loads(row["contacts"])),
-        payment_detail=row["payment_detail"],
-        awaiting_results=row["awaiting_results"],
-        outstanding_debt=int(row["debt"]) if "debt" in keys else 0,
-        spending_limit_override=row["spending_limit_override"],
-        included_change=limit_change_from_json(row["included_change"]),
-        quota_change=limit_change_from_json(row["quota_change"]),
-        plan_change=plan_change_from_json(row["plan_change"]),
-        created_at=datetime.fromisoformat(row["created_at"]),
-        monthly_payments=payment_changes_from_json(row["monthly_payment"]),
-        credited_through=row["credited_through"],
-        settled_through=row["settled_through"],
-        open_periods=open_periods_from_text(row["open_periods"]) if "open_periods" in keys else (),
-    )
 
 
 def _account_row(conn: sqlite3.Connection, account_id: int) -> Account:

@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from metering.billing import invoice_body, invoice_id, invoice_status
 from metering.export import EXPORT_COLUMNS, export_csv
-from metering.records import Account
-from metering.sqlite_store import InvoiceRecord, charge_key
+from metering.records import Account, InvoiceRecord, charge_key
 from policies.account import Standing, Usage
 from policies.charges import charges_due
 from policies.invoice import close_period

@@ -6,7 +6,8 @@ import asyncio
 from pathlib import Path
 
 from metering.meter import Meter
-from metering.sqlite_store import SqliteStore, UnknownHold
+from metering.records import UnknownHold
+from metering.sqlite_store import SqliteStore
 from policies import parse_plans
 
 

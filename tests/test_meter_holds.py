@@ -19,10 +19,9 @@ import yaml
 
 from metering.leases import LeaseSettings
 from metering.meter import Meter
-from metering.pg_leases import LeasedCommit
+from metering.records import Account, HoldAccountMismatch, LeasedCommit, UnknownHold
 from metering.pg_store import PgStore
-from metering.records import Account
-from metering.store import HoldAccountMismatch, Store, UnknownHold
+from metering.store import Store
 from policies import parse_plans
 from policies.decision import Admission, Usage
 from tests.test_billing_meter import Clock, store  # noqa: F401  (store: the three stores, a fixture)

@@ -15,9 +15,9 @@ import pytest
 
 from metering.leases import LeaseSettings
 from metering.meter import Meter
-from metering.pg_leases import LeasedCommit
+from metering.records import LeasedCommit, StoreUnavailable, UnknownHold
 from metering.pg_store import PgStore
-from metering.sqlite_store import SqliteStore, StoreUnavailable, UnknownHold
+from metering.sqlite_store import SqliteStore
 from policies import parse_plans
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar
 
