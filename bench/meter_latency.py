@@ -2,7 +2,7 @@
 
 The relay pays one reserve per RCPT and one commit per message before it can
 answer; the issue's target is p99 < 1 ms for the pair. This uses the real
-`metering.meter.Meter` over the real `metering.sqlite_store.SqliteStore`
+`metering.meter.Meter` over the real `metering.sqlite.SqliteStore`
 (WAL, synchronous=FULL, on a file: the fsyncs are part of what is measured),
 built the way mailmeter/app.py builds them, with no SMTP around it.
 
@@ -29,7 +29,7 @@ import uvloop  # the loop `mailmeter serve` runs on
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from metering.meter import Meter  # noqa: E402
-from metering.sqlite_store import SqliteStore  # noqa: E402
+from metering.sqlite import SqliteStore  # noqa: E402
 from policies.plans import parse_plan  # noqa: E402
 
 TARGET_P99_MS = 1.0

@@ -25,7 +25,7 @@ def find_py_spy(python: str) -> str | None:
 
 
 def short_frame(frame: str, with_line: bool = False) -> str:
-    """'commit (/x/metering/sqlite_store.py:231)' -> 'commit (metering/sqlite_store.py[:231])'."""
+    """'commit (/x/metering/sqlite/ledger.py:231)' -> 'commit (metering/sqlite/ledger.py[:231])'."""
     match = _FRAME.match(frame.strip())
     if not match:
         return frame.strip()

@@ -10,7 +10,7 @@ nodes), delivered/s = messages / time until smtp-sink counted all of them, for:
       allowance leasing off (database.lease_emails: 0, every recipient decided in the
       database), then on (--lease-emails, the config default 50).
 
-Then the meter's reserve + commit in process against PostgreSQL (metering.pg_store.PgStore
+Then the meter's reserve + commit in process against PostgreSQL (metering.postgres.PgStore
 + metering.meter.Meter, as bench/meter_latency.py does for SQLite): one caller
 (p50/p99), and CONCURRENCY callers (messages/s, p50/p99), without and with leasing.
 Issue 7 wants two/one >= 1.6x.
@@ -60,7 +60,7 @@ from services import (  # noqa: E402
 
 from metering.leases import LeaseSettings  # noqa: E402
 from metering.meter import Meter  # noqa: E402
-from metering.pg_store import PgStore  # noqa: E402
+from metering.postgres import PgStore  # noqa: E402
 from policies.plans import parse_plan  # noqa: E402
 
 TARGET_RATIO = 1.6

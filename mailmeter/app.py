@@ -39,9 +39,9 @@ from metering.billing import Billing
 from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
 from metering.leases import LeaseSettings
 from metering.meter import Meter
-from metering.pg_store import PgStore
+from metering.postgres import PgStore
 from metering.records import NodeClaimed, StoreUnavailable
-from metering.sqlite_store import SqliteStore
+from metering.sqlite import SqliteStore
 from metering.store import Store
 from relay.abuse import AuthLimits
 from relay.delivery import Delivery, RetryPolicy, UpstreamConfig

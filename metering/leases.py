@@ -3,7 +3,7 @@
 With several nodes on one PostgreSQL meter, a reserve per RCPT on the database
 queues every node on the account's row lock. Instead the node borrows a block of
 the account's allowance (a lease: a hold row the node owns, admitted by the same
-policy as any hold; metering/pg_leases.py), carves its sessions' holds out of it
+policy as any hold; metering/postgres/leases.py), carves its sessions' holds out of it
 in memory, and sends the commits of many messages to the database together.
 
 What stays exact, and why:

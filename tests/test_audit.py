@@ -16,7 +16,7 @@ import pytest
 from mailmeter.audit import account_view
 from metering.meter import Meter, UnknownAccount
 from metering.records import AuditDraft, DuplicateEvent
-from metering.sqlite_store import SqliteStore
+from metering.sqlite import SqliteStore
 from policies.currency import USD
 from policies.plans import parse_plans
 from tests.conftest import PASSWORD, write_config

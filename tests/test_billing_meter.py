@@ -28,8 +28,8 @@ from metering.billing import Billing
 from metering.gateway import ChargeOutcome, ChargeRequest, GatewayResult, NoGateway
 from metering.leases import LeaseSettings
 from metering.meter import Meter
-from metering.pg_store import PgStore
-from metering.sqlite_store import SqliteStore
+from metering.postgres import PgStore
+from metering.sqlite import SqliteStore
 from metering.store import Store
 from policies import parse_plans
 from tests.pgserver import PG_URL, isolated_schema
@@ -647,7 +647,7 @@ async def test_an_existing_database_upgrades_with_its_invoiced_periods_settled(t
     settled and credited one, so only periods after it are credited from then on."""
     import sqlite3
 
-    from metering.schema import MIGRATIONS
+    from metering.sqlite.schema import MIGRATIONS
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:

@@ -21,7 +21,7 @@ from mailmeter.service import AdminError, AdminService
 from metering.billing import Billing
 from metering.gateway import NoGateway
 from metering.meter import Meter
-from metering.sqlite_store import SqliteStore
+from metering.sqlite import SqliteStore
 from policies import parse_plans
 from tests.conftest import write_config
 from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from metering.meter import Meter
 from metering.records import UnknownHold
-from metering.sqlite_store import SqliteStore
+from metering.sqlite import SqliteStore
 from policies import parse_plans
 
 

@@ -20,7 +20,7 @@ import yaml
 from metering.leases import LeaseSettings
 from metering.meter import Meter
 from metering.records import Account, HoldAccountMismatch, LeasedCommit, UnknownHold
-from metering.pg_store import PgStore
+from metering.postgres import PgStore
 from metering.store import Store
 from policies import parse_plans
 from policies.decision import Admission, Usage

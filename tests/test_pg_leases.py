@@ -16,8 +16,8 @@ import pytest
 from metering.leases import LeaseSettings
 from metering.meter import Meter
 from metering.records import LeasedCommit, StoreUnavailable, UnknownHold
-from metering.pg_store import PgStore
-from metering.sqlite_store import SqliteStore
+from metering.postgres import PgStore
+from metering.sqlite import SqliteStore
 from policies import parse_plans
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar
 

@@ -27,11 +27,11 @@ from mailmeter.service import AdminService
 from metering.billing import Billing, CollectionCharge
 from metering.gateway import NoGateway
 from metering.meter import Meter
-from metering.pg_schema import PG_MIGRATIONS
-from metering.pg_store import PgStore
+from metering.postgres.schema import PG_MIGRATIONS
+from metering.postgres import PgStore
 from metering.records import Result, StoreUnavailable, UnknownHold
-from metering.schema import MIGRATIONS
-from metering.sqlite_store import SqliteStore
+from metering.sqlite.schema import MIGRATIONS
+from metering.sqlite import SqliteStore
 from policies import Plan, parse_plans
 from tests.conftest import free_port, write_config
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar, schema_url

@@ -18,10 +18,10 @@ import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from metering.meter import Meter
-from metering.pg_schema import PG_MIGRATIONS
-from metering.pg_store import PgStore
-from metering.schema import MIGRATIONS
-from metering.sqlite_store import SqliteStore
+from metering.postgres.schema import PG_MIGRATIONS
+from metering.postgres import PgStore
+from metering.sqlite.schema import MIGRATIONS
+from metering.sqlite import SqliteStore
 from policies import parse_plans
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 from tests.pgserver import PG_URL, admin_connection, isolated_schema

@@ -23,7 +23,7 @@ import aiosmtplib
 import pytest
 
 from metering.meter import Meter
-from metering.pg_store import PgStore
+from metering.postgres import PgStore
 from policies import parse_plans
 from tests.conftest import PASSWORD, Upstream, write_config
 from tests.pgserver import PG_URL, isolated_schema, scalar, schema_url

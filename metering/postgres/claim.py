@@ -22,11 +22,11 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import structlog
 
-from metering.pg_tx import DB_ERRORS, unavailable
+from metering.postgres.tx import DB_ERRORS, unavailable
 from metering.records import NodeClaimed
 
 # 64 bits from the schema and the node name: nodes of two deployments in two schemas
-# of one database do not collide. (The schema lock of pg_schema.py hashes another prefix.)
+# of one database do not collide. (The schema lock of postgres/schema.py hashes another prefix.)
 _KEY = "hashtextextended('mailmeter.node:' || COALESCE(current_schema(), '') || ':' || $1, 0)"
 _HOLDER = (
     "SELECT a.application_name, host(a.client_addr) AS address, a.pid FROM pg_locks l"

@@ -1,6 +1,6 @@
 """Versioned schema of the PostgreSQL store, migration for migration the SQLite one.
 
-Migration N here creates what migration N of `metering/schema.py` creates, with
+Migration N here creates what migration N of `metering/sqlite/schema.py` creates, with
 the same table and column names and value shapes (dates and times as ISO text,
 flags as 0/1, money as integer micros), so every query, row and JSON the meter
 produces is the same on both stores. Integers are BIGINT: micros overflow 32 bits
@@ -150,7 +150,7 @@ PG_MIGRATIONS: list[str] = [
     );
     ALTER TABLE messages ADD COLUMN region TEXT COLLATE "C" NOT NULL DEFAULT '';
     """,
-    # 3: the audit trail of admin changes (see metering/schema.py); event_id UNIQUE so the
+    # 3: the audit trail of admin changes (see metering/sqlite/schema.py); event_id UNIQUE so the
     # same inbound event is applied once, however many nodes receive it at once.
     """
     CREATE TABLE audit_events (
@@ -166,16 +166,16 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_target ON audit_events (target, id);
     """,
-    # 4: a result's sub-type beside its billing category (see metering/schema.py).
+    # 4: a result's sub-type beside its billing category (see metering/sqlite/schema.py).
     """
     ALTER TABLE recipient_results ADD COLUMN reason TEXT COLLATE "C" NOT NULL DEFAULT '';
     """,
-    # 5: plan changes and a period's history (see metering/schema.py).
+    # 5: plan changes and a period's history (see metering/sqlite/schema.py).
     """
     ALTER TABLE accounts ADD COLUMN plan_change TEXT COLLATE "C";
     ALTER TABLE period_usage ADD COLUMN history TEXT COLLATE "C";
     """,
-    # 6: model B's monthly payment is credit (see metering/schema.py).
+    # 6: model B's monthly payment is credit (see metering/sqlite/schema.py).
     """
     ALTER TABLE accounts ADD COLUMN monthly_payment TEXT COLLATE "C" NOT NULL DEFAULT '[]';
     ALTER TABLE accounts ADD COLUMN credited_through TEXT COLLATE "C";

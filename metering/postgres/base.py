@@ -1,7 +1,7 @@
 """The PostgreSQL store's foundation: the pool, one-transaction writes, locks, the audit hook.
 
 Every write runs as one transaction through `_write`, which retries serialization
-failures and deadlocks (metering/pg_tx.py) and maps every other database error to
+failures and deadlocks (metering/postgres/tx.py) and maps every other database error to
 StoreUnavailable. A transaction that touches an account's counters, balance or
 ledger locks that account's row first (`_lock`, `SELECT ... FOR UPDATE`) and reads
 only after the lock is granted: under READ COMMITTED each later statement then sees
@@ -16,8 +16,7 @@ SqliteStore.audited; here the transaction also locks the target account first, s
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
@@ -25,9 +24,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from metering import pg_backup, pg_schema
-from metering.pg_claim import NodeClaim
-from metering.pg_tx import DB_ERRORS, unavailable, with_retries
+from metering.postgres import backup as pg_backup
+from metering.postgres import schema as pg_schema
+from metering.postgres.claim import NodeClaim
+from metering.postgres.tx import DB_ERRORS, unavailable, with_retries
 from metering.records import Account, AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
 from policies.charges import Charge
 
@@ -52,7 +52,7 @@ ACCOUNT_FULL = (
     " ARRAY(SELECT n.network FROM account_networks n WHERE n.account_id = a.id ORDER BY n.network) AS networks"
     " FROM accounts a"
 )
-_AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_pg_audit_draft", default=None)
+AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_pg_audit_draft", default=None)
 
 
 def full_account(row: asyncpg.Record) -> Account:
@@ -114,7 +114,7 @@ class PgBase:
             await claim.release()
 
     async def claim_node(self, node: str, owner: str) -> NodeClaim:
-        """Claim `node` for this process for as long as the store is open (metering/pg_claim.py).
+        """Claim `node` for this process for as long as the store is open (metering/postgres/claim.py).
         Raises NodeClaimed when another live process holds the name."""
         claim = NodeClaim(self.url, self._server_settings, node, owner, self._connect_timeout)
         await claim.take()
@@ -131,7 +131,7 @@ class PgBase:
     async def _write(self, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run `body` as one transaction (with the pending audit draft), retrying conflicts."""
         pool = self._open_pool()
-        draft = _AUDIT_DRAFT.get()
+        draft = AUDIT_DRAFT.get()
         if draft is not None and draft.written:
             draft = None
         saved_before = draft.before if draft is not None else None
@@ -220,20 +220,7 @@ class PgBase:
             ],
         )
 
-    # -- the audit trail of admin changes ------------------------------------------------
-
-    @asynccontextmanager
-    async def audited(self, draft: AuditDraft) -> AsyncIterator[AuditDraft]:
-        """Record `draft` inside the next write transaction this task runs (see
-        SqliteStore.audited: same contract). The transaction locks the target account
-        first, so `before` and `after` bracket exactly this change, even with other
-        nodes changing the account at the same moment.
-        """
-        token = _AUDIT_DRAFT.set(draft)
-        try:
-            yield draft
-        finally:
-            _AUDIT_DRAFT.reset(token)
+    # -- the audit hook of admin changes (PgAudit.audited sets the draft) ---------------
 
     async def _audit_view(
         self, conn: asyncpg.Connection, draft: AuditDraft, lock: bool = False
@@ -259,40 +246,6 @@ class PgBase:
         except asyncpg.UniqueViolationError:
             raise DuplicateEvent(f"event {draft.event_id!r} was already applied") from None
         return after, int(event_id)
-
-    async def add_audit_event(
-        self,
-        at: datetime,
-        actor: str,
-        action: str,
-        target: str,
-        before: object,
-        after: object,
-        detail: dict[str, Any],
-    ) -> int:
-        """An audit event for a change that is not one account's (a billing run)."""
-
-        async def body(conn: asyncpg.Connection) -> int:
-            return int(await conn.fetchval(
-                "INSERT INTO audit_events (time, actor, action, target, before, after, detail)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                at.isoformat(), actor, action, target,
-                None if before is None else json.dumps(before, sort_keys=True),
-                None if after is None else json.dumps(after, sort_keys=True), json.dumps(detail, sort_keys=True),
-            ))
-
-        return await self._write(body)
-
-    async def audit_events(self, target: str | None = None, limit: int = 100) -> list[asyncpg.Record]:
-        """The newest `limit` events, newest first; only those of `target` when given."""
-        if target is None:
-            return await self._fetch("SELECT * FROM audit_events ORDER BY id DESC LIMIT $1", limit)
-        return await self._fetch(
-            "SELECT * FROM audit_events WHERE target = $1 ORDER BY id DESC LIMIT $2", target, limit
-        )
-
-    async def audit_event_for(self, event_id: str) -> asyncpg.Record | None:
-        return await self._fetchrow("SELECT * FROM audit_events WHERE event_id = $1", event_id)
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers (for health checks)."""

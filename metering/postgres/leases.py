@@ -20,7 +20,7 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.pg_holds import PgHolds
+from metering.postgres.holds import PgHolds
 from metering.records import Account, LeasedCommit, Settlement, UnknownHold
 from policies.decision import Admission, Usage
 

@@ -1,7 +1,7 @@
 """Steps of the PostgreSQL store that run inside a transaction holding the account's lock.
 
-Shared by the per-session path (metering/pg_store.py) and the lease path
-(metering/pg_leases.py), so both read the counters, add to a hold, give a hold back
+Shared by the per-session path (metering/postgres/ledger.py) and the lease path
+(metering/postgres/leases.py), so both read the counters, add to a hold, give a hold back
 and settle charges with the very same statements.
 """
 
@@ -12,14 +12,13 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.pg_base import OPEN_PERIODS
-from metering.pg_ledger import PgLedger
+from metering.postgres.base import OPEN_PERIODS, PgBase
 from metering.records import Account, Settlement, account_core, history_from_json, history_to_json
 from policies.decision import Usage
 from policies.history import History
 
 
-class PgHolds(PgLedger):
+class PgHolds(PgBase):
     @staticmethod
     async def _account_and_usage(
         conn: asyncpg.Connection, account_id: int, period_key: str

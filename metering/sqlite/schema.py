@@ -1,4 +1,4 @@
-"""Versioned schema for the meter's store. Each migration runs once, in order."""
+"""Versioned schema of the SQLite store: each migration runs once, in order (postgres/schema.py mirrors it)."""
 
 from __future__ import annotations
 

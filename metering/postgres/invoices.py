@@ -1,4 +1,4 @@
-"""The PostgreSQL store's ledger: charges, invoices, statements, notices, breakdowns.
+"""The PostgreSQL store's charges, invoices, statements and notices.
 
 A charge is inserted with `ON CONFLICT DO NOTHING` on its idempotency key, so it is
 never issued twice. An invoice is unique per (account, period): when several nodes
@@ -13,8 +13,8 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.pg_base import PgBase
-from metering.pg_tx import rows_affected
+from metering.postgres.base import PgBase
+from metering.postgres.tx import rows_affected
 from metering.records import InvoiceRecord, charge_key
 from policies.charges import Charge
 
@@ -24,8 +24,8 @@ _INVOICE_COLUMNS = (
 )
 
 
-class PgLedger(PgBase):
-    # -- ledger: charges, invoices, notices, breakdowns ----------------------------------
+class PgInvoices(PgBase):
+    # -- charges, invoices, statements, notices ------------------------------------------
 
     async def charges_due_for_collection(self, now: datetime, limit: int = 100) -> list[asyncpg.Record]:
         return await self._fetch(
@@ -223,29 +223,3 @@ class PgLedger(PgBase):
 
     async def notices_of(self, account_id: int) -> list[asyncpg.Record]:
         return await self._fetch("SELECT * FROM notices WHERE account_id = $1 ORDER BY created_at, key", account_id)
-
-    async def breakdown(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
-        return await self._fetch(
-            "SELECT campaign, region, accepted FROM usage_breakdown WHERE account_id = $1 AND period_key = $2"
-            " ORDER BY campaign, region",
-            account_id, period_key,
-        )
-
-    async def results_by_region(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
-        return await self._fetch(
-            "SELECT m.region AS region, r.result AS result, COUNT(*) AS n FROM recipient_results r"
-            " JOIN messages m ON m.queue_id = r.queue_id"
-            " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result != 'deferred'"
-            " GROUP BY m.region, r.result ORDER BY m.region, r.result",
-            account_id, period_key,
-        )
-
-    async def results_by_reason(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
-        """The period's final bounces by category and sub-type (model C's Soft Bounce and Invalid Email)."""
-        return await self._fetch(
-            "SELECT r.result AS result, r.reason AS reason, COUNT(*) AS n FROM recipient_results r"
-            " JOIN messages m ON m.queue_id = r.queue_id"
-            " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result IN ('soft_bounced', 'hard_bounced')"
-            " GROUP BY r.result, r.reason ORDER BY r.result, r.reason",
-            account_id, period_key,
-        )
