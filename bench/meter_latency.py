@@ -4,7 +4,7 @@ The relay pays one reserve per RCPT and one commit per message before it can
 answer; the issue's target is p99 < 1 ms for the pair. This uses the real
 `metering.meter.Meter` over the real `metering.sqlite.SqliteStore`
 (WAL, synchronous=FULL, on a file: the fsyncs are part of what is measured),
-built the way mailmeter/app.py builds them, with no SMTP around it.
+built the way mailmeter/factory.py builds them, with no SMTP around it.
 
 Two passes: one caller at a time (the latency of the pair itself, which is
 what the target is about), then `--concurrency` callers at once, as many SMTP

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -32,9 +32,6 @@ from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text
 from metering.gateway import verify
 from metering.meter import UnknownAccount, UnknownPlan
 from metering.records import StoreUnavailable
-
-if TYPE_CHECKING:
-    from mailmeter.app import Relay
 
 ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -502,37 +499,3 @@ class ApiServer:
     async def stop(self) -> None:
         await self.runner.cleanup()
         self.site = None
-
-
-def bind_api(address: str, port: int) -> socket.socket:
-    """The API's listening socket, bound (not yet listening): raises OSError if the port is taken."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
-    """The admin API of a running relay, on `sock` (bound by bind_api to `api.address`:`api.port`)."""
-    config = relay.config
-    deps = ApiDeps(
-        service_for=lambda actor: AdminService(relay.meter, relay.billing, actor),
-        tokens=config.api_tokens(),
-        webhook_secret=config.read_secret("api.payment_webhook_secret_file", config.api.payment_webhook_secret_file),
-        webhook_tolerance=config.api.webhook_tolerance,
-        metrics=relay.metrics,
-        ping=relay.store.ping,
-        node=config.node.name,
-    )
-    server = ApiServer(build_app(deps))
-    await server.start(sock)
-    structlog.get_logger("mailmeter.api").info(
-        "api.started", listen=f"{config.api.address}:{server.port}", tokens=deps.tokens.names,
-        payment_webhook=deps.webhook_secret is not None,
-    )
-    return server

@@ -45,7 +45,7 @@ def _emit(data: Any, as_json: bool) -> None:
 
 
 def _run(config: Config, action: Callable[[AdminService], Awaitable[int]]) -> int:
-    from mailmeter.app import build_billing, open_meter
+    from mailmeter.factory import build_billing, open_meter
 
     async def main() -> int:
         store, meter = open_meter(config)
@@ -71,7 +71,7 @@ def _read_password(path: str) -> str:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from mailmeter.app import serve
+    from mailmeter.serve import serve
 
     import uvloop
 
@@ -176,7 +176,7 @@ def cmd_limit(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     """`db upgrade` applies pending schema migrations; `db backup FILE` copies the database online."""
-    from mailmeter.app import open_meter
+    from mailmeter.factory import open_meter
 
     where = database_label(config)
 

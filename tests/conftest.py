@@ -22,7 +22,8 @@ if os.environ.get("CI") == "true":
     settings.load_profile("ci")
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailmeter.app import Relay
+from mailmeter.node import Relay
+from mailmeter.serve import build_relay
 from mailmeter.config import load_config
 
 PASSWORD = "correct horse battery staple"
@@ -151,7 +152,7 @@ class RelayHarness:
 
     async def start(self) -> Relay:
         path = write_config(self.directory, self.upstream_port, **self.overrides)
-        relay = Relay.build(load_config(path))
+        relay = build_relay(load_config(path))
         await relay.start()
         self.relay = relay
         return relay

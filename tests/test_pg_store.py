@@ -21,7 +21,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from mailmeter.app import open_store
+from mailmeter.factory import open_store
 from mailmeter.config import ConfigError, load_config
 from mailmeter.service import AdminService
 from metering.billing import Billing, CollectionCharge

@@ -1,4 +1,6 @@
-"""Wiring: build the meter, spool, delivery and SMTP server from a Config and run them.
+"""One relay node: the meter, spool, delivery, SMTP server and billing job built from a Config,
+started and stopped in order. No HTTP here: the composition root (mailmeter/serve.py) adds
+the admin API through `start_api`.
 
 Start order matters for the no-loss promise: the meter opens and releases the
 holds this node left behind; the spool's incoming files are settled against the
@@ -9,24 +11,20 @@ queue; only then does the SMTP port open.
 from __future__ import annotations
 
 import asyncio
-import gc
-import signal
 import socket
 import ssl
-import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 import structlog
 
-from mailmeter.api import ApiServer, bind_api, start_api
-from mailmeter.config import Config, ConfigError, database_label, load_config
+from mailmeter.config import Config, ConfigError, database_label
+from mailmeter.factory import build_billing, open_meter
 from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
-from mailmeter.sdnotify import Notifier
 from mailmeter.startup import (
-    EXIT_STARTUP,
-    StartupError,
+    bind_api,
     cannot_listen,
     database_unusable,
     node_claimed,
@@ -34,14 +32,9 @@ from mailmeter.startup import (
     spool_busy,
     spool_unusable,
 )
-from mailmeter.workers import STARTUP_FAILED, supervise, worker_config
 from metering.billing import Billing
-from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
-from metering.leases import LeaseSettings
 from metering.meter import Meter
-from metering.postgres import PgStore
 from metering.records import NodeClaimed, StoreUnavailable
-from metering.sqlite import SqliteStore
 from metering.store import Store
 from relay.abuse import AuthLimits
 from relay.delivery import Delivery, RetryPolicy, UpstreamConfig
@@ -49,40 +42,16 @@ from relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
 from relay.spool import Spool, SpoolBusy
 
 
-def open_store(config: Config) -> Store:
-    """PostgreSQL when `database.url` is set (nodes share one meter), else the SQLite file."""
-    if config.database.url is not None:
-        return PgStore(config.database.url, pool_size=config.database.pool_size)
-    return SqliteStore(config.resolve(config.database.path), busy_timeout_ms=config.database.busy_timeout_ms)
+class ApiHandle(Protocol):
+    """A running admin HTTP API, as the node stops it (mailmeter/api.py's ApiServer)."""
+
+    @property
+    def port(self) -> int: ...
+    async def stop(self) -> None: ...
 
 
-def open_meter(config: Config) -> tuple[Store, Meter]:
-    store = open_store(config)
-    database = config.database
-    leasing = None
-    if database.url is not None and database.lease_emails > 0:
-        leasing = LeaseSettings(emails=database.lease_emails, seconds=database.lease_seconds)
-    return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region,
-                        leasing=leasing)
-
-
-def payment_gateway(config: Config) -> PaymentGateway:
-    gateway = config.billing.gateway
-    if gateway.kind == "webhook":
-        assert gateway.url is not None
-        secret = config.read_secret("billing.gateway.secret_file", gateway.secret_file)
-        assert secret is not None
-        return WebhookGateway(gateway.url, secret, timeout=gateway.timeout)
-    return NoGateway()
-
-
-def build_billing(config: Config, meter: Meter) -> Billing:
-    return Billing(
-        meter,
-        payment_gateway(config),
-        retry_first_delay=config.billing.charge_retry_first_delay,
-        retry_max_delay=config.billing.charge_retry_max_delay,
-    )
+# Serves the admin API of a started node on its bound socket (mailmeter/serve.py's start_api).
+StartApi = Callable[["Relay", socket.socket], Awaitable[ApiHandle]]
 
 
 def upstream_of(config: Config) -> UpstreamConfig:
@@ -161,14 +130,15 @@ class Relay:
     billing_task: asyncio.Task[None] | None = None
     lease_task: asyncio.Task[None] | None = None  # gives back unused lease emails (PostgreSQL, leasing on)
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
-    api: ApiServer | None = None  # the admin HTTP API, when api.enabled
+    api: ApiHandle | None = None  # the admin HTTP API, when api.enabled
+    start_api: StartApi | None = None  # how the composition root serves it (None: this node has no HTTP side)
     primary: bool = True  # runs the billing job and the API (worker 0 of listen.processes)
     claim_task: asyncio.Task[None] | None = None  # keeps the node-name claim (PostgreSQL)
     fatal: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
     _api_socket: socket.socket | None = None  # bound at start, served once the spool is settled
 
     @classmethod
-    def build(cls, config: Config, primary: bool = True) -> Relay:
+    def build(cls, config: Config, primary: bool = True, start_api: StartApi | None = None) -> Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
         delivery = Delivery(
@@ -197,7 +167,7 @@ class Relay:
         )
         return cls(
             config, store, meter, spool, delivery, context, build_billing(config, meter), notices, metrics=metrics,
-            primary=primary,
+            primary=primary, start_api=start_api,
         )
 
     async def start(self) -> None:
@@ -258,7 +228,7 @@ class Relay:
             )
         except OSError as error:
             raise cannot_listen("listen", listen.address, listen.port, error) from None
-        if config.api.enabled and self.primary:
+        if config.api.enabled and self.primary and self.start_api is not None:
             try:
                 self._api_socket = bind_api(config.api.address, config.api.port)
             except OSError as error:
@@ -274,9 +244,9 @@ class Relay:
             self.billing_task = asyncio.create_task(self._billing_loop())
         if self.meter.leases is not None:
             self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
-        if self._api_socket is not None:
+        if self._api_socket is not None and self.start_api is not None:
             api_socket, self._api_socket = self._api_socket, None
-            self.api = await start_api(self, api_socket)
+            self.api = await self.start_api(self, api_socket)
         return released, activated, dropped
 
     async def _abandon_start(self) -> None:
@@ -443,94 +413,3 @@ class Relay:
             return
         if given:
             structlog.get_logger("mailmeter.meter").info("meter.leases_returned", emails=given, result="ok")
-
-
-async def serve(path: Path, config: Config, worker: int | None = None) -> int:
-    """Run on the main asyncio loop until SIGTERM/SIGINT; SIGHUP reloads the config.
-
-    Tells systemd READY=1 once listening, RELOADING=1 then READY=1 around a reload,
-    STOPPING=1 when the drain starts, and pings its watchdog when WatchdogSec is set.
-    With listen.processes > 1 this process supervises that many workers instead
-    (mailmeter/workers.py); `worker` is set in each of them. Returns the exit status.
-    """
-    if worker is None and config.listen.processes > 1:
-        return await supervise(path, config)
-    log = structlog.get_logger("mailmeter")
-    notifier = Notifier()
-    config = worker_config(config, worker or 0)
-    try:
-        relay = Relay.build(config, primary=not worker)
-        await relay.start()
-    except (StartupError, ConfigError) as error:
-        report_startup_failure(notifier, str(error), worker, config.node.name)
-        return EXIT_STARTUP
-    except (StoreUnavailable, OSError) as error:  # the database or the disk failed while recovering
-        report_startup_failure(notifier, f"could not recover the spool and the meter's holds ({error});"
-                                         " fix the cause and start again: nothing was lost", worker,
-                               config.node.name)
-        return EXIT_STARTUP
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    reloading: set[asyncio.Task[None]] = set()
-
-    async def reload() -> None:
-        notifier.notify("RELOADING=1")
-        try:
-            await relay.reload(worker_config(load_config(path), worker or 0))
-        except ConfigError as error:
-            log.error("config.reload_refused", config=str(path), error=str(error),
-                      result="kept the running config")
-        except Exception as error:  # e.g. the database is down: keep serving on the old config
-            log.error("config.reload_refused", config=str(path), error=repr(error),
-                      result="kept the running config")
-        notifier.notify("READY=1", "STATUS=serving")
-
-    def on_hup() -> None:
-        task = asyncio.create_task(reload())
-        reloading.add(task)
-        task.add_done_callback(reloading.discard)
-
-    def on_usr1() -> None:  # the operator lifts every AUTH lockout of this process
-        lifted = relay.context.auth_guard.clear()
-        log.info("smtp.auth_lockouts_cleared", node=config.node.name, lockouts=lifted, result="ok")
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    watchdog = asyncio.create_task(notifier.watchdog())
-    # Everything built so far (modules, config, plans) lives as long as the process: out of
-    # the collector's sight, a full collection no longer walks it. Those walks were 25-52 ms
-    # pauses of the whole relay, a few per minute under bench/run's load: its p99 after DATA.
-    gc.collect()
-    gc.freeze()
-    notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{relay.port}")
-    status = 0
-    try:
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([stopping, relay.fatal], return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if relay.fatal.done():
-            log.error("relay.stopping", node=config.node.name, reason=relay.fatal.result(), result="exit 1")
-            status = 1
-        relay.begin_drain()
-        notifier.notify("STOPPING=1", "STATUS=draining")
-        log.info("relay.draining", node=config.node.name)
-    finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-        loop.remove_signal_handler(signal.SIGUSR1)
-        await relay.stop()
-        watchdog.cancel()
-        await asyncio.gather(watchdog, return_exceptions=True)
-    return status
-
-
-def report_startup_failure(notifier: Notifier, message: str, worker: int | None, node: str) -> None:
-    """One line: on stderr for the operator (and systemd's STATUS=), or, in a worker of
-    listen.processes, to the supervisor, which prints it once for all (mailmeter/workers.py)."""
-    if worker is not None and notifier.enabled:
-        notifier.notify(f"{STARTUP_FAILED}worker {worker} (node {node}): {message}")
-        return
-    notifier.notify(f"STATUS=could not start: {message}")
-    print(f"mailmeter: {message}", file=sys.stderr, flush=True)
