@@ -3,7 +3,7 @@
 Starts `mailmeter serve` on loopback, opens N sessions (banner read, EHLO answered,
 then idle), and prints the server's RSS before and with them open.
 
-    PYTHONPATH=. python bench/idle_sessions.py --sessions 1000
+    .venv/bin/python bench/idle_sessions.py --sessions 1000
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ load (SESSIONS concurrent sessions of 1 KB messages for SECONDS seconds):
 It prints p50/p99/max and messages/s of the small messages for both passes, the
 ratio of their p99, and how many large messages reached the sink meanwhile.
 
-    PYTHONPATH=. python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10] [--processes 1]
+    .venv/bin/python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10] [--processes 1]
 
 Needs smtp-sink (Debian's postfix package). Everything listens on 127.0.0.1; every
 process started is stopped and the temporary directory deleted on exit.

@@ -2,7 +2,7 @@
 
 The relay pays one reserve per RCPT and one commit per message before it can
 answer; the issue's target is p99 < 1 ms for the pair. This uses the real
-`metering.meter.Meter` over the real `metering.sqlite.SqliteStore`
+`mailmeter.metering.meter.Meter` over the real `mailmeter.metering.sqlite.SqliteStore`
 (WAL, synchronous=FULL, on a file: the fsyncs are part of what is measured),
 built the way mailmeter/factory.py builds them, with no SMTP around it.
 
@@ -10,7 +10,9 @@ Two passes: one caller at a time (the latency of the pair itself, which is
 what the target is about), then `--concurrency` callers at once, as many SMTP
 sessions would (adds the wait for the store's single connection).
 
-    PYTHONPATH=. python bench/meter_latency.py --iterations 5000
+    .venv/bin/python bench/meter_latency.py --iterations 5000   # the checkout's venv (pip install -e .)
+
+bench/run runs it on the code under test (BENCH_SRC), by PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from pathlib import Path
 
 import uvloop  # the loop `mailmeter serve` runs on
 
-# Run from anywhere: the checkout this file sits in, unless PYTHONPATH says otherwise.
-sys.path.append(str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from metering.meter import Meter  # noqa: E402
-from metering.sqlite import SqliteStore  # noqa: E402
-from policies.plans import parse_plan  # noqa: E402
+from code_under_test import module  # noqa: E402
+
+Meter = module("metering.meter").Meter
+SqliteStore = module("metering.sqlite").SqliteStore
+parse_plan = module("policies.plans").parse_plan
 
 TARGET_P99_MS = 1.0
 
@@ -110,7 +113,8 @@ def prefill(database: Path, accounts: int, events: int) -> None:
     import time
     from datetime import datetime, timedelta, timezone
 
-    from policies.periods import PeriodSpec, period_containing
+    periods = module("policies.periods")
+    PeriodSpec, period_containing = periods.PeriodSpec, periods.period_containing
 
     started = time.monotonic()
     with sqlite3.connect(database) as db:

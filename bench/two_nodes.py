@@ -10,12 +10,12 @@ nodes), delivered/s = messages / time until smtp-sink counted all of them, for:
       allowance leasing off (database.lease_emails: 0, every recipient decided in the
       database), then on (--lease-emails, the config default 50).
 
-Then the meter's reserve + commit in process against PostgreSQL (metering.postgres.PgStore
-+ metering.meter.Meter, as bench/meter_latency.py does for SQLite): one caller
+Then the meter's reserve + commit in process against PostgreSQL (mailmeter.metering.postgres.PgStore
++ mailmeter.metering.meter.Meter, as bench/meter_latency.py does for SQLite): one caller
 (p50/p99), and CONCURRENCY callers (messages/s, p50/p99), without and with leasing.
 Issue 7 wants two/one >= 1.6x.
 
-    PYTHONPATH=. python bench/two_nodes.py [--messages 3000] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
+    .venv/bin/python bench/two_nodes.py [--messages 3000] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
 
 Needs smtp-sink and smtp-source (Debian's postfix package) and a PostgreSQL server.
 Everything listens on 127.0.0.1; every process started is stopped and the
@@ -42,7 +42,6 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
-sys.path.append(str(REPO_DIR))
 
 import asyncpg  # noqa: E402
 from meter_latency import Timings, percentile_ms, reserve_commit  # noqa: E402
@@ -58,10 +57,12 @@ from services import (  # noqa: E402
     stop_group,
 )
 
-from metering.leases import LeaseSettings  # noqa: E402
-from metering.meter import Meter  # noqa: E402
-from metering.postgres import PgStore  # noqa: E402
-from policies.plans import parse_plan  # noqa: E402
+from code_under_test import module  # noqa: E402
+
+LeaseSettings = module("metering.leases").LeaseSettings
+Meter = module("metering.meter").Meter
+PgStore = module("metering.postgres").PgStore
+parse_plan = module("policies.plans").parse_plan
 
 TARGET_RATIO = 1.6
 DEFAULT_PG_URL = os.environ.get("MAILMETER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -29,9 +29,9 @@ from mailmeter.audit import WEBHOOK_ACTOR
 from mailmeter.metrics import CONTENT_TYPE, Metrics
 from mailmeter.openapi import document
 from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
-from metering.gateway import verify
-from metering.meter import UnknownAccount, UnknownPlan
-from metering.records import StoreUnavailable
+from mailmeter.metering.gateway import verify
+from mailmeter.metering.meter import UnknownAccount, UnknownPlan
+from mailmeter.metering.records import StoreUnavailable
 
 ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

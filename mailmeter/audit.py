@@ -12,8 +12,8 @@ import json
 import os
 from typing import Any
 
-from metering.records import Account, Row
-from policies.currency import Currency
+from mailmeter.metering.records import Account, Row
+from mailmeter.policies.currency import Currency
 
 WEBHOOK_ACTOR = "webhook:payment"
 

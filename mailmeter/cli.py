@@ -22,8 +22,8 @@ from mailmeter.audit import cli_actor, event_line
 from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.logs import configure_logging
 from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
-from metering.meter import UnknownAccount, UnknownPlan
-from metering.records import StoreUnavailable
+from mailmeter.metering.meter import UnknownAccount, UnknownPlan
+from mailmeter.metering.records import StoreUnavailable
 
 DEFAULT_CONFIG = os.environ.get("MAILMETER_CONFIG", "config.yaml")
 

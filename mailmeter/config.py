@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mailmeter.apiauth import ApiTokens, TokenFileError, parse_tokens
-from policies.currency import Currency, currency_for
-from policies.plans import Plan, PlanError, parse_plans
+from mailmeter.policies.currency import Currency, currency_for
+from mailmeter.policies.plans import Plan, PlanError, parse_plans
 
 
 class ConfigError(ValueError):

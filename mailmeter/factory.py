@@ -4,13 +4,13 @@ the billing job. The only module that imports a store (the rest type against met
 from __future__ import annotations
 
 from mailmeter.config import Config
-from metering.billing import Billing
-from metering.gateway import NoGateway, PaymentGateway, WebhookGateway
-from metering.leases import LeaseSettings
-from metering.meter import Meter
-from metering.postgres import PgStore
-from metering.sqlite import SqliteStore
-from metering.store import Store
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import NoGateway, PaymentGateway, WebhookGateway
+from mailmeter.metering.leases import LeaseSettings
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.metering.store import Store
 
 
 def open_store(config: Config) -> Store:

@@ -32,14 +32,14 @@ from mailmeter.startup import (
     spool_busy,
     spool_unusable,
 )
-from metering.billing import Billing
-from metering.meter import Meter
-from metering.records import NodeClaimed, StoreUnavailable
-from metering.store import Store
-from relay.abuse import AuthLimits
-from relay.delivery import Delivery, RetryPolicy, UpstreamConfig
-from relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
-from relay.spool import Spool, SpoolBusy
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.records import NodeClaimed, StoreUnavailable
+from mailmeter.metering.store import Store
+from mailmeter.relay.abuse import AuthLimits
+from mailmeter.relay.delivery import Delivery, RetryPolicy, UpstreamConfig
+from mailmeter.relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
+from mailmeter.relay.spool import Spool, SpoolBusy
 
 
 class ApiHandle(Protocol):

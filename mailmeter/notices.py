@@ -23,12 +23,12 @@ from typing import Any
 import aiohttp
 import structlog
 
-from metering.gateway import sign
-from metering.store import NoticeStore
-from policies.currency import currency_for
-from policies.money import display_money, parse_money
-from relay.delivery import new_queue_id
-from relay.spool import Envelope, Spool
+from mailmeter.metering.gateway import sign
+from mailmeter.metering.store import NoticeStore
+from mailmeter.policies.currency import currency_for
+from mailmeter.policies.money import display_money, parse_money
+from mailmeter.relay.delivery import new_queue_id
+from mailmeter.relay.spool import Envelope, Spool
 
 
 def _amount(body: dict[str, Any], key: str) -> str:

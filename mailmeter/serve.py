@@ -19,7 +19,7 @@ from mailmeter.sdnotify import Notifier
 from mailmeter.service import AdminService
 from mailmeter.startup import EXIT_STARTUP, StartupError
 from mailmeter.workers import STARTUP_FAILED, supervise, worker_config
-from metering.records import StoreUnavailable
+from mailmeter.metering.records import StoreUnavailable
 
 
 def build_relay(config: Config, primary: bool = True) -> Relay:

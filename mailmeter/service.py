@@ -22,16 +22,16 @@ from typing import Any
 import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
-from metering.billing import Billing
-from metering.export import export_csv, month_of
-from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
-from metering.records import AuditDraft, DuplicateEvent, in_force
-from policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
-from policies.currency import Currency, currency_for
-from policies.money import MoneyError, format_money, is_whole_minor, parse_money
-from policies.parts import ThresholdCharge
-from policies.plan import Plan
-from relay.domains import DomainError, canonical_domain
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.export import export_csv, month_of
+from mailmeter.metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
+from mailmeter.metering.records import AuditDraft, DuplicateEvent, in_force
+from mailmeter.policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
+from mailmeter.policies.currency import Currency, currency_for
+from mailmeter.policies.money import MoneyError, format_money, is_whole_minor, parse_money
+from mailmeter.policies.parts import ThresholdCharge
+from mailmeter.policies.plan import Plan
+from mailmeter.relay.domains import DomainError, canonical_domain
 
 
 class AdminError(ValueError):

@@ -18,14 +18,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
-from metering.meter import Meter, first_period, standing_of
-from metering.records import Account, InvoiceRecord, Row, in_force
-from metering.store import AccountStore, BillingStore, UsageStore
-from policies import Charge, Invoice, Plan, close_period
-from policies.currency import Currency
-from policies.money import format_money
-from policies.periods import Period, next_period, period_containing
+from mailmeter.metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
+from mailmeter.metering.meter import Meter, first_period, standing_of
+from mailmeter.metering.records import Account, InvoiceRecord, Row, in_force
+from mailmeter.metering.store import AccountStore, BillingStore, UsageStore
+from mailmeter.policies import Charge, Invoice, Plan, close_period
+from mailmeter.policies.currency import Currency
+from mailmeter.policies.money import format_money
+from mailmeter.policies.periods import Period, next_period, period_containing
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from metering.records import InvoiceRecord
-from policies.currency import currency_for
-from policies.money import format_money
+from mailmeter.metering.records import InvoiceRecord
+from mailmeter.policies.currency import currency_for
+from mailmeter.policies.money import format_money
 
 EXPORT_COLUMNS = [
     "invoice_id", "account", "plan", "period", "period_start", "period_end", "invoice_date", "due_date",

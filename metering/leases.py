@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from time import monotonic
 
-from metering.batching import Batcher
-from metering.records import Decide, HoldAccountMismatch, LeasedCommit, Settle, StoreUnavailable, UnknownHold
-from metering.store import LeasingStore
-from policies.decision import Admission
+from mailmeter.metering.batching import Batcher
+from mailmeter.metering.records import Decide, HoldAccountMismatch, LeasedCommit, Settle, StoreUnavailable, UnknownHold
+from mailmeter.metering.store import LeasingStore
+from mailmeter.policies.decision import Admission
 
 @dataclass(frozen=True)
 class LeaseSettings:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timezone
 from typing import Any, cast
 
-from metering.batching import Batcher
-from metering.leases import LeaseBook, LeaseSettings
-from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.records import (
+from mailmeter.metering.batching import Batcher
+from mailmeter.metering.leases import LeaseBook, LeaseSettings
+from mailmeter.metering.passwords import DUMMY_HASH, hash_password, verify_password
+from mailmeter.metering.records import (
     Account,
     AccountUpdate,
     Grant,
@@ -32,8 +32,8 @@ from metering.records import (
     in_force,
     payment_changes_to_json,
 )
-from metering.store import LeasingStore, ResultBatchStore, Store
-from policies import (
+from mailmeter.metering.store import LeasingStore, ResultBatchStore, Store
+from mailmeter.policies import (
     Admission,
     Plan,
     PlanSwitch,
@@ -51,12 +51,12 @@ from policies import (
     usage_alerts_due,
     usage_screen,
 )
-from policies.changes import LimitName
-from policies.currency import USD, Currency
-from policies.money import format_money, is_whole_minor
-from policies.results import classify, classify_failure
-from policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
-from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.changes import LimitName
+from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.money import format_money, is_whole_minor
+from mailmeter.policies.results import classify, classify_failure
+from mailmeter.policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
+from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
 
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

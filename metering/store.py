@@ -15,7 +15,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from metering.records import (
+from mailmeter.metering.records import (
     Account,
     AccountUpdate,
     AuditDraft,
@@ -27,8 +27,8 @@ from metering.records import (
     Row,
     Settle,
 )
-from policies.charges import Charge
-from policies.decision import Admission, Usage
+from mailmeter.policies.charges import Charge
+from mailmeter.policies.decision import Admission, Usage
 
 
 class NodeClaimKeeper(Protocol):

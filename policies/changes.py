@@ -29,13 +29,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
-from policies.account import Standing, Usage
-from policies.charges import charge_amount, charge_count
-from policies.history import History, PlanPart, part_start
-from policies.limits import LimitChange, email_quota, included_emails
-from policies.periods import Period, PeriodSpec
-from policies.plan import Plan
-from policies.usage_cost import NO_HISTORY, part_pricing
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charge_amount, charge_count
+from mailmeter.policies.history import History, PlanPart, part_start
+from mailmeter.policies.limits import LimitChange, email_quota, included_emails
+from mailmeter.policies.periods import Period, PeriodSpec
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.usage_cost import NO_HISTORY, part_pricing
 
 LimitName = Literal["included", "quota", "spending"]
 SwitchKind = Literal["upgrade", "downgrade", "unchanged", "cancelled"]

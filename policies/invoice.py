@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Literal
 
-from policies.account import Standing, Usage
-from policies.charges import Charge, charges_due
-from policies.currency import Currency
-from policies.history import PartPricing, part_start
-from policies.money import display_money, floor_to_minor, round_half_up
-from policies.periods import Period, PeriodSpec, period_label
-from policies.plan import Plan
-from policies.usage_cost import NO_HISTORY, part_pricing
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import Charge, charges_due
+from mailmeter.policies.currency import Currency
+from mailmeter.policies.history import PartPricing, part_start
+from mailmeter.policies.money import display_money, floor_to_minor, round_half_up
+from mailmeter.policies.periods import Period, PeriodSpec, period_label
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.usage_cost import NO_HISTORY, part_pricing
 
 LineKind = Literal["fee", "plan_part", "usage", "in_period_charges", "charges_kept"]
 

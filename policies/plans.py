@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from datetime import time
 from typing import Any
 
-from policies.currency import USD, Currency
-from policies.money import MoneyError, parse_money
-from policies.parts import BlockCharge, Funding, InPeriodCharge, Invoicing, ResultPrices, ThresholdCharge
-from policies.periods import PeriodSpec
-from policies.plan import Plan, PlanError, tiers_problem
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
+from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.money import MoneyError, parse_money
+from mailmeter.policies.parts import BlockCharge, Funding, InPeriodCharge, Invoicing, ResultPrices, ThresholdCharge
+from mailmeter.policies.periods import PeriodSpec
+from mailmeter.policies.plan import Plan, PlanError, tiers_problem
+from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
 
 __all__ = ["PLAN_KEYS", "Plan", "PlanError", "parse_period", "parse_plan", "parse_plans", "parse_price"]
 

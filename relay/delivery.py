@@ -27,10 +27,10 @@ import aiosmtplib
 import structlog
 from aiosmtplib.email import parse_address
 
-from relay.data import crlf_line_ends, has_bare_newline
-from relay.observe import NoObserver, RelayObserver
-from relay.dsn import FailedRecipient, build_dsn, reply_codes
-from relay.spool import Envelope, QueueState, RecipientState, Spool
+from mailmeter.relay.data import crlf_line_ends, has_bare_newline
+from mailmeter.relay.observe import NoObserver, RelayObserver
+from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
+from mailmeter.relay.spool import Envelope, QueueState, RecipientState, Spool
 
 
 class ResultSink(Protocol):

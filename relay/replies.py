@@ -6,7 +6,7 @@ them. The codes are 4xx so a client's queue pauses and retries later.
 
 from __future__ import annotations
 
-from policies.decision import Refusal
+from mailmeter.policies.decision import Refusal
 
 # Account-state refusals. At MAIL the whole transaction is deferred (451); at RCPT
 # only that recipient is (452), so a partial acceptance keeps the recipients that fit.

@@ -50,13 +50,13 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from relay import replies
-from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
-from relay.data import DATA_CHUNK, crlf_line_ends, read_data
-from relay.delivery import new_queue_id, sendable_address
-from relay.domains import domain_allowed
-from relay.observe import NoObserver, RelayObserver, reply_class
-from relay.spool import Envelope, Spool
+from mailmeter.relay import replies
+from mailmeter.relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
+from mailmeter.relay.data import DATA_CHUNK, crlf_line_ends, read_data
+from mailmeter.relay.delivery import new_queue_id, sendable_address
+from mailmeter.relay.domains import domain_allowed
+from mailmeter.relay.observe import NoObserver, RelayObserver, reply_class
+from mailmeter.relay.spool import Envelope, Spool
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"

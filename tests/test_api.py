@@ -17,7 +17,7 @@ import aiohttp
 import aiosmtplib
 import pytest
 
-from metering.gateway import sign
+from mailmeter.metering.gateway import sign
 from tests.conftest import PASSWORD, RelayHarness, Upstream, write_config
 from tests.test_billing_live import E_PLAN, SECRET, PaymentServer
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from mailmeter.audit import account_view
-from metering.meter import Meter, UnknownAccount
-from metering.records import AuditDraft, DuplicateEvent
-from metering.sqlite import SqliteStore
-from policies.currency import USD
-from policies.plans import parse_plans
+from mailmeter.metering.meter import Meter, UnknownAccount
+from mailmeter.metering.records import AuditDraft, DuplicateEvent
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.policies.currency import USD
+from mailmeter.policies.plans import parse_plans
 from tests.conftest import PASSWORD, write_config
 from tests.test_api import BILLING_TOKEN, NEW_ACCOUNT, Api, start_api  # noqa: F401 (a fixture)
 from tests.test_cli_and_service import mailmeter

@@ -17,9 +17,9 @@ import aiohttp.web
 import aiosmtplib
 import pytest
 
-from metering.billing import Billing
-from metering.gateway import WebhookGateway, verify
-from relay.data import has_bare_newline
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import WebhookGateway, verify
+from mailmeter.relay.data import has_bare_newline
 from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, write_config
 from tests.test_cli_and_service import mailmeter
 

@@ -24,14 +24,14 @@ import pytest
 import yaml
 
 from mailmeter.service import AdminService
-from metering.billing import Billing
-from metering.gateway import ChargeOutcome, ChargeRequest, GatewayResult, NoGateway
-from metering.leases import LeaseSettings
-from metering.meter import Meter
-from metering.postgres import PgStore
-from metering.sqlite import SqliteStore
-from metering.store import Store
-from policies import parse_plans
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import ChargeOutcome, ChargeRequest, GatewayResult, NoGateway
+from mailmeter.metering.leases import LeaseSettings
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.metering.store import Store
+from mailmeter.policies import parse_plans
 from tests.pgserver import PG_URL, isolated_schema
 from tests.test_export import reconcile
 
@@ -606,7 +606,7 @@ async def test_a_downgrade_takes_effect_at_the_period_end_and_drops_the_accounts
 
 
 async def test_plans_that_cannot_follow_each_other_are_refused_and_nothing_changes(world: World) -> None:
-    from policies import PlanChangeRefused
+    from mailmeter.policies import PlanChangeRefused
 
     await add(world, "e", "limit-overage", date(2026, 4, 1))
     world.clock.set("2026-04-10T00:00:00+00:00")
@@ -647,7 +647,7 @@ async def test_an_existing_database_upgrades_with_its_invoiced_periods_settled(t
     settled and credited one, so only periods after it are credited from then on."""
     import sqlite3
 
-    from metering.sqlite.schema import MIGRATIONS
+    from mailmeter.metering.sqlite.schema import MIGRATIONS
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:

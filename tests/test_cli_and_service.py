@@ -217,7 +217,7 @@ async def test_serve_process_starttls_then_auth(tmp_path: Path, upstream: Upstre
 
 
 def test_readme_lists_every_refusal_text() -> None:
-    from relay.replies import all_refusal_texts
+    from mailmeter.relay.replies import all_refusal_texts
 
     readme = (REPO / "README.md").read_text()
     for reason, text in all_refusal_texts().items():

@@ -18,11 +18,11 @@ import yaml
 from mailmeter.config import ConfigError, load_config
 from mailmeter.notices import notice_text
 from mailmeter.service import AdminError, AdminService
-from metering.billing import Billing
-from metering.gateway import NoGateway
-from metering.meter import Meter
-from metering.sqlite import SqliteStore
-from policies import parse_plans
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import NoGateway
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.policies import parse_plans
 from tests.conftest import write_config
 from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
 from tests.test_billing_meter import Clock
@@ -90,7 +90,7 @@ async def test_invoices_export_charges_and_notices_in_the_currency(code: str, tm
 
 
 async def check_a_closed_period(code: str, store: SqliteStore) -> None:
-    from policies.currency import currency_for
+    from mailmeter.policies.currency import currency_for
 
     currency = currency_for(code)
     clock = Clock(datetime(2026, 4, 10, tzinfo=timezone.utc))

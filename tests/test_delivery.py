@@ -13,8 +13,8 @@ from aiosmtplib.email import parse_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address, transaction
-from relay.spool import Envelope
+from mailmeter.relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address, transaction
+from mailmeter.relay.spool import Envelope
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 
 MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\nMessage-ID: <m1@example.com>\r\n\r\nhello\r\n"

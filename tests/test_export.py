@@ -19,16 +19,16 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metering.billing import invoice_body, invoice_id, invoice_status
-from metering.export import EXPORT_COLUMNS, export_csv
-from metering.records import Account, InvoiceRecord, charge_key
-from policies.account import Standing, Usage
-from policies.charges import charges_due
-from policies.invoice import close_period
-from policies.money import parse_money
-from policies.periods import period_containing
-from policies.plans import parse_plan
-from policies.prepaid import monthly_credit
+from mailmeter.metering.billing import invoice_body, invoice_id, invoice_status
+from mailmeter.metering.export import EXPORT_COLUMNS, export_csv
+from mailmeter.metering.records import Account, InvoiceRecord, charge_key
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charges_due
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.money import parse_money
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import parse_plan
+from mailmeter.policies.prepaid import monthly_credit
 from tests.policies.test_policy_properties import plan_configs, standings
 
 MID_APRIL = datetime(2026, 4, 15, tzinfo=timezone.utc)

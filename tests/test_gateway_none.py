@@ -15,11 +15,11 @@ import aiosmtplib
 import pytest
 
 from mailmeter.service import AdminService, Conflict
-from metering.billing import Billing
-from metering.gateway import NoGateway
-from metering.meter import Meter
-from metering.store import Store
-from policies import parse_plans
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import NoGateway
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.store import Store
+from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD
 from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
 from tests.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from metering.meter import Meter
-from metering.records import UnknownHold
-from metering.sqlite import SqliteStore
-from policies import parse_plans
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.records import UnknownHold
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.policies import parse_plans
 
 
 async def test_a_failing_write_rolls_back_alone_and_the_rest_commit(tmp_path: Path) -> None:

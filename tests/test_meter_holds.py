@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metering.leases import LeaseSettings
-from metering.meter import Meter
-from metering.records import Account, HoldAccountMismatch, LeasedCommit, UnknownHold
-from metering.postgres import PgStore
-from metering.store import Store
-from policies import parse_plans
-from policies.decision import Admission, Usage
+from mailmeter.metering.leases import LeaseSettings
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.records import Account, HoldAccountMismatch, LeasedCommit, UnknownHold
+from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.store import Store
+from mailmeter.policies import parse_plans
+from mailmeter.policies.decision import Admission, Usage
 from tests.test_billing_meter import Clock, store  # noqa: F401  (store: the three stores, a fixture)
 
 REPO = Path(__file__).resolve().parent.parent

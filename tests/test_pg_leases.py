@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from metering.leases import LeaseSettings
-from metering.meter import Meter
-from metering.records import LeasedCommit, StoreUnavailable, UnknownHold
-from metering.postgres import PgStore
-from metering.sqlite import SqliteStore
-from policies import parse_plans
+from mailmeter.metering.leases import LeaseSettings
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.records import LeasedCommit, StoreUnavailable, UnknownHold
+from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.policies import parse_plans
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar
 
 PLANS = parse_plans({"small": {"email_quota": 1000}, "other": {"email_quota": 500}})

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mailmeter.service import AdminService
-from policies.money import parse_money
+from mailmeter.policies.money import parse_money
 from tests.test_billing_meter import World, add, store, world  # noqa: F401  (fixtures: every store)
 
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from aiosmtpd.smtp import SMTP
 
-from relay.data import DataScan, crlf_line_ends, has_bare_newline, has_long_line
-from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
+from mailmeter.relay.data import DataScan, crlf_line_ends, has_bare_newline, has_long_line
+from mailmeter.relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
 
@@ -585,7 +585,7 @@ def _campaign_by_parser(message: bytes) -> str:
     from email.parser import BytesHeaderParser
     from email.policy import compat32
 
-    from relay.smtpd import _CAMPAIGN_TAG
+    from mailmeter.relay.smtpd import _CAMPAIGN_TAG
 
     value = (BytesHeaderParser(policy=compat32).parsebytes(message[:65536], headersonly=True).get(CAMPAIGN_HEADER) or "").strip()
     return value if _CAMPAIGN_TAG.fullmatch(value) else ""

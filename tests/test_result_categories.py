@@ -17,12 +17,12 @@ from pathlib import Path
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from metering.meter import Meter
-from metering.postgres.schema import PG_MIGRATIONS
-from metering.postgres import PgStore
-from metering.sqlite.schema import MIGRATIONS
-from metering.sqlite import SqliteStore
-from policies import parse_plans
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres.schema import PG_MIGRATIONS
+from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.sqlite.schema import MIGRATIONS
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 from tests.pgserver import PG_URL, admin_connection, isolated_schema
 from tests.result_rows import rows

@@ -65,8 +65,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from metering.records import Account, Row
-from policies.account import Usage
+from mailmeter.metering.records import Account, Row
+from mailmeter.policies.account import Usage
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Reply, Upstream, UpstreamHandler, free_port
 from tests.pgserver import admin_connection, isolated_schema, schema_url
 

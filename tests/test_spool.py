@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import DirectorySync, Envelope, Spool
+from mailmeter.relay.spool import DirectorySync, Envelope, Spool
 
 
 class RecordingFsync:

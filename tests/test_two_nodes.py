@@ -22,9 +22,9 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from metering.meter import Meter
-from metering.postgres import PgStore
-from policies import parse_plans
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres import PgStore
+from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD, Upstream, write_config
 from tests.pgserver import PG_URL, isolated_schema, scalar, schema_url
 

@@ -17,10 +17,10 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult
 
-from metering.meter import Meter
-from relay.delivery import RetryPolicy
-from relay.dsn import FailedRecipient, status_of
-from relay.spool import QueueState
+from mailmeter.metering.meter import Meter
+from mailmeter.relay.delivery import RetryPolicy
+from mailmeter.relay.dsn import FailedRecipient, status_of
+from mailmeter.relay.spool import QueueState
 from tests.conftest import (
     PASSWORD,
     RelayHarness,

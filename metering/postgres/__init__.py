@@ -18,11 +18,11 @@ claim.py; `db backup` backup.py.
 
 from __future__ import annotations
 
-from metering.postgres.accounts import PgAccounts
-from metering.postgres.audit import PgAudit
-from metering.postgres.invoices import PgInvoices
-from metering.postgres.leases import PgLeases
-from metering.postgres.ledger import PgLedger
+from mailmeter.metering.postgres.accounts import PgAccounts
+from mailmeter.metering.postgres.audit import PgAudit
+from mailmeter.metering.postgres.invoices import PgInvoices
+from mailmeter.metering.postgres.leases import PgLeases
+from mailmeter.metering.postgres.ledger import PgLedger
 
 
 class PgStore(PgAccounts, PgLedger, PgInvoices, PgLeases, PgAudit):

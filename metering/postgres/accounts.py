@@ -9,11 +9,11 @@ from datetime import date, datetime
 
 import asyncpg
 
-from metering.postgres.base import ACCOUNT_FULL, full_account
-from metering.postgres.holds import PgHolds
-from metering.postgres.tx import rows_affected
-from metering.records import Account, AccountUpdate, applying_due_plan_change, history_from_json
-from policies.decision import Usage
+from mailmeter.metering.postgres.base import ACCOUNT_FULL, full_account
+from mailmeter.metering.postgres.holds import PgHolds
+from mailmeter.metering.postgres.tx import rows_affected
+from mailmeter.metering.records import Account, AccountUpdate, applying_due_plan_change, history_from_json
+from mailmeter.policies.decision import Usage
 
 
 

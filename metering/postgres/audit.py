@@ -11,8 +11,8 @@ from typing import Any
 
 import asyncpg
 
-from metering.postgres.base import AUDIT_DRAFT, PgBase
-from metering.records import AuditDraft
+from mailmeter.metering.postgres.base import AUDIT_DRAFT, PgBase
+from mailmeter.metering.records import AuditDraft
 
 
 

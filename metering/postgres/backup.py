@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from metering.records import StoreUnavailable
+from mailmeter.metering.records import StoreUnavailable
 
 _LIBPQ_PARAMS = {
     "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "connect_timeout",

@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from metering.postgres import backup as pg_backup
-from metering.postgres import schema as pg_schema
-from metering.postgres.claim import NodeClaim
-from metering.postgres.tx import DB_ERRORS, unavailable, with_retries
-from metering.records import Account, AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
-from policies.charges import Charge
+from mailmeter.metering.postgres import backup as pg_backup
+from mailmeter.metering.postgres import schema as pg_schema
+from mailmeter.metering.postgres.claim import NodeClaim
+from mailmeter.metering.postgres.tx import DB_ERRORS, unavailable, with_retries
+from mailmeter.metering.records import Account, AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
+from mailmeter.policies.charges import Charge
 
 T = TypeVar("T")
 

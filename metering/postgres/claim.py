@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import structlog
 
-from metering.postgres.tx import DB_ERRORS, unavailable
-from metering.records import NodeClaimed
+from mailmeter.metering.postgres.tx import DB_ERRORS, unavailable
+from mailmeter.metering.records import NodeClaimed
 
 # 64 bits from the schema and the node name: nodes of two deployments in two schemas
 # of one database do not collide. (The schema lock of postgres/schema.py hashes another prefix.)

@@ -12,10 +12,10 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.postgres.base import OPEN_PERIODS, PgBase
-from metering.records import Account, Settlement, account_core, history_from_json, history_to_json
-from policies.decision import Usage
-from policies.history import History
+from mailmeter.metering.postgres.base import OPEN_PERIODS, PgBase
+from mailmeter.metering.records import Account, Settlement, account_core, history_from_json, history_to_json
+from mailmeter.policies.decision import Usage
+from mailmeter.policies.history import History
 
 
 class PgHolds(PgBase):

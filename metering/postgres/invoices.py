@@ -13,10 +13,10 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.postgres.base import PgBase
-from metering.postgres.tx import rows_affected
-from metering.records import InvoiceRecord, charge_key
-from policies.charges import Charge
+from mailmeter.metering.postgres.base import PgBase
+from mailmeter.metering.postgres.tx import rows_affected
+from mailmeter.metering.records import InvoiceRecord, charge_key
+from mailmeter.policies.charges import Charge
 
 _INVOICE_COLUMNS = (
     "id, account_id, period_key, period_end, issued_at, invoice_date, due_date, statement_date,"

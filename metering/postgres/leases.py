@@ -20,9 +20,9 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.postgres.holds import PgHolds
-from metering.records import Account, LeasedCommit, Settlement, UnknownHold
-from policies.decision import Admission, Usage
+from mailmeter.metering.postgres.holds import PgHolds
+from mailmeter.metering.records import Account, LeasedCommit, Settlement, UnknownHold
+from mailmeter.policies.decision import Admission, Usage
 
 LEASE_PREFIX = "lease/"
 

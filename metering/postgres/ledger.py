@@ -8,8 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
-from metering.postgres.holds import PgHolds
-from metering.records import (
+from mailmeter.metering.postgres.holds import PgHolds
+from mailmeter.metering.records import (
     Account,
     HoldAccountMismatch,
     Result,
@@ -18,7 +18,7 @@ from metering.records import (
     UnknownHold,
     history_from_json,
 )
-from policies.decision import Admission, Usage
+from mailmeter.policies.decision import Admission, Usage
 
 
 

@@ -7,7 +7,7 @@ produces is the same on both stores. Integers are BIGINT: micros overflow 32 bit
 at $2,147. Text is COLLATE "C", SQLite's byte order, so every ORDER BY, MAX() and
 ISO-time comparison gives the same answer whatever the database's locale. A new
 migration goes into both lists at the same index
-(tests/test_pg_store.py checks they stay the same length).
+(tests/metering/test_pg_store.py checks they stay the same length).
 
 Several nodes may start (or run `mailmeter db upgrade`) at once: the upgrade runs
 in one transaction under a transaction-scoped advisory lock keyed by the schema,

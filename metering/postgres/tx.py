@@ -17,7 +17,7 @@ from typing import TypeVar
 import asyncpg
 import structlog
 
-from metering.records import StoreUnavailable
+from mailmeter.metering.records import StoreUnavailable
 
 T = TypeVar("T")
 

@@ -14,10 +14,10 @@ migrations are metering/sqlite/schema.py.
 
 from __future__ import annotations
 
-from metering.sqlite.accounts import SqliteAccounts
-from metering.sqlite.audit import SqliteAudit
-from metering.sqlite.invoices import SqliteInvoices
-from metering.sqlite.ledger import SqliteLedger
+from mailmeter.metering.sqlite.accounts import SqliteAccounts
+from mailmeter.metering.sqlite.audit import SqliteAudit
+from mailmeter.metering.sqlite.invoices import SqliteInvoices
+from mailmeter.metering.sqlite.ledger import SqliteLedger
 
 
 class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqliteAudit):

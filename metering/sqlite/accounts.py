@@ -9,7 +9,7 @@ from datetime import date, datetime
 
 import aiosqlite
 
-from metering.records import (
+from mailmeter.metering.records import (
     Account,
     AccountUpdate,
     account_core,
@@ -17,8 +17,8 @@ from metering.records import (
     history_from_json,
     history_to_json,
 )
-from metering.sqlite.connection import SqliteConnection, fetch_all
-from policies.decision import Usage
+from mailmeter.metering.sqlite.connection import SqliteConnection, fetch_all
+from mailmeter.policies.decision import Usage
 
 
 # The usage of every period not invoiced yet (after settled_through), which a prepaid

@@ -12,9 +12,9 @@ from typing import Any
 
 import aiosqlite
 
-from metering.records import AuditDraft, DuplicateEvent, account_core
-from metering.sqlite.accounts import ACCOUNT_SELECT
-from metering.sqlite.connection import SqliteConnection
+from mailmeter.metering.records import AuditDraft, DuplicateEvent, account_core
+from mailmeter.metering.sqlite.accounts import ACCOUNT_SELECT
+from mailmeter.metering.sqlite.connection import SqliteConnection
 
 
 _AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_audit_draft", default=None)

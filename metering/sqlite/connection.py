@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from metering.records import StoreUnavailable
-from metering.sqlite.schema import MIGRATIONS
+from mailmeter.metering.records import StoreUnavailable
+from mailmeter.metering.sqlite.schema import MIGRATIONS
 
 _T = TypeVar("_T")
 

@@ -8,10 +8,10 @@ from datetime import datetime
 
 import aiosqlite
 
-from metering.records import Account, InvoiceRecord, charge_key
-from metering.sqlite.accounts import account_in_tx
-from metering.sqlite.connection import SqliteConnection
-from policies.charges import Charge
+from mailmeter.metering.records import Account, InvoiceRecord, charge_key
+from mailmeter.metering.sqlite.accounts import account_in_tx
+from mailmeter.metering.sqlite.connection import SqliteConnection
+from mailmeter.policies.charges import Charge
 
 
 class SqliteInvoices(SqliteConnection):

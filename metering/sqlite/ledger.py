@@ -7,11 +7,11 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 
-from metering.records import Account, HoldAccountMismatch, Result, Settlement, UnknownHold
-from metering.sqlite.accounts import account_row, usage_row
-from metering.sqlite.connection import SqliteConnection
-from metering.sqlite.invoices import insert_charge_sync
-from policies.decision import Admission, Usage
+from mailmeter.metering.records import Account, HoldAccountMismatch, Result, Settlement, UnknownHold
+from mailmeter.metering.sqlite.accounts import account_row, usage_row
+from mailmeter.metering.sqlite.connection import SqliteConnection
+from mailmeter.metering.sqlite.invoices import insert_charge_sync
+from mailmeter.policies.decision import Admission, Usage
 
 
 _COUNTER_FOR_RESULT = {

@@ -11,21 +11,21 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from policies.account import Standing, Usage
-from policies.changes import (
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.changes import (
     PlanChangeRefused,
     change_limit,
     is_upgrade,
     switch_plan,
     without_own_limits,
 )
-from policies.charges import Charge, charges_due, unbilled
-from policies.dashboard import usage_alerts_due, usage_screen
-from policies.decision import Refusal, admit, headroom
-from policies.invoice import Invoice, close_period
-from policies.parts import Funding
-from policies.periods import Period, period_containing
-from policies.plans import Plan, parse_plan
+from mailmeter.policies.charges import Charge, charges_due, unbilled
+from mailmeter.policies.dashboard import usage_alerts_due, usage_screen
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.invoice import Invoice, close_period
+from mailmeter.policies.parts import Funding
+from mailmeter.policies.periods import Period, period_containing
+from mailmeter.policies.plans import Plan, parse_plan
 
 USD = 1_000_000
 MID_APRIL = datetime(2026, 4, 15, tzinfo=timezone.utc)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from policies import Standing, Usage, charges_due, close_period, usage_screen
-from policies.currency import USD, Currency, currency_for
-from policies.periods import period_containing
-from policies.plans import PlanError, parse_plan
+from mailmeter.policies import Standing, Usage, charges_due, close_period, usage_screen
+from mailmeter.policies.currency import USD, Currency, currency_for
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import PlanError, parse_plan
 
 JPY = currency_for("JPY")
 BHD = currency_for("BHD")

@@ -12,10 +12,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit, headroom
-from policies.lease import LEASE_SHARE, admit_lease, lease_block
-from policies.plans import Plan, parse_plan
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.lease import LEASE_SHARE, admit_lease, lease_block
+from mailmeter.policies.plans import Plan, parse_plan
 from tests.policies.test_policy_properties import plan_configs, standings
 
 

@@ -12,14 +12,14 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit, headroom
-from policies.invoice import close_period
-from policies.parts import Funding
-from policies.periods import next_period, period_containing
-from policies.plans import Plan, PlanError, parse_plan
-from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
-from policies.usage_cost import priced_usage
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.parts import Funding
+from mailmeter.policies.periods import next_period, period_containing
+from mailmeter.policies.plans import Plan, PlanError, parse_plan
+from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.usage_cost import priced_usage
 
 USD = 1_000_000
 APRIL = datetime(2026, 4, 10, tzinfo=timezone.utc)

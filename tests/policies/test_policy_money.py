@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.currency import USD, Currency, currency_for
-from policies.money import (
+from mailmeter.policies.currency import USD, Currency, currency_for
+from mailmeter.policies.money import (
     MoneyError,
     display_money,
     floor_to_minor,

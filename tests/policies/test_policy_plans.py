@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit
-from policies.parts import BlockCharge, Funding, ThresholdCharge
-from policies.plans import Plan, PlanError, parse_plan
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit
+from mailmeter.policies.parts import BlockCharge, Funding, ThresholdCharge
+from mailmeter.policies.plans import Plan, PlanError, parse_plan
+from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice
 
 
 def test_the_five_plans_parse_into_the_expected_parts(five_plans: dict[str, Plan]) -> None:

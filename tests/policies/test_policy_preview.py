@@ -8,11 +8,11 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from policies.account import Standing
-from policies.decision import Refusal
-from policies.parts import Funding
-from policies.plans import Plan
-from policies.preview import ScriptEvent, preview
+from mailmeter.policies.account import Standing
+from mailmeter.policies.decision import Refusal
+from mailmeter.policies.parts import Funding
+from mailmeter.policies.plans import Plan
+from mailmeter.policies.preview import ScriptEvent, preview
 
 USD = 1_000_000
 APRIL_1 = datetime(2026, 4, 1, tzinfo=timezone.utc)
