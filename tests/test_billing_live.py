@@ -21,7 +21,7 @@ from mailmeter.metering.billing import Billing
 from mailmeter.metering.gateway import WebhookGateway, verify
 from mailmeter.relay.data import has_bare_newline
 from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, write_config
-from tests.test_cli_and_service import mailmeter
+from tests.mailmeter.test_cli_and_service import mailmeter
 
 SECRET = b"webhook-shared-secret"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiosmtplib
 
 from tests.conftest import PASSWORD, Upstream, write_config
-from tests.test_cli_and_service import add
+from tests.mailmeter.test_cli_and_service import add
 
 REPO = Path(__file__).resolve().parent.parent
 TRIALS = int(os.environ.get("CRASH_TRIALS", "20"))

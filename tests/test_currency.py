@@ -24,9 +24,9 @@ from mailmeter.metering.meter import Meter
 from mailmeter.metering.sqlite import SqliteStore
 from mailmeter.policies import parse_plans
 from tests.conftest import write_config
-from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
-from tests.test_billing_meter import Clock
-from tests.test_cli_and_service import REPO, mailmeter
+from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
+from tests.metering.test_billing_meter import Clock
+from tests.mailmeter.test_cli_and_service import REPO, mailmeter
 
 # Per currency: a top-up it accepts and how it is written back, one it refuses.
 CASES = {

@@ -21,9 +21,9 @@ from mailmeter.metering.meter import Meter
 from mailmeter.metering.store import Store
 from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD
-from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
-from tests.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
-from tests.test_cli_and_service import mailmeter
+from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
+from tests.metering.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
+from tests.mailmeter.test_cli_and_service import mailmeter
 
 
 async def commit(api: Api, emails: int) -> None:

@@ -33,9 +33,9 @@ from mailmeter.metering.sqlite import SqliteStore
 from mailmeter.metering.store import Store
 from mailmeter.policies import parse_plans
 from tests.pgserver import PG_URL, isolated_schema
-from tests.test_export import reconcile
+from tests.metering.test_export import reconcile
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 USD = 1_000_000
 
 
@@ -618,7 +618,7 @@ async def test_plans_that_cannot_follow_each_other_are_refused_and_nothing_chang
 
 async def test_the_export_of_a_month_reconciles_alone_across_the_plans(world: World) -> None:
     """Accounts on every ready plan send, bounce, top up and are charged in April; the CSV
-    export of April adds up to each invoice's total and amount due (tests/test_export.py)."""
+    export of April adds up to each invoice's total and amount due (tests/metering/test_export.py)."""
     world.clock.set("2026-04-02T08:00:00+00:00")
     for name, plan in (("a", "per-email-threshold"), ("b", "prepaid-tiered"), ("c", "delivery-results"),
                        ("d", "included-capped"), ("e", "limit-overage"), ("p", "postpay-tiered")):

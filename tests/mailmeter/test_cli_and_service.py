@@ -17,7 +17,7 @@ import yaml
 
 from tests.conftest import PASSWORD, Upstream, write_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SECRET_BODY = "the-body-must-never-be-logged"
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from mailmeter.service import AdminService
 from mailmeter.policies.money import parse_money
-from tests.test_billing_meter import World, add, store, world  # noqa: F401  (fixtures: every store)
+from tests.metering.test_billing_meter import World, add, store, world  # noqa: F401  (fixtures: every store)
 
 
 @dataclass(frozen=True)

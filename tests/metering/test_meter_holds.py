@@ -24,9 +24,9 @@ from mailmeter.metering.postgres import PgStore
 from mailmeter.metering.store import Store
 from mailmeter.policies import parse_plans
 from mailmeter.policies.decision import Admission, Usage
-from tests.test_billing_meter import Clock, store  # noqa: F401  (store: the three stores, a fixture)
+from tests.metering.test_billing_meter import Clock, store  # noqa: F401  (store: the three stores, a fixture)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

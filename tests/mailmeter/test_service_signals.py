@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from tests.conftest import PASSWORD, Upstream, free_port, write_config
-from tests.test_cli_and_service import add
+from tests.mailmeter.test_cli_and_service import add
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

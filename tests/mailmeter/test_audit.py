@@ -20,8 +20,8 @@ from mailmeter.metering.sqlite import SqliteStore
 from mailmeter.policies.currency import USD
 from mailmeter.policies.plans import parse_plans
 from tests.conftest import PASSWORD, write_config
-from tests.test_api import BILLING_TOKEN, NEW_ACCOUNT, Api, start_api  # noqa: F401 (a fixture)
-from tests.test_cli_and_service import mailmeter
+from tests.mailmeter.test_api import BILLING_TOKEN, NEW_ACCOUNT, Api, start_api  # noqa: F401 (a fixture)
+from tests.mailmeter.test_cli_and_service import mailmeter
 
 CLI_ACTOR = f"cli:{getpass.getuser()}"
 

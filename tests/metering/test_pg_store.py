@@ -36,7 +36,7 @@ from mailmeter.policies import Plan, parse_plans
 from tests.conftest import free_port, write_config
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar, schema_url
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PLANS = parse_plans({"small": {"email_quota": 1000}})
 NOW = datetime(2026, 4, 10, 12, 0, tzinfo=timezone.utc)
 

@@ -24,8 +24,8 @@ import pytest
 from tests.conftest import PASSWORD, RawSmtp, Upstream, free_port, write_config
 from tests.pgserver import admin_connection, isolated_schema, scalar, schema_url
 from tests.test_abuse import plain, session
-from tests.test_cli_and_service import add
-from tests.test_service_signals import REPO, Service, launch
+from tests.mailmeter.test_cli_and_service import add
+from tests.mailmeter.test_service_signals import REPO, Service, launch
 
 START_TIMEOUT = 30.0  # "at once": a hang fails the test
 
