@@ -44,6 +44,7 @@ REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import asyncpg  # noqa: E402
+from code_under_test import module  # noqa: E402
 from meter_latency import Timings, percentile_ms, reserve_commit  # noqa: E402
 from services import (  # noqa: E402
     LOOPBACK,
@@ -56,8 +57,6 @@ from services import (  # noqa: E402
     SmtpSink,
     stop_group,
 )
-
-from code_under_test import module  # noqa: E402
 
 LeaseSettings = module("metering.leases").LeaseSettings
 Meter = module("metering.meter").Meter
@@ -380,7 +379,8 @@ def run(args: argparse.Namespace, workdir: Path, schema: str, stack: list[Node],
 
     print()
     print("== results")
-    print(f"one node,  SQLite     delivered/s: {fmt(one.delivered_per_s)}   (accepted/s {fmt(one.messages / one.accept_seconds)})")
+    print(f"one node,  SQLite     delivered/s: {fmt(one.delivered_per_s)}"
+          f"   (accepted/s {fmt(one.messages / one.accept_seconds)})")
     for run_ in (one, *passes.values()):
         print(f"  {run_.label:<34} machine busy {run_.machine_busy:6.1%} of {os.cpu_count()} CPUs;"
               f" CPU per message: mailmeter {run_.relay_cpu_ms:5.2f} ms,"

@@ -1,3 +1,2 @@
-"""mailmeter: the service composition (config, CLI, admin API, wiring) around its subpackages
-mailmeter.relay, mailmeter.metering and mailmeter.policies (the folders relay/, metering/ and
-policies/ of the repository, installed under this name: see pyproject.toml)."""
+"""mailmeter: the composition (config, CLI, admin API, wiring) around mailmeter.relay, mailmeter.metering
+and mailmeter.policies, which live in the repository's relay/, metering/ and policies/ (pyproject.toml)."""

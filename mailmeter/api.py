@@ -26,12 +26,12 @@ from aiohttp import web
 
 from mailmeter.apiauth import ApiTokens, bearer_token
 from mailmeter.audit import WEBHOOK_ACTOR
-from mailmeter.metrics import CONTENT_TYPE, Metrics
-from mailmeter.openapi import document
-from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
 from mailmeter.metering.gateway import verify
 from mailmeter.metering.meter import UnknownAccount, UnknownPlan
 from mailmeter.metering.records import StoreUnavailable
+from mailmeter.metrics import CONTENT_TYPE, Metrics
+from mailmeter.openapi import document
+from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
 
 ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -481,7 +481,7 @@ class ApiServer:
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.runner = web.AppRunner(app, access_log=None)
-        self.site: web.TCPSite | None = None
+        self.site: web.BaseSite | None = None
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on a socket bound beforehand (bind_api), so a port in use fails the relay's start early."""

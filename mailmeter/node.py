@@ -1,6 +1,7 @@
 """One relay node: the meter, spool, delivery, SMTP server and billing job built from a Config,
-started and stopped in order. No HTTP here: the composition root (mailmeter/serve.py) adds
-the admin API through `start_api`.
+started and stopped in order.
+
+No HTTP here: the composition root (mailmeter/serve.py) adds the admin API through `start_api`.
 
 Start order matters for the no-loss promise: the meter opens and releases the
 holds this node left behind; the spool's incoming files are settled against the
@@ -21,8 +22,16 @@ import structlog
 
 from mailmeter.config import Config, ConfigError, database_label
 from mailmeter.factory import build_billing, open_meter
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.records import NodeClaimed, StoreUnavailable
+from mailmeter.metering.store import Store
 from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
+from mailmeter.relay.abuse import AuthLimits
+from mailmeter.relay.delivery import Delivery, RetryPolicy, UpstreamConfig
+from mailmeter.relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
+from mailmeter.relay.spool import Spool, SpoolBusy
 from mailmeter.startup import (
     bind_api,
     cannot_listen,
@@ -32,14 +41,6 @@ from mailmeter.startup import (
     spool_busy,
     spool_unusable,
 )
-from mailmeter.metering.billing import Billing
-from mailmeter.metering.meter import Meter
-from mailmeter.metering.records import NodeClaimed, StoreUnavailable
-from mailmeter.metering.store import Store
-from mailmeter.relay.abuse import AuthLimits
-from mailmeter.relay.delivery import Delivery, RetryPolicy, UpstreamConfig
-from mailmeter.relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
-from mailmeter.relay.spool import Spool, SpoolBusy
 
 
 class ApiHandle(Protocol):

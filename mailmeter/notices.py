@@ -14,10 +14,10 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp

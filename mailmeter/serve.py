@@ -9,17 +9,18 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from mailmeter.api import ApiDeps, ApiServer, build_app
 from mailmeter.config import Config, ConfigError, load_config
+from mailmeter.metering.records import StoreUnavailable
 from mailmeter.node import Relay
 from mailmeter.sdnotify import Notifier
 from mailmeter.service import AdminService
 from mailmeter.startup import EXIT_STARTUP, StartupError
 from mailmeter.workers import STARTUP_FAILED, supervise, worker_config
-from mailmeter.metering.records import StoreUnavailable
 
 
 def build_relay(config: Config, primary: bool = True) -> Relay:
@@ -113,7 +114,8 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     status = 0
     try:
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([stopping, relay.fatal], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [stopping, relay.fatal]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if relay.fatal.done():
             log.error("relay.stopping", node=config.node.name, reason=relay.fatal.result(), result="exit 1")

@@ -15,8 +15,8 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 from datetime import date, datetime, time, timezone
+from functools import partial
 from typing import Any
 
 import structlog
@@ -25,7 +25,7 @@ from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.export import export_csv, month_of
 from mailmeter.metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
-from mailmeter.metering.records import AuditDraft, DuplicateEvent, in_force
+from mailmeter.metering.records import AuditDraft, DuplicateEvent, Row, in_force
 from mailmeter.policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
 from mailmeter.policies.currency import Currency, currency_for
 from mailmeter.policies.money import MoneyError, format_money, is_whole_minor, parse_money
@@ -118,7 +118,7 @@ def _money(text: str, what: str, currency: Currency) -> int:
     return micros
 
 
-def charge_json(row: Mapping[str, Any], currency: Currency) -> dict[str, Any]:
+def charge_json(row: Row, currency: Currency) -> dict[str, Any]:
     """One charge as `charge list` and the API show it."""
     return {
         "key": row["idempotency_key"],
@@ -372,7 +372,7 @@ class AdminService:
                 "payment_state": account.payment_state}
 
     async def _set_charge(
-        self, charge: Mapping[str, Any], action: str, status: str, reason: str, detail: dict[str, Any],
+        self, charge: Row, action: str, status: str, reason: str, detail: dict[str, Any],
         event_id: str | None = None,
     ) -> bool:
         """One charge's verdict, audited on its account; `failed` blocks the account at once."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import structlog

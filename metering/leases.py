@@ -38,6 +38,7 @@ from mailmeter.metering.records import Decide, HoldAccountMismatch, LeasedCommit
 from mailmeter.metering.store import LeasingStore
 from mailmeter.policies.decision import Admission
 
+
 @dataclass(frozen=True)
 class LeaseSettings:
     """emails: the block a node borrows beyond what a session asks for; seconds: how long

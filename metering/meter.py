@@ -12,10 +12,10 @@ import asyncio
 import ipaddress
 import json
 import secrets
-from time import monotonic
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timezone
+from time import monotonic
 from typing import Any, cast
 
 from mailmeter.metering.batching import Batcher
@@ -54,9 +54,9 @@ from mailmeter.policies import (
 from mailmeter.policies.changes import LimitName
 from mailmeter.policies.currency import USD, Currency
 from mailmeter.policies.money import format_money, is_whole_minor
-from mailmeter.policies.results import classify, classify_failure
 from mailmeter.policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
 from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.results import classify, classify_failure
 
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,7 +105,7 @@ def too_wide(network: IPNetwork) -> int | None:
     (::ffff:0:0/96 is all of IPv4) is judged as the IPv4 network it maps."""
     if network.is_loopback:
         return None
-    mapped = ipaddress.ip_network("::ffff:0:0/96")
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
         return WIDEST_PREFIX[4] if network.prefixlen - 96 < WIDEST_PREFIX[4] else None
     widest = WIDEST_PREFIX[network.version]

@@ -10,12 +10,12 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Any, Protocol, overload
 
+from mailmeter.policies.account import Usage
+from mailmeter.policies.changes import PlanChange
 from mailmeter.policies.charges import Charge
 from mailmeter.policies.currency import Currency
-from mailmeter.policies.changes import PlanChange
 from mailmeter.policies.decision import Admission
 from mailmeter.policies.history import History, PartPricing, PlanPart
-from mailmeter.policies.account import Usage
 from mailmeter.policies.limits import LimitChange
 from mailmeter.policies.money import format_money
 from mailmeter.policies.prepaid import PaymentChange

@@ -39,10 +39,10 @@ from mailmeter.policies.changes import (
 )
 from mailmeter.policies.charges import Charge, charge_count, charged_total, charges_due, unbilled
 from mailmeter.policies.dashboard import UsageAlert, UsageScreen, usage_alerts_due, usage_screen
-from mailmeter.policies.history import History, PartPricing, PlanPart
 from mailmeter.policies.decision import Admission, Cap, Refusal, admit, blocking_refusal, caps, headroom
-from mailmeter.policies.lease import admit_lease, lease_block
+from mailmeter.policies.history import History, PartPricing, PlanPart
 from mailmeter.policies.invoice import Invoice, InvoiceLine, close_period
+from mailmeter.policies.lease import admit_lease, lease_block
 from mailmeter.policies.limits import LimitChange, limit_in_effect
 from mailmeter.policies.plans import Plan, PlanError, parse_plan, parse_plans
 from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage

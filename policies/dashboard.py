@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailmeter.policies.account import Standing, Usage
-from mailmeter.policies.limits import email_limit, included_emails, spending_limit
 from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.limits import email_limit, included_emails, spending_limit
 from mailmeter.policies.money import display_money
 from mailmeter.policies.periods import Period, period_label
 from mailmeter.policies.plan import Plan

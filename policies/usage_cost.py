@@ -24,8 +24,8 @@ from mailmeter.policies.pricing import (
     Tier,
     VolumePrice,
     graduated_max,
-    tier_bounds,
     is_monotone,
+    tier_bounds,
 )
 
 NO_HISTORY = History()

@@ -28,8 +28,8 @@ import structlog
 from aiosmtplib.email import parse_address
 
 from mailmeter.relay.data import crlf_line_ends, has_bare_newline
-from mailmeter.relay.observe import NoObserver, RelayObserver
 from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
+from mailmeter.relay.observe import NoObserver, RelayObserver
 from mailmeter.relay.spool import Envelope, QueueState, RecipientState, Spool
 
 
@@ -478,7 +478,7 @@ async def converse(
             await _reset(client)
             reply = f"553 5.6.7 Non-ASCII address and the upstream does not support SMTPUTF8 ({error})"
             return {r: Outcome("hard_bounced", reply) for r in recipients}
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             _drop(connection)
             if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
                 continue  # the upstream closed an idle connection: retry once on a new one
@@ -503,8 +503,8 @@ async def transaction(
     the server has SIZE (line endings, to measure it and again to send it; the leading
     dots), which for 10 MB cost a sender a tenth of a second of CPU. The spool's
     messages already end their lines with CRLF (SMTP in refuses or normalizes bare CR
-    and LF; bounces and notices are made with CRLF), so the line endings are only checked here, by counting, and the dots are
-    doubled with one bytes.replace.
+    and LF; bounces and notices are made with CRLF), so the line endings are only
+    checked here, by counting, and the dots are doubled with one bytes.replace.
     """
     if client.is_ehlo_or_helo_needed:
         try:

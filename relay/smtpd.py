@@ -142,7 +142,7 @@ class RelayContext:
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run work that must finish even if its session dies; Relay.stop waits for it."""
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
@@ -168,7 +168,7 @@ class RelaySMTP(SMTP):
         """Only the names aiosmtpd looks up with dir() and inspect.getmembers() when a
         session starts (auth_*, smtp_*): listing every attribute of every new session
         was a tenth of the relay's CPU at one message per connection."""
-        return _protocol_names(type(self), ("auth_", "smtp_"))
+        return _protocol_names(type(self), ("auth_", "smtp_"))  # type: ignore[arg-type]  # classes hash
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parsing, with a fast path for the plain `<local@domain>` form.
@@ -495,7 +495,7 @@ class RelaySMTP(SMTP):
     def _set_post_data_state(self) -> None:
         """aiosmtpd calls this on RSET, HELO/EHLO, STARTTLS and after any DATA: end the transaction."""
         self._end_transaction("abandoned")
-        super()._set_post_data_state()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._turned_away or self._lost:
@@ -560,7 +560,7 @@ class _Handler:
 
     def __dir__(self) -> list[str]:
         """What aiosmtpd looks for on a handler (see RelaySMTP.__dir__)."""
-        return _protocol_names(type(self), ("auth_", "handle_"))
+        return _protocol_names(type(self), ("auth_", "handle_"))  # type: ignore[arg-type]  # classes hash
 
     def __init__(self, context: RelayContext) -> None:
         self.context = context
@@ -786,7 +786,10 @@ def _received_header(hostname: str, session: Session, server: RelaySMTP, queue_i
     if server.account_via == "auth":
         protocol += "A"
     stamp = format_datetime(datetime.now(timezone.utc))
-    line = f"Received: from {helo} ([{peer}])\r\n\tby {hostname} (mailmeter) with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
+    line = (
+        f"Received: from {helo} ([{peer}])\r\n"
+        f"\tby {hostname} (mailmeter) with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
+    )
     return line.encode("utf-8", "replace")
 
 

@@ -13,18 +13,18 @@ from typing import Any
 
 import pytest
 import yaml
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import settings
+
+from mailmeter.config import load_config
+from mailmeter.node import Relay
+from mailmeter.serve import build_relay
 
 # CI runs the property tests derandomized (the same examples every run: no flaky red);
 # locally they explore new examples each run.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI") == "true":
     settings.load_profile("ci")
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from mailmeter.node import Relay
-from mailmeter.serve import build_relay
-from mailmeter.config import load_config
 
 PASSWORD = "correct horse battery staple"
 
@@ -76,7 +76,7 @@ class UpstreamHandler:
             self.arrived.clear()
             try:
                 await asyncio.wait_for(self.arrived.wait(), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -51,7 +51,7 @@ async def sender(port: int, prefix: str, rng: random.Random, tally: Tally) -> No
     try:
         await client.connect()
         await client.login("app", PASSWORD)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         client.close()
         return
     serial = 0
@@ -73,14 +73,14 @@ async def sender(port: int, prefix: str, rng: random.Random, tally: Tally) -> No
             except aiosmtplib.SMTPResponseException:
                 tally.refused.add(test_id)
                 continue
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 tally.in_doubt[test_id] = recipients  # the relay died before answering the final "."
                 return
             if response.code == 250:
                 tally.accepted[test_id] = recipients
             else:
                 tally.refused.add(test_id)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         return  # died before DATA: nothing of this message can have been accepted
     finally:
         client.close()

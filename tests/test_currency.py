@@ -16,17 +16,17 @@ import pytest
 import yaml
 
 from mailmeter.config import ConfigError, load_config
-from mailmeter.notices import notice_text
-from mailmeter.service import AdminError, AdminService
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.gateway import NoGateway
 from mailmeter.metering.meter import Meter
 from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.notices import notice_text
 from mailmeter.policies import parse_plans
+from mailmeter.service import AdminError, AdminService
 from tests.conftest import write_config
 from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
-from tests.metering.test_billing_meter import Clock
 from tests.mailmeter.test_cli_and_service import REPO, mailmeter
+from tests.metering.test_billing_meter import Clock
 
 # Per currency: a top-up it accepts and how it is written back, one it refuses.
 CASES = {

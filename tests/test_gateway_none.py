@@ -14,16 +14,16 @@ from datetime import date, datetime, timezone
 import aiosmtplib
 import pytest
 
-from mailmeter.service import AdminService, Conflict
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.gateway import NoGateway
 from mailmeter.metering.meter import Meter
 from mailmeter.metering.store import Store
 from mailmeter.policies import parse_plans
+from mailmeter.service import AdminService, Conflict
 from tests.conftest import PASSWORD
 from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
-from tests.metering.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
 from tests.mailmeter.test_cli_and_service import mailmeter
+from tests.metering.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
 
 
 async def commit(api: Api, emails: int) -> None:

@@ -8,14 +8,12 @@ import re
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiosmtpd.smtp import SMTP
-
 from mailmeter.relay.data import DataScan, crlf_line_ends, has_bare_newline, has_long_line
 from mailmeter.relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
-
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
 
 MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"

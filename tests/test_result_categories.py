@@ -18,10 +18,10 @@ import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailmeter.metering.meter import Meter
-from mailmeter.metering.postgres.schema import PG_MIGRATIONS
 from mailmeter.metering.postgres import PgStore
-from mailmeter.metering.sqlite.schema import MIGRATIONS
+from mailmeter.metering.postgres.schema import PG_MIGRATIONS
 from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.metering.sqlite.schema import MIGRATIONS
 from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 from tests.pgserver import PG_URL, admin_connection, isolated_schema

@@ -30,7 +30,10 @@ from tests.conftest import (
     free_port,
 )
 
-MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: faults\r\nMessage-ID: <f1@example.com>\r\n\r\nhello\r\n"
+MESSAGE = (
+    b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: faults\r\nMessage-ID: <f1@example.com>\r\n"
+    b"\r\nhello\r\n"
+)
 FAST_RETRY = {"retry_first_delay": 0.1, "retry_factor": 2, "retry_max_delay": 0.3, "max_age": 3600}
 
 

@@ -1,6 +1,7 @@
 """Garbage-collector pauses of every Python process started with this directory on PYTHONPATH.
 
-    PYTHONPATH=$PWD/bench/gcprobe BENCH_TARGETS=mailmeter bash bench/run   # an absolute path: the services run elsewhere
+    # an absolute path: the services run elsewhere
+    PYTHONPATH=$PWD/bench/gcprobe BENCH_TARGETS=mailmeter bash bench/run
     cat /tmp/mailmeter-gcprobe/*.txt
 
 Python imports `sitecustomize` at start-up; this one times each collection through

@@ -16,7 +16,6 @@ from mailmeter.metering.records import Account, AccountUpdate, applying_due_plan
 from mailmeter.policies.decision import Usage
 
 
-
 class PgAccounts(PgHolds):
     # -- accounts -------------------------------------------------------------------
 

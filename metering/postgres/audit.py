@@ -15,7 +15,6 @@ from mailmeter.metering.postgres.base import AUDIT_DRAFT, PgBase
 from mailmeter.metering.records import AuditDraft
 
 
-
 class PgAudit(PgBase):
     # -- the audit trail of admin changes ------------------------------------------------
 

@@ -156,8 +156,9 @@ class PgInvoices(PgBase):
             if credit is not None:
                 key = charge_key(account.name, period_key, credit.key)
                 added = rows_affected(await conn.execute(
-                    "INSERT INTO charges (idempotency_key, account_id, period_key, kind, seq, amount, emails_unlocked,"
-                    " description, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
+                    "INSERT INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
+                    " emails_unlocked, description, created_at, next_attempt_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
                     " ON CONFLICT (idempotency_key) DO NOTHING",
                     key, account_id, period_key, credit.kind, credit.index, credit.amount, credit.emails_unlocked,
                     credit.description, now.isoformat(),

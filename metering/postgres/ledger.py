@@ -20,8 +20,6 @@ from mailmeter.metering.records import (
 )
 from mailmeter.policies.decision import Admission, Usage
 
-
-
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
     Result.SOFT_BOUNCED: "soft_bounced",
@@ -244,13 +242,13 @@ class PgLedger(PgHolds):
                 accounts[account_id] = await self._account_in_tx(conn, account_id)
             outcomes: list[bool | None | Exception] = []
             for report in reports:
-                account_id = owners.get(report.queue_id)
-                if account_id is None:
+                owner = owners.get(report.queue_id)
+                if owner is None:
                     outcomes.append(None)
                     continue
-                period_key = period_key_for(accounts[account_id], report.at)
+                period_key = period_key_for(accounts[owner], report.at)
                 outcomes.append(await self._record_locked(
-                    conn, report.queue_id, report.recipient, report.result, report.detail, account_id, period_key,
+                    conn, report.queue_id, report.recipient, report.result, report.detail, owner, period_key,
                     report.at, report.reason,
                 ))
             return outcomes

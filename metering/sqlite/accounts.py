@@ -20,7 +20,6 @@ from mailmeter.metering.records import (
 from mailmeter.metering.sqlite.connection import SqliteConnection, fetch_all
 from mailmeter.policies.decision import Usage
 
-
 # The usage of every period not invoiced yet (after settled_through), which a prepaid
 # balance still holds until the invoices deduct it: "KEY ACCEPTED RESERVED DELIVERED SOFT HARD",
 # comma-separated (records.open_periods_from_text). Usually one row: the current period.
@@ -177,7 +176,9 @@ class SqliteAccounts(SqliteConnection):
                 "SELECT COALESCE(SUM(amount_due), 0) FROM invoices WHERE account_id = ? AND status = 'overdrawn'",
                 (row["id"],),
             )
-            amount = int((await cursor.fetchone())[0])
+            total = await cursor.fetchone()
+            assert total is not None  # an aggregate without GROUP BY returns one row
+            amount = int(total[0])
             if amount:
                 await db.execute(
                     "UPDATE invoices SET status = 'paid' WHERE account_id = ? AND status = 'overdrawn'", (row["id"],)

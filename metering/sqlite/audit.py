@@ -16,7 +16,6 @@ from mailmeter.metering.records import AuditDraft, DuplicateEvent, account_core
 from mailmeter.metering.sqlite.accounts import ACCOUNT_SELECT
 from mailmeter.metering.sqlite.connection import SqliteConnection
 
-
 _AUDIT_DRAFT: ContextVar[AuditDraft | None] = ContextVar("mailmeter_audit_draft", default=None)
 
 

@@ -92,7 +92,7 @@ class SqliteConnection:
         async with self._lock:
             db = self._db
             try:
-                await db._execute(_begin_immediate, db._conn, self._busy_timeout_ms / 1000)
+                await db._execute(_begin_immediate, db._conn, self._busy_timeout_ms / 1000)  # type: ignore[no-untyped-call]
             except sqlite3.Error as error:
                 raise StoreUnavailable(f"meter store: {error}") from error
             try:
@@ -147,7 +147,7 @@ class SqliteConnection:
             if reader is None:
                 raise StoreUnavailable("the meter store is not open")
             try:
-                return await reader._execute(_in_snapshot, reader._conn, operation)
+                return await reader._execute(_in_snapshot, reader._conn, operation)  # type: ignore[no-any-return, no-untyped-call]
             except sqlite3.Error as error:
                 raise StoreUnavailable(f"meter store: {error}") from error
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -166,8 +166,9 @@ class SqliteConnection:
                     if db is None:
                         raise StoreUnavailable("the meter store is not open")
                     durable = any(must_sync for _, _, must_sync in batch)
-                    outcomes = await db._execute(_write_batch, db._conn, [op for op, _, _ in batch], durable,
-                                                 self._busy_timeout_ms / 1000)
+                    outcomes = await db._execute(  # type: ignore[no-untyped-call]
+                        _write_batch, db._conn, [op for op, _, _ in batch], durable, self._busy_timeout_ms / 1000
+                    )
                 except (sqlite3.Error, StoreUnavailable, ValueError) as error:
                     failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"meter store: {error}")
                     for _, future, _ in batch:
@@ -190,7 +191,7 @@ class SqliteConnection:
         if reader is None:
             raise StoreUnavailable("the meter store is not open")
         try:
-            return await reader._execute(fetch_all, reader._conn, sql, tuple(params))
+            return await reader._execute(fetch_all, reader._conn, sql, tuple(params))  # type: ignore[no-any-return, no-untyped-call]
         except sqlite3.Error as error:
             raise StoreUnavailable(f"meter store: {error}") from error
 

@@ -13,7 +13,6 @@ from mailmeter.metering.sqlite.connection import SqliteConnection
 from mailmeter.metering.sqlite.invoices import insert_charge_sync
 from mailmeter.policies.decision import Admission, Usage
 
-
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
     Result.SOFT_BOUNCED: "soft_bounced",

@@ -51,7 +51,7 @@ class Service:
         while loop.time() < deadline:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(self.notify, 4096), deadline - loop.time())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             lines = data.decode().splitlines()
             if wanted in lines:
@@ -197,7 +197,7 @@ async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, up
         started = {(await svc.event("relay.started"))["node"] for _ in range(2)}
         assert started == {"test-node", "test-node.1"}  # worker 0 is the node as configured
         lines = await svc.notification("READY=1")  # from the supervisor, once both listen
-        assert "STATUS=serving on 127.0.0.1:%d with 2 processes" % port in lines
+        assert f"STATUS=serving on 127.0.0.1:{port} with 2 processes" in lines
         await svc.notification("WATCHDOG=1", timeout=2)  # the supervisor pings the watchdog
 
         async def send(n: int) -> int:

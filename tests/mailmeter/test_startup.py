@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, RawSmtp, Upstream, free_port, write_config
-from tests.pgserver import admin_connection, isolated_schema, scalar, schema_url
-from tests.test_abuse import plain, session
 from tests.mailmeter.test_cli_and_service import add
 from tests.mailmeter.test_service_signals import REPO, Service, launch
+from tests.pgserver import admin_connection, isolated_schema, scalar, schema_url
+from tests.test_abuse import plain, session
 
 START_TIMEOUT = 30.0  # "at once": a hang fails the test
 
@@ -255,7 +255,8 @@ async def test_a_node_takes_its_name_again_after_a_lost_connection_and_stops_if_
                     break
                 await asyncio.sleep(0.01)
             taken = await admin.fetchval(
-                "SELECT pg_try_advisory_lock(hashtextextended('mailmeter.node:' || current_schema() || ':test-node', 0))")
+                "SELECT pg_try_advisory_lock("
+                "hashtextextended('mailmeter.node:' || current_schema() || ':test-node', 0))")
             assert taken
             lost = await node.event("meter.node_claim_lost", timeout=20)
             assert lost["result"] == "stopping"

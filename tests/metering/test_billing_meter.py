@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import yaml
 
-from mailmeter.service import AdminService
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.gateway import ChargeOutcome, ChargeRequest, GatewayResult, NoGateway
 from mailmeter.metering.leases import LeaseSettings
@@ -32,8 +31,9 @@ from mailmeter.metering.postgres import PgStore
 from mailmeter.metering.sqlite import SqliteStore
 from mailmeter.metering.store import Store
 from mailmeter.policies import parse_plans
-from tests.pgserver import PG_URL, isolated_schema
+from mailmeter.service import AdminService
 from tests.metering.test_export import reconcile
+from tests.pgserver import PG_URL, isolated_schema
 
 REPO = Path(__file__).resolve().parents[2]
 USD = 1_000_000

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from mailmeter.metering.billing import invoice_body, invoice_id, invoice_status
 from mailmeter.metering.export import EXPORT_COLUMNS, export_csv
 from mailmeter.metering.records import Account, InvoiceRecord, charge_key
-from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.account import Usage
 from mailmeter.policies.charges import charges_due
 from mailmeter.policies.invoice import close_period
 from mailmeter.policies.money import parse_money

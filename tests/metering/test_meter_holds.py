@@ -19,8 +19,8 @@ import yaml
 
 from mailmeter.metering.leases import LeaseSettings
 from mailmeter.metering.meter import Meter
-from mailmeter.metering.records import Account, HoldAccountMismatch, LeasedCommit, UnknownHold
 from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.records import Account, HoldAccountMismatch, LeasedCommit, UnknownHold
 from mailmeter.metering.store import Store
 from mailmeter.policies import parse_plans
 from mailmeter.policies.decision import Admission, Usage

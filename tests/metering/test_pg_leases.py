@@ -15,8 +15,8 @@ import pytest
 
 from mailmeter.metering.leases import LeaseSettings
 from mailmeter.metering.meter import Meter
-from mailmeter.metering.records import LeasedCommit, StoreUnavailable, UnknownHold
 from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.records import LeasedCommit, StoreUnavailable, UnknownHold
 from mailmeter.metering.sqlite import SqliteStore
 from mailmeter.policies import parse_plans
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar

@@ -21,18 +21,18 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from mailmeter.factory import open_store
 from mailmeter.config import ConfigError, load_config
-from mailmeter.service import AdminService
+from mailmeter.factory import open_store
 from mailmeter.metering.billing import Billing, CollectionCharge
 from mailmeter.metering.gateway import NoGateway
 from mailmeter.metering.meter import Meter
-from mailmeter.metering.postgres.schema import PG_MIGRATIONS
 from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.postgres.schema import PG_MIGRATIONS
 from mailmeter.metering.records import Result, StoreUnavailable, UnknownHold
-from mailmeter.metering.sqlite.schema import MIGRATIONS
 from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.metering.sqlite.schema import MIGRATIONS
 from mailmeter.policies import Plan, parse_plans
+from mailmeter.service import AdminService
 from tests.conftest import free_port, write_config
 from tests.pgserver import PG_URL, admin_connection, isolated_schema, scalar, schema_url
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from mailmeter.service import AdminService
 from mailmeter.policies.money import parse_money
+from mailmeter.service import AdminService
 from tests.metering.test_billing_meter import World, add, store, world  # noqa: F401  (fixtures: every store)
 
 

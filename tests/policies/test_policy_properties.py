@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from mailmeter.policies.account import Standing, Usage
 from mailmeter.policies.charges import Charge, charged_total, charges_due
+from mailmeter.policies.currency import USD
 from mailmeter.policies.decision import Refusal, admit
 from mailmeter.policies.invoice import close_period
 from mailmeter.policies.limits import email_quota, included_emails, spending_limit
-from mailmeter.policies.currency import USD
 from mailmeter.policies.money import format_money
 from mailmeter.policies.periods import Period, period_containing
 from mailmeter.policies.plans import Plan, parse_plan
