@@ -39,8 +39,16 @@ def main() -> int:
                         (target / entry.name).symlink_to(entry)
             else:
                 target.symlink_to(REPO / folder)
-        command = [sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"),
-                   "--cache-dir", str(REPO / ".mypy_cache"), *(f"--package={top}" for top in layout if "." not in top)]
+        command = [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(REPO / "pyproject.toml"),
+            "--cache-dir",
+            str(REPO / ".mypy_cache"),
+            *(f"--package={top}" for top in layout if "." not in top),
+        ]
         done = subprocess.run(command, cwd=view, capture_output=True, text=True, check=False)
     # Back to the repository's paths, the deepest mapping first (mailmeter/relay/ before mailmeter/).
     output = done.stdout + done.stderr

@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             times, stall = uvloop.run(timed_passes(Path(directory), accounts, events, args.passes))
         ordered = sorted(times)
         results[label] = ordered[len(ordered) // 2]
-        print(f"{label:<12} {accounts:>7,} other accounts:"
-              f" billing pass median {ordered[len(ordered) // 2] * 1000:9.1f} ms"
-              f" (min {ordered[0] * 1000:.1f}, max {ordered[-1] * 1000:.1f}),"
-              f" loop blocked at most {stall * 1000:.1f} ms")
+        print(
+            f"{label:<12} {accounts:>7,} other accounts:"
+            f" billing pass median {ordered[len(ordered) // 2] * 1000:9.1f} ms"
+            f" (min {ordered[0] * 1000:.1f}, max {ordered[-1] * 1000:.1f}),"
+            f" loop blocked at most {stall * 1000:.1f} ms"
+        )
     print(f"prefilled / empty: {results['prefilled'] / results['empty store']:.0f}x")
     return 0
 

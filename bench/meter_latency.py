@@ -55,8 +55,10 @@ def percentile_ms(samples: list[float], pct: float) -> float:
 
 
 def describe(label: str, samples: list[float]) -> str:
-    return (f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
-            f"   max {max(samples) * 1000:8.3f} ms")
+    return (
+        f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
+        f"   max {max(samples) * 1000:8.3f} ms"
+    )
 
 
 async def open_meter(directory: Path) -> tuple[SqliteStore, Meter]:
@@ -158,12 +160,15 @@ def prefill(database: Path, accounts: int, events: int) -> None:
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # measure the store, not a 1 GB checkpoint
     os.sync()  # and not the kernel writing the prefill's gigabytes back while it is measured
-    print(f"prefilled {accounts:,} accounts and {events:,} earlier messages with results"
-          f" in {time.monotonic() - started:.0f} s")
+    print(
+        f"prefilled {accounts:,} accounts and {events:,} earlier messages with results"
+        f" in {time.monotonic() - started:.0f} s"
+    )
 
 
-async def run(iterations: int, warmup: int, callers: int, directory: Path,
-              prefill_accounts: int = 0, prefill_events: int = 0) -> bool:
+async def run(
+    iterations: int, warmup: int, callers: int, directory: Path, prefill_accounts: int = 0, prefill_events: int = 0
+) -> bool:
     """Print both passes; True if the sequential p99 of the pair meets the target."""
     store, meter = await open_meter(directory)
     if prefill_accounts or prefill_events:

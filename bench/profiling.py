@@ -79,8 +79,22 @@ class PySpy:
         # --gil: only the thread holding the GIL is sampled, i.e. Python CPU time. The relay's
         # event loop is one thread, so that is where its throughput goes; threads blocked in
         # fsync or SQLite's C code release the GIL and do not show (they show as less CPU).
-        argv = [self.binary, "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking", "--gil", "--subprocesses",
-                "--threads", "--format", "raw", "--output", str(self.output)]
+        argv = [
+            self.binary,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--gil",
+            "--subprocesses",
+            "--threads",
+            "--format",
+            "raw",
+            "--output",
+            str(self.output),
+        ]
         self._process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop_and_summarize(self) -> list[str]:

@@ -31,9 +31,9 @@ def account_view(account: Account, currency: Currency) -> dict[str, Any]:
     """The account's public JSON, with the email-limit changes that `public()` leaves out."""
     view = dict(account.public(currency))
     view["limit_changes"] = {
-        which: None if change is None else {
-            "previous": change.previous, "new": change.new, "changed_at": change.changed_at.isoformat()
-        }
+        which: None
+        if change is None
+        else {"previous": change.previous, "new": change.new, "changed_at": change.changed_at.isoformat()}
         for which, change in (("included", account.included_change), ("quota", account.quota_change))
     }
     return view

@@ -26,8 +26,7 @@ def open_meter(config: Config) -> tuple[Store, Meter]:
     leasing = None
     if database.url is not None and database.lease_emails > 0:
         leasing = LeaseSettings(emails=database.lease_emails, seconds=database.lease_seconds)
-    return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region,
-                        leasing=leasing)
+    return store, Meter(store, config.parsed_plans(), node=config.node.name, region=config.node.region, leasing=leasing)
 
 
 def payment_gateway(config: Config) -> PaymentGateway:

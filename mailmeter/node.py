@@ -109,9 +109,11 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(certificate, key)
     except (ssl.SSLError, OSError) as error:
-        raise ConfigError(f"tls: cannot load the certificate {certificate} with the key {key}"
-                          f" ({getattr(error, 'strerror', None) or error}); give a PEM certificate chain and"
-                          " its private key") from None
+        raise ConfigError(
+            f"tls: cannot load the certificate {certificate} with the key {key}"
+            f" ({getattr(error, 'strerror', None) or error}); give a PEM certificate chain and"
+            " its private key"
+        ) from None
     return context
 
 
@@ -164,11 +166,22 @@ class Relay:
             delivery.submit,
             from_address=notices_config.from_address or f"billing@{config.hostname}",
             webhook_url=notices_config.webhook_url,
-            webhook_secret=config.read_secret("billing.notices.webhook_secret_file", notices_config.webhook_secret_file),
+            webhook_secret=config.read_secret(
+                "billing.notices.webhook_secret_file", notices_config.webhook_secret_file
+            ),
         )
         return cls(
-            config, store, meter, spool, delivery, context, build_billing(config, meter), notices, metrics=metrics,
-            primary=primary, start_api=start_api,
+            config,
+            store,
+            meter,
+            spool,
+            delivery,
+            context,
+            build_billing(config, meter),
+            notices,
+            metrics=metrics,
+            primary=primary,
+            start_api=start_api,
         )
 
     async def start(self) -> None:
@@ -311,19 +324,27 @@ class Relay:
             )
         new_tls = tls_context(config)
         fixed = [
-            key for key, old, new in (
+            key
+            for key, old, new in (
                 ("listen", self.config.listen, config.listen),
                 ("database", self.config.database, config.database),
                 ("spool", self.config.spool, config.spool),
                 ("node", self.config.node, config.node),
-            ) if old != new
+            )
+            if old != new
         ]
         self.meter.plans = plans
         self.context.reconfigure(smtp_settings(config, self.config.listen.address, new_tls))
         self.delivery.reconfigure(upstream_of(config), retry_of(config))
         self.billing = build_billing(config, self.meter)
-        self.config = config.model_copy(update={"listen": self.config.listen, "database": self.config.database,
-                                               "spool": self.config.spool, "node": self.config.node})
+        self.config = config.model_copy(
+            update={
+                "listen": self.config.listen,
+                "database": self.config.database,
+                "spool": self.config.spool,
+                "node": self.config.node,
+            }
+        )
         log.info("config.reloaded", plans=len(plans), result="applied", needs_restart=fixed)
 
     async def billing_pass(self) -> None:
@@ -333,9 +354,13 @@ class Relay:
         await self.notices.send_pending()
         if run.invoices or run.charges_collected or run.charges_failed or run.charges_recorded or run.statements:
             structlog.get_logger("mailmeter.billing").info(
-                "billing.pass", invoices=len(run.invoices), charges_collected=run.charges_collected,
-                charges_failed=run.charges_failed, charges_recorded=run.charges_recorded,
-                statements=run.statements, result="ok",
+                "billing.pass",
+                invoices=len(run.invoices),
+                charges_collected=run.charges_collected,
+                charges_failed=run.charges_failed,
+                charges_recorded=run.charges_recorded,
+                statements=run.statements,
+                result="ok",
             )
 
     async def _billing_loop(self) -> None:

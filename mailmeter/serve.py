@@ -44,7 +44,9 @@ async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
     server = ApiServer(build_app(deps))
     await server.start(sock)
     structlog.get_logger("mailmeter.api").info(
-        "api.started", listen=f"{config.api.address}:{server.port}", tokens=deps.tokens.names,
+        "api.started",
+        listen=f"{config.api.address}:{server.port}",
+        tokens=deps.tokens.names,
         payment_webhook=deps.webhook_secret is not None,
     )
     return server
@@ -70,9 +72,13 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
         report_startup_failure(notifier, str(error), worker, config.node.name)
         return EXIT_STARTUP
     except (StoreUnavailable, OSError) as error:  # the database or the disk failed while recovering
-        report_startup_failure(notifier, f"could not recover the spool and the meter's holds ({error});"
-                                         " fix the cause and start again: nothing was lost", worker,
-                               config.node.name)
+        report_startup_failure(
+            notifier,
+            f"could not recover the spool and the meter's holds ({error});"
+            " fix the cause and start again: nothing was lost",
+            worker,
+            config.node.name,
+        )
         return EXIT_STARTUP
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -86,11 +92,9 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
         try:
             await relay.reload(worker_config(load_config(path), worker or 0))
         except ConfigError as error:
-            log.error("config.reload_refused", config=str(path), error=str(error),
-                      result="kept the running config")
+            log.error("config.reload_refused", config=str(path), error=str(error), result="kept the running config")
         except Exception as error:  # e.g. the database is down: keep serving on the old config
-            log.error("config.reload_refused", config=str(path), error=repr(error),
-                      result="kept the running config")
+            log.error("config.reload_refused", config=str(path), error=repr(error), result="kept the running config")
         notifier.notify("READY=1", "STATUS=serving")
 
     def on_hup() -> None:

@@ -125,9 +125,15 @@ def invoice_body(
         "total": format_money(invoice.total, currency),
         "prepaid_applied": format_money(invoice.prepaid_applied, currency),
         "payments": (
-            [{"kind": "prepaid", "description": "Paid from the prepaid balance",
-              "amount": format_money(-invoice.prepaid_applied, currency)}]
-            if invoice.prepaid_applied else []
+            [
+                {
+                    "kind": "prepaid",
+                    "description": "Paid from the prepaid balance",
+                    "amount": format_money(-invoice.prepaid_applied, currency),
+                }
+            ]
+            if invoice.prepaid_applied
+            else []
         ),
         "amount_due": format_money(invoice.amount_due, currency),
         "status": status,
@@ -135,8 +141,7 @@ def invoice_body(
         "monthly_payments": [_charge_json(row, currency) for row in charges if row["kind"] == "monthly"],
         "prepaid": _prepaid_json(invoice, charges, currency),
         "regions": [
-            {"region": row["region"] or "(unknown)", "result": row["result"], "emails": row["n"]}
-            for row in regions
+            {"region": row["region"] or "(unknown)", "result": row["result"], "emails": row["n"]} for row in regions
         ],
     }
 
@@ -275,12 +280,27 @@ class Billing:
             if status == "open"
             else None
         )
-        notice = json.dumps({"kind": "invoice", "invoice": identifier, "currency": body["currency"],
-                             "total": body["total"], "amount_due": body["amount_due"], "due_date": body["due_date"]})
+        notice = json.dumps(
+            {
+                "kind": "invoice",
+                "invoice": identifier,
+                "currency": body["currency"],
+                "total": body["total"],
+                "amount_due": body["amount_due"],
+                "due_date": body["due_date"],
+            }
+        )
         inserted = await self.store.add_invoice(record, collect, invoice.prepaid_applied, notice, now)  # type: ignore[arg-type]
         if inserted:
-            self.log.info("billing.invoice", account=account.name, invoice=identifier, period=body["period"],
-                          total=body["total"], amount_due=body["amount_due"], result=status)
+            self.log.info(
+                "billing.invoice",
+                account=account.name,
+                invoice=identifier,
+                period=body["period"],
+                total=body["total"],
+                amount_due=body["amount_due"],
+                result=status,
+            )
         return identifier
 
     # -- statements (model C: the billing email on the 5th) ---------------------------
@@ -303,9 +323,17 @@ class Billing:
         count = 0
         for invoice in await self.store.statements_due(due):
             body = json.loads(invoice.body)
-            notice = json.dumps({"kind": "statement", "invoice": invoice.id, "period": body["period"],
-                                 "currency": body["currency"], "total": body["total"],
-                                 "amount_due": body["amount_due"], "status": invoice.status})
+            notice = json.dumps(
+                {
+                    "kind": "statement",
+                    "invoice": invoice.id,
+                    "period": body["period"],
+                    "currency": body["currency"],
+                    "total": body["total"],
+                    "amount_due": body["amount_due"],
+                    "status": invoice.status,
+                }
+            )
             await self.store.mark_statement(invoice, notice, now)
             count += 1
         return count
@@ -343,8 +371,15 @@ class Billing:
             }[result.outcome]
             next_attempt = now + self._backoff(attempts) if status == "pending" else now
             await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
-            self.log.info("billing.charge", account=row["account"], charge=row["idempotency_key"],
-                          amount=request.amount, attempt=attempts, result=status, detail=result.detail)
+            self.log.info(
+                "billing.charge",
+                account=row["account"],
+                charge=row["idempotency_key"],
+                amount=request.amount,
+                attempt=attempts,
+                result=status,
+                detail=result.detail,
+            )
             collected += status == "succeeded"
             failed += status == "failed"
             recorded += status == "recorded"

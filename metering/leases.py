@@ -126,8 +126,14 @@ class LeaseBook:
                 self.renewals += 1
                 try:
                     admission = await self.store.renew_lease(
-                        lease.lease_id, account_id, lease.period_key, self.node, returning, lease.existing,
-                        self.clock(), decide,
+                        lease.lease_id,
+                        account_id,
+                        lease.period_key,
+                        self.node,
+                        returning,
+                        lease.existing,
+                        self.clock(),
+                        decide,
                     )
                 except BaseException:
                     lease.free += returning  # nothing changed in the database (or it cannot say: commits will tell)

@@ -247,7 +247,6 @@ class UsageReport:
             "by_region": by_region,
         }
 
-
     def _prepaid(self, spent: int) -> dict[str, Any] | None:
         """A prepaid plan's balance in this period: what it may spend, has spent, has left, and
         the monthly payment credited at this period's start and at the next one's."""
@@ -299,8 +298,10 @@ class Meter:
         """The billing currency: every plan's (`billing.currency`); USD when there are none."""
         currencies = {plan.currency for plan in self.plans.values()}
         if len(currencies) > 1:
-            raise ValueError(f"plans in several currencies ({', '.join(sorted(c.code for c in currencies))});"
-                             " one billing.currency applies to every plan")
+            raise ValueError(
+                f"plans in several currencies ({', '.join(sorted(c.code for c in currencies))});"
+                " one billing.currency applies to every plan"
+            )
         return currencies.pop() if currencies else USD
 
     # -- accounts -----------------------------------------------------------
@@ -311,9 +312,7 @@ class Meter:
             account = in_force(account, period.start)
         plan = self.plans.get(account.plan)
         if plan is None:
-            raise UnknownPlan(
-                f"account {account.name!r} is on plan {account.plan!r}, which the config does not define"
-            )
+            raise UnknownPlan(f"account {account.name!r} is on plan {account.plan!r}, which the config does not define")
         return plan
 
     def terms(self, account: Account, period: Period) -> tuple[Plan, Standing]:
@@ -459,7 +458,9 @@ class Meter:
             raise ValueError("the top-up amount must be positive")
         account = await self.account(name)
         if account.prepaid_balance + micros > MAX_MONEY:  # a race passes it by one top-up at most
-            raise BalanceTooLarge(f"the balance would pass {format_money(MAX_MONEY, self.currency)}, the most the meter keeps")
+            raise BalanceTooLarge(
+                f"the balance would pass {format_money(MAX_MONEY, self.currency)}, the most the meter keeps"
+            )
         return await self.store.add_balance(name, micros, "topup", reference, self.clock())
 
     async def repay(self, name: str) -> int:
@@ -514,8 +515,13 @@ class Meter:
             if switch.kind == "cancelled" or not switch.at_once:
                 return AccountUpdate(fields={"plan_change": switch.pending}, outcome=switch)
             return AccountUpdate(
-                fields={"plan": new.name, "plan_change": None, "included_change": None, "quota_change": None,
-                        "spending_limit_override": None},
+                fields={
+                    "plan": new.name,
+                    "plan_change": None,
+                    "included_change": None,
+                    "quota_change": None,
+                    "spending_limit_override": None,
+                },
                 history=switch.history,
                 outcome=switch,
             )
@@ -530,8 +536,10 @@ class Meter:
 
     def _check_monthly_payment(self, name: str, plan_name: str, micros: int) -> None:
         if micros < 0 or not is_whole_minor(micros, self.currency):
-            raise ValueError(f"the monthly payment must be a non-negative amount in steps of {self.currency.smallest},"
-                             f" like {format_money(150_000_000, self.currency)} (it is charged as it is)")
+            raise ValueError(
+                f"the monthly payment must be a non-negative amount in steps of {self.currency.smallest},"
+                f" like {format_money(150_000_000, self.currency)} (it is charged as it is)"
+            )
         if self.plans[plan_name].funding.kind != "prepaid":
             raise ValueError(
                 f"account {name!r} is on plan {plan_name!r}, which is postpaid: it is invoiced for what it sends;"
@@ -549,8 +557,11 @@ class Meter:
         plan = self.plan_of(account)
         current = self.period_of(account)
         first = first_credited_period(account, plan)
-        starts = first.start if first.start > current.start else next_period(
-            plan.period, current, account.subscribed_on).start
+        starts = (
+            first.start
+            if first.start > current.start
+            else next_period(plan.period, current, account.subscribed_on).start
+        )
         change = PaymentChange(starts, micros)
         changes = with_change(account.monthly_payments, change)
         if not await self.store.set_monthly_payment(name, payment_changes_to_json(changes)):
@@ -652,8 +663,12 @@ class Meter:
             plan, standing = self.terms(account, period)
             charges = charges_due(plan, standing, usage, after_index=last_seq)
             notices = [
-                (alert.key, json.dumps({"kind": "usage_alert", "percent": alert.percent, "limit": alert.limit,
-                                        "sent": usage.accepted}))
+                (
+                    alert.key,
+                    json.dumps(
+                        {"kind": "usage_alert", "percent": alert.percent, "limit": alert.limit, "sent": usage.accepted}
+                    ),
+                )
                 for alert in usage_alerts_due(plan, standing, usage)
             ]
             return Settlement(charges=charges, notices=notices)
@@ -662,7 +677,14 @@ class Meter:
             await self.leases.commit(hold_id, queue_id, emails, campaign, settle, account_id=account_id)
             return
         await self.store.commit(
-            hold_id, queue_id, emails, self.node, self.clock(), campaign=campaign, region=self.region, settle=settle,
+            hold_id,
+            queue_id,
+            emails,
+            self.node,
+            self.clock(),
+            campaign=campaign,
+            region=self.region,
+            settle=settle,
             account_id=account_id,
         )
 
@@ -745,6 +767,17 @@ class Meter:
 
 
 __all__ = [
-    "MAX_MONEY", "BalanceTooLarge", "Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport",
-    "WideNetwork", "first_credited_period", "first_period", "standing_of", "too_wide", "utc_now",
+    "MAX_MONEY",
+    "BalanceTooLarge",
+    "Meter",
+    "StoreUnavailable",
+    "UnknownAccount",
+    "UnknownPlan",
+    "UsageReport",
+    "WideNetwork",
+    "first_credited_period",
+    "first_period",
+    "standing_of",
+    "too_wide",
+    "utc_now",
 ]

@@ -106,7 +106,9 @@ class Account:
                 for change in self.monthly_payments
             ],
             "has_password": self.password_hash is not None,
-            "plan_change": None if self.plan_change is None else {
+            "plan_change": None
+            if self.plan_change is None
+            else {
                 "plan": self.plan_change.plan,
                 "effective": self.plan_change.effective.isoformat(),
                 "requested_at": self.plan_change.requested_at.isoformat(),
@@ -125,8 +127,14 @@ def in_force(account: Account, instant: datetime) -> Account:
     change = account.plan_change
     if change is None or not change.due(instant):
         return account
-    return replace(account, plan=change.plan, plan_change=None, included_change=None, quota_change=None,
-                   spending_limit_override=None)
+    return replace(
+        account,
+        plan=change.plan,
+        plan_change=None,
+        included_change=None,
+        quota_change=None,
+        spending_limit_override=None,
+    )
 
 
 def limit_change_to_json(change: LimitChange | None) -> str | None:
@@ -159,8 +167,18 @@ def open_periods_from_text(text: str | None) -> tuple[tuple[str, Usage], ...]:
     periods: list[tuple[str, Usage]] = []
     for item in text.split(","):
         key, accepted, reserved, delivered, soft, hard = item.split(" ")
-        periods.append((key, Usage(accepted=int(accepted), reserved=int(reserved), delivered=int(delivered),
-                                   soft_bounced=int(soft), hard_bounced=int(hard))))
+        periods.append(
+            (
+                key,
+                Usage(
+                    accepted=int(accepted),
+                    reserved=int(reserved),
+                    delivered=int(delivered),
+                    soft_bounced=int(soft),
+                    hard_bounced=int(hard),
+                ),
+            )
+        )
     return tuple(sorted(periods, key=lambda period: period[0]))
 
 
@@ -176,46 +194,77 @@ class Grant:
 def plan_change_to_json(change: PlanChange | None) -> str | None:
     if change is None:
         return None
-    return json.dumps({"plan": change.plan, "previous": change.previous,
-                       "requested_at": change.requested_at.isoformat(), "effective": change.effective.isoformat()})
+    return json.dumps(
+        {
+            "plan": change.plan,
+            "previous": change.previous,
+            "requested_at": change.requested_at.isoformat(),
+            "effective": change.effective.isoformat(),
+        }
+    )
 
 
 def plan_change_from_json(text: str | None) -> PlanChange | None:
     if not text:
         return None
     data = json.loads(text)
-    return PlanChange(plan=data["plan"], previous=data["previous"],
-                      requested_at=datetime.fromisoformat(data["requested_at"]),
-                      effective=datetime.fromisoformat(data["effective"]))
+    return PlanChange(
+        plan=data["plan"],
+        previous=data["previous"],
+        requested_at=datetime.fromisoformat(data["requested_at"]),
+        effective=datetime.fromisoformat(data["effective"]),
+    )
 
 
 def _pricing_json(pricing: PartPricing) -> dict[str, Any]:
-    return {"billable": pricing.billable, "emails": pricing.emails, "limit": pricing.limit,
-            "chargeable": pricing.chargeable, "priced": [list(pair) for pair in pricing.priced],
-            "tiers": list(pricing.tiers), "cost": pricing.cost}
+    return {
+        "billable": pricing.billable,
+        "emails": pricing.emails,
+        "limit": pricing.limit,
+        "chargeable": pricing.chargeable,
+        "priced": [list(pair) for pair in pricing.priced],
+        "tiers": list(pricing.tiers),
+        "cost": pricing.cost,
+    }
 
 
 def _pricing(data: Mapping[str, Any]) -> PartPricing:
-    return PartPricing(billable=data["billable"], emails=data["emails"], limit=data["limit"],
-                       chargeable=data["chargeable"], priced=tuple((n, each) for n, each in data["priced"]),
-                       tiers=tuple(data["tiers"]), cost=data["cost"])
+    return PartPricing(
+        billable=data["billable"],
+        emails=data["emails"],
+        limit=data["limit"],
+        chargeable=data["chargeable"],
+        priced=tuple((n, each) for n, each in data["priced"]),
+        tiers=tuple(data["tiers"]),
+        cost=data["cost"],
+    )
 
 
 def history_to_json(history: History | None) -> str | None:
     """A period's history as stored with its counters (period_usage.history)."""
     if history is None:
         return None
-    return json.dumps({
-        "since": history.since,
-        "chargeable": history.chargeable,
-        "tiers": list(history.tiers),
-        "parts": [
-            {"plan": part.plan, "title": part.title, "start": part.start.isoformat(), "end": part.end.isoformat(),
-             "first_email": part.first_email, "charges": part.charges, "charged": part.charged,
-             "pricing": _pricing_json(part.pricing)}
-            for part in history.parts
-        ],
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "since": history.since,
+            "chargeable": history.chargeable,
+            "tiers": list(history.tiers),
+            "parts": [
+                {
+                    "plan": part.plan,
+                    "title": part.title,
+                    "start": part.start.isoformat(),
+                    "end": part.end.isoformat(),
+                    "first_email": part.first_email,
+                    "charges": part.charges,
+                    "charged": part.charged,
+                    "pricing": _pricing_json(part.pricing),
+                }
+                for part in history.parts
+            ],
+        },
+        sort_keys=True,
+    )
 
 
 def history_from_json(text: str | None) -> History | None:
@@ -223,9 +272,16 @@ def history_from_json(text: str | None) -> History | None:
         return None
     data = json.loads(text)
     parts = tuple(
-        PlanPart(plan=part["plan"], title=part["title"], start=datetime.fromisoformat(part["start"]),
-                 end=datetime.fromisoformat(part["end"]), first_email=part["first_email"],
-                 pricing=_pricing(part["pricing"]), charges=part["charges"], charged=part["charged"])
+        PlanPart(
+            plan=part["plan"],
+            title=part["title"],
+            start=datetime.fromisoformat(part["start"]),
+            end=datetime.fromisoformat(part["end"]),
+            first_email=part["first_email"],
+            pricing=_pricing(part["pricing"]),
+            charges=part["charges"],
+            charged=part["charged"],
+        )
         for part in data["parts"]
     )
     return History(parts=parts, since=data["since"], chargeable=data["chargeable"], tiers=tuple(data["tiers"]))
@@ -269,8 +325,15 @@ def applying_due_plan_change(account: Account, now: datetime) -> AccountUpdate |
     change = account.plan_change
     if change is None or not change.due(now):
         return None
-    return AccountUpdate(fields={"plan": change.plan, "plan_change": None, "included_change": None,
-                                 "quota_change": None, "spending_limit_override": None})
+    return AccountUpdate(
+        fields={
+            "plan": change.plan,
+            "plan_change": None,
+            "included_change": None,
+            "quota_change": None,
+            "spending_limit_override": None,
+        }
+    )
 
 
 # -- what the stores exchange with their callers ------------------------------------

@@ -67,7 +67,11 @@ class AccountStore(Protocol):
     async def set_payment(self, name: str, ok: bool, detail: str, now: datetime) -> bool: ...
     async def add_balance(self, name: str, amount: int, kind: str, reference: str, now: datetime) -> int: ...
     async def change_account(
-        self, name: str, period_key: str, now: datetime, change: Callable[[Account, Usage], AccountUpdate],
+        self,
+        name: str,
+        period_key: str,
+        now: datetime,
+        change: Callable[[Account, Usage], AccountUpdate],
     ) -> AccountUpdate | None: ...
     async def set_monthly_payment(self, name: str, changes: str) -> bool: ...
     async def repay(self, name: str, now: datetime) -> int: ...
@@ -92,24 +96,51 @@ class LedgerStore(UsageStore, Protocol):
     """The ledger of messages: holds (reservations), commits and per-recipient results."""
 
     async def reserve(
-        self, account_id: int, period_key: str, hold_id: str, node: str, requested: int, now: datetime,
+        self,
+        account_id: int,
+        period_key: str,
+        hold_id: str,
+        node: str,
+        requested: int,
+        now: datetime,
         decide: Decide,
     ) -> Admission: ...
     async def commit(
-        self, hold_id: str, queue_id: str, emails: int, node: str, now: datetime, campaign: str = "",
-        region: str = "", settle: Settle | None = None, account_id: int | None = None,
+        self,
+        hold_id: str,
+        queue_id: str,
+        emails: int,
+        node: str,
+        now: datetime,
+        campaign: str = "",
+        region: str = "",
+        settle: Settle | None = None,
+        account_id: int | None = None,
     ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def release_node_holds(self, node: str) -> int: ...
     async def message_committed(self, queue_id: str) -> bool: ...
     async def message_account(self, queue_id: str) -> int | None: ...
     async def record_result(
-        self, queue_id: str, recipient: str, result: Result, detail: str, account_id: int, period_key: str,
-        now: datetime, reason: str = "",
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result,
+        detail: str,
+        account_id: int,
+        period_key: str,
+        now: datetime,
+        reason: str = "",
     ) -> bool: ...
     async def record_message_result(
-        self, queue_id: str, recipient: str, result: Result, detail: str, now: datetime,
-        period_key_for: Callable[[Account], str], reason: str = "",
+        self,
+        queue_id: str,
+        recipient: str,
+        result: Result,
+        detail: str,
+        now: datetime,
+        period_key_for: Callable[[Account], str],
+        reason: str = "",
     ) -> bool | None: ...
 
 
@@ -122,10 +153,16 @@ class BillingStore(Protocol):
     async def set_charge_result(
         self, key: str, status: str, detail: str, attempts: int, next_attempt_at: datetime
     ) -> bool: ...
-    async def add_monthly_credit(self, account_id: int, period_key: str, credit: Charge | None, now: datetime) -> bool: ...
+    async def add_monthly_credit(
+        self, account_id: int, period_key: str, credit: Charge | None, now: datetime
+    ) -> bool: ...
     async def last_invoiced_periods(self) -> dict[int, str]: ...  # account id -> its latest invoiced period key
     async def add_invoice(
-        self, invoice: InvoiceRecord, collect: Charge | None, prepaid_applied: int, notice_body: str,
+        self,
+        invoice: InvoiceRecord,
+        collect: Charge | None,
+        prepaid_applied: int,
+        notice_body: str,
         now: datetime,
     ) -> bool: ...
     async def invoices(self, account_id: int | None = None) -> list[InvoiceRecord]: ...
@@ -146,7 +183,13 @@ class AuditStore(Protocol):
 
     def audited(self, draft: AuditDraft) -> AbstractAsyncContextManager[AuditDraft]: ...
     async def add_audit_event(
-        self, at: datetime, actor: str, action: str, target: str, before: object, after: object,
+        self,
+        at: datetime,
+        actor: str,
+        action: str,
+        target: str,
+        before: object,
+        after: object,
         detail: dict[str, Any],
     ) -> int: ...
     async def audit_events(self, target: str | None = None, limit: int = 100) -> Sequence[Row]: ...
@@ -169,8 +212,15 @@ class LeasingStore(Protocol):
     """What allowance leasing needs from the shared store (metering/leases.py)."""
 
     async def renew_lease(
-        self, lease_id: str, account_id: int, period_key: str, node: str, returning: int, existing: bool,
-        now: datetime, decide: Decide,
+        self,
+        lease_id: str,
+        account_id: int,
+        period_key: str,
+        node: str,
+        returning: int,
+        existing: bool,
+        now: datetime,
+        decide: Decide,
     ) -> Admission | None: ...
     async def shrink_lease(self, lease_id: str, returning: int, drop_if_empty: bool, now: datetime) -> int | None: ...
     async def reclaim_stale_leases(self, renewed_before: datetime, node: str) -> int: ...
@@ -180,6 +230,15 @@ class LeasingStore(Protocol):
 
 
 __all__ = [
-    "AccountStore", "AuditStore", "BillingStore", "LeasingStore", "LedgerStore", "NodeClaimKeeper", "NoticeStore",
-    "ResultBatchStore", "Store", "StoreLifecycle", "UsageStore",
+    "AccountStore",
+    "AuditStore",
+    "BillingStore",
+    "LeasingStore",
+    "LedgerStore",
+    "NodeClaimKeeper",
+    "NoticeStore",
+    "ResultBatchStore",
+    "Store",
+    "StoreLifecycle",
+    "UsageStore",
 ]

@@ -76,8 +76,11 @@ def _money(data: Mapping[str, Any], key: str, path: str, currency: Currency) -> 
     try:
         micros = parse_money(value, currency)
     except MoneyError as error:
-        hint = "; a smaller price per email is written per a number of emails (per: 1000)" if (
-            "decimals" in str(error)) else ""
+        hint = (
+            "; a smaller price per email is written per a number of emails (per: 1000)"
+            if ("decimals" in str(error))
+            else ""
+        )
         raise PlanError(f"{path}.{key}", f"{error}{hint}") from None
     if micros < 0:
         raise PlanError(f"{path}.{key}", "must not be negative")
@@ -273,8 +276,7 @@ def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency
                 if billable == "results"
                 else ResultPrices()
             ),
-            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge",
-                                                   currency),
+            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge", currency),
             spending_limit=_money(data, "spending_limit", path, currency),
             funding=parse_funding(data.get("funding"), f"{path}.funding", currency),
             invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),

@@ -208,8 +208,7 @@ def _apply(account: _Account, event: ScriptEvent, at: datetime, period: Period) 
     if event.kind == "plan":
         assert event.plan is not None
         try:
-            switch = switch_plan(account.plan, event.plan, account.standing, account.usage, period, at,
-                                 account.pending)
+            switch = switch_plan(account.plan, event.plan, account.standing, account.usage, period, at, account.pending)
         except PlanChangeRefused as error:
             raise ValueError(str(error)) from None
         if switch.kind == "cancelled":

@@ -61,7 +61,9 @@ from mailmeter.relay.spool import Envelope, Spool
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # <dot-atom@domain> and the parameters after it: what RelaySMTP._getaddr answers itself.
-_PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)")
+_PLAIN_ANGLE_ADDR = re.compile(
+    rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)"
+)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 # The HELO name goes into our Received: header: a CR or LF in it would start a header
 # of the client's choosing (aiosmtpd reads commands up to LF, so "EHLO a\rBcc: x" is one line).
@@ -233,8 +235,12 @@ class RelaySMTP(SMTP):
         self.peer_address = peer[0] if isinstance(peer, tuple) else ""
         if not self.context.connections.acquire(self.peer_address):
             self._turned_away = True
-            self.log.warning("smtp.connection", client=self.peer_address, result="too_many_connections",
-                             limit=self.context.settings.max_connections_per_client)
+            self.log.warning(
+                "smtp.connection",
+                client=self.peer_address,
+                result="too_many_connections",
+                limit=self.context.settings.max_connections_per_client,
+            )
             # (cast, not isinstance: uvloop's transports do not subclass asyncio's)
             cast(asyncio.WriteTransport, transport).write(replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
             transport.close()
@@ -583,14 +589,27 @@ class _Handler:
         # domain: any account may send it, and it is counted and delivered like any email.
         if address != NULL_SENDER and ("@" not in address or not domain_allowed(address.rpartition("@")[2], domains)):
             server.context.observer.transaction("5xx", "sender_refused")
-            server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
-                            recipients=0, result="sender_refused")
+            server.log.info(
+                "smtp.transaction",
+                queue_id=None,
+                account=account,
+                client=server._client(),
+                recipients=0,
+                result="sender_refused",
+            )
             return replies.sender_not_allowed(address, account)
         if refusal is not None:
             reason = str(getattr(refusal, "value", refusal))
             server.context.observer.transaction("4xx", reason)
-            server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
-                            recipients=0, result="deferred", reason=reason)
+            server.log.info(
+                "smtp.transaction",
+                queue_id=None,
+                account=account,
+                client=server._client(),
+                recipients=0,
+                result="deferred",
+                reason=reason,
+            )
             return replies.mail_refused(reason)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -698,8 +717,9 @@ class _Handler:
             server.storing = False
         return logged(result, reply)
 
-    async def _store(self, server: RelaySMTP, hold_id: str, spooled: Envelope, received: bytes,
-                     raw: bytes) -> tuple[str, str]:
+    async def _store(
+        self, server: RelaySMTP, hold_id: str, spooled: Envelope, received: bytes, raw: bytes
+    ) -> tuple[str, str]:
         """Spool (our Received header, then the message), commit, activate. Returns
         (result, reply); never raises, never leaks the hold."""
         context = self.context
@@ -717,8 +737,9 @@ class _Handler:
             await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw), account=account)
             context.observer.meter_call("commit", time.monotonic() - started)
         except Exception as error:
-            server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",
-                             error=repr(error))
+            server.log.error(
+                "smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA", error=repr(error)
+            )
             if not await self._committed_after_all(queue_id):
                 context.spawn(server._release(hold_id))  # in the background: it retries while the store is down
                 return "deferred", replies.METER_UNAVAILABLE

@@ -88,8 +88,14 @@ async def sender(port: int, prefix: str, rng: random.Random, tally: Tally) -> No
 
 async def start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        sys.executable,
+        "-m",
+        "mailmeter.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
     )
     assert process.stderr is not None
     while True:
@@ -109,9 +115,12 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 async def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, upstream: Upstream) -> None:
     config = write_config(
-        tmp_path, upstream.port, plans={"e": PLAN},
+        tmp_path,
+        upstream.port,
+        plans={"e": PLAN},
         delivery={"workers": 4, "retry_first_delay": 0.2, "retry_max_delay": 0.5, "max_age": 3600},
-        billing={"interval": 0.2}, log={"level": "info"},
+        billing={"interval": 0.2},
+        log={"level": "info"},
     )
     password = tmp_path / "app.password"
     password.write_text(PASSWORD + "\n")

@@ -52,13 +52,16 @@ def test_an_unknown_currency_or_a_plan_it_cannot_express_fails_at_start(tmp_path
     path.write_text(yaml.safe_dump(example))
     result = mailmeter(path, "serve")
     assert result.returncode == 2
-    assert "plans.delivery-results.result_prices.delivered: '0.30' has more decimals than JPY has (none):" \
+    assert (
+        "plans.delivery-results.result_prices.delivered: '0.30' has more decimals than JPY has (none):"
         " write it like 25; a smaller price per email is written per a number of emails" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("code", sorted(CASES))
 async def test_the_api_reads_and_writes_amounts_in_the_currency(
-    code: str, start_api: Callable[..., Awaitable[Api]]  # noqa: F811
+    code: str,
+    start_api: Callable[..., Awaitable[Api]],  # noqa: F811
 ) -> None:
     good, written, bad = CASES[code]
     api = await start_api(billing={"currency": code}, plans={"e": PLAN})
@@ -96,8 +99,9 @@ async def check_a_closed_period(code: str, store: SqliteStore) -> None:
     clock = Clock(datetime(2026, 4, 10, tzinfo=timezone.utc))
     meter = Meter(store, parse_plans({"e": PLAN}, currency=currency), node="n1", clock=clock)
     service = AdminService(meter, Billing(meter, NoGateway()), actor="cli:test")
-    await meter.add_account("app", "pw", "e", ["example.com"], [], subscribed_on=date(2026, 4, 1),
-                            contacts=["billing@app.test"])
+    await meter.add_account(
+        "app", "pw", "e", ["example.com"], [], subscribed_on=date(2026, 4, 1), contacts=["billing@app.test"]
+    )
     grant = await meter.reserve("app", None, 16)
     await meter.commit(grant.hold_id, "Q1", 16)
     clock.set("2026-05-01T00:00:01+00:00")

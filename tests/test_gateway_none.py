@@ -82,8 +82,9 @@ async def test_a_charge_marked_failed_through_the_api_blocks_a_live_session(
     assert (await session.mail("app@example.com")).code == 250
     await session.rset()
 
-    status, result = await api.call("POST", "/v1/charges/settle",
-                                    {"charge": key, "state": "failed", "reason": "direct debit returned"})
+    status, result = await api.call(
+        "POST", "/v1/charges/settle", {"charge": key, "state": "failed", "reason": "direct debit returned"}
+    )
     assert status == 200 and (result["status"], result["payment_state"]) == ("failed", "failed")
     response = await session.execute_command(b"MAIL", b"FROM:<app@example.com>")
     assert response.code == 451 and response.message.startswith("4.7.1 Sending is paused because a payment failed")

@@ -24,9 +24,30 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The standard library's pure modules a policy may use: no I/O, no clock, no randomness.
 PURE_STDLIB = {
-    "__future__", "abc", "bisect", "calendar", "collections", "collections.abc", "copy", "dataclasses", "datetime",
-    "decimal", "enum", "fractions", "functools", "heapq", "itertools", "json", "math", "numbers", "operator", "re",
-    "string", "types", "typing", "zoneinfo",
+    "__future__",
+    "abc",
+    "bisect",
+    "calendar",
+    "collections",
+    "collections.abc",
+    "copy",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "math",
+    "numbers",
+    "operator",
+    "re",
+    "string",
+    "types",
+    "typing",
+    "zoneinfo",
 }
 # Calls that do I/O or read the clock, by name (open(...)) or attribute (datetime.now(...)).
 IO_CALLS = {"open", "print", "input", "breakpoint", "exec", "eval", "compile", "__import__"}
@@ -52,7 +73,7 @@ def project() -> dict[str, Module]:
     for package, folder in setuptools["package-dir"].items():
         for name in folders:
             if name == package or name.startswith(package + "."):
-                folders[name] = folder + name[len(package):].replace(".", "/")
+                folders[name] = folder + name[len(package) :].replace(".", "/")
     modules: dict[str, Module] = {}
     for package, folder in folders.items():
         for path in sorted((REPO / folder).glob("*.py")):
@@ -96,8 +117,13 @@ def where(module: Module, line: int) -> str:
 
 def test_the_project_is_found() -> None:
     names = set(project())
-    assert {"mailmeter.serve", "mailmeter.relay.smtpd", "mailmeter.metering.sqlite.ledger",
-            "mailmeter.metering.postgres", "mailmeter.policies.decision"} <= names
+    assert {
+        "mailmeter.serve",
+        "mailmeter.relay.smtpd",
+        "mailmeter.metering.sqlite.ledger",
+        "mailmeter.metering.postgres",
+        "mailmeter.policies.decision",
+    } <= names
     assert len(names) > 70
 
 
@@ -142,7 +168,8 @@ def test_relay_and_policies_import_nothing_of_the_meter_or_the_composition() -> 
         (where(module, line), name)
         for module in modules_under("mailmeter.relay") + modules_under("mailmeter.policies")
         for line, name in imported(module)
-        if name == "mailmeter" or name.startswith("mailmeter.metering")
+        if name == "mailmeter"
+        or name.startswith("mailmeter.metering")
         or (name.startswith("mailmeter.") and name.split(".")[1] not in ("relay", "policies"))
     ]
     assert offenders == []
@@ -224,10 +251,16 @@ def test_imports_use_the_installed_names() -> None:
     offenders = []
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            offenders += [(f"{path.relative_to(REPO)}:{node.lineno}", n) for n in names
-                          if n.split(".")[0] in ("relay", "metering", "policies")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            )
+            offenders += [
+                (f"{path.relative_to(REPO)}:{node.lineno}", n)
+                for n in names
+                if n.split(".")[0] in ("relay", "metering", "policies")
+            ]
     assert offenders == []
 
 

@@ -20,11 +20,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = {"mailmeter": "mailmeter", "relay": "mailmeter/relay", "metering": "mailmeter/metering",
-           "policies": "mailmeter/policies"}
+SOURCES = {
+    "mailmeter": "mailmeter",
+    "relay": "mailmeter/relay",
+    "metering": "mailmeter/metering",
+    "policies": "mailmeter/policies",
+}
 
 
-def _run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
     return done
@@ -52,7 +58,8 @@ def test_the_wheel_installs_one_top_level_package_named_mailmeter(wheel: Path) -
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["mailmeter"]
     expected = {
         f"{installed}/{path.relative_to(REPO / folder).as_posix()}"
-        for folder, installed in SOURCES.items() for path in (REPO / folder).rglob("*.py")
+        for folder, installed in SOURCES.items()
+        for path in (REPO / folder).rglob("*.py")
         if "__pycache__" not in path.parts
     }
     assert {name for name in names if name.endswith(".py")} == expected

@@ -38,7 +38,12 @@ class PgAccounts(PgHolds):
                 account_id = await conn.fetchval(
                     "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts,"
                     " monthly_payment) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                    name, password_hash, plan, subscribed_on.isoformat(), now.isoformat(), json.dumps(contact_list),
+                    name,
+                    password_hash,
+                    plan,
+                    subscribed_on.isoformat(),
+                    now.isoformat(),
+                    json.dumps(contact_list),
                     monthly_payment,
                 )
             except asyncpg.UniqueViolationError:
@@ -65,13 +70,16 @@ class PgAccounts(PgHolds):
                 return False
             await conn.execute(
                 "UPDATE accounts SET payment_ok = $1, payment_detail = $2 WHERE id = $3",
-                int(ok), detail[:500], account_id,
+                int(ok),
+                detail[:500],
+                account_id,
             )
             if ok:
                 await conn.execute(
                     "UPDATE charges SET status = 'pending', next_attempt_at = $1"
                     " WHERE status = 'failed' AND account_id = $2",
-                    now.isoformat(), account_id,
+                    now.isoformat(),
+                    account_id,
                 )
             return True
 
@@ -90,7 +98,11 @@ class PgAccounts(PgHolds):
             await conn.execute(
                 "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
                 " VALUES ($1, $2, $3, $4, $5)",
-                row["id"], amount, kind, reference, now.isoformat(),
+                row["id"],
+                amount,
+                kind,
+                reference,
+                now.isoformat(),
             )
             return int(row["prepaid_balance"]) + amount
 
@@ -146,11 +158,13 @@ class PgAccounts(PgHolds):
             account_id = await self._lock_named(conn, name)
             if account_id is None:
                 raise LookupError(f"no account named {name!r} (see `mailmeter account list`)")
-            amount = int(await conn.fetchval(
-                "SELECT COALESCE(SUM(amount_due), 0)::bigint FROM invoices"
-                " WHERE account_id = $1 AND status = 'overdrawn'",
-                account_id,
-            ))
+            amount = int(
+                await conn.fetchval(
+                    "SELECT COALESCE(SUM(amount_due), 0)::bigint FROM invoices"
+                    " WHERE account_id = $1 AND status = 'overdrawn'",
+                    account_id,
+                )
+            )
             if amount:
                 await conn.execute(
                     "UPDATE invoices SET status = 'paid' WHERE account_id = $1 AND status = 'overdrawn'", account_id
@@ -158,7 +172,9 @@ class PgAccounts(PgHolds):
                 await conn.execute(
                     "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
                     " VALUES ($1, $2, 'repay', '', $3)",
-                    account_id, amount, now.isoformat(),
+                    account_id,
+                    amount,
+                    now.isoformat(),
                 )
             return amount
 
@@ -176,7 +192,8 @@ class PgAccounts(PgHolds):
             f" u.hard_bounced AS usage_hard_bounced, u.history AS usage_history"
             f" FROM ({ACCOUNT_FULL} WHERE a.name = $1) f"
             f" LEFT JOIN period_usage u ON u.account_id = f.id AND u.period_key = $2",
-            name, period_key,
+            name,
+            period_key,
         )
         if row is None:
             return None

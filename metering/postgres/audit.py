@@ -44,13 +44,19 @@ class PgAudit(PgBase):
         """An audit event for a change that is not one account's (a billing run)."""
 
         async def body(conn: asyncpg.Connection) -> int:
-            return int(await conn.fetchval(
-                "INSERT INTO audit_events (time, actor, action, target, before, after, detail)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                at.isoformat(), actor, action, target,
-                None if before is None else json.dumps(before, sort_keys=True),
-                None if after is None else json.dumps(after, sort_keys=True), json.dumps(detail, sort_keys=True),
-            ))
+            return int(
+                await conn.fetchval(
+                    "INSERT INTO audit_events (time, actor, action, target, before, after, detail)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    at.isoformat(),
+                    actor,
+                    action,
+                    target,
+                    None if before is None else json.dumps(before, sort_keys=True),
+                    None if after is None else json.dumps(after, sort_keys=True),
+                    json.dumps(detail, sort_keys=True),
+                )
+            )
 
         return await self._write(body)
 

@@ -18,9 +18,24 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from mailmeter.metering.records import StoreUnavailable
 
 _LIBPQ_PARAMS = {
-    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "connect_timeout",
-    "application_name", "passfile", "target_session_attrs", "service", "krbsrvname", "gsslib", "options",
-    "host", "port", "user", "dbname",
+    "sslmode",
+    "sslcert",
+    "sslkey",
+    "sslrootcert",
+    "sslcrl",
+    "sslpassword",
+    "connect_timeout",
+    "application_name",
+    "passfile",
+    "target_session_attrs",
+    "service",
+    "krbsrvname",
+    "gsslib",
+    "options",
+    "host",
+    "port",
+    "user",
+    "dbname",
 }
 
 
@@ -48,8 +63,14 @@ async def dump(url: str, schema: str, target: Path) -> None:
     if password is not None:
         env["PGPASSWORD"] = password
     process = await asyncio.create_subprocess_exec(
-        program, "--format=custom", f"--schema=\"{schema}\"", f"--file={target}", f"--dbname={dsn}",
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        program,
+        "--format=custom",
+        f'--schema="{schema}"',
+        f"--file={target}",
+        f"--dbname={dsn}",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, errors = await process.communicate()
     if process.returncode != 0:

@@ -213,9 +213,18 @@ class PgBase:
             " description, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             " ON CONFLICT (idempotency_key) DO NOTHING",
             [
-                (charge_key(account.name, period_key, charge.key), account.id, period_key, charge.kind,
-                 charge.index, charge.amount, charge.emails_unlocked, charge.description,
-                 now.isoformat(), now.isoformat())
+                (
+                    charge_key(account.name, period_key, charge.key),
+                    account.id,
+                    period_key,
+                    charge.kind,
+                    charge.index,
+                    charge.amount,
+                    charge.emails_unlocked,
+                    charge.description,
+                    now.isoformat(),
+                    now.isoformat(),
+                )
                 for charge in charges
             ],
         )
@@ -239,9 +248,14 @@ class PgBase:
             event_id = await conn.fetchval(
                 "INSERT INTO audit_events (time, actor, action, target, before, after, detail, event_id)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-                draft.at.isoformat(), draft.actor, draft.action, draft.target,
+                draft.at.isoformat(),
+                draft.actor,
+                draft.action,
+                draft.target,
                 None if draft.before is None else json.dumps(draft.before, sort_keys=True),
-                json.dumps(after, sort_keys=True), json.dumps(draft.detail, sort_keys=True), draft.event_id,
+                json.dumps(after, sort_keys=True),
+                json.dumps(draft.detail, sort_keys=True),
+                draft.event_id,
             )
         except asyncpg.UniqueViolationError:
             raise DuplicateEvent(f"event {draft.event_id!r} was already applied") from None

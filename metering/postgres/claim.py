@@ -43,8 +43,9 @@ KEEP_EVERY = 5.0  # seconds between checks that the claim's connection is alive
 class NodeClaim:
     """The advisory lock on one node name, on a dedicated connection."""
 
-    def __init__(self, url: str, server_settings: Mapping[str, str], node: str, owner: str,
-                 connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, server_settings: Mapping[str, str], node: str, owner: str, connect_timeout: float = 5.0
+    ) -> None:
         self.url = url
         self.server_settings = dict(server_settings)
         self.node = node
@@ -94,8 +95,10 @@ class NodeClaim:
                 await self.take()
             except NodeClaimed as claimed:
                 log.error("meter.node_claim_lost", node=self.node, holder=claimed.holder, result="stopping")
-                on_lost(f"node.name {self.node!r} was claimed by {claimed.holder} while this node's"
-                        " database connection was down")
+                on_lost(
+                    f"node.name {self.node!r} was claimed by {claimed.holder} while this node's"
+                    " database connection was down"
+                )
                 return
             except Exception as error:  # the database is still away: try again later
                 log.warning("meter.node_claim", node=self.node, result="retrying", error=repr(error))

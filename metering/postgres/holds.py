@@ -20,9 +20,7 @@ from mailmeter.policies.history import History
 
 class PgHolds(PgBase):
     @staticmethod
-    async def _account_and_usage(
-        conn: asyncpg.Connection, account_id: int, period_key: str
-    ) -> tuple[Account, Usage]:
+    async def _account_and_usage(conn: asyncpg.Connection, account_id: int, period_key: str) -> tuple[Account, Usage]:
         """The account (as ACCOUNT_SELECT reads it) and its counters for the period, in one statement."""
         row = await conn.fetchrow(
             "SELECT a.*, (SELECT COALESCE(SUM(i.amount_due), 0)::bigint FROM invoices i"
@@ -32,7 +30,8 @@ class PgHolds(PgBase):
             " u.hard_bounced AS usage_hard_bounced, u.history AS usage_history"
             " FROM accounts a LEFT JOIN period_usage u ON u.account_id = a.id AND u.period_key = $2"
             " WHERE a.id = $1",
-            account_id, period_key,
+            account_id,
+            period_key,
         )
         if row is None:
             raise LookupError(f"account id {account_id} is gone")
@@ -55,20 +54,22 @@ class PgHolds(PgBase):
         await conn.execute(
             "INSERT INTO period_usage (account_id, period_key, history) VALUES ($1, $2, $3)"
             " ON CONFLICT (account_id, period_key) DO UPDATE SET history = excluded.history",
-            account_id, period_key, history_to_json(history),
+            account_id,
+            period_key,
+            history_to_json(history),
         )
 
     @staticmethod
     async def _release(conn: asyncpg.Connection, hold_id: str) -> int:
         """Delete the hold (the caller holds its account's lock) and give its emails back."""
-        row = await conn.fetchrow(
-            "DELETE FROM holds WHERE id = $1 RETURNING account_id, period_key, emails", hold_id
-        )
+        row = await conn.fetchrow("DELETE FROM holds WHERE id = $1 RETURNING account_id, period_key, emails", hold_id)
         if row is None:
             return 0
         await conn.execute(
             "UPDATE period_usage SET reserved = reserved - $1 WHERE account_id = $2 AND period_key = $3",
-            row["emails"], row["account_id"], row["period_key"],
+            row["emails"],
+            row["account_id"],
+            row["period_key"],
         )
         return int(row["emails"])
 
@@ -84,7 +85,12 @@ class PgHolds(PgBase):
             " INSERT INTO holds (id, account_id, period_key, emails, node, created_at)"
             " VALUES ($4, $1, $2, $3, $5, $6)"
             " ON CONFLICT (id) DO UPDATE SET emails = holds.emails + excluded.emails, created_at = excluded.created_at",
-            account_id, period_key, emails, hold_id, node, stamp,
+            account_id,
+            period_key,
+            emails,
+            hold_id,
+            node,
+            stamp,
         )
 
     async def _settle(
@@ -97,11 +103,14 @@ class PgHolds(PgBase):
     ) -> None:
         """After usage grew: insert the charges and notices `settle` finds due on the new counters."""
         account, usage = await self._account_and_usage(conn, account_id, period_key)
-        last_seq = int(await conn.fetchval(
-            "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = $1 AND period_key = $2"
-            " AND kind NOT IN ('invoice', 'monthly')",
-            account_id, period_key,
-        ))
+        last_seq = int(
+            await conn.fetchval(
+                "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = $1 AND period_key = $2"
+                " AND kind NOT IN ('invoice', 'monthly')",
+                account_id,
+                period_key,
+            )
+        )
         settlement = settle(account, usage, last_seq, period_key)
         await self._insert_charges(conn, account, period_key, settlement.charges, now)
         if settlement.notices:

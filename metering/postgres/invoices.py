@@ -31,7 +31,8 @@ class PgInvoices(PgBase):
         return await self._fetch(
             "SELECT c.*, a.name AS account FROM charges c JOIN accounts a ON a.id = c.account_id"
             " WHERE c.status = 'pending' AND c.next_attempt_at <= $1 ORDER BY c.created_at LIMIT $2",
-            now.isoformat(), limit,
+            now.isoformat(),
+            limit,
         )
 
     async def charge(self, key: str) -> asyncpg.Record | None:
@@ -43,12 +44,11 @@ class PgInvoices(PgBase):
 
     async def charges_of(self, account_id: int, period_key: str | None = None) -> list[asyncpg.Record]:
         if period_key is None:
-            return await self._fetch(
-                "SELECT * FROM charges WHERE account_id = $1 ORDER BY created_at, seq", account_id
-            )
+            return await self._fetch("SELECT * FROM charges WHERE account_id = $1 ORDER BY created_at, seq", account_id)
         return await self._fetch(
             "SELECT * FROM charges WHERE account_id = $1 AND period_key = $2 ORDER BY created_at, seq",
-            account_id, period_key,
+            account_id,
+            period_key,
         )
 
     async def set_charge_result(
@@ -65,15 +65,25 @@ class PgInvoices(PgBase):
             if owner is None:
                 return False
             await self._lock(conn, owner)
-            changed = rows_affected(await conn.execute(
-                "UPDATE charges SET status = $1, detail = $2, attempts = $3, next_attempt_at = $4"
-                " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted', 'recorded')",
-                status, detail[:500], attempts, next_attempt_at.isoformat(), key,
-            )) == 1
+            changed = (
+                rows_affected(
+                    await conn.execute(
+                        "UPDATE charges SET status = $1, detail = $2, attempts = $3, next_attempt_at = $4"
+                        " WHERE idempotency_key = $5 AND status IN ('pending', 'submitted', 'recorded')",
+                        status,
+                        detail[:500],
+                        attempts,
+                        next_attempt_at.isoformat(),
+                        key,
+                    )
+                )
+                == 1
+            )
             if changed and status == "failed":
                 await conn.execute(
                     "UPDATE accounts SET payment_ok = 0, payment_detail = $1 WHERE id = $2",
-                    f"charge {key} failed: {detail}"[:500], owner,
+                    f"charge {key} failed: {detail}"[:500],
+                    owner,
                 )
             if changed and status == "succeeded":
                 await conn.execute(
@@ -106,29 +116,46 @@ class PgInvoices(PgBase):
 
         async def body(conn: asyncpg.Connection) -> bool:
             await self._lock(conn, invoice.account_id)
-            inserted = rows_affected(await conn.execute(
-                f"INSERT INTO invoices ({_INVOICE_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
-                invoice.id, invoice.account_id, invoice.period_key, invoice.period_end, invoice.issued_at,
-                invoice.invoice_date, invoice.due_date, invoice.statement_date, invoice.total,
-                invoice.amount_due, invoice.prepaid_applied, invoice.status, invoice.body,
-            ))
+            inserted = rows_affected(
+                await conn.execute(
+                    f"INSERT INTO invoices ({_INVOICE_COLUMNS})"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
+                    invoice.id,
+                    invoice.account_id,
+                    invoice.period_key,
+                    invoice.period_end,
+                    invoice.issued_at,
+                    invoice.invoice_date,
+                    invoice.due_date,
+                    invoice.statement_date,
+                    invoice.total,
+                    invoice.amount_due,
+                    invoice.prepaid_applied,
+                    invoice.status,
+                    invoice.body,
+                )
+            )
             if inserted != 1:
                 return False
             await conn.execute(
                 "UPDATE accounts SET settled_through = $1 WHERE id = $2"
                 " AND (settled_through IS NULL OR settled_through < $1)",
-                invoice.period_key, invoice.account_id,
+                invoice.period_key,
+                invoice.account_id,
             )
             if prepaid_applied:
                 await conn.execute(
                     "UPDATE accounts SET prepaid_balance = prepaid_balance - $1 WHERE id = $2",
-                    prepaid_applied, invoice.account_id,
+                    prepaid_applied,
+                    invoice.account_id,
                 )
                 await conn.execute(
                     "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
                     " VALUES ($1, $2, 'usage', $3, $4)",
-                    invoice.account_id, -prepaid_applied, invoice.id, now.isoformat(),
+                    invoice.account_id,
+                    -prepaid_applied,
+                    invoice.id,
+                    now.isoformat(),
                 )
             if collect is not None:
                 account = await self._account_in_tx(conn, invoice.account_id)
@@ -136,7 +163,10 @@ class PgInvoices(PgBase):
             await conn.execute(
                 "INSERT INTO notices (account_id, period_key, key, body, created_at)"
                 " VALUES ($1, $2, 'invoice', $3, $4) ON CONFLICT DO NOTHING",
-                invoice.account_id, invoice.period_key, notice_body, now.isoformat(),
+                invoice.account_id,
+                invoice.period_key,
+                notice_body,
+                now.isoformat(),
             )
             return True
 
@@ -155,25 +185,41 @@ class PgInvoices(PgBase):
             added = False
             if credit is not None:
                 key = charge_key(account.name, period_key, credit.key)
-                added = rows_affected(await conn.execute(
-                    "INSERT INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
-                    " emails_unlocked, description, created_at, next_attempt_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
-                    " ON CONFLICT (idempotency_key) DO NOTHING",
-                    key, account_id, period_key, credit.kind, credit.index, credit.amount, credit.emails_unlocked,
-                    credit.description, now.isoformat(),
-                )) == 1
+                added = (
+                    rows_affected(
+                        await conn.execute(
+                            "INSERT INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
+                            " emails_unlocked, description, created_at, next_attempt_at)"
+                            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
+                            " ON CONFLICT (idempotency_key) DO NOTHING",
+                            key,
+                            account_id,
+                            period_key,
+                            credit.kind,
+                            credit.index,
+                            credit.amount,
+                            credit.emails_unlocked,
+                            credit.description,
+                            now.isoformat(),
+                        )
+                    )
+                    == 1
+                )
                 if added:
                     await conn.execute(
                         "WITH credited AS (UPDATE accounts SET prepaid_balance = prepaid_balance + $2 WHERE id = $1"
                         " RETURNING 1) INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
                         " VALUES ($1, $2, 'monthly', $3, $4)",
-                        account_id, credit.amount, key, now.isoformat(),
+                        account_id,
+                        credit.amount,
+                        key,
+                        now.isoformat(),
                     )
             await conn.execute(
                 "UPDATE accounts SET credited_through = $1 WHERE id = $2"
                 " AND (credited_through IS NULL OR credited_through < $1)",
-                period_key, account_id,
+                period_key,
+                account_id,
             )
             return added
 
@@ -199,7 +245,10 @@ class PgInvoices(PgBase):
             await conn.execute(
                 "INSERT INTO notices (account_id, period_key, key, body, created_at)"
                 " VALUES ($1, $2, 'statement', $3, $4) ON CONFLICT DO NOTHING",
-                invoice.account_id, invoice.period_key, body, now.isoformat(),
+                invoice.account_id,
+                invoice.period_key,
+                body,
+                now.isoformat(),
             )
 
         await self._write(run)
@@ -217,7 +266,9 @@ class PgInvoices(PgBase):
         async def body(conn: asyncpg.Connection) -> None:
             await conn.execute(
                 f"UPDATE notices SET {column} = 1 WHERE account_id = $1 AND period_key = $2 AND key = $3",
-                account_id, period_key, key,
+                account_id,
+                period_key,
+                key,
             )
 
         await self._write(body)

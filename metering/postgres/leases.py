@@ -68,7 +68,9 @@ class PgLeases(PgHolds):
             " counted AS (UPDATE period_usage u SET reserved = u.reserved - $2 FROM lease"
             " WHERE u.account_id = lease.account_id AND u.period_key = lease.period_key RETURNING 1)"
             " SELECT count(*) FROM lease",
-            lease_id, emails, stamp,
+            lease_id,
+            emails,
+            stamp,
         )
         return bool(taken)
 
@@ -106,7 +108,8 @@ class PgLeases(PgHolds):
             rows = await conn.fetch(
                 "SELECT id, account_id FROM holds WHERE id LIKE 'lease/%' AND node != $1 AND created_at < $2"
                 " ORDER BY account_id, id",
-                node, stamp,
+                node,
+                stamp,
             )
             total = 0
             for row in rows:  # accounts in id order: one lock order for every transaction
@@ -147,11 +150,13 @@ class PgLeases(PgHolds):
                     row["id"]: int(row["emails"])
                     for row in await conn.fetch(
                         "SELECT id, emails FROM holds WHERE id = ANY($1::text[]) AND account_id = $2",
-                        lease_ids, account_id,
+                        lease_ids,
+                        account_id,
                     )
                 }
                 done = {
-                    row["queue_id"] for row in await conn.fetch(
+                    row["queue_id"]
+                    for row in await conn.fetch(
                         "SELECT queue_id FROM messages WHERE queue_id = ANY($1::text[])",
                         [item.queue_id for item in items],
                     )
@@ -187,11 +192,18 @@ class PgLeases(PgHolds):
                     " SELECT $1, $2, c, $5, n FROM unnest($11::text[], $12::bigint[]) AS t(c, n)"
                     " ON CONFLICT (account_id, period_key, campaign, region)"
                     " DO UPDATE SET accepted = usage_breakdown.accepted + excluded.accepted",
-                    account_id, period_key, node, stamp, region,
-                    [q for q, _ in messages], [n for _, n in messages],
-                    list(taken), list(taken.values()),
+                    account_id,
+                    period_key,
+                    node,
+                    stamp,
+                    region,
+                    [q for q, _ in messages],
+                    [n for _, n in messages],
+                    list(taken),
+                    list(taken.values()),
                     total,
-                    list(campaigns), list(campaigns.values()),
+                    list(campaigns),
+                    list(campaigns.values()),
                 )
                 if settle is not None:
                     await self._settle(conn, account_id, period_key, settle, now)

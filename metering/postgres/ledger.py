@@ -54,7 +54,8 @@ class PgLedger(PgHolds):
             held = await conn.fetchrow(
                 "SELECT h.account_id, h.period_key FROM accounts a LEFT JOIN holds h ON h.id = $2"
                 " WHERE a.id = $1 FOR UPDATE OF a",
-                account_id, hold_id,
+                account_id,
+                hold_id,
             )
             period = period_key
             if held is not None and held["account_id"] is not None:
@@ -96,7 +97,8 @@ class PgLedger(PgHolds):
             done, owner = await conn.fetchrow(
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE queue_id = $1),"
                 " (SELECT account_id FROM holds WHERE id = $2)",
-                queue_id, hold_id,
+                queue_id,
+                hold_id,
             )
             if done:
                 return
@@ -124,7 +126,15 @@ class PgLedger(PgHolds):
                 " INSERT INTO usage_breakdown (account_id, period_key, campaign, region, accepted)"
                 " VALUES ($3, $4, $9, $8, $2) ON CONFLICT (account_id, period_key, campaign, region)"
                 " DO UPDATE SET accepted = usage_breakdown.accepted + excluded.accepted",
-                held, emails, account_id, period_key, queue_id, node, now.isoformat(), region, campaign,
+                held,
+                emails,
+                account_id,
+                period_key,
+                queue_id,
+                node,
+                now.isoformat(),
+                region,
+                campaign,
             )
             if settle is not None:
                 await self._settle(conn, account_id, period_key, settle, now)
@@ -150,9 +160,7 @@ class PgLedger(PgHolds):
         """
 
         async def body(conn: asyncpg.Connection) -> int:
-            rows = await conn.fetch(
-                "SELECT id, account_id FROM holds WHERE node = $1 ORDER BY account_id, id", node
-            )
+            rows = await conn.fetch("SELECT id, account_id FROM holds WHERE node = $1 ORDER BY account_id, id", node)
             total = 0
             for row in rows:  # accounts in id order: one lock order for every transaction
                 await self._lock(conn, row["account_id"])
@@ -188,8 +196,9 @@ class PgLedger(PgHolds):
 
         async def body(conn: asyncpg.Connection) -> bool:
             await self._lock(conn, account_id)
-            return await self._record_locked(conn, queue_id, recipient, result, detail, account_id, period_key, now,
-                                             reason)
+            return await self._record_locked(
+                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason
+            )
 
         return await self._write(body)
 
@@ -231,7 +240,8 @@ class PgLedger(PgHolds):
 
         async def body(conn: asyncpg.Connection) -> list[bool | None | Exception]:
             owners = {
-                row["queue_id"]: int(row["account_id"]) for row in await conn.fetch(
+                row["queue_id"]: int(row["account_id"])
+                for row in await conn.fetch(
                     "SELECT queue_id, account_id FROM messages WHERE queue_id = ANY($1::text[])",
                     sorted({report.queue_id for report in reports}),
                 )
@@ -247,10 +257,19 @@ class PgLedger(PgHolds):
                     outcomes.append(None)
                     continue
                 period_key = period_key_for(accounts[owner], report.at)
-                outcomes.append(await self._record_locked(
-                    conn, report.queue_id, report.recipient, report.result, report.detail, owner, period_key,
-                    report.at, report.reason,
-                ))
+                outcomes.append(
+                    await self._record_locked(
+                        conn,
+                        report.queue_id,
+                        report.recipient,
+                        report.result,
+                        report.detail,
+                        owner,
+                        period_key,
+                        report.at,
+                        report.reason,
+                    )
+                )
             return outcomes
 
         return await self._write(body)
@@ -273,6 +292,7 @@ class PgLedger(PgHolds):
         )
         if previous is not None and Result(previous).final:
             return False
+
         def upsert(reason_parameter: str) -> str:
             return (
                 "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at, reason)"
@@ -293,7 +313,9 @@ class PgLedger(PgHolds):
             " WHERE id = $7 RETURNING 1)"
             f" INSERT INTO period_usage (account_id, period_key, {counter}) VALUES ($7, $4, 1)"
             f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = period_usage.{counter} + 1",
-            *values, account_id, reason,
+            *values,
+            account_id,
+            reason,
         )
         return True
 
@@ -301,7 +323,8 @@ class PgLedger(PgHolds):
         row = await self._fetchrow(
             "SELECT accepted, reserved, delivered, soft_bounced, hard_bounced, history FROM period_usage"
             " WHERE account_id = $1 AND period_key = $2",
-            account_id, period_key,
+            account_id,
+            period_key,
         )
         return _usage_of(row, awaiting_results)
 
@@ -319,7 +342,8 @@ class PgLedger(PgHolds):
         return await self._fetch(
             "SELECT campaign, region, accepted FROM usage_breakdown WHERE account_id = $1 AND period_key = $2"
             " ORDER BY campaign, region",
-            account_id, period_key,
+            account_id,
+            period_key,
         )
 
     async def results_by_region(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
@@ -328,7 +352,8 @@ class PgLedger(PgHolds):
             " JOIN messages m ON m.queue_id = r.queue_id"
             " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result != 'deferred'"
             " GROUP BY m.region, r.result ORDER BY m.region, r.result",
-            account_id, period_key,
+            account_id,
+            period_key,
         )
 
     async def results_by_reason(self, account_id: int, period_key: str) -> list[asyncpg.Record]:
@@ -338,7 +363,8 @@ class PgLedger(PgHolds):
             " JOIN messages m ON m.queue_id = r.queue_id"
             " WHERE m.account_id = $1 AND r.period_key = $2 AND r.result IN ('soft_bounced', 'hard_bounced')"
             " GROUP BY r.result, r.reason ORDER BY r.result, r.reason",
-            account_id, period_key,
+            account_id,
+            period_key,
         )
 
 

@@ -64,20 +64,23 @@ class SqliteAccounts(SqliteConnection):
                 cursor = await db.execute(
                     "INSERT INTO accounts (name, password_hash, plan, subscribed_on, created_at, contacts,"
                     " monthly_payment) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, password_hash, plan, subscribed_on.isoformat(), now.isoformat(),
-                     json.dumps(list(contacts)), monthly_payment),
+                    (
+                        name,
+                        password_hash,
+                        plan,
+                        subscribed_on.isoformat(),
+                        now.isoformat(),
+                        json.dumps(list(contacts)),
+                        monthly_payment,
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise ValueError(f"account {name!r} already exists") from None
             account_id = cursor.lastrowid
             for domain in domains:
-                await db.execute(
-                    "INSERT OR IGNORE INTO account_domains VALUES (?, ?)", (account_id, domain)
-                )
+                await db.execute("INSERT OR IGNORE INTO account_domains VALUES (?, ?)", (account_id, domain))
             for network in networks:
-                await db.execute(
-                    "INSERT OR IGNORE INTO account_networks VALUES (?, ?)", (account_id, network)
-                )
+                await db.execute("INSERT OR IGNORE INTO account_networks VALUES (?, ?)", (account_id, network))
 
     async def set_payment(self, name: str, ok: bool, detail: str, now: datetime) -> bool:
         """Block or release sending. A release also retries the charges that failed."""
@@ -249,9 +252,7 @@ def full_account(conn: sqlite3.Connection, where: str, value: object) -> Account
 
 def account_with_lists(row: sqlite3.Row) -> Account:
     """A FULL_ACCOUNT_SELECT row: domains and networks never hold spaces."""
-    return account_core(
-        row, tuple((row["domain_list"] or "").split()), tuple((row["network_list"] or "").split())
-    )
+    return account_core(row, tuple((row["domain_list"] or "").split()), tuple((row["network_list"] or "").split()))
 
 
 def usage_row(conn: sqlite3.Connection, account_id: int, period_key: str, awaiting_results: int | None) -> Usage:
@@ -267,5 +268,12 @@ def usage_of(row: sqlite3.Row | None, awaiting_results: int | None) -> Usage:
     """A period's counters and history from (accepted, reserved, delivered, soft, hard, history)."""
     if row is None:
         return Usage(awaiting_results=awaiting_results)
-    return Usage(accepted=row[0], reserved=row[1], delivered=row[2], soft_bounced=row[3], hard_bounced=row[4],
-                 awaiting_results=awaiting_results, history=history_from_json(row[5]))
+    return Usage(
+        accepted=row[0],
+        reserved=row[1],
+        delivered=row[2],
+        soft_bounced=row[3],
+        hard_bounced=row[4],
+        awaiting_results=awaiting_results,
+        history=history_from_json(row[5]),
+    )

@@ -57,9 +57,16 @@ class SqliteAudit(SqliteConnection):
             cursor = await db.execute(
                 "INSERT INTO audit_events (time, actor, action, target, before, after, detail, event_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (draft.at.isoformat(), draft.actor, draft.action, draft.target,
-                 None if draft.before is None else json.dumps(draft.before, sort_keys=True),
-                 json.dumps(after, sort_keys=True), json.dumps(draft.detail, sort_keys=True), draft.event_id),
+                (
+                    draft.at.isoformat(),
+                    draft.actor,
+                    draft.action,
+                    draft.target,
+                    None if draft.before is None else json.dumps(draft.before, sort_keys=True),
+                    json.dumps(after, sort_keys=True),
+                    json.dumps(draft.detail, sort_keys=True),
+                    draft.event_id,
+                ),
             )
         except sqlite3.IntegrityError:
             raise DuplicateEvent(f"event {draft.event_id!r} was already applied") from None
@@ -70,10 +77,12 @@ class SqliteAudit(SqliteConnection):
         row = await cursor.fetchone()
         if row is None:
             return None
-        domains = await (await db.execute(
-            "SELECT domain FROM account_domains WHERE account_id = ? ORDER BY domain", (row["id"],))).fetchall()
-        networks = await (await db.execute(
-            "SELECT network FROM account_networks WHERE account_id = ? ORDER BY network", (row["id"],))).fetchall()
+        domains = await (
+            await db.execute("SELECT domain FROM account_domains WHERE account_id = ? ORDER BY domain", (row["id"],))
+        ).fetchall()
+        networks = await (
+            await db.execute("SELECT network FROM account_networks WHERE account_id = ? ORDER BY network", (row["id"],))
+        ).fetchall()
         return draft.view(account_core(row, tuple(r[0] for r in domains), tuple(r[0] for r in networks)))
 
     async def add_audit_event(
@@ -91,9 +100,15 @@ class SqliteAudit(SqliteConnection):
             cursor = await db.execute(
                 "INSERT INTO audit_events (time, actor, action, target, before, after, detail)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (at.isoformat(), actor, action, target,
-                 None if before is None else json.dumps(before, sort_keys=True),
-                 None if after is None else json.dumps(after, sort_keys=True), json.dumps(detail, sort_keys=True)),
+                (
+                    at.isoformat(),
+                    actor,
+                    action,
+                    target,
+                    None if before is None else json.dumps(before, sort_keys=True),
+                    None if after is None else json.dumps(after, sort_keys=True),
+                    json.dumps(detail, sort_keys=True),
+                ),
             )
             return int(cursor.lastrowid or 0)
 

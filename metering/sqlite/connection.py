@@ -120,9 +120,7 @@ class SqliteConnection:
     async def _audit_end(self, db: aiosqlite.Connection) -> None:
         """Last in every `_tx` transaction, before COMMIT (SqliteAudit writes a pending change's audit event)."""
 
-    async def _run(
-        self, operation: Callable[[sqlite3.Connection], _T], write: bool = True, durable: bool = True
-    ) -> _T:
+    async def _run(self, operation: Callable[[sqlite3.Connection], _T], write: bool = True, durable: bool = True) -> _T:
         """Run `operation` whole in the connection's thread: one hop, not one per statement.
 
         The hot path (reserve, commit, release, results, account reads) goes through here:
@@ -170,7 +168,9 @@ class SqliteConnection:
                         _write_batch, db._conn, [op for op, _, _ in batch], durable, self._busy_timeout_ms / 1000
                     )
                 except (sqlite3.Error, StoreUnavailable, ValueError) as error:
-                    failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"meter store: {error}")
+                    failure = (
+                        error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"meter store: {error}")
+                    )
                     for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(failure)

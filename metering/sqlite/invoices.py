@@ -30,7 +30,8 @@ class SqliteInvoices(SqliteConnection):
             added = False
             if credit is not None and await insert_charge(db, account, period_key, credit, now):
                 await db.execute(
-                    "UPDATE accounts SET prepaid_balance = prepaid_balance + ? WHERE id = ?", (credit.amount, account_id)
+                    "UPDATE accounts SET prepaid_balance = prepaid_balance + ? WHERE id = ?",
+                    (credit.amount, account_id),
                 )
                 await db.execute(
                     "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at)"
@@ -122,9 +123,19 @@ class SqliteInvoices(SqliteConnection):
                 " due_date, statement_date, total, amount_due, prepaid_applied, status, body)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    invoice.id, invoice.account_id, invoice.period_key, invoice.period_end, invoice.issued_at,
-                    invoice.invoice_date, invoice.due_date, invoice.statement_date, invoice.total,
-                    invoice.amount_due, invoice.prepaid_applied, invoice.status, invoice.body,
+                    invoice.id,
+                    invoice.account_id,
+                    invoice.period_key,
+                    invoice.period_end,
+                    invoice.issued_at,
+                    invoice.invoice_date,
+                    invoice.due_date,
+                    invoice.statement_date,
+                    invoice.total,
+                    invoice.amount_due,
+                    invoice.prepaid_applied,
+                    invoice.status,
+                    invoice.body,
                 ),
             )
             if cursor.rowcount != 1:
@@ -155,8 +166,10 @@ class SqliteInvoices(SqliteConnection):
             return True
 
     async def invoices(self, account_id: int | None = None) -> list[InvoiceRecord]:
-        sql = "SELECT id, account_id, period_key, period_end, issued_at, invoice_date, due_date, statement_date," \
-              " total, amount_due, prepaid_applied, status, body FROM invoices"
+        sql = (
+            "SELECT id, account_id, period_key, period_end, issued_at, invoice_date, due_date, statement_date,"
+            " total, amount_due, prepaid_applied, status, body FROM invoices"
+        )
         rows = await (
             self._read(sql + " ORDER BY period_key, id")
             if account_id is None
@@ -196,9 +209,7 @@ class SqliteInvoices(SqliteConnection):
             )
 
     async def notices_of(self, account_id: int) -> list[sqlite3.Row]:
-        return await self._read(
-            "SELECT * FROM notices WHERE account_id = ? ORDER BY created_at, key", (account_id,)
-        )
+        return await self._read("SELECT * FROM notices WHERE account_id = ? ORDER BY created_at, key", (account_id,))
 
 
 async def insert_charge(
@@ -230,6 +241,16 @@ def insert_charge_sync(
     conn.execute(
         "INSERT OR IGNORE INTO charges (idempotency_key, account_id, period_key, kind, seq, amount,"
         " emails_unlocked, description, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (charge_key(account.name, period_key, charge.key), account.id, period_key, charge.kind, charge.index,
-         charge.amount, charge.emails_unlocked, charge.description, now.isoformat(), now.isoformat()),
+        (
+            charge_key(account.name, period_key, charge.key),
+            account.id,
+            period_key,
+            charge.kind,
+            charge.index,
+            charge.amount,
+            charge.emails_unlocked,
+            charge.description,
+            now.isoformat(),
+            now.isoformat(),
+        ),
     )

@@ -93,9 +93,7 @@ class SqliteLedger(SqliteConnection):
             cursor = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
             if cursor.fetchone():
                 return
-            cursor = conn.execute(
-                "SELECT account_id, period_key, emails FROM holds WHERE id = ?", (hold_id,)
-            )
+            cursor = conn.execute("SELECT account_id, period_key, emails FROM holds WHERE id = ?", (hold_id,))
             row = cursor.fetchone()
             if row is None:
                 raise UnknownHold(hold_id)
@@ -184,8 +182,9 @@ class SqliteLedger(SqliteConnection):
         crash reported it again), so nothing is counted twice.
         """
         return await self._run(
-            lambda conn: _record_result_sync(conn, queue_id, recipient, result, detail, account_id, period_key, now,
-                                             reason)
+            lambda conn: _record_result_sync(
+                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason
+            )
         )
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:
@@ -211,8 +210,9 @@ class SqliteLedger(SqliteConnection):
             if row is None:
                 return None
             account = account_row(conn, row[0])
-            return _record_result_sync(conn, queue_id, recipient, result, detail, account.id,
-                                       period_key_for(account), now, reason)
+            return _record_result_sync(
+                conn, queue_id, recipient, result, detail, account.id, period_key_for(account), now, reason
+            )
 
         return await self._run(operation)
 
@@ -290,8 +290,7 @@ def _record_result_sync(
     )
     counter = _COUNTER_FOR_RESULT.get(result)
     if counter is not None:
-        conn.execute("UPDATE accounts SET awaiting_results = MAX(awaiting_results - 1, 0) WHERE id = ?",
-                     (account_id,))
+        conn.execute("UPDATE accounts SET awaiting_results = MAX(awaiting_results - 1, 0) WHERE id = ?", (account_id,))
         conn.execute(
             f"INSERT INTO period_usage (account_id, period_key, {counter}) VALUES (?, ?, 1)"
             f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = {counter} + 1",

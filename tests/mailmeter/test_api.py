@@ -39,7 +39,12 @@ class Api:
         return f"http://127.0.0.1:{self.harness.relay.api.port}"
 
     async def call(
-        self, method: str, path: str, body: Any = None, token: str | None = OPS_TOKEN, raw: bytes | None = None,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = OPS_TOKEN,
+        raw: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         sent = dict(headers or {})
@@ -54,12 +59,18 @@ class Api:
                 return response.status, json.loads(text)
             return response.status, text
 
-    async def webhook(self, event: dict[str, Any], secret: bytes = WEBHOOK_SECRET,
-                      timestamp: float | None = None) -> tuple[int, Any]:
+    async def webhook(
+        self, event: dict[str, Any], secret: bytes = WEBHOOK_SECRET, timestamp: float | None = None
+    ) -> tuple[int, Any]:
         body = json.dumps(event).encode()
         stamp = str(int(time.time() if timestamp is None else timestamp))
-        return await self.call("POST", "/v1/webhooks/payment", raw=body, token=None, headers={
-            "X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(secret, stamp, body)})
+        return await self.call(
+            "POST",
+            "/v1/webhooks/payment",
+            raw=body,
+            token=None,
+            headers={"X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(secret, stamp, body)},
+        )
 
 
 def api_overrides(directory: Path, **extra: Any) -> dict[str, Any]:
@@ -98,13 +109,18 @@ NEW_ACCOUNT = {"name": "app", "password": PASSWORD, "plan": "small", "sender_dom
 
 async def test_every_admin_route_needs_a_valid_bearer_token(api: Api) -> None:
     for token, header in ((None, None), ("wrong-token-0123456789", None), (None, "Basic b3BzOnNlY3JldA==")):
-        status, body = await api.call("GET", "/v1/accounts", token=token,
-                                      headers={"Authorization": header} if header else None)
+        status, body = await api.call(
+            "GET", "/v1/accounts", token=token, headers={"Authorization": header} if header else None
+        )
         assert status == 401 and "api.tokens_file" in body["error"]
     # Every route the API describes as needing the token refuses a request without it.
     status, doc = await api.call("GET", "/openapi.json", token=None)
-    guarded = [(method, re.sub(r"{\w+}", "x", path)) for path, item in doc["paths"].items()
-               for method, operation in item.items() if operation.get("security") != []]
+    guarded = [
+        (method, re.sub(r"{\w+}", "x", path))
+        for path, item in doc["paths"].items()
+        for method, operation in item.items()
+        if operation.get("security") != []
+    ]
     assert len(guarded) == 20
     for method, path in guarded:
         status, body = await api.call(method.upper(), path, {}, token=None)
@@ -134,7 +150,7 @@ async def test_openapi_lists_every_route_with_its_schemas(api: Api) -> None:
     documented = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert routes == documented
     schemas = doc["components"]["schemas"]
-    for (path, method) in documented:
+    for path, method in documented:
         operation = doc["paths"][path][method]
         assert operation["summary"] and operation["responses"], (path, method)
         for response in operation["responses"].values():
@@ -235,8 +251,9 @@ async def test_invoices_exports_plans_preview_and_billing_run(api: Api) -> None:
     status, body = await api.call("GET", "/v1/invoices/INV-nope")
     assert status == 404 and "mailmeter invoice list" in body["error"]
 
-    async with api.session.get(api.base + "/v1/exports/2026-01.csv",
-                               headers={"Authorization": f"Bearer {OPS_TOKEN}"}) as response:
+    async with api.session.get(
+        api.base + "/v1/exports/2026-01.csv", headers={"Authorization": f"Bearer {OPS_TOKEN}"}
+    ) as response:
         assert response.status == 200 and response.content_type == "text/csv"
         rows = list(csv.DictReader(io.StringIO(await response.text())))
     assert rows and {row["invoice_id"] for row in rows} == {"INV-app-20260101"}
@@ -314,7 +331,7 @@ async def _pending_charge(api: Api, payments: PaymentServer) -> str:
     await client.quit()
     status, run = await api.call("POST", "/v1/billing/run")
     assert status == 200 and run["charges_collected"] == 0 and run["charges_failed"] == 0
-    (key, charge), = payments.received
+    ((key, charge),) = payments.received
     assert key.endswith("/block/1") and charge["amount"] == "1.00"
     return key
 
@@ -348,8 +365,9 @@ async def test_webhook_events_block_and_release_a_live_smtp_session(
     assert (await session.mail("app@example.com")).code == 250
     await session.rset()
 
-    status, result = await api.webhook({"id": "evt_f", "type": "charge.failed", "charge": key,
-                                        "reason": "card declined"})
+    status, result = await api.webhook(
+        {"id": "evt_f", "type": "charge.failed", "charge": key, "reason": "card declined"}
+    )
     assert status == 200 and (result["applied"], result["payment_state"]) == (True, "failed")
     response = await session.execute_command(b"MAIL", b"FROM:<app@example.com>")
     assert response.code == 451 and response.message.startswith("4.7.1 Sending is paused because a payment failed")
@@ -384,8 +402,9 @@ async def test_the_same_webhook_event_twice_changes_nothing_the_second_time(
     status, account = await api.call("GET", "/v1/accounts/app")
     assert (account["payment_state"], account["payment_detail"]) == ("failed", "manual again")
     # Two deliveries of a new event at the same moment: exactly one applies.
-    both = await asyncio.gather(*(api.webhook({"id": "evt_race", "type": "payment_method.updated",
-                                               "account": "app"}) for _ in range(2)))
+    both = await asyncio.gather(
+        *(api.webhook({"id": "evt_race", "type": "payment_method.updated", "account": "app"}) for _ in range(2))
+    )
     assert sorted(result["duplicate"] for _, result in both) == [False, True]
     status, events = await api.call("GET", "/v1/audit?account=app")
     webhook_ids = [e["event_id"] for e in events if e["actor"] == "webhook:payment"]
@@ -449,8 +468,13 @@ async def store_api(request: pytest.FixtureRequest, start_api: Callable[..., Awa
 async def test_wide_network_bindings_need_allow_wide_network(api: Api) -> None:
     """A network binding sends without AUTH: wider than a /16 or /48 it is refused unless the
     request says allow_wide_network (loopback is only this host: always allowed)."""
-    for network, widest in (("0.0.0.0/0", 16), ("::/0", 48), ("10.0.0.0/8", 16), ("2001:db8::/32", 48),
-                            ("::ffff:0:0/96", 16)):
+    for network, widest in (
+        ("0.0.0.0/0", 16),
+        ("::/0", 48),
+        ("10.0.0.0/8", 16),
+        ("2001:db8::/32", 48),
+        ("::ffff:0:0/96", 16),
+    ):
         status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "networks": [network]})
         assert status == 400, (network, body)
         assert body["error"].startswith(f"networks: {network} is wider than a /{widest}")
@@ -459,8 +483,9 @@ async def test_wide_network_bindings_need_allow_wide_network(api: Api) -> None:
     for name, network in (("lan", "10.1.0.0/16"), ("v6", "2001:db8:1::/48"), ("local", "127.0.0.0/8")):
         status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": name, "networks": [network]})
         assert status == 201, body
-    status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "networks": ["0.0.0.0/0"],
-                                                            "allow_wide_network": True})
+    status, body = await api.call(
+        "POST", "/v1/accounts", {**NEW_ACCOUNT, "networks": ["0.0.0.0/0"], "allow_wide_network": True}
+    )
     assert status == 201 and body["networks"] == ["0.0.0.0/0"]
     status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "x", "allow_wide_network": "yes"})
     assert status == 400 and body["error"].startswith("allow_wide_network:")
@@ -476,16 +501,36 @@ async def test_inputs_that_gave_500_or_503_are_400_naming_the_field(store_api: A
     lone = '"\\ud800"'  # a lone surrogate, as JSON can carry it
     cases: list[tuple[str, str, bytes, str]] = [
         ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "a\0b"}).encode(), "name:"),
-        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "x"})[:-1].encode() + b', "contacts": ['
-         + lone.encode() + b"]}", "contacts[0]:"),
-        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "y", "sender_domains": ["ex\0.com"]}).encode(),
-         "sender_domains[0]:"),
-        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "k", "sender_domains": ["\u212aelvin.test"]}).encode(),
-         "is not a domain name: it holds U+212A (KELVIN SIGN), a look-alike of 'K'"),
-        ("POST", "/v1/accounts", json.dumps({**NEW_ACCOUNT, "name": "p", "password": "pw\udfff"},
-                                            ensure_ascii=True).encode(), "password:"),
-        ("POST", "/v1/accounts/app/payment", json.dumps({"state": "failed", "reason": "card\0declined"}).encode(),
-         "reason:"),
+        (
+            "POST",
+            "/v1/accounts",
+            json.dumps({**NEW_ACCOUNT, "name": "x"})[:-1].encode() + b', "contacts": [' + lone.encode() + b"]}",
+            "contacts[0]:",
+        ),
+        (
+            "POST",
+            "/v1/accounts",
+            json.dumps({**NEW_ACCOUNT, "name": "y", "sender_domains": ["ex\0.com"]}).encode(),
+            "sender_domains[0]:",
+        ),
+        (
+            "POST",
+            "/v1/accounts",
+            json.dumps({**NEW_ACCOUNT, "name": "k", "sender_domains": ["\u212aelvin.test"]}).encode(),
+            "is not a domain name: it holds U+212A (KELVIN SIGN), a look-alike of 'K'",
+        ),
+        (
+            "POST",
+            "/v1/accounts",
+            json.dumps({**NEW_ACCOUNT, "name": "p", "password": "pw\udfff"}, ensure_ascii=True).encode(),
+            "password:",
+        ),
+        (
+            "POST",
+            "/v1/accounts/app/payment",
+            json.dumps({"state": "failed", "reason": "card\0declined"}).encode(),
+            "reason:",
+        ),
         ("POST", "/v1/accounts/app/balance", b'{"amount": "99999999999999999999999999.00"}', "amount:"),
         ("POST", "/v1/accounts/app/balance", deep(100_000), "the request body is nested too deeply"),
         ("POST", "/v1/accounts/app/balance", deep(50), "amount"),
@@ -513,11 +558,21 @@ async def test_webhook_headers_and_replays(api: Api) -> None:
     """Malformed signature headers are a 400 naming the header (no credentials needed to get one,
     never a 500); an event needs its id in the signed body, so a captured event cannot be applied
     again under a new Idempotency-Key."""
-    status, body = await api.call("POST", "/v1/webhooks/payment", raw=b"{}", token=None, headers={
-        "X-Mailmeter-Timestamp": str(int(time.time())), "X-Mailmeter-Signature": "sha256=é" + "0" * 63})
+    status, body = await api.call(
+        "POST",
+        "/v1/webhooks/payment",
+        raw=b"{}",
+        token=None,
+        headers={"X-Mailmeter-Timestamp": str(int(time.time())), "X-Mailmeter-Signature": "sha256=é" + "0" * 63},
+    )
     assert status == 400 and body["error"].startswith("X-Mailmeter-Signature:")
-    status, body = await api.call("POST", "/v1/webhooks/payment", raw=b"{}", token=None, headers={
-        "X-Mailmeter-Timestamp": "١٧٠٠٠٠٠٠٠٠", "X-Mailmeter-Signature": "sha256=" + "0" * 64})
+    status, body = await api.call(
+        "POST",
+        "/v1/webhooks/payment",
+        raw=b"{}",
+        token=None,
+        headers={"X-Mailmeter-Timestamp": "١٧٠٠٠٠٠٠٠٠", "X-Mailmeter-Signature": "sha256=" + "0" * 64},
+    )
     assert status == 400 and body["error"].startswith("X-Mailmeter-Timestamp:")
     assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
     assert (await api.call("POST", "/v1/accounts/app/payment", {"state": "failed"}))[0] == 200
@@ -526,8 +581,9 @@ async def test_webhook_headers_and_replays(api: Api) -> None:
     stamp = str(int(time.time()))
     signed = {"X-Mailmeter-Timestamp": stamp, "X-Mailmeter-Signature": sign(WEBHOOK_SECRET, stamp, body_bytes)}
     for key in ("key-1", "key-2"):
-        status, body = await api.call("POST", "/v1/webhooks/payment", raw=body_bytes, token=None,
-                                      headers={**signed, "Idempotency-Key": key})
+        status, body = await api.call(
+            "POST", "/v1/webhooks/payment", raw=body_bytes, token=None, headers={**signed, "Idempotency-Key": key}
+        )
         assert status == 400 and body["error"].startswith("id:"), body
     assert (await api.call("GET", "/v1/accounts/app"))[1]["payment_state"] == "failed"  # never applied
     with_id = json.dumps({**event, "id": "evt_1"}).encode()
@@ -535,8 +591,9 @@ async def test_webhook_headers_and_replays(api: Api) -> None:
     first = await api.call("POST", "/v1/webhooks/payment", raw=with_id, token=None, headers=signed)
     assert first[0] == 200 and first[1]["duplicate"] is False
     assert (await api.call("POST", "/v1/accounts/app/payment", {"state": "failed"}))[0] == 200
-    replay = await api.call("POST", "/v1/webhooks/payment", raw=with_id, token=None,
-                            headers={**signed, "Idempotency-Key": "a-new-key"})
+    replay = await api.call(
+        "POST", "/v1/webhooks/payment", raw=with_id, token=None, headers={**signed, "Idempotency-Key": "a-new-key"}
+    )
     assert replay[0] == 200 and replay[1]["duplicate"] is True
     assert (await api.call("GET", "/v1/accounts/app"))[1]["payment_state"] == "failed"  # the replay changed nothing
     nested = b'{"id": "evt_2", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -571,7 +628,13 @@ async def test_plan_change_upgrades_a_live_session_at_once_and_downgrades_at_the
     status, result = await api.call("PUT", "/v1/accounts/app/plan", {"plan": "small"})
     assert status == 200
     assert {k: result[k] for k in ("from", "to", "change", "at_once", "plan", "plan_change")} == {
-        "from": "tiny", "to": "small", "change": "upgrade", "at_once": True, "plan": "small", "plan_change": None}
+        "from": "tiny",
+        "to": "small",
+        "change": "upgrade",
+        "at_once": True,
+        "plan": "small",
+        "plan_change": None,
+    }
     assert (await session.execute_command(b"RCPT", b"TO:<d@example.net>")).code == 250  # the same transaction
     assert (await session.data(b"Subject: y\r\n\r\ny\r\n")).code == 250
     await session.quit()
@@ -588,7 +651,10 @@ async def test_plan_change_upgrades_a_live_session_at_once_and_downgrades_at_the
     assert (result["change"], result["plan_change"]) == ("cancelled", None)
     status, (event,) = await api.call("GET", "/v1/audit?account=app&limit=1")
     assert (event["action"], event["detail"], event["changes"]["plan_change"][1]) == (
-        "plan.change", {"plan": "small"}, None)
+        "plan.change",
+        {"plan": "small"},
+        None,
+    )
 
 
 async def test_plan_change_errors_name_the_fix(start_api: Callable[..., Awaitable[Api]]) -> None:
@@ -617,8 +683,9 @@ async def test_preview_from_a_balance_through_scripted_events(api: Api) -> None:
         {"at": 15, "type": "payment", "state": "failed"},
         {"at": 18, "type": "payment", "state": "ok"},
     ]
-    status, result = await api.call("POST", "/v1/plans/e/preview",
-                                    {"emails": 30, "start": "2026-04-01", "balance": "5.00", "events": events})
+    status, result = await api.call(
+        "POST", "/v1/plans/e/preview", {"emails": 30, "start": "2026-04-01", "balance": "5.00", "events": events}
+    )
     assert status == 200, result
     assert (result["balance"], result["accepted"], result["refused"]) == ("5.00", 27, 3)
     assert [(r["first"], r["last"], r["reason"]) for r in result["refusals"]] == [(16, 18, "payment_failed")]
@@ -626,7 +693,9 @@ async def test_preview_from_a_balance_through_scripted_events(api: Api) -> None:
     # 11 and 12 over the first 10 (a $1 block of 5); raised to 20: 21-27 over it, overage 9: two blocks.
     assert [(c["key"], c["trigger_email"]) for c in result["charges"]] == [("block/1", 11), ("block/2", 24)]
     assert [line["description"] for line in result["invoice"]["lines"]] == [
-        "Email overage: 9 emails. Cost: $2", "Charged during the period: 2 usage charges"]
+        "Email overage: 9 emails. Cost: $2",
+        "Charged during the period: 2 usage charges",
+    ]
     for bad, message in [
         ({"events": {"at": 1}}, "events: give a list"),
         ({"events": [{"at": 1, "type": "refund"}]}, "events[0].type: 'refund' is not an event"),
@@ -667,8 +736,9 @@ async def test_the_monthly_payment_of_a_prepaid_account(start_api: Callable[...,
     await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "e", "plan": "e"})
     status, body = await api.call("PUT", "/v1/accounts/e/monthly-payment", {"amount": "1.00"})
     assert status == 409 and "postpaid" in body["error"]
-    status, body = await api.call("POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "x", "plan": "e",
-                                                           "monthly_payment": "5.00"})
+    status, body = await api.call(
+        "POST", "/v1/accounts", {**NEW_ACCOUNT, "name": "x", "plan": "e", "monthly_payment": "5.00"}
+    )
     assert status == 400 and "postpaid" in body["error"]
     status, events = await api.call("GET", "/v1/audit?account=app")
     assert [e["action"] for e in events] == ["balance.monthly", "account.add"]

@@ -30,8 +30,17 @@ def test_cli_changes_are_audited_with_the_local_user(tmp_path: Path) -> None:
     config = write_config(tmp_path, 2526)
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     steps = [
-        ("account", "add", "app", "--password-file", str(tmp_path / "pw"), "--plan", "small",
-         "--sender-domain", "example.com"),
+        (
+            "account",
+            "add",
+            "app",
+            "--password-file",
+            str(tmp_path / "pw"),
+            "--plan",
+            "small",
+            "--sender-domain",
+            "example.com",
+        ),
         ("payment", "failed", "app", "--reason", "card expired"),
         ("balance", "add", "app", "12.50"),
         ("limit", "quota", "app", "500"),
@@ -103,8 +112,14 @@ async def meter(tmp_path: Path) -> Any:
 
 
 def _draft(action: str, target: str = "app", event_id: str | None = None) -> AuditDraft:
-    return AuditDraft(at=datetime.now(UTC), actor="test", action=action, target=target,
-                      view=partial(account_view, currency=USD), event_id=event_id)
+    return AuditDraft(
+        at=datetime.now(UTC),
+        actor="test",
+        action=action,
+        target=target,
+        view=partial(account_view, currency=USD),
+        event_id=event_id,
+    )
 
 
 async def test_an_audit_event_commits_or_rolls_back_with_its_change(meter: Meter) -> None:
@@ -128,23 +143,41 @@ async def test_an_audit_event_commits_or_rolls_back_with_its_change(meter: Meter
 
 
 def test_the_monthly_payment_from_the_cli_applies_next_period_and_is_audited(tmp_path: Path) -> None:
-    plans = {"b": {"price": {"kind": "flat", "amount": "0.01"},
-                   "funding": {"kind": "prepaid", "monthly_payment": "10.00"}},
-             "small": {"email_quota": 10}}
+    plans = {
+        "b": {"price": {"kind": "flat", "amount": "0.01"}, "funding": {"kind": "prepaid", "monthly_payment": "10.00"}},
+        "small": {"email_quota": 10},
+    }
     config = write_config(tmp_path, 2526, plans=plans)
     (tmp_path / "pw").write_text(PASSWORD + "\n")
-    added = mailmeter(config, "account", "add", "app", "--password-file", str(tmp_path / "pw"), "--plan", "b",
-                      "--sender-domain", "example.com", "--monthly-payment", "20.00")
+    added = mailmeter(
+        config,
+        "account",
+        "add",
+        "app",
+        "--password-file",
+        str(tmp_path / "pw"),
+        "--plan",
+        "b",
+        "--sender-domain",
+        "example.com",
+        "--monthly-payment",
+        "20.00",
+    )
     assert added.returncode == 0, added.stderr
     changed = mailmeter(config, "balance", "monthly", "app", "35.00")
     assert changed.returncode == 0, changed.stderr
     result = json.loads(changed.stdout)
     assert (result["monthly_payment"], result["next_monthly_payment"], result["prepaid_balance"]) == (
-        "20.00", "35.00", "20.00")
+        "20.00",
+        "35.00",
+        "20.00",
+    )
     usage = json.loads(mailmeter(config, "usage", "app", "--json").stdout)
     assert usage["prepaid"]["next_credit_at"] == result["applies_from"]
-    for args, message, status in ((("app", "35.005"), "has more decimals than USD has (2)", 2),
-                                  (("ghost", "1.00"), "no account named 'ghost'", 1)):
+    for args, message, status in (
+        (("app", "35.005"), "has more decimals than USD has (2)", 2),
+        (("ghost", "1.00"), "no account named 'ghost'", 1),
+    ):
         refused = mailmeter(config, "balance", "monthly", *args)  # (the API test covers the other refusals)
         assert refused.returncode == status and message in refused.stderr, refused.stderr
     events = json.loads(mailmeter(config, "audit", "--account", "app", "--json").stdout)

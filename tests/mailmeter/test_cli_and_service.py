@@ -24,7 +24,11 @@ SECRET_BODY = "the-body-must-never-be-logged"
 def mailmeter(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mailmeter.cli", "--config", str(config), *args],
-        capture_output=True, text=True, input=stdin, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+        cwd=REPO,
     )
 
 
@@ -36,8 +40,19 @@ def config(tmp_path: Path) -> Path:
 def add(config: Path, name: str = "app", *extra: str) -> subprocess.CompletedProcess[str]:
     password_file = config.parent / f"{name}.password"
     password_file.write_text(PASSWORD + "\n")
-    return mailmeter(config, "account", "add", name, "--password-file", str(password_file),
-                     "--plan", "small", "--sender-domain", "example.com", *extra)
+    return mailmeter(
+        config,
+        "account",
+        "add",
+        name,
+        "--password-file",
+        str(password_file),
+        "--plan",
+        "small",
+        "--sender-domain",
+        "example.com",
+        *extra,
+    )
 
 
 def test_account_add_list_show(config: Path) -> None:
@@ -63,8 +78,18 @@ def test_account_errors_name_the_fix(config: Path) -> None:
     again = add(config)
     assert again.returncode == 1 and "account 'app' already exists" in again.stderr
     password_file = config.parent / "app.password"
-    unknown_plan = mailmeter(config, "account", "add", "x", "--password-file", str(password_file),
-                             "--plan", "gold", "--sender-domain", "x.test")
+    unknown_plan = mailmeter(
+        config,
+        "account",
+        "add",
+        "x",
+        "--password-file",
+        str(password_file),
+        "--plan",
+        "gold",
+        "--sender-domain",
+        "x.test",
+    )
     assert unknown_plan.returncode == 2 and "plan 'gold' is not defined" in unknown_plan.stderr
     no_domain = mailmeter(config, "account", "add", "y", "--password-file", str(password_file), "--plan", "small")
     assert no_domain.returncode == 2 and "--sender-domain" in no_domain.stderr
@@ -120,8 +145,14 @@ async def _read_event(stream: asyncio.StreamReader, event: str, lines: list[dict
 async def serve(config: Path, lines: list[dict[str, Any]]) -> tuple[asyncio.subprocess.Process, int]:
     """`mailmeter serve` as a process, and its port once it logged relay.started (on uvloop)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        sys.executable,
+        "-m",
+        "mailmeter.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
     )
     assert process.stderr is not None
     try:
@@ -171,8 +202,15 @@ async def test_serve_process_relays_and_logs_json(tmp_path: Path, upstream: Upst
     usage = mailmeter(config, "usage", "app", "--json")
     assert usage.returncode == 0, usage.stderr
     report = json.loads(usage.stdout)
-    assert {k: report[k] for k in ("accepted", "delivered", "soft_bounced", "hard_bounced", "reserved", "remaining")} == {
-        "accepted": 2, "delivered": 2, "soft_bounced": 0, "hard_bounced": 0, "reserved": 0, "remaining": 998,
+    assert {
+        k: report[k] for k in ("accepted", "delivered", "soft_bounced", "hard_bounced", "reserved", "remaining")
+    } == {
+        "accepted": 2,
+        "delivered": 2,
+        "soft_bounced": 0,
+        "hard_bounced": 0,
+        "reserved": 0,
+        "remaining": 998,
     }
 
 
@@ -187,17 +225,20 @@ async def test_serve_process_starttls_then_auth(tmp_path: Path, upstream: Upstre
     certificate = authority.issue_cert("relay.test", "127.0.0.1")
     certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
     certificate.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
-    config = write_config(tmp_path, upstream.port, log={"level": "info"},
-                          auth={"allow_plaintext_on_loopback": False},
-                          tls={"certificate": str(tmp_path / "relay.pem"), "key": str(tmp_path / "relay.key")})
+    config = write_config(
+        tmp_path,
+        upstream.port,
+        log={"level": "info"},
+        auth={"allow_plaintext_on_loopback": False},
+        tls={"certificate": str(tmp_path / "relay.pem"), "key": str(tmp_path / "relay.key")},
+    )
     assert add(config).returncode == 0
     lines: list[dict[str, Any]] = []
     process, port = await serve(config, lines)
     try:
         context = ssl.create_default_context()
         authority.configure_trust(context)
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10,
-                                 tls_context=context)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10, tls_context=context)
         await client.connect()
         await client.ehlo()
         assert not client.supports_extension("auth")  # no AUTH offered in the clear
@@ -227,7 +268,9 @@ def test_readme_lists_every_refusal_text() -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = next(line.strip() for line in readme.splitlines() if "pytest" in line and line.strip().startswith("python3"))
+    command = next(
+        line.strip() for line in readme.splitlines() if "pytest" in line and line.strip().startswith("python3")
+    )
     assert command in ci
     assert os.access(REPO / ".ci" / "run", os.R_OK)
 
@@ -252,8 +295,17 @@ def test_bad_input_is_one_line_and_exit_2(config: Path) -> None:
     keeps, control characters, text that is not UTF-8, a look-alike in a domain)."""
     assert add(config).returncode == 0
     password_file = config.parent / "app.password"
-    base = ["account", "add", "lan", "--password-file", str(password_file), "--plan", "small",
-            "--sender-domain", "example.net"]
+    base = [
+        "account",
+        "add",
+        "lan",
+        "--password-file",
+        str(password_file),
+        "--plan",
+        "small",
+        "--sender-domain",
+        "example.net",
+    ]
     cases: list[tuple[list[str | bytes], str]] = [
         ([*base, "--network", "0.0.0.0/0"], "networks: 0.0.0.0/0 is wider than a /16"),
         ([*base, "--network", "::/0"], "--allow-wide-network"),
@@ -262,14 +314,43 @@ def test_bad_input_is_one_line_and_exit_2(config: Path) -> None:
         (["limit", "quota", "app", "1000000000000000000000000"], "emails:"),
         (["payment", "failed", "app", "--reason", "card\x01declined"], "reason: contains the control character"),
         (["account", "show", b"app\xff"], "name: is not valid Unicode text"),
-        (["account", "add", "k", "--password-file", str(password_file), "--plan", "small",
-          "--sender-domain", "\u212aelvin.test"], "U+212A (KELVIN SIGN)"),
-        (["account", "add", "bad\x7fname", "--password-file", str(password_file), "--plan", "small",
-          "--sender-domain", "example.org"], "name: contains the control character U+007F"),
+        (
+            [
+                "account",
+                "add",
+                "k",
+                "--password-file",
+                str(password_file),
+                "--plan",
+                "small",
+                "--sender-domain",
+                "\u212aelvin.test",
+            ],
+            "U+212A (KELVIN SIGN)",
+        ),
+        (
+            [
+                "account",
+                "add",
+                "bad\x7fname",
+                "--password-file",
+                str(password_file),
+                "--plan",
+                "small",
+                "--sender-domain",
+                "example.org",
+            ],
+            "name: contains the control character U+007F",
+        ),
     ]
     for args, named in cases:
-        result = subprocess.run([sys.executable, "-m", "mailmeter.cli", "--config", str(config), *args],
-                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        result = subprocess.run(
+            [sys.executable, "-m", "mailmeter.cli", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         lines = result.stderr.splitlines()
         assert result.returncode == 2 and len(lines) == 1 and named in lines[0], (args, result.stderr)
     wide = mailmeter(config, *base, "--network", "0.0.0.0/0", "--allow-wide-network")

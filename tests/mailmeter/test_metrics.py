@@ -16,9 +16,7 @@ def value(text: str, name: str, labels: str = "") -> float:
     return float(match.group(1))
 
 
-async def test_metrics_count_sessions_transactions_results_and_meter_latency(
-    make_relay, upstream: Upstream
-) -> None:  # type: ignore[no-untyped-def]
+async def test_metrics_count_sessions_transactions_results_and_meter_latency(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
     harness: RelayHarness = make_relay(upstream.port, plans={"tiny": {"email_quota": 3}})
     await harness.start()
     await add_account(harness, plan="tiny")

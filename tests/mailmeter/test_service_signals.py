@@ -67,8 +67,16 @@ async def launch(config: Path, directory: Path) -> Service:
     sock.setblocking(False)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env, start_new_session=True,
+        sys.executable,
+        "-m",
+        "mailmeter.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
     )
     return Service(process, sock, config)
 
@@ -173,13 +181,21 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     unit = (REPO / "systemd" / "mailmeter.service").read_text()
     assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
-    for setting in ("StateDirectory=mailmeter", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
-                    "RestrictAddressFamilies=", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "WatchdogSec="):
+    for setting in (
+        "StateDirectory=mailmeter",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "WatchdogSec=",
+    ):
         assert setting in unit, setting
     mailmeter = shutil.which("mailmeter") or str(Path(sys.executable).parent / "mailmeter")
     (tmp_path / "mailmeter.service").write_text(unit.replace("/usr/local/bin/mailmeter", mailmeter))
-    result = subprocess.run([analyze, "verify", str(tmp_path / "mailmeter.service")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [analyze, "verify", str(tmp_path / "mailmeter.service")], capture_output=True, text=True, timeout=60
+    )
     problems = [line for line in result.stderr.splitlines() if "mailmeter.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
 
@@ -187,8 +203,13 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, upstream: Upstream) -> None:
     """listen.processes: 2 -> a supervisor and two relays on one port (SO_REUSEPORT), one meter."""
     port = free_port()
-    config = write_config(tmp_path, upstream.port, log={"level": "info"}, plans={"small": {"email_quota": 30}},
-                          listen={"address": "127.0.0.1", "port": port, "processes": 2})
+    config = write_config(
+        tmp_path,
+        upstream.port,
+        log={"level": "info"},
+        plans={"small": {"email_quota": 30}},
+        listen={"address": "127.0.0.1", "port": port, "processes": 2},
+    )
     assert add(config).returncode == 0
     svc = await launch(config, tmp_path)
     svc.port = port
@@ -238,8 +259,13 @@ async def test_several_processes_share_the_port_and_the_meter(tmp_path: Path, up
 
 def test_several_processes_need_a_fixed_port(tmp_path: Path, upstream: Upstream) -> None:
     config = write_config(tmp_path, upstream.port, listen={"address": "127.0.0.1", "port": 0, "processes": 2})
-    result = subprocess.run([sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config)],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode != 0 and "listen.processes" in result.stderr and "listen.port" in result.stderr
 
 

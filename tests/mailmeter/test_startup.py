@@ -33,8 +33,15 @@ START_TIMEOUT = 30.0  # "at once": a hang fails the test
 async def serve_once(config: Path, timeout: float = START_TIMEOUT) -> tuple[int, list[str]]:
     """Run `mailmeter serve` expecting it to refuse to start: (exit status, stderr lines)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO, start_new_session=True,
+        sys.executable,
+        "-m",
+        "mailmeter.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        start_new_session=True,
     )
     try:
         _, err = await asyncio.wait_for(process.communicate(), timeout)
@@ -90,8 +97,13 @@ async def finish_transaction(client: RawSmtp) -> int:
 
 
 def usage_of(config: Path) -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-m", "mailmeter.cli", "--config", str(config), "usage", "app", "--json"],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mailmeter.cli", "--config", str(config), "usage", "app", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
 
@@ -163,8 +175,9 @@ async def test_port_in_use_is_one_line_and_exit_2(tmp_path: Path, upstream: Upst
         status, lines = await serve_once(config)
         assert status == 2
         assert f"listen: 127.0.0.1:{port} is already in use by another program" in one_line(lines)
-        api_config = write_config(tmp_path, upstream.port, api={"enabled": True, "port": port,
-                                                                 "tokens_file": str(tokens(tmp_path))})
+        api_config = write_config(
+            tmp_path, upstream.port, api={"enabled": True, "port": port, "tokens_file": str(tokens(tmp_path))}
+        )
         status, lines = await serve_once(api_config)
         assert status == 2
         assert f"api: 127.0.0.1:{port} is already in use" in one_line(lines)
@@ -184,8 +197,13 @@ async def test_supervisor_reports_a_workers_start_up_failure_in_one_line(tmp_pat
     config = write_config(tmp_path, upstream.port, listen={"address": "127.0.0.1", "port": port, "processes": 2})
     holder_dir = tmp_path / "holder"
     holder_dir.mkdir()
-    holder = write_config(holder_dir, upstream.port, node={"name": "test-node.1"}, log={"level": "info"},
-                          spool={"path": str(tmp_path / "spool" / "worker-1")})
+    holder = write_config(
+        holder_dir,
+        upstream.port,
+        node={"name": "test-node.1"},
+        log={"level": "info"},
+        spool={"path": str(tmp_path / "spool" / "worker-1")},
+    )
     async with running(holder, holder_dir) as lone:
         status, lines = await serve_once(config)
         line = one_line(lines)
@@ -214,11 +232,14 @@ def read_only(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-async def test_unusable_database_and_spool_are_one_line_each(tmp_path: Path, upstream: Upstream,
-                                                              read_only: Path) -> None:
+async def test_unusable_database_and_spool_are_one_line_each(
+    tmp_path: Path, upstream: Upstream, read_only: Path
+) -> None:
     cases = [
-        ({"database": {"path": str(read_only / "meter.db")}},
-         f"database.path: cannot open {read_only / 'meter.db'}: attempt to write a readonly database"),
+        (
+            {"database": {"path": str(read_only / "meter.db")}},
+            f"database.path: cannot open {read_only / 'meter.db'}: attempt to write a readonly database",
+        ),
         ({"database": {"path": str(read_only / "new" / "meter.db")}}, "database.path"),
         ({"spool": {"path": str(read_only / "spool")}}, f"spool.path {read_only / 'spool'}: cannot write"),
         ({"spool": {"path": str(read_only / "missing" / "spool")}}, "spool.path"),
@@ -237,13 +258,14 @@ async def test_a_node_takes_its_name_again_after_a_lost_connection_and_stops_if_
 ) -> None:
     """The claim lives on its own connection: killed by the server, it is taken again; taken by
     someone else meanwhile, the node stops (exit 1) rather than run as a second `test-node`."""
-    config = write_config(tmp_path, upstream.port, log={"level": "info"},
-                          database={"url": schema_url(schema), "pool_size": 4})
+    config = write_config(
+        tmp_path, upstream.port, log={"level": "info"}, database={"url": schema_url(schema), "pool_size": 4}
+    )
     admin = await admin_connection()
     try:
         await admin.execute(f'SET search_path = "{schema}"')
         async with running(config, tmp_path) as node:
-            claim = ("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+            claim = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
             owner = f"mailmeter pid {node.process.pid} on {socket.gethostname()}, node test-node"
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", await admin.fetchval(claim, owner))
             again = await node.event("meter.node_claim", timeout=20)
@@ -256,7 +278,8 @@ async def test_a_node_takes_its_name_again_after_a_lost_connection_and_stops_if_
                 await asyncio.sleep(0.01)
             taken = await admin.fetchval(
                 "SELECT pg_try_advisory_lock("
-                "hashtextextended('mailmeter.node:' || current_schema() || ':test-node', 0))")
+                "hashtextextended('mailmeter.node:' || current_schema() || ':test-node', 0))"
+            )
             assert taken
             lost = await node.event("meter.node_claim_lost", timeout=20)
             assert lost["result"] == "stopping"

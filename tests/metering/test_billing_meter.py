@@ -96,14 +96,17 @@ async def world(store: Store, request: pytest.FixtureRequest) -> AsyncIterator[W
     clock = Clock(datetime(2026, 4, 1, tzinfo=timezone.utc))
     # postgres-leases: every reserve goes through a lease (renewed at each one, seconds=0,
     # so each decision sees the standing the example just set; the block stays held).
-    leasing = LeaseSettings(emails=50, seconds=0) if request.node.callspec.params["store"] == "postgres-leases" else None
+    leasing = (
+        LeaseSettings(emails=50, seconds=0) if request.node.callspec.params["store"] == "postgres-leases" else None
+    )
     meter = Meter(store, parse_plans(config["plans"]), node="n1", clock=clock, region="eu-1", leasing=leasing)
     yield World(meter, Billing(meter, NoGateway()), clock)
 
 
 async def add(world: World, name: str, plan: str, subscribed_on: date) -> None:
-    await world.meter.add_account(name, "pw", plan, ["example.com"], [], subscribed_on=subscribed_on,
-                                  contacts=[f"billing@{name}.test"])
+    await world.meter.add_account(
+        name, "pw", plan, ["example.com"], [], subscribed_on=subscribed_on, contacts=[f"billing@{name}.test"]
+    )
 
 
 async def test_model_a_830_dollars_in_april(world: World) -> None:
@@ -159,8 +162,14 @@ async def test_model_b_the_monthly_payment_is_credit_and_refuses_email_100001(wo
     await world.meter.release(grant.hold_id)
     assert await world.meter.sending_refusal("b") == "balance_exhausted"
     prepaid = (await world.meter.usage("b")).as_json()["prepaid"]
-    assert prepaid == {"available": "100.00", "spent": "100.00", "remaining": "0.00", "monthly_payment": "100.00",
-                       "next_monthly_payment": "100.00", "next_credit_at": "2026-04-30T22:00:00+00:00"}
+    assert prepaid == {
+        "available": "100.00",
+        "spent": "100.00",
+        "remaining": "0.00",
+        "monthly_payment": "100.00",
+        "next_monthly_payment": "100.00",
+        "next_credit_at": "2026-04-30T22:00:00+00:00",
+    }
     await world.meter.add_balance("b", 1 * USD)  # a top-up resumes sending at once, at the next tier's price
     assert await world.send("b", 2_000) == 1_250  # $1 at $0.80 per 1,000
     # The monthly payment goes to the gateway like any charge (this world's is `none`: recorded
@@ -172,21 +181,34 @@ async def test_model_b_the_monthly_payment_is_credit_and_refuses_email_100001(wo
     assert await world.billing.close_due_periods() == ["INV-b-20260401"]
     april = await receipt(world, "b")
     assert [(line["description"], line["amount"]) for line in april["lines"]] == [
-        ("Emails: 101,250 (100,000 at $0.001; 1,250 at $0.0008)", "101.00")]
+        ("Emails: 101,250 (100,000 at $0.001; 1,250 at $0.0008)", "101.00")
+    ]
     assert (april["total"], april["prepaid_applied"], april["amount_due"], april["status"]) == (
-        "101.00", "101.00", "0.00", "paid")
-    assert april["payments"] == [{"kind": "prepaid", "description": "Paid from the prepaid balance",
-                                  "amount": "-101.00"}]
-    assert april["prepaid"] == {"balance_before_usage": "101.00", "monthly_payment": "100.00", "applied": "101.00",
-                                "balance_after": "0.00"}
-    assert [(c["key"], c["status"]) for c in april["monthly_payments"]] == [("b/2026-03-31T22:00:00Z/monthly/1",
-                                                                             "recorded")]
+        "101.00",
+        "101.00",
+        "0.00",
+        "paid",
+    )
+    assert april["payments"] == [
+        {"kind": "prepaid", "description": "Paid from the prepaid balance", "amount": "-101.00"}
+    ]
+    assert april["prepaid"] == {
+        "balance_before_usage": "101.00",
+        "monthly_payment": "100.00",
+        "applied": "101.00",
+        "balance_after": "0.00",
+    }
+    assert [(c["key"], c["status"]) for c in april["monthly_payments"]] == [
+        ("b/2026-03-31T22:00:00Z/monthly/1", "recorded")
+    ]
     assert april["in_period_charges"] == []
     # May's credit is recorded once, however often the job runs.
     assert await world.billing.close_due_periods() == []
     monthly = [c for c in await world.charges("b") if c["kind"] == "monthly"]
     assert [(c["period_key"], c["amount"]) for c in monthly] == [
-        ("2026-03-31T22:00:00Z", 100 * USD), ("2026-04-30T22:00:00Z", 100 * USD)]
+        ("2026-03-31T22:00:00Z", 100 * USD),
+        ("2026-04-30T22:00:00Z", 100 * USD),
+    ]
     assert (await world.meter.account("b")).prepaid_balance == 100 * USD
     assert await world.send("b", 100_001) == 100_000
 
@@ -210,8 +232,12 @@ async def test_model_b_unspent_credit_carries_over_exact_at_the_period_boundary(
     assert await world.send("b", 143_751) == 143_750  # $135 = 100,000 x $0.001 + 43,750 x $0.0008
     await world.billing.close_due_periods()
     april = await receipt(world, "b")
-    assert april["prepaid"] == {"balance_before_usage": "100.00", "monthly_payment": "100.00", "applied": "65.00",
-                                "balance_after": "35.00"}
+    assert april["prepaid"] == {
+        "balance_before_usage": "100.00",
+        "monthly_payment": "100.00",
+        "applied": "65.00",
+        "balance_after": "35.00",
+    }
     account = await world.meter.account("b")
     assert account.prepaid_balance == 135 * USD  # $35 carried over + May's $100
     usage = (await world.meter.usage("b")).as_json()
@@ -289,7 +315,8 @@ async def test_model_b_postpay_is_invoiced_for_what_was_sent_due_in_14_days(worl
     assert await world.billing.close_due_periods() == ["INV-p-20260401"]
     invoice = await receipt(world, "p")
     assert [(line["description"], line["amount"]) for line in invoice["lines"]] == [
-        ("Emails: 150,000 (100,000 at $0.001; 50,000 at $0.0008)", "140.00")]
+        ("Emails: 150,000 (100,000 at $0.001; 50,000 at $0.0008)", "140.00")
+    ]
     assert (invoice["total"], invoice["amount_due"], invoice["status"]) == ("140.00", "140.00", "open")
     assert (invoice["invoice_date"], invoice["due_date"]) == ("2026-05-01", "2026-05-15")
     assert invoice["prepaid"] is None and invoice["payments"] == []
@@ -355,8 +382,14 @@ async def test_model_d_pro_100k_worked_example(world: World) -> None:
     assert await world.send("d", 135_640) == 135_640
     usage = (await world.meter.usage("d")).as_json()
     assert usage["dashboard"] == [
-        "Pro 100k", "Dec 6 - Jan 5", "35,738 extra emails", "135,640 emails sent", "135,738 total allowed",
-        "$214 spent", "$599 spending limit", "98 emails remaining",
+        "Pro 100k",
+        "Dec 6 - Jan 5",
+        "35,738 extra emails",
+        "135,640 emails sent",
+        "135,738 total allowed",
+        "$214 spent",
+        "$599 spending limit",
+        "98 emails remaining",
     ]
     assert len(await world.charges("d")) == 214
     await world.send("d", 98)  # email 135,738: still within charge 214
@@ -446,8 +479,9 @@ async def test_billing_pass_over_many_accounts_closes_only_ended_periods_and_sha
     for number in range(3):
         await add(world, f"old{number}", "per-email-threshold", date(2026, 3, 1))
     for number in range(520):  # no password: hashing one takes tens of milliseconds by design
-        await world.meter.add_account(f"new{number:03d}", None, "per-email-threshold", ["example.com"], [],
-                                      subscribed_on=date(2026, 4, 1))
+        await world.meter.add_account(
+            f"new{number:03d}", None, "per-email-threshold", ["example.com"], [], subscribed_on=date(2026, 4, 1)
+        )
     world.clock.set("2026-04-02T00:00:00+00:00")
     assert sorted(await world.billing.close_due_periods()) == [f"INV-old{n}-20260301" for n in range(3)]
 
@@ -537,7 +571,9 @@ async def test_model_e_overage_adds_up_across_a_raise_and_alerts_measure_the_new
     await world.send("e", 1)  # 63,001: overage email 5,001 opens the second block
     charges = await world.charges("e")
     assert [(c["seq"], c["description"]) for c in charges][-1] == (
-        2, "Usage charge 2: $1 for 5,000 more emails (emails 63,001 to 68,000 of the period)")
+        2,
+        "Usage charge 2: $1 for 5,000 more emails (emails 63,001 to 68,000 of the period)",
+    )
     account = await world.meter.account("e")
     keys = sorted(row["key"] for row in await world.meter.store.notices_of(account.id))
     assert keys == ["alert/100", "alert/100@60000", "alert/75", "alert/90", "alert/90@60000"]
@@ -558,8 +594,14 @@ async def test_model_d_worked_example_across_a_mid_period_upgrade(world: World) 
     assert (account.plan, account.plan_change) == ("included-capped-200k", None)
     usage = (await world.meter.usage("d")).as_json()
     assert usage["dashboard"] == [
-        "Pro 200k", "Dec 6 - Jan 5", "0 extra emails", "135,640 emails sent", "200,000 total allowed",
-        "$214 spent", "$999 spending limit", "64,360 emails remaining",
+        "Pro 200k",
+        "Dec 6 - Jan 5",
+        "0 extra emails",
+        "135,640 emails sent",
+        "200,000 total allowed",
+        "$214 spent",
+        "$999 spending limit",
+        "64,360 emails remaining",
     ]
     assert await world.send("d", 64_360) == 64_360  # emails 135,641-200,000: within the new allowance
     assert len(await world.charges("d")) == 214
@@ -588,7 +630,10 @@ async def test_a_downgrade_takes_effect_at_the_period_end_and_drops_the_accounts
     await world.send("e", 80_000)
     switch = await world.meter.set_plan("e", "limit-overage")
     assert (switch.kind, switch.at_once, switch.effective.isoformat()) == (
-        "downgrade", False, "2026-05-01T00:00:00+00:00")
+        "downgrade",
+        False,
+        "2026-05-01T00:00:00+00:00",
+    )
     account = await world.meter.account("e")
     assert account.plan == "limit-overage-100k" and account.plan_change is not None
     assert await world.send("e", 30_000) == 30_000
@@ -620,8 +665,14 @@ async def test_the_export_of_a_month_reconciles_alone_across_the_plans(world: Wo
     """Accounts on every ready plan send, bounce, top up and are charged in April; the CSV
     export of April adds up to each invoice's total and amount due (tests/metering/test_export.py)."""
     world.clock.set("2026-04-02T08:00:00+00:00")
-    for name, plan in (("a", "per-email-threshold"), ("b", "prepaid-tiered"), ("c", "delivery-results"),
-                       ("d", "included-capped"), ("e", "limit-overage"), ("p", "postpay-tiered")):
+    for name, plan in (
+        ("a", "per-email-threshold"),
+        ("b", "prepaid-tiered"),
+        ("c", "delivery-results"),
+        ("d", "included-capped"),
+        ("e", "limit-overage"),
+        ("p", "postpay-tiered"),
+    ):
         await add(world, name, plan, date(2026, 4, 1))
     await world.meter.add_balance("b", 12_340_000)
     for name, emails in (("a", 1_300_000), ("b", 105_000), ("c", 30), ("d", 100_400), ("e", 56_000), ("p", 7)):
@@ -638,7 +689,8 @@ async def test_the_export_of_a_month_reconciles_alone_across_the_plans(world: Wo
     reconcile(text, records)
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [(r["amount"], r["charge_status"]) for r in rows if r["account"] == "b" and r["record"] == "payment"] == [
-        ("-104.00", "")]  # 100,000 x $0.001 + 5,000 x $0.0008, paid from $112.34: $8.34 carries over
+        ("-104.00", "")
+    ]  # 100,000 x $0.001 + 5,000 x $0.0008, paid from $112.34: $8.34 carries over
     assert {r["item"] for r in rows if r["account"] == "b" and r["record"] == "charge"} == {"monthly"}
 
 
@@ -655,12 +707,17 @@ async def test_an_existing_database_upgrades_with_its_invoiced_periods_settled(t
         db.execute("INSERT INTO schema_version VALUES (3)")
         for script in MIGRATIONS[:3]:
             db.executescript(script)
-        db.execute("INSERT INTO accounts (id, name, plan, subscribed_on, created_at, prepaid_balance)"
-                   " VALUES (1, 'b', 'prepaid-tiered', '2026-01-01', '2026-01-01T00:00:00+00:00', 7000000)")
+        db.execute(
+            "INSERT INTO accounts (id, name, plan, subscribed_on, created_at, prepaid_balance)"
+            " VALUES (1, 'b', 'prepaid-tiered', '2026-01-01', '2026-01-01T00:00:00+00:00', 7000000)"
+        )
         for key in ("2026-01-31T23:00:00Z", "2026-02-28T23:00:00Z"):
-            db.execute("INSERT INTO invoices (id, account_id, period_key, period_end, issued_at, invoice_date,"
-                       " due_date, statement_date, total, amount_due, prepaid_applied, status, body)"
-                       " VALUES (?, 1, ?, '', '', '', '', '', 0, 0, 0, 'paid', '{}')", (f"INV-{key}", key))
+            db.execute(
+                "INSERT INTO invoices (id, account_id, period_key, period_end, issued_at, invoice_date,"
+                " due_date, statement_date, total, amount_due, prepaid_applied, status, body)"
+                " VALUES (?, 1, ?, '', '', '', '', '', 0, 0, 0, 'paid', '{}')",
+                (f"INV-{key}", key),
+            )
     store = SqliteStore(path)
     await store.open()
     try:

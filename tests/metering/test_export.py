@@ -40,14 +40,20 @@ def billed_accounts(draw: st.DrawFn) -> InvoiceRecord:
     meter issued (those due under another standing: a limit changed after they were made)."""
     config = draw(plan_configs())
     if config["funding"]["kind"] == "prepaid" and draw(st.booleans()):
-        config["funding"]["monthly_payment"] = f"{draw(st.integers(min_value=0, max_value=500))}.{draw(st.integers(0, 99)):02d}"
+        config["funding"]["monthly_payment"] = (
+            f"{draw(st.integers(min_value=0, max_value=500))}.{draw(st.integers(0, 99)):02d}"
+        )
     plan = parse_plan("random", config)
     standing = draw(standings())
     accepted = draw(st.integers(min_value=0, max_value=700))
     delivered = draw(st.integers(min_value=0, max_value=accepted))
     soft = draw(st.integers(min_value=0, max_value=accepted - delivered))
-    usage = Usage(accepted=accepted, delivered=delivered, soft_bounced=soft,
-                  hard_bounced=draw(st.integers(min_value=0, max_value=accepted - delivered - soft)))
+    usage = Usage(
+        accepted=accepted,
+        delivered=delivered,
+        soft_bounced=soft,
+        hard_bounced=draw(st.integers(min_value=0, max_value=accepted - delivered - soft)),
+    )
     issued = charges_due(plan, draw(standings()) if draw(st.booleans()) else standing, usage)
     number = draw(st.integers(min_value=1, max_value=10_000))
     account = Account(number, f"acct{number}", "random", date(2026, 1, 31), True, False, standing.prepaid_balance)
@@ -56,22 +62,38 @@ def billed_accounts(draw: st.DrawFn) -> InvoiceRecord:
     credit = monthly_credit(plan, (), period, "April")
     statuses = st.sampled_from(["pending", "submitted", "succeeded", "failed"])
     rows: list[dict[str, Any]] = [
-        {"idempotency_key": charge_key(account.name, period.key, charge.key), "kind": charge.kind,
-         "amount": charge.amount, "emails_unlocked": charge.emails_unlocked, "description": charge.description,
-         "created_at": MID_APRIL.isoformat(), "status": draw(statuses)}
+        {
+            "idempotency_key": charge_key(account.name, period.key, charge.key),
+            "kind": charge.kind,
+            "amount": charge.amount,
+            "emails_unlocked": charge.emails_unlocked,
+            "description": charge.description,
+            "created_at": MID_APRIL.isoformat(),
+            "status": draw(statuses),
+        }
         for charge in [*issued, *([credit] if credit else [])]
     ]
-    regions = [{"region": region, "result": result, "n": draw(st.integers(min_value=1, max_value=50))}
-               for region in draw(st.sets(st.sampled_from(["", "eu-1", "us-2"]), max_size=2))
-               for result in ("delivered", "hard_bounced")]
+    regions = [
+        {"region": region, "result": result, "n": draw(st.integers(min_value=1, max_value=50))}
+        for region in draw(st.sets(st.sampled_from(["", "eu-1", "us-2"]), max_size=2))
+        for result in ("delivered", "hard_bounced")
+    ]
     status = invoice_status(plan, invoice)
     body = invoice_body(account, plan, invoice, status, rows, regions)  # type: ignore[arg-type]
     return InvoiceRecord(
-        id=invoice_id(account, period, plan), account_id=account.id, period_key=period.key,
-        period_end=period.end.isoformat(), issued_at=invoice.issued_at.isoformat(),
-        invoice_date=invoice.invoice_date.isoformat(), due_date=invoice.due_date.isoformat(),
-        statement_date=invoice.statement_date.isoformat(), total=invoice.total, amount_due=invoice.amount_due,
-        prepaid_applied=invoice.prepaid_applied, status=status, body=json.dumps(body),
+        id=invoice_id(account, period, plan),
+        account_id=account.id,
+        period_key=period.key,
+        period_end=period.end.isoformat(),
+        issued_at=invoice.issued_at.isoformat(),
+        invoice_date=invoice.invoice_date.isoformat(),
+        due_date=invoice.due_date.isoformat(),
+        statement_date=invoice.statement_date.isoformat(),
+        total=invoice.total,
+        amount_due=invoice.amount_due,
+        prepaid_applied=invoice.prepaid_applied,
+        status=status,
+        body=json.dumps(body),
     )
 
 

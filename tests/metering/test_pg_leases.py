@@ -34,9 +34,7 @@ async def schema() -> AsyncIterator[str]:
 class Nodes:
     def __init__(self, schema: str, count: int, settings: LeaseSettings) -> None:
         self.schema = schema
-        self.stores = [
-            PgStore(PG_URL, pool_size=5, server_settings={"search_path": schema}) for _ in range(count)
-        ]
+        self.stores = [PgStore(PG_URL, pool_size=5, server_settings={"search_path": schema}) for _ in range(count)]
         self.meters = [
             Meter(store, PLANS, node=f"n{n + 1}", clock=lambda: NOW, region=f"region-{n + 1}", leasing=settings)
             for n, store in enumerate(self.stores)
@@ -257,9 +255,9 @@ async def test_one_batch_commits_several_accounts_with_their_campaigns(schema: s
         await meter.add_account("shop", "pw", "other", ["shop.test"], [])
         for n in range(20):
             assert (await meter.reserve("app" if n % 2 else "shop", f"h{n}", 2)).granted == 2
-        await asyncio.gather(*(
-            meter.commit(f"h{n}", f"Q{n}", 2, campaign="spring" if n % 4 < 2 else "") for n in range(20)
-        ))
+        await asyncio.gather(
+            *(meter.commit(f"h{n}", f"Q{n}", 2, campaign="spring" if n % 4 < 2 else "") for n in range(20))
+        )
         app, shop = (await meter.usage("app")).as_json(), (await meter.usage("shop")).as_json()
         assert (app["accepted"], shop["accepted"]) == (20, 20)
         assert app["by_campaign"] == {"spring": 10, "(untagged)": 10}

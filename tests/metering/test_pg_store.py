@@ -102,12 +102,21 @@ async def test_db_upgrade_from_two_processes_at_once(schema: str, tmp_path: Path
     for node in ("a", "b"):
         directory = tmp_path / node
         directory.mkdir()
-        configs.append(write_config(directory, 2526, node={"name": node, "region": node},
-                                    database={"url": schema_url(schema)}))
+        configs.append(
+            write_config(directory, 2526, node={"name": node, "region": node}, database={"url": schema_url(schema)})
+        )
     commands = [
         asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailmeter.cli", "--config", str(config), "db", "upgrade",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+            sys.executable,
+            "-m",
+            "mailmeter.cli",
+            "--config",
+            str(config),
+            "db",
+            "upgrade",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
         )
         for config in configs
     ]
@@ -184,7 +193,8 @@ async def test_a_result_reported_many_times_at_once_is_counted_once(schema: str)
         period = meter.period_of(account).key
         reports = [  # straight to the stores: all fifteen transactions in flight at once
             store.record_result("Q1", "r1@dest.test", Result.DELIVERED, "250", account.id, period, NOW)
-            for store in nodes.stores for _ in range(5)
+            for store in nodes.stores
+            for _ in range(5)
         ]
         assert sorted(await asyncio.gather(*reports)) == [False] * 14 + [True]
         assert not await meter.record_result("Q1", "r1@dest.test", "delivered")
@@ -252,10 +262,13 @@ async def test_nodes_closing_the_same_periods_at_once_invoice_and_charge_once(sc
         b_before = (await meter.account("b")).prepaid_balance
         record = replace(invoice, id="INV-b-race", period_key="2026-05-01T00:00:00+02:00")
         collect = CollectionCharge(amount=7, description="race")
-        inserted = await asyncio.gather(*(
-            store.add_invoice(record, collect, 1_000, "{}", clock[0])  # type: ignore[arg-type]  # as Billing does
-            for store in nodes.stores for _ in range(3)
-        ))
+        inserted = await asyncio.gather(
+            *(
+                store.add_invoice(record, collect, 1_000, "{}", clock[0])  # type: ignore[arg-type]  # as Billing does
+                for store in nodes.stores
+                for _ in range(3)
+            )
+        )
         assert sorted(inserted) == [False] * 8 + [True]
         assert (await meter.account("b")).prepaid_balance == b_before - 1_000
         assert await scalar(schema, "SELECT COUNT(*) FROM charges WHERE description = 'race'") == 1
@@ -273,7 +286,10 @@ async def test_a_payment_event_delivered_to_two_nodes_at_once_applies_once(schem
         [audit] = [e for e in await services[1].audit("app") if e["event_id"] == "evt_1"]
         assert audit["changes"]["payment_state"] == ["failed", "ok"]  # before/after of exactly this change
         assert [e["action"] for e in await services[1].audit("app")] == [
-            "payment_method.updated", "payment.failed", "account.add"]
+            "payment_method.updated",
+            "payment.failed",
+            "account.add",
+        ]
 
 
 # -- failures: retried, or StoreUnavailable (the relay answers 451) --------------------------
@@ -297,7 +313,8 @@ async def test_unreachable_closed_or_cut_off_database_is_store_unavailable(schem
             waiting = asyncio.ensure_future(meter.reserve("app", "cut", 1))
             while not await blocker.fetchval(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = $1 AND wait_event_type = 'Lock'", name,
+                " WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                name,
             ):
                 await asyncio.sleep(0.02)
             with pytest.raises(StoreUnavailable):
@@ -316,8 +333,12 @@ async def test_serialization_failures_are_retried_then_store_unavailable(schema:
     """Under SERIALIZABLE a reserve that waited for a concurrent change must start over."""
 
     async def race(retries: int) -> object:
-        store = PgStore(PG_URL, pool_size=2, retries=retries,
-                        server_settings={"search_path": schema, "default_transaction_isolation": "serializable"})
+        store = PgStore(
+            PG_URL,
+            pool_size=2,
+            retries=retries,
+            server_settings={"search_path": schema, "default_transaction_isolation": "serializable"},
+        )
         await store.open()
         meter = Meter(store, PLANS, node="n1", clock=lambda: NOW)
         try:
@@ -380,7 +401,6 @@ async def test_backup_is_a_pg_dump_of_the_schema(schema: str, tmp_path: Path) ->
         await store.close()
     listing = subprocess.run(["pg_restore", "--list", str(target)], capture_output=True, text=True, check=True)
     assert f"TABLE DATA {schema} accounts" in listing.stdout
-
 
 
 async def test_results_reported_together_share_one_transaction_and_count_once(schema: str) -> None:

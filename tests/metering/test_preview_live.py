@@ -35,30 +35,50 @@ class Script:
 SCRIPTS = {
     # Model E: the limit raised after an overage was charged, a failed payment and its fix,
     # an upgrade to 100,000 a month, then a downgrade back that waits for the period's end.
-    "e-raise-payment-upgrade": Script("limit-overage", 110_000, date(2026, 4, 1), events=[
-        {"at": 52_000, "type": "limit", "which": "included", "emails": 60_000},
-        {"at": 56_000, "type": "payment", "state": "failed"},
-        {"at": 58_000, "type": "payment", "state": "ok"},
-        {"at": 66_000, "type": "plan", "plan": "limit-overage-100k"},
-        {"at": 100_000, "type": "plan", "plan": "limit-overage"},
-    ]),
+    "e-raise-payment-upgrade": Script(
+        "limit-overage",
+        110_000,
+        date(2026, 4, 1),
+        events=[
+            {"at": 52_000, "type": "limit", "which": "included", "emails": 60_000},
+            {"at": 56_000, "type": "payment", "state": "failed"},
+            {"at": 58_000, "type": "payment", "state": "ok"},
+            {"at": 66_000, "type": "plan", "plan": "limit-overage-100k"},
+            {"at": 100_000, "type": "plan", "plan": "limit-overage"},
+        ],
+    ),
     # Model B: the month's $100.00 payment (credited as the period starts) is good for
     # 100,000 emails, then refusals, then a top-up.
-    "b-balance-top-up": Script("prepaid-tiered", 150_000, date(2026, 4, 1), events=[
-        {"at": 120_000, "type": "top_up", "amount": "10.00"},
-    ]),
+    "b-balance-top-up": Script(
+        "prepaid-tiered",
+        150_000,
+        date(2026, 4, 1),
+        events=[
+            {"at": 120_000, "type": "top_up", "amount": "10.00"},
+        ],
+    ),
     # Model D: a low spending limit pauses sending, an upgrade to Pro 200k (its own $999
     # limit, counting the $50 spent) resumes it.
-    "d-spending-upgrade": Script("included-capped", 250_000, date(2025, 12, 6), events=[
-        {"at": 0, "type": "limit", "which": "spending", "amount": "50.00"},
-        {"at": 120_000, "type": "plan", "plan": "included-capped-200k"},
-    ]),
+    "d-spending-upgrade": Script(
+        "included-capped",
+        250_000,
+        date(2025, 12, 6),
+        events=[
+            {"at": 0, "type": "limit", "which": "spending", "amount": "50.00"},
+            {"at": 120_000, "type": "plan", "plan": "included-capped-200k"},
+        ],
+    ),
     # Model A: $250 thresholds, the included emails raised mid-month, a payment failure.
-    "a-threshold-raise": Script("per-email-threshold", 4_150_000, date(2026, 4, 1), events=[
-        {"at": 2_000_000, "type": "limit", "which": "included", "emails": 2_500_000},
-        {"at": 3_000_000, "type": "payment", "state": "failed"},
-        {"at": 3_100_000, "type": "payment", "state": "ok"},
-    ]),
+    "a-threshold-raise": Script(
+        "per-email-threshold",
+        4_150_000,
+        date(2026, 4, 1),
+        events=[
+            {"at": 2_000_000, "type": "limit", "which": "included", "emails": 2_500_000},
+            {"at": 3_000_000, "type": "payment", "state": "failed"},
+            {"at": 3_100_000, "type": "payment", "state": "ok"},
+        ],
+    ),
 }
 
 
@@ -126,8 +146,10 @@ async def run_live(world: World, service: AdminService, script: Script, name: st
         "accepted": accepted,
         "refused": script.emails - accepted,
         "refusals": refusals,
-        "charges": [(f"{row['kind']}/{row['seq']}", row["amount"], row["emails_unlocked"], row["description"])
-                    for row in sorted(charges, key=lambda row: row["seq"])],
+        "charges": [
+            (f"{row['kind']}/{row['seq']}", row["amount"], row["emails_unlocked"], row["description"])
+            for row in sorted(charges, key=lambda row: row["seq"])
+        ],
         "plan_change": None if account.plan_change is None else account.plan_change.plan,
         "invoice": invoice,
     }
@@ -137,8 +159,7 @@ async def run_live(world: World, service: AdminService, script: Script, name: st
 async def test_the_live_meter_bills_a_script_exactly_as_its_preview(world: World, script_name: str) -> None:
     script = SCRIPTS[script_name]
     service = AdminService(world.meter, world.billing, actor="test")
-    previewed = service.preview(script.plan, script.emails, script.start, balance=script.balance,
-                                events=script.events)
+    previewed = service.preview(script.plan, script.emails, script.start, balance=script.balance, events=script.events)
     live = await run_live(world, service, script, "live")
     assert (live["accepted"], live["refused"]) == (previewed["accepted"], previewed["refused"])
     assert live["refusals"] == [(run["first"], run["last"], run["reason"]) for run in previewed["refusals"]]
@@ -150,7 +171,10 @@ async def test_the_live_meter_bills_a_script_exactly_as_its_preview(world: World
     invoice = live["invoice"]
     assert invoice["lines"] == expected["lines"]
     assert (invoice["total"], invoice["prepaid_applied"], invoice["amount_due"]) == (
-        expected["total"], expected["prepaid_applied"], expected["amount_due"])
+        expected["total"],
+        expected["prepaid_applied"],
+        expected["amount_due"],
+    )
     assert (invoice["invoice_date"], invoice["due_date"]) == (expected["invoice_date"], expected["due_date"])
     assert live["plan_change"] == (previewed["plan_change"] or {}).get("plan")
     assert invoice["plan_display_name"] == previewed["plan_at_end"]
@@ -159,5 +183,4 @@ async def test_the_live_meter_bills_a_script_exactly_as_its_preview(world: World
 
 def test_the_scripts_cover_every_kind_of_event_and_the_worked_figures() -> None:
     kinds = {(event["type"], event.get("which")) for script in SCRIPTS.values() for event in script.events}
-    assert kinds >= {("limit", "included"), ("limit", "spending"), ("plan", None), ("top_up", None),
-                     ("payment", None)}
+    assert kinds >= {("limit", "included"), ("limit", "spending"), ("plan", None), ("top_up", None), ("payment", None)}

@@ -64,8 +64,9 @@ class RefPart:
         plan = self.plan
         if plan.billable == "results":
             prices = plan.result_prices
-            return sum(n * p for n, p in zip(self.results, (prices.delivered, prices.soft_bounced,
-                                                            prices.hard_bounced)))
+            return sum(
+                n * p for n, p in zip(self.results, (prices.delivered, prices.soft_bounced, prices.hard_bounced))
+            )
         over = [number for number, limit in self.emails if number > limit]
         price = plan.price
         if isinstance(price, FlatPrice):

@@ -60,8 +60,12 @@ def test_a_prepaid_balance_bounds_the_lease(plan_b: Plan) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    plan_configs(), standings(), st.integers(min_value=0, max_value=700), st.integers(min_value=0, max_value=700),
-    st.integers(min_value=0, max_value=20), st.integers(min_value=0, max_value=200),
+    plan_configs(),
+    standings(),
+    st.integers(min_value=0, max_value=700),
+    st.integers(min_value=0, max_value=700),
+    st.integers(min_value=0, max_value=20),
+    st.integers(min_value=0, max_value=200),
 )
 def test_a_lease_admits_nothing_admit_would_not(
     config: dict[str, Any], standing: Standing, accepted: int, reserved: int, requested: int, block: int

@@ -74,8 +74,9 @@ def test_the_receipt_pays_the_month_from_the_balance_and_the_rest_carries_over(p
     assert invoice.invoice_date == date(2026, 5, 1)  # Europe/Amsterdam month
     assert invoice.issued_at == datetime(2026, 4, 30, 22, 0, tzinfo=timezone.utc)  # midnight CEST
     # May: $40 carried over + May's $100 = $140 = 100,000 at $1.00 and 50,000 at $0.80 per 1,000.
-    may = Standing(prepaid_balance=invoice.prepaid_balance_after + monthly_payment(plan_b, (), next_period(
-        plan_b.period, april)))
+    may = Standing(
+        prepaid_balance=invoice.prepaid_balance_after + monthly_payment(plan_b, (), next_period(plan_b.period, april))
+    )
     assert headroom(plan_b, may, Usage()) == (150_000, Refusal.BALANCE_EXHAUSTED)
     assert admit(plan_b, may, Usage(accepted=149_999), 1).granted == 1
     assert admit(plan_b, may, Usage(accepted=150_000), 1).refusal == Refusal.BALANCE_EXHAUSTED

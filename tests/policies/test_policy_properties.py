@@ -88,8 +88,10 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
         config["billable"] = "results"
         config["result_prices"] = {
             "per": 10_000,
-            **{key: per_email(draw(st.integers(min_value=0, max_value=3_000)))["amount"]
-               for key in ("delivered", "soft_bounced", "invalid")},
+            **{
+                key: per_email(draw(st.integers(min_value=0, max_value=3_000)))["amount"]
+                for key in ("delivered", "soft_bounced", "invalid")
+            },
         }
         return config
     config["included_emails"] = draw(st.integers(min_value=0, max_value=60))
@@ -102,11 +104,7 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
         config["price"] = {"kind": kind, "tiers": draw(tier_list())}
     else:
         charged = may_charge_blocks and draw(st.integers(min_value=0, max_value=3)) > 0
-        per_block = (
-            draw(st.integers(min_value=1, max_value=5)) * CENT
-            if charged
-            else cents(draw, 0, 30_000)
-        )
+        per_block = draw(st.integers(min_value=1, max_value=5)) * CENT if charged else cents(draw, 0, 30_000)
         config["price"] = {
             "kind": "per_block",
             "amount": money(per_block),
