@@ -8,7 +8,7 @@ the loop's SMTP sessions wait. This prints that cost, and the longest time the
 pass kept the loop from running anything else (measured by a ticker task that
 wakes every millisecond), against a store holding only the bench account.
 
-    PYTHONPATH=. python bench/billing_pass.py --accounts 10000 --events 1000000
+    .venv/bin/python bench/billing_pass.py --accounts 10000 --events 1000000
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from pathlib import Path
 
 import uvloop  # the loop `mailmeter serve` runs on
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from code_under_test import module  # noqa: E402
 from meter_latency import open_meter, prefill  # noqa: E402
-from metering.billing import Billing  # noqa: E402
-from metering.gateway import NoGateway  # noqa: E402
+
+Billing = module("metering.billing").Billing
+NoGateway = module("metering.gateway").NoGateway
 
 
 async def longest_stall(stop: asyncio.Event) -> float:
@@ -76,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             times, stall = uvloop.run(timed_passes(Path(directory), accounts, events, args.passes))
         ordered = sorted(times)
         results[label] = ordered[len(ordered) // 2]
-        print(f"{label:<12} {accounts:>7,} other accounts: billing pass median {ordered[len(ordered) // 2] * 1000:9.1f} ms"
-              f" (min {ordered[0] * 1000:.1f}, max {ordered[-1] * 1000:.1f}), loop blocked at most {stall * 1000:.1f} ms")
+        print(
+            f"{label:<12} {accounts:>7,} other accounts:"
+            f" billing pass median {ordered[len(ordered) // 2] * 1000:9.1f} ms"
+            f" (min {ordered[0] * 1000:.1f}, max {ordered[-1] * 1000:.1f}),"
+            f" loop blocked at most {stall * 1000:.1f} ms"
+        )
     print(f"prefilled / empty: {results['prefilled'] / results['empty store']:.0f}x")
     return 0
 

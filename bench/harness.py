@@ -171,8 +171,20 @@ def smtp_source(port: int, messages: int, settings: Settings, timeout: float) ->
     exit status means every message was accepted with a 2xx.
     """
     argv = [
-        "smtp-source", "-s", str(settings.sessions), "-l", str(settings.size), "-m", str(messages),
-        "-M", "client.bench.test", "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}",
+        "smtp-source",
+        "-s",
+        str(settings.sessions),
+        "-l",
+        str(settings.size),
+        "-m",
+        str(messages),
+        "-M",
+        "client.bench.test",
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        f"127.0.0.1:{port}",
     ]
     started = time.monotonic()
     done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
@@ -185,8 +197,20 @@ def smtp_source(port: int, messages: int, settings: Settings, timeout: float) ->
 def smtpload(port: int, messages: int, settings: Settings, timeout: float) -> dict[str, Any]:
     """Run the latency client in its own process (its CPU must not slow the sink reader here)."""
     argv = [
-        settings.python, str(BENCH_DIR / "smtpload.py"), "--port", str(port), "--messages", str(messages),
-        "--sessions", str(settings.sessions), "--size", str(settings.size), "--from", SENDER, "--to", RECIPIENT,
+        settings.python,
+        str(BENCH_DIR / "smtpload.py"),
+        "--port",
+        str(port),
+        "--messages",
+        str(messages),
+        "--sessions",
+        str(settings.sessions),
+        "--size",
+        str(settings.size),
+        "--from",
+        SENDER,
+        "--to",
+        RECIPIENT,
     ]
     done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
     try:
@@ -283,9 +307,15 @@ def slug(name: str) -> str:
 
 def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedger) -> Measurement:
     server = MailmeterServer(
-        ledger, settings.workdir / "mailmeter", settings.python, settings.src, ports.take(),
-        workers=settings.mailmeter_workers, log_level=settings.mailmeter_log_level,
-        prefill_accounts=settings.prefill_accounts, prefill_events=settings.prefill_events,
+        ledger,
+        settings.workdir / "mailmeter",
+        settings.python,
+        settings.src,
+        ports.take(),
+        workers=settings.mailmeter_workers,
+        log_level=settings.mailmeter_log_level,
+        prefill_accounts=settings.prefill_accounts,
+        prefill_events=settings.prefill_events,
         processes=settings.mailmeter_processes,
     )
 
@@ -299,8 +329,13 @@ def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedge
 def run_postfix(settings: Settings, ports: PortAllocator, ledger: ProcessLedger, with_policyd: bool) -> Measurement:
     name = "postfix+policyd" if with_policyd else "postfix"
     policyd = PolicydRateLimit(ledger, settings.workdir / "policyd") if with_policyd else None
-    instance = PostfixInstance(ledger, settings.workdir / slug(name), ports.take(),
-                               policy_socket=policyd.socket_path if policyd else None, name=name)
+    instance = PostfixInstance(
+        ledger,
+        settings.workdir / slug(name),
+        ports.take(),
+        policy_socket=policyd.socket_path if policyd else None,
+        name=name,
+    )
 
     def start(sink_port: int) -> Server:
         if policyd is not None:
@@ -326,9 +361,17 @@ def run_haraka(settings: Settings, ports: PortAllocator, ledger: ProcessLedger, 
     if settings.haraka_home is None:
         return Measurement(target=name, error="BENCH_HARAKA_HOME is not set: run bench/run, which installs Haraka")
     instance = HarakaInstance(
-        ledger, settings.workdir / slug(name), settings.haraka_home, ports.take(),
-        nodes=settings.haraka_nodes, queue=queue, log_level=settings.haraka_log_level,
-        redis_host=settings.redis_host, redis_port=settings.redis_port, redis_db=settings.haraka_redis_db, name=name,
+        ledger,
+        settings.workdir / slug(name),
+        settings.haraka_home,
+        ports.take(),
+        nodes=settings.haraka_nodes,
+        queue=queue,
+        log_level=settings.haraka_log_level,
+        redis_host=settings.redis_host,
+        redis_port=settings.redis_port,
+        redis_db=settings.haraka_redis_db,
+        name=name,
     )
 
     def start(sink_port: int) -> Server:
@@ -347,15 +390,18 @@ def run_haraka(settings: Settings, ports: PortAllocator, ledger: ProcessLedger, 
 def check_limit_counter(instance: HarakaInstance, settings: Settings, result: Measurement) -> None:
     """haraka-plugin-limit fails open without Redis: prove it counted every recipient of both passes."""
     expected = settings.messages + int(result.latency.get("messages", 0))
-    where = f"Redis {settings.redis_host}:{settings.redis_port} db {settings.haraka_redis_db}, key {instance.counter_key}"
+    where = (
+        f"Redis {settings.redis_host}:{settings.redis_port} db {settings.haraka_redis_db}, key {instance.counter_key}"
+    )
     try:
         counted = instance.counted()
         instance.clear_counter()
     except ServiceError as error:
         result.error = f"could not read haraka-plugin-limit's counter: {error}"
         return
-    result.notes.append(f"haraka-plugin-limit counted {counted} recipients from {SENDER} ({where}); "
-                        f"{expected} were accepted")
+    result.notes.append(
+        f"haraka-plugin-limit counted {counted} recipients from {SENDER} ({where}); {expected} were accepted"
+    )
     if counted is None or counted < expected:
         result.error = "haraka-plugin-limit did not count every recipient in Redis: this peer ran unmetered"
 
@@ -400,8 +446,10 @@ def fmt(value: object, digits: int = 0) -> str:
 
 
 def results_table(ceilings: Ceilings, results: Sequence[Measurement]) -> list[str]:
-    header = (f"{'target':<22}{'accepted/s':>12}{'delivered/s':>13}{'p50 DATA ms':>13}{'p99 DATA ms':>13}"
-              f"{'CPU ms/msg':>12}{'peak RSS MiB':>14}{'peak PSS MiB':>14}")
+    header = (
+        f"{'target':<22}{'accepted/s':>12}{'delivered/s':>13}{'p50 DATA ms':>13}{'p99 DATA ms':>13}"
+        f"{'CPU ms/msg':>12}{'peak RSS MiB':>14}{'peak PSS MiB':>14}"
+    )
     lines = [header, "-" * len(header)]
     lat = ceilings.smtpload
     lines.append(
@@ -422,8 +470,10 @@ def details(ceilings: Ceilings, results: Sequence[Measurement]) -> list[str]:
     if ceilings.error:
         lines.append(f"client ceilings: ERROR {ceilings.error}")
     elif ceilings.smtpload:
-        lines.append(f"latency client alone: {fmt(ceilings.smtpload.get('accepted_per_s'))} msg/s into smtp-sink "
-                     "(its p50/p99 above are its own floor)")
+        lines.append(
+            f"latency client alone: {fmt(ceilings.smtpload.get('accepted_per_s'))} msg/s into smtp-sink "
+            "(its p50/p99 above are its own floor)"
+        )
     for result in results:
         lines.extend(target_details(result))
     return lines
@@ -435,25 +485,35 @@ def target_details(r: Measurement) -> list[str]:
     if r.error:
         lines.append(f"  ERROR: {r.error}")
     if r.accept_seconds is not None:
-        lines.append(f"  throughput pass: accepted in {r.accept_seconds:.2f} s, "
-                     f"delivered in {fmt(r.deliver_seconds, 2)} s ({r.delivered} at the sink)")
+        lines.append(
+            f"  throughput pass: accepted in {r.accept_seconds:.2f} s, "
+            f"delivered in {fmt(r.deliver_seconds, 2)} s ({r.delivered} at the sink)"
+        )
     if r.server_cpu_seconds is not None and r.deliver_seconds:
-        lines.append(f"  server CPU over that pass: {r.server_cpu_seconds:.1f} s = "
-                     f"{100 * r.server_cpu_seconds / r.deliver_seconds:.0f}% of one core, "
-                     f"{1000 * r.server_cpu_seconds / max(r.delivered, 1):.2f} ms per message")
+        lines.append(
+            f"  server CPU over that pass: {r.server_cpu_seconds:.1f} s = "
+            f"{100 * r.server_cpu_seconds / r.deliver_seconds:.0f}% of one core, "
+            f"{1000 * r.server_cpu_seconds / max(r.delivered, 1):.2f} ms per message"
+        )
     if r.machine_busy_seconds is not None and r.deliver_seconds:
         cores = os.cpu_count() or 1
         busy = 100 * r.machine_busy_seconds / r.deliver_seconds / cores
-        lines.append(f"  whole machine over that pass: {busy:.0f}% of {cores} cores busy "
-                     "(server, client, sink, and anything else running)")
+        lines.append(
+            f"  whole machine over that pass: {busy:.0f}% of {cores} cores busy "
+            "(server, client, sink, and anything else running)"
+        )
     if r.latency:
-        lines.append(f"  latency pass: {r.latency.get('messages')} messages, "
-                     f"{fmt(r.latency.get('accepted_per_s'))}/s, max {fmt(r.latency.get('max_ms'), 1)} ms, "
-                     f"{r.latency.get('errors')} errors")
+        lines.append(
+            f"  latency pass: {r.latency.get('messages')} messages, "
+            f"{fmt(r.latency.get('accepted_per_s'))}/s, max {fmt(r.latency.get('max_ms'), 1)} ms, "
+            f"{r.latency.get('errors')} errors"
+        )
     if r.peak_rss_mib is not None:
         names = ", ".join(f"{k} {v}" for k, v in r.rss_by_name_mib.items())
-        lines.append(f"  peak RSS: largest sum of VmHWM over the live processes ({r.rss_processes} then; "
-                     f"shared pages counted in each); PSS splits them. VmHWM by name (MiB): {names}")
+        lines.append(
+            f"  peak RSS: largest sum of VmHWM over the live processes ({r.rss_processes} then; "
+            f"shared pages counted in each); PSS splits them. VmHWM by name (MiB): {names}"
+        )
     lines.extend(f"  {note}" for note in r.notes)
     return lines
 
@@ -487,8 +547,9 @@ def verdicts(results: Sequence[Measurement]) -> list[str]:
             lines.append(f"mailmeter {what}: not measured (target <= Postfix's in the same run)")
             return
         verdict = "MET" if ours <= theirs else "MISSED"
-        lines.append(f"mailmeter {what}: {ours:.2f} {unit}, Postfix {theirs:.2f} {unit} "
-                     f"(target <= Postfix's): {verdict}")
+        lines.append(
+            f"mailmeter {what}: {ours:.2f} {unit}, Postfix {theirs:.2f} {unit} (target <= Postfix's): {verdict}"
+        )
 
     ratio_line("postfix", 1.0)
     ratio_line("postfix+policyd", 2.0)
@@ -505,8 +566,10 @@ def as_float(value: object) -> float | None:
 
 def print_report(settings: Settings, ceilings: Ceilings, results: Sequence[Measurement]) -> None:
     print()
-    print(f"== load: {settings.sessions} sessions, {settings.size}-byte messages, {settings.messages} messages "
-          f"(latency pass: {settings.latency_messages}), loopback, {os.cpu_count()} CPUs")
+    print(
+        f"== load: {settings.sessions} sessions, {settings.size}-byte messages, {settings.messages} messages "
+        f"(latency pass: {settings.latency_messages}), loopback, {os.cpu_count()} CPUs"
+    )
     print("\n".join(results_table(ceilings, results)))
     print()
     print("\n".join(details(ceilings, results)))
@@ -571,9 +634,11 @@ def main() -> int:
         else:
             results.append(run_postfix(settings, ports, ledger, with_policyd=name == "postfix+policyd"))
         last = results[-1]
-        print(f"  {name}: accepted/s {fmt(last.accepted_per_s)}, delivered/s {fmt(last.delivered_per_s)}, "
-              f"p99 {fmt(last.latency.get('p99_ms'), 2)} ms" + (f", ERROR {last.error}" if last.error else ""),
-              flush=True)
+        print(
+            f"  {name}: accepted/s {fmt(last.accepted_per_s)}, delivered/s {fmt(last.delivered_per_s)}, "
+            f"p99 {fmt(last.latency.get('p99_ms'), 2)} ms" + (f", ERROR {last.error}" if last.error else ""),
+            flush=True,
+        )
     print_report(settings, ceilings, results)
     save_json(settings, ceilings, results)
     failed = ceilings.error is not None or any(r.error for r in results)

@@ -3,7 +3,7 @@
 Starts `mailmeter serve` on loopback, opens N sessions (banner read, EHLO answered,
 then idle), and prints the server's RSS before and with them open.
 
-    PYTHONPATH=. python bench/idle_sessions.py --sessions 1000
+    .venv/bin/python bench/idle_sessions.py --sessions 1000
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ async def main(sessions: int) -> None:
     config.setdefault("abuse", {})["max_connections_per_client"] = sessions + 10
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(work / "config.yaml"),
+        sys.executable,
+        "-m",
+        "mailmeter.cli",
+        "serve",
+        "--config",
+        str(work / "config.yaml"),
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
@@ -62,8 +67,10 @@ async def main(sessions: int) -> None:
         await asyncio.gather(*(idle_session(port, writers) for _ in range(start, min(start + 100, sessions))))
     await asyncio.sleep(1.0)
     with_sessions = rss_mib(process.pid)
-    print(f"idle sessions: {len(writers)} open; server RSS {before:.1f} MiB before, {with_sessions:.1f} MiB with them"
-          f" ({(with_sessions - before) * 1024 / max(len(writers), 1):.1f} KiB per session); target < 300 MiB")
+    print(
+        f"idle sessions: {len(writers)} open; server RSS {before:.1f} MiB before, {with_sessions:.1f} MiB with them"
+        f" ({(with_sessions - before) * 1024 / max(len(writers), 1):.1f} KiB per session); target < 300 MiB"
+    )
     for writer in writers:
         writer.close()
     process.terminate()

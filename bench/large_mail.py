@@ -14,7 +14,7 @@ load (SESSIONS concurrent sessions of 1 KB messages for SECONDS seconds):
 It prints p50/p99/max and messages/s of the small messages for both passes, the
 ratio of their p99, and how many large messages reached the sink meanwhile.
 
-    PYTHONPATH=. python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10] [--processes 1]
+    .venv/bin/python bench/large_mail.py [--seconds 20] [--sessions 10] [--large 10] [--large-mb 10] [--processes 1]
 
 Needs smtp-sink (Debian's postfix package). Everything listens on 127.0.0.1; every
 process started is stopped and the temporary directory deleted on exit.
@@ -81,17 +81,34 @@ def settle(sink: SmtpSink, quiet: float = 3.0, timeout: float = 120.0) -> None:
 def large_load(port: int, sessions: int, size: int) -> subprocess.Popen[bytes]:
     """smtp-source in its own process (so this process's event loop times only the small
     messages): SESSIONS concurrent sessions of SIZE-byte messages, more than will finish."""
-    argv = ["smtp-source", "-s", str(sessions), "-l", str(size), "-m", "100000", "-M", "large.bench.test",
-            "-f", SENDER, "-t", RECIPIENT, f"{LOOPBACK}:{port}"]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    argv = [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-l",
+        str(size),
+        "-m",
+        "100000",
+        "-M",
+        "large.bench.test",
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        f"{LOOPBACK}:{port}",
+    ]
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def line(label: str, result: LoadResult) -> str:
     summary = result.summary()
-    return (f"  {label:<34} {summary['messages']:>6} msgs  {summary['accepted_per_s']:>7} /s"
-            f"  p50 {summary['p50_ms']:>8} ms  p99 {summary['p99_ms']:>8} ms  max {summary['max_ms']:>8} ms"
-            f"  errors {summary['errors']}")
+    return (
+        f"  {label:<34} {summary['messages']:>6} msgs  {summary['accepted_per_s']:>7} /s"
+        f"  p50 {summary['p50_ms']:>8} ms  p99 {summary['p99_ms']:>8} ms  max {summary['max_ms']:>8} ms"
+        f"  errors {summary['errors']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,15 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     ledger = ProcessLedger(workdir)
     ports = PortAllocator(args.port_base)
     sink = SmtpSink(ledger, ports.take(), workdir / "sink.log")
-    server = MailmeterServer(ledger, workdir / "mailmeter", args.python, REPO_DIR, ports.take(),
-                             processes=args.processes)
+    server = MailmeterServer(
+        ledger, workdir / "mailmeter", args.python, REPO_DIR, ports.take(), processes=args.processes
+    )
     large_bytes = int(args.large_mb * 1024 * 1024)
     try:
         sink.start()
         server.start(sink.port)
-        print(f"large_mail: {args.sessions} sessions of 1 KB messages for {args.seconds:.0f} s, alone and beside"
-              f" {args.large} sessions of {args.large_mb:g} MB messages; mailmeter on {LOOPBACK}:{server.port}",
-              flush=True)
+        print(
+            f"large_mail: {args.sessions} sessions of 1 KB messages for {args.seconds:.0f} s, alone and beside"
+            f" {args.large} sessions of {args.large_mb:g} MB messages; mailmeter on {LOOPBACK}:{server.port}",
+            flush=True,
+        )
         alone = asyncio.run(measure(server.port, args.seconds, args.sessions))
         server.check_alive()
         # The small messages of the first pass reach the sink first (delivery may lag
@@ -149,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p99_alone, p99_beside = alone.summary()["p99_ms"], beside.summary()["p99_ms"]
     assert isinstance(p99_alone, float) and isinstance(p99_beside, float)
     megabytes = large_done * args.large_mb
-    print(f"p99 beside / alone: {p99_beside / p99_alone if p99_alone else float('nan'):.2f}x;"
-          f" large messages relayed to the sink meanwhile: {large_done} ({megabytes:,.0f} MB in"
-          f" {large_seconds:.0f} s, {megabytes / large_seconds:.1f} MB/s)")
+    print(
+        f"p99 beside / alone: {p99_beside / p99_alone if p99_alone else float('nan'):.2f}x;"
+        f" large messages relayed to the sink meanwhile: {large_done} ({megabytes:,.0f} MB in"
+        f" {large_seconds:.0f} s, {megabytes / large_seconds:.1f} MB/s)"
+    )
     return 0
 
 

@@ -2,15 +2,17 @@
 
 The relay pays one reserve per RCPT and one commit per message before it can
 answer; the issue's target is p99 < 1 ms for the pair. This uses the real
-`metering.meter.Meter` over the real `metering.sqlite_store.SqliteStore`
+`mailmeter.metering.meter.Meter` over the real `mailmeter.metering.sqlite.SqliteStore`
 (WAL, synchronous=FULL, on a file: the fsyncs are part of what is measured),
-built the way mailmeter/app.py builds them, with no SMTP around it.
+built the way mailmeter/factory.py builds them, with no SMTP around it.
 
 Two passes: one caller at a time (the latency of the pair itself, which is
 what the target is about), then `--concurrency` callers at once, as many SMTP
 sessions would (adds the wait for the store's single connection).
 
-    PYTHONPATH=. python bench/meter_latency.py --iterations 5000
+    .venv/bin/python bench/meter_latency.py --iterations 5000   # the checkout's venv (pip install -e .)
+
+bench/run runs it on the code under test (BENCH_SRC), by PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from pathlib import Path
 
 import uvloop  # the loop `mailmeter serve` runs on
 
-# Run from anywhere: the checkout this file sits in, unless PYTHONPATH says otherwise.
-sys.path.append(str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from metering.meter import Meter  # noqa: E402
-from metering.sqlite_store import SqliteStore  # noqa: E402
-from policies.plans import parse_plan  # noqa: E402
+from code_under_test import module  # noqa: E402
+
+Meter = module("metering.meter").Meter
+SqliteStore = module("metering.sqlite").SqliteStore
+parse_plan = module("policies.plans").parse_plan
 
 TARGET_P99_MS = 1.0
 
@@ -52,8 +55,10 @@ def percentile_ms(samples: list[float], pct: float) -> float:
 
 
 def describe(label: str, samples: list[float]) -> str:
-    return (f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
-            f"   max {max(samples) * 1000:8.3f} ms")
+    return (
+        f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
+        f"   max {max(samples) * 1000:8.3f} ms"
+    )
 
 
 async def open_meter(directory: Path) -> tuple[SqliteStore, Meter]:
@@ -110,7 +115,8 @@ def prefill(database: Path, accounts: int, events: int) -> None:
     import time
     from datetime import datetime, timedelta, timezone
 
-    from policies.periods import PeriodSpec, period_containing
+    periods = module("policies.periods")
+    PeriodSpec, period_containing = periods.PeriodSpec, periods.period_containing
 
     started = time.monotonic()
     with sqlite3.connect(database) as db:
@@ -154,12 +160,15 @@ def prefill(database: Path, accounts: int, events: int) -> None:
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # measure the store, not a 1 GB checkpoint
     os.sync()  # and not the kernel writing the prefill's gigabytes back while it is measured
-    print(f"prefilled {accounts:,} accounts and {events:,} earlier messages with results"
-          f" in {time.monotonic() - started:.0f} s")
+    print(
+        f"prefilled {accounts:,} accounts and {events:,} earlier messages with results"
+        f" in {time.monotonic() - started:.0f} s"
+    )
 
 
-async def run(iterations: int, warmup: int, callers: int, directory: Path,
-              prefill_accounts: int = 0, prefill_events: int = 0) -> bool:
+async def run(
+    iterations: int, warmup: int, callers: int, directory: Path, prefill_accounts: int = 0, prefill_events: int = 0
+) -> bool:
     """Print both passes; True if the sequential p99 of the pair meets the target."""
     store, meter = await open_meter(directory)
     if prefill_accounts or prefill_events:

@@ -25,7 +25,7 @@ def find_py_spy(python: str) -> str | None:
 
 
 def short_frame(frame: str, with_line: bool = False) -> str:
-    """'commit (/x/metering/sqlite_store.py:231)' -> 'commit (metering/sqlite_store.py[:231])'."""
+    """'commit (/x/metering/sqlite/ledger.py:231)' -> 'commit (metering/sqlite/ledger.py[:231])'."""
     match = _FRAME.match(frame.strip())
     if not match:
         return frame.strip()
@@ -79,8 +79,22 @@ class PySpy:
         # --gil: only the thread holding the GIL is sampled, i.e. Python CPU time. The relay's
         # event loop is one thread, so that is where its throughput goes; threads blocked in
         # fsync or SQLite's C code release the GIL and do not show (they show as less CPU).
-        argv = [self.binary, "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking", "--gil", "--subprocesses",
-                "--threads", "--format", "raw", "--output", str(self.output)]
+        argv = [
+            self.binary,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--gil",
+            "--subprocesses",
+            "--threads",
+            "--format",
+            "raw",
+            "--output",
+            str(self.output),
+        ]
         self._process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop_and_summarize(self) -> list[str]:

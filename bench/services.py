@@ -287,19 +287,28 @@ class MailmeterServer:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.write_config(upstream_port)
         add = self.cli(config) + [
-            "account", "add", "bench", "--plan", "bench",
-            "--sender-domain", SENDER_DOMAIN, "--network", "127.0.0.0/8",
+            "account",
+            "add",
+            "bench",
+            "--plan",
+            "bench",
+            "--sender-domain",
+            SENDER_DOMAIN,
+            "--network",
+            "127.0.0.0/8",
         ]
-        done = subprocess.run(add, check=False, cwd=self.root, env=self.env(),
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            add, check=False, cwd=self.root, env=self.env(), capture_output=True, text=True, timeout=60
+        )
         if done.returncode != 0:
             raise ServiceError(f"mailmeter account add failed: {done.stderr.strip() or done.stdout.strip()}")
         if self.prefill_accounts or self.prefill_events:
             from meter_latency import prefill  # the same state the meter micro-benchmark is measured on
 
             prefill(self.root / "meter.db", max(self.prefill_accounts, 1), self.prefill_events)
-        self._process = spawn(self.ledger, self.cli(config) + ["serve"], self.root / "serve.log",
-                              cwd=self.root, env=self.env())
+        self._process = spawn(
+            self.ledger, self.cli(config) + ["serve"], self.root / "serve.log", cwd=self.root, env=self.env()
+        )
         wait_for_banner(self.port, 30, self._process)
 
     def roots(self) -> list[int]:
@@ -365,29 +374,31 @@ class PostfixInstance:
         restrictions = "permit_mynetworks, reject"
         if self.policy_socket is not None:
             restrictions = f"check_policy_service unix:{self.policy_socket}, {restrictions}"
-        return "\n".join([
-            "compatibility_level = 3.6",
-            f"queue_directory = {self.root / 'queue'}",
-            f"data_directory = {self.root / 'data'}",
-            "mail_owner = postfix",
-            "setgid_group = postdrop",
-            "myhostname = postfix.bench.test",
-            "mydomain = bench.test",
-            "inet_interfaces = 127.0.0.1",
-            "inet_protocols = ipv4",
-            "mynetworks = 127.0.0.0/8",
-            "mydestination =",
-            "local_recipient_maps =",
-            "local_transport = error:local delivery is disabled",
-            "alias_maps =",
-            "alias_database =",
-            f"relayhost = [{LOOPBACK}]:{relay_port}",
-            "smtpd_relay_restrictions = permit_mynetworks, reject",
-            f"smtpd_recipient_restrictions = {restrictions}",
-            f"maillog_file = {self.root / 'maillog'}",
-            f"maillog_file_prefixes = {self.root}",
-            "",
-        ])
+        return "\n".join(
+            [
+                "compatibility_level = 3.6",
+                f"queue_directory = {self.root / 'queue'}",
+                f"data_directory = {self.root / 'data'}",
+                "mail_owner = postfix",
+                "setgid_group = postdrop",
+                "myhostname = postfix.bench.test",
+                "mydomain = bench.test",
+                "inet_interfaces = 127.0.0.1",
+                "inet_protocols = ipv4",
+                "mynetworks = 127.0.0.0/8",
+                "mydestination =",
+                "local_recipient_maps =",
+                "local_transport = error:local delivery is disabled",
+                "alias_maps =",
+                "alias_database =",
+                f"relayhost = [{LOOPBACK}]:{relay_port}",
+                "smtpd_relay_restrictions = permit_mynetworks, reject",
+                f"smtpd_recipient_restrictions = {restrictions}",
+                f"maillog_file = {self.root / 'maillog'}",
+                f"maillog_file_prefixes = {self.root}",
+                "",
+            ]
+        )
 
     def write_config(self, relay_port: int) -> None:
         for sub in ("conf", "queue", "data"):
@@ -398,16 +409,22 @@ class PostfixInstance:
         (self.config_dir / "master.cf").write_text(listener + _MASTER_SERVICES)
 
     def postfix(self, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["postfix", "-c", str(self.config_dir), action], check=False,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["postfix", "-c", str(self.config_dir), action],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, relay_port: int) -> None:
         self.write_config(relay_port)
         self.ledger.record_postfix(self.config_dir)
         done = self.postfix("start")
         if done.returncode != 0:
-            raise ServiceError(f"postfix start failed ({done.stderr.strip()}); see {self.root / 'maillog'}:\n"
-                               + self.maillog_tail())
+            raise ServiceError(
+                f"postfix start failed ({done.stderr.strip()}); see {self.root / 'maillog'}:\n" + self.maillog_tail()
+            )
         wait_for_banner(self.port, 30)
 
     def maillog_tail(self, lines: int = 10) -> str:
@@ -592,8 +609,10 @@ def redis_command(host: str, port: int, db: int, *args: str, timeout: float = 5.
             read(reader)
             return read(reader)
     except OSError as error:
-        raise ServiceError(f"Redis at {host}:{port} does not answer ({error}); "
-                           "haraka-plugin-limit keeps its counters there: start it, or point BENCH_REDIS at one") from None
+        raise ServiceError(
+            f"Redis at {host}:{port} does not answer ({error}); "
+            "haraka-plugin-limit keeps its counters there: start it, or point BENCH_REDIS at one"
+        ) from None
 
 
 @dataclass
@@ -655,29 +674,33 @@ class HarakaInstance:
             forward += ["", f"[{RECIPIENT.partition('@')[2]}]", f"host={LOOPBACK}", f"port={sink_port}"]
         return {
             "me": "haraka.bench.test\n",
-            "smtp.ini": "\n".join([
-                "[main]",
-                f"listen={LOOPBACK}:{self.port}",
-                f"nodes={self.nodes}",
-                "force_shutdown_timeout=10",
-                "",
-            ]),
+            "smtp.ini": "\n".join(
+                [
+                    "[main]",
+                    f"listen={LOOPBACK}:{self.port}",
+                    f"nodes={self.nodes}",
+                    "force_shutdown_timeout=10",
+                    "",
+                ]
+            ),
             "log.ini": f"[main]\nlevel={self.log_level}\ntimestamps=true\n",
             "plugins": "relay\nlimit\nqueue/smtp_forward\nbench\n",
             "relay.ini": "[relay]\nacl=true\n",
             "relay_acl_allow": "127.0.0.0/8\n",
-            "limit.ini": "\n".join([
-                "[redis]",
-                f"host={self.redis_host}",
-                f"port={self.redis_port}",
-                f"db={self.redis_db}",
-                "",
-                "[rate_rcpt_sender]",
-                "enabled=true",
-                "; a billion recipients a day per sender: counted, never reached",
-                "default=1000000000/1d",
-                "",
-            ]),
+            "limit.ini": "\n".join(
+                [
+                    "[redis]",
+                    f"host={self.redis_host}",
+                    f"port={self.redis_port}",
+                    f"db={self.redis_db}",
+                    "",
+                    "[rate_rcpt_sender]",
+                    "enabled=true",
+                    "; a billion recipients a day per sender: counted, never reached",
+                    "default=1000000000/1d",
+                    "",
+                ]
+            ),
             "smtp_forward.ini": "\n".join(forward) + "\n",
         }
 
@@ -687,8 +710,9 @@ class HarakaInstance:
             raise ServiceError(f"Haraka is not installed in {self.home} (bench/run installs it)")
         self.clear_counter()  # counting starts from zero
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(self.haraka("-i", str(self.root)), check=False, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            self.haraka("-i", str(self.root)), check=False, capture_output=True, text=True, timeout=60
+        )
         if done.returncode != 0:
             raise ServiceError(f"haraka -i {self.root} failed: {(done.stderr or done.stdout).strip()[-500:]}")
         for name, text in self.config_files(sink_port).items():
@@ -696,8 +720,7 @@ class HarakaInstance:
         (self.root / "plugins").mkdir(exist_ok=True)
         (self.root / "plugins" / "bench.js").write_text(_HARAKA_BENCH_PLUGIN)
         (self.root / "queue").mkdir(exist_ok=True)
-        self._process = spawn(self.ledger, self.haraka("-c", str(self.root)), self.root / "haraka.log",
-                              cwd=self.root)
+        self._process = spawn(self.ledger, self.haraka("-c", str(self.root)), self.root / "haraka.log", cwd=self.root)
         try:
             wait_for_banner(self.port, 30, self._process)
             self.wait_for_workers(30)

@@ -10,12 +10,12 @@ nodes), delivered/s = messages / time until smtp-sink counted all of them, for:
       allowance leasing off (database.lease_emails: 0, every recipient decided in the
       database), then on (--lease-emails, the config default 50).
 
-Then the meter's reserve + commit in process against PostgreSQL (metering.pg_store.PgStore
-+ metering.meter.Meter, as bench/meter_latency.py does for SQLite): one caller
+Then the meter's reserve + commit in process against PostgreSQL (mailmeter.metering.postgres.PgStore
++ mailmeter.metering.meter.Meter, as bench/meter_latency.py does for SQLite): one caller
 (p50/p99), and CONCURRENCY callers (messages/s, p50/p99), without and with leasing.
 Issue 7 wants two/one >= 1.6x.
 
-    PYTHONPATH=. python bench/two_nodes.py [--messages 3000] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
+    .venv/bin/python bench/two_nodes.py [--messages 3000] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
 
 Needs smtp-sink and smtp-source (Debian's postfix package) and a PostgreSQL server.
 Everything listens on 127.0.0.1; every process started is stopped and the
@@ -42,9 +42,9 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
-sys.path.append(str(REPO_DIR))
 
 import asyncpg  # noqa: E402
+from code_under_test import module  # noqa: E402
 from meter_latency import Timings, percentile_ms, reserve_commit  # noqa: E402
 from services import (  # noqa: E402
     LOOPBACK,
@@ -58,10 +58,10 @@ from services import (  # noqa: E402
     stop_group,
 )
 
-from metering.leases import LeaseSettings  # noqa: E402
-from metering.meter import Meter  # noqa: E402
-from metering.pg_store import PgStore  # noqa: E402
-from policies.plans import parse_plan  # noqa: E402
+LeaseSettings = module("metering.leases").LeaseSettings
+Meter = module("metering.meter").Meter
+PgStore = module("metering.postgres").PgStore
+parse_plan = module("policies.plans").parse_plan
 
 TARGET_RATIO = 1.6
 DEFAULT_PG_URL = os.environ.get("MAILMETER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -117,16 +117,23 @@ class Node:
 
     def cli(self, *args: str, timeout: float = 60) -> None:
         argv = [self.python, "-m", "mailmeter.cli", "--config", str(self.config), *args]
-        done = subprocess.run(argv, check=False, cwd=self.root, env=self.env(),
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            argv, check=False, cwd=self.root, env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
         if done.returncode != 0:
             raise ServiceError(f"mailmeter {' '.join(args)} failed: {(done.stderr or done.stdout).strip()[-800:]}")
 
     def start(self, ledger: ProcessLedger) -> None:
         argv = [self.python, "-m", "mailmeter.cli", "serve", "--config", str(self.config)]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, cwd=self.root, env=self.env(),
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=self.root,
+            env=self.env(),
+            start_new_session=True,
+        )
         ledger.record_group(self.process.pid)
         assert self.process.stderr is not None
         deadline = time.monotonic() + 60
@@ -170,10 +177,23 @@ class Node:
 
 
 def smtp_source(port: int, sessions: int, size: int, messages: int, timeout: float) -> subprocess.Popen[str]:
-    argv = ["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(messages),
-            "-M", "client.bench.test", "-f", SENDER, "-t", RECIPIENT, f"{LOOPBACK}:{port}"]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    argv = [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-l",
+        str(size),
+        "-m",
+        str(messages),
+        "-M",
+        "client.bench.test",
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        f"{LOOPBACK}:{port}",
+    ]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -212,8 +232,9 @@ class Pass:
         return self.messages / self.deliver_seconds if self.deliver_seconds else None
 
 
-def drive(label: str, nodes: list[Node], sink: SmtpSink, messages: int, sessions: int, size: int,
-          timeout: float) -> Pass:
+def drive(
+    label: str, nodes: list[Node], sink: SmtpSink, messages: int, sessions: int, size: int, timeout: float
+) -> Pass:
     """Split sessions and messages evenly over the nodes; time acceptance and delivery."""
     result = Pass(label, messages)
     base = sink.count
@@ -222,8 +243,10 @@ def drive(label: str, nodes: list[Node], sink: SmtpSink, messages: int, sessions
     busy_before, total_before = cpu_ticks()
     relay_before = sum(process_cpu_seconds(node.process.pid) for node in nodes if node.process is not None)
     started = time.monotonic()
-    sources = [smtp_source(node.port, per_node_sessions, size, share, timeout)
-               for node, share in zip(nodes, shares, strict=True)]
+    sources = [
+        smtp_source(node.port, per_node_sessions, size, share, timeout)
+        for node, share in zip(nodes, shares, strict=True)
+    ]
     for source in sources:
         try:
             _, err = source.communicate(timeout=timeout)
@@ -313,8 +336,10 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 
 def describe(label: str, samples: list[float]) -> str:
-    return (f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
-            f"   max {max(samples) * 1000:8.3f} ms")
+    return (
+        f"  {label:<16} p50 {percentile_ms(samples, 50):7.3f} ms   p99 {percentile_ms(samples, 99):7.3f} ms"
+        f"   max {max(samples) * 1000:8.3f} ms"
+    )
 
 
 def run(args: argparse.Namespace, workdir: Path, schema: str, stack: list[Node], sinks: list[SmtpSink]) -> int:
@@ -323,47 +348,72 @@ def run(args: argparse.Namespace, workdir: Path, schema: str, stack: list[Node],
     sink = SmtpSink(ledger, ports.take(), workdir / "sink.log")
     sinks.append(sink)
     sink.start()
-    print(f"two_nodes: {args.messages} messages of {args.size} B over {args.sessions} sessions per pass; "
-          f"sink on {LOOPBACK}:{sink.port}; PostgreSQL schema {schema}; {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"two_nodes: {args.messages} messages of {args.size} B over {args.sessions} sessions per pass; "
+        f"sink on {LOOPBACK}:{sink.port}; PostgreSQL schema {schema}; {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     # (a) one node, SQLite
     single = Node("n1", workdir / "sqlite-n1", args.python, sink.port, {"path": "meter.db"}, args.workers)
     stack.append(single)
     single.write_config()
-    single.cli("account", "add", "bench", "--plan", "bench", "--sender-domain", SENDER_DOMAIN,
-               "--network", "127.0.0.0/8")
+    single.cli(
+        "account", "add", "bench", "--plan", "bench", "--sender-domain", SENDER_DOMAIN, "--network", "127.0.0.0/8"
+    )
     single.start(ledger)
     one = drive("one node, SQLite", [single], sink, args.messages, args.sessions, args.size, args.timeout)
     single.stop()
     stack.remove(single)
-    print(f"  one node SQLite: accepted in {one.accept_seconds:.2f} s, delivered {one.delivered} in "
-          f"{fmt(one.deliver_seconds, 2)} s", flush=True)
+    print(
+        f"  one node SQLite: accepted in {one.accept_seconds:.2f} s, delivered {one.delivered} in "
+        f"{fmt(one.deliver_seconds, 2)} s",
+        flush=True,
+    )
 
     # (b) two nodes, one PostgreSQL schema: every recipient decided in the database, then with leasing
     passes: dict[int, Pass] = {}
     for lease_emails in (0, args.lease_emails):
-        database = {"url": with_search_path(args.pg_url, schema), "pool_size": args.pool_size,
-                    "lease_emails": lease_emails}
+        database = {
+            "url": with_search_path(args.pg_url, schema),
+            "pool_size": args.pool_size,
+            "lease_emails": lease_emails,
+        }
         label = f"lease-{lease_emails}"
-        nodes = [Node(name, workdir / f"pg-{label}-{name}", args.python, sink.port, database, args.workers)
-                 for name in ("n1", "n2")]
+        nodes = [
+            Node(name, workdir / f"pg-{label}-{name}", args.python, sink.port, database, args.workers)
+            for name in ("n1", "n2")
+        ]
         for node in nodes:
             node.write_config()
         if not passes:
             nodes[0].cli("db", "upgrade")
-            nodes[0].cli("account", "add", "bench", "--plan", "bench", "--sender-domain", SENDER_DOMAIN,
-                         "--network", "127.0.0.0/8")
+            nodes[0].cli(
+                "account",
+                "add",
+                "bench",
+                "--plan",
+                "bench",
+                "--sender-domain",
+                SENDER_DOMAIN,
+                "--network",
+                "127.0.0.0/8",
+            )
         for node in nodes:
             stack.append(node)
             node.start(ledger)
-        two = drive(f"two nodes, PostgreSQL, {label}", nodes, sink, args.messages, args.sessions, args.size,
-                    args.timeout)
+        two = drive(
+            f"two nodes, PostgreSQL, {label}", nodes, sink, args.messages, args.sessions, args.size, args.timeout
+        )
         for node in nodes:
             node.stop()
             stack.remove(node)
         passes[lease_emails] = two
-        print(f"  two nodes PostgreSQL, lease_emails {lease_emails}: accepted in {two.accept_seconds:.2f} s,"
-              f" delivered {two.delivered} in {fmt(two.deliver_seconds, 2)} s", flush=True)
+        print(
+            f"  two nodes PostgreSQL, lease_emails {lease_emails}: accepted in {two.accept_seconds:.2f} s,"
+            f" delivered {two.delivered} in {fmt(two.deliver_seconds, 2)} s",
+            flush=True,
+        )
 
     # meter micro-benchmark on PostgreSQL (its own schema-local account: nodes are stopped by now)
     meters: dict[int, MeterFigures] = {}
@@ -371,34 +421,44 @@ def run(args: argparse.Namespace, workdir: Path, schema: str, stack: list[Node],
         meter_schema = f"{schema}_meter{lease_emails}"
         asyncio.run(create_schema(args.pg_url, meter_schema))
         try:
-            meters[lease_emails] = asyncio.run(meter_on_pg(
-                args.pg_url, meter_schema, args.meter_iterations, 200, args.sessions, lease_emails
-            ))
+            meters[lease_emails] = asyncio.run(
+                meter_on_pg(args.pg_url, meter_schema, args.meter_iterations, 200, args.sessions, lease_emails)
+            )
         finally:
             asyncio.run(drop_schema(args.pg_url, meter_schema))
 
     print()
     print("== results")
-    print(f"one node,  SQLite     delivered/s: {fmt(one.delivered_per_s)}   (accepted/s {fmt(one.messages / one.accept_seconds)})")
+    print(
+        f"one node,  SQLite     delivered/s: {fmt(one.delivered_per_s)}"
+        f"   (accepted/s {fmt(one.messages / one.accept_seconds)})"
+    )
     for run_ in (one, *passes.values()):
-        print(f"  {run_.label:<34} machine busy {run_.machine_busy:6.1%} of {os.cpu_count()} CPUs;"
-              f" CPU per message: mailmeter {run_.relay_cpu_ms:5.2f} ms,"
-              f" everything else (PostgreSQL, smtp-source, smtp-sink) {run_.other_cpu_ms:5.2f} ms")
+        print(
+            f"  {run_.label:<34} machine busy {run_.machine_busy:6.1%} of {os.cpu_count()} CPUs;"
+            f" CPU per message: mailmeter {run_.relay_cpu_ms:5.2f} ms,"
+            f" everything else (PostgreSQL, smtp-source, smtp-sink) {run_.other_cpu_ms:5.2f} ms"
+        )
     for lease_emails, two in passes.items():
-        ratio = (two.delivered_per_s / one.delivered_per_s
-                 if two.delivered_per_s and one.delivered_per_s else None)
+        ratio = two.delivered_per_s / one.delivered_per_s if two.delivered_per_s and one.delivered_per_s else None
         verdict = "-" if ratio is None else ("MET" if ratio >= TARGET_RATIO else "MISSED")
-        print(f"two nodes, PostgreSQL, lease_emails {lease_emails:>4}: delivered/s {fmt(two.delivered_per_s)}"
-              f"   (accepted/s {fmt(two.messages / two.accept_seconds)});"
-              f" two/one {fmt(ratio, 2)}x (issue 7 wants >= {TARGET_RATIO}x): {verdict}")
+        print(
+            f"two nodes, PostgreSQL, lease_emails {lease_emails:>4}: delivered/s {fmt(two.delivered_per_s)}"
+            f"   (accepted/s {fmt(two.messages / two.accept_seconds)});"
+            f" two/one {fmt(ratio, 2)}x (issue 7 wants >= {TARGET_RATIO}x): {verdict}"
+        )
     for lease_emails, figures in meters.items():
-        print(f"meter reserve+commit in process on PostgreSQL, lease_emails {lease_emails},"
-              f" one caller, {figures.iterations} messages:")
+        print(
+            f"meter reserve+commit in process on PostgreSQL, lease_emails {lease_emails},"
+            f" one caller, {figures.iterations} messages:"
+        )
         print(describe("reserve", figures.alone.reserve))
         print(describe("commit", figures.alone.commit))
         print(describe("reserve+commit", figures.alone.pair))
-        print(f"  {figures.callers} concurrent callers, {figures.iterations} messages, "
-              f"{figures.iterations / figures.together_wall:,.0f} messages/s:")
+        print(
+            f"  {figures.callers} concurrent callers, {figures.iterations} messages, "
+            f"{figures.iterations / figures.together_wall:,.0f} messages/s:"
+        )
         print(describe("reserve+commit", figures.together.pair))
     if one.deliver_seconds is None or any(two.deliver_seconds is None for two in passes.values()):
         print("note: not every message was delivered within the timeout; the rate is missing")

@@ -1,1 +1,2 @@
-"""mailmeter: the service composition (config, CLI, wiring) around relay/, metering/ and policies/."""
+"""mailmeter: the composition (config, CLI, admin API, wiring) around mailmeter.relay, mailmeter.metering
+and mailmeter.policies, which live in the repository's relay/, metering/ and policies/ (pyproject.toml)."""

@@ -19,22 +19,19 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from mailmeter.apiauth import ApiTokens, bearer_token
 from mailmeter.audit import WEBHOOK_ACTOR
+from mailmeter.metering.gateway import verify
+from mailmeter.metering.meter import UnknownAccount, UnknownPlan
+from mailmeter.metering.records import StoreUnavailable
 from mailmeter.metrics import CONTENT_TYPE, Metrics
 from mailmeter.openapi import document
 from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
-from metering.gateway import verify
-from metering.meter import UnknownAccount, UnknownPlan
-from metering.sqlite_store import StoreUnavailable
-
-if TYPE_CHECKING:
-    from mailmeter.app import Relay
 
 ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,7 +87,7 @@ async def _body(request: web.Request, fields: tuple[str, ...] | None) -> dict[st
     except RecursionError:
         raise BadRequest(f"the request body is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object, like {\"field\": \"value\"}")
+        raise BadRequest('the request body must be a JSON object, like {"field": "value"}')
     _check_texts(data)
     unknown = sorted(set(data) - set(fields)) if fields is not None else []
     if unknown:
@@ -212,8 +209,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         return _error(error.status, f"{error.reason}: {request.method} {request.path}; see GET /openapi.json")
     except Exception as error:  # noqa: BLE001 (a bug: the client still gets JSON, the log the traceback)
-        structlog.get_logger("mailmeter.api").exception("api.error", method=request.method, path=request.path,
-                                                        error=repr(error))
+        structlog.get_logger("mailmeter.api").exception(
+            "api.error", method=request.method, path=request.path, error=repr(error)
+        )
         return _error(500, "internal error; the relay's log has the details (event api.error)")
 
 
@@ -223,12 +221,14 @@ def authenticated(handler: AdminHandler) -> Handler:
     async def checked(request: web.Request) -> web.StreamResponse:
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
-            return _error(401, "authentication required: send Authorization: Bearer TOKEN"
-                               " (a token from api.tokens_file)")
+            return _error(
+                401, "authentication required: send Authorization: Bearer TOKEN (a token from api.tokens_file)"
+            )
         name = _deps(request).tokens.name_for(token)
         if name is None:
-            return _error(401, "the bearer token is not one of api.tokens_file; check the token (or the file)"
-                               " and retry")
+            return _error(
+                401, "the bearer token is not one of api.tokens_file; check the token (or the file) and retry"
+            )
         _ACTOR.set(name)
         return await handler(request, _deps(request).service_for(name))
 
@@ -250,8 +250,12 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     finally:
         route = request.match_info.route.resource
         structlog.get_logger("mailmeter.api").info(
-            "api.request", method=request.method, route=route.canonical if route else request.path,
-            status=status, actor=_ACTOR.get(), ms=round((time.perf_counter() - started) * 1000, 1),
+            "api.request",
+            method=request.method,
+            route=route.canonical if route else request.path,
+            status=status,
+            actor=_ACTOR.get(),
+            ms=round((time.perf_counter() - started) * 1000, 1),
         )
         _ACTOR.reset(actor)
 
@@ -280,14 +284,32 @@ async def list_accounts(request: web.Request, service: AdminService) -> web.Resp
 
 
 async def add_account(request: web.Request, service: AdminService) -> web.Response:
-    data = await _body(request, ("name", "password", "plan", "sender_domains", "networks", "contacts",
-                                 "subscribed_on", "allow_wide_network", "monthly_payment"))
+    data = await _body(
+        request,
+        (
+            "name",
+            "password",
+            "plan",
+            "sender_domains",
+            "networks",
+            "contacts",
+            "subscribed_on",
+            "allow_wide_network",
+            "monthly_payment",
+        ),
+    )
     name = _string(data, "name", required=True)
     plan = _string(data, "plan", required=True)
     assert name is not None and plan is not None
     account = await service.add_account(
-        name, _string(data, "password"), plan, _strings(data, "sender_domains"), _strings(data, "networks"),
-        _strings(data, "contacts"), _date(data, "subscribed_on"), allow_wide_network=_flag(data, "allow_wide_network"),
+        name,
+        _string(data, "password"),
+        plan,
+        _strings(data, "sender_domains"),
+        _strings(data, "networks"),
+        _strings(data, "contacts"),
+        _date(data, "subscribed_on"),
+        allow_wide_network=_flag(data, "allow_wide_network"),
         monthly_payment=_money(data, "monthly_payment", required=False),
     )
     return web.json_response(account, status=201, headers={"Location": f"/v1/accounts/{account['name']}"})
@@ -370,8 +392,11 @@ async def invoice(request: web.Request, service: AdminService) -> web.Response:
 async def export(request: web.Request, service: AdminService) -> web.Response:
     month = request.match_info["month"]
     text = await service.export_csv(month)
-    return web.Response(text=text, content_type="text/csv",
-                        headers={"Content-Disposition": f'attachment; filename="mailmeter-{month}.csv"'})
+    return web.Response(
+        text=text,
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="mailmeter-{month}.csv"'},
+    )
 
 
 async def plans(request: web.Request, service: AdminService) -> web.Response:
@@ -386,8 +411,13 @@ async def preview(request: web.Request, service: AdminService) -> web.Response:
     if not isinstance(events, list):
         raise BadRequest('events: give a list of events like [{"at": 1000, "type": "payment", "state": "failed"}]')
     result = service.preview(
-        request.match_info["name"], emails, _date(data, "start"), _count(data, "delivered"),
-        _count(data, "soft_bounced") or 0, _count(data, "invalid") or 0, _money(data, "balance", required=False),
+        request.match_info["name"],
+        emails,
+        _date(data, "start"),
+        _count(data, "delivered"),
+        _count(data, "soft_bounced") or 0,
+        _count(data, "invalid") or 0,
+        _money(data, "balance", required=False),
         events,
     )
     return web.json_response(result)
@@ -416,13 +446,17 @@ async def payment_webhook(request: web.Request) -> web.Response:
     timestamp = request.headers.get("X-Mailmeter-Timestamp", "")
     signature = request.headers.get("X-Mailmeter-Signature", "")
     if not timestamp or not signature:
-        return _error(401, "sign the request: send X-Mailmeter-Timestamp (Unix seconds) and"
-                           " X-Mailmeter-Signature: sha256=HMAC-SHA256(secret, timestamp + '.' + body)")
+        return _error(
+            401,
+            "sign the request: send X-Mailmeter-Timestamp (Unix seconds) and"
+            " X-Mailmeter-Signature: sha256=HMAC-SHA256(secret, timestamp + '.' + body)",
+        )
     if not _TIMESTAMP.fullmatch(timestamp):
         raise BadRequest("X-Mailmeter-Timestamp: give the signing time as Unix seconds (ASCII digits)")
     if not _SIGNATURE.fullmatch(signature):
-        raise BadRequest("X-Mailmeter-Signature: give sha256= and the 64 hex digits of"
-                         " HMAC-SHA256(secret, timestamp + '.' + body)")
+        raise BadRequest(
+            "X-Mailmeter-Signature: give sha256= and the 64 hex digits of HMAC-SHA256(secret, timestamp + '.' + body)"
+        )
     now = time.time()
     if not verify(deps.webhook_secret, timestamp, body, signature, now, deps.webhook_tolerance):
         try:
@@ -430,18 +464,26 @@ async def payment_webhook(request: web.Request) -> web.Response:
         except ValueError:
             stale = True
         if stale:
-            return _error(401, f"X-Mailmeter-Timestamp {timestamp!r} is not within {deps.webhook_tolerance:g} s"
-                               " of the relay's clock; sign the event again with the current time")
-        return _error(401, "the signature does not match: sign timestamp + '.' + body with the shared secret"
-                           " of api.payment_webhook_secret_file")
+            return _error(
+                401,
+                f"X-Mailmeter-Timestamp {timestamp!r} is not within {deps.webhook_tolerance:g} s"
+                " of the relay's clock; sign the event again with the current time",
+            )
+        return _error(
+            401,
+            "the signature does not match: sign timestamp + '.' + body with the shared secret"
+            " of api.payment_webhook_secret_file",
+        )
     _ACTOR.set(WEBHOOK_ACTOR)
     event = await _body(request, None)
     # The id inside the signed body, never a header: an unsigned Idempotency-Key would let a
     # captured event be applied again under a new key within the timestamp's tolerance.
     event_id = event.get("id")
     if not isinstance(event_id, str) or not event_id:
-        raise BadRequest("id: give the event's id (a non-empty string) in the signed body; it is how a"
-                         " redelivery is recognised (an Idempotency-Key header is not signed, so it cannot be)")
+        raise BadRequest(
+            "id: give the event's id (a non-empty string) in the signed body; it is how a"
+            " redelivery is recognised (an Idempotency-Key header is not signed, so it cannot be)"
+        )
     service = deps.service_for(WEBHOOK_ACTOR)
     return web.json_response(await service.payment_event(event, event_id))
 
@@ -484,7 +526,7 @@ class ApiServer:
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.runner = web.AppRunner(app, access_log=None)
-        self.site: web.TCPSite | None = None
+        self.site: web.BaseSite | None = None
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on a socket bound beforehand (bind_api), so a port in use fails the relay's start early."""
@@ -502,37 +544,3 @@ class ApiServer:
     async def stop(self) -> None:
         await self.runner.cleanup()
         self.site = None
-
-
-def bind_api(address: str, port: int) -> socket.socket:
-    """The API's listening socket, bound (not yet listening): raises OSError if the port is taken."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
-    """The admin API of a running relay, on `sock` (bound by bind_api to `api.address`:`api.port`)."""
-    config = relay.config
-    deps = ApiDeps(
-        service_for=lambda actor: AdminService(relay.meter, relay.billing, actor),
-        tokens=config.api_tokens(),
-        webhook_secret=config.read_secret("api.payment_webhook_secret_file", config.api.payment_webhook_secret_file),
-        webhook_tolerance=config.api.webhook_tolerance,
-        metrics=relay.metrics,
-        ping=relay.store.ping,
-        node=config.node.name,
-    )
-    server = ApiServer(build_app(deps))
-    await server.start(sock)
-    structlog.get_logger("mailmeter.api").info(
-        "api.started", listen=f"{config.api.address}:{server.port}", tokens=deps.tokens.names,
-        payment_webhook=deps.webhook_secret is not None,
-    )
-    return server

@@ -61,9 +61,7 @@ def parse_tokens(text: str) -> ApiTokens:
         if not colon:
             raise TokenFileError(f"line {number}: write NAME:TOKEN (the name, a colon, then the token)")
         if not NAME_PATTERN.fullmatch(name):
-            raise TokenFileError(
-                f"line {number}: token name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
-            )
+            raise TokenFileError(f"line {number}: token name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         if len(token) < MIN_TOKEN_LENGTH or any(ch.isspace() for ch in token):
             raise TokenFileError(
                 f"line {number}: the token of {name!r} must be at least {MIN_TOKEN_LENGTH} characters"

@@ -12,9 +12,8 @@ import json
 import os
 from typing import Any
 
-from metering.records import Account
-from metering.store import Row
-from policies.currency import Currency
+from mailmeter.metering.records import Account, Row
+from mailmeter.policies.currency import Currency
 
 WEBHOOK_ACTOR = "webhook:payment"
 
@@ -32,9 +31,9 @@ def account_view(account: Account, currency: Currency) -> dict[str, Any]:
     """The account's public JSON, with the email-limit changes that `public()` leaves out."""
     view = dict(account.public(currency))
     view["limit_changes"] = {
-        which: None if change is None else {
-            "previous": change.previous, "new": change.new, "changed_at": change.changed_at.isoformat()
-        }
+        which: None
+        if change is None
+        else {"previous": change.previous, "new": change.new, "changed_at": change.changed_at.isoformat()}
         for which, change in (("included", account.included_change), ("quota", account.quota_change))
     }
     return view

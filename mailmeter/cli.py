@@ -21,9 +21,9 @@ from typing import Any
 from mailmeter.audit import cli_actor, event_line
 from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.logs import configure_logging
+from mailmeter.metering.meter import UnknownAccount, UnknownPlan
+from mailmeter.metering.records import StoreUnavailable
 from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
-from metering.meter import UnknownAccount, UnknownPlan
-from metering.sqlite_store import StoreUnavailable
 
 DEFAULT_CONFIG = os.environ.get("MAILMETER_CONFIG", "config.yaml")
 
@@ -45,7 +45,7 @@ def _emit(data: Any, as_json: bool) -> None:
 
 
 def _run(config: Config, action: Callable[[AdminService], Awaitable[int]]) -> int:
-    from mailmeter.app import build_billing, open_meter
+    from mailmeter.factory import build_billing, open_meter
 
     async def main() -> int:
         store, meter = open_meter(config)
@@ -71,9 +71,9 @@ def _read_password(path: str) -> str:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from mailmeter.app import serve
-
     import uvloop
+
+    from mailmeter.serve import serve
 
     # uvloop, not asyncio's own loop: the relay is a loop of small socket reads and
     # writes; in bench/run its CPU per message fell from 3.5 to 2.7 ms on uvloop.
@@ -89,8 +89,15 @@ def cmd_account_add(config: Config, args: argparse.Namespace) -> int:
 
     async def action(service: AdminService) -> int:
         account = await service.add_account(
-            args.name, password, args.plan, args.sender_domain, args.network, args.contact, args.subscribed_on,
-            allow_wide_network=args.allow_wide_network, monthly_payment=args.monthly_payment,
+            args.name,
+            password,
+            args.plan,
+            args.sender_domain,
+            args.network,
+            args.contact,
+            args.subscribed_on,
+            allow_wide_network=args.allow_wide_network,
+            monthly_payment=args.monthly_payment,
         )
         print(f"account {account['name']} added on plan {account['plan']}")
         return 0
@@ -128,8 +135,11 @@ def _simple(
 def cmd_payment(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         account = await service.payment(args.name, args.state, args.reason or "")
-        state = "released: sending resumes at the next SMTP command" if args.state == "ok" else (
-            "blocked: sessions get 451 4.7.1 at their next MAIL or RCPT")
+        state = (
+            "released: sending resumes at the next SMTP command"
+            if args.state == "ok"
+            else ("blocked: sessions get 451 4.7.1 at their next MAIL or RCPT")
+        )
         print(f"account {account['name']} {state}")
         return 0
 
@@ -140,8 +150,10 @@ def cmd_charge(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         charge = await service.settle_charge(args.key, args.sub, args.reason or "")
         blocked = "; the account's sending is blocked until `mailmeter payment ok`" if args.sub == "failed" else ""
-        print(f"charge {charge['key']} ({charge['amount']} {charge['currency']}) marked {args.sub}:"
-              f" {charge['status']}{blocked}")
+        print(
+            f"charge {charge['key']} ({charge['amount']} {charge['currency']}) marked {args.sub}:"
+            f" {charge['status']}{blocked}"
+        )
         return 0
 
     return _run(config, action)
@@ -156,11 +168,15 @@ def cmd_account_plan(config: Config, args: argparse.Namespace) -> int:
         if result["change"] in ("unchanged", "cancelled"):
             print(f"account {args.name}: {result['reason']}")
         elif result["at_once"]:
-            print(f"account {args.name}: {result['change']} from plan {result['from']} to plan {result['to']},"
-                  f" in force now: {result['reason']}")
+            print(
+                f"account {args.name}: {result['change']} from plan {result['from']} to plan {result['to']},"
+                f" in force now: {result['reason']}"
+            )
         else:
-            print(f"account {args.name}: {result['change']} from plan {result['from']} to plan {result['to']},"
-                  f" in force from {result['effective']}: {result['reason']}")
+            print(
+                f"account {args.name}: {result['change']} from plan {result['from']} to plan {result['to']},"
+                f" in force from {result['effective']}: {result['reason']}"
+            )
         return 0
 
     return _run(config, action)
@@ -176,7 +192,7 @@ def cmd_limit(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     """`db upgrade` applies pending schema migrations; `db backup FILE` copies the database online."""
-    from mailmeter.app import open_meter
+    from mailmeter.factory import open_meter
 
     where = database_label(config)
 
@@ -214,13 +230,23 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_plan_preview(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
-        result = service.preview(args.plan, args.emails, args.start, args.delivered, args.soft_bounced, args.invalid,
-                                 args.balance, args.event)
+        result = service.preview(
+            args.plan,
+            args.emails,
+            args.start,
+            args.delivered,
+            args.soft_bounced,
+            args.invalid,
+            args.balance,
+            args.event,
+        )
         if args.json:
             _emit(result, True)
             return 0
-        print(f"plan {result['plan']}, period {result['period']}: {result['accepted']:,} accepted, "
-              f"{result['refused']:,} refused")
+        print(
+            f"plan {result['plan']}, period {result['period']}: {result['accepted']:,} accepted, "
+            f"{result['refused']:,} refused"
+        )
         code = result["currency"]
         for event in result["events"]:
             effect = f": {event['change']}, {event['reason']}" if "change" in event else ""
@@ -262,7 +288,8 @@ def _event(text: str) -> dict[str, Any]:
     if name == "payment":
         return {"at": at, "type": "payment", "state": value}
     raise argparse.ArgumentTypeError(
-        f"{text!r}: {name!r} is not an event; use included, quota, spending, plan, top-up or payment")
+        f"{text!r}: {name!r} is not an event; use included, quota, spending, plan, top-up or payment"
+    )
 
 
 def _count(text: str) -> int:
@@ -298,22 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--plan", required=True, help="a plan defined in the config")
     add.add_argument("--sender-domain", action="append", default=[], help="a domain it may send from (repeatable)")
     add.add_argument("--network", action="append", default=[], help="client IP network bound to it (repeatable)")
-    add.add_argument("--allow-wide-network", action="store_true",
-                     help="accept a --network wider than a /16 (IPv4) or /48 (IPv6): every client in it sends"
-                          " unauthenticated, billed to this account")
-    add.add_argument("--contact", action="append", default=[], help="address for usage and billing notices (repeatable)")
+    add.add_argument(
+        "--allow-wide-network",
+        action="store_true",
+        help="accept a --network wider than a /16 (IPv4) or /48 (IPv6): every client in it sends"
+        " unauthenticated, billed to this account",
+    )
+    add.add_argument(
+        "--contact", action="append", default=[], help="address for usage and billing notices (repeatable)"
+    )
     add.add_argument("--subscribed-on", type=date.fromisoformat, help="subscription day (default: today)")
-    add.add_argument("--monthly-payment", help="prepaid plans: the amount credited each period, like 150.00"
-                                               " (default: the plan's funding.monthly_payment)")
-    listing = sub(account, "list", "list accounts", _simple(
-        "accounts",
-        line=lambda a: f"{a['name']}\t{a['plan']}\t{a['payment_state']}\t{','.join(a['sender_domains'])}"))
+    add.add_argument(
+        "--monthly-payment",
+        help="prepaid plans: the amount credited each period, like 150.00"
+        " (default: the plan's funding.monthly_payment)",
+    )
+    listing = sub(
+        account,
+        "list",
+        "list accounts",
+        _simple(
+            "accounts",
+            line=lambda a: f"{a['name']}\t{a['plan']}\t{a['payment_state']}\t{','.join(a['sender_domains'])}",
+        ),
+    )
     listing.add_argument("--json", action="store_true")
     show = sub(account, "show", "show one account", _simple("account", "name"))
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
-    change_plan = sub(account, "plan", "move an account to another plan (an upgrade at once, any other change"
-                                       " when the period ends)", cmd_account_plan)
+    change_plan = sub(
+        account,
+        "plan",
+        "move an account to another plan (an upgrade at once, any other change when the period ends)",
+        cmd_account_plan,
+    )
     change_plan.add_argument("name")
     change_plan.add_argument("plan", help="a plan defined in the config")
     change_plan.add_argument("--json", action="store_true")
@@ -331,40 +376,71 @@ def build_parser() -> argparse.ArgumentParser:
     top_up = sub(balance, "add", "top up a prepaid balance", _simple("add_balance", "name", "amount", json_flag=False))
     top_up.add_argument("name")
     top_up.add_argument("amount", help="in the billing currency's minor units at most: 25.00 (USD), 2500 (JPY)")
-    monthly = sub(balance, "monthly", "set the monthly payment credited to a prepaid balance, from the next period on",
-                  _simple("set_monthly_payment", "name", "amount", json_flag=False))
+    monthly = sub(
+        balance,
+        "monthly",
+        "set the monthly payment credited to a prepaid balance, from the next period on",
+        _simple("set_monthly_payment", "name", "amount", json_flag=False),
+    )
     monthly.add_argument("name")
     monthly.add_argument("amount", help="in the billing currency, like 150.00")
 
-    repay = sub(commands, "repay", "settle an account's whole overdrawn amount", _simple("repay", "name", json_flag=False))
+    repay = sub(
+        commands, "repay", "settle an account's whole overdrawn amount", _simple("repay", "name", json_flag=False)
+    )
     repay.add_argument("name")
 
-    limit = sub(commands, "limit", "change an account's limits (increase at once, email decrease at period end)", cmd_limit)
-    limit.add_argument("which", choices=["included", "quota", "spending"],
-                       help="included: monthly email limit past which overage is billed; quota: hard email cap;"
-                            " spending: spending limit (amount, or 'none')")
+    limit = sub(
+        commands, "limit", "change an account's limits (increase at once, email decrease at period end)", cmd_limit
+    )
+    limit.add_argument(
+        "which",
+        choices=["included", "quota", "spending"],
+        help="included: monthly email limit past which overage is billed; quota: hard email cap;"
+        " spending: spending limit (amount, or 'none')",
+    )
     limit.add_argument("name")
     limit.add_argument("value")
 
     charge = commands.add_parser("charge", help="charges: in-period and invoice collections").add_subparsers(
-        dest="sub", required=True)
-    charge_list = sub(charge, "list", "an account's charges and their state", _simple(
-        "charges", "name", "status",
-        line=lambda c: f"{c['key']}\t{c['amount']} {c['currency']}\t{c['status']}\t{c['description']}"))
+        dest="sub", required=True
+    )
+    charge_list = sub(
+        charge,
+        "list",
+        "an account's charges and their state",
+        _simple(
+            "charges",
+            "name",
+            "status",
+            line=lambda c: f"{c['key']}\t{c['amount']} {c['currency']}\t{c['status']}\t{c['description']}",
+        ),
+    )
     charge_list.add_argument("name")
     charge_list.add_argument("--status", help="only charges in this state (e.g. recorded: waiting for collection)")
     charge_list.add_argument("--json", action="store_true")
-    for state, what in (("collected", "the external system collected the charge"),
-                        ("failed", "collecting the charge failed: blocks the account's sending, live")):
+    for state, what in (
+        ("collected", "the external system collected the charge"),
+        ("failed", "collecting the charge failed: blocks the account's sending, live"),
+    ):
         settle = sub(charge, state, f"mark a charge {state} ({what})", cmd_charge)
         settle.add_argument("key", help="the charge's key (mailmeter charge list ACCOUNT)")
         settle.add_argument("--reason", help="what the collecting system said, kept with the charge")
 
     invoice = commands.add_parser("invoice", help="invoices").add_subparsers(dest="sub", required=True)
-    invoice_list = sub(invoice, "list", "an account's invoices", _simple(
-        "invoices", "name",
-        line=lambda i: (f"{i['id']}\t{i['period']}\t{i['invoice_date']}\t{i['total']} {i['currency']}"
-                        f"\t{i['amount_due']} {i['currency']}\t{i['status']}")))
+    invoice_list = sub(
+        invoice,
+        "list",
+        "an account's invoices",
+        _simple(
+            "invoices",
+            "name",
+            line=lambda i: (
+                f"{i['id']}\t{i['period']}\t{i['invoice_date']}\t{i['total']} {i['currency']}"
+                f"\t{i['amount_due']} {i['currency']}\t{i['status']}"
+            ),
+        ),
+    )
     invoice_list.add_argument("name")
     invoice_list.add_argument("--json", action="store_true")
     invoice_show = sub(invoice, "show", "one invoice", _simple("invoice", "id", json_flag=False))
@@ -383,8 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--period", required=True, help="YYYY-MM")
     export.add_argument("--csv", required=True, help="output file ('-' for stdout)")
 
-    audit = sub(commands, "audit", "the admin changes, newest first (who, what, before and after)", _simple(
-        "audit", "account", "limit", line=event_line))
+    audit = sub(
+        commands,
+        "audit",
+        "the admin changes, newest first (who, what, before and after)",
+        _simple("audit", "account", "limit", line=event_line),
+    )
     audit.add_argument("--account", help="only this account's changes")
     audit.add_argument("--limit", type=int, default=100, help="at most this many events (1-1000, default 100)")
     audit.add_argument("--json", action="store_true")
@@ -398,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_preview.add_argument("--soft-bounced", type=_count, default=0)
     plan_preview.add_argument("--invalid", type=_count, default=0)
     plan_preview.add_argument("--balance", help="prepaid balance to start from, like 90.00")
-    plan_preview.add_argument("--event", type=_event, action="append", default=[], metavar=PREVIEW_EVENT,
-                              help=_EVENT_HELP)
+    plan_preview.add_argument(
+        "--event", type=_event, action="append", default=[], metavar=PREVIEW_EVENT, help=_EVENT_HELP
+    )
     plan_preview.add_argument("--json", action="store_true")
     return parser
 
@@ -438,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailmeter: {str(error).strip(chr(34))}", file=sys.stderr)
         return 2
     except StoreUnavailable as error:
-        print(f"mailmeter: the database is unavailable ({error}); check database.path or database.url and retry",
-              file=sys.stderr)
+        print(
+            f"mailmeter: the database is unavailable ({error}); check database.path or database.url and retry",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

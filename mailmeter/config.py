@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mailmeter.apiauth import ApiTokens, TokenFileError, parse_tokens
-from policies.currency import Currency, currency_for
-from policies.plans import Plan, PlanError, parse_plans
+from mailmeter.policies.currency import Currency, currency_for
+from mailmeter.policies.plans import Plan, PlanError, parse_plans
 
 
 class ConfigError(ValueError):
@@ -111,7 +111,7 @@ def check_database_url(url: str) -> None:
             " postgresql://mailmeter@db.example.net:5432/mailmeter (or remove the key to use database.path)"
         )
     try:
-        parts.port
+        parts.port  # noqa: B018 (reading it raises ValueError for a port that is not a number)
     except ValueError:
         raise ConfigError("database.url: the port is not a number from 1 to 65535") from None
     if not parts.path.strip("/"):

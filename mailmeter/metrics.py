@@ -45,7 +45,10 @@ class Metrics:
             registry=r,
         )
         self.charges = Counter(
-            "mailmeter_charges_total", "Charges sent to the payment gateway, by result (recorded: no gateway)", ["result"], registry=r
+            "mailmeter_charges_total",
+            "Charges sent to the payment gateway, by result (recorded: no gateway)",
+            ["result"],
+            registry=r,
         )
         self.queue_depth = Gauge("mailmeter_queue_depth", "Messages in the spool awaiting delivery", registry=r)
         self.queue_oldest = Gauge(

@@ -14,21 +14,21 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
 import structlog
 
-from metering.gateway import sign
-from metering.store import Store
-from policies.currency import currency_for
-from policies.money import display_money, parse_money
-from relay.delivery import new_queue_id
-from relay.spool import Envelope, Spool
+from mailmeter.metering.gateway import sign
+from mailmeter.metering.store import NoticeStore
+from mailmeter.policies.currency import currency_for
+from mailmeter.policies.money import display_money, parse_money
+from mailmeter.relay.delivery import new_queue_id
+from mailmeter.relay.spool import Envelope, Spool
 
 
 def _amount(body: dict[str, Any], key: str) -> str:
@@ -50,16 +50,17 @@ def notice_text(account: str, key: str, body: dict[str, Any]) -> tuple[str, str]
         percent, limit, sent = body["percent"], body["limit"], body["sent"]
         subject = f"mailmeter: {account} has used {percent}% of its {limit:,} emails this period"
         text = (
-            f"Account {account} has sent {sent:,} emails this billing period, {percent}% of its limit of "
-            f"{limit:,}.\n"
+            f"Account {account} has sent {sent:,} emails this billing period, {percent}% of its limit of {limit:,}.\n"
         )
         if percent >= 100:
             text += "Emails beyond the limit are billed as overage.\n"
         return subject, text
     if kind == "invoice":
         subject = f"mailmeter: invoice {body['invoice']} for {account}"
-        text = (f"Invoice {body['invoice']}: total {_amount(body, 'total')}, amount due {_amount(body, 'amount_due')}"
-                f" by {body['due_date']}.\n")
+        text = (
+            f"Invoice {body['invoice']}: total {_amount(body, 'total')}, amount due {_amount(body, 'amount_due')}"
+            f" by {body['due_date']}.\n"
+        )
         return subject, text
     if kind == "statement":
         subject = f"mailmeter: statement for {account}, {body['period']}"
@@ -74,7 +75,7 @@ def notice_text(account: str, key: str, body: dict[str, Any]) -> tuple[str, str]
 class NoticeSender:
     def __init__(
         self,
-        store: Store,
+        store: NoticeStore,
         spool: Spool,
         submit: Callable[[str], None],
         from_address: str,
@@ -99,8 +100,14 @@ class NoticeSender:
                 if contacts:
                     queue_id = await self._queue_email(row["account"], row["key"], body, contacts)
                 await self.store.mark_notice(row["account_id"], row["period_key"], row["key"], "email")
-                self.log.info("notice.email", account=row["account"], notice=row["key"], queue_id=queue_id,
-                              recipients=len(contacts), result="queued" if contacts else "no_contacts")
+                self.log.info(
+                    "notice.email",
+                    account=row["account"],
+                    notice=row["key"],
+                    queue_id=queue_id,
+                    recipients=len(contacts),
+                    result="queued" if contacts else "no_contacts",
+                )
                 sent += 1
             if not row["webhook_sent"]:
                 if self.webhook_url is None or await self._post(row, body):
@@ -118,8 +125,7 @@ class NoticeSender:
         message["Auto-Submitted"] = "auto-generated"
         message.set_content(text)
         queue_id = new_queue_id()
-        envelope = Envelope(queue_id=queue_id, account=None, mail_from="", recipients=contacts,
-                            received_at=time.time())
+        envelope = Envelope(queue_id=queue_id, account=None, mail_from="", recipients=contacts, received_at=time.time())
         # policy SMTP: CRLF line ends, as every spooled message has (SMTP in's, DSNs)
         await asyncio.to_thread(self.spool.enqueue_local, envelope, message.as_bytes(policy=SMTP))
         self.submit(queue_id)
@@ -127,8 +133,9 @@ class NoticeSender:
 
     async def _post(self, row: Any, body: dict[str, Any]) -> bool:
         assert self.webhook_url is not None and self.webhook_secret is not None
-        payload = json.dumps({"account": row["account"], "period_start": row["period_key"], "key": row["key"],
-                              **body}, sort_keys=True).encode()
+        payload = json.dumps(
+            {"account": row["account"], "period_start": row["period_key"], "key": row["key"], **body}, sort_keys=True
+        ).encode()
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
@@ -141,9 +148,9 @@ class NoticeSender:
                 async with session.post(self.webhook_url, data=payload, headers=headers) as response:
                     ok = 200 <= response.status < 300
         except (aiohttp.ClientError, TimeoutError) as error:
-            self.log.warning("notice.webhook", account=row["account"], notice=row["key"], result="retry",
-                             error=repr(error))
+            self.log.warning(
+                "notice.webhook", account=row["account"], notice=row["key"], result="retry", error=repr(error)
+            )
             return False
-        self.log.info("notice.webhook", account=row["account"], notice=row["key"],
-                      result="sent" if ok else "retry")
+        self.log.info("notice.webhook", account=row["account"], notice=row["key"], result="sent" if ok else "retry")
         return ok

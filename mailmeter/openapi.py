@@ -65,10 +65,14 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 
 ACCOUNT = _path("name", "The account name")
-MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "examples": ["25.00", "2500", "25.000"],
-         "description": "An amount of billing.currency as a decimal string (never a JSON number), in its minor"
-                        " units: USD \"25.00\", JPY \"2500\", BHD \"25.000\"; an amount sent with more decimals"
-                        " than the currency has is refused"}
+MONEY = {
+    "type": "string",
+    "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
+    "examples": ["25.00", "2500", "25.000"],
+    "description": "An amount of billing.currency as a decimal string (never a JSON number), in its minor"
+    ' units: USD "25.00", JPY "2500", BHD "25.000"; an amount sent with more decimals'
+    " than the currency has is refused",
+}
 OPTIONAL_MONEY = {"oneOf": [_ref("Money"), {"type": "null"}]}
 COUNT = {"type": "integer", "minimum": 0}
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
@@ -76,28 +80,49 @@ ANY_OBJECT = {"type": "object", "additionalProperties": True}
 SCHEMAS: dict[str, Any] = {
     "Money": MONEY,
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-    "Health": {"type": "object", "required": ["status"],
-               "properties": {"status": {"enum": ["ok"]}, "node": {"type": "string"}}},
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"enum": ["ok"]}, "node": {"type": "string"}},
+    },
     "Account": {
         "type": "object",
         "required": ["name", "plan", "payment_state", "prepaid_balance"],
         "properties": {
-            "name": {"type": "string"}, "plan": {"type": "string"},
+            "name": {"type": "string"},
+            "plan": {"type": "string"},
             "subscribed_on": {"type": "string", "format": "date"},
             "sender_domains": {"type": "array", "items": {"type": "string"}},
             "networks": {"type": "array", "items": {"type": "string"}},
             "contacts": {"type": "array", "items": {"type": "string"}},
-            "payment_state": {"enum": ["ok", "failed"]}, "payment_detail": {"type": "string"},
-            "suspended": {"type": "boolean"}, "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
-            "spending_limit_override": OPTIONAL_MONEY, "has_password": {"type": "boolean"},
-            "plan_change": {"oneOf": [{"type": "null"}, {
-                "type": "object", "description": "a plan change that takes effect when the period ends",
-                "properties": {"plan": {"type": "string"}, "effective": {"type": "string", "format": "date-time"},
-                               "requested_at": {"type": "string", "format": "date-time"}}}]},
+            "payment_state": {"enum": ["ok", "failed"]},
+            "payment_detail": {"type": "string"},
+            "suspended": {"type": "boolean"},
+            "prepaid_balance": _ref("Money"),
+            "overdrawn": _ref("Money"),
+            "spending_limit_override": OPTIONAL_MONEY,
+            "has_password": {"type": "boolean"},
+            "plan_change": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "description": "a plan change that takes effect when the period ends",
+                        "properties": {
+                            "plan": {"type": "string"},
+                            "effective": {"type": "string", "format": "date-time"},
+                            "requested_at": {"type": "string", "format": "date-time"},
+                        },
+                    },
+                ]
+            },
             "monthly_payment_changes": {
-                "type": "array", "description": "the account's own monthly payment (prepaid plans), from each period on",
-                "items": {"type": "object", "properties": {"from": {"type": "string", "format": "date-time"},
-                                                           "amount": _ref("Money")}},
+                "type": "array",
+                "description": "the account's own monthly payment (prepaid plans), from each period on",
+                "items": {
+                    "type": "object",
+                    "properties": {"from": {"type": "string", "format": "date-time"}, "amount": _ref("Money")},
+                },
             },
         },
     },
@@ -106,109 +131,166 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["name", "plan", "sender_domains"],
         "properties": {
-            "name": TEXT, "plan": TEXT,
+            "name": TEXT,
+            "plan": TEXT,
             "password": {"type": "string", "description": "for SMTP AUTH; stored only as a salted scrypt hash"},
             "sender_domains": {"type": "array", "items": TEXT, "minItems": 1},
-            "networks": {"type": "array", "items": TEXT,
-                         "description": "client CIDRs bound to it (they send without AUTH, billed to it); wider"
-                                        " than a /16 (IPv4) or /48 (IPv6) only with allow_wide_network"},
+            "networks": {
+                "type": "array",
+                "items": TEXT,
+                "description": "client CIDRs bound to it (they send without AUTH, billed to it); wider"
+                " than a /16 (IPv4) or /48 (IPv6) only with allow_wide_network",
+            },
             "contacts": {"type": "array", "items": {**TEXT, "format": "email"}},
             "subscribed_on": {"type": "string", "format": "date"},
-            "allow_wide_network": {"type": "boolean", "default": False,
-                                   "description": "accept a network binding wider than a /16 or /48"},
-            "monthly_payment": {**MONEY, "description": "prepaid plans: the amount credited each period instead of"
-                                                        " the plan's funding.monthly_payment"},
+            "allow_wide_network": {
+                "type": "boolean",
+                "default": False,
+                "description": "accept a network binding wider than a /16 or /48",
+            },
+            "monthly_payment": {
+                **MONEY,
+                "description": "prepaid plans: the amount credited each period instead of"
+                " the plan's funding.monthly_payment",
+            },
         },
     },
     "Usage": {
         "type": "object",
         "required": ["account", "plan", "period", "accepted", "remaining", "payment_state"],
         "properties": {
-            "account": {"type": "string"}, "plan": {"type": "string"}, "period": {"type": "string"},
-            "accepted": COUNT, "delivered": COUNT, "soft_bounced": COUNT, "hard_bounced": COUNT,
+            "account": {"type": "string"},
+            "plan": {"type": "string"},
+            "period": {"type": "string"},
+            "accepted": COUNT,
+            "delivered": COUNT,
+            "soft_bounced": COUNT,
+            "hard_bounced": COUNT,
             "bounce_types": {
                 "type": "object",
                 "description": "the period's final bounces by category and sub-type (docs/delivery-results.md):"
-                               " soft_bounced: mailbox_full, message_too_large, server_unavailable;"
-                               " hard_bounced (Invalid Email): format_error, not_exist, reject, junk_mail;"
-                               " unclassified for results recorded before sub-types existed",
-                "properties": {category: {"type": "object", "additionalProperties": COUNT}
-                               for category in ("soft_bounced", "hard_bounced")},
+                " soft_bounced: mailbox_full, message_too_large, server_unavailable;"
+                " hard_bounced (Invalid Email): format_error, not_exist, reject, junk_mail;"
+                " unclassified for results recorded before sub-types existed",
+                "properties": {
+                    category: {"type": "object", "additionalProperties": COUNT}
+                    for category in ("soft_bounced", "hard_bounced")
+                },
             },
-            "deferred": COUNT, "reserved": COUNT, "remaining": {"type": ["integer", "null"]},
-            "spent": _ref("Money"), "spending_limit": OPTIONAL_MONEY, "unbilled": _ref("Money"),
-            "prepaid_balance": _ref("Money"), "overdrawn": _ref("Money"),
+            "deferred": COUNT,
+            "reserved": COUNT,
+            "remaining": {"type": ["integer", "null"]},
+            "spent": _ref("Money"),
+            "spending_limit": OPTIONAL_MONEY,
+            "unbilled": _ref("Money"),
+            "prepaid_balance": _ref("Money"),
+            "overdrawn": _ref("Money"),
             "prepaid": {"oneOf": [{"type": "null"}, _ref("PrepaidUsage")]},
-            "payment_state": {"enum": ["ok", "failed"]}, "currency": {"type": "string"},
+            "payment_state": {"enum": ["ok", "failed"]},
+            "currency": {"type": "string"},
             "by_campaign": {"type": "object", "additionalProperties": {"type": "integer"}},
             "by_region": {"type": "object", "additionalProperties": {"type": "integer"}},
         },
     },
     "PrepaidUsage": {
-        "type": "object", "description": "a prepaid plan's balance in the current period",
+        "type": "object",
+        "description": "a prepaid plan's balance in the current period",
         "properties": {
-            "available": {**MONEY, "description": "what the period may spend: carried in, its monthly payment,"
-                                                  " top-ups"},
-            "spent": _ref("Money"), "remaining": _ref("Money"),
+            "available": {
+                **MONEY,
+                "description": "what the period may spend: carried in, its monthly payment, top-ups",
+            },
+            "spent": _ref("Money"),
+            "remaining": _ref("Money"),
             "monthly_payment": {**MONEY, "description": "credited at this period's start"},
             "next_monthly_payment": {**MONEY, "description": "to be credited at the next period's start"},
             "next_credit_at": {"type": "string", "format": "date-time"},
         },
     },
     "MonthlyPaymentChange": {
-        "type": "object", "additionalProperties": False, "required": ["amount"],
-        "properties": {"amount": {**MONEY, "description": "in the billing currency's minor units, credited from the next period on"}},
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["amount"],
+        "properties": {
+            "amount": {
+                **MONEY,
+                "description": "in the billing currency's minor units, credited from the next period on",
+            }
+        },
     },
     "MonthlyPaymentResult": {
-        "type": "object", "required": ["account", "monthly_payment", "next_monthly_payment", "applies_from"],
+        "type": "object",
+        "required": ["account", "monthly_payment", "next_monthly_payment", "applies_from"],
         "properties": {
             "account": {"type": "string"},
             "monthly_payment": {**MONEY, "description": "this period's credit (fixed when the period started)"},
-            "next_monthly_payment": _ref("Money"), "applies_from": {"type": "string", "format": "date-time"},
+            "next_monthly_payment": _ref("Money"),
+            "applies_from": {"type": "string", "format": "date-time"},
             "prepaid_balance": _ref("Money"),
         },
     },
     "PaymentChange": {
-        "type": "object", "additionalProperties": False, "required": ["state"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["state"],
         "properties": {"state": {"enum": ["failed", "ok"]}, "reason": TEXT},
     },
     "BalanceChange": {
-        "type": "object", "additionalProperties": False, "required": ["amount"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["amount"],
         "properties": {"amount": _ref("Money")},
     },
     "BalanceResult": {
-        "type": "object", "required": ["account", "added", "prepaid_balance"],
+        "type": "object",
+        "required": ["account", "added", "prepaid_balance"],
         "properties": {"account": {"type": "string"}, "added": _ref("Money"), "prepaid_balance": _ref("Money")},
     },
     "RepayResult": {
-        "type": "object", "required": ["account", "repaid"],
+        "type": "object",
+        "required": ["account", "repaid"],
         "properties": {"account": {"type": "string"}, "repaid": _ref("Money")},
     },
     "LimitChange": {
-        "description": "included and quota take {\"emails\": N}; spending takes {\"amount\": \"20.00\" or null}",
+        "description": 'included and quota take {"emails": N}; spending takes {"amount": "20.00" or null}',
         "oneOf": [
             {"type": "object", "additionalProperties": False, "required": ["emails"], "properties": {"emails": COUNT}},
-            {"type": "object", "additionalProperties": False, "required": ["amount"],
-             "properties": {"amount": OPTIONAL_MONEY}},
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["amount"],
+                "properties": {"amount": OPTIONAL_MONEY},
+            },
         ],
     },
     "Charge": {
-        "type": "object", "required": ["key", "amount", "status"],
+        "type": "object",
+        "required": ["key", "amount", "status"],
         "properties": {
             "key": {"type": "string", "description": "the charge's idempotency key: ACCOUNT/PERIOD/KIND/INDEX"},
-            "period_start": {"type": "string"}, "kind": {"enum": ["threshold", "block", "invoice"]},
-            "index": COUNT, "amount": _ref("Money"), "currency": {"type": "string"},
+            "period_start": {"type": "string"},
+            "kind": {"enum": ["threshold", "block", "invoice"]},
+            "index": COUNT,
+            "amount": _ref("Money"),
+            "currency": {"type": "string"},
             "emails_unlocked": {"type": ["integer", "null"]},
-            "description": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
-            "status": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"],
-                       "description": "pending: to be sent; submitted: the gateway will report; recorded: no"
-                                      " gateway, left to an external system; succeeded, failed: final"},
-            "attempts": COUNT, "detail": {"type": "string"},
-            "account": {"type": "string"}, "payment_state": {"enum": ["ok", "failed"]},
+            "description": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "status": {
+                "enum": ["pending", "submitted", "recorded", "succeeded", "failed"],
+                "description": "pending: to be sent; submitted: the gateway will report; recorded: no"
+                " gateway, left to an external system; succeeded, failed: final",
+            },
+            "attempts": COUNT,
+            "detail": {"type": "string"},
+            "account": {"type": "string"},
+            "payment_state": {"enum": ["ok", "failed"]},
         },
     },
     "ChargeSettlement": {
-        "type": "object", "additionalProperties": False, "required": ["charge", "state"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["charge", "state"],
         "properties": {
             "charge": {"type": "string", "description": "the charge's key (GET /v1/accounts/{name}/charges)"},
             "state": {"enum": ["collected", "failed"]},
@@ -216,55 +298,90 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "PlanChangeRequest": {
-        "type": "object", "additionalProperties": False, "required": ["plan"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["plan"],
         "properties": {"plan": {"type": "string", "description": "a plan the config defines"}},
     },
     "PlanChangeResult": {
-        "type": "object", "required": ["account", "from", "to", "change", "at_once", "effective", "reason", "plan"],
+        "type": "object",
+        "required": ["account", "from", "to", "change", "at_once", "effective", "reason", "plan"],
         "properties": {
-            "account": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
+            "account": {"type": "string"},
+            "from": {"type": "string"},
+            "to": {"type": "string"},
             "change": {"enum": ["upgrade", "downgrade", "unchanged", "cancelled"]},
-            "at_once": {"type": "boolean",
-                        "description": "true: in force now; false: from `effective`, the period's end"},
-            "effective": {"type": "string", "format": "date-time"}, "reason": {"type": "string"},
+            "at_once": {
+                "type": "boolean",
+                "description": "true: in force now; false: from `effective`, the period's end",
+            },
+            "effective": {"type": "string", "format": "date-time"},
+            "reason": {"type": "string"},
             "plan": {"type": "string", "description": "the plan in force now"},
             "plan_change": {"type": ["object", "null"], "description": "the change waiting for the period's end"},
         },
     },
     "InvoiceSummary": {
-        "type": "object", "required": ["id", "period", "total", "amount_due", "status"],
+        "type": "object",
+        "required": ["id", "period", "total", "amount_due", "status"],
         "properties": {
-            "id": {"type": "string"}, "period": {"type": "string"},
-            "invoice_date": {"type": "string", "format": "date"}, "due_date": {"type": "string", "format": "date"},
+            "id": {"type": "string"},
+            "period": {"type": "string"},
+            "invoice_date": {"type": "string", "format": "date"},
+            "due_date": {"type": "string", "format": "date"},
             "currency": {"type": "string"},
-            "total": _ref("Money"), "amount_due": _ref("Money"), "status": {"enum": ["paid", "open", "overdrawn"]},
+            "total": _ref("Money"),
+            "amount_due": _ref("Money"),
+            "status": {"enum": ["paid", "open", "overdrawn"]},
         },
     },
     "Invoice": {
-        "type": "object", "required": ["id", "account", "period", "lines", "total", "amount_due", "status"],
+        "type": "object",
+        "required": ["id", "account", "period", "lines", "total", "amount_due", "status"],
         "properties": {
-            "id": {"type": "string"}, "account": {"type": "string"}, "plan": {"type": "string"},
-            "currency": {"type": "string"}, "period": {"type": "string"},
-            "lines": {"type": "array", "items": ANY_OBJECT}, "total": _ref("Money"),
-            "amount_due": _ref("Money"), "status": {"type": "string"},
+            "id": {"type": "string"},
+            "account": {"type": "string"},
+            "plan": {"type": "string"},
+            "currency": {"type": "string"},
+            "period": {"type": "string"},
+            "lines": {"type": "array", "items": ANY_OBJECT},
+            "total": _ref("Money"),
+            "amount_due": _ref("Money"),
+            "status": {"type": "string"},
             "in_period_charges": {"type": "array", "items": ANY_OBJECT},
             "prepaid_applied": _ref("Money"),
-            "payments": {"type": "array", "items": ANY_OBJECT,
-                         "description": "what paid part of the total before it fell due (kind prepaid)"},
-            "monthly_payments": {"type": "array", "items": ANY_OBJECT,
-                                 "description": "the period's monthly payment charge (prepaid plans)"},
-            "prepaid": {"type": ["object", "null"], "description": "a prepaid period's balance:"
-                        " balance_before_usage, monthly_payment, applied, balance_after"},
+            "payments": {
+                "type": "array",
+                "items": ANY_OBJECT,
+                "description": "what paid part of the total before it fell due (kind prepaid)",
+            },
+            "monthly_payments": {
+                "type": "array",
+                "items": ANY_OBJECT,
+                "description": "the period's monthly payment charge (prepaid plans)",
+            },
+            "prepaid": {
+                "type": ["object", "null"],
+                "description": "a prepaid period's balance:"
+                " balance_before_usage, monthly_payment, applied, balance_after",
+            },
             "regions": {"type": "array", "items": ANY_OBJECT},
         },
     },
     "Plan": {
-        "type": "object", "required": ["name", "display_name", "period", "funding"],
+        "type": "object",
+        "required": ["name", "display_name", "period", "funding"],
         "properties": {
-            "name": {"type": "string"}, "display_name": {"type": "string"}, "period": ANY_OBJECT,
-            "billable": {"enum": ["accepted", "results"]}, "currency": {"type": "string"}, "plan_fee": _ref("Money"),
-            "included_emails": COUNT, "email_quota": {"type": ["integer", "null"]},
-            "spending_limit": OPTIONAL_MONEY, "in_period_charge": {"enum": ["threshold", "per_block", None]},
+            "name": {"type": "string"},
+            "display_name": {"type": "string"},
+            "period": ANY_OBJECT,
+            "billable": {"enum": ["accepted", "results"]},
+            "currency": {"type": "string"},
+            "plan_fee": _ref("Money"),
+            "included_emails": COUNT,
+            "email_quota": {"type": ["integer", "null"]},
+            "spending_limit": OPTIONAL_MONEY,
+            "in_period_charge": {"enum": ["threshold", "per_block", None]},
             "funding": ANY_OBJECT,
             "rank": {"type": ["integer", "null"], "description": "the plan's place in upgrades (higher: bigger)"},
         },
@@ -272,63 +389,109 @@ SCHEMAS: dict[str, Any] = {
     "PreviewEvent": {
         "description": "Happens once `at` emails of the preview were attempted",
         "oneOf": [
-            {"type": "object", "additionalProperties": False, "required": ["at", "type", "which"],
-             "properties": {"at": COUNT, "type": {"const": "limit"},
-                            "which": {"enum": ["included", "quota", "spending"]},
-                            "emails": COUNT, "amount": OPTIONAL_MONEY}},
-            {"type": "object", "additionalProperties": False, "required": ["at", "type", "plan"],
-             "properties": {"at": COUNT, "type": {"const": "plan"}, "plan": {"type": "string"}}},
-            {"type": "object", "additionalProperties": False, "required": ["at", "type", "amount"],
-             "properties": {"at": COUNT, "type": {"const": "top_up"}, "amount": _ref("Money")}},
-            {"type": "object", "additionalProperties": False, "required": ["at", "type", "state"],
-             "properties": {"at": COUNT, "type": {"const": "payment"}, "state": {"enum": ["failed", "ok"]}}},
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["at", "type", "which"],
+                "properties": {
+                    "at": COUNT,
+                    "type": {"const": "limit"},
+                    "which": {"enum": ["included", "quota", "spending"]},
+                    "emails": COUNT,
+                    "amount": OPTIONAL_MONEY,
+                },
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["at", "type", "plan"],
+                "properties": {"at": COUNT, "type": {"const": "plan"}, "plan": {"type": "string"}},
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["at", "type", "amount"],
+                "properties": {"at": COUNT, "type": {"const": "top_up"}, "amount": _ref("Money")},
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["at", "type", "state"],
+                "properties": {"at": COUNT, "type": {"const": "payment"}, "state": {"enum": ["failed", "ok"]}},
+            },
         ],
     },
     "PreviewRequest": {
-        "type": "object", "additionalProperties": False, "required": ["emails"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["emails"],
         "properties": {
-            "emails": COUNT, "start": {"type": "string", "format": "date"}, "delivered": COUNT,
-            "soft_bounced": COUNT, "invalid": COUNT,
+            "emails": COUNT,
+            "start": {"type": "string", "format": "date"},
+            "delivered": COUNT,
+            "soft_bounced": COUNT,
+            "invalid": COUNT,
             "balance": {**MONEY, "description": "the prepaid balance to start from"},
             "events": {"type": "array", "items": _ref("PreviewEvent")},
         },
     },
     "Preview": {
-        "type": "object", "required": ["plan", "accepted", "refused", "charges", "invoice"],
+        "type": "object",
+        "required": ["plan", "accepted", "refused", "charges", "invoice"],
         "properties": {
-            "plan": {"type": "string"}, "currency": {"type": "string"}, "period": {"type": "string"},
-            "emails": COUNT, "accepted": COUNT,
-            "refused": COUNT, "refusal": {"type": ["string", "null"]}, "balance": _ref("Money"),
+            "plan": {"type": "string"},
+            "currency": {"type": "string"},
+            "period": {"type": "string"},
+            "emails": COUNT,
+            "accepted": COUNT,
+            "refused": COUNT,
+            "refusal": {"type": ["string", "null"]},
+            "balance": _ref("Money"),
             "refusals": {"type": "array", "items": ANY_OBJECT, "description": "each run of refused attempts"},
             "events": {"type": "array", "items": ANY_OBJECT, "description": "the script as applied"},
-            "plan_at_end": {"type": "string"}, "plan_change": {"type": ["object", "null"]},
-            "charges": {"type": "array", "items": ANY_OBJECT}, "invoice": ANY_OBJECT,
+            "plan_at_end": {"type": "string"},
+            "plan_change": {"type": ["object", "null"]},
+            "charges": {"type": "array", "items": ANY_OBJECT},
+            "invoice": ANY_OBJECT,
         },
     },
     "BillingRun": {
-        "type": "object", "required": ["invoices", "charges_collected", "charges_failed", "statements"],
+        "type": "object",
+        "required": ["invoices", "charges_collected", "charges_failed", "statements"],
         "properties": {
-            "invoices": {"type": "array", "items": {"type": "string"}}, "charges_collected": COUNT,
-            "charges_failed": COUNT, "charges_recorded": COUNT, "statements": COUNT,
+            "invoices": {"type": "array", "items": {"type": "string"}},
+            "charges_collected": COUNT,
+            "charges_failed": COUNT,
+            "charges_recorded": COUNT,
+            "statements": COUNT,
         },
     },
     "AuditEvent": {
-        "type": "object", "required": ["id", "time", "actor", "action", "target", "before", "after"],
+        "type": "object",
+        "required": ["id", "time", "actor", "action", "target", "before", "after"],
         "properties": {
-            "id": {"type": "integer"}, "time": {"type": "string", "format": "date-time"},
+            "id": {"type": "integer"},
+            "time": {"type": "string", "format": "date-time"},
             "actor": {"type": "string", "description": "the API token's NAME, cli:USER, or webhook:payment"},
-            "action": {"type": "string"}, "target": {"type": "string"},
-            "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]},
+            "action": {"type": "string"},
+            "target": {"type": "string"},
+            "before": {"type": ["object", "null"]},
+            "after": {"type": ["object", "null"]},
             "changes": {"type": "object", "description": "{key: [before, after]} of the keys that changed"},
-            "detail": ANY_OBJECT, "event_id": {"type": ["string", "null"]},
+            "detail": ANY_OBJECT,
+            "event_id": {"type": ["string", "null"]},
         },
     },
     "PaymentEvent": {
-        "type": "object", "required": ["id", "type"],
+        "type": "object",
+        "required": ["id", "type"],
         "properties": {
-            "id": {"type": "string", "minLength": 1,
-                   "description": "the event id, required (it is signed with the body; an Idempotency-Key header"
-                                  " is not and is ignored); a redelivery with the same id changes nothing"},
+            "id": {
+                "type": "string",
+                "minLength": 1,
+                "description": "the event id, required (it is signed with the body; an Idempotency-Key header"
+                " is not and is ignored); a redelivery with the same id changes nothing",
+            },
             "type": {"enum": ["charge.succeeded", "charge.failed", "payment_method.updated"]},
             "charge": {"type": "string", "description": "charge.*: the Idempotency-Key of the relay's charge"},
             "reason": {"type": "string"},
@@ -336,11 +499,17 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "PaymentEventResult": {
-        "type": "object", "required": ["event", "duplicate"],
+        "type": "object",
+        "required": ["event", "duplicate"],
         "properties": {
-            "event": {"type": "string"}, "duplicate": {"type": "boolean"}, "type": {"type": "string"},
-            "account": {"type": "string"}, "charge": {"type": "string"}, "applied": {"type": "boolean"},
-            "charge_status": {"type": "string"}, "payment_state": {"enum": ["ok", "failed"]},
+            "event": {"type": "string"},
+            "duplicate": {"type": "boolean"},
+            "type": {"type": "string"},
+            "account": {"type": "string"},
+            "charge": {"type": "string"},
+            "applied": {"type": "boolean"},
+            "charge_status": {"type": "string"},
+            "payment_state": {"enum": ["ok", "failed"]},
         },
     },
 }
@@ -351,116 +520,224 @@ def _array(name: str) -> dict[str, Any]:
 
 
 PATHS: dict[str, dict[str, Any]] = {
-    "/healthz": {"get": _op("Liveness: the API and the database answer", _json(_ref("Health"), "Healthy"),
-                            errors=(503,), public=True)},
-    "/openapi.json": {"get": _op("This document", _json({"type": "object"}, "The OpenAPI 3.1 document"),
-                                 errors=(), public=True)},
-    "/metrics": {"get": _op("Prometheus metrics of this node", {
-        "description": "Prometheus text exposition format",
-        "content": {"text/plain": {"schema": {"type": "string"}}}}, errors=(401, 404))},
+    "/healthz": {
+        "get": _op(
+            "Liveness: the API and the database answer", _json(_ref("Health"), "Healthy"), errors=(503,), public=True
+        )
+    },
+    "/openapi.json": {
+        "get": _op("This document", _json({"type": "object"}, "The OpenAPI 3.1 document"), errors=(), public=True)
+    },
+    "/metrics": {
+        "get": _op(
+            "Prometheus metrics of this node",
+            {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            errors=(401, 404),
+        )
+    },
     "/v1/accounts": {
         "get": _op("List accounts", _json(_array("Account"), "Every account")),
-        "post": _op("Add an account", _json(_ref("Account"), "The new account"), body=_ref("NewAccount"),
-                    errors=(400, 401, 409, 503), status=201),
+        "post": _op(
+            "Add an account",
+            _json(_ref("Account"), "The new account"),
+            body=_ref("NewAccount"),
+            errors=(400, 401, 409, 503),
+            status=201,
+        ),
     },
     "/v1/accounts/{name}": {
-        "get": _op("One account (never its password hash)", _json(_ref("Account"), "The account"),
-                   params=[ACCOUNT], errors=(401, 404, 503)),
+        "get": _op(
+            "One account (never its password hash)",
+            _json(_ref("Account"), "The account"),
+            params=[ACCOUNT],
+            errors=(401, 404, 503),
+        ),
     },
     "/v1/accounts/{name}/usage": {
-        "get": _op("The current period's usage", _json(_ref("Usage"), "Usage and the dashboard"),
-                   params=[ACCOUNT], errors=(401, 404, 409, 503)),
+        "get": _op(
+            "The current period's usage",
+            _json(_ref("Usage"), "Usage and the dashboard"),
+            params=[ACCOUNT],
+            errors=(401, 404, 409, 503),
+        ),
     },
     "/v1/accounts/{name}/payment": {
-        "post": _op("Block (failed) or release (ok) sending, live at the next MAIL or RCPT",
-                    _json(_ref("Account"), "The account after the change"), body=_ref("PaymentChange"),
-                    params=[ACCOUNT], errors=(400, 401, 404, 503)),
+        "post": _op(
+            "Block (failed) or release (ok) sending, live at the next MAIL or RCPT",
+            _json(_ref("Account"), "The account after the change"),
+            body=_ref("PaymentChange"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 503),
+        ),
     },
     "/v1/accounts/{name}/balance": {
-        "post": _op("Top up the prepaid balance", _json(_ref("BalanceResult"), "The new balance"),
-                    body=_ref("BalanceChange"), params=[ACCOUNT], errors=(400, 401, 404, 503)),
+        "post": _op(
+            "Top up the prepaid balance",
+            _json(_ref("BalanceResult"), "The new balance"),
+            body=_ref("BalanceChange"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 503),
+        ),
     },
     "/v1/accounts/{name}/monthly-payment": {
-        "put": _op("Set the monthly payment credited to a prepaid balance, from the next period on",
-                   _json(_ref("MonthlyPaymentResult"), "This period's and the next period's monthly payment"),
-                   body=_ref("MonthlyPaymentChange"), params=[ACCOUNT], errors=(400, 401, 404, 409, 503)),
+        "put": _op(
+            "Set the monthly payment credited to a prepaid balance, from the next period on",
+            _json(_ref("MonthlyPaymentResult"), "This period's and the next period's monthly payment"),
+            body=_ref("MonthlyPaymentChange"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 409, 503),
+        ),
     },
     "/v1/accounts/{name}/repay": {
-        "post": _op("Settle the whole overdrawn amount", _json(_ref("RepayResult"), "What was repaid"),
-                    params=[ACCOUNT], errors=(400, 401, 404, 503)),
+        "post": _op(
+            "Settle the whole overdrawn amount",
+            _json(_ref("RepayResult"), "What was repaid"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 503),
+        ),
     },
     "/v1/accounts/{name}/limits/{which}": {
-        "put": _op("Set a limit: included or quota emails (an increase at once, a decrease at period end),"
-                   " or the spending amount (at once)", _json(_ref("Usage"), "Usage under the new limit"),
-                   body=_ref("LimitChange"),
-                   params=[ACCOUNT, {**_path("which", "included, quota or spending"),
-                                     "schema": {"enum": ["included", "quota", "spending"]}}],
-                   errors=(400, 401, 404, 503)),
+        "put": _op(
+            "Set a limit: included or quota emails (an increase at once, a decrease at period end),"
+            " or the spending amount (at once)",
+            _json(_ref("Usage"), "Usage under the new limit"),
+            body=_ref("LimitChange"),
+            params=[
+                ACCOUNT,
+                {
+                    **_path("which", "included, quota or spending"),
+                    "schema": {"enum": ["included", "quota", "spending"]},
+                },
+            ],
+            errors=(400, 401, 404, 503),
+        ),
     },
     "/v1/accounts/{name}/charges": {
-        "get": _op("The account's charges and their state, oldest first", _json(_array("Charge"), "Charges"),
-                   params=[ACCOUNT, {"name": "status", "in": "query", "required": False,
-                                     "schema": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"]},
-                                     "description": "only charges in this state"}],
-                   errors=(400, 401, 404, 503)),
+        "get": _op(
+            "The account's charges and their state, oldest first",
+            _json(_array("Charge"), "Charges"),
+            params=[
+                ACCOUNT,
+                {
+                    "name": "status",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"enum": ["pending", "submitted", "recorded", "succeeded", "failed"]},
+                    "description": "only charges in this state",
+                },
+            ],
+            errors=(400, 401, 404, 503),
+        ),
     },
     "/v1/charges/settle": {
-        "post": _op("Mark a charge collected or failed, as the system that collects it reports (for"
-                    " billing.gateway.kind none); failed blocks the account's sending at its next MAIL or RCPT",
-                    _json(_ref("Charge"), "The charge after the change"), body=_ref("ChargeSettlement"),
-                    errors=(400, 401, 404, 409, 503)),
+        "post": _op(
+            "Mark a charge collected or failed, as the system that collects it reports (for"
+            " billing.gateway.kind none); failed blocks the account's sending at its next MAIL or RCPT",
+            _json(_ref("Charge"), "The charge after the change"),
+            body=_ref("ChargeSettlement"),
+            errors=(400, 401, 404, 409, 503),
+        ),
     },
     "/v1/accounts/{name}/plan": {
-        "put": _op("Move the account to another plan: an upgrade at once (the invoice shows each part of the"
-                   " period under its plan), any other change when the period ends",
-                   _json(_ref("PlanChangeResult"), "What the change did and when it takes effect"),
-                   body=_ref("PlanChangeRequest"), params=[ACCOUNT], errors=(400, 401, 404, 409, 503)),
+        "put": _op(
+            "Move the account to another plan: an upgrade at once (the invoice shows each part of the"
+            " period under its plan), any other change when the period ends",
+            _json(_ref("PlanChangeResult"), "What the change did and when it takes effect"),
+            body=_ref("PlanChangeRequest"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 409, 503),
+        ),
     },
     "/v1/accounts/{name}/invoices": {
-        "get": _op("The account's invoices", _json(_array("InvoiceSummary"), "Invoices, oldest first"),
-                   params=[ACCOUNT], errors=(401, 404, 503)),
+        "get": _op(
+            "The account's invoices",
+            _json(_array("InvoiceSummary"), "Invoices, oldest first"),
+            params=[ACCOUNT],
+            errors=(401, 404, 503),
+        ),
     },
     "/v1/invoices/{id}": {
-        "get": _op("One invoice: lines, totals, in-period charges, per-region results",
-                   _json(_ref("Invoice"), "The invoice"), params=[_path("id", "The invoice id")],
-                   errors=(401, 404, 503)),
+        "get": _op(
+            "One invoice: lines, totals, in-period charges, per-region results",
+            _json(_ref("Invoice"), "The invoice"),
+            params=[_path("id", "The invoice id")],
+            errors=(401, 404, 503),
+        ),
     },
     "/v1/exports/{month}.csv": {
-        "get": _op("Every line item of the periods that start in the month, as CSV", {
-            "description": "CSV with a header row",
-            "content": {"text/csv": {"schema": {"type": "string"}}}},
+        "get": _op(
+            "Every line item of the periods that start in the month, as CSV",
+            {"description": "CSV with a header row", "content": {"text/csv": {"schema": {"type": "string"}}}},
             params=[{**_path("month", "YYYY-MM"), "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}}],
-            errors=(400, 401, 503)),
+            errors=(400, 401, 503),
+        ),
     },
     "/v1/plans": {"get": _op("The plans the config defines", _json(_array("Plan"), "Plans by name"))},
     "/v1/plans/{name}/preview": {
-        "post": _op("Run the plan's policy over one synthetic period, from a prepaid balance, through scripted"
-                    " events", _json(_ref("Preview"), "Charges, refusals and invoice"),
-                    body=_ref("PreviewRequest"), params=[_path("name", "The plan name")],
-                    errors=(400, 401, 404)),
+        "post": _op(
+            "Run the plan's policy over one synthetic period, from a prepaid balance, through scripted events",
+            _json(_ref("Preview"), "Charges, refusals and invoice"),
+            body=_ref("PreviewRequest"),
+            params=[_path("name", "The plan name")],
+            errors=(400, 401, 404),
+        ),
     },
     "/v1/billing/run": {
-        "post": _op("Close every ended period and collect pending charges now",
-                    _json(_ref("BillingRun"), "What the run did"), errors=(401, 503)),
+        "post": _op(
+            "Close every ended period and collect pending charges now",
+            _json(_ref("BillingRun"), "What the run did"),
+            errors=(401, 503),
+        ),
     },
     "/v1/audit": {
-        "get": _op("Admin changes, newest first", _json(_array("AuditEvent"), "Audit events"), params=[
-            {"name": "account", "in": "query", "required": False, "schema": TEXT,
-             "description": "only this account's changes"},
-            {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-        ], errors=(400, 401, 404, 503)),
+        "get": _op(
+            "Admin changes, newest first",
+            _json(_array("AuditEvent"), "Audit events"),
+            params=[
+                {
+                    "name": "account",
+                    "in": "query",
+                    "required": False,
+                    "schema": TEXT,
+                    "description": "only this account's changes",
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+            ],
+            errors=(400, 401, 404, 503),
+        ),
     },
     "/v1/webhooks/payment": {
         "post": {
-            **_op("Inbound payment provider event (HMAC-signed, no bearer token)",
-                  _json(_ref("PaymentEventResult"), "Applied, or a duplicate that changed nothing"),
-                  body=_ref("PaymentEvent"), errors=(400, 401, 404, 503), public=True),
+            **_op(
+                "Inbound payment provider event (HMAC-signed, no bearer token)",
+                _json(_ref("PaymentEventResult"), "Applied, or a duplicate that changed nothing"),
+                body=_ref("PaymentEvent"),
+                errors=(400, 401, 404, 503),
+                public=True,
+            ),
             "parameters": [
-                {"name": "X-Mailmeter-Timestamp", "in": "header", "required": True, "schema": {"type": "string"},
-                 "description": "Unix seconds; refused when further than api.webhook_tolerance from now"},
-                {"name": "X-Mailmeter-Signature", "in": "header", "required": True, "schema": {"type": "string"},
-                 "description": "sha256=HEX(HMAC-SHA256(secret, timestamp + '.' + body))"},
+                {
+                    "name": "X-Mailmeter-Timestamp",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "Unix seconds; refused when further than api.webhook_tolerance from now",
+                },
+                {
+                    "name": "X-Mailmeter-Signature",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "sha256=HEX(HMAC-SHA256(secret, timestamp + '.' + body))",
+                },
             ],
         },
     },
@@ -474,13 +751,18 @@ def document(version: str) -> dict[str, Any]:
             "title": "mailmeter admin API",
             "version": version,
             "description": "Accounts, payment state, balances, limits, invoices, exports, plans, billing and"
-                           " the audit trail of one mailmeter relay. JSON in and out; money is a decimal string.",
+            " the audit trail of one mailmeter relay. JSON in and out; money is a decimal string.",
         },
         "security": [{"bearer": []}],
         "paths": PATHS,
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "a token from api.tokens_file (NAME:TOKEN lines)"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a token from api.tokens_file (NAME:TOKEN lines)",
+                }
+            },
         },
     }

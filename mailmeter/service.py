@@ -15,24 +15,23 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 from datetime import date, datetime, time, timezone
+from functools import partial
 from typing import Any
 
 import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
-from metering.billing import Billing
-from metering.export import export_csv, month_of
-from metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
-from metering.records import in_force
-from metering.sqlite_store import AuditDraft, DuplicateEvent
-from policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
-from policies.currency import Currency, currency_for
-from policies.money import MoneyError, format_money, is_whole_minor, parse_money
-from policies.parts import ThresholdCharge
-from policies.plan import Plan
-from relay.domains import DomainError, canonical_domain
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.export import export_csv, month_of
+from mailmeter.metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
+from mailmeter.metering.records import AuditDraft, DuplicateEvent, Row, in_force
+from mailmeter.policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
+from mailmeter.policies.currency import Currency, currency_for
+from mailmeter.policies.money import MoneyError, format_money, is_whole_minor, parse_money
+from mailmeter.policies.parts import ThresholdCharge
+from mailmeter.policies.plan import Plan
+from mailmeter.relay.domains import DomainError, canonical_domain
 
 
 class AdminError(ValueError):
@@ -115,11 +114,13 @@ def _money(text: str, what: str, currency: Currency) -> int:
     except MoneyError as error:
         raise AdminError(f"{what}: {error}") from None
     if abs(micros) > MAX_MONEY:
-        raise AdminError(f"{what}: {text!r} is beyond what the meter keeps (at most {format_money(MAX_MONEY, currency)})")
+        raise AdminError(
+            f"{what}: {text!r} is beyond what the meter keeps (at most {format_money(MAX_MONEY, currency)})"
+        )
     return micros
 
 
-def charge_json(row: Mapping[str, Any], currency: Currency) -> dict[str, Any]:
+def charge_json(row: Row, currency: Currency) -> dict[str, Any]:
     """One charge as `charge list` and the API show it."""
     return {
         "key": row["idempotency_key"],
@@ -140,8 +141,10 @@ def charge_json(row: Mapping[str, Any], currency: Currency) -> dict[str, Any]:
 def _monthly_payment(text: str, currency: Currency) -> int:
     micros = _money(text, "amount", currency)
     if micros < 0 or not is_whole_minor(micros, currency):
-        raise AdminError("amount: the monthly payment is charged as it is: give a non-negative amount in"
-                         f" {currency.code}, like {format_money(150_000_000, currency)}")
+        raise AdminError(
+            "amount: the monthly payment is charged as it is: give a non-negative amount in"
+            f" {currency.code}, like {format_money(150_000_000, currency)}"
+        )
     return micros
 
 
@@ -162,15 +165,26 @@ class AdminService:
         self, action: str, account: str, detail: dict[str, Any] | None = None, event_id: str | None = None
     ) -> AsyncIterator[AuditDraft]:
         """Wrap the one meter call that changes `account`: its audit event commits with it."""
-        draft = AuditDraft(at=self.meter.clock(), actor=self.actor, action=action, target=account,
-                           view=partial(account_view, currency=self.meter.currency), detail=detail or {},
-                           event_id=event_id)
+        draft = AuditDraft(
+            at=self.meter.clock(),
+            actor=self.actor,
+            action=action,
+            target=account,
+            view=partial(account_view, currency=self.meter.currency),
+            detail=detail or {},
+            event_id=event_id,
+        )
         async with self.meter.store.audited(draft):
             yield draft
         if draft.written:
             structlog.get_logger("mailmeter.audit").info(
-                "admin.change", actor=self.actor, action=action, target=account, audit_id=draft.id,
-                changed=sorted(changes(draft.before, draft.after)), result="ok",
+                "admin.change",
+                actor=self.actor,
+                action=action,
+                target=account,
+                audit_id=draft.id,
+                changed=sorted(changes(draft.before, draft.after)),
+                result="ok",
             )
 
     # -- accounts -------------------------------------------------------------------
@@ -205,14 +219,21 @@ class AdminService:
         try:
             async with self._audit("account.add", name, detail):
                 account = await self.meter.add_account(
-                    name, password, plan, domains, networks, subscribed_on=subscribed_on, contacts=contacts,
-                    allow_wide_networks=allow_wide_network, monthly_payment=payment,
+                    name,
+                    password,
+                    plan,
+                    domains,
+                    networks,
+                    subscribed_on=subscribed_on,
+                    contacts=contacts,
+                    allow_wide_networks=allow_wide_network,
+                    monthly_payment=payment,
                 )
         except WideNetwork as wide:
             raise AdminError(
                 f"networks: {wide.network} is wider than a /{wide.widest}: every client in it could send"
                 f" unauthenticated mail billed to account {name}; bind the clients' own network, or, if that"
-                " is what you mean, pass --allow-wide-network (API: \"allow_wide_network\": true)"
+                ' is what you mean, pass --allow-wide-network (API: "allow_wide_network": true)'
             ) from None
         except (UnknownPlan, ValueError) as error:
             raise AdminError(str(error).strip('"')) from None
@@ -254,7 +275,11 @@ class AdminService:
                 balance = await self.meter.add_balance(name, micros)
         except BalanceTooLarge as error:
             raise AdminError(f"amount: {error}") from None
-        return {"account": name, "added": format_money(micros, currency), "prepaid_balance": format_money(balance, currency)}
+        return {
+            "account": name,
+            "added": format_money(micros, currency),
+            "prepaid_balance": format_money(balance, currency),
+        }
 
     async def set_monthly_payment(self, name: str, amount: str) -> dict[str, Any]:
         """Model B's "increase your payment": the account's monthly payment, credited to its
@@ -264,17 +289,23 @@ class AdminService:
         account = await self.meter.account(name)
         plan = self.meter.plans.get(account.plan)
         if plan is not None and plan.funding.kind != "prepaid":
-            raise Conflict(f"account {name!r} is on plan {account.plan!r}, which is postpaid: it is invoiced for"
-                           " what it sends; a monthly payment is credit to a prepaid balance")
+            raise Conflict(
+                f"account {name!r} is on plan {account.plan!r}, which is postpaid: it is invoiced for"
+                " what it sends; a monthly payment is credit to a prepaid balance"
+            )
         try:
             async with self._audit("balance.monthly", name, {"amount": format_money(micros, self.meter.currency)}):
                 change = await self.meter.set_monthly_payment(name, micros)
         except ValueError as error:
             raise AdminError(str(error).strip('"')) from None
         prepaid = (await self.usage(name))["prepaid"]
-        return {"account": name, "monthly_payment": prepaid["monthly_payment"],
-                "next_monthly_payment": format_money(change.amount, self.meter.currency), "applies_from": change.starts.isoformat(),
-                "prepaid_balance": (await self.account(name))["prepaid_balance"]}
+        return {
+            "account": name,
+            "monthly_payment": prepaid["monthly_payment"],
+            "next_monthly_payment": format_money(change.amount, self.meter.currency),
+            "applies_from": change.starts.isoformat(),
+            "prepaid_balance": (await self.account(name))["prepaid_balance"],
+        }
 
     async def repay(self, name: str) -> dict[str, Any]:
         async with self._audit("repay", name):
@@ -325,8 +356,14 @@ class AdminService:
         except PlanChangeRefused as error:
             raise Conflict(str(error)) from None
         account = await self.account(name)
-        return {"account": name, "from": previous, "to": plan, **switch_json(switch),
-                "plan": account["plan"], "plan_change": account["plan_change"]}
+        return {
+            "account": name,
+            "from": previous,
+            "to": plan,
+            **switch_json(switch),
+            "plan": account["plan"],
+            "plan_change": account["plan_change"],
+        }
 
     # -- the inbound payment webhook ---------------------------------------------------
 
@@ -342,8 +379,10 @@ class AdminService:
         if kind not in PAYMENT_EVENTS:
             raise AdminError(f"type: {kind!r} is not a payment event; send one of {', '.join(PAYMENT_EVENTS)}")
         if not isinstance(event_id, str) or not event_id:
-            raise AdminError("id: give the event an id string (or an Idempotency-Key header) so a redelivery"
-                             " is recognised and ignored")
+            raise AdminError(
+                "id: give the event an id string (or an Idempotency-Key header) so a redelivery"
+                " is recognised and ignored"
+            )
         previous = await self.meter.store.audit_event_for(event_id)
         if previous is not None:
             return {"event": event_id, "duplicate": True, "account": previous["target"], "type": previous["action"]}
@@ -353,8 +392,13 @@ class AdminService:
                 name = _text(event, "account")
                 async with service._audit(kind, name, {"event": event_id}, event_id=event_id):
                     await self.meter.set_payment(name, True, f"payment method updated (event {event_id})")
-                return {"event": event_id, "duplicate": False, "type": kind, "account": name,
-                        "payment_state": (await self.meter.account(name)).payment_state}
+                return {
+                    "event": event_id,
+                    "duplicate": False,
+                    "type": kind,
+                    "account": name,
+                    "payment_state": (await self.meter.account(name)).payment_state,
+                }
             return await service._settle_charge(event, kind, event_id)
         except DuplicateEvent:  # the same event, delivered twice at once: the other delivery applied it
             return {"event": event_id, "duplicate": True, "type": kind}
@@ -368,12 +412,24 @@ class AdminService:
         status = "succeeded" if kind == "charge.succeeded" else "failed"
         applied = await self._set_charge(charge, kind, status, reason or kind, {"event": event_id}, event_id)
         account = await self.meter.account(charge["account"])
-        return {"event": event_id, "duplicate": False, "type": kind, "account": account.name, "charge": key,
-                "applied": applied, "charge_status": status if applied else charge["status"],
-                "payment_state": account.payment_state}
+        return {
+            "event": event_id,
+            "duplicate": False,
+            "type": kind,
+            "account": account.name,
+            "charge": key,
+            "applied": applied,
+            "charge_status": status if applied else charge["status"],
+            "payment_state": account.payment_state,
+        }
 
     async def _set_charge(
-        self, charge: Mapping[str, Any], action: str, status: str, reason: str, detail: dict[str, Any],
+        self,
+        charge: Row,
+        action: str,
+        status: str,
+        reason: str,
+        detail: dict[str, Any],
         event_id: str | None = None,
     ) -> bool:
         """One charge's verdict, audited on its account; `failed` blocks the account at once."""
@@ -390,8 +446,11 @@ class AdminService:
         if status is not None and status not in CHARGE_STATES:
             raise AdminError(f"status: {status!r} is not a charge state; give one of {', '.join(CHARGE_STATES)}")
         account = await self.meter.account(name)
-        return [charge_json(row, self.meter.currency) for row in await self.meter.store.charges_of(account.id)
-                if status is None or row["status"] == status]
+        return [
+            charge_json(row, self.meter.currency)
+            for row in await self.meter.store.charges_of(account.id)
+            if status is None or row["status"] == status
+        ]
 
     async def settle_charge(self, key: str, state: str, reason: str = "") -> dict[str, Any]:
         """Mark a charge `collected` or `failed`, as the system that collects it reports.
@@ -407,8 +466,10 @@ class AdminService:
         if charge is None:
             raise NotFound(f"charge: no charge {key!r} (see `mailmeter charge list ACCOUNT`)")
         if charge["status"] not in OPEN_CHARGE_STATES:
-            raise Conflict(f"charge {key!r} is already {charge['status']}; only a pending, submitted or recorded"
-                           " charge can be marked (a failed one is sent again after `mailmeter payment ok`)")
+            raise Conflict(
+                f"charge {key!r} is already {charge['status']}; only a pending, submitted or recorded"
+                " charge can be marked (a failed one is sent again after `mailmeter payment ok`)"
+            )
         status = "succeeded" if state == "collected" else "failed"
         reason = reason or ("collected by the external system" if state == "collected" else "collection failed")
         if not await self._set_charge(charge, f"charge.{state}", status, reason, {}):
@@ -416,8 +477,11 @@ class AdminService:
         changed = await self.meter.store.charge(key)
         assert changed is not None
         account = await self.meter.account(changed["account"])
-        return {**charge_json(changed, self.meter.currency), "account": account.name,
-                "payment_state": account.payment_state}
+        return {
+            **charge_json(changed, self.meter.currency),
+            "account": account.name,
+            "payment_state": account.payment_state,
+        }
 
     # -- invoices -----------------------------------------------------------------------
 
@@ -427,16 +491,18 @@ class AdminService:
         for record in await self.meter.store.invoices(account.id):
             body = json.loads(record.body)
             currency = self._issued_in(body)
-            summaries.append({
-                "id": record.id,
-                "period": body["period"],
-                "invoice_date": record.invoice_date,
-                "due_date": record.due_date,
-                "currency": currency.code,
-                "total": format_money(record.total, currency),
-                "amount_due": format_money(record.amount_due, currency),
-                "status": record.status,
-            })
+            summaries.append(
+                {
+                    "id": record.id,
+                    "period": body["period"],
+                    "invoice_date": record.invoice_date,
+                    "due_date": record.due_date,
+                    "currency": currency.code,
+                    "total": format_money(record.total, currency),
+                    "amount_due": format_money(record.amount_due, currency),
+                    "status": record.status,
+                }
+            )
         return summaries
 
     def _issued_in(self, body: Mapping[str, Any]) -> Currency:
@@ -466,15 +532,25 @@ class AdminService:
 
     async def run_billing(self) -> dict[str, Any]:
         run = await self.billing.run_once()
-        result = {"invoices": run.invoices, "charges_collected": run.charges_collected,
-                  "charges_failed": run.charges_failed, "charges_recorded": run.charges_recorded,
-                  "statements": run.statements}
+        result = {
+            "invoices": run.invoices,
+            "charges_collected": run.charges_collected,
+            "charges_failed": run.charges_failed,
+            "charges_recorded": run.charges_recorded,
+            "statements": run.statements,
+        }
         # Many accounts and transactions: one event for the run, after it (target "billing").
-        audit_id = await self.meter.store.add_audit_event(self.meter.clock(), self.actor, "billing.run",
-                                                          "billing", None, result, {})
+        audit_id = await self.meter.store.add_audit_event(
+            self.meter.clock(), self.actor, "billing.run", "billing", None, result, {}
+        )
         structlog.get_logger("mailmeter.audit").info(
-            "admin.change", actor=self.actor, action="billing.run", target="billing", audit_id=audit_id,
-            changed=[], result="ok",
+            "admin.change",
+            actor=self.actor,
+            action="billing.run",
+            target="billing",
+            audit_id=audit_id,
+            changed=[],
+            result="ok",
         )
         return result
 
@@ -502,17 +578,25 @@ class AdminService:
                 "plan_fee": format_money(plan.plan_fee, plan.currency),
                 "included_emails": plan.included_emails,
                 "email_quota": plan.email_quota,
-                "spending_limit": (None if plan.spending_limit is None
-                                   else format_money(plan.spending_limit, plan.currency)),
-                "in_period_charge": (None if plan.in_period_charge is None
-                                     else "threshold" if isinstance(plan.in_period_charge, ThresholdCharge)
-                                     else "per_block"),
+                "spending_limit": (
+                    None if plan.spending_limit is None else format_money(plan.spending_limit, plan.currency)
+                ),
+                "in_period_charge": (
+                    None
+                    if plan.in_period_charge is None
+                    else "threshold"
+                    if isinstance(plan.in_period_charge, ThresholdCharge)
+                    else "per_block"
+                ),
                 "rank": plan.rank,
                 "funding": {
                     "kind": plan.funding.kind,
                     "net_days": plan.funding.net_days,
-                    "overdraft_allowance": (None if plan.funding.overdraft_allowance is None
-                                            else format_money(plan.funding.overdraft_allowance, plan.currency)),
+                    "overdraft_allowance": (
+                        None
+                        if plan.funding.overdraft_allowance is None
+                        else format_money(plan.funding.overdraft_allowance, plan.currency)
+                    ),
                     "monthly_payment": format_money(plan.funding.monthly_payment, plan.currency),
                 },
             }
@@ -549,8 +633,16 @@ class AdminService:
         script = self.preview_events(events)
         begin = datetime.combine(start or datetime.now(timezone.utc).date(), time(0), tzinfo=plan.period.zone())
         try:
-            result = preview(plan, emails, begin, standing=Standing(prepaid_balance=micros), delivered=delivered,
-                             soft_bounced=soft_bounced, invalid=invalid, events=script)
+            result = preview(
+                plan,
+                emails,
+                begin,
+                standing=Standing(prepaid_balance=micros),
+                delivered=delivered,
+                soft_bounced=soft_bounced,
+                invalid=invalid,
+                events=script,
+            )
         except ValueError as error:
             raise AdminError(str(error)) from None
         invoice = result.invoice
@@ -568,13 +660,21 @@ class AdminService:
             "refusal": result.refusal.value if result.refusal else None,
             "first_refused_at": result.first_refused_at.isoformat() if result.first_refused_at else None,
             "refusals": [
-                {"first": run.first, "last": run.last, "emails": run.emails, "reason": run.reason.value,
-                 "at": run.at.isoformat()}
+                {
+                    "first": run.first,
+                    "last": run.last,
+                    "emails": run.emails,
+                    "reason": run.reason.value,
+                    "at": run.at.isoformat(),
+                }
                 for run in result.refusals
             ],
             "events": [
-                {**dict(source), "time": applied.at.isoformat(),
-                 **({} if applied.switch is None else switch_json(applied.switch))}
+                {
+                    **dict(source),
+                    "time": applied.at.isoformat(),
+                    **({} if applied.switch is None else switch_json(applied.switch)),
+                }
                 for source, applied in zip(sorted(events, key=lambda e: e["at"]), result.events)
             ],
             "charges": [
@@ -589,21 +689,29 @@ class AdminService:
                 for timed in result.charges
             ],
             "plan_at_end": result.plan,
-            "plan_change": None if result.pending is None else {
-                "plan": result.pending.plan, "effective": result.pending.effective.isoformat()},
+            "plan_change": None
+            if result.pending is None
+            else {"plan": result.pending.plan, "effective": result.pending.effective.isoformat()},
             "invoice": {
                 "invoice_date": invoice.invoice_date.isoformat(),
                 "due_date": invoice.due_date.isoformat(),
                 "lines": [
-                    {"kind": line.kind, "description": line.description, "quantity": line.quantity,
-                     "amount": format_money(line.amount, currency)}
+                    {
+                        "kind": line.kind,
+                        "description": line.description,
+                        "quantity": line.quantity,
+                        "amount": format_money(line.amount, currency),
+                    }
                     for line in invoice.lines
                 ],
                 "total": format_money(invoice.total, currency),
                 "prepaid_applied": format_money(invoice.prepaid_applied, currency),
                 "amount_due": format_money(invoice.amount_due, currency),
-                "prepaid_balance_after": (None if invoice.prepaid_balance_after is None
-                                          else format_money(invoice.prepaid_balance_after, currency)),
+                "prepaid_balance_after": (
+                    None
+                    if invoice.prepaid_balance_after is None
+                    else format_money(invoice.prepaid_balance_after, currency)
+                ),
             },
         }
 
@@ -614,22 +722,21 @@ class AdminService:
         plan: "plan": NAME; top_up: "amount": "25.00"; payment: "state": failed | ok.
         """
         if not isinstance(events, Sequence) or isinstance(events, str):
-            raise AdminError("events: give a list of events like {\"at\": 1000, \"type\": \"payment\","
-                             " \"state\": \"failed\"}")
+            raise AdminError('events: give a list of events like {"at": 1000, "type": "payment", "state": "failed"}')
         script: list[ScriptEvent] = []
         for number, event in enumerate(events):
             where = f"events[{number}]"
             if not isinstance(event, Mapping):
-                raise AdminError(f"{where}: give an object like {{\"at\": 1000, \"type\": \"top_up\","
-                                 " \"amount\": \"25.00\"}")
+                raise AdminError(f'{where}: give an object like {{"at": 1000, "type": "top_up", "amount": "25.00"}}')
             kind = event.get("type")
             fields = {"at", "type", *EVENT_FIELDS.get(str(kind), ())}
             unknown = sorted(set(event) - fields)
             if kind not in EVENT_FIELDS:
                 raise AdminError(f"{where}.type: {kind!r} is not an event; choose {', '.join(EVENT_FIELDS)}")
             if unknown:
-                raise AdminError(f"{where}.{unknown[0]}: unknown field; a {kind} event takes"
-                                 f" {', '.join(EVENT_FIELDS[kind])}")
+                raise AdminError(
+                    f"{where}.{unknown[0]}: unknown field; a {kind} event takes {', '.join(EVENT_FIELDS[kind])}"
+                )
             at = event.get("at")
             if isinstance(at, bool) or not isinstance(at, int) or at < 0:
                 raise AdminError(f"{where}.at: give the number of emails attempted before it, like 1000")
@@ -642,9 +749,12 @@ class AdminService:
             if which == "spending":
                 amount = event.get("amount")
                 if amount is not None and not isinstance(amount, str):
-                    raise AdminError(f'{where}.amount: write the spending limit as a decimal string like "20.00",'
-                                     " or null for none")
-                micros = None if amount in (None, "none") else _money(str(amount), f"{where}.amount", self.meter.currency)
+                    raise AdminError(
+                        f'{where}.amount: write the spending limit as a decimal string like "20.00", or null for none'
+                    )
+                micros = (
+                    None if amount in (None, "none") else _money(str(amount), f"{where}.amount", self.meter.currency)
+                )
                 return ScriptEvent(at, "limit", limit="spending", value=micros)
             if which not in ("included", "quota"):
                 raise AdminError(f"{where}.which: choose included, quota or spending")
@@ -652,8 +762,10 @@ class AdminService:
         if kind == "plan":
             name = event.get("plan")
             if not isinstance(name, str) or name not in self.meter.plans:
-                raise AdminError(f"{where}.plan: {name!r} is not a plan the config defines"
-                                 f" (known: {', '.join(sorted(self.meter.plans))})")
+                raise AdminError(
+                    f"{where}.plan: {name!r} is not a plan the config defines"
+                    f" (known: {', '.join(sorted(self.meter.plans))})"
+                )
             return ScriptEvent(at, "plan", plan=self.meter.plans[name])
         if kind == "top_up":
             amount = event.get("amount")
@@ -676,8 +788,12 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 
 def switch_json(switch: PlanSwitch) -> dict[str, Any]:
     """What a plan change request did, as the CLI, the API and a preview show it."""
-    return {"change": switch.kind, "at_once": switch.at_once, "effective": switch.effective.isoformat(),
-            "reason": switch.reason}
+    return {
+        "change": switch.kind,
+        "at_once": switch.at_once,
+        "effective": switch.effective.isoformat(),
+        "reason": switch.reason,
+    }
 
 
 __all__ = ["AdminError", "AdminService", "Conflict", "NotFound", "UnknownAccount"]

@@ -4,7 +4,8 @@ A relay that cannot start (its spool or node name taken by another live process,
 its port in use, a database it cannot open or write, a spool it cannot write) stops
 before it listens, with one line naming the config key or the process in the way,
 and exit status 2 (README: "Starting and stopping"). It never prints a traceback
-and never hangs.
+and never hangs. The admin API's socket is bound here too, early in the start, so a
+port in use is such a failure.
 """
 
 from __future__ import annotations
@@ -70,3 +71,16 @@ def cannot_listen(key: str, address: str, port: int, error: OSError) -> StartupE
     if error.errno == errno.EADDRNOTAVAIL:
         return StartupError(f"{key}: {address} is not an address of this machine; choose one it has")
     return StartupError(f"{key}: cannot listen on {where}: {error.strerror or error}")
+
+
+def bind_api(address: str, port: int) -> socket.socket:
+    """The API's listening socket, bound (not yet listening): raises OSError if the port is taken."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -63,7 +63,15 @@ async def supervise(path: Path, config: Config) -> int:
     loop = asyncio.get_running_loop()
     workers = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(path), "--worker", str(worker), env=env,
+            sys.executable,
+            "-m",
+            "mailmeter.cli",
+            "serve",
+            "--config",
+            str(path),
+            "--worker",
+            str(worker),
+            env=env,
         )
         for worker in range(count)
     ]
@@ -81,8 +89,9 @@ async def supervise(path: Path, config: Config) -> int:
         stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
-            notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{config.listen.port}"
-                                       f" with {count} processes")
+            notifier.notify(
+                "READY=1", f"STATUS=serving on {config.listen.address}:{config.listen.port} with {count} processes"
+            )
             log.info("relay.processes_ready", processes=count, pids=[w.pid for w in workers], result="ok")
             ready = asyncio.ensure_future(_discard(loop, inbox))  # later notifications (reloads) are theirs
             done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
@@ -129,8 +138,7 @@ def _startup_failures(inbox: socket.socket) -> list[str]:
                 failures.append(line.removeprefix(STARTUP_FAILED))
 
 
-async def _all_ready(loop: asyncio.AbstractEventLoop, inbox: socket.socket, count: int,
-                     failures: list[str]) -> None:
+async def _all_ready(loop: asyncio.AbstractEventLoop, inbox: socket.socket, count: int, failures: list[str]) -> None:
     """Until `count` READY=1 datagrams came (one per worker, sent once it listens); the
     start-up failures reported meanwhile go into `failures`."""
     ready = 0

@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
-from metering.meter import Meter, first_period, standing_of
-from metering.records import Account, in_force
-from metering.sqlite_store import InvoiceRecord
-from metering.store import Row
-from policies import Charge, Invoice, Plan, close_period
-from policies.currency import Currency
-from policies.money import format_money
-from policies.periods import Period, next_period, period_containing
+from mailmeter.metering.gateway import ChargeOutcome, ChargeRequest, PaymentGateway
+from mailmeter.metering.meter import Meter, first_period, standing_of
+from mailmeter.metering.records import Account, InvoiceRecord, Row, in_force
+from mailmeter.metering.store import AccountStore, BillingStore, UsageStore
+from mailmeter.policies import Charge, Invoice, Plan, close_period
+from mailmeter.policies.currency import Currency
+from mailmeter.policies.money import format_money
+from mailmeter.policies.periods import Period, next_period, period_containing
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,10 @@ class CollectionCharge:
     @property
     def key(self) -> str:
         return f"{self.kind}/{self.index}"
+
+
+class BillingJobStore(AccountStore, UsageStore, BillingStore, Protocol):
+    """What the billing job reads and writes: accounts, their periods' usage, charges and invoices."""
 
 
 @dataclass
@@ -122,9 +125,15 @@ def invoice_body(
         "total": format_money(invoice.total, currency),
         "prepaid_applied": format_money(invoice.prepaid_applied, currency),
         "payments": (
-            [{"kind": "prepaid", "description": "Paid from the prepaid balance",
-              "amount": format_money(-invoice.prepaid_applied, currency)}]
-            if invoice.prepaid_applied else []
+            [
+                {
+                    "kind": "prepaid",
+                    "description": "Paid from the prepaid balance",
+                    "amount": format_money(-invoice.prepaid_applied, currency),
+                }
+            ]
+            if invoice.prepaid_applied
+            else []
         ),
         "amount_due": format_money(invoice.amount_due, currency),
         "status": status,
@@ -132,8 +141,7 @@ def invoice_body(
         "monthly_payments": [_charge_json(row, currency) for row in charges if row["kind"] == "monthly"],
         "prepaid": _prepaid_json(invoice, charges, currency),
         "regions": [
-            {"region": row["region"] or "(unknown)", "result": row["result"], "emails": row["n"]}
-            for row in regions
+            {"region": row["region"] or "(unknown)", "result": row["result"], "emails": row["n"]} for row in regions
         ],
     }
 
@@ -176,7 +184,7 @@ class Billing:
         retry_max_delay: float = 3600.0,
     ) -> None:
         self.meter = meter
-        self.store = meter.store
+        self.store: BillingJobStore = meter.store
         self.gateway = gateway
         self.retry_first_delay = retry_first_delay
         self.retry_max_delay = retry_max_delay
@@ -272,12 +280,27 @@ class Billing:
             if status == "open"
             else None
         )
-        notice = json.dumps({"kind": "invoice", "invoice": identifier, "currency": body["currency"],
-                             "total": body["total"], "amount_due": body["amount_due"], "due_date": body["due_date"]})
+        notice = json.dumps(
+            {
+                "kind": "invoice",
+                "invoice": identifier,
+                "currency": body["currency"],
+                "total": body["total"],
+                "amount_due": body["amount_due"],
+                "due_date": body["due_date"],
+            }
+        )
         inserted = await self.store.add_invoice(record, collect, invoice.prepaid_applied, notice, now)  # type: ignore[arg-type]
         if inserted:
-            self.log.info("billing.invoice", account=account.name, invoice=identifier, period=body["period"],
-                          total=body["total"], amount_due=body["amount_due"], result=status)
+            self.log.info(
+                "billing.invoice",
+                account=account.name,
+                invoice=identifier,
+                period=body["period"],
+                total=body["total"],
+                amount_due=body["amount_due"],
+                result=status,
+            )
         return identifier
 
     # -- statements (model C: the billing email on the 5th) ---------------------------
@@ -300,9 +323,17 @@ class Billing:
         count = 0
         for invoice in await self.store.statements_due(due):
             body = json.loads(invoice.body)
-            notice = json.dumps({"kind": "statement", "invoice": invoice.id, "period": body["period"],
-                                 "currency": body["currency"], "total": body["total"],
-                                 "amount_due": body["amount_due"], "status": invoice.status})
+            notice = json.dumps(
+                {
+                    "kind": "statement",
+                    "invoice": invoice.id,
+                    "period": body["period"],
+                    "currency": body["currency"],
+                    "total": body["total"],
+                    "amount_due": body["amount_due"],
+                    "status": invoice.status,
+                }
+            )
             await self.store.mark_statement(invoice, notice, now)
             count += 1
         return count
@@ -340,8 +371,15 @@ class Billing:
             }[result.outcome]
             next_attempt = now + self._backoff(attempts) if status == "pending" else now
             await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
-            self.log.info("billing.charge", account=row["account"], charge=row["idempotency_key"],
-                          amount=request.amount, attempt=attempts, result=status, detail=result.detail)
+            self.log.info(
+                "billing.charge",
+                account=row["account"],
+                charge=row["idempotency_key"],
+                amount=request.amount,
+                attempt=attempts,
+                result=status,
+                detail=result.detail,
+            )
             collected += status == "succeeded"
             failed += status == "failed"
             recorded += status == "recorded"

@@ -24,14 +24,31 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from metering.sqlite_store import InvoiceRecord
-from policies.currency import currency_for
-from policies.money import format_money
+from mailmeter.metering.records import InvoiceRecord
+from mailmeter.policies.currency import currency_for
+from mailmeter.policies.money import format_money
 
 EXPORT_COLUMNS = [
-    "invoice_id", "account", "plan", "period", "period_start", "period_end", "invoice_date", "due_date",
-    "currency", "invoice_status", "record", "item", "description", "quantity", "amount", "charge_key",
-    "charge_status", "total", "prepaid_applied", "amount_due",
+    "invoice_id",
+    "account",
+    "plan",
+    "period",
+    "period_start",
+    "period_end",
+    "invoice_date",
+    "due_date",
+    "currency",
+    "invoice_status",
+    "record",
+    "item",
+    "description",
+    "quantity",
+    "amount",
+    "charge_key",
+    "charge_status",
+    "total",
+    "prepaid_applied",
+    "amount_due",
 ]
 
 
@@ -39,30 +56,74 @@ def invoice_rows(record: InvoiceRecord) -> list[dict[str, Any]]:
     """The export rows of one invoice, in the order above: lines, payments, the invoice, charges, regions."""
     body = json.loads(record.body)
     base = {
-        "invoice_id": record.id, "account": body["account"], "plan": body["plan"], "period": body["period"],
-        "period_start": body["period_start"], "period_end": body["period_end"],
-        "invoice_date": record.invoice_date, "due_date": record.due_date, "currency": body["currency"],
+        "invoice_id": record.id,
+        "account": body["account"],
+        "plan": body["plan"],
+        "period": body["period"],
+        "period_start": body["period_start"],
+        "period_end": body["period_end"],
+        "invoice_date": record.invoice_date,
+        "due_date": record.due_date,
+        "currency": body["currency"],
         "invoice_status": record.status,
     }
     currency = currency_for(str(body["currency"]))
     rows: list[dict[str, Any]] = []
     for line in body["lines"]:
-        rows.append({**base, "record": "line", "item": line["kind"], "description": line["description"],
-                     "quantity": line["quantity"], "amount": line["amount"]})
+        rows.append(
+            {
+                **base,
+                "record": "line",
+                "item": line["kind"],
+                "description": line["description"],
+                "quantity": line["quantity"],
+                "amount": line["amount"],
+            }
+        )
     if record.prepaid_applied:
-        rows.append({**base, "record": "payment", "item": "prepaid", "description": "Paid from the prepaid balance",
-                     "amount": format_money(-record.prepaid_applied, currency)})
-    rows.append({**base, "record": "invoice", "item": "invoice",
-                 "description": f"Invoice total; amount due by {record.due_date}",
-                 "total": format_money(record.total, currency), "prepaid_applied": format_money(record.prepaid_applied, currency),
-                 "amount_due": format_money(record.amount_due, currency)})
+        rows.append(
+            {
+                **base,
+                "record": "payment",
+                "item": "prepaid",
+                "description": "Paid from the prepaid balance",
+                "amount": format_money(-record.prepaid_applied, currency),
+            }
+        )
+    rows.append(
+        {
+            **base,
+            "record": "invoice",
+            "item": "invoice",
+            "description": f"Invoice total; amount due by {record.due_date}",
+            "total": format_money(record.total, currency),
+            "prepaid_applied": format_money(record.prepaid_applied, currency),
+            "amount_due": format_money(record.amount_due, currency),
+        }
+    )
     for charge in [*body["in_period_charges"], *body.get("monthly_payments", [])]:
-        rows.append({**base, "record": "charge", "item": charge["kind"], "description": charge["description"],
-                     "quantity": charge["emails_unlocked"], "amount": charge["amount"],
-                     "charge_key": charge["key"], "charge_status": charge["status"]})
+        rows.append(
+            {
+                **base,
+                "record": "charge",
+                "item": charge["kind"],
+                "description": charge["description"],
+                "quantity": charge["emails_unlocked"],
+                "amount": charge["amount"],
+                "charge_key": charge["key"],
+                "charge_status": charge["status"],
+            }
+        )
     for region in body["regions"]:
-        rows.append({**base, "record": "region", "item": region["region"], "description": region["result"],
-                     "quantity": region["emails"]})
+        rows.append(
+            {
+                **base,
+                "record": "region",
+                "item": region["region"],
+                "description": region["result"],
+                "quantity": region["emails"],
+            }
+        )
     return rows
 
 

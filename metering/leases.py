@@ -3,7 +3,7 @@
 With several nodes on one PostgreSQL meter, a reserve per RCPT on the database
 queues every node on the account's row lock. Instead the node borrows a block of
 the account's allowance (a lease: a hold row the node owns, admitted by the same
-policy as any hold; metering/pg_leases.py), carves its sessions' holds out of it
+policy as any hold; metering/postgres/leases.py), carves its sessions' holds out of it
 in memory, and sends the commits of many messages to the database together.
 
 What stays exact, and why:
@@ -32,30 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from time import monotonic
-from typing import Protocol
 
-from metering.batching import Batcher
-from metering.pg_leases import LeasedCommit
-from metering.records import Account
-from metering.sqlite_store import HoldAccountMismatch, Settlement, StoreUnavailable, UnknownHold
-from policies.decision import Admission, Usage
-
-Decide = Callable[[Account, Usage], Admission]
-Settle = Callable[[Account, Usage, int, str], Settlement]
-
-
-class LeasingStore(Protocol):
-    """What leasing needs from the shared store (metering/pg_leases.py)."""
-
-    async def renew_lease(
-        self, lease_id: str, account_id: int, period_key: str, node: str, returning: int, existing: bool,
-        now: datetime, decide: Decide,
-    ) -> Admission | None: ...
-    async def shrink_lease(self, lease_id: str, returning: int, drop_if_empty: bool, now: datetime) -> int | None: ...
-    async def reclaim_stale_leases(self, renewed_before: datetime, node: str) -> int: ...
-    async def commit_leased(
-        self, commits: list[LeasedCommit], node: str, now: datetime, region: str, settle: Settle | None
-    ) -> list[Exception | None]: ...
+from mailmeter.metering.batching import Batcher
+from mailmeter.metering.records import Decide, HoldAccountMismatch, LeasedCommit, Settle, StoreUnavailable, UnknownHold
+from mailmeter.metering.store import LeasingStore
+from mailmeter.policies.decision import Admission
 
 
 @dataclass(frozen=True)
@@ -145,8 +126,14 @@ class LeaseBook:
                 self.renewals += 1
                 try:
                     admission = await self.store.renew_lease(
-                        lease.lease_id, account_id, lease.period_key, self.node, returning, lease.existing,
-                        self.clock(), decide,
+                        lease.lease_id,
+                        account_id,
+                        lease.period_key,
+                        self.node,
+                        returning,
+                        lease.existing,
+                        self.clock(),
+                        decide,
                     )
                 except BaseException:
                     lease.free += returning  # nothing changed in the database (or it cannot say: commits will tell)
@@ -282,4 +269,4 @@ class LeaseBook:
         return given
 
 
-__all__ = ["Carve", "Lease", "LeaseBook", "LeaseSettings", "LeasingStore"]
+__all__ = ["Carve", "Lease", "LeaseBook", "LeaseSettings"]

@@ -12,19 +12,28 @@ import asyncio
 import ipaddress
 import json
 import secrets
-from time import monotonic
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timezone
-from typing import Any, Protocol, cast
+from time import monotonic
+from typing import Any, cast
 
-from metering.batching import Batcher
-from metering.leases import LeaseBook, LeaseSettings, LeasingStore
-from metering.passwords import DUMMY_HASH, hash_password, verify_password
-from metering.records import Account, AccountUpdate, Grant, Result, ResultReport, in_force, payment_changes_to_json
-from metering.sqlite_store import Settlement, StoreUnavailable
-from metering.store import Store
-from policies import (
+from mailmeter.metering.batching import Batcher
+from mailmeter.metering.leases import LeaseBook, LeaseSettings
+from mailmeter.metering.passwords import DUMMY_HASH, hash_password, verify_password
+from mailmeter.metering.records import (
+    Account,
+    AccountUpdate,
+    Grant,
+    Result,
+    ResultReport,
+    Settlement,
+    StoreUnavailable,
+    in_force,
+    payment_changes_to_json,
+)
+from mailmeter.metering.store import LeasingStore, ResultBatchStore, Store
+from mailmeter.policies import (
     Admission,
     Plan,
     PlanSwitch,
@@ -42,24 +51,16 @@ from policies import (
     usage_alerts_due,
     usage_screen,
 )
-from policies.changes import LimitName
-from policies.currency import USD, Currency
-from policies.money import format_money, is_whole_minor
-from policies.results import classify, classify_failure
-from policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
-from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.changes import LimitName
+from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.money import format_money, is_whole_minor
+from mailmeter.policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
+from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.results import classify, classify_failure
 
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NETWORKS_TTL = 2.0
-
-
-class ResultBatchStore(Protocol):
-    """A store that records many delivery results in one transaction (PostgreSQL)."""
-
-    async def record_message_results(
-        self, reports: Sequence[ResultReport], period_key_for: Callable[[Account, datetime], str]
-    ) -> list[bool | None | Exception]: ...
 
 
 def utc_now() -> datetime:
@@ -104,7 +105,7 @@ def too_wide(network: IPNetwork) -> int | None:
     (::ffff:0:0/96 is all of IPv4) is judged as the IPv4 network it maps."""
     if network.is_loopback:
         return None
-    mapped = ipaddress.ip_network("::ffff:0:0/96")
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
         return WIDEST_PREFIX[4] if network.prefixlen - 96 < WIDEST_PREFIX[4] else None
     widest = WIDEST_PREFIX[network.version]
@@ -246,7 +247,6 @@ class UsageReport:
             "by_region": by_region,
         }
 
-
     def _prepaid(self, spent: int) -> dict[str, Any] | None:
         """A prepaid plan's balance in this period: what it may spend, has spent, has left, and
         the monthly payment credited at this period's start and at the next one's."""
@@ -298,8 +298,10 @@ class Meter:
         """The billing currency: every plan's (`billing.currency`); USD when there are none."""
         currencies = {plan.currency for plan in self.plans.values()}
         if len(currencies) > 1:
-            raise ValueError(f"plans in several currencies ({', '.join(sorted(c.code for c in currencies))});"
-                             " one billing.currency applies to every plan")
+            raise ValueError(
+                f"plans in several currencies ({', '.join(sorted(c.code for c in currencies))});"
+                " one billing.currency applies to every plan"
+            )
         return currencies.pop() if currencies else USD
 
     # -- accounts -----------------------------------------------------------
@@ -310,9 +312,7 @@ class Meter:
             account = in_force(account, period.start)
         plan = self.plans.get(account.plan)
         if plan is None:
-            raise UnknownPlan(
-                f"account {account.name!r} is on plan {account.plan!r}, which the config does not define"
-            )
+            raise UnknownPlan(f"account {account.name!r} is on plan {account.plan!r}, which the config does not define")
         return plan
 
     def terms(self, account: Account, period: Period) -> tuple[Plan, Standing]:
@@ -458,7 +458,9 @@ class Meter:
             raise ValueError("the top-up amount must be positive")
         account = await self.account(name)
         if account.prepaid_balance + micros > MAX_MONEY:  # a race passes it by one top-up at most
-            raise BalanceTooLarge(f"the balance would pass {format_money(MAX_MONEY, self.currency)}, the most the meter keeps")
+            raise BalanceTooLarge(
+                f"the balance would pass {format_money(MAX_MONEY, self.currency)}, the most the meter keeps"
+            )
         return await self.store.add_balance(name, micros, "topup", reference, self.clock())
 
     async def repay(self, name: str) -> int:
@@ -513,8 +515,13 @@ class Meter:
             if switch.kind == "cancelled" or not switch.at_once:
                 return AccountUpdate(fields={"plan_change": switch.pending}, outcome=switch)
             return AccountUpdate(
-                fields={"plan": new.name, "plan_change": None, "included_change": None, "quota_change": None,
-                        "spending_limit_override": None},
+                fields={
+                    "plan": new.name,
+                    "plan_change": None,
+                    "included_change": None,
+                    "quota_change": None,
+                    "spending_limit_override": None,
+                },
                 history=switch.history,
                 outcome=switch,
             )
@@ -529,8 +536,10 @@ class Meter:
 
     def _check_monthly_payment(self, name: str, plan_name: str, micros: int) -> None:
         if micros < 0 or not is_whole_minor(micros, self.currency):
-            raise ValueError(f"the monthly payment must be a non-negative amount in steps of {self.currency.smallest},"
-                             f" like {format_money(150_000_000, self.currency)} (it is charged as it is)")
+            raise ValueError(
+                f"the monthly payment must be a non-negative amount in steps of {self.currency.smallest},"
+                f" like {format_money(150_000_000, self.currency)} (it is charged as it is)"
+            )
         if self.plans[plan_name].funding.kind != "prepaid":
             raise ValueError(
                 f"account {name!r} is on plan {plan_name!r}, which is postpaid: it is invoiced for what it sends;"
@@ -548,8 +557,11 @@ class Meter:
         plan = self.plan_of(account)
         current = self.period_of(account)
         first = first_credited_period(account, plan)
-        starts = first.start if first.start > current.start else next_period(
-            plan.period, current, account.subscribed_on).start
+        starts = (
+            first.start
+            if first.start > current.start
+            else next_period(plan.period, current, account.subscribed_on).start
+        )
         change = PaymentChange(starts, micros)
         changes = with_change(account.monthly_payments, change)
         if not await self.store.set_monthly_payment(name, payment_changes_to_json(changes)):
@@ -651,8 +663,12 @@ class Meter:
             plan, standing = self.terms(account, period)
             charges = charges_due(plan, standing, usage, after_index=last_seq)
             notices = [
-                (alert.key, json.dumps({"kind": "usage_alert", "percent": alert.percent, "limit": alert.limit,
-                                        "sent": usage.accepted}))
+                (
+                    alert.key,
+                    json.dumps(
+                        {"kind": "usage_alert", "percent": alert.percent, "limit": alert.limit, "sent": usage.accepted}
+                    ),
+                )
                 for alert in usage_alerts_due(plan, standing, usage)
             ]
             return Settlement(charges=charges, notices=notices)
@@ -661,7 +677,14 @@ class Meter:
             await self.leases.commit(hold_id, queue_id, emails, campaign, settle, account_id=account_id)
             return
         await self.store.commit(
-            hold_id, queue_id, emails, self.node, self.clock(), campaign=campaign, region=self.region, settle=settle,
+            hold_id,
+            queue_id,
+            emails,
+            self.node,
+            self.clock(),
+            campaign=campaign,
+            region=self.region,
+            settle=settle,
             account_id=account_id,
         )
 
@@ -744,6 +767,17 @@ class Meter:
 
 
 __all__ = [
-    "MAX_MONEY", "BalanceTooLarge", "Meter", "StoreUnavailable", "UnknownAccount", "UnknownPlan", "UsageReport",
-    "WideNetwork", "first_credited_period", "first_period", "standing_of", "too_wide", "utc_now",
+    "MAX_MONEY",
+    "BalanceTooLarge",
+    "Meter",
+    "StoreUnavailable",
+    "UnknownAccount",
+    "UnknownPlan",
+    "UsageReport",
+    "WideNetwork",
+    "first_credited_period",
+    "first_period",
+    "standing_of",
+    "too_wide",
+    "utc_now",
 ]

@@ -1,21 +1,24 @@
-"""Plain data the meter stores and returns."""
+"""The store interface's types: the plain data the meter stores and returns, the errors every
+store raises, and the pure helpers both stores share (account_core, charge_key)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, overload
 
-from policies.currency import Currency
-from policies.changes import PlanChange
-from policies.history import History, PartPricing, PlanPart
-from policies.account import Usage
-from policies.limits import LimitChange
-from policies.money import format_money
-from policies.prepaid import PaymentChange
+from mailmeter.policies.account import Usage
+from mailmeter.policies.changes import PlanChange
+from mailmeter.policies.charges import Charge
+from mailmeter.policies.currency import Currency
+from mailmeter.policies.decision import Admission
+from mailmeter.policies.history import History, PartPricing, PlanPart
+from mailmeter.policies.limits import LimitChange
+from mailmeter.policies.money import format_money
+from mailmeter.policies.prepaid import PaymentChange
 
 
 class Result(StrEnum):
@@ -103,7 +106,9 @@ class Account:
                 for change in self.monthly_payments
             ],
             "has_password": self.password_hash is not None,
-            "plan_change": None if self.plan_change is None else {
+            "plan_change": None
+            if self.plan_change is None
+            else {
                 "plan": self.plan_change.plan,
                 "effective": self.plan_change.effective.isoformat(),
                 "requested_at": self.plan_change.requested_at.isoformat(),
@@ -122,8 +127,14 @@ def in_force(account: Account, instant: datetime) -> Account:
     change = account.plan_change
     if change is None or not change.due(instant):
         return account
-    return replace(account, plan=change.plan, plan_change=None, included_change=None, quota_change=None,
-                   spending_limit_override=None)
+    return replace(
+        account,
+        plan=change.plan,
+        plan_change=None,
+        included_change=None,
+        quota_change=None,
+        spending_limit_override=None,
+    )
 
 
 def limit_change_to_json(change: LimitChange | None) -> str | None:
@@ -156,8 +167,18 @@ def open_periods_from_text(text: str | None) -> tuple[tuple[str, Usage], ...]:
     periods: list[tuple[str, Usage]] = []
     for item in text.split(","):
         key, accepted, reserved, delivered, soft, hard = item.split(" ")
-        periods.append((key, Usage(accepted=int(accepted), reserved=int(reserved), delivered=int(delivered),
-                                   soft_bounced=int(soft), hard_bounced=int(hard))))
+        periods.append(
+            (
+                key,
+                Usage(
+                    accepted=int(accepted),
+                    reserved=int(reserved),
+                    delivered=int(delivered),
+                    soft_bounced=int(soft),
+                    hard_bounced=int(hard),
+                ),
+            )
+        )
     return tuple(sorted(periods, key=lambda period: period[0]))
 
 
@@ -173,46 +194,77 @@ class Grant:
 def plan_change_to_json(change: PlanChange | None) -> str | None:
     if change is None:
         return None
-    return json.dumps({"plan": change.plan, "previous": change.previous,
-                       "requested_at": change.requested_at.isoformat(), "effective": change.effective.isoformat()})
+    return json.dumps(
+        {
+            "plan": change.plan,
+            "previous": change.previous,
+            "requested_at": change.requested_at.isoformat(),
+            "effective": change.effective.isoformat(),
+        }
+    )
 
 
 def plan_change_from_json(text: str | None) -> PlanChange | None:
     if not text:
         return None
     data = json.loads(text)
-    return PlanChange(plan=data["plan"], previous=data["previous"],
-                      requested_at=datetime.fromisoformat(data["requested_at"]),
-                      effective=datetime.fromisoformat(data["effective"]))
+    return PlanChange(
+        plan=data["plan"],
+        previous=data["previous"],
+        requested_at=datetime.fromisoformat(data["requested_at"]),
+        effective=datetime.fromisoformat(data["effective"]),
+    )
 
 
 def _pricing_json(pricing: PartPricing) -> dict[str, Any]:
-    return {"billable": pricing.billable, "emails": pricing.emails, "limit": pricing.limit,
-            "chargeable": pricing.chargeable, "priced": [list(pair) for pair in pricing.priced],
-            "tiers": list(pricing.tiers), "cost": pricing.cost}
+    return {
+        "billable": pricing.billable,
+        "emails": pricing.emails,
+        "limit": pricing.limit,
+        "chargeable": pricing.chargeable,
+        "priced": [list(pair) for pair in pricing.priced],
+        "tiers": list(pricing.tiers),
+        "cost": pricing.cost,
+    }
 
 
 def _pricing(data: Mapping[str, Any]) -> PartPricing:
-    return PartPricing(billable=data["billable"], emails=data["emails"], limit=data["limit"],
-                       chargeable=data["chargeable"], priced=tuple((n, each) for n, each in data["priced"]),
-                       tiers=tuple(data["tiers"]), cost=data["cost"])
+    return PartPricing(
+        billable=data["billable"],
+        emails=data["emails"],
+        limit=data["limit"],
+        chargeable=data["chargeable"],
+        priced=tuple((n, each) for n, each in data["priced"]),
+        tiers=tuple(data["tiers"]),
+        cost=data["cost"],
+    )
 
 
 def history_to_json(history: History | None) -> str | None:
     """A period's history as stored with its counters (period_usage.history)."""
     if history is None:
         return None
-    return json.dumps({
-        "since": history.since,
-        "chargeable": history.chargeable,
-        "tiers": list(history.tiers),
-        "parts": [
-            {"plan": part.plan, "title": part.title, "start": part.start.isoformat(), "end": part.end.isoformat(),
-             "first_email": part.first_email, "charges": part.charges, "charged": part.charged,
-             "pricing": _pricing_json(part.pricing)}
-            for part in history.parts
-        ],
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "since": history.since,
+            "chargeable": history.chargeable,
+            "tiers": list(history.tiers),
+            "parts": [
+                {
+                    "plan": part.plan,
+                    "title": part.title,
+                    "start": part.start.isoformat(),
+                    "end": part.end.isoformat(),
+                    "first_email": part.first_email,
+                    "charges": part.charges,
+                    "charged": part.charged,
+                    "pricing": _pricing_json(part.pricing),
+                }
+                for part in history.parts
+            ],
+        },
+        sort_keys=True,
+    )
 
 
 def history_from_json(text: str | None) -> History | None:
@@ -220,9 +272,16 @@ def history_from_json(text: str | None) -> History | None:
         return None
     data = json.loads(text)
     parts = tuple(
-        PlanPart(plan=part["plan"], title=part["title"], start=datetime.fromisoformat(part["start"]),
-                 end=datetime.fromisoformat(part["end"]), first_email=part["first_email"],
-                 pricing=_pricing(part["pricing"]), charges=part["charges"], charged=part["charged"])
+        PlanPart(
+            plan=part["plan"],
+            title=part["title"],
+            start=datetime.fromisoformat(part["start"]),
+            end=datetime.fromisoformat(part["end"]),
+            first_email=part["first_email"],
+            pricing=_pricing(part["pricing"]),
+            charges=part["charges"],
+            charged=part["charged"],
+        )
         for part in data["parts"]
     )
     return History(parts=parts, since=data["since"], chargeable=data["chargeable"], tiers=tuple(data["tiers"]))
@@ -266,5 +325,161 @@ def applying_due_plan_change(account: Account, now: datetime) -> AccountUpdate |
     change = account.plan_change
     if change is None or not change.due(now):
         return None
-    return AccountUpdate(fields={"plan": change.plan, "plan_change": None, "included_change": None,
-                                 "quota_change": None, "spending_limit_override": None})
+    return AccountUpdate(
+        fields={
+            "plan": change.plan,
+            "plan_change": None,
+            "included_change": None,
+            "quota_change": None,
+            "spending_limit_override": None,
+        }
+    )
+
+
+# -- what the stores exchange with their callers ------------------------------------
+
+
+class Row(Protocol):
+    """One result row: by column name or position, like sqlite3.Row and asyncpg.Record.
+
+    Both answer `row["col"]`, `row[0]`, `tuple(row)`, `dict(row)` and `row.keys()`,
+    which is all callers use.
+    """
+
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    @overload
+    def __getitem__(self, key: int) -> Any: ...
+    def keys(self) -> Iterable[str]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a commit adds besides usage: in-period charges and notices that became due."""
+
+    charges: list[Charge]
+    notices: list[tuple[str, str]]  # (key, JSON body), each sent once per period
+
+
+Decide = Callable[[Account, Usage], Admission]
+Settle = Callable[[Account, Usage, int, str], Settlement]
+
+
+@dataclass(frozen=True)
+class InvoiceRecord:
+    id: str
+    account_id: int
+    period_key: str
+    period_end: str
+    issued_at: str
+    invoice_date: str
+    due_date: str
+    statement_date: str
+    total: int
+    amount_due: int
+    prepaid_applied: int
+    status: str
+    body: str
+
+
+@dataclass(frozen=True)
+class LeasedCommit:
+    """One message's commit point, carved from a lease: its emails leave the lease for `accepted`."""
+
+    lease_id: str
+    account_id: int
+    period_key: str
+    queue_id: str
+    emails: int
+    campaign: str = ""
+
+
+@dataclass
+class AuditDraft:
+    """An admin change about to happen: who, what, on which account, and how to show it.
+
+    `view` turns the account into the JSON kept as before/after; the caller decides
+    what is public (never a password hash). The store fills before, after and id.
+    """
+
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    view: Callable[[Account], dict[str, Any]]
+    detail: dict[str, Any] = field(default_factory=dict)
+    event_id: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    written: bool = False
+    id: int | None = None
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not answer (locked, unreachable, corrupt). Callers fail closed."""
+
+
+class UnknownHold(LookupError):
+    """A hold id that is not (or no longer) in the store."""
+
+
+class HoldAccountMismatch(LookupError):
+    """A reserve into, or a commit of, a hold under another account than the hold's own.
+
+    A hold belongs to the account it was first taken for: adding to it, or committing
+    it, for another account would count one account's emails against another's
+    allowance (an SMTP session must not change its account inside a transaction).
+    """
+
+    def __init__(self, hold_id: str, hold_account: int, asked_for: int) -> None:
+        super().__init__(f"hold {hold_id} belongs to account id {hold_account}, not {asked_for}")
+
+
+class NodeClaimed(Exception):
+    """Another live process holds this node name; `holder` says which, as far as the database knows."""
+
+    def __init__(self, node: str, holder: str) -> None:
+        super().__init__(f"node {node!r} is held by {holder}")
+        self.node = node
+        self.holder = holder
+
+
+class DuplicateEvent(RuntimeError):
+    """An inbound event id that was already applied: the change it carried is rolled back."""
+
+
+def charge_key(account: str, period_key: str, charge_key_part: str) -> str:
+    """The idempotency key of a charge: account, period and the policy's kind/index."""
+    return f"{account}/{period_key}/{charge_key_part}"
+
+
+def account_core(row: Row, domains: tuple[str, ...] = (), networks: tuple[str, ...] = ()) -> Account:
+    """An Account from an `accounts` row of either store (with `debt` and `open_periods` when selected)."""
+    keys = row.keys()
+    return Account(
+        id=row["id"],
+        name=row["name"],
+        password_hash=row["password_hash"],
+        plan=row["plan"],
+        subscribed_on=date.fromisoformat(row["subscribed_on"]),
+        payment_ok=bool(row["payment_ok"]),
+        suspended=bool(row["suspended"]),
+        prepaid_balance=row["prepaid_balance"],
+        domains=domains,
+        networks=networks,
+        contacts=tuple(json.loads(row["contacts"])),
+        payment_detail=row["payment_detail"],
+        awaiting_results=row["awaiting_results"],
+        outstanding_debt=int(row["debt"]) if "debt" in keys else 0,
+        spending_limit_override=row["spending_limit_override"],
+        included_change=limit_change_from_json(row["included_change"]),
+        quota_change=limit_change_from_json(row["quota_change"]),
+        plan_change=plan_change_from_json(row["plan_change"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        monthly_payments=payment_changes_from_json(row["monthly_payment"]),
+        credited_through=row["credited_through"],
+        settled_through=row["settled_through"],
+        open_periods=open_periods_from_text(row["open_periods"]) if "open_periods" in keys else (),
+    )

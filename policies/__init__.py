@@ -26,8 +26,8 @@ Modules, from the bottom up:
   preview     one simulated period for `mailmeter plan preview`, with a script of events
 """
 
-from policies.account import Standing, Usage
-from policies.changes import (
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.changes import (
     LimitOutcome,
     PlanChange,
     PlanChangeRefused,
@@ -37,17 +37,17 @@ from policies.changes import (
     switch_plan,
     without_own_limits,
 )
-from policies.charges import Charge, charge_count, charged_total, charges_due, unbilled
-from policies.dashboard import UsageAlert, UsageScreen, usage_alerts_due, usage_screen
-from policies.history import History, PartPricing, PlanPart
-from policies.decision import Admission, Cap, Refusal, admit, blocking_refusal, caps, headroom
-from policies.lease import admit_lease, lease_block
-from policies.invoice import Invoice, InvoiceLine, close_period
-from policies.limits import LimitChange, limit_in_effect
-from policies.plans import Plan, PlanError, parse_plan, parse_plans
-from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage
-from policies.preview import AppliedEvent, Preview, RefusedRun, ScriptEvent, TimedCharge, preview
-from policies.usage_cost import exposure, priced_usage
+from mailmeter.policies.charges import Charge, charge_count, charged_total, charges_due, unbilled
+from mailmeter.policies.dashboard import UsageAlert, UsageScreen, usage_alerts_due, usage_screen
+from mailmeter.policies.decision import Admission, Cap, Refusal, admit, blocking_refusal, caps, headroom
+from mailmeter.policies.history import History, PartPricing, PlanPart
+from mailmeter.policies.invoice import Invoice, InvoiceLine, close_period
+from mailmeter.policies.lease import admit_lease, lease_block
+from mailmeter.policies.limits import LimitChange, limit_in_effect
+from mailmeter.policies.plans import Plan, PlanError, parse_plan, parse_plans
+from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage
+from mailmeter.policies.preview import AppliedEvent, Preview, RefusedRun, ScriptEvent, TimedCharge, preview
+from mailmeter.policies.usage_cost import exposure, priced_usage
 
 __all__ = [
     "Admission",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.history import History
+from mailmeter.policies.history import History
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
-from policies.account import Standing, Usage
-from policies.charges import charge_amount, charge_count
-from policies.history import History, PlanPart, part_start
-from policies.limits import LimitChange, email_quota, included_emails
-from policies.periods import Period, PeriodSpec
-from policies.plan import Plan
-from policies.usage_cost import NO_HISTORY, part_pricing
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charge_amount, charge_count
+from mailmeter.policies.history import History, PlanPart, part_start
+from mailmeter.policies.limits import LimitChange, email_quota, included_emails
+from mailmeter.policies.periods import Period, PeriodSpec
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.usage_cost import NO_HISTORY, part_pricing
 
 LimitName = Literal["included", "quota", "spending"]
 SwitchKind = Literal["upgrade", "downgrade", "unchanged", "cancelled"]
@@ -67,8 +67,9 @@ def after_limit_change(plan: Plan, standing: Standing, usage: Usage) -> History 
     if plan.billable == "results" or (usage.history is None and usage.accepted == 0):
         return usage.history
     pricing = part_pricing(plan, standing, usage)
-    return replace(usage.history or NO_HISTORY, since=usage.accepted, chargeable=pricing.chargeable,
-                   tiers=pricing.tiers)
+    return replace(
+        usage.history or NO_HISTORY, since=usage.accepted, chargeable=pricing.chargeable, tiers=pricing.tiers
+    )
 
 
 def change_limit(
@@ -208,9 +209,13 @@ def switch_plan(
     (with `pending` waiting, if any) to `new`. Raises PlanChangeRefused."""
     if new.name == current.name:
         if pending is not None:
-            return PlanSwitch("cancelled", True, now,
-                              f"the change to plan {pending.plan!r} at the end of the period is cancelled;"
-                              f" the account stays on plan {current.name!r}")
+            return PlanSwitch(
+                "cancelled",
+                True,
+                now,
+                f"the change to plan {pending.plan!r} at the end of the period is cancelled;"
+                f" the account stays on plan {current.name!r}",
+            )
         return PlanSwitch("unchanged", True, now, f"the account is already on plan {current.name!r}")
     problem = change_problem(current, new)
     if problem is not None:
@@ -218,16 +223,24 @@ def switch_plan(
     upgrade = is_upgrade(current, new)
     kind: SwitchKind = "upgrade" if upgrade else "downgrade"
     if upgrade and current.funding.kind == new.funding.kind:
-        return PlanSwitch(kind, True, now,
-                          "an upgrade applies at once: the new plan's allowance and prices from now on;"
-                          " emails already sent keep their prices and charges already made stay",
-                          history=after_plan_change(current, standing, usage, period, now))
+        return PlanSwitch(
+            kind,
+            True,
+            now,
+            "an upgrade applies at once: the new plan's allowance and prices from now on;"
+            " emails already sent keep their prices and charges already made stay",
+            history=after_plan_change(current, standing, usage, period, now),
+        )
     if upgrade:
-        reason = (f"plan {current.name!r} is {current.funding.kind} and plan {new.name!r} {new.funding.kind}:"
-                  " a period is funded one way, so the change applies when the period ends")
+        reason = (
+            f"plan {current.name!r} is {current.funding.kind} and plan {new.name!r} {new.funding.kind}:"
+            " a period is funded one way, so the change applies when the period ends"
+        )
     else:
-        reason = (f"plan {new.name!r} is not bigger than plan {current.name!r}"
-                  " (see rank, plan fee, included emails): the change applies when the period ends")
+        reason = (
+            f"plan {new.name!r} is not bigger than plan {current.name!r}"
+            " (see rank, plan fee, included emails): the change applies when the period ends"
+        )
     change = PlanChange(plan=new.name, previous=current.name, requested_at=now, effective=period.end)
     return PlanSwitch(kind, False, period.end, reason, pending=change)
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from policies.account import Standing, Usage
-from policies.limits import included_emails
-from policies.money import display_money
-from policies.parts import BlockCharge, ThresholdCharge
-from policies.plan import Plan
-from policies.pricing import BlockPrice, first_email_reaching
-from policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.limits import included_emails
+from mailmeter.policies.money import display_money
+from mailmeter.policies.parts import BlockCharge, ThresholdCharge
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.pricing import BlockPrice, first_email_reaching
+from mailmeter.policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
 
 ChargeKind = Literal["threshold", "block", "monthly"]  # monthly: model B's payment (policies/prepaid.py)
 

@@ -26,7 +26,8 @@ class Currency:
     @property
     def minor(self) -> int:
         """Micros in one minor unit: 10,000 for USD's cent, 1,000,000 for JPY, 1,000 for BHD."""
-        return 10 ** (6 - self.minor_units)
+        micros: int = 10 ** (6 - self.minor_units)
+        return micros
 
     @property
     def smallest(self) -> str:

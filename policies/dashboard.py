@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.account import Standing, Usage
-from policies.limits import email_limit, included_emails, spending_limit
-from policies.currency import USD, Currency
-from policies.money import display_money
-from policies.periods import Period, period_label
-from policies.plan import Plan
-from policies.pricing import BlockPrice
-from policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.limits import email_limit, included_emails, spending_limit
+from mailmeter.policies.money import display_money
+from mailmeter.policies.periods import Period, period_label
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.pricing import BlockPrice
+from mailmeter.policies.usage_cost import NO_HISTORY, part_pricing, priced_usage
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from policies.account import Standing, Usage
-from policies.charges import charged_total
-from policies.limits import email_quota, spending_limit
-from policies.plan import Plan
-from policies.usage_cost import max_held_within
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charged_total
+from mailmeter.policies.limits import email_quota, spending_limit
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.usage_cost import max_held_within
 
 
 class Refusal(StrEnum):

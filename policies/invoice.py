@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Literal
 
-from policies.account import Standing, Usage
-from policies.charges import Charge, charges_due
-from policies.currency import Currency
-from policies.history import PartPricing, part_start
-from policies.money import display_money, floor_to_minor, round_half_up
-from policies.periods import Period, PeriodSpec, period_label
-from policies.plan import Plan
-from policies.usage_cost import NO_HISTORY, part_pricing
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import Charge, charges_due
+from mailmeter.policies.currency import Currency
+from mailmeter.policies.history import PartPricing, part_start
+from mailmeter.policies.money import display_money, floor_to_minor, round_half_up
+from mailmeter.policies.periods import Period, PeriodSpec, period_label
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.usage_cost import NO_HISTORY, part_pricing
 
 LineKind = Literal["fee", "plan_part", "usage", "in_period_charges", "charges_kept"]
 
@@ -91,7 +91,9 @@ def pricing_lines(pricing: PartPricing, currency: Currency) -> list[InvoiceLine]
         labels = ("Delivered", "Soft bounce", "Invalid email")
         return [
             InvoiceLine(
-                "usage", f"{label}: {count:,} emails at {display_money(each, currency)}", count,
+                "usage",
+                f"{label}: {count:,} emails at {display_money(each, currency)}",
+                count,
                 round_half_up(count * each, currency),
             )
             for label, (count, each) in zip(labels, pricing.priced)
@@ -103,7 +105,11 @@ def pricing_lines(pricing: PartPricing, currency: Currency) -> list[InvoiceLine]
         amount = round_half_up(pricing.cost, currency)
         # Model E's wording, exactly: "Email overage: 1,200 emails. Cost: $1". The emails are
         # those sent beyond the limit in force when they were sent, even if it was raised since.
-        return [InvoiceLine("usage", f"Email overage: {over:,} emails. Cost: {display_money(amount, currency)}", over, amount)]
+        return [
+            InvoiceLine(
+                "usage", f"Email overage: {over:,} emails. Cost: {display_money(amount, currency)}", over, amount
+            )
+        ]
     emails = pricing.emails
     priced = [f"{count:,} at {display_money(each, currency)}" for count, each in pricing.priced]  # "90,000 at $0.001"
     if not pricing.limit and len(priced) == 1:

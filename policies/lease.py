@@ -14,9 +14,9 @@ of it idle and the last emails go to whichever node's sessions ask for them.
 
 from __future__ import annotations
 
-from policies.account import Standing, Usage
-from policies.decision import Admission, admit, headroom
-from policies.plan import Plan
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Admission, admit, headroom
+from mailmeter.policies.plan import Plan
 
 LEASE_SHARE = 8
 

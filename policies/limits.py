@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from policies.account import Standing
-from policies.periods import Period
-from policies.plan import Plan
+from mailmeter.policies.account import Standing
+from mailmeter.policies.periods import Period
+from mailmeter.policies.plan import Plan
 
 
 def limit_in_effect(previous: int | None, new: int | None, changed_in_this_period: bool) -> int | None:

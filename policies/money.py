@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from policies.currency import MICROS_PER_UNIT, USD, Currency
+from mailmeter.policies.currency import MICROS_PER_UNIT, USD, Currency
 
 _PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.currency import USD, Currency
-from policies.money import is_whole_minor
-from policies.parts import (
+from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.money import is_whole_minor
+from mailmeter.policies.parts import (
     Billable,
     Funding,
     InPeriodCharge,
@@ -20,8 +20,8 @@ from policies.parts import (
     ResultPrices,
     ThresholdCharge,
 )
-from policies.periods import PeriodSpec
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
+from mailmeter.policies.periods import PeriodSpec
+from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
 
 
 class PlanError(ValueError):

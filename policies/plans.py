@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from datetime import time
 from typing import Any
 
-from policies.currency import USD, Currency
-from policies.money import MoneyError, parse_money
-from policies.parts import BlockCharge, Funding, InPeriodCharge, Invoicing, ResultPrices, ThresholdCharge
-from policies.periods import PeriodSpec
-from policies.plan import Plan, PlanError, tiers_problem
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
+from mailmeter.policies.currency import USD, Currency
+from mailmeter.policies.money import MoneyError, parse_money
+from mailmeter.policies.parts import BlockCharge, Funding, InPeriodCharge, Invoicing, ResultPrices, ThresholdCharge
+from mailmeter.policies.periods import PeriodSpec
+from mailmeter.policies.plan import Plan, PlanError, tiers_problem
+from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
 
 __all__ = ["PLAN_KEYS", "Plan", "PlanError", "parse_period", "parse_plan", "parse_plans", "parse_price"]
 
@@ -76,8 +76,11 @@ def _money(data: Mapping[str, Any], key: str, path: str, currency: Currency) -> 
     try:
         micros = parse_money(value, currency)
     except MoneyError as error:
-        hint = "; a smaller price per email is written per a number of emails (per: 1000)" if (
-            "decimals" in str(error)) else ""
+        hint = (
+            "; a smaller price per email is written per a number of emails (per: 1000)"
+            if ("decimals" in str(error))
+            else ""
+        )
         raise PlanError(f"{path}.{key}", f"{error}{hint}") from None
     if micros < 0:
         raise PlanError(f"{path}.{key}", "must not be negative")
@@ -273,8 +276,7 @@ def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency
                 if billable == "results"
                 else ResultPrices()
             ),
-            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge",
-                                                   currency),
+            in_period_charge=parse_in_period_charge(data.get("in_period_charge"), f"{path}.in_period_charge", currency),
             spending_limit=_money(data, "spending_limit", path, currency),
             funding=parse_funding(data.get("funding"), f"{path}.funding", currency),
             invoicing=parse_invoicing(data.get("invoicing"), f"{path}.invoicing"),

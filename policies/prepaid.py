@@ -18,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from policies.account import Standing, Usage
-from policies.charges import Charge
-from policies.invoice import usage_lines
-from policies.limits import included_emails
-from policies.money import display_money, round_half_up
-from policies.periods import Period
-from policies.plan import Plan
-from policies.pricing import cost_ceiling
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import Charge
+from mailmeter.policies.invoice import usage_lines
+from mailmeter.policies.limits import included_emails
+from mailmeter.policies.money import display_money, round_half_up
+from mailmeter.policies.periods import Period
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.pricing import cost_ceiling
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Literal
 
-from policies.account import Standing, Usage
-from policies.changes import (
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.changes import (
     LimitName,
     PlanChange,
     PlanChangeRefused,
@@ -36,12 +36,12 @@ from policies.changes import (
     switch_plan,
     without_own_limits,
 )
-from policies.charges import Charge, charges_due
-from policies.decision import Refusal, headroom
-from policies.invoice import Invoice, close_period
-from policies.periods import Period, period_containing, period_label
-from policies.plan import Plan
-from policies.prepaid import monthly_payment
+from mailmeter.policies.charges import Charge, charges_due
+from mailmeter.policies.decision import Refusal, headroom
+from mailmeter.policies.invoice import Invoice, close_period
+from mailmeter.policies.periods import Period, period_containing, period_label
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.prepaid import monthly_payment
 
 EventKind = Literal["limit", "plan", "top_up", "payment"]
 
@@ -208,8 +208,7 @@ def _apply(account: _Account, event: ScriptEvent, at: datetime, period: Period) 
     if event.kind == "plan":
         assert event.plan is not None
         try:
-            switch = switch_plan(account.plan, event.plan, account.standing, account.usage, period, at,
-                                 account.pending)
+            switch = switch_plan(account.plan, event.plan, account.standing, account.usage, period, at, account.pending)
         except PlanChangeRefused as error:
             raise ValueError(str(error)) from None
         if switch.kind == "cancelled":

@@ -106,7 +106,7 @@ def cost(price: UnitPrice, emails: int, included: int) -> int:
             if end > start:
                 total += (end - start) * per_email
         return total
-    for low, high, per_email in tier_bounds(price.tiers):
+    for _low, high, per_email in tier_bounds(price.tiers):
         if high is None or emails <= high:
             return (emails - included) * per_email
     raise ValueError("volume tiers must end with an open tier")  # guarded by parse_plan

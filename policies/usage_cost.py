@@ -12,20 +12,20 @@ over the whole period. Every function stays closed-form (O(price tiers)).
 
 from __future__ import annotations
 
-from policies.account import Standing, Usage
-from policies.history import History, PartPricing
-from policies.limits import included_emails
-from policies.parts import ResultPrices
-from policies.plan import Plan
-from policies.pricing import (
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.history import History, PartPricing
+from mailmeter.policies.limits import included_emails
+from mailmeter.policies.parts import ResultPrices
+from mailmeter.policies.plan import Plan
+from mailmeter.policies.pricing import (
     BlockPrice,
     FlatPrice,
     GraduatedPrice,
     Tier,
     VolumePrice,
     graduated_max,
-    tier_bounds,
     is_monotone,
+    tier_bounds,
 )
 
 NO_HISTORY = History()

@@ -57,7 +57,8 @@ class AuthLimits:
     def delay_for(self, failures: int) -> float:
         if failures <= 0 or self.delay <= 0:
             return 0.0
-        return min(self.delay * 2 ** (failures - 1), self.delay_max)
+        backoff: float = self.delay * 2 ** (failures - 1)
+        return min(backoff, self.delay_max)
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ import aiosmtplib
 import structlog
 from aiosmtplib.email import parse_address
 
-from relay.data import crlf_line_ends, has_bare_newline
-from relay.observe import NoObserver, RelayObserver
-from relay.dsn import FailedRecipient, build_dsn, reply_codes
-from relay.spool import Envelope, QueueState, RecipientState, Spool
+from mailmeter.relay.data import crlf_line_ends, has_bare_newline
+from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
+from mailmeter.relay.observe import NoObserver, RelayObserver
+from mailmeter.relay.spool import Envelope, QueueState, RecipientState, Spool
 
 
 class ResultSink(Protocol):
@@ -43,8 +43,13 @@ class ResultSink(Protocol):
     """
 
     async def record_result(
-        self, queue_id: str, recipient: str, result: str, detail: str = "",
-        code: int | None = None, enhanced: str | None = None,
+        self,
+        queue_id: str,
+        recipient: str,
+        result: str,
+        detail: str = "",
+        code: int | None = None,
+        enhanced: str | None = None,
     ) -> bool: ...
 
 
@@ -320,8 +325,14 @@ class Delivery:
                 datetime.fromtimestamp(envelope.received_at, timezone.utc),
             )
         except Exception as error:  # would fail the same way on every pass: give this DSN up
-            self.log.error("delivery.bounce_failed", queue_id=envelope.queue_id, account=envelope.account,
-                           recipients=len(fresh), result="dropped", error=repr(error))
+            self.log.error(
+                "delivery.bounce_failed",
+                queue_id=envelope.queue_id,
+                account=envelope.account,
+                recipients=len(fresh),
+                result="dropped",
+                error=repr(error),
+            )
             state.bounced.extend(f.address for f in fresh)
             await asyncio.to_thread(self.spool.save_state, state)
             return
@@ -335,8 +346,14 @@ class Delivery:
         await asyncio.to_thread(self.spool.enqueue_local, bounce, dsn)
         state.bounced.extend(f.address for f in fresh)
         await asyncio.to_thread(self.spool.save_state, state)
-        self.log.info("delivery.bounce_queued", queue_id=queue_id, original=envelope.queue_id,
-                      account=envelope.account, recipients=len(fresh), result="queued")
+        self.log.info(
+            "delivery.bounce_queued",
+            queue_id=queue_id,
+            original=envelope.queue_id,
+            account=envelope.account,
+            recipients=len(fresh),
+            result="queued",
+        )
         self.submit(queue_id)
 
     # -- one SMTP conversation upstream ------------------------------------------
@@ -383,9 +400,7 @@ class Delivery:
             return await self._send_large(sender, recipients, body, smtputf8)
         return await converse(self.upstream, self.hostname, sender, recipients, body, connection, smtputf8, self.log)
 
-    async def _send_large(
-        self, sender: str, recipients: list[str], body: bytes, smtputf8: bool
-    ) -> dict[str, Outcome]:
+    async def _send_large(self, sender: str, recipients: list[str], body: bytes, smtputf8: bool) -> dict[str, Outcome]:
         """A large message goes out from a process of its own, on a connection of its own.
 
         aiosmtplib rewrites the whole message with two regular expressions (line endings,
@@ -469,7 +484,9 @@ async def converse(
             # Our smarthost credentials are refused: a configuration problem to fix,
             # never a reason to bounce the customer's mail.
             _drop(connection)
-            return {r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients}
+            return {
+                r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients
+            }
         except aiosmtplib.SMTPResponseException as error:
             await _reset(client)
             outcome = _classify(error.code, error.message)
@@ -478,7 +495,7 @@ async def converse(
             await _reset(client)
             reply = f"553 5.6.7 Non-ASCII address and the upstream does not support SMTPUTF8 ({error})"
             return {r: Outcome("hard_bounced", reply) for r in recipients}
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             _drop(connection)
             if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
                 continue  # the upstream closed an idle connection: retry once on a new one
@@ -503,8 +520,8 @@ async def transaction(
     the server has SIZE (line endings, to measure it and again to send it; the leading
     dots), which for 10 MB cost a sender a tenth of a second of CPU. The spool's
     messages already end their lines with CRLF (SMTP in refuses or normalizes bare CR
-    and LF; bounces and notices are made with CRLF), so the line endings are only checked here, by counting, and the dots are
-    doubled with one bytes.replace.
+    and LF; bounces and notices are made with CRLF), so the line endings are only
+    checked here, by counting, and the dots are doubled with one bytes.replace.
     """
     if client.is_ehlo_or_helo_needed:
         try:

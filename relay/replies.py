@@ -6,15 +6,14 @@ them. The codes are 4xx so a client's queue pauses and retries later.
 
 from __future__ import annotations
 
-from policies.decision import Refusal
+from mailmeter.policies.decision import Refusal
 
 # Account-state refusals. At MAIL the whole transaction is deferred (451); at RCPT
 # only that recipient is (452), so a partial acceptance keeps the recipients that fit.
 _REFUSAL_TEXT: dict[Refusal, str] = {
     Refusal.QUOTA_EXHAUSTED: "4.7.1 Email quota for this billing period is used up;"
     " retry after the period renews or ask your provider to raise the plan's quota",
-    Refusal.BALANCE_EXHAUSTED: "4.7.1 Prepaid balance is used up;"
-    " top up the balance (mailmeter balance add) and retry",
+    Refusal.BALANCE_EXHAUSTED: "4.7.1 Prepaid balance is used up; top up the balance (mailmeter balance add) and retry",
     Refusal.SPENDING_LIMIT: "4.7.1 Spending limit for this billing period is reached;"
     " raise the spending limit or upgrade the plan, then retry",
     Refusal.OVERDRAFT_LIMIT: "4.7.1 Overdraft allowance is used up;"
@@ -63,9 +62,7 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address; retry 
 SHUTTING_DOWN = "421 4.3.2 {hostname} Service shutting down; retry later"
 IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle timeout exceeded; closing connection"
 SESSION_TIME_LIMIT = "421 4.4.2 {hostname} Session time limit exceeded; closing connection"
-BARE_NEWLINE = (
-    "500 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF (RFC 5321 2.3.8)"
-)
+BARE_NEWLINE = "500 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF (RFC 5321 2.3.8)"
 ADDRESS_INVALID = "553 5.1.3 Address cannot be relayed: bad syntax, control characters or not UTF-8"
 ADDRESS_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires MAIL FROM with the SMTPUTF8 parameter"
 INTERNAL_ERROR = "451 4.3.0 Internal error; retry later"

@@ -50,18 +50,20 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from relay import replies
-from relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
-from relay.data import DATA_CHUNK, crlf_line_ends, read_data
-from relay.delivery import new_queue_id, sendable_address
-from relay.domains import domain_allowed
-from relay.observe import NoObserver, RelayObserver, reply_class
-from relay.spool import Envelope, Spool
+from mailmeter.relay import replies
+from mailmeter.relay.abuse import AuthGuard, AuthLimits, ConnectionCounter
+from mailmeter.relay.data import DATA_CHUNK, crlf_line_ends, read_data
+from mailmeter.relay.delivery import new_queue_id, sendable_address
+from mailmeter.relay.domains import domain_allowed
+from mailmeter.relay.observe import NoObserver, RelayObserver, reply_class
+from mailmeter.relay.spool import Envelope, Spool
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # <dot-atom@domain> and the parameters after it: what RelaySMTP._getaddr answers itself.
-_PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)")
+_PLAIN_ANGLE_ADDR = re.compile(
+    rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*([^()\s][^()]*|)"
+)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 # The HELO name goes into our Received: header: a CR or LF in it would start a header
 # of the client's choosing (aiosmtpd reads commands up to LF, so "EHLO a\rBcc: x" is one line).
@@ -142,7 +144,7 @@ class RelayContext:
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run work that must finish even if its session dies; Relay.stop waits for it."""
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
@@ -168,7 +170,7 @@ class RelaySMTP(SMTP):
         """Only the names aiosmtpd looks up with dir() and inspect.getmembers() when a
         session starts (auth_*, smtp_*): listing every attribute of every new session
         was a tenth of the relay's CPU at one message per connection."""
-        return _protocol_names(type(self), ("auth_", "smtp_"))
+        return _protocol_names(type(self), ("auth_", "smtp_"))  # type: ignore[arg-type]  # classes hash
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parsing, with a fast path for the plain `<local@domain>` form.
@@ -233,8 +235,12 @@ class RelaySMTP(SMTP):
         self.peer_address = peer[0] if isinstance(peer, tuple) else ""
         if not self.context.connections.acquire(self.peer_address):
             self._turned_away = True
-            self.log.warning("smtp.connection", client=self.peer_address, result="too_many_connections",
-                             limit=self.context.settings.max_connections_per_client)
+            self.log.warning(
+                "smtp.connection",
+                client=self.peer_address,
+                result="too_many_connections",
+                limit=self.context.settings.max_connections_per_client,
+            )
             # (cast, not isinstance: uvloop's transports do not subclass asyncio's)
             cast(asyncio.WriteTransport, transport).write(replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n")
             transport.close()
@@ -495,7 +501,7 @@ class RelaySMTP(SMTP):
     def _set_post_data_state(self) -> None:
         """aiosmtpd calls this on RSET, HELO/EHLO, STARTTLS and after any DATA: end the transaction."""
         self._end_transaction("abandoned")
-        super()._set_post_data_state()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._turned_away or self._lost:
@@ -560,7 +566,7 @@ class _Handler:
 
     def __dir__(self) -> list[str]:
         """What aiosmtpd looks for on a handler (see RelaySMTP.__dir__)."""
-        return _protocol_names(type(self), ("auth_", "handle_"))
+        return _protocol_names(type(self), ("auth_", "handle_"))  # type: ignore[arg-type]  # classes hash
 
     def __init__(self, context: RelayContext) -> None:
         self.context = context
@@ -583,14 +589,27 @@ class _Handler:
         # domain: any account may send it, and it is counted and delivered like any email.
         if address != NULL_SENDER and ("@" not in address or not domain_allowed(address.rpartition("@")[2], domains)):
             server.context.observer.transaction("5xx", "sender_refused")
-            server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
-                            recipients=0, result="sender_refused")
+            server.log.info(
+                "smtp.transaction",
+                queue_id=None,
+                account=account,
+                client=server._client(),
+                recipients=0,
+                result="sender_refused",
+            )
             return replies.sender_not_allowed(address, account)
         if refusal is not None:
             reason = str(getattr(refusal, "value", refusal))
             server.context.observer.transaction("4xx", reason)
-            server.log.info("smtp.transaction", queue_id=None, account=account, client=server._client(),
-                            recipients=0, result="deferred", reason=reason)
+            server.log.info(
+                "smtp.transaction",
+                queue_id=None,
+                account=account,
+                client=server._client(),
+                recipients=0,
+                result="deferred",
+                reason=reason,
+            )
             return replies.mail_refused(reason)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -698,8 +717,9 @@ class _Handler:
             server.storing = False
         return logged(result, reply)
 
-    async def _store(self, server: RelaySMTP, hold_id: str, spooled: Envelope, received: bytes,
-                     raw: bytes) -> tuple[str, str]:
+    async def _store(
+        self, server: RelaySMTP, hold_id: str, spooled: Envelope, received: bytes, raw: bytes
+    ) -> tuple[str, str]:
         """Spool (our Received header, then the message), commit, activate. Returns
         (result, reply); never raises, never leaks the hold."""
         context = self.context
@@ -717,8 +737,9 @@ class _Handler:
             await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw), account=account)
             context.observer.meter_call("commit", time.monotonic() - started)
         except Exception as error:
-            server.log.error("smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA",
-                             error=repr(error))
+            server.log.error(
+                "smtp.meter_unavailable", queue_id=queue_id, account=account, stage="DATA", error=repr(error)
+            )
             if not await self._committed_after_all(queue_id):
                 context.spawn(server._release(hold_id))  # in the background: it retries while the store is down
                 return "deferred", replies.METER_UNAVAILABLE
@@ -786,7 +807,10 @@ def _received_header(hostname: str, session: Session, server: RelaySMTP, queue_i
     if server.account_via == "auth":
         protocol += "A"
     stamp = format_datetime(datetime.now(timezone.utc))
-    line = f"Received: from {helo} ([{peer}])\r\n\tby {hostname} (mailmeter) with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
+    line = (
+        f"Received: from {helo} ([{peer}])\r\n"
+        f"\tby {hostname} (mailmeter) with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
+    )
     return line.encode("utf-8", "replace")
 
 

@@ -224,9 +224,7 @@ class Spool:
     # -- delivery side --------------------------------------------------------
 
     def active_ids(self) -> list[str]:
-        return sorted(
-            p.name for p in self.active.iterdir() if "." not in p.name
-        )
+        return sorted(p.name for p in self.active.iterdir() if "." not in p.name)
 
     def size(self, queue_id: str) -> int:
         """Bytes of an active message file (raises FileNotFoundError once it is gone)."""

@@ -13,17 +13,18 @@ from typing import Any
 
 import pytest
 import yaml
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import settings
+
+from mailmeter.config import load_config
+from mailmeter.node import Relay
+from mailmeter.serve import build_relay
 
 # CI runs the property tests derandomized (the same examples every run: no flaky red);
 # locally they explore new examples each run.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI") == "true":
     settings.load_profile("ci")
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from mailmeter.app import Relay
-from mailmeter.config import load_config
 
 PASSWORD = "correct horse battery staple"
 
@@ -51,7 +52,9 @@ class UpstreamHandler:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     data_reply: str = "250 2.0.0 Ok: queued upstream"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         reply = self.rcpt_replies.get(address)
         if reply:
             return reply
@@ -59,8 +62,14 @@ class UpstreamHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"",
-                                      list(envelope.mail_options)))
+        self.messages.append(
+            Received(
+                envelope.mail_from or "",
+                list(envelope.rcpt_tos),
+                envelope.original_content or b"",
+                list(envelope.mail_options),
+            )
+        )
         self.arrived.set()
         return self.data_reply
 
@@ -75,7 +84,7 @@ class UpstreamHandler:
             self.arrived.clear()
             try:
                 await asyncio.wait_for(self.arrived.wait(), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 
@@ -126,7 +135,13 @@ def write_config(directory: Path, upstream_port: int, **overrides: Any) -> Path:
         # limits out of their way (tests/test_abuse.py sets its own).
         "abuse": {"max_connections_per_client": 1000, "auth_failure_delay": 0},
         "upstream": {"host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": 5},
-        "delivery": {"workers": 4, "retry_first_delay": 0.2, "retry_factor": 2, "retry_max_delay": 0.5, "max_age": 3600},
+        "delivery": {
+            "workers": 4,
+            "retry_first_delay": 0.2,
+            "retry_factor": 2,
+            "retry_max_delay": 0.5,
+            "max_age": 3600,
+        },
         "database": {"path": "meter.db"},
         "spool": {"path": "spool"},
         "log": {"level": "warning"},
@@ -151,7 +166,7 @@ class RelayHarness:
 
     async def start(self) -> Relay:
         path = write_config(self.directory, self.upstream_port, **self.overrides)
-        relay = Relay.build(load_config(path))
+        relay = build_relay(load_config(path))
         await relay.start()
         self.relay = relay
         return relay
@@ -188,9 +203,14 @@ async def relay(make_relay: Callable[..., RelayHarness], upstream: Upstream) -> 
     yield harness
 
 
-async def add_account(harness: RelayHarness, name: str = "app", plan: str = "small",
-                      domains: tuple[str, ...] = ("example.com",), networks: tuple[str, ...] = (),
-                      password: str | None = PASSWORD) -> None:
+async def add_account(
+    harness: RelayHarness,
+    name: str = "app",
+    plan: str = "small",
+    domains: tuple[str, ...] = ("example.com",),
+    networks: tuple[str, ...] = (),
+    password: str | None = PASSWORD,
+) -> None:
     assert harness.relay is not None
     await harness.relay.meter.add_account(name, password, plan, list(domains), list(networks))
 
@@ -227,7 +247,8 @@ class RawSmtp:
     @classmethod
     async def open(cls, port: int, source: str | None = None) -> RawSmtp:
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, local_addr=(source, 0) if source else None, limit=1 << 20)
+            "127.0.0.1", port, local_addr=(source, 0) if source else None, limit=1 << 20
+        )
         return cls(reader, writer)
 
     async def reply(self, timeout: float = 10.0) -> Reply:

@@ -19,8 +19,13 @@ import trustme
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Reply, Upstream, add_account
 
-FAST_LOCKOUT = {"auth_max_failures": 3, "auth_failure_window": 60, "auth_lockout": 1.2,
-                "auth_failure_delay": 0, "auth_failure_delay_max": 0}
+FAST_LOCKOUT = {
+    "auth_max_failures": 3,
+    "auth_failure_window": 60,
+    "auth_lockout": 1.2,
+    "auth_failure_delay": 0,
+    "auth_failure_delay_max": 0,
+}
 
 
 def plain(login: str, password: str) -> str:
@@ -67,8 +72,9 @@ async def usage(harness: RelayHarness) -> tuple[int, int]:
 async def test_failed_auth_is_answered_ever_more_slowly_up_to_the_cap(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
     """The 535 comes after 0.1, 0.2, then 0.25 s twice (capped; uncapped 0.4 and 0.8); a
     right password still gets in below the lockout threshold."""
-    harness = await started(make_relay, upstream, abuse={
-        "auth_max_failures": 10, "auth_failure_delay": 0.1, "auth_failure_delay_max": 0.25})
+    harness = await started(
+        make_relay, upstream, abuse={"auth_max_failures": 10, "auth_failure_delay": 0.1, "auth_failure_delay_max": 0.25}
+    )
     client = await session(harness.port)
     took = []
     for _ in range(4):
@@ -121,9 +127,18 @@ async def test_parallel_guesses_get_at_most_max_failures_passwords_checked(make_
     """49 wrong passwords sent at once from one address, then the right one, with the lockout
     at 5 and the concurrency caps out of the way: an attempt counts from its start, so exactly
     5 passwords are checked (535) and everything after them, the right password too, gets 454."""
-    harness = await started(make_relay, upstream, abuse={
-        "auth_max_failures": 5, "auth_failure_window": 600, "auth_lockout": 600, "auth_failure_delay": 0,
-        "auth_checks_per_client": 100, "auth_checks_in_flight": 100})
+    harness = await started(
+        make_relay,
+        upstream,
+        abuse={
+            "auth_max_failures": 5,
+            "auth_failure_window": 600,
+            "auth_lockout": 600,
+            "auth_failure_delay": 0,
+            "auth_checks_per_client": 100,
+            "auth_checks_in_flight": 100,
+        },
+    )
     clients = [await session(harness.port) for _ in range(50)]
     for client in clients[:49]:
         await client.send((plain("app", "wrong-guess") + "\r\n").encode())
@@ -141,9 +156,16 @@ async def test_one_clients_auth_burst_does_not_hold_up_another_clients_auth(make
     """30 AUTHs at once from 127.0.0.1 (right password, no lockout in play), then one from
     127.0.0.2: at most 2 of the burst's checks run at a time, so the other client's check
     starts at once and its 235 comes before nearly all of the burst's."""
-    harness = await started(make_relay, upstream, abuse={
-        "auth_max_failures": 1000, "auth_failure_delay": 0, "auth_checks_per_client": 2,
-        "auth_checks_in_flight": 4})
+    harness = await started(
+        make_relay,
+        upstream,
+        abuse={
+            "auth_max_failures": 1000,
+            "auth_failure_delay": 0,
+            "auth_checks_per_client": 2,
+            "auth_checks_in_flight": 4,
+        },
+    )
     burst = [await session(harness.port) for _ in range(30)]
     other = await session(harness.port, source="127.0.0.2")
     finished: list[str] = []
@@ -284,7 +306,10 @@ UNAUTHENTICATED = [
 async def assert_no_relay(client: RawSmtp) -> None:
     for line in UNAUTHENTICATED:
         reply = await client.command(line)
-        assert (reply.code, reply.text) == (530, "5.7.0 Authentication required: AUTH with your account's credentials"), line
+        assert (reply.code, reply.text) == (
+            530,
+            "5.7.0 Authentication required: AUTH with your account's credentials",
+        ), line
     reply = await client.command("MAIL FROM:<\xfc@example.com>".encode("latin-1"))  # 8-bit, not UTF-8
     assert reply.code == 530
 
@@ -303,8 +328,10 @@ async def test_no_relaying_without_an_account_from_any_direction(make_relay, ups
     assert (await client.command("EHLO again.test")).code == 250
     await assert_no_relay(client)
     # Everything in one write, the message included: each line is refused on its own.
-    await client.send(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<v@elsewhere.test>\r\nDATA\r\n"
-                      b"Subject: spam\r\n\r\nspam\r\n.\r\nQUIT\r\n")
+    await client.send(
+        b"MAIL FROM:<app@example.com>\r\nRCPT TO:<v@elsewhere.test>\r\nDATA\r\n"
+        b"Subject: spam\r\n\r\nspam\r\n.\r\nQUIT\r\n"
+    )
     codes = [(await client.reply()).code for _ in range(8)]
     assert codes == [530, 530, 530, 500, 500, 500, 500, 221]
     client.close()
@@ -361,7 +388,8 @@ async def test_starttls_forgets_a_plaintext_login(make_relay, upstream: Upstream
 
 
 async def test_auth_before_starttls_is_538_and_relaying_stays_closed(  # type: ignore[no-untyped-def]
-        make_relay, upstream: Upstream, certificates) -> None:
+    make_relay, upstream: Upstream, certificates
+) -> None:
     """Plaintext AUTH not allowed: EHLO offers no AUTH, AUTH PLAIN and LOGIN get 538 5.7.11,
     MAIL stays 530; inside TLS AUTH is offered and works."""
     authority, tls = certificates
@@ -383,7 +411,8 @@ async def test_auth_before_starttls_is_538_and_relaying_stays_closed(  # type: i
 
 
 async def test_commands_sent_with_starttls_in_plaintext_are_discarded(  # type: ignore[no-untyped-def]
-        make_relay, upstream: Upstream, certificates) -> None:
+    make_relay, upstream: Upstream, certificates
+) -> None:
     """Plaintext command injection (CVE-2011-0411 class): bytes after STARTTLS in the same
     write must not be executed inside the TLS session."""
     authority, tls = certificates
@@ -399,7 +428,8 @@ async def test_commands_sent_with_starttls_in_plaintext_are_discarded(  # type: 
 
 
 async def test_failed_tls_handshakes_and_drops_give_their_connection_slot_back(  # type: ignore[no-untyped-def]
-        make_relay, upstream: Upstream, certificates) -> None:
+    make_relay, upstream: Upstream, certificates
+) -> None:
     """With a cap of 2 per client: garbage instead of a TLS handshake, a reset mid-session and
     a refused third connection, repeated, never eat a slot for good (aiosmtpd reports a
     failed handshake as lost twice)."""

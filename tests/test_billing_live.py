@@ -17,11 +17,11 @@ import aiohttp.web
 import aiosmtplib
 import pytest
 
-from metering.billing import Billing
-from metering.gateway import WebhookGateway, verify
-from relay.data import has_bare_newline
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import WebhookGateway, verify
+from mailmeter.relay.data import has_bare_newline
 from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, write_config
-from tests.test_cli_and_service import mailmeter
+from tests.mailmeter.test_cli_and_service import mailmeter
 
 SECRET = b"webhook-shared-secret"
 
@@ -38,8 +38,13 @@ class PaymentServer:
 
     async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         body = await request.read()
-        if not verify(SECRET, request.headers["X-Mailmeter-Timestamp"], body,
-                      request.headers["X-Mailmeter-Signature"], time.time()):
+        if not verify(
+            SECRET,
+            request.headers["X-Mailmeter-Timestamp"],
+            body,
+            request.headers["X-Mailmeter-Signature"],
+            time.time(),
+        ):
             self.bad_signatures += 1
             return aiohttp.web.json_response({"error": "bad signature"}, status=401)
         self.received.append((request.headers["Idempotency-Key"], json.loads(body)))
@@ -88,7 +93,11 @@ async def test_webhook_gateway_signs_retries_and_blocks_on_decline(
     # Two charges: emails 11 and 16 each open a $1 block.
     grant = await relay.meter.reserve("app", None, 16)
     await relay.meter.commit(grant.hold_id, "Q1", 16)
-    payments.script = [(503, {}), (200, {"status": "succeeded"}), (200, {"status": "failed", "reason": "card declined"})]
+    payments.script = [
+        (503, {}),
+        (200, {"status": "succeeded"}),
+        (200, {"status": "failed", "reason": "card declined"}),
+    ]
     assert await billing.collect_charges() == (1, 0, 0)  # block/1 gets a 503 (retried later), block/2 succeeds
     assert await billing.collect_charges() == (0, 0, 0)  # block/1 is not due yet: backoff
     await asyncio.sleep(1.1)
@@ -146,8 +155,9 @@ async def test_usage_notices_are_emailed_once_through_the_relay(make_relay, upst
     harness: RelayHarness = make_relay(upstream.port, plans={"e": E_PLAN}, billing={"interval": 0.1})
     await harness.start()
     assert harness.relay is not None
-    await harness.relay.meter.add_account("app", PASSWORD, "e", ["example.com"], [],
-                                          contacts=["owner@example.com", "finance@example.com"])
+    await harness.relay.meter.add_account(
+        "app", PASSWORD, "e", ["example.com"], [], contacts=["owner@example.com", "finance@example.com"]
+    )
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10)
     await client.connect()
     await client.login("app", PASSWORD)
@@ -191,9 +201,15 @@ async def test_usage_notices_also_go_to_a_signed_webhook(
 ) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "notices.secret").write_bytes(SECRET + b"\n")
     harness: RelayHarness = make_relay(
-        upstream.port, plans={"e": E_PLAN},
-        billing={"interval": 0.1, "notices": {"webhook_url": f"http://127.0.0.1:{payments.port}/notices",
-                                              "webhook_secret_file": "notices.secret"}},
+        upstream.port,
+        plans={"e": E_PLAN},
+        billing={
+            "interval": 0.1,
+            "notices": {
+                "webhook_url": f"http://127.0.0.1:{payments.port}/notices",
+                "webhook_secret_file": "notices.secret",
+            },
+        },
     )
     await harness.start()
     await add_account(harness, plan="e")  # no contacts: the webhook alone carries the notices
@@ -218,8 +234,20 @@ def test_invoices_export_and_preview_from_the_cli(tmp_path: Path) -> None:
     config = write_config(tmp_path, 2526, plans={"e": {**E_PLAN, "usage_alerts": []}})
     password = tmp_path / "pw"
     password.write_text("pw\n")
-    added = mailmeter(config, "account", "add", "app", "--password-file", str(password), "--plan", "e",
-                      "--sender-domain", "example.com", "--subscribed-on", "2026-01-01")
+    added = mailmeter(
+        config,
+        "account",
+        "add",
+        "app",
+        "--password-file",
+        str(password),
+        "--plan",
+        "e",
+        "--sender-domain",
+        "example.com",
+        "--subscribed-on",
+        "2026-01-01",
+    )
     assert added.returncode == 0, added.stderr
     billed = mailmeter(config, "billing", "run")
     assert billed.returncode == 0, billed.stderr
@@ -268,13 +296,26 @@ def test_example_config_defines_the_five_plans() -> None:
 
 
 def test_plan_changes_and_a_scripted_preview_from_the_cli(tmp_path: Path) -> None:
-    plans = {"e": {**E_PLAN, "usage_alerts": []}, "e-big": {**E_PLAN, "usage_alerts": [], "included_emails": 20},
-             "pro": {"period": {"kind": "anniversary"}, "email_quota": 5000}}
+    plans = {
+        "e": {**E_PLAN, "usage_alerts": []},
+        "e-big": {**E_PLAN, "usage_alerts": [], "included_emails": 20},
+        "pro": {"period": {"kind": "anniversary"}, "email_quota": 5000},
+    }
     config = write_config(tmp_path, 2526, plans=plans)
     password = tmp_path / "pw"
     password.write_text("pw\n")
-    added = mailmeter(config, "account", "add", "app", "--password-file", str(password), "--plan", "e",
-                      "--sender-domain", "example.com")
+    added = mailmeter(
+        config,
+        "account",
+        "add",
+        "app",
+        "--password-file",
+        str(password),
+        "--plan",
+        "e",
+        "--sender-domain",
+        "example.com",
+    )
     assert added.returncode == 0, added.stderr
     upgraded = mailmeter(config, "account", "plan", "app", "e-big")
     assert upgraded.returncode == 0, upgraded.stderr
@@ -291,8 +332,20 @@ def test_plan_changes_and_a_scripted_preview_from_the_cli(tmp_path: Path) -> Non
     assert [e["action"] for e in json.loads(audit.stdout)] == ["plan.change", "plan.change", "account.add"]
 
     script = ["--event", "12:included=20", "--event", "15:payment=failed", "--event", "18:payment=ok"]
-    preview = mailmeter(config, "plan", "preview", "e", "--emails", "30", "--start", "2026-04-01",
-                        "--balance", "5.00", *script, "--json")
+    preview = mailmeter(
+        config,
+        "plan",
+        "preview",
+        "e",
+        "--emails",
+        "30",
+        "--start",
+        "2026-04-01",
+        "--balance",
+        "5.00",
+        *script,
+        "--json",
+    )
     assert preview.returncode == 0, preview.stderr
     data = json.loads(preview.stdout)
     assert (data["accepted"], data["refused"], data["balance"]) == (27, 3, "5.00")

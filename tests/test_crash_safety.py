@@ -25,7 +25,7 @@ from pathlib import Path
 import aiosmtplib
 
 from tests.conftest import PASSWORD, Upstream, write_config
-from tests.test_cli_and_service import add
+from tests.mailmeter.test_cli_and_service import add
 
 REPO = Path(__file__).resolve().parent.parent
 TRIALS = int(os.environ.get("CRASH_TRIALS", "20"))
@@ -51,7 +51,7 @@ async def sender(port: int, prefix: str, rng: random.Random, tally: Tally) -> No
     try:
         await client.connect()
         await client.login("app", PASSWORD)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         client.close()
         return
     serial = 0
@@ -73,14 +73,14 @@ async def sender(port: int, prefix: str, rng: random.Random, tally: Tally) -> No
             except aiosmtplib.SMTPResponseException:
                 tally.refused.add(test_id)
                 continue
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 tally.in_doubt[test_id] = recipients  # the relay died before answering the final "."
                 return
             if response.code == 250:
                 tally.accepted[test_id] = recipients
             else:
                 tally.refused.add(test_id)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         return  # died before DATA: nothing of this message can have been accepted
     finally:
         client.close()
@@ -88,8 +88,14 @@ async def sender(port: int, prefix: str, rng: random.Random, tally: Tally) -> No
 
 async def start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        sys.executable,
+        "-m",
+        "mailmeter.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
     )
     assert process.stderr is not None
     while True:
@@ -109,9 +115,12 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 async def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, upstream: Upstream) -> None:
     config = write_config(
-        tmp_path, upstream.port, plans={"e": PLAN},
+        tmp_path,
+        upstream.port,
+        plans={"e": PLAN},
         delivery={"workers": 4, "retry_first_delay": 0.2, "retry_max_delay": 0.5, "max_age": 3600},
-        billing={"interval": 0.2}, log={"level": "info"},
+        billing={"interval": 0.2},
+        log={"level": "info"},
     )
     password = tmp_path / "app.password"
     password.write_text(PASSWORD + "\n")

@@ -16,17 +16,17 @@ import pytest
 import yaml
 
 from mailmeter.config import ConfigError, load_config
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import NoGateway
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.sqlite import SqliteStore
 from mailmeter.notices import notice_text
+from mailmeter.policies import parse_plans
 from mailmeter.service import AdminError, AdminService
-from metering.billing import Billing
-from metering.gateway import NoGateway
-from metering.meter import Meter
-from metering.sqlite_store import SqliteStore
-from policies import parse_plans
 from tests.conftest import write_config
-from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
-from tests.test_billing_meter import Clock
-from tests.test_cli_and_service import REPO, mailmeter
+from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
+from tests.mailmeter.test_cli_and_service import REPO, mailmeter
+from tests.metering.test_billing_meter import Clock
 
 # Per currency: a top-up it accepts and how it is written back, one it refuses.
 CASES = {
@@ -52,13 +52,16 @@ def test_an_unknown_currency_or_a_plan_it_cannot_express_fails_at_start(tmp_path
     path.write_text(yaml.safe_dump(example))
     result = mailmeter(path, "serve")
     assert result.returncode == 2
-    assert "plans.delivery-results.result_prices.delivered: '0.30' has more decimals than JPY has (none):" \
+    assert (
+        "plans.delivery-results.result_prices.delivered: '0.30' has more decimals than JPY has (none):"
         " write it like 25; a smaller price per email is written per a number of emails" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("code", sorted(CASES))
 async def test_the_api_reads_and_writes_amounts_in_the_currency(
-    code: str, start_api: Callable[..., Awaitable[Api]]  # noqa: F811
+    code: str,
+    start_api: Callable[..., Awaitable[Api]],  # noqa: F811
 ) -> None:
     good, written, bad = CASES[code]
     api = await start_api(billing={"currency": code}, plans={"e": PLAN})
@@ -90,14 +93,15 @@ async def test_invoices_export_charges_and_notices_in_the_currency(code: str, tm
 
 
 async def check_a_closed_period(code: str, store: SqliteStore) -> None:
-    from policies.currency import currency_for
+    from mailmeter.policies.currency import currency_for
 
     currency = currency_for(code)
     clock = Clock(datetime(2026, 4, 10, tzinfo=timezone.utc))
     meter = Meter(store, parse_plans({"e": PLAN}, currency=currency), node="n1", clock=clock)
     service = AdminService(meter, Billing(meter, NoGateway()), actor="cli:test")
-    await meter.add_account("app", "pw", "e", ["example.com"], [], subscribed_on=date(2026, 4, 1),
-                            contacts=["billing@app.test"])
+    await meter.add_account(
+        "app", "pw", "e", ["example.com"], [], subscribed_on=date(2026, 4, 1), contacts=["billing@app.test"]
+    )
     grant = await meter.reserve("app", None, 16)
     await meter.commit(grant.hold_id, "Q1", 16)
     clock.set("2026-05-01T00:00:01+00:00")

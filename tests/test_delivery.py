@@ -13,11 +13,13 @@ from aiosmtplib.email import parse_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address, transaction
-from relay.spool import Envelope
+from mailmeter.relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address, transaction
+from mailmeter.relay.spool import Envelope
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 
-MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\nMessage-ID: <m1@example.com>\r\n\r\nhello\r\n"
+MESSAGE = (
+    b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\nMessage-ID: <m1@example.com>\r\n\r\nhello\r\n"
+)
 
 
 async def send(port: int, recipients: list[str], user: str = "app", sender: str = "app@example.com") -> str:
@@ -219,8 +221,34 @@ async def test_delivery_reuses_upstream_connections(make_relay, upstream: Upstre
     assert upstream.connections <= 2  # one per worker, kept open between messages
 
 
-_ADDRESS_PIECES = ["a", "B", "1", ".", "@", "-", "_", "+", " ", "<", ">", '"', "(", ")", ",", ";", ":", "\\", "[", "]",
-                   "ü", "\r", "\n", "\t", "=", "'"]
+_ADDRESS_PIECES = [
+    "a",
+    "B",
+    "1",
+    ".",
+    "@",
+    "-",
+    "_",
+    "+",
+    " ",
+    "<",
+    ">",
+    '"',
+    "(",
+    ")",
+    ",",
+    ";",
+    ":",
+    "\\",
+    "[",
+    "]",
+    "ü",
+    "\r",
+    "\n",
+    "\t",
+    "=",
+    "'",
+]
 
 
 @settings(max_examples=3000, deadline=None)

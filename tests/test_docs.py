@@ -73,7 +73,12 @@ def test_the_config_keys_of_each_model_are_the_example_configs() -> None:
     plans = yaml.safe_load((REPO / "config.example.yaml").read_text())["plans"]
     sections = re.findall(r"\*\*Config\*\* \(`([\w-]+)`\):(.*?)\n\n", DOC.read_text(encoding="utf-8"), re.S)
     assert [name for name, _ in sections] == [
-        "per-email-threshold", "prepaid-tiered", "delivery-results", "included-capped", "limit-overage"]
+        "per-email-threshold",
+        "prepaid-tiered",
+        "delivery-results",
+        "included-capped",
+        "limit-overage",
+    ]
     for name, text in sections:
         fragments = [f for f in re.findall(r"`([^`]+)`", text.replace("\n", " ")) if re.match(r"\w+: ", f)]
         assert fragments, name
@@ -92,8 +97,10 @@ def test_no_user_facing_file_points_outside_the_repository() -> None:
     files = _shipped_files()
     outside = re.compile(r"BILLING_MODELS|seeds/|\.\./shared|/work/shared")
     offenders = [
-        name for name in files
-        if not name.startswith(("tests/", ".ci/")) and (REPO / name).is_file()
+        name
+        for name in files
+        if not name.startswith(("tests/", ".ci/"))
+        and (REPO / name).is_file()
         and outside.search((REPO / name).read_text(encoding="utf-8", errors="replace"))
     ]
     assert offenders == []

@@ -14,16 +14,16 @@ from datetime import date, datetime, timezone
 import aiosmtplib
 import pytest
 
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import NoGateway
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.store import Store
+from mailmeter.policies import parse_plans
 from mailmeter.service import AdminService, Conflict
-from metering.billing import Billing
-from metering.gateway import NoGateway
-from metering.meter import Meter
-from metering.store import Store
-from policies import parse_plans
 from tests.conftest import PASSWORD
-from tests.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
-from tests.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
-from tests.test_cli_and_service import mailmeter
+from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (the fixture)
+from tests.mailmeter.test_cli_and_service import mailmeter
+from tests.metering.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
 
 
 async def commit(api: Api, emails: int) -> None:
@@ -82,8 +82,9 @@ async def test_a_charge_marked_failed_through_the_api_blocks_a_live_session(
     assert (await session.mail("app@example.com")).code == 250
     await session.rset()
 
-    status, result = await api.call("POST", "/v1/charges/settle",
-                                    {"charge": key, "state": "failed", "reason": "direct debit returned"})
+    status, result = await api.call(
+        "POST", "/v1/charges/settle", {"charge": key, "state": "failed", "reason": "direct debit returned"}
+    )
     assert status == 200 and (result["status"], result["payment_state"]) == ("failed", "failed")
     response = await session.execute_command(b"MAIL", b"FROM:<app@example.com>")
     assert response.code == 451 and response.message.startswith("4.7.1 Sending is paused because a payment failed")

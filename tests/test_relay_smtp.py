@@ -8,14 +8,12 @@ import re
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiosmtpd.smtp import SMTP
-
-from relay.data import DataScan, crlf_line_ends, has_bare_newline, has_long_line
-from relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
-
+from mailmeter.relay.data import DataScan, crlf_line_ends, has_bare_newline, has_long_line
+from mailmeter.relay.smtpd import CAMPAIGN_HEADER, RelaySMTP, campaign_tag
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account, settled_usage
 
 MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -90,7 +88,9 @@ async def test_open_relay_refused(relay: RelayHarness, upstream: Upstream) -> No
     await add_account(relay)
     client = await connect(relay.port)
     assert await command(client, "MAIL FROM:<app@example.com>") == (
-        530, "5.7.0 Authentication required: AUTH with your account's credentials")
+        530,
+        "5.7.0 Authentication required: AUTH with your account's credentials",
+    )
     code, text = await command(client, "RCPT TO:<victim@elsewhere.test>")
     assert code == 530 and text.startswith("5.7.0")
     code, _ = await command(client, "DATA")
@@ -283,7 +283,8 @@ async def drained(harness: RelayHarness) -> None:
 
 
 async def test_auth_inside_a_transaction_is_503_and_the_transaction_keeps_its_account(
-    make_relay, upstream: Upstream  # type: ignore[no-untyped-def]
+    make_relay,
+    upstream: Upstream,  # type: ignore[no-untyped-def]
 ) -> None:
     """Issue 14's case: a session bound to `office` by its network sends MAIL and RCPT, then
     AUTH as another account, more RCPTs and DATA. AUTH gets 503 5.5.1 (RFC 4954 4); every
@@ -303,7 +304,9 @@ async def test_auth_inside_a_transaction_is_503_and_the_transaction_keeps_its_ac
         assert (await client.command(f"RCPT TO:<a{round_}@dest.test>")).code == 250
         reply = await client.command(f"AUTH PLAIN {token}")
         assert (reply.code, reply.text) == (
-            503, "5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first")
+            503,
+            "5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first",
+        )
         assert [(await client.command(f"RCPT TO:<b{round_}{n}@dest.test>")).code for n in range(3)] == [250] * 3
         assert (await client.command("DATA")).code == 354
         assert (await client.command(b"Subject: hi\r\n\r\nhello\r\n.")).code == 250
@@ -345,7 +348,12 @@ async def test_repeated_recipients_are_accepted_and_sent_and_counted_once(make_r
     assert harness.relay is not None
     usage = (await harness.relay.meter.usage("app")).usage
     assert (usage.accepted, usage.delivered, usage.hard_bounced, usage.reserved, usage.awaiting_results) == (
-        2, 1, 1, 0, 0)
+        2,
+        1,
+        1,
+        0,
+        0,
+    )
 
 
 async def test_the_null_sender_is_counted_delivered_and_never_bounced(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
@@ -377,7 +385,12 @@ async def test_the_null_sender_is_counted_delivered_and_never_bounced(make_relay
     for name in ("app", "office"):
         usage = (await harness.relay.meter.usage(name)).usage
         assert (usage.accepted, usage.delivered, usage.hard_bounced, usage.reserved, usage.awaiting_results) == (
-            2, 1, 1, 0, 0), name
+            2,
+            1,
+            1,
+            0,
+            0,
+        ), name
 
 
 async def test_oversize_message_552_and_hold_released(make_relay, upstream: Upstream) -> None:
@@ -420,8 +433,9 @@ async def test_starttls_with_a_real_certificate_then_auth(make_relay, upstream: 
     await add_account(harness)
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10,
-                             tls_context=client_context)
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10, tls_context=client_context
+    )
     await client.connect()
     await client.ehlo()
     assert "starttls" in client.esmtp_extensions and "auth" not in client.esmtp_extensions
@@ -471,9 +485,7 @@ async def test_data_end_dot_stuffing_and_split_writes(make_relay, upstream: Upst
     assert (await raw.reply()).code == 221  # the pipelined QUIT after the end was read as a command
     await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 1)
     content = upstream.handler.messages[0].content
-    assert content.endswith(
-        b"Subject: dots\r\n\r\n.a line that began with one dot\r\nends with a dot.\r\n..\r\nx.\r\n"
-    )
+    assert content.endswith(b"Subject: dots\r\n\r\n.a line that began with one dot\r\nends with a dot.\r\n..\r\nx.\r\n")
 
 
 async def test_data_first_line_dot_ends_an_empty_message(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
@@ -597,9 +609,11 @@ def test_fast_address_parsing_takes_the_plain_forms() -> None:
     class Limits:
         local_part_limit = 0
 
-    for plain, expected in (("<a.b+c@x-y.example>", ("a.b+c@x-y.example", "")),
-                            (" <A@B.C>  SIZE=10", ("A@B.C", "SIZE=10")),
-                            ("<a@b>\tBODY=8BITMIME", ("a@b", "BODY=8BITMIME"))):
+    for plain, expected in (
+        ("<a.b+c@x-y.example>", ("a.b+c@x-y.example", "")),
+        (" <A@B.C>  SIZE=10", ("A@B.C", "SIZE=10")),
+        ("<a@b>\tBODY=8BITMIME", ("a@b", "BODY=8BITMIME")),
+    ):
         assert RelaySMTP._getaddr(Limits(), plain) == expected == SMTP._getaddr(Limits(), plain)  # type: ignore[arg-type]
 
 
@@ -608,15 +622,26 @@ def _campaign_by_parser(message: bytes) -> str:
     from email.parser import BytesHeaderParser
     from email.policy import compat32
 
-    from relay.smtpd import _CAMPAIGN_TAG
+    from mailmeter.relay.smtpd import _CAMPAIGN_TAG
 
-    value = (BytesHeaderParser(policy=compat32).parsebytes(message[:65536], headersonly=True).get(CAMPAIGN_HEADER) or "").strip()
+    value = (
+        BytesHeaderParser(policy=compat32).parsebytes(message[:65536], headersonly=True).get(CAMPAIGN_HEADER) or ""
+    ).strip()
     return value if _CAMPAIGN_TAG.fullmatch(value) else ""
 
 
-_HEADER_LINES = [b"Subject: hi", b"X-Mailmeter-Campaign: spring", b"x-mailmeter-campaign:  launch-2 ",
-                 b"X-MAILMETER-CAMPAIGN: bad tag!", b"X-Mailmeter-Campaign-Not: other", b" folded", b"",
-                 b"From: a@b.test", b"X-Mailmeter-Campaign:", b"body X-Mailmeter-Campaign: inbody"]
+_HEADER_LINES = [
+    b"Subject: hi",
+    b"X-Mailmeter-Campaign: spring",
+    b"x-mailmeter-campaign:  launch-2 ",
+    b"X-MAILMETER-CAMPAIGN: bad tag!",
+    b"X-Mailmeter-Campaign-Not: other",
+    b" folded",
+    b"",
+    b"From: a@b.test",
+    b"X-Mailmeter-Campaign:",
+    b"body X-Mailmeter-Campaign: inbody",
+]
 
 
 @settings(max_examples=1000, deadline=None)

@@ -17,12 +17,12 @@ from pathlib import Path
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from metering.meter import Meter
-from metering.pg_schema import PG_MIGRATIONS
-from metering.pg_store import PgStore
-from metering.schema import MIGRATIONS
-from metering.sqlite_store import SqliteStore
-from policies import parse_plans
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres import PgStore
+from mailmeter.metering.postgres.schema import PG_MIGRATIONS
+from mailmeter.metering.sqlite import SqliteStore
+from mailmeter.metering.sqlite.schema import MIGRATIONS
+from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 from tests.pgserver import PG_URL, admin_connection, isolated_schema
 from tests.result_rows import rows
@@ -41,8 +41,9 @@ class AnsweringHandler(UpstreamHandler):
 
     tries: Counter[str] = field(default_factory=Counter)
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         self.tries[address] += 1
         reply = self.rcpt_replies.get(address)
         if reply is None or reply.startswith("2"):
@@ -52,8 +53,9 @@ class AnsweringHandler(UpstreamHandler):
 
 
 async def start_relay(make_relay, port: int) -> RelayHarness:  # type: ignore[no-untyped-def]
-    harness = make_relay(port, delivery=EXPIRE_FAST, plans={"results": RESULTS_PLAN},
-                         limits={"recipients_per_message": 200})
+    harness = make_relay(
+        port, delivery=EXPIRE_FAST, plans={"results": RESULTS_PLAN}, limits={"recipients_per_message": 200}
+    )
     await harness.start()
     await add_account(harness, plan="results")
     return harness
@@ -74,8 +76,10 @@ async def settled(meter: Meter, total: int, timeout: float = 30.0) -> dict[str, 
 
 def stored_results(harness: RelayHarness) -> dict[str, tuple[str, str]]:
     with sqlite3.connect(harness.directory / "meter.db") as db:
-        return {recipient: (result, reason) for recipient, result, reason in
-                db.execute("SELECT recipient, result, reason FROM recipient_results")}
+        return {
+            recipient: (result, reason)
+            for recipient, result, reason in db.execute("SELECT recipient, result, reason FROM recipient_results")
+        }
 
 
 async def test_every_documented_reply_from_a_real_upstream_bills_as_documented(make_relay) -> None:  # type: ignore[no-untyped-def]
@@ -98,8 +102,11 @@ async def test_every_documented_reply_from_a_real_upstream_bills_as_documented(m
         report = await settled(harness.relay.meter, len(table))
 
         stored = stored_results(harness)
-        wrong = {address: (row.reply, stored.get(address), (row.category, row.reason))
-                 for address, row in addresses.items() if stored.get(address) != (row.category, row.reason)}
+        wrong = {
+            address: (row.reply, stored.get(address), (row.category, row.reason))
+            for address, row in addresses.items()
+            if stored.get(address) != (row.category, row.reason)
+        }
         assert wrong == {}
         for address, row in addresses.items():  # retried only when the reply code says so
             retried = row.code // 100 == 4 or row.reply.startswith("552 5.5.3")
@@ -129,8 +136,10 @@ async def test_552_5_3_4_after_the_data_is_a_soft_bounce_and_not_retried(make_re
     assert (report["soft_bounced"], report["hard_bounced"]) == (2, 0)
     assert report["bounce_types"] == {"soft_bounced": {"message_too_large": 2}, "hard_bounced": {}}
     assert upstream.connections == 1  # refused once, for good: no second attempt
-    assert stored_results(harness) == {"big1@dest.test": ("soft_bounced", "message_too_large"),
-                                       "big2@dest.test": ("soft_bounced", "message_too_large")}
+    assert stored_results(harness) == {
+        "big1@dest.test": ("soft_bounced", "message_too_large"),
+        "big2@dest.test": ("soft_bounced", "message_too_large"),
+    }
 
 
 async def test_results_stored_before_the_migration_stay_readable_on_sqlite(tmp_path: Path) -> None:
@@ -140,15 +149,22 @@ async def test_results_stored_before_the_migration_stay_readable_on_sqlite(tmp_p
         for script in MIGRATIONS[:3]:
             db.executescript(script)
         db.execute("INSERT INTO schema_version VALUES (3)")
-        db.execute("INSERT INTO accounts (id, name, plan, subscribed_on, created_at)"
-                   " VALUES (1, 'app', 'results', '2026-04-01', '2026-04-01T00:00:00Z')")
-        db.execute("INSERT INTO messages VALUES ('Q1', 1, '2026-04-01T00:00:00Z', 2, 'n1',"
-                   " '2026-04-02T00:00:00+00:00', '')")
-        db.execute("INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
-                   " VALUES ('Q1', 'old@dest.test', 'hard_bounced', '2026-04-01T00:00:00Z',"
-                   " '552 5.2.2 Mailbox full', '2026-04-02T00:00:00+00:00')")
-        db.execute("INSERT INTO period_usage (account_id, period_key, accepted, hard_bounced)"
-                   " VALUES (1, '2026-04-01T00:00:00Z', 2, 1)")
+        db.execute(
+            "INSERT INTO accounts (id, name, plan, subscribed_on, created_at)"
+            " VALUES (1, 'app', 'results', '2026-04-01', '2026-04-01T00:00:00Z')"
+        )
+        db.execute(
+            "INSERT INTO messages VALUES ('Q1', 1, '2026-04-01T00:00:00Z', 2, 'n1', '2026-04-02T00:00:00+00:00', '')"
+        )
+        db.execute(
+            "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
+            " VALUES ('Q1', 'old@dest.test', 'hard_bounced', '2026-04-01T00:00:00Z',"
+            " '552 5.2.2 Mailbox full', '2026-04-02T00:00:00+00:00')"
+        )
+        db.execute(
+            "INSERT INTO period_usage (account_id, period_key, accepted, hard_bounced)"
+            " VALUES (1, '2026-04-01T00:00:00Z', 2, 1)"
+        )
     store = SqliteStore(path)
     await store.open()
     try:
@@ -166,16 +182,23 @@ async def test_results_stored_before_the_migration_stay_readable_on_postgresql()
             for script in PG_MIGRATIONS[:3]:
                 await conn.execute(script)
             await conn.execute("INSERT INTO schema_version VALUES (3)")
-            await conn.execute("INSERT INTO accounts (id, name, plan, subscribed_on, created_at)"
-                               " VALUES (1, 'app', 'results', '2026-04-01', '2026-04-01T00:00:00Z')")
-            await conn.execute("INSERT INTO messages VALUES ('Q1', 1, '2026-04-01T00:00:00Z', 2, 'n1',"
-                               " '2026-04-02T00:00:00+00:00', '')")
+            await conn.execute(
+                "INSERT INTO accounts (id, name, plan, subscribed_on, created_at)"
+                " VALUES (1, 'app', 'results', '2026-04-01', '2026-04-01T00:00:00Z')"
+            )
+            await conn.execute(
+                "INSERT INTO messages VALUES ('Q1', 1, '2026-04-01T00:00:00Z', 2, 'n1',"
+                " '2026-04-02T00:00:00+00:00', '')"
+            )
             await conn.execute(
                 "INSERT INTO recipient_results (queue_id, recipient, result, period_key, detail, updated_at)"
                 " VALUES ('Q1', 'old@dest.test', 'hard_bounced', '2026-04-01T00:00:00Z',"
-                " '552 5.2.2 Mailbox full', '2026-04-02T00:00:00+00:00')")
-            await conn.execute("INSERT INTO period_usage (account_id, period_key, accepted, hard_bounced)"
-                               " VALUES (1, '2026-04-01T00:00:00Z', 2, 1)")
+                " '552 5.2.2 Mailbox full', '2026-04-02T00:00:00+00:00')"
+            )
+            await conn.execute(
+                "INSERT INTO period_usage (account_id, period_key, accepted, hard_bounced)"
+                " VALUES (1, '2026-04-01T00:00:00Z', 2, 1)"
+            )
         finally:
             await conn.close()
         store = PgStore(PG_URL, pool_size=2, server_settings={"search_path": schema})
@@ -191,8 +214,12 @@ async def check_old_and_new_results(store: SqliteStore | PgStore) -> None:
     one with the same reply is categorized by its meaning."""
     from datetime import datetime, timezone
 
-    meter = Meter(store, parse_plans({"results": RESULTS_PLAN}), node="n1",
-                  clock=lambda: datetime(2026, 4, 20, tzinfo=timezone.utc))
+    meter = Meter(
+        store,
+        parse_plans({"results": RESULTS_PLAN}),
+        node="n1",
+        clock=lambda: datetime(2026, 4, 20, tzinfo=timezone.utc),
+    )
     assert await store.schema_version() == len(MIGRATIONS)
     assert await meter.record_result("Q1", "new@dest.test", "hard_bounced", "552 5.2.2 Mailbox full", 552, "5.2.2")
     report = (await meter.usage("app")).as_json()

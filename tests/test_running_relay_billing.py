@@ -17,8 +17,9 @@ async def test_the_running_relay_closes_ended_periods_and_catches_up(make_relay,
     await harness.start()
     assert harness.relay is not None
     # An account subscribed months ago: its ended periods were never closed (downtime).
-    await harness.relay.meter.add_account("app", PASSWORD, "small", ["example.com"], [],
-                                          subscribed_on=date(2026, 1, 15))
+    await harness.relay.meter.add_account(
+        "app", PASSWORD, "small", ["example.com"], [], subscribed_on=date(2026, 1, 15)
+    )
     account = await harness.relay.meter.account("app")
     # Every ended month up to today's: the catch-up closes them one after another.
     today = datetime.now(timezone.utc)

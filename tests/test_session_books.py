@@ -53,7 +53,7 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +65,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from metering.records import Account
-from metering.store import Row
-from policies.account import Usage
+from mailmeter.metering.records import Account, Row
+from mailmeter.policies.account import Usage
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Reply, Upstream, UpstreamHandler, free_port
 from tests.pgserver import admin_connection, isolated_schema, schema_url
 
@@ -86,11 +85,24 @@ ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 DOLLAR = 1_000_000  # micros: the office plan prices every result at $1, so its balance counts emails
 
 SENDERS = [f"app@{domain}" for domain in DOMAINS.values()] + [
-    "App@EXAMPLE.COM", "app@Example.Org", "<>", "ceo@bank.test",
+    "App@EXAMPLE.COM",
+    "app@Example.Org",
+    "<>",
+    "ceo@bank.test",
 ]
 RECIPIENTS = [
-    "a@dest.test", "a@dest.test", "A@dest.test", "a@DEST.TEST", "b@dest.test", "B@Dest.Test", "c@dest.test",
-    "hard@dest.test", "Hard@dest.test", "soft@dest.test", "\u00fc@dest.test", "\u00dc@dest.test",
+    "a@dest.test",
+    "a@dest.test",
+    "A@dest.test",
+    "a@DEST.TEST",
+    "b@dest.test",
+    "B@Dest.Test",
+    "c@dest.test",
+    "hard@dest.test",
+    "Hard@dest.test",
+    "soft@dest.test",
+    "\u00fc@dest.test",
+    "\u00dc@dest.test",
 ]
 
 
@@ -103,8 +115,9 @@ def b64(text: str) -> str:
 
 @dataclass
 class RefusingHandler(UpstreamHandler):
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         local = address.partition("@")[0].lower()
         if local.startswith("hard"):
             return "550 5.1.1 No such user"
@@ -251,8 +264,12 @@ class Node:
         if rig.store != "sqlite":
             schema = isolated_schema()
             name = await schema.__aenter__()
-            database = {"url": schema_url(name), "pool_size": 4,
-                        "lease_emails": 50 if rig.store == "postgres-leases" else 0, "lease_seconds": 0.5}
+            database = {
+                "url": schema_url(name),
+                "pool_size": 4,
+                "lease_emails": 50 if rig.store == "postgres-leases" else 0,
+                "lease_seconds": 0.5,
+            }
         directory.mkdir()
         node = cls(rig, RelayHarness(directory, rig.upstream.port, relay_overrides(database)), schema)
         try:
@@ -293,8 +310,13 @@ def relay_overrides(database: dict[str, Any]) -> dict[str, Any]:
         "limits": {"recipients_per_message": 5, "message_size": MESSAGE_SIZE},
         "abuse": {"max_connections_per_client": 1000, "auth_max_failures": 1_000_000, "auth_failure_delay": 0},
         # Deferred recipients expire into soft bounces within a third of a second.
-        "delivery": {"workers": 2, "retry_first_delay": 0.05, "retry_factor": 2, "retry_max_delay": 0.1,
-                     "max_age": 0.3},
+        "delivery": {
+            "workers": 2,
+            "retry_first_delay": 0.05,
+            "retry_factor": 2,
+            "retry_max_delay": 0.1,
+            "max_age": 0.3,
+        },
         "database": database,
         "plans": {
             "roomy": {"email_quota": 1_000_000},
@@ -313,6 +335,7 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     loop = uvloop.new_event_loop()
     upstream = Upstream(port=free_port(), handler=RefusingHandler())
     if request.param != "sqlite":  # skip (or, with CI=true, fail) at once without a server
+
         async def reachable() -> None:
             await (await admin_connection()).close()
 
@@ -479,8 +502,9 @@ class ClientSession:
         else:
             expected = {250, 451}  # 451: the allowance is used up
         if reply.code not in expected:
-            self.violation(f"{self.line(step)} by {account} got {reply.code} {reply.text!r}, "
-                           f"expected {sorted(expected)}")
+            self.violation(
+                f"{self.line(step)} by {account} got {reply.code} {reply.text!r}, expected {sorted(expected)}"
+            )
 
     async def data(self, mode: str, reply: Reply) -> None:
         assert self.client is not None
@@ -632,10 +656,12 @@ def test_the_books_balance_after_any_session(rig: Rig) -> None:
                 _, usage = await snapshot(self.node, name)
                 results = usage.delivered + usage.soft_bounced + usage.hard_bounced
                 assert usage.accepted == results + (usage.awaiting_results or 0), (
-                    f"{when}: {name}'s books do not balance: {usage}")
+                    f"{when}: {name}'s books do not balance: {usage}"
+                )
                 if name in self.allowance:
                     assert usage.accepted <= self.allowance[name], (
-                        f"{when}: {name} accepted {usage.accepted} over its allowance {self.allowance[name]}")
+                        f"{when}: {name} accepted {usage.accepted} over its allowance {self.allowance[name]}"
+                    )
 
         async def _settled(self) -> None:
             """Sessions closed, holds released (idle leases given back), in-doubt messages settled, spool drained."""
@@ -659,7 +685,8 @@ def test_the_books_balance_after_any_session(rig: Rig) -> None:
             for message in self.model.in_doubt:
                 counted = counts.get(message.tag, 0)
                 assert counted in (0, len(message.recipients)), (
-                    f"an in-doubt message counted {counted} of its {len(message.recipients)} recipients: {message}")
+                    f"an in-doubt message counted {counted} of its {len(message.recipients)} recipients: {message}"
+                )
                 if counted and message.recipients:
                     self.model.accepted.append(message)
                 else:
@@ -672,21 +699,31 @@ def test_the_books_balance_after_any_session(rig: Rig) -> None:
                 _, usage = await snapshot(self.node, name)
                 mine = [r for m in self.model.accepted if m.account == name for r in m.recipients]
                 outcomes = Counter(outcome_of(r) for r in mine)
-                expected = {"accepted": len(mine), "reserved": 0, "awaiting": 0,
-                            **{kind: outcomes[kind] for kind in ("delivered", "soft_bounced", "hard_bounced")}}
-                got = {"accepted": usage.accepted, "reserved": usage.reserved, "awaiting": usage.awaiting_results,
-                       "delivered": usage.delivered, "soft_bounced": usage.soft_bounced,
-                       "hard_bounced": usage.hard_bounced}
+                expected = {
+                    "accepted": len(mine),
+                    "reserved": 0,
+                    "awaiting": 0,
+                    **{kind: outcomes[kind] for kind in ("delivered", "soft_bounced", "hard_bounced")},
+                }
+                got = {
+                    "accepted": usage.accepted,
+                    "reserved": usage.reserved,
+                    "awaiting": usage.awaiting_results,
+                    "delivered": usage.delivered,
+                    "soft_bounced": usage.soft_bounced,
+                    "hard_bounced": usage.hard_bounced,
+                }
                 assert got == expected, (
                     f"{name}: the meter has {got} once the spool drained; the client was answered 250 for "
-                    f"{expected}: {[m for m in self.model.accepted if m.account == name]}")
+                    f"{expected}: {[m for m in self.model.accepted if m.account == name]}"
+                )
 
         def _check_upstream_and_replies(self) -> None:
             """The upstream got each accepted recipient once and nothing else; bounces as owed."""
             by_tag = {message.tag: message for message in self.model.accepted}
             received: dict[str, list[str]] = {}
             bounced: dict[str, list[str]] = {}
-            for got in rig.upstream.handler.messages[self.upstream_seen:]:
+            for got in rig.upstream.handler.messages[self.upstream_seen :]:
                 match = _TAG.search(got.content)
                 assert match, f"the upstream got a message that is not the client's: {got.content[:300]!r}"
                 tag = match.group(1).decode()
@@ -701,19 +738,27 @@ def test_the_books_balance_after_any_session(rig: Rig) -> None:
             for tag, message in by_tag.items():
                 deliverable = [r for r in message.recipients if outcome_of(r) == "delivered"]
                 assert sorted(received.get(tag, [])) == sorted(deliverable), (
-                    f"{tag}: the upstream got {received.get(tag, [])}, expected each of {deliverable} once")
+                    f"{tag}: the upstream got {received.get(tag, [])}, expected each of {deliverable} once"
+                )
                 failed = [r for r in message.recipients if outcome_of(r) != "delivered"]
                 if message.sender == "<>" or not failed:
                     assert tag not in bounced, f"{tag} from {message.sender} got a bounce report it must not get"
                 else:
                     assert bounced.get(tag) and set(bounced[tag]) == {message.sender}, (
-                        f"{tag}: failures {failed} owe {message.sender} a bounce report; got {bounced.get(tag)}")
+                        f"{tag}: failures {failed} owe {message.sender} a bounce report; got {bounced.get(tag)}"
+                    )
             assert not set(bounced) - set(by_tag), f"bounce reports for messages never accepted: {bounced}"
             assert not self.model.violations, "\n".join(self.model.violations)
 
     started = time.monotonic()
-    run_state_machine_as_test(Books, settings=settings(
-        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, phases=PHASES,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    ))
+    run_state_machine_as_test(
+        Books,
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            phases=PHASES,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        ),
+    )
     print(f"books: {rig.sessions} sessions, {dict(rig.stats)}, {time.monotonic() - started:.1f} s")

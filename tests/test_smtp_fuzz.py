@@ -112,13 +112,32 @@ RCPTS = [
     'RCPT TO:<"a>b"{n}@dest.test>',
 ]
 OTHERS = [
-    "EHLO client.test", "HELO client.test", "EHLO", "EHLO a\rX-Injected: yes", "EHLO ünïcode.test",
-    "RSET", "NOOP", "NOOP anything", "VRFY app", "VRFY \udcff", "EXPN list", "HELP", "HELP MAIL",
-    "STARTTLS", "QUIT", "DATA", "BDAT 10 LAST", "", " ", "mail from:<app@example.com>",
+    "EHLO client.test",
+    "HELO client.test",
+    "EHLO",
+    "EHLO a\rX-Injected: yes",
+    "EHLO ünïcode.test",
+    "RSET",
+    "NOOP",
+    "NOOP anything",
+    "VRFY app",
+    "VRFY \udcff",
+    "EXPN list",
+    "HELP",
+    "HELP MAIL",
+    "STARTTLS",
+    "QUIT",
+    "DATA",
+    "BDAT 10 LAST",
+    "",
+    " ",
+    "mail from:<app@example.com>",
 ]
 VECTORS = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\n", b"\r\n.\n", b"\n.\r", b"\r.\r"]
-SMUGGLED = (b"MAIL FROM:<" + SMUGGLED_SENDER.encode() + b">\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n"
-            b"Subject: smuggled\r\n\r\nsmuggled\r\n")
+SMUGGLED = (
+    b"MAIL FROM:<" + SMUGGLED_SENDER.encode() + b">\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nsmuggled\r\n"
+)
 BODIES = [
     b"Subject: fuzz\r\n\r\nhello\r\n.\r\n",
     b"Subject: dots\r\n\r\n..a line that starts with a dot\r\n...\r\n.\r\n",
@@ -140,8 +159,7 @@ def lines(texts: list[str], ending: bytes) -> bytes:
 def unit(draw: st.DrawFn) -> bytes:
     """One or a few lines: a command, an AUTH exchange, a message body, or garbage."""
     ending = draw(ENDINGS)
-    kind = draw(st.sampled_from(["auth", "auth", "mail", "rcpt", "rcpt", "other", "other", "body", "garbage",
-                                 "long"]))
+    kind = draw(st.sampled_from(["auth", "auth", "mail", "rcpt", "rcpt", "other", "other", "body", "garbage", "long"]))
     if kind == "auth":
         return lines(draw(st.sampled_from(AUTH_GOOD + AUTH_BAD)), ending)
     if kind == "mail":
@@ -153,7 +171,10 @@ def unit(draw: st.DrawFn) -> bytes:
     if kind == "body":
         return draw(st.sampled_from(BODIES))
     if kind == "long":
-        return draw(st.sampled_from([b"NOOP " + b"x" * 600, b"X" * 3000, b"MAIL FROM:<" + b"a" * 700 + b"@example.com>"])) + ending
+        return (
+            draw(st.sampled_from([b"NOOP " + b"x" * 600, b"X" * 3000, b"MAIL FROM:<" + b"a" * 700 + b"@example.com>"]))
+            + ending
+        )
     garbage = draw(st.binary(max_size=40).filter(lambda data: b"\n" not in data))
     return garbage + ending
 
@@ -201,7 +222,6 @@ def recipient_key(line: bytes) -> str:
     arg = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape").partition(":")[2]
     address, _ = _PARSER._getaddr(arg)
     return (address or "").lower()
-
 
 
 @dataclass
@@ -319,12 +339,19 @@ class Rig:
 def rig(tmp_path: Path, request: pytest.FixtureRequest) -> object:
     loop = asyncio.new_event_loop()
     upstream = Utf8Upstream(port=free_port(), handler=UpstreamHandler())
-    harness = RelayHarness(tmp_path, upstream.port, {
-        "limits": {"message_size": MESSAGE_SIZE, "recipients_per_message": MAX_RECIPIENTS,
-                   "bare_newlines": request.param},
-        "abuse": {"max_connections_per_client": 1000, "auth_max_failures": 1_000_000, "auth_failure_delay": 0},
-        "plans": {"big": {"email_quota": 1_000_000}},
-    })
+    harness = RelayHarness(
+        tmp_path,
+        upstream.port,
+        {
+            "limits": {
+                "message_size": MESSAGE_SIZE,
+                "recipients_per_message": MAX_RECIPIENTS,
+                "bare_newlines": request.param,
+            },
+            "abuse": {"max_connections_per_client": 1000, "auth_max_failures": 1_000_000, "auth_failure_delay": 0},
+            "plans": {"big": {"email_quota": 1_000_000}},
+        },
+    )
 
     async def start() -> None:
         await upstream.start()
@@ -398,10 +425,13 @@ async def one_session(rig: Rig, writes: list[bytes], how: str) -> None:
     rig.queue_ids |= set(session.accepted)
     assert accepted_now == rig.accepted_total  # metered == recipients of messages answered 250
     assert len(session.accepted) == sum(1 for _, r in session.replies if r.text.startswith("2.0.0 Ok: queued"))
+
     def all_delivered() -> bool:
         by_id = upstream_messages(rig)
-        return all(sum(len(m.rcpt_tos) for m in by_id.get(queue_id, [])) >= recipients
-                   for queue_id, (recipients, _) in session.accepted.items())
+        return all(
+            sum(len(m.rcpt_tos) for m in by_id.get(queue_id, [])) >= recipients
+            for queue_id, (recipients, _) in session.accepted.items()
+        )
 
     await eventually(all_delivered, "accepted mail delivered")
     by_id = upstream_messages(rig)
@@ -424,8 +454,13 @@ async def one_session(rig: Rig, writes: list[bytes], how: str) -> None:
 def test_fuzzed_sessions_keep_every_invariant(rig: Rig) -> None:
     examples = 120 if rig.harness.overrides["limits"]["bare_newlines"] == "reject" else 60
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(sessions())
     def check(session: tuple[list[bytes], str]) -> None:
         writes, how = session
@@ -437,9 +472,11 @@ def test_fuzzed_sessions_keep_every_invariant(rig: Rig) -> None:
     assert set(upstream_messages(rig)) == rig.queue_ids  # every accepted message, and nothing else
     assert rig.sessions >= examples
     assert rig.queue_ids, "no session got a message accepted: the generator is broken"
-    print(f"fuzz: {rig.sessions} sessions, {len(rig.queue_ids)} messages accepted, "
-          f"{rig.accepted_total} recipients metered, {rig.smuggled_as_commands} smuggling texts sent"
-          f" as commands after a refused DATA, {time.monotonic() - started:.1f} s")
+    print(
+        f"fuzz: {rig.sessions} sessions, {len(rig.queue_ids)} messages accepted, "
+        f"{rig.accepted_total} recipients metered, {rig.smuggled_as_commands} smuggling texts sent"
+        f" as commands after a refused DATA, {time.monotonic() - started:.1f} s"
+    )
     print("fuzz: replies seen:", dict(sorted(rig.replies_seen.items())))
 
 
@@ -484,7 +521,9 @@ async def test_smuggling_sequences_are_refused_whole(make_relay, upstream: Upstr
         await client.send(b"Subject: smuggle\r\n\r\nhello" + vector + SMUGGLED + b".\r\n")
         refused = await client.reply()
         assert (refused.code, refused.text) == (
-            500, "5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF (RFC 5321 2.3.8)"), vector
+            500,
+            "5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF (RFC 5321 2.3.8)",
+        ), vector
         assert (await client.command("NOOP")).code == 250  # the next reply answers the next command
     assert (await client.command("QUIT")).code == 221
     assert await settled_usage(harness) == (0, 0)

@@ -49,14 +49,18 @@ async def test_locked_database_gives_451_and_leaves_nothing(make_relay, upstream
         assert (await command(client, b"MAIL", b"FROM:<app@example.com>"))[0] == 250  # reads still work (WAL)
         locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
         assert await command(client, b"RCPT", b"TO:<a@dest.test>") == (
-            451, "4.3.0 Metering is temporarily unavailable; retry later")
+            451,
+            "4.3.0 Metering is temporarily unavailable; retry later",
+        )
         locker.execute("COMMIT")
         assert (await command(client, b"RCPT", b"TO:<a@dest.test>"))[0] == 250
         locker.execute("BEGIN EXCLUSIVE")  # now the commit at the end of DATA fails
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
             await client.data(MESSAGE)
         assert (refused.value.code, refused.value.message) == (
-            451, "4.3.0 Metering is temporarily unavailable; retry later")
+            451,
+            "4.3.0 Metering is temporarily unavailable; retry later",
+        )
         locker.execute("COMMIT")
     finally:
         locker.close()
@@ -74,8 +78,9 @@ async def test_locked_database_gives_451_and_leaves_nothing(make_relay, upstream
 def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     mount_point = tmp_path / "spool"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
     yield mount_point
@@ -83,8 +88,9 @@ def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 async def test_full_spool_disk_gives_452_and_leaves_nothing(make_relay, upstream: Upstream, tiny_disk: Path) -> None:  # type: ignore[no-untyped-def]
-    harness: RelayHarness = make_relay(upstream.port, spool={"path": str(tiny_disk)},
-                                       limits={"message_size": 1_000_000})
+    harness: RelayHarness = make_relay(
+        upstream.port, spool={"path": str(tiny_disk)}, limits={"message_size": 1_000_000}
+    )
     await harness.start()
     await add_account(harness)
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10)

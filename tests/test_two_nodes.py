@@ -22,9 +22,9 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from metering.meter import Meter
-from metering.pg_store import PgStore
-from policies import parse_plans
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres import PgStore
+from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD, Upstream, write_config
 from tests.pgserver import PG_URL, isolated_schema, scalar, schema_url
 
@@ -51,8 +51,14 @@ class Node:
 
     async def start(self) -> None:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailmeter.cli", "serve", "--config", str(self.config),
-            stderr=asyncio.subprocess.PIPE, cwd=REPO,
+            sys.executable,
+            "-m",
+            "mailmeter.cli",
+            "serve",
+            "--config",
+            str(self.config),
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO,
         )
         assert process.stderr is not None
         while True:
@@ -104,7 +110,10 @@ async def cluster(
         directory = tmp_path / name
         directory.mkdir()
         config = write_config(
-            directory, upstream.port, node={"name": name, "region": region}, plans=plans,
+            directory,
+            upstream.port,
+            node={"name": name, "region": region},
+            plans=plans,
             database={"url": schema_url(schema), "pool_size": 8, "lease_emails": lease_emails, "lease_seconds": 0.5},
             log={"level": "info"},
             delivery={"workers": 4, "retry_first_delay": 0.2, "retry_max_delay": 0.5, "max_age": 3600},
@@ -182,8 +191,10 @@ async def test_200_sessions_on_two_nodes_race_for_the_last_1000_emails(
         retry_ports = [eu.port if n % 2 == 0 else us.port for n in range(20)]
         accepted += await asyncio.gather(*(session(p, f"r{attempt}-{n}", 6) for n, p in enumerate(retry_ports)))
         ports += retry_ports
-    by_node = {"eu": sum(len(a) for a, p in zip(accepted, ports, strict=True) if p == eu.port),
-               "us": sum(len(a) for a, p in zip(accepted, ports, strict=True) if p == us.port)}
+    by_node = {
+        "eu": sum(len(a) for a, p in zip(accepted, ports, strict=True) if p == eu.port),
+        "us": sum(len(a) for a, p in zip(accepted, ports, strict=True) if p == us.port),
+    }
     recipients = [r for a in accepted for r in a]
     assert len(recipients) == 1000
     await upstream.handler.wait_for(lambda: len(upstream.handler.delivered_to()) >= 1000, timeout=40)

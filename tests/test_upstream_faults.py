@@ -17,10 +17,10 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult
 
-from metering.meter import Meter
-from relay.delivery import RetryPolicy
-from relay.dsn import FailedRecipient, status_of
-from relay.spool import QueueState
+from mailmeter.metering.meter import Meter
+from mailmeter.relay.delivery import RetryPolicy
+from mailmeter.relay.dsn import FailedRecipient, status_of
+from mailmeter.relay.spool import QueueState
 from tests.conftest import (
     PASSWORD,
     RelayHarness,
@@ -30,7 +30,10 @@ from tests.conftest import (
     free_port,
 )
 
-MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: faults\r\nMessage-ID: <f1@example.com>\r\n\r\nhello\r\n"
+MESSAGE = (
+    b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: faults\r\nMessage-ID: <f1@example.com>\r\n"
+    b"\r\nhello\r\n"
+)
 FAST_RETRY = {"retry_first_delay": 0.1, "retry_factor": 2, "retry_max_delay": 0.3, "max_age": 3600}
 
 
@@ -48,8 +51,12 @@ async def send(port: int, recipients: list[str], message: bytes = MESSAGE, optio
 
 
 def retry_policy(delivery: dict[str, float]) -> RetryPolicy:
-    return RetryPolicy(first_delay=delivery["retry_first_delay"], factor=delivery["retry_factor"],
-                       max_delay=delivery["retry_max_delay"], max_age=delivery["max_age"])
+    return RetryPolicy(
+        first_delay=delivery["retry_first_delay"],
+        factor=delivery["retry_factor"],
+        max_delay=delivery["retry_max_delay"],
+        max_age=delivery["max_age"],
+    )
 
 
 def meter_of(harness: RelayHarness) -> Meter:
@@ -59,8 +66,10 @@ def meter_of(harness: RelayHarness) -> Meter:
 
 async def counts(harness: RelayHarness) -> dict[str, int]:
     report = (await meter_of(harness).usage("app")).as_json()
-    return {key: int(report[key]) for key in ("accepted", "delivered", "soft_bounced", "hard_bounced",
-                                              "deferred", "reserved")}
+    return {
+        key: int(report[key])
+        for key in ("accepted", "delivered", "soft_bounced", "hard_bounced", "deferred", "reserved")
+    }
 
 
 def read_state(harness: RelayHarness, queue_id: str) -> QueueState | None:
@@ -72,8 +81,9 @@ def read_state(harness: RelayHarness, queue_id: str) -> QueueState | None:
         return None
 
 
-async def watch(harness: RelayHarness, queue_id: str, done: Callable[[], Awaitable[bool]],
-                timeout: float = 15.0) -> dict[int, QueueState]:
+async def watch(
+    harness: RelayHarness, queue_id: str, done: Callable[[], Awaitable[bool]], timeout: float = 15.0
+) -> dict[int, QueueState]:
     """Poll the spool state every few ms until `done`; the first state seen after each attempt.
 
     Attempts are at least first_delay (0.1 s) apart, so no attempt goes unseen except
@@ -245,8 +255,14 @@ async def test_connection_refused_backs_off_exponentially_then_expires_with_a_ds
         # Deferred while the next retry falls within max_age; soft-bounced at the first that would not.
         assert (next_retry_age <= retry.max_age) == (attempts in deferred)
     assert time.time() - arrived <= retry.max_age + 0.5
-    assert await counts(harness) == {"accepted": 1, "delivered": 0, "soft_bounced": 1, "hard_bounced": 0,
-                                     "deferred": 0, "reserved": 0}
+    assert await counts(harness) == {
+        "accepted": 1,
+        "delivered": 0,
+        "soft_bounced": 1,
+        "hard_bounced": 0,
+        "deferred": 0,
+        "reserved": 0,
+    }
     upstream = Upstream(port=port, handler=UpstreamHandler())
     await upstream.start()
     try:
@@ -293,8 +309,14 @@ async def test_upstream_that_never_answers_times_out_and_is_retried(make_relay, 
     assert time.monotonic() - started >= 2 * 0.3  # two attempts each waited out the timeout
     assert silent.connections == 3
     assert [m[1] for m in silent.messages] == [["slow@dest.test"]]
-    assert await counts(harness) == {"accepted": 1, "delivered": 1, "soft_bounced": 0, "hard_bounced": 0,
-                                     "deferred": 0, "reserved": 0}
+    assert await counts(harness) == {
+        "accepted": 1,
+        "delivered": 1,
+        "soft_bounced": 0,
+        "hard_bounced": 0,
+        "deferred": 0,
+        "reserved": 0,
+    }
     await eventually(lambda: spool_empty(harness))
 
 
@@ -320,8 +342,14 @@ async def test_421_defers_then_a_new_connection_delivers(make_relay, raw_upstrea
         assert state.recipients[0].reply.startswith("421 4.3.2")
     assert upstream.connections == 3
     assert [(m[0], m[1]) for m in upstream.messages] == [("app@example.com", ["x@dest.test"])]
-    assert await counts(harness) == {"accepted": 1, "delivered": 1, "soft_bounced": 0, "hard_bounced": 0,
-                                     "deferred": 0, "reserved": 0}
+    assert await counts(harness) == {
+        "accepted": 1,
+        "delivered": 1,
+        "soft_bounced": 0,
+        "hard_bounced": 0,
+        "deferred": 0,
+        "reserved": 0,
+    }
 
 
 async def test_per_recipient_4xx_is_retried_and_5xx_bounced(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
@@ -343,7 +371,10 @@ async def test_per_recipient_4xx_is_retried_and_5xx_bounced(make_relay, upstream
     seen = await watch(harness, queue_id, first_pass_reported)
     state = seen[1]
     assert {r.address: r.status for r in state.recipients} == {
-        "ok@dest.test": "delivered", "later@dest.test": "deferred", "gone@dest.test": "hard_bounced"}
+        "ok@dest.test": "delivered",
+        "later@dest.test": "deferred",
+        "gone@dest.test": "hard_bounced",
+    }
     assert state.next_attempt_at - state.last_attempt_at == pytest.approx(0.3)
     assert read_state(harness, queue_id) is not None  # the deferred recipient keeps the message queued
     original, dsn = upstream.handler.messages
@@ -357,16 +388,26 @@ async def test_per_recipient_4xx_is_retried_and_5xx_bounced(make_relay, upstream
         return (await counts(harness))["delivered"] == 2
 
     await eventually(all_final)
-    assert [m.rcpt_tos for m in upstream.handler.messages] == [["ok@dest.test"], ["app@example.com"],
-                                                              ["later@dest.test"]]
+    assert [m.rcpt_tos for m in upstream.handler.messages] == [
+        ["ok@dest.test"],
+        ["app@example.com"],
+        ["later@dest.test"],
+    ]
     assert time.time() >= first_try_ended + 0.3  # the retry waited for the backoff
-    assert await counts(harness) == {"accepted": 3, "delivered": 2, "soft_bounced": 0, "hard_bounced": 1,
-                                     "deferred": 0, "reserved": 0}
+    assert await counts(harness) == {
+        "accepted": 3,
+        "delivered": 2,
+        "soft_bounced": 0,
+        "hard_bounced": 1,
+        "deferred": 0,
+        "reserved": 0,
+    }
     await eventually(lambda: spool_empty(harness))
 
 
 async def test_connection_dropped_in_the_middle_of_data_is_deferred_then_sent_whole(  # type: ignore[no-untyped-def]
-        make_relay, raw_upstreams) -> None:
+    make_relay, raw_upstreams
+) -> None:
     """The upstream reads 100 bytes of the message and hangs up: no 250, so the message is
     deferred (not delivered, not bounced) and the retry sends it whole, once."""
     upstream = await raw_upstreams("drop_in_data", faulty=1)
@@ -388,11 +429,19 @@ async def test_connection_dropped_in_the_middle_of_data_is_deferred_then_sent_wh
     sender, recipients, content = upstream.messages[0]
     assert (sender, recipients) == ("app@example.com", ["cut@dest.test"])
     assert content.endswith(body) and f"id {queue_id}".encode() in content
-    assert await counts(harness) == {"accepted": 1, "delivered": 1, "soft_bounced": 0, "hard_bounced": 0,
-                                     "deferred": 0, "reserved": 0}
+    assert await counts(harness) == {
+        "accepted": 1,
+        "delivered": 1,
+        "soft_bounced": 0,
+        "hard_bounced": 0,
+        "deferred": 0,
+        "reserved": 0,
+    }
 
 
-async def test_utf8_recipient_bounces_alone_when_the_upstream_lacks_smtputf8(relay: RelayHarness, upstream: Upstream) -> None:
+async def test_utf8_recipient_bounces_alone_when_the_upstream_lacks_smtputf8(
+    relay: RelayHarness, upstream: Upstream
+) -> None:
     """The conftest upstream does not offer SMTPUTF8. The ASCII recipient is delivered; the
     UTF-8 one is a hard bounce with 5.6.7 and a DSN, at once. (Both steps used to raise
     UnicodeEncodeError: the attempt, then the DSN; the message was retried forever, never
@@ -410,8 +459,14 @@ async def test_utf8_recipient_bounces_alone_when_the_upstream_lacks_smtputf8(rel
     assert original.rcpt_tos == ["ok@dest.test"]
     assert dsn.rcpt_tos == ["app@example.com"] and b"Status: 5.6.7" in dsn.content
     assert b"Final-Recipient: utf-8; \\x{FC}@dest.test" in dsn.content  # RFC 6533, the field stays ASCII
-    assert await counts(relay) == {"accepted": 2, "delivered": 1, "soft_bounced": 0, "hard_bounced": 1,
-                                   "deferred": 0, "reserved": 0}
+    assert await counts(relay) == {
+        "accepted": 2,
+        "delivered": 1,
+        "soft_bounced": 0,
+        "hard_bounced": 1,
+        "deferred": 0,
+        "reserved": 0,
+    }
     await eventually(lambda: spool_empty(relay))
 
 
@@ -420,8 +475,13 @@ class AuthUpstream(Upstream):
 
     def _session(self) -> SMTP:
         self.connections += 1
-        return SMTP(self.handler, hostname="upstream.test", ident="upstream", auth_require_tls=False,
-                    authenticator=lambda *_: AuthResult(success=False, handled=False))
+        return SMTP(
+            self.handler,
+            hostname="upstream.test",
+            ident="upstream",
+            auth_require_tls=False,
+            authenticator=lambda *_: AuthResult(success=False, handled=False),
+        )
 
 
 async def test_upstream_refusing_our_auth_defers_instead_of_bouncing(make_relay, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -431,8 +491,9 @@ async def test_upstream_refusing_our_auth_defers_instead_of_bouncing(make_relay,
     upstream = AuthUpstream(port=free_port(), handler=UpstreamHandler())
     await upstream.start()
     (tmp_path / "upstream.password").write_text("wrong\n")
-    harness = make_relay(upstream.port, upstream={"username": "relay", "password_file": "upstream.password"},
-                         delivery=FAST_RETRY)
+    harness = make_relay(
+        upstream.port, upstream={"username": "relay", "password_file": "upstream.password"}, delivery=FAST_RETRY
+    )
     await harness.start()
     await add_account(harness)
     queue_id = await send(harness.port, ["a@dest.test"])

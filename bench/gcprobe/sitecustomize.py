@@ -1,6 +1,7 @@
 """Garbage-collector pauses of every Python process started with this directory on PYTHONPATH.
 
-    PYTHONPATH=$PWD/bench/gcprobe BENCH_TARGETS=mailmeter bash bench/run   # an absolute path: the services run elsewhere
+    # an absolute path: the services run elsewhere
+    PYTHONPATH=$PWD/bench/gcprobe BENCH_TARGETS=mailmeter bash bench/run
     cat /tmp/mailmeter-gcprobe/*.txt
 
 Python imports `sitecustomize` at start-up; this one times each collection through
@@ -42,8 +43,10 @@ def _timed(phase: str, info: dict[str, int]) -> None:
 
 def _write() -> None:
     os.makedirs(_DIRECTORY, exist_ok=True)
-    lines = [f"gen{generation}: {count} collections, total {total * 1000:.1f} ms, longest {longest * 1000:.2f} ms"
-             for generation, (count, total, longest) in _totals.items()]
+    lines = [
+        f"gen{generation}: {count} collections, total {total * 1000:.1f} ms, longest {longest * 1000:.2f} ms"
+        for generation, (count, total, longest) in _totals.items()
+    ]
     lines.append(f"pauses over 2 ms (generation, ms), last 50: {_pauses[-50:]}")
     with open(os.path.join(_DIRECTORY, f"{os.getpid()}.txt"), "w") as out:
         out.write("\n".join(lines) + "\n")

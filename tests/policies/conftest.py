@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from policies.plans import Plan, parse_plans
+from mailmeter.policies.plans import Plan, parse_plans
 
 FIVE_PLANS = Path(__file__).with_name("five_plans.yaml")
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config.example.yaml"

@@ -11,21 +11,21 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from policies.account import Standing, Usage
-from policies.changes import (
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.changes import (
     PlanChangeRefused,
     change_limit,
     is_upgrade,
     switch_plan,
     without_own_limits,
 )
-from policies.charges import Charge, charges_due, unbilled
-from policies.dashboard import usage_alerts_due, usage_screen
-from policies.decision import Refusal, admit, headroom
-from policies.invoice import Invoice, close_period
-from policies.parts import Funding
-from policies.periods import Period, period_containing
-from policies.plans import Plan, parse_plan
+from mailmeter.policies.charges import Charge, charges_due, unbilled
+from mailmeter.policies.dashboard import usage_alerts_due, usage_screen
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.invoice import Invoice, close_period
+from mailmeter.policies.parts import Funding
+from mailmeter.policies.periods import Period, period_containing
+from mailmeter.policies.plans import Plan, parse_plan
 
 USD = 1_000_000
 MID_APRIL = datetime(2026, 4, 15, tzinfo=timezone.utc)
@@ -89,7 +89,10 @@ def test_e_alerts_of_the_raised_limit_are_new_notices_only_past_the_raise(plan_e
     # 75% of 60,000 (45,000) was passed before the raise; 90% and 100% are crossed after it.
     assert [alert.key for alert in due] == ["alert/90@60000", "alert/100@60000"]
     assert [alert.key for alert in usage_alerts_due(plan_e, Standing(), Usage(accepted=52_000))] == [
-        "alert/75", "alert/90", "alert/100"]
+        "alert/75",
+        "alert/90",
+        "alert/100",
+    ]
 
 
 def test_e_decrease_changes_nothing_this_period(plan_e: Plan) -> None:
@@ -143,8 +146,9 @@ def test_d_spending_limit_lowered_below_what_was_spent_keeps_the_charges(plan_d:
 def test_d_included_emails_raised_mid_period_keep_the_214_increments(plan_d: Plan) -> None:
     period = period_containing(plan_d.period, datetime(2025, 12, 20, tzinfo=timezone.utc), date(2025, 12, 6))
     sent = Usage(accepted=135_640)
-    raised = change_limit(plan_d, Standing(), sent, "included", 150_000, datetime(2025, 12, 21, tzinfo=timezone.utc),
-                          period)
+    raised = change_limit(
+        plan_d, Standing(), sent, "included", 150_000, datetime(2025, 12, 21, tzinfo=timezone.utc), period
+    )
     history = raised.history
     screen = usage_screen(plan_d, raised.standing, replace(sent, history=history), period)
     # 35,640 overage emails in 214 blocks of 167 (35,738): 98 left in them, plus 150,000 - 135,640.
@@ -190,15 +194,27 @@ def test_d_worked_example_across_an_upgrade_to_pro_200k(plan_d: Plan, plan_d200:
     sent = Usage(accepted=135_640)
     first = charges_due(plan_d, Standing(), sent)
     assert usage_screen(plan_d, Standing(), sent, period).rows()[2:] == (
-        "35,738 extra emails", "135,640 emails sent", "135,738 total allowed", "$214 spent",
-        "$599 spending limit", "98 emails remaining")
+        "35,738 extra emails",
+        "135,640 emails sent",
+        "135,738 total allowed",
+        "$214 spent",
+        "$599 spending limit",
+        "98 emails remaining",
+    )
     switch = switch_plan(plan_d, plan_d200, Standing(), sent, period, upgraded_at)
     assert (switch.kind, switch.at_once) == ("upgrade", True)
     standing = without_own_limits(Standing())
     now = replace(sent, history=switch.history)
     assert usage_screen(plan_d200, standing, now, period).rows() == (
-        "Pro 200k", "Dec 6 - Jan 5", "0 extra emails", "135,640 emails sent", "200,000 total allowed",
-        "$214 spent", "$999 spending limit", "64,360 emails remaining")
+        "Pro 200k",
+        "Dec 6 - Jan 5",
+        "0 extra emails",
+        "135,640 emails sent",
+        "200,000 total allowed",
+        "$214 spent",
+        "$999 spending limit",
+        "64,360 emails remaining",
+    )
     # The $999 spending limit counts the $214 already spent: 785 more blocks of 250.
     assert headroom(plan_d200, standing, now) == (200_000 + 785 * 250 - 135_640, Refusal.SPENDING_LIMIT)
     end = Usage(accepted=200_250, history=switch.history)
@@ -221,10 +237,16 @@ def test_d_worked_example_across_an_upgrade_to_pro_200k(plan_d: Plan, plan_d200:
 def test_a_830_dollars_across_an_upgrade_continues_the_threshold_charges(plan_a: Plan) -> None:
     """Model A's April, upgraded after the first $250 to a plan with a $100 fee and
     $0.15 per 1,000: the new plan's part charges its own $250 as its usage reaches $250."""
-    pro = parse_plan("per-email-pro", {
-        "display_name": "Per email, pro", "plan_fee": "100", "price": {"kind": "flat", "amount": "0.15", "per": 1000},
-        "in_period_charge": {"kind": "threshold", "amount": "250"}, "funding": {"kind": "postpaid"},
-    })
+    pro = parse_plan(
+        "per-email-pro",
+        {
+            "display_name": "Per email, pro",
+            "plan_fee": "100",
+            "price": {"kind": "flat", "amount": "0.15", "per": 1000},
+            "in_period_charge": {"kind": "threshold", "amount": "250"},
+            "funding": {"kind": "postpaid"},
+        },
+    )
     period = april(plan_a)
     sent = Usage(accepted=1_250_000)
     first = charges_due(plan_a, Standing(), sent)
@@ -234,7 +256,8 @@ def test_a_830_dollars_across_an_upgrade_continues_the_threshold_charges(plan_a:
     second = charges_due(pro, Standing(), end, after_index=1)
     # $250 at $0.00015 is 1,666,667 emails into the new part: email 2,916,667 of the period.
     assert [(c.key, c.trigger_email, c.description) for c in second] == [
-        ("threshold/2", 2_916_667, "Usage charge 2: $250 as usage reached $250")]
+        ("threshold/2", 2_916_667, "Usage charge 2: $250 as usage reached $250")
+    ]
     invoice = close_period(pro, Standing(), end, period, first + second)
     assert lines(invoice) == [
         ("fee", "Plan fee: Per email, pro", 100 * USD),
@@ -279,8 +302,11 @@ def test_an_upgrade_between_prepaid_and_postpaid_waits_for_the_period_end(plan_e
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ("included-capped-200k", "plan 'limit-overage' bills calendar months in UTC and plan 'included-capped-200k'"
-                                 " subscription anniversaries in UTC"),
+        (
+            "included-capped-200k",
+            "plan 'limit-overage' bills calendar months in UTC and plan 'included-capped-200k'"
+            " subscription anniversaries in UTC",
+        ),
         ("delivery-results", "calendar months in Asia/Shanghai"),
     ],
 )
@@ -307,8 +333,13 @@ def test_an_upgrade_drops_the_accounts_own_limits_and_the_empty_old_part(plan_e:
 
 
 def test_results_billed_parts_price_each_result_under_the_plan_it_arrived_under(plan_c: Plan) -> None:
-    dearer = replace(plan_c, name="results-pro", display_name="Results pro", plan_fee=10 * USD,
-                     result_prices=replace(plan_c.result_prices, delivered=400))
+    dearer = replace(
+        plan_c,
+        name="results-pro",
+        display_name="Results pro",
+        plan_fee=10 * USD,
+        result_prices=replace(plan_c.result_prices, delivered=400),
+    )
     period = april(plan_c)
     before = Usage(accepted=1_000, delivered=600, soft_bounced=100, hard_bounced=100)
     switch = switch_plan(plan_c, dearer, Standing(), before, period, MID_APRIL)

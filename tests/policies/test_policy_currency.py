@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from policies import Standing, Usage, charges_due, close_period, usage_screen
-from policies.currency import USD, Currency, currency_for
-from policies.periods import period_containing
-from policies.plans import PlanError, parse_plan
+from mailmeter.policies import Standing, Usage, charges_due, close_period, usage_screen
+from mailmeter.policies.currency import USD, Currency, currency_for
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import PlanError, parse_plan
 
 JPY = currency_for("JPY")
 BHD = currency_for("BHD")
@@ -34,8 +34,11 @@ def invoice(body: dict[str, Any], currency: Currency, usage: Usage) -> Any:
         (USD, {"price": {"kind": "graduated", "tiers": [{"amount": "0.005"}]}}, "plans.p.price.tiers[0].amount"),
         (USD, {"funding": {"overdraft_allowance": "200.001"}}, "plans.p.funding.overdraft_allowance"),
         (BHD, {"billable": "results", "result_prices": {"delivered": "0.0005"}}, "plans.p.result_prices.delivered"),
-        (BHD, {"in_period_charge": {"kind": "threshold", "amount": "250.0001"},
-               "price": {"kind": "flat", "amount": "1"}}, "plans.p.in_period_charge.amount"),
+        (
+            BHD,
+            {"in_period_charge": {"kind": "threshold", "amount": "250.0001"}, "price": {"kind": "flat", "amount": "1"}},
+            "plans.p.in_period_charge.amount",
+        ),
     ],
 )
 def test_a_plan_whose_amounts_the_currency_cannot_express_is_refused(
@@ -54,8 +57,9 @@ def test_the_same_price_written_per_more_emails_is_accepted() -> None:
 
 
 def test_jpy_invoice_lines_round_half_up_to_the_yen() -> None:
-    plan, bill = invoice({"plan_fee": "980", "price": {"kind": "flat", "amount": "3", "per": 100}}, JPY,
-                         Usage(accepted=150))
+    plan, bill = invoice(
+        {"plan_fee": "980", "price": {"kind": "flat", "amount": "3", "per": 100}}, JPY, Usage(accepted=150)
+    )
     fee, usage = bill.lines
     assert (fee.description, fee.amount) == ("Plan fee: p", 980_000_000)
     assert usage.description == "Emails: 150 at ¥0.03"  # ¥4.5 ...
@@ -66,8 +70,10 @@ def test_jpy_invoice_lines_round_half_up_to_the_yen() -> None:
 
 
 def test_bhd_invoice_lines_round_half_up_to_the_fils() -> None:
-    body = {"billable": "results", "result_prices": {"per": 1000, "delivered": "1.250", "soft_bounced": "0.500",
-                                                       "invalid": "0.125"}}
+    body = {
+        "billable": "results",
+        "result_prices": {"per": 1000, "delivered": "1.250", "soft_bounced": "0.500", "invalid": "0.125"},
+    }
     _, bill = invoice(body, BHD, Usage(accepted=7, delivered=3, soft_bounced=3, hard_bounced=1))
     assert [(line.description, line.amount) for line in bill.lines] == [
         ("Delivered: 3 emails at BHD 0.00125", 4_000),  # 3.75 fils -> 4
@@ -77,8 +83,11 @@ def test_bhd_invoice_lines_round_half_up_to_the_fils() -> None:
 
 
 def test_model_e_in_yen_reads_as_the_document_with_the_currency() -> None:
-    body = {"included_emails": 50_000, "price": {"kind": "per_block", "amount": "150", "block_emails": 5000},
-            "in_period_charge": {"kind": "per_block"}}
+    body = {
+        "included_emails": 50_000,
+        "price": {"kind": "per_block", "amount": "150", "block_emails": 5000},
+        "in_period_charge": {"kind": "per_block"},
+    }
     plan, bill = invoice(body, JPY, Usage(accepted=51_200))
     [overage, charged] = bill.lines
     assert overage.description == "Email overage: 1,200 emails. Cost: ¥150"
@@ -88,10 +97,17 @@ def test_model_e_in_yen_reads_as_the_document_with_the_currency() -> None:
 
 
 def test_model_d_screen_in_each_currency() -> None:
-    body = {"included_emails": 100, "price": {"kind": "per_block", "amount": "1", "block_emails": 10},
-            "in_period_charge": {"kind": "per_block"}, "spending_limit": "5"}
-    for currency, spent, limit in ((USD, "$2 spent", "$5 spending limit"), (JPY, "¥2 spent", "¥5 spending limit"),
-                                   (BHD, "BHD 2 spent", "BHD 5 spending limit")):
+    body = {
+        "included_emails": 100,
+        "price": {"kind": "per_block", "amount": "1", "block_emails": 10},
+        "in_period_charge": {"kind": "per_block"},
+        "spending_limit": "5",
+    }
+    for currency, spent, limit in (
+        (USD, "$2 spent", "$5 spending limit"),
+        (JPY, "¥2 spent", "¥5 spending limit"),
+        (BHD, "BHD 2 spent", "BHD 5 spending limit"),
+    ):
         plan = parse_plan("d", body, currency=currency)
         period = period_containing(plan.period, APRIL, APRIL.date())
         rows = usage_screen(plan, Standing(), Usage(accepted=115), period).rows()
@@ -99,8 +115,10 @@ def test_model_d_screen_in_each_currency() -> None:
 
 
 def test_threshold_charge_descriptions_name_the_currency() -> None:
-    body = {"price": {"kind": "flat", "amount": "0.250", "per": 1000}, "in_period_charge": {"kind": "threshold",
-                                                                                             "amount": "1.125"}}
+    body = {
+        "price": {"kind": "flat", "amount": "0.250", "per": 1000},
+        "in_period_charge": {"kind": "threshold", "amount": "1.125"},
+    }
     plan = parse_plan("a", body, currency=BHD)
     [first] = charges_due(plan, Standing(), Usage(accepted=4_500))
     assert first.description == "Usage charge 1: BHD 1.125 as usage reached BHD 1.125"

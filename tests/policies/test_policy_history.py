@@ -24,16 +24,16 @@ from typing import Any
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from policies.account import Standing, Usage
-from policies.changes import change_limit, switch_plan, without_own_limits
-from policies.charges import Charge, charges_due
-from policies.decision import admit
-from policies.invoice import close_period
-from policies.money import round_half_up
-from policies.parts import ThresholdCharge
-from policies.periods import period_containing
-from policies.plans import Plan, parse_plan
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.changes import change_limit, switch_plan, without_own_limits
+from mailmeter.policies.charges import Charge, charges_due
+from mailmeter.policies.decision import admit
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.money import round_half_up
+from mailmeter.policies.parts import ThresholdCharge
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import Plan, parse_plan
+from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice
 from tests.policies.test_policy_properties import CENT, charging_plans, money, plan_configs, standings
 
 APRIL_1 = datetime(2026, 4, 1, tzinfo=timezone.utc)
@@ -64,8 +64,9 @@ class RefPart:
         plan = self.plan
         if plan.billable == "results":
             prices = plan.result_prices
-            return sum(n * p for n, p in zip(self.results, (prices.delivered, prices.soft_bounced,
-                                                            prices.hard_bounced)))
+            return sum(
+                n * p for n, p in zip(self.results, (prices.delivered, prices.soft_bounced, prices.hard_bounced))
+            )
         over = [number for number, limit in self.emails if number > limit]
         price = plan.price
         if isinstance(price, FlatPrice):

@@ -12,10 +12,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit, headroom
-from policies.lease import LEASE_SHARE, admit_lease, lease_block
-from policies.plans import Plan, parse_plan
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.lease import LEASE_SHARE, admit_lease, lease_block
+from mailmeter.policies.plans import Plan, parse_plan
 from tests.policies.test_policy_properties import plan_configs, standings
 
 
@@ -60,8 +60,12 @@ def test_a_prepaid_balance_bounds_the_lease(plan_b: Plan) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    plan_configs(), standings(), st.integers(min_value=0, max_value=700), st.integers(min_value=0, max_value=700),
-    st.integers(min_value=0, max_value=20), st.integers(min_value=0, max_value=200),
+    plan_configs(),
+    standings(),
+    st.integers(min_value=0, max_value=700),
+    st.integers(min_value=0, max_value=700),
+    st.integers(min_value=0, max_value=20),
+    st.integers(min_value=0, max_value=200),
 )
 def test_a_lease_admits_nothing_admit_would_not(
     config: dict[str, Any], standing: Standing, accepted: int, reserved: int, requested: int, block: int

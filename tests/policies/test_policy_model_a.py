@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
-from policies.account import Standing, Usage
-from policies.charges import charges_due, unbilled
-from policies.decision import admit
-from policies.invoice import close_period
-from policies.periods import period_containing
-from policies.plans import Plan
-from policies.usage_cost import priced_usage
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charges_due, unbilled
+from mailmeter.policies.decision import admit
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import Plan
+from mailmeter.policies.usage_cost import priced_usage
 
 USD = 1_000_000
 APRIL = datetime(2026, 4, 15, tzinfo=timezone.utc)

@@ -12,14 +12,14 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit, headroom
-from policies.invoice import close_period
-from policies.parts import Funding
-from policies.periods import next_period, period_containing
-from policies.plans import Plan, PlanError, parse_plan
-from policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
-from policies.usage_cost import priced_usage
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.parts import Funding
+from mailmeter.policies.periods import next_period, period_containing
+from mailmeter.policies.plans import Plan, PlanError, parse_plan
+from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.usage_cost import priced_usage
 
 USD = 1_000_000
 APRIL = datetime(2026, 4, 10, tzinfo=timezone.utc)
@@ -74,8 +74,9 @@ def test_the_receipt_pays_the_month_from_the_balance_and_the_rest_carries_over(p
     assert invoice.invoice_date == date(2026, 5, 1)  # Europe/Amsterdam month
     assert invoice.issued_at == datetime(2026, 4, 30, 22, 0, tzinfo=timezone.utc)  # midnight CEST
     # May: $40 carried over + May's $100 = $140 = 100,000 at $1.00 and 50,000 at $0.80 per 1,000.
-    may = Standing(prepaid_balance=invoice.prepaid_balance_after + monthly_payment(plan_b, (), next_period(
-        plan_b.period, april)))
+    may = Standing(
+        prepaid_balance=invoice.prepaid_balance_after + monthly_payment(plan_b, (), next_period(plan_b.period, april))
+    )
     assert headroom(plan_b, may, Usage()) == (150_000, Refusal.BALANCE_EXHAUSTED)
     assert admit(plan_b, may, Usage(accepted=149_999), 1).granted == 1
     assert admit(plan_b, may, Usage(accepted=150_000), 1).refusal == Refusal.BALANCE_EXHAUSTED

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit, headroom
-from policies.invoice import close_period
-from policies.periods import period_containing
-from policies.plans import Plan
-from policies.usage_cost import exposure, priced_usage
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import Plan
+from mailmeter.policies.usage_cost import exposure, priced_usage
 
 USD = 1_000_000
 MAY_STARTS = datetime(2026, 4, 30, 16, 0, tzinfo=timezone.utc)  # 2026-05-01 00:00 UTC+8

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
-from policies.account import Standing, Usage
-from policies.charges import charges_due
-from policies.dashboard import usage_screen
-from policies.decision import Refusal, admit, headroom
-from policies.invoice import close_period
-from policies.periods import period_containing
-from policies.plans import Plan
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charges_due
+from mailmeter.policies.dashboard import usage_screen
+from mailmeter.policies.decision import Refusal, admit, headroom
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.periods import period_containing
+from mailmeter.policies.plans import Plan
 
 USD = 1_000_000
 SUBSCRIBED = date(2025, 12, 6)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from policies.account import Standing, Usage
-from policies.charges import charges_due
-from policies.dashboard import usage_alerts_due, usage_screen
-from policies.decision import Refusal, admit, blocking_refusal
-from policies.invoice import close_period
-from policies.limits import LimitChange, limit_in_effect
-from policies.periods import next_period, period_containing
-from policies.plans import Plan
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import charges_due
+from mailmeter.policies.dashboard import usage_alerts_due, usage_screen
+from mailmeter.policies.decision import Refusal, admit, blocking_refusal
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.limits import LimitChange, limit_in_effect
+from mailmeter.policies.periods import next_period, period_containing
+from mailmeter.policies.plans import Plan
 
 USD = 1_000_000
 MID_APRIL = datetime(2026, 4, 15, tzinfo=timezone.utc)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.currency import USD, Currency, currency_for
-from policies.money import (
+from mailmeter.policies.currency import USD, Currency, currency_for
+from mailmeter.policies.money import (
     MoneyError,
     display_money,
     floor_to_minor,
@@ -27,7 +27,10 @@ CURRENCIES = st.sampled_from([USD, JPY, BHD, currency_for("CLF")])
 
 def test_minor_units_come_from_iso_4217() -> None:
     assert [(c.code, c.minor_units, c.minor, c.smallest) for c in (USD, JPY, BHD)] == [
-        ("USD", 2, 10_000, "0.01"), ("JPY", 0, 1_000_000, "1"), ("BHD", 3, 1_000, "0.001")]
+        ("USD", 2, 10_000, "0.01"),
+        ("JPY", 0, 1_000_000, "1"),
+        ("BHD", 3, 1_000, "0.001"),
+    ]
     assert currency_for("eur").code == "EUR" and currency_for("KWD").minor_units == 3
     for bad in ("US", "XYZ", "dollar", ""):
         with pytest.raises(ValueError, match="not an ISO 4217 currency code"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
-from policies.periods import PeriodSpec, next_period, period_containing, period_label
+from mailmeter.policies.periods import PeriodSpec, next_period, period_containing, period_label
 
 UTC = timezone.utc
 ANNIVERSARY = PeriodSpec(kind="anniversary", timezone="UTC")

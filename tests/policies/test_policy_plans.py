@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from policies.account import Standing, Usage
-from policies.decision import Refusal, admit
-from policies.parts import BlockCharge, Funding, ThresholdCharge
-from policies.plans import Plan, PlanError, parse_plan
-from policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.decision import Refusal, admit
+from mailmeter.policies.parts import BlockCharge, Funding, ThresholdCharge
+from mailmeter.policies.plans import Plan, PlanError, parse_plan
+from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, VolumePrice
 
 
 def test_the_five_plans_parse_into_the_expected_parts(five_plans: dict[str, Plan]) -> None:

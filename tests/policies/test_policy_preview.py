@@ -8,11 +8,11 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from policies.account import Standing
-from policies.decision import Refusal
-from policies.parts import Funding
-from policies.plans import Plan
-from policies.preview import ScriptEvent, preview
+from mailmeter.policies.account import Standing
+from mailmeter.policies.decision import Refusal
+from mailmeter.policies.parts import Funding
+from mailmeter.policies.plans import Plan
+from mailmeter.policies.preview import ScriptEvent, preview
 
 USD = 1_000_000
 APRIL_1 = datetime(2026, 4, 1, tzinfo=timezone.utc)
@@ -95,7 +95,9 @@ def test_model_b_preview_from_a_balance_with_a_top_up_after_the_refusals(plan_b:
     events = [ScriptEvent(at=120_000, kind="top_up", value=10 * USD)]
     result = preview(plan_b, 150_000, APRIL_1, standing=Standing(prepaid_balance=0), events=events)
     assert [(run.first, run.last, run.reason) for run in result.refusals] == [
-        (100_001, 120_000, Refusal.BALANCE_EXHAUSTED), (132_501, 150_000, Refusal.BALANCE_EXHAUSTED)]
+        (100_001, 120_000, Refusal.BALANCE_EXHAUSTED),
+        (132_501, 150_000, Refusal.BALANCE_EXHAUSTED),
+    ]
     assert (result.accepted, result.refused, result.refusal) == (112_500, 37_500, Refusal.BALANCE_EXHAUSTED)
     assert result.standing.prepaid_balance == 110 * USD
     assert (result.invoice.prepaid_applied, result.invoice.prepaid_balance_after) == (110 * USD, 0)
@@ -114,7 +116,11 @@ def test_model_e_preview_of_a_raise_a_failed_payment_and_an_upgrade(plan_e: Plan
     # 5,000, block 2 opens at overage email 5,001 = email 63,001); after the upgrade at
     # 64,000 accepted, 100,000 are included: 100,001-108,000 open blocks 3 and 4.
     assert [(t.charge.key, t.charge.trigger_email) for t in result.charges] == [
-        ("block/1", 50_001), ("block/2", 63_001), ("block/3", 100_001), ("block/4", 105_001)]
+        ("block/1", 50_001),
+        ("block/2", 63_001),
+        ("block/3", 100_001),
+        ("block/4", 105_001),
+    ]
     assert [t.at for t in result.charges] == sorted(t.at for t in result.charges if t.at)
     assert result.events[3].switch is not None and result.events[3].switch.kind == "upgrade"
     assert [(line.kind, line.description, line.amount) for line in result.invoice.lines] == [
@@ -136,12 +142,15 @@ def test_a_downgrade_in_a_preview_waits_for_the_period_end(plan_d: Plan, plan_d2
 
 
 def test_a_spending_limit_script_pauses_and_resumes_model_d(plan_d: Plan) -> None:
-    events = [ScriptEvent(at=0, kind="limit", limit="spending", value=10 * USD),
-              ScriptEvent(at=120_000, kind="limit", limit="spending", value=None)]
+    events = [
+        ScriptEvent(at=0, kind="limit", limit="spending", value=10 * USD),
+        ScriptEvent(at=120_000, kind="limit", limit="spending", value=None),
+    ]
     result = preview(plan_d, 130_000, datetime(2025, 12, 6, tzinfo=timezone.utc), events=events)
     # $10 buys 10 x 167 = 1,670 extra emails: 101,670; the rest of the attempts to 120,000 wait.
     assert [(run.first, run.last, run.reason) for run in result.refusals] == [
-        (101_671, 120_000, Refusal.SPENDING_LIMIT)]
+        (101_671, 120_000, Refusal.SPENDING_LIMIT)
+    ]
     assert result.accepted == 101_670 + 10_000
 
 

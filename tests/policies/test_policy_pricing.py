@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.pricing import (
+from mailmeter.policies.pricing import (
     BlockPrice,
     FlatPrice,
     GraduatedPrice,

@@ -25,18 +25,18 @@ from typing import Any
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from policies.account import Standing, Usage
-from policies.charges import Charge, charged_total, charges_due
-from policies.decision import Refusal, admit
-from policies.invoice import close_period
-from policies.limits import email_quota, included_emails, spending_limit
-from policies.currency import USD
-from policies.money import format_money
-from policies.periods import Period, period_containing
-from policies.plans import Plan, parse_plan
-from policies.preview import preview
-from policies.pricing import cost_ceiling
-from policies.usage_cost import priced_usage, results_cost
+from mailmeter.policies.account import Standing, Usage
+from mailmeter.policies.charges import Charge, charged_total, charges_due
+from mailmeter.policies.currency import USD
+from mailmeter.policies.decision import Refusal, admit
+from mailmeter.policies.invoice import close_period
+from mailmeter.policies.limits import email_quota, included_emails, spending_limit
+from mailmeter.policies.money import format_money
+from mailmeter.policies.periods import Period, period_containing
+from mailmeter.policies.plans import Plan, parse_plan
+from mailmeter.policies.preview import preview
+from mailmeter.policies.pricing import cost_ceiling
+from mailmeter.policies.usage_cost import priced_usage, results_cost
 
 CENT = 10_000
 
@@ -88,8 +88,10 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
         config["billable"] = "results"
         config["result_prices"] = {
             "per": 10_000,
-            **{key: per_email(draw(st.integers(min_value=0, max_value=3_000)))["amount"]
-               for key in ("delivered", "soft_bounced", "invalid")},
+            **{
+                key: per_email(draw(st.integers(min_value=0, max_value=3_000)))["amount"]
+                for key in ("delivered", "soft_bounced", "invalid")
+            },
         }
         return config
     config["included_emails"] = draw(st.integers(min_value=0, max_value=60))
@@ -102,11 +104,7 @@ def plan_configs(draw: st.DrawFn) -> dict[str, Any]:
         config["price"] = {"kind": kind, "tiers": draw(tier_list())}
     else:
         charged = may_charge_blocks and draw(st.integers(min_value=0, max_value=3)) > 0
-        per_block = (
-            draw(st.integers(min_value=1, max_value=5)) * CENT
-            if charged
-            else cents(draw, 0, 30_000)
-        )
+        per_block = draw(st.integers(min_value=1, max_value=5)) * CENT if charged else cents(draw, 0, 30_000)
         config["price"] = {
             "kind": "per_block",
             "amount": money(per_block),

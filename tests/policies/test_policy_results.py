@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from policies.results import BY_REPLY_CODE, PERMANENT, ResultClass, classify, classify_failure, parse_enhanced
-from relay.dsn import reply_codes
+from mailmeter.policies.results import BY_REPLY_CODE, PERMANENT, ResultClass, classify, classify_failure, parse_enhanced
+from mailmeter.relay.dsn import reply_codes
 from tests.result_rows import Row, rows
 
 ROWS = rows()

@@ -1,0 +1,179 @@
+"""Versioned schema of the SQLite store: each migration runs once, in order (postgres/schema.py mirrors it)."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: accounts, usage counters, holds (reservations), committed messages, results
+    """
+    CREATE TABLE accounts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        password_hash TEXT,
+        plan TEXT NOT NULL,
+        subscribed_on TEXT NOT NULL,
+        payment_ok INTEGER NOT NULL DEFAULT 1,
+        suspended INTEGER NOT NULL DEFAULT 0,
+        prepaid_balance INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE account_domains (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        domain TEXT NOT NULL,
+        PRIMARY KEY (account_id, domain)
+    );
+    CREATE TABLE account_networks (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        network TEXT NOT NULL,
+        PRIMARY KEY (account_id, network)
+    );
+    CREATE TABLE period_usage (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        soft_bounced INTEGER NOT NULL DEFAULT 0,
+        hard_bounced INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, period_key)
+    );
+    CREATE TABLE holds (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        emails INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX holds_by_node ON holds (node);
+    CREATE TABLE messages (
+        queue_id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        recipients INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        accepted_at TEXT NOT NULL
+    );
+    CREATE TABLE recipient_results (
+        queue_id TEXT NOT NULL REFERENCES messages(queue_id),
+        recipient TEXT NOT NULL,
+        result TEXT NOT NULL,
+        period_key TEXT,
+        detail TEXT NOT NULL DEFAULT '',
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (queue_id, recipient)
+    );
+    CREATE INDEX results_deferred ON recipient_results (result) WHERE result = 'deferred';
+    """,
+    # 2: billing: contacts, limit changes, ledger of charges, invoices, notices, breakdowns
+    """
+    ALTER TABLE accounts ADD COLUMN contacts TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE accounts ADD COLUMN payment_detail TEXT NOT NULL DEFAULT '';
+    ALTER TABLE accounts ADD COLUMN awaiting_results INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN spending_limit_override INTEGER;
+    ALTER TABLE accounts ADD COLUMN included_change TEXT;
+    ALTER TABLE accounts ADD COLUMN quota_change TEXT;
+    CREATE TABLE charges (
+        idempotency_key TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        emails_unlocked INTEGER,
+        description TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX charges_by_period ON charges (account_id, period_key, kind, seq);
+    CREATE INDEX charges_due ON charges (status, next_attempt_at);
+    CREATE TABLE invoices (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        period_end TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        invoice_date TEXT NOT NULL,
+        due_date TEXT NOT NULL,
+        statement_date TEXT NOT NULL,
+        total INTEGER NOT NULL,
+        amount_due INTEGER NOT NULL,
+        prepaid_applied INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        statement_sent INTEGER NOT NULL DEFAULT 0,
+        body TEXT NOT NULL,
+        UNIQUE (account_id, period_key)
+    );
+    CREATE TABLE balance_entries (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        amount INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        reference TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE notices (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        email_sent INTEGER NOT NULL DEFAULT 0,
+        webhook_sent INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, period_key, key)
+    );
+    CREATE TABLE usage_breakdown (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        period_key TEXT NOT NULL,
+        campaign TEXT NOT NULL,
+        region TEXT NOT NULL,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, period_key, campaign, region)
+    );
+    ALTER TABLE messages ADD COLUMN region TEXT NOT NULL DEFAULT '';
+    """,
+    # 3: the audit trail of admin changes (CLI, HTTP API, payment webhook). before/after
+    # are the account's public JSON (never a password hash or token); event_id is the
+    # inbound webhook's event id, UNIQUE so that the same event is applied only once.
+    """
+    CREATE TABLE audit_events (
+        id INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        detail TEXT NOT NULL DEFAULT '{}',
+        event_id TEXT UNIQUE
+    );
+    CREATE INDEX audit_by_target ON audit_events (target, id);
+    """,
+    # 4: a result's sub-type (model C: mailbox_full, not_exist, ...; policies/results.py),
+    # beside its billing category in `result`. Results recorded before have '' (unclassified).
+    """
+    ALTER TABLE recipient_results ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    """,
+    # 5: plan changes and a period's history. accounts.plan_change: a change waiting for the
+    # end of the period (JSON: plan, previous, requested_at, effective); period_usage.history:
+    # what a limit raise or an upgrade fixed earlier in the period (JSON, policies/history.py).
+    """
+    ALTER TABLE accounts ADD COLUMN plan_change TEXT;
+    ALTER TABLE period_usage ADD COLUMN history TEXT;
+    """,
+    # 6: model B's monthly payment is credit. monthly_payment: the account's own amounts,
+    # JSON [[first period start, micros], ...] ([]: the plan's); credited_through: the
+    # last period whose credit is recorded; settled_through: the last period invoiced
+    # (periods are invoiced in order), so an account read carries the usage of the
+    # periods after it, which the balance still holds until their invoices deduct it.
+    # An existing account's current period is credited from here on.
+    """
+    ALTER TABLE accounts ADD COLUMN monthly_payment TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE accounts ADD COLUMN credited_through TEXT;
+    ALTER TABLE accounts ADD COLUMN settled_through TEXT;
+    UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
+    UPDATE accounts SET credited_through = settled_through;
+    """,
+]

@@ -1,0 +1,2 @@
+"""Tests owned by one module of the composition: the CLI, the admin API, the audit trail,
+start-up, service signals, metrics."""

@@ -1,0 +1,1 @@
+"""Tests of mailmeter.policies: the billing models, pure and fast."""

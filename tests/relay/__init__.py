@@ -1,0 +1,1 @@
+"""Tests owned by one module of mailmeter.relay."""
