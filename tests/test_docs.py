@@ -88,8 +88,13 @@ def test_the_config_keys_of_each_model_are_the_example_configs() -> None:
 
 def _shipped_files() -> list[str]:
     """The repository's files: tracked, and new ones not ignored (a page not committed yet)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return sorted(set(listed))
 
 
@@ -139,8 +144,17 @@ def test_the_readme_maps_every_docs_page() -> None:
     pages = {page.name for page in (REPO / "docs").glob("*.md")}
     assert sorted(rows) == sorted(set(rows)) and set(rows) == pages, "README's map: one row for each page of docs/"
     assert linked - pages == set(), "pages README links to that do not exist"
-    assert {"operating.md", "smtp-replies.md", "billing-models.md", "billing.md", "delivery-results.md",
-            "guarantees.md", "several-nodes.md", "http-api.md", "architecture.md"} <= pages
+    assert {
+        "operating.md",
+        "smtp-replies.md",
+        "billing-models.md",
+        "billing.md",
+        "delivery-results.md",
+        "guarantees.md",
+        "several-nodes.md",
+        "http-api.md",
+        "architecture.md",
+    } <= pages
 
 
 def test_every_relative_link_resolves() -> None:
@@ -162,8 +176,12 @@ def test_every_docs_page_a_shipped_file_names_exists() -> None:
     named = set()
     for name in _shipped_files():
         if (REPO / name).is_file() and not name.startswith(".git"):
-            named |= {(name, page) for page in re.findall(r"docs/([a-z][a-z0-9-]*\.md)",
-                                                         (REPO / name).read_text(encoding="utf-8", errors="replace"))}
+            named |= {
+                (name, page)
+                for page in re.findall(
+                    r"docs/([a-z][a-z0-9-]*\.md)", (REPO / name).read_text(encoding="utf-8", errors="replace")
+                )
+            }
     assert named, "no file names a docs page"
     assert [(name, page) for name, page in sorted(named) if not (REPO / "docs" / page).is_file()] == []
 
