@@ -180,10 +180,11 @@ class SmtpSink:
     moment the last expected message arrived once the count reaches the total.
     """
 
-    def __init__(self, ledger: ProcessLedger, port: int, log: Path) -> None:
+    def __init__(self, ledger: ProcessLedger, port: int, log: Path, options: tuple[str, ...] = ()) -> None:
         self.ledger = ledger
         self.port = port
         self.log = log
+        self.options = options  # more smtp-sink options (-p: no PIPELINING)
         self.count = 0
         self.changed_at = time.monotonic()
         self._changed = threading.Condition()
@@ -191,7 +192,7 @@ class SmtpSink:
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
-        argv = ["smtp-sink", "-c", "-u", "nobody", f"{LOOPBACK}:{self.port}", "1024"]
+        argv = ["smtp-sink", "-c", "-u", "nobody", *self.options, f"{LOOPBACK}:{self.port}", "1024"]
         self._process = spawn(self.ledger, argv, self.log, pipe_stdout=True)
         self._reader = threading.Thread(target=self._read, name="sink-counter", daemon=True)
         self._reader.start()

@@ -26,10 +26,12 @@ from typing import Any, Protocol
 import aiosmtplib
 import structlog
 from aiosmtplib.email import parse_address
+from aiosmtplib.typing import SMTPStatus
 
 from mailmeter.relay.data import crlf_line_ends, has_bare_newline
 from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
 from mailmeter.relay.observe import NoObserver, RelayObserver
+from mailmeter.relay.pipelining import PipeliningSMTP, pipelined_transaction, positive, refusal, send_message_data
 from mailmeter.relay.spool import Envelope, QueueState, RecipientState, Spool
 
 
@@ -428,7 +430,7 @@ class Delivery:
 
 
 async def connect(upstream: UpstreamConfig, hostname: str) -> aiosmtplib.SMTP:
-    client = aiosmtplib.SMTP(
+    client = PipeliningSMTP(
         hostname=upstream.host,
         port=upstream.port,
         local_hostname=hostname,
@@ -472,14 +474,12 @@ async def converse(
                 connection[0] = client
             assert client is not None
             errors = await transaction(client, sender, recipients, body, smtputf8)
+            if len(errors) == len(recipients):
+                await _reset(client)  # no transaction completed: the upstream may still hold its MAIL
             return {
                 r: (_classify(errors[r].code, errors[r].message) if r in errors else Outcome("delivered", "250"))
                 for r in recipients
             }
-        except aiosmtplib.SMTPRecipientsRefused as refused:
-            by_rcpt = {e.recipient: _classify(e.code, e.message) for e in refused.recipients}
-            await _reset(client)
-            return {r: by_rcpt.get(r, Outcome("deferred", "no reply")) for r in recipients}
         except aiosmtplib.SMTPAuthenticationError as error:
             # Our smarthost credentials are refused: a configuration problem to fix,
             # never a reason to bounce the customer's mail.
@@ -488,6 +488,10 @@ async def converse(
                 r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients
             }
         except aiosmtplib.SMTPResponseException as error:
+            if error.code == SMTPStatus.invalid_response:  # the upstream's reply was not SMTP
+                _drop(connection)
+                reply = f"upstream {upstream.host}:{upstream.port} sent a reply that is not SMTP: {error.message}"
+                return {r: Outcome("deferred", reply) for r in recipients}
             await _reset(client)
             outcome = _classify(error.code, error.message)
             return {r: outcome for r in recipients}
@@ -512,16 +516,21 @@ async def converse(
 async def transaction(
     client: aiosmtplib.SMTP, sender: str, recipients: list[str], body: bytes, smtputf8: bool
 ) -> dict[str, aiosmtplib.SMTPResponse]:
-    """aiosmtplib's sendmail, but the message goes out as the spool holds it: the refused
-    recipients' replies (raises SMTPRecipientsRefused when all are refused, and as
-    sendmail does for the sender or DATA refused).
+    """One message upstream, the message as the spool holds it; the replies of the
+    recipients it was not delivered to (absent: delivered). Raises only when there is no
+    transaction to speak of: the connection fails, EHLO/HELO is refused, SMTPUTF8 is missing.
 
-    sendmail passes the whole message through two regular expressions, three times when
-    the server has SIZE (line endings, to measure it and again to send it; the leading
-    dots), which for 10 MB cost a sender a tenth of a second of CPU. The spool's
-    messages already end their lines with CRLF (SMTP in refuses or normalizes bare CR
-    and LF; bounces and notices are made with CRLF), so the line endings are only
-    checked here, by counting, and the dots are doubled with one bytes.replace.
+    With an upstream that offers PIPELINING, MAIL, every RCPT and DATA go in one write
+    (relay/pipelining.py); without it, one command at a time. Either way each refused
+    recipient keeps its own RCPT reply, and the recipients the upstream took share the
+    reply that failed the transaction (MAIL, DATA or the end of data), if one did.
+
+    Not aiosmtplib's sendmail: it passes the whole message through two regular expressions,
+    three times when the server has SIZE (line endings, to measure it and again to send it;
+    the leading dots), which for 10 MB cost a sender a tenth of a second of CPU. The spool's
+    messages already end their lines with CRLF (SMTP in refuses or normalizes bare CR and LF;
+    bounces and notices are made with CRLF), so the line endings are only checked here, by
+    counting, and the dots are doubled with one bytes.replace.
     """
     if client.is_ehlo_or_helo_needed:
         try:
@@ -540,31 +549,28 @@ async def transaction(
     if client.supports_extension("size"):
         options.insert(0, f"SIZE={len(body)}")  # RFC 1870: CRLFs counted, the dots added not
     encoding = "utf-8" if smtputf8 else "ascii"
-    await client.mail(sender, options=options, encoding=encoding)
-    refused: list[aiosmtplib.SMTPRecipientRefused] = []
+    if isinstance(client, PipeliningSMTP) and client.pipelining:
+        return await pipelined_transaction(client, sender, recipients, body, options, encoding)
+    try:
+        await client.mail(sender, options=options, encoding=encoding)
+    except aiosmtplib.SMTPSenderRefused as error:
+        return {r: refusal(aiosmtplib.SMTPResponse(error.code, error.message), "MAIL") for r in recipients}
+    refused: dict[str, aiosmtplib.SMTPResponse] = {}
     for recipient in recipients:
         try:
             await client.rcpt(recipient, encoding=encoding)
         except aiosmtplib.SMTPRecipientRefused as error:
-            refused.append(error)
-    if len(refused) == len(recipients):
-        raise aiosmtplib.SMTPRecipientsRefused(refused)
+            refused[recipient] = refusal(aiosmtplib.SMTPResponse(error.code, error.message), "RCPT")
+    taken = [r for r in recipients if r not in refused]
+    if not taken:
+        return refused
     reply = await client.execute_command(b"DATA")
     if reply.code != 354:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    try:
-        protocol.write((b"." if body.startswith(b".") else b"") + body.replace(b"\r\n.", b"\r\n.."))
-        protocol.write(b".\r\n")
-        reply = await protocol.read_response(timeout=client.timeout)  # nothing was awaited since the write
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()  # as aiosmtplib does: a reply it gave up on would be paired with the next command
-        raise
-    if reply.code != 250:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    return {error.recipient: aiosmtplib.SMTPResponse(error.code, error.message) for error in refused}
+        return refused | {r: refusal(reply, "DATA") for r in taken}
+    reply = await send_message_data(client, body)
+    if positive(reply):
+        return refused
+    return refused | {r: refusal(reply, "the end of data") for r in taken}
 
 
 def _large_sender_started() -> None:

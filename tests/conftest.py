@@ -45,12 +45,26 @@ class Received:
 
 @dataclass
 class UpstreamHandler:
-    """An upstream MTA that records what it gets; rcpt_replies forces a reply per address."""
+    """An upstream MTA that records what it gets; rcpt_replies forces a reply per address.
+
+    It offers PIPELINING, as Postfix does (aiosmtpd reads commands in order from its
+    stream, so it can; it does not say so itself): delivery sends each transaction's
+    commands in one write. pipelining=False: the upstream of one command at a time.
+    """
 
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     data_reply: str = "250 2.0.0 Ok: queued upstream"
+    pipelining: bool = True
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

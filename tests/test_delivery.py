@@ -13,7 +13,15 @@ from aiosmtplib.email import parse_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailmeter.relay.delivery import _PLAIN_ADDRESS, new_queue_id, sendable_address, transaction
+from mailmeter.relay.delivery import (
+    _PLAIN_ADDRESS,
+    UpstreamConfig,
+    connect,
+    new_queue_id,
+    sendable_address,
+    transaction,
+)
+from mailmeter.relay.pipelining import PipeliningSMTP
 from mailmeter.relay.spool import Envelope
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
 
@@ -312,37 +320,44 @@ _TRICKY_BODIES = [
 
 async def test_transaction_sends_what_sendmail_sends(upstream: Upstream) -> None:
     """delivery.transaction (no regular expressions over the message) and aiosmtplib's
-    sendmail put the same message and SIZE on the wire, dots and line ends included."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=upstream.port, start_tls=False, timeout=10)
-    await client.connect()
-    for body in _TRICKY_BODIES:
-        errors = await transaction(client, "app@example.com", ["a@dest.test"], body, False)
-        await client.sendmail("app@example.com", ["a@dest.test"], body)
-        assert errors == {}
-        ours, theirs = upstream.handler.messages[-2:]
-        assert ours.content == theirs.content and ours.content.endswith(b"\r\n"), body
-        assert [o.upper() for o in ours.mail_options] == [o.upper() for o in theirs.mail_options], body
+    sendmail put the same message and SIZE on the wire, dots and line ends included:
+    one command at a time (aiosmtplib's own client) and pipelined (delivery's)."""
+    plain = aiosmtplib.SMTP(hostname="127.0.0.1", port=upstream.port, start_tls=False, timeout=10)
+    await plain.connect()
+    pipelining = await connect(UpstreamConfig(host="127.0.0.1", port=upstream.port), "relay.test")
+    for client in (plain, pipelining):
+        for body in _TRICKY_BODIES:
+            errors = await transaction(client, "app@example.com", ["a@dest.test"], body, False)
+            await client.sendmail("app@example.com", ["a@dest.test"], body)
+            assert errors == {}
+            ours, theirs = upstream.handler.messages[-2:]
+            assert ours.content == theirs.content and ours.content.endswith(b"\r\n"), body
+            assert [o.upper() for o in ours.mail_options] == [o.upper() for o in theirs.mail_options], body
+        if client is pipelining:
+            assert isinstance(client, PipeliningSMTP) and client.pipelining
+        client.close()
     assert upstream.handler.messages[0].content == b"Subject: dots\r\n\r\n.first\r\n..second\r\n.\r\nlast\r\n"
-    client.close()
 
 
-async def test_transaction_refusals_raise_as_sendmail_does(upstream: Upstream) -> None:
-    """Refused recipients come back as replies; all refused, or DATA refused, raise."""
+async def test_transaction_refusals_come_back_per_recipient(upstream: Upstream) -> None:
+    """One command at a time (the upstream offers no PIPELINING): refused recipients come
+    back with their own replies; with all refused, DATA is never sent; a refused end of
+    data is the result of the recipients the upstream took, and only theirs.
+    (tests/test_pipelining.py: the same with PIPELINING.)"""
+    upstream.handler.pipelining = False
     upstream.handler.rcpt_replies["nobody@dest.test"] = "550 5.1.1 No such user here"
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=upstream.port, start_tls=False, timeout=10)
     await client.connect()
     errors = await transaction(client, "app@example.com", ["nobody@dest.test", "a@dest.test"], MESSAGE, False)
     assert {r: (e.code, e.message) for r, e in errors.items()} == {"nobody@dest.test": (550, "5.1.1 No such user here")}
-    try:
-        await transaction(client, "app@example.com", ["nobody@dest.test"], MESSAGE, False)
-        raise AssertionError("all recipients refused must raise")
-    except aiosmtplib.SMTPRecipientsRefused as refused:
-        assert [e.code for e in refused.recipients] == [550]
+    errors = await transaction(client, "app@example.com", ["nobody@dest.test"], MESSAGE, False)
+    assert {r: (e.code, e.message) for r, e in errors.items()} == {"nobody@dest.test": (550, "5.1.1 No such user here")}
+    assert len(upstream.handler.messages) == 1
     await client.rset()
     upstream.handler.data_reply = "554 5.7.1 Message refused"
-    try:
-        await transaction(client, "app@example.com", ["a@dest.test"], MESSAGE, False)
-        raise AssertionError("a refused DATA must raise")
-    except aiosmtplib.SMTPDataError as error:
-        assert (error.code, error.message) == (554, "5.7.1 Message refused")
+    errors = await transaction(client, "app@example.com", ["a@dest.test", "nobody@dest.test"], MESSAGE, False)
+    assert {r: (e.code, e.message) for r, e in errors.items()} == {
+        "a@dest.test": (554, "5.7.1 Message refused"),
+        "nobody@dest.test": (550, "5.1.1 No such user here"),
+    }
     client.close()
