@@ -3,7 +3,7 @@
 A relay that cannot start (its spool or node name taken by another live process,
 its port in use, a database it cannot open or write, a spool it cannot write) stops
 before it listens, with one line naming the config key or the process in the way,
-and exit status 2 (README: "Starting and stopping"). It never prints a traceback
+and exit status 2 (docs/operating.md, "Start-up errors"). It never prints a traceback
 and never hangs. The admin API's socket is bound here too, early in the start, so a
 port in use is such a failure.
 """

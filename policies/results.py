@@ -11,7 +11,7 @@ not a bad address.
 So the category comes from the meaning of the reply: the enhanced status code first
 (RFC 3463 and the IANA registry that extends it: class.subject.detail), then the reply
 code (RFC 5321, RFC 7504) when there is no enhanced code or it says nothing (X.0.0).
-`docs/billing-models.md` has the whole mapping as a table; tests hold the two together.
+`docs/delivery-results.md` has the whole mapping as a table; tests hold the two together.
 
 The category names are the usage counters' (`hard_bounced` is the document's "Invalid
 Email"); the sub-types are the document's examples, in snake case.

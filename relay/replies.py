@@ -1,6 +1,6 @@
 """Every SMTP reply the relay gives for a policy or system reason, in one place.
 
-One text per reason, each saying why and what the sender must do; README.md lists
+One text per reason, each saying why and what the sender must do; docs/smtp-replies.md lists
 them. The codes are 4xx so a client's queue pauses and retries later.
 """
 
@@ -78,5 +78,5 @@ def sender_not_allowed(address: str, account: str) -> str:
 
 
 def all_refusal_texts() -> dict[str, str]:
-    """For README.md and tests: every refusal reason and its reply text."""
+    """For docs/smtp-replies.md and tests: every refusal reason and its reply text."""
     return {reason.value: text for reason, text in _REFUSAL_TEXT.items()}

@@ -13,7 +13,7 @@ A transaction belongs to the account it began with: AUTH inside it gets 503 (RFC
 (recipient_key) is answered 250 and dropped, like Postfix's cleanup does, so every
 counted recipient is sent once and gets one result. MAIL FROM:<> is any account's.
 
-aiosmtpd traps handled here (REFERENCES.md): its `authenticator` is synchronous,
+aiosmtpd traps handled here (aiosmtpd 1.4.6): its `authenticator` is synchronous,
 so AUTH PLAIN/LOGIN are finished asynchronously in `_finish_auth`; it answers
 `555` to `MAIL FROM:<..> AUTH=<>`, so the AUTH parameter is stripped first.
 
