@@ -280,7 +280,10 @@ async def metrics(request: web.Request, service: AdminService) -> web.Response:
 
 
 async def list_accounts(request: web.Request, service: AdminService) -> web.Response:
-    return web.json_response(await service.accounts())
+    deleted = request.query.get("deleted", "false")
+    if deleted not in ("true", "false"):
+        raise BadRequest(f"deleted: {deleted!r} is not true or false")
+    return web.json_response(await service.accounts(include_deleted=deleted == "true"))
 
 
 async def add_account(request: web.Request, service: AdminService) -> web.Response:
@@ -316,7 +319,47 @@ async def add_account(request: web.Request, service: AdminService) -> web.Respon
 
 
 async def show_account(request: web.Request, service: AdminService) -> web.Response:
-    return web.json_response(await service.account(request.match_info["name"]))
+    return web.json_response(await service.overview(request.match_info["name"]))
+
+
+CHANGE_FIELDS = (
+    "add_domains",
+    "remove_domains",
+    "add_networks",
+    "remove_networks",
+    "add_contacts",
+    "remove_contacts",
+)
+
+
+async def change_account(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, (*CHANGE_FIELDS, "password", "clear_password", "allow_wide_network"))
+    lists = {key: _strings(data, key) for key in CHANGE_FIELDS}
+    account = await service.change_account(
+        request.match_info["name"],
+        **lists,
+        password=_string(data, "password"),
+        clear_password=_flag(data, "clear_password"),
+        allow_wide_network=_flag(data, "allow_wide_network"),
+    )
+    return web.json_response(account)
+
+
+async def suspend_account(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.suspend(request.match_info["name"], True))
+
+
+async def resume_account(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.suspend(request.match_info["name"], False))
+
+
+async def delete_account(request: web.Request, service: AdminService) -> web.Response:
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        raise BadRequest(f"force: {force!r} is not true or false")
+    return web.json_response(await service.delete_account(request.match_info["name"], force=force == "true"))
 
 
 async def usage(request: web.Request, service: AdminService) -> web.Response:
@@ -501,6 +544,10 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_get("/v1/accounts", authenticated(list_accounts))
     routes.add_post("/v1/accounts", authenticated(add_account))
     routes.add_get("/v1/accounts/{name}", authenticated(show_account))
+    routes.add_patch("/v1/accounts/{name}", authenticated(change_account))
+    routes.add_delete("/v1/accounts/{name}", authenticated(delete_account))
+    routes.add_post("/v1/accounts/{name}/suspend", authenticated(suspend_account))
+    routes.add_post("/v1/accounts/{name}/resume", authenticated(resume_account))
     routes.add_get("/v1/accounts/{name}/usage", authenticated(usage))
     routes.add_post("/v1/accounts/{name}/payment", authenticated(payment))
     routes.add_post("/v1/accounts/{name}/balance", authenticated(balance))

@@ -105,6 +105,116 @@ def cmd_account_add(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def _new_password(args: argparse.Namespace) -> str | None:
+    """`account change`'s new password: --password-file FILE ('-': stdin), or --password, which
+    asks for it twice on a terminal and reads the first line of stdin otherwise."""
+    if args.password_file:
+        return _read_password(args.password_file)
+    if not args.password:
+        return None
+    if not sys.stdin.isatty():
+        return _read_password("-")
+    import getpass
+
+    first = getpass.getpass("new SMTP password: ")
+    if not first:
+        raise CliError("the password is empty: type a password")
+    if getpass.getpass("again: ") != first:
+        raise CliError("the two passwords differ: nothing changed")
+    return first
+
+
+def cmd_account_change(config: Config, args: argparse.Namespace) -> int:
+    password = _new_password(args)
+
+    async def action(service: AdminService) -> int:
+        account = await service.change_account(
+            args.name,
+            add_domains=args.add_domain,
+            remove_domains=args.remove_domain,
+            add_networks=args.add_network,
+            remove_networks=args.remove_network,
+            add_contacts=args.add_contact,
+            remove_contacts=args.remove_contact,
+            password=password,
+            clear_password=args.no_password,
+            allow_wide_network=args.allow_wide_network,
+        )
+        if args.json:
+            _emit(account, True)
+            return 0
+        print(
+            f"account {account['name']} changed: domains {', '.join(account['sender_domains'])};"
+            f" networks {', '.join(account['networks']) or '-'}; contacts {', '.join(account['contacts']) or '-'};"
+            f" password {'set' if account['has_password'] else 'none'}"
+        )
+        return 0
+
+    return _run(config, action)
+
+
+def cmd_account_suspend(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        suspended = args.sub == "suspend"
+        account = await service.suspend(args.name, suspended)
+        if suspended:
+            print(f"account {account['name']} suspended: sessions get 451 4.7.1 at their next MAIL or RCPT")
+        else:
+            print(f"account {account['name']} resumed: sending resumes at the next SMTP command")
+        return 0
+
+    return _run(config, action)
+
+
+def cmd_account_delete(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        account = await service.delete_account(args.name, force=args.force)
+        print(
+            f"account {account['name']} deleted: it can no longer send; its invoices and audit trail are kept"
+            " and its name is not reused"
+        )
+        return 0
+
+    return _run(config, action)
+
+
+def account_screen(view: dict[str, Any]) -> str:
+    """`account show`: everything an operator needs about one account, on one screen."""
+    usage = view["usage"]
+    code = usage["currency"]
+    awaiting = view["awaiting_results"]
+    allowed = "no limit" if usage["total_allowed"] is None else f"{usage['total_allowed']:,}"
+    remaining = "no limit" if usage["remaining"] is None else f"{usage['remaining']:,}"
+    lines = [
+        ("account", f"{view['name']} ({view['standing']})"),
+        ("plan", f"{view['plan']} ({usage['plan_display_name']}), subscribed {view['subscribed_on']}"),
+        ("period", f"{usage['period']} ({usage['period_start'][:10]} to {usage['period_end'][:10]})"),
+        (
+            "usage",
+            f"{usage['accepted']:,} accepted: {usage['delivered']:,} delivered, {usage['soft_bounced']:,} soft"
+            f" bounced, {usage['hard_bounced']:,} invalid; {awaiting:,} awaiting a result"
+            f" ({usage['deferred']:,} deferred)",
+        ),
+        ("allowance", f"{allowed} emails this period, {remaining} remaining"),
+        (
+            "money",
+            f"spent {usage['spent']} {code}, unbilled {usage['unbilled']} {code},"
+            f" prepaid balance {view['prepaid_balance']} {code}, overdrawn {view['overdrawn']} {code}",
+        ),
+        ("payment", view["payment_state"] + (f" ({view['payment_detail']})" if view["payment_detail"] else "")),
+        ("domains", ", ".join(view["sender_domains"]) or "-"),
+        ("networks", ", ".join(view["networks"]) or "-"),
+        ("contacts", ", ".join(view["contacts"]) or "-"),
+        ("auth", "password set" if view["has_password"] else "no password (network binding only)"),
+    ]
+    if view["plan_change"]:
+        change = view["plan_change"]
+        lines.append(("plan change", f"to {change['plan']} from {change['effective']}"))
+    if view["deleted_at"]:
+        lines.append(("deleted", view["deleted_at"]))
+    return "\n".join(f"{key:<11} {value}" for key, value in lines)
+
+
 def _simple(
     method: str,
     *fields: str,
@@ -346,13 +456,61 @@ def build_parser() -> argparse.ArgumentParser:
         "list accounts",
         _simple(
             "accounts",
-            line=lambda a: f"{a['name']}\t{a['plan']}\t{a['payment_state']}\t{','.join(a['sender_domains'])}",
+            "deleted",
+            line=lambda a: (
+                f"{a['name']}\t{a['plan']}\t{a['payment_state']}\t{','.join(a['sender_domains'])}"
+                + ("\tdeleted" if a["deleted_at"] else "\tsuspended" if a["suspended"] else "")
+            ),
         ),
     )
     listing.add_argument("--json", action="store_true")
-    show = sub(account, "show", "show one account", _simple("account", "name"))
+    listing.add_argument("--deleted", action="store_true", help="list deleted accounts too")
+    show = sub(
+        account,
+        "show",
+        "one account on one screen: plan, standing, period usage, payment state, domains, networks",
+        _simple("overview", "name", line=account_screen),
+    )
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
+    change = sub(
+        account,
+        "change",
+        "change sender domains, bound networks, contacts or the password (in force at once)",
+        cmd_account_change,
+    )
+    change.add_argument("name")
+    change.add_argument("--add-domain", action="append", default=[], help="a sender domain to add (repeatable)")
+    change.add_argument("--remove-domain", action="append", default=[], help="a sender domain to remove")
+    change.add_argument("--add-network", action="append", default=[], help="a client network to bind")
+    change.add_argument("--remove-network", action="append", default=[], help="a client network to unbind")
+    change.add_argument("--add-contact", action="append", default=[], help="a notice address to add")
+    change.add_argument("--remove-contact", action="append", default=[], help="a notice address to remove")
+    secret = change.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--password", action="store_true", help="set a new SMTP password: asked on a terminal, else stdin's first line"
+    )
+    secret.add_argument("--password-file", help="set the SMTP password from FILE's first line ('-' for stdin)")
+    secret.add_argument("--no-password", action="store_true", help="remove the password (needs a bound network)")
+    change.add_argument(
+        "--allow-wide-network", action="store_true", help="accept an --add-network wider than a /16 or /48"
+    )
+    change.add_argument("--json", action="store_true")
+    for verb, what in (
+        ("suspend", "stop the account's sending, live (451 4.7.1 at an open session's next MAIL or RCPT)"),
+        ("resume", "let a suspended account send again, live"),
+    ):
+        pause = sub(account, verb, what, cmd_account_suspend)
+        pause.add_argument("name")
+    delete = sub(
+        account,
+        "delete",
+        "delete an account (kept with its invoices and audit trail; refused while it has mail in the"
+        " queue or usage not invoiced, unless --force)",
+        cmd_account_delete,
+    )
+    delete.add_argument("name")
+    delete.add_argument("--force", action="store_true", help="delete even with mail in the queue or usage not invoiced")
     change_plan = sub(
         account,
         "plan",

@@ -98,6 +98,7 @@ SCHEMAS: dict[str, Any] = {
             "payment_state": {"enum": ["ok", "failed"]},
             "payment_detail": {"type": "string"},
             "suspended": {"type": "boolean"},
+            "deleted_at": {"type": ["string", "null"], "format": "date-time", "description": "when it was deleted"},
             "prepaid_balance": _ref("Money"),
             "overdrawn": _ref("Money"),
             "spending_limit_override": OPTIONAL_MONEY,
@@ -124,6 +125,39 @@ SCHEMAS: dict[str, Any] = {
                     "properties": {"from": {"type": "string", "format": "date-time"}, "amount": _ref("Money")},
                 },
             },
+        },
+    },
+    "AccountOverview": {
+        "allOf": [
+            _ref("Account"),
+            {
+                "type": "object",
+                "required": ["standing", "awaiting_results", "usage"],
+                "properties": {
+                    "standing": {"enum": ["active", "suspended", "blocked: payment failed", "deleted"]},
+                    "awaiting_results": {
+                        "type": "integer",
+                        "description": "recipients of its mail accepted and still without a final result",
+                    },
+                    "usage": _ref("Usage"),
+                },
+            },
+        ]
+    },
+    "AccountChange": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "What to change; a removal of what the account does not have is refused (400)",
+        "properties": {
+            "add_domains": {"type": "array", "items": TEXT},
+            "remove_domains": {"type": "array", "items": TEXT},
+            "add_networks": {"type": "array", "items": TEXT},
+            "remove_networks": {"type": "array", "items": TEXT},
+            "add_contacts": {"type": "array", "items": TEXT},
+            "remove_contacts": {"type": "array", "items": TEXT},
+            "password": {"type": "string", "description": "a new SMTP password (stored as a salted scrypt hash)"},
+            "clear_password": {"type": "boolean", "description": "no SMTP AUTH any more (needs a bound network)"},
+            "allow_wide_network": {"type": "boolean"},
         },
     },
     "NewAccount": {
@@ -539,7 +573,19 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/v1/accounts": {
-        "get": _op("List accounts", _json(_array("Account"), "Every account")),
+        "get": _op(
+            "List accounts (deleted ones too with deleted=true)",
+            _json(_array("Account"), "Every account"),
+            params=[
+                {
+                    "name": "deleted",
+                    "in": "query",
+                    "required": False,
+                    "description": "true: list deleted accounts too",
+                    "schema": {"enum": ["true", "false"]},
+                }
+            ],
+        ),
         "post": _op(
             "Add an account",
             _json(_ref("Account"), "The new account"),
@@ -550,10 +596,49 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/accounts/{name}": {
         "get": _op(
-            "One account (never its password hash)",
-            _json(_ref("Account"), "The account"),
+            "One account on one screen: settings, standing and the current period's usage (never its password hash)",
+            _json(_ref("AccountOverview"), "The account"),
             params=[ACCOUNT],
             errors=(401, 404, 503),
+        ),
+        "patch": _op(
+            "Change sender domains, bound networks, contacts or the password, in force at once",
+            _json(_ref("Account"), "The account after the change"),
+            body=_ref("AccountChange"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 409, 503),
+        ),
+        "delete": _op(
+            "Delete the account: it stops sending at once and is kept with its invoices and audit trail;"
+            " refused (409) while it has mail awaiting a result or usage not invoiced, unless force=true",
+            _json(_ref("Account"), "The deleted account"),
+            params=[
+                ACCOUNT,
+                {
+                    "name": "force",
+                    "in": "query",
+                    "required": False,
+                    "description": "true: delete even with mail in the queue or usage not invoiced",
+                    "schema": {"enum": ["true", "false"]},
+                },
+            ],
+            errors=(400, 401, 404, 409, 503),
+        ),
+    },
+    "/v1/accounts/{name}/suspend": {
+        "post": _op(
+            "Suspend sending, live: an open session gets 451 4.7.1 at its next MAIL or RCPT",
+            _json(_ref("Account"), "The account after the change"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 409, 503),
+        ),
+    },
+    "/v1/accounts/{name}/resume": {
+        "post": _op(
+            "Resume a suspended account's sending, live",
+            _json(_ref("Account"), "The account after the change"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 409, 503),
         ),
     },
     "/v1/accounts/{name}/usage": {

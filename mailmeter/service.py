@@ -24,7 +24,15 @@ import structlog
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.export import export_csv, month_of
-from mailmeter.metering.meter import MAX_MONEY, BalanceTooLarge, Meter, UnknownAccount, UnknownPlan, WideNetwork
+from mailmeter.metering.meter import (
+    MAX_MONEY,
+    AccountDeleted,
+    BalanceTooLarge,
+    Meter,
+    UnknownAccount,
+    UnknownPlan,
+    WideNetwork,
+)
 from mailmeter.metering.records import AuditDraft, DuplicateEvent, Row, in_force
 from mailmeter.policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
 from mailmeter.policies.currency import Currency, currency_for
@@ -120,6 +128,14 @@ def _money(text: str, what: str, currency: Currency) -> int:
     return micros
 
 
+def _wide(wide: WideNetwork, name: str) -> AdminError:
+    return AdminError(
+        f"networks: {wide.network} is wider than a /{wide.widest}: every client in it could send"
+        f" unauthenticated mail billed to account {name}; bind the clients' own network, or, if that"
+        ' is what you mean, pass --allow-wide-network (API: "allow_wide_network": true)'
+    )
+
+
 def charge_json(row: Row, currency: Currency) -> dict[str, Any]:
     """One charge as `charge list` and the API show it."""
     return {
@@ -210,7 +226,13 @@ class AdminService:
             raise AdminError("give at least one sender domain the account may send from")
         name = _account_name(name)
         domains = _sender_domains(domains)
-        if await self.meter.store.get_account(name) is not None:
+        existing = await self.meter.store.get_account(name)
+        if existing is not None and existing.deleted_at is not None:
+            raise Conflict(
+                f"account {name!r} was deleted on {existing.deleted_at:%Y-%m-%d}; an account name is never"
+                " reused (its invoices and audit trail keep it): choose another name"
+            )
+        if existing is not None:
             raise Conflict(f"account {name!r} already exists; choose another name")
         payment = None if monthly_payment is None else _monthly_payment(monthly_payment, self.meter.currency)
         detail: dict[str, Any] = {"plan": plan}
@@ -230,19 +252,143 @@ class AdminService:
                     monthly_payment=payment,
                 )
         except WideNetwork as wide:
-            raise AdminError(
-                f"networks: {wide.network} is wider than a /{wide.widest}: every client in it could send"
-                f" unauthenticated mail billed to account {name}; bind the clients' own network, or, if that"
-                ' is what you mean, pass --allow-wide-network (API: "allow_wide_network": true)'
-            ) from None
+            raise _wide(wide, name) from None
         except (UnknownPlan, ValueError) as error:
             raise AdminError(str(error).strip('"')) from None
         return account.public(self.meter.currency)
 
-    async def accounts(self) -> list[dict[str, Any]]:
+    async def accounts(self, include_deleted: bool = False) -> list[dict[str, Any]]:
         now = self.meter.clock()
         currency = self.meter.currency
-        return [in_force(a, now).public(currency) for a in await self.meter.store.list_accounts()]
+        return [
+            in_force(a, now).public(currency)
+            for a in await self.meter.store.list_accounts()
+            if include_deleted or a.deleted_at is None
+        ]
+
+    async def change_account(
+        self,
+        name: str,
+        add_domains: Sequence[str] = (),
+        remove_domains: Sequence[str] = (),
+        add_networks: Sequence[str] = (),
+        remove_networks: Sequence[str] = (),
+        add_contacts: Sequence[str] = (),
+        remove_contacts: Sequence[str] = (),
+        password: str | None = None,
+        clear_password: bool = False,
+        allow_wide_network: bool = False,
+    ) -> dict[str, Any]:
+        """Change sender domains, bound networks, contacts or the password; in force at once
+        (the next MAIL, the next AUTH; a network binding within 2 s on every process)."""
+        if password is not None and clear_password:
+            raise AdminError("give a new password or remove the password, not both")
+        if password is not None and not password:
+            raise AdminError("password: the new password must not be empty")
+        if not any((add_domains, remove_domains, add_networks, remove_networks, add_contacts, remove_contacts)) and (
+            password is None and not clear_password
+        ):
+            raise AdminError(
+                "nothing to change: give --add-domain, --remove-domain, --add-network, --remove-network,"
+                " --add-contact, --remove-contact, --password-file or --no-password"
+            )
+        detail: dict[str, Any] = {
+            key: list(value)
+            for key, value in (
+                ("add_domains", add_domains),
+                ("remove_domains", remove_domains),
+                ("add_networks", add_networks),
+                ("remove_networks", remove_networks),
+                ("add_contacts", add_contacts),
+                ("remove_contacts", remove_contacts),
+            )
+            if value
+        }
+        if password is not None:
+            detail["password"] = "changed"  # never the password itself
+        if clear_password:
+            detail["password"] = "removed"
+        try:
+            async with self._audit("account.change", name, detail):
+                account = await self.meter.change_settings(
+                    name,
+                    add_domains=_sender_domains(list(add_domains)),
+                    remove_domains=_sender_domains(list(remove_domains)),
+                    add_networks=list(add_networks),
+                    remove_networks=list(remove_networks),
+                    add_contacts=list(add_contacts),
+                    remove_contacts=list(remove_contacts),
+                    password=password,
+                    clear_password=clear_password,
+                    allow_wide_networks=allow_wide_network,
+                )
+        except WideNetwork as wide:
+            raise _wide(wide, name) from None
+        except AccountDeleted as error:
+            raise Conflict(str(error)) from None
+        except ValueError as error:
+            raise AdminError(str(error).strip('"')) from None
+        return account.public(self.meter.currency)
+
+    async def suspend(self, name: str, suspended: bool) -> dict[str, Any]:
+        """Suspend (True) or resume the account's sending, live: at an open session's next MAIL or RCPT."""
+        try:
+            async with self._audit("account.suspend" if suspended else "account.resume", name):
+                account = await self.meter.set_suspended(name, suspended)
+        except AccountDeleted as error:
+            raise Conflict(str(error)) from None
+        return account.public(self.meter.currency)
+
+    async def delete_account(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Soft delete: refused while the account has mail awaiting a result or usage not
+        invoiced yet, unless `force`. The account stops sending at once; it is kept (its
+        invoices, audit trail and name); its last invoice is for the period it was deleted in."""
+        account = await self.meter.account(name)
+        if account.deleted_at is not None:
+            raise Conflict(f"account {name!r} was already deleted on {account.deleted_at:%Y-%m-%d}")
+        problems = []
+        if account.awaiting_results > 0:
+            problems.append(
+                f"{account.awaiting_results} recipient(s) of its mail still await a delivery result"
+                f" (see `mailmeter queue list --account {name}`)"
+            )
+        unbilled = [key[:10] for key, usage in account.open_periods if usage.accepted > 0]
+        if unbilled:
+            problems.append(
+                f"its usage of the period(s) starting {', '.join(unbilled)} is not invoiced yet"
+                " (the billing job invoices a period when it ends)"
+            )
+        if problems and not force:
+            raise Conflict(
+                f"account {name!r} was not deleted: {'; '.join(problems)}; wait for that, or delete it anyway"
+                ' with --force (API: "force": true): its last invoice still comes when this period ends'
+            )
+        detail = {"force": force, "open": problems}
+        try:
+            async with self._audit("account.delete", name, detail):
+                deleted = await self.meter.delete_account(name)
+        except AccountDeleted as error:
+            raise Conflict(str(error)) from None
+        return deleted.public(self.meter.currency)
+
+    async def overview(self, name: str) -> dict[str, Any]:
+        """`account show`: the account, its standing and its current period's usage in one answer."""
+        account = in_force(await self.meter.account(name), self.meter.clock())
+        usage = await self.usage(name)
+        if account.deleted_at is not None:
+            standing = "deleted"
+        elif account.suspended:
+            standing = "suspended"
+        elif not account.payment_ok:
+            standing = "blocked: payment failed"
+        else:
+            standing = "active"
+        return {
+            **account.public(self.meter.currency),
+            "standing": standing,
+            "awaiting_results": account.awaiting_results,
+            "usage": usage,
+        }
 
     async def account(self, name: str) -> dict[str, Any]:
         """The account as it stands now (a plan change due by now is in force)."""

@@ -230,6 +230,8 @@ class Billing:
                 continue
             period = self._first_open_period(account, plan, last_invoiced.get(account.id))
             while period.end <= now:
+                if account.deleted_at is not None and period.start > account.deleted_at:
+                    break  # a deleted account's last invoice is for the period it was deleted in
                 # The plan the period ran under: a change due by its start is in force in it.
                 in_period = in_force(account, period.start)
                 if in_period.plan not in self.meter.plans:
@@ -242,6 +244,8 @@ class Billing:
                 closed.append(invoice_key)
                 account = await self.meter.account(account.name)  # the balance may have changed
                 period = next_period(plan.period, period, account.subscribed_on)
+            if account.deleted_at is not None:
+                continue  # no monthly credit after a deletion
             in_force_now = in_force(account, now).plan
             await self.meter.record_monthly_credits(
                 account, plan if in_force_now == account.plan else self.meter.plans.get(in_force_now)

@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import json
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timezone
 from time import monotonic
@@ -23,6 +23,7 @@ from mailmeter.metering.leases import LeaseBook, LeaseSettings
 from mailmeter.metering.passwords import DUMMY_HASH, hash_password, verify_password
 from mailmeter.metering.records import (
     Account,
+    AccountEdit,
     AccountUpdate,
     Grant,
     Result,
@@ -83,6 +84,10 @@ MAX_MONEY = 1_000_000_000 * 1_000_000
 
 class BalanceTooLarge(ValueError):
     """A top-up that would take a prepaid balance past MAX_MONEY."""
+
+
+class AccountDeleted(ValueError):
+    """The account was deleted (`account delete`): it is kept for its records, never changed."""
 
 
 class WideNetwork(ValueError):
@@ -360,11 +365,7 @@ class Meter:
             raise UnknownPlan(f"plan {plan!r} is not defined in the config (known: {', '.join(sorted(self.plans))})")
         if not name or any(ch.isspace() or ch == "/" for ch in name):
             raise ValueError("account name must be non-empty and contain no spaces or '/'")
-        for network in networks:
-            parsed = ipaddress.ip_network(network, strict=False)
-            widest = too_wide(parsed)
-            if widest is not None and not allow_wide_networks:
-                raise WideNetwork(parsed, widest)
+        stored_networks = self._networks_checked(networks, allow_wide_networks)
         for domain in domains:
             if not domain.isascii():  # str.lower() would make the Kelvin sign a "k"
                 raise ValueError(f"sender domain {domain!r}: give it in ASCII (an IDN as its xn-- A-label)")
@@ -386,12 +387,117 @@ class Meter:
             plan,
             subscribed_on or now.date(),
             [d.lower().rstrip(".") for d in domains],
-            [str(ipaddress.ip_network(n, strict=False)) for n in networks],
+            stored_networks,
             now,
             contacts or [],
             payment_changes_to_json(changes),
         )
         return await self.record_monthly_credits(await self.account(name))
+
+    def _networks_checked(self, networks: Sequence[str], allow_wide: bool) -> list[str]:
+        """The networks as stored (canonical); WideNetwork for one wider than WIDEST_PREFIX unless `allow_wide`."""
+        canonical = []
+        for network in networks:
+            parsed = ipaddress.ip_network(network, strict=False)
+            widest = too_wide(parsed)
+            if widest is not None and not allow_wide:
+                raise WideNetwork(parsed, widest)
+            canonical.append(str(parsed))
+        return canonical
+
+    async def change_settings(
+        self,
+        name: str,
+        add_domains: Sequence[str] = (),
+        remove_domains: Sequence[str] = (),
+        add_networks: Sequence[str] = (),
+        remove_networks: Sequence[str] = (),
+        add_contacts: Sequence[str] = (),
+        remove_contacts: Sequence[str] = (),
+        password: str | None = None,
+        clear_password: bool = False,
+        allow_wide_networks: bool = False,
+    ) -> Account:
+        """Change the account's sender domains, bound networks, contacts or password, at once
+        (MAIL reads the domains, AUTH the password; other processes see a network binding
+        within NETWORKS_TTL). Raises ValueError naming what is wrong (a removal of what the
+        account does not have, no domain or no way to authenticate left), WideNetwork,
+        AccountDeleted, UnknownAccount."""
+        account = await self.account(name)
+        if account.deleted_at is not None:
+            raise AccountDeleted(f"account {name!r} was deleted on {account.deleted_at:%Y-%m-%d}; it cannot be changed")
+        for domain in add_domains:
+            if not domain.isascii():
+                raise ValueError(f"sender domain {domain!r}: give it in ASCII (an IDN as its xn-- A-label)")
+        adding_domains = [d.lower().rstrip(".") for d in add_domains]
+        removing_domains = [d.lower().rstrip(".") for d in remove_domains]
+        for domain in removing_domains:
+            if domain not in account.domains:
+                raise ValueError(
+                    f"sender domain {domain!r} is not one of the account's ({', '.join(account.domains) or 'none'})"
+                )
+        adding_networks = self._networks_checked(add_networks, allow_wide_networks)
+        removing_networks = [str(ipaddress.ip_network(n, strict=False)) for n in remove_networks]
+        for network in removing_networks:
+            if network not in account.networks:
+                raise ValueError(
+                    f"network {network} is not bound to the account (bound: {', '.join(account.networks) or 'none'})"
+                )
+        for contact in add_contacts:
+            if "@" not in contact or any(ch.isspace() for ch in contact):
+                raise ValueError(f"contact {contact!r} is not an email address")
+        for contact in remove_contacts:
+            if contact not in account.contacts:
+                raise ValueError(
+                    f"contact {contact!r} is not one of the account's ({', '.join(account.contacts) or 'none'})"
+                )
+        domains = (set(account.domains) - set(removing_domains)) | set(adding_domains)
+        if not domains:
+            raise ValueError("an account needs at least one sender domain: add another before removing the last")
+        networks = (set(account.networks) - set(removing_networks)) | set(adding_networks)
+        has_password = password is not None or (account.password_hash is not None and not clear_password)
+        if not has_password and not networks:
+            raise ValueError(
+                "the account would have neither a password nor a bound network, so nothing could send"
+                " for it: keep one of the two"
+            )
+        password_hash = await asyncio.to_thread(hash_password, password) if password else None
+        edit = AccountEdit(
+            add_domains=tuple(adding_domains),
+            remove_domains=tuple(removing_domains),
+            add_networks=tuple(adding_networks),
+            remove_networks=tuple(removing_networks),
+            add_contacts=tuple(add_contacts),
+            remove_contacts=tuple(remove_contacts),
+            password_hash=password_hash,
+            clear_password=clear_password and password is None,
+        )
+        return await self._edit(name, edit)
+
+    async def _edit(self, name: str, edit: AccountEdit) -> Account:
+        if not await self.store.edit_account(name, edit):
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+        self._networks = None  # this process sees a binding change at once
+        self._identities.pop(name, None)
+        return await self.account(name)
+
+    async def set_suspended(self, name: str, suspended: bool) -> Account:
+        """Suspend or resume the account's sending, live: an open session is refused (or
+        released) at its next MAIL or RCPT, as with a payment block."""
+        account = await self.account(name)
+        if account.deleted_at is not None:
+            raise AccountDeleted(
+                f"account {name!r} was deleted on {account.deleted_at:%Y-%m-%d}; a deleted account stays suspended"
+            )
+        return await self._edit(name, AccountEdit(suspended=suspended))
+
+    async def delete_account(self, name: str) -> Account:
+        """Soft delete: the account stops sending at once (suspended, no AUTH, no network
+        binding) and is kept, with its invoices and audit trail; its name is never reused."""
+        account = await self.account(name)
+        if account.deleted_at is not None:
+            raise AccountDeleted(f"account {name!r} was already deleted on {account.deleted_at:%Y-%m-%d}")
+        return await self._edit(name, AccountEdit(deleted_at=self.clock()))
 
     async def account(self, name: str) -> Account:
         account = await self.store.get_account(name)
@@ -406,6 +512,8 @@ class Meter:
         account = await self.store.get_account(name) if name.isprintable() else None
         stored = account.password_hash if account and account.password_hash else DUMMY_HASH
         ok = await asyncio.to_thread(verify_password, password, stored)
+        if account is not None and account.deleted_at is not None:
+            return None  # a deleted account never logs in (the hash was still checked: same time)
         return account if ok and account is not None and account.password_hash else None
 
     async def mail_check(self, name: str) -> tuple[tuple[str, ...], Refusal | None]:
@@ -768,6 +876,7 @@ class Meter:
 
 __all__ = [
     "MAX_MONEY",
+    "AccountDeleted",
     "BalanceTooLarge",
     "Meter",
     "StoreUnavailable",

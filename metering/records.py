@@ -79,6 +79,7 @@ class Account:
     credited_through: str | None = None  # key of the last period whose monthly credit is recorded
     settled_through: str | None = None  # key of the last period invoiced (periods are invoiced in order)
     open_periods: tuple[tuple[str, Usage], ...] = ()  # usage of each period after settled_through, by key
+    deleted_at: datetime | None = None  # `account delete`: kept for its invoices and audit trail, sends nothing
 
     @property
     def payment_state(self) -> str:
@@ -96,6 +97,7 @@ class Account:
             "payment_state": self.payment_state,
             "payment_detail": self.payment_detail,
             "suspended": self.suspended,
+            "deleted_at": None if self.deleted_at is None else self.deleted_at.isoformat(),
             "prepaid_balance": format_money(self.prepaid_balance, currency),
             "overdrawn": format_money(self.outstanding_debt, currency),
             "spending_limit_override": (
@@ -114,6 +116,46 @@ class Account:
                 "requested_at": self.plan_change.requested_at.isoformat(),
             },
         }
+
+
+@dataclass(frozen=True)
+class AccountEdit:
+    """An operator's change of an account's settings, written in one transaction (the meter
+    has checked it: the domains canonical, the networks parsed, the password hashed).
+
+    Adding what is there or removing what is not changes nothing. `password_hash`: a new
+    password; `clear_password`: no SMTP AUTH any more. `deleted_at`: delete the account
+    (it is suspended too, so an open session is refused at its next command).
+    """
+
+    add_domains: tuple[str, ...] = ()
+    remove_domains: tuple[str, ...] = ()
+    add_networks: tuple[str, ...] = ()
+    remove_networks: tuple[str, ...] = ()
+    add_contacts: tuple[str, ...] = ()
+    remove_contacts: tuple[str, ...] = ()
+    password_hash: str | None = None
+    clear_password: bool = False
+    suspended: bool | None = None
+    deleted_at: datetime | None = None
+
+
+def edit_columns(edit: AccountEdit, contacts: list[str]) -> dict[str, object]:
+    """The `accounts` columns an edit sets (both stores), from the account's current contacts."""
+    columns: dict[str, object] = {}
+    if edit.add_contacts or edit.remove_contacts:
+        kept = [c for c in contacts if c not in edit.remove_contacts]
+        columns["contacts"] = json.dumps(kept + [c for c in edit.add_contacts if c not in kept])
+    if edit.password_hash is not None:
+        columns["password_hash"] = edit.password_hash
+    elif edit.clear_password:
+        columns["password_hash"] = None
+    if edit.suspended is not None:
+        columns["suspended"] = int(edit.suspended)
+    if edit.deleted_at is not None:
+        columns["deleted_at"] = edit.deleted_at.isoformat()
+        columns["suspended"] = 1
+    return columns
 
 
 def in_force(account: Account, instant: datetime) -> Account:
@@ -482,4 +524,5 @@ def account_core(row: Row, domains: tuple[str, ...] = (), networks: tuple[str, .
         credited_through=row["credited_through"],
         settled_through=row["settled_through"],
         open_periods=open_periods_from_text(row["open_periods"]) if "open_periods" in keys else (),
+        deleted_at=datetime.fromisoformat(row["deleted_at"]) if row["deleted_at"] else None,
     )

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from mailmeter.metering.records import (
     Account,
+    AccountEdit,
     AccountUpdate,
     AuditDraft,
     Decide,
@@ -65,6 +66,7 @@ class AccountStore(Protocol):
         monthly_payment: str = "[]",
     ) -> None: ...
     async def set_payment(self, name: str, ok: bool, detail: str, now: datetime) -> bool: ...
+    async def edit_account(self, name: str, edit: AccountEdit) -> bool: ...
     async def add_balance(self, name: str, amount: int, kind: str, reference: str, now: datetime) -> int: ...
     async def change_account(
         self,

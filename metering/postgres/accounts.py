@@ -12,7 +12,14 @@ import asyncpg
 from mailmeter.metering.postgres.base import ACCOUNT_FULL, full_account
 from mailmeter.metering.postgres.holds import PgHolds
 from mailmeter.metering.postgres.tx import rows_affected
-from mailmeter.metering.records import Account, AccountUpdate, applying_due_plan_change, history_from_json
+from mailmeter.metering.records import (
+    Account,
+    AccountEdit,
+    AccountUpdate,
+    applying_due_plan_change,
+    edit_columns,
+    history_from_json,
+)
 from mailmeter.policies.decision import Usage
 
 
@@ -80,6 +87,40 @@ class PgAccounts(PgHolds):
                     " WHERE status = 'failed' AND account_id = $2",
                     now.isoformat(),
                     account_id,
+                )
+            return True
+
+        return await self._write(body)
+
+    async def edit_account(self, name: str, edit: AccountEdit) -> bool:
+        """Apply an operator's change of the account's settings under its row lock; False: no such account."""
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            row = await conn.fetchrow("SELECT id, contacts FROM accounts WHERE name = $1 FOR UPDATE", name)
+            if row is None:
+                return False
+            account_id = row["id"]
+            for domain in edit.remove_domains:
+                await conn.execute(
+                    "DELETE FROM account_domains WHERE account_id = $1 AND domain = $2", account_id, domain
+                )
+            for domain in edit.add_domains:
+                await conn.execute(
+                    "INSERT INTO account_domains VALUES ($1, $2) ON CONFLICT DO NOTHING", account_id, domain
+                )
+            for network in edit.remove_networks:
+                await conn.execute(
+                    "DELETE FROM account_networks WHERE account_id = $1 AND network = $2", account_id, network
+                )
+            for network in edit.add_networks:
+                await conn.execute(
+                    "INSERT INTO account_networks VALUES ($1, $2) ON CONFLICT DO NOTHING", account_id, network
+                )
+            columns = edit_columns(edit, json.loads(row["contacts"]))
+            if columns:
+                assignments = ", ".join(f"{column} = ${number}" for number, column in enumerate(columns, start=1))
+                await conn.execute(
+                    f"UPDATE accounts SET {assignments} WHERE id = ${len(columns) + 1}", *columns.values(), account_id
                 )
             return True
 
@@ -218,5 +259,6 @@ class PgAccounts(PgHolds):
     async def all_networks(self) -> list[tuple[str, str]]:
         rows = await self._fetch(
             "SELECT n.network, a.name FROM account_networks n JOIN accounts a ON a.id = n.account_id"
+            " WHERE a.deleted_at IS NULL"
         )
         return [(row[0], row[1]) for row in rows]

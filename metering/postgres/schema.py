@@ -183,6 +183,10 @@ PG_MIGRATIONS: list[str] = [
     UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
     UPDATE accounts SET credited_through = settled_through;
     """,
+    # 7: an account deleted by the operator (see metering/sqlite/schema.py).
+    """
+    ALTER TABLE accounts ADD COLUMN deleted_at TEXT COLLATE "C";
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

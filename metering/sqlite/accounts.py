@@ -11,9 +11,11 @@ import aiosqlite
 
 from mailmeter.metering.records import (
     Account,
+    AccountEdit,
     AccountUpdate,
     account_core,
     applying_due_plan_change,
+    edit_columns,
     history_from_json,
     history_to_json,
 )
@@ -97,6 +99,32 @@ class SqliteAccounts(SqliteConnection):
                     " WHERE status = 'failed' AND account_id = (SELECT id FROM accounts WHERE name = ?)",
                     (now.isoformat(), name),
                 )
+            return True
+
+    async def edit_account(self, name: str, edit: AccountEdit) -> bool:
+        """Apply an operator's change of the account's settings in one transaction; False: no such account."""
+        async with self._tx() as db:
+            cursor = await db.execute("SELECT id, contacts FROM accounts WHERE name = ?", (name,))
+            row = await cursor.fetchone()
+            if row is None:
+                return False
+            account_id = row["id"]
+            for domain in edit.remove_domains:
+                await db.execute(
+                    "DELETE FROM account_domains WHERE account_id = ? AND domain = ?", (account_id, domain)
+                )
+            for domain in edit.add_domains:
+                await db.execute("INSERT OR IGNORE INTO account_domains VALUES (?, ?)", (account_id, domain))
+            for network in edit.remove_networks:
+                await db.execute(
+                    "DELETE FROM account_networks WHERE account_id = ? AND network = ?", (account_id, network)
+                )
+            for network in edit.add_networks:
+                await db.execute("INSERT OR IGNORE INTO account_networks VALUES (?, ?)", (account_id, network))
+            columns = edit_columns(edit, json.loads(row["contacts"]))
+            if columns:
+                assignments = ", ".join(f"{column} = ?" for column in columns)
+                await db.execute(f"UPDATE accounts SET {assignments} WHERE id = ?", (*columns.values(), account_id))
             return True
 
     async def add_balance(self, name: str, amount: int, kind: str, reference: str, now: datetime) -> int:
@@ -225,6 +253,7 @@ class SqliteAccounts(SqliteConnection):
     async def all_networks(self) -> list[tuple[str, str]]:
         rows = await self._read(
             "SELECT n.network, a.name FROM account_networks n JOIN accounts a ON a.id = n.account_id"
+            " WHERE a.deleted_at IS NULL"
         )
         return [(row[0], row[1]) for row in rows]
 

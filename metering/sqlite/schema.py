@@ -176,4 +176,10 @@ MIGRATIONS: list[str] = [
     UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
     UPDATE accounts SET credited_through = settled_through;
     """,
+    # 7: an account deleted by the operator (`account delete`): deleted_at is when. The row
+    # stays, so its invoices and audit trail stay readable and its name is never reused;
+    # a deleted account cannot authenticate, its networks bind no client, and it is suspended.
+    """
+    ALTER TABLE accounts ADD COLUMN deleted_at TEXT;
+    """,
 ]
