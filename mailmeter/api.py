@@ -31,7 +31,7 @@ from mailmeter.metering.meter import UnknownAccount, UnknownPlan
 from mailmeter.metering.records import StoreUnavailable
 from mailmeter.metrics import CONTENT_TYPE, Metrics
 from mailmeter.openapi import document
-from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
+from mailmeter.service import AdminError, AdminService, Conflict, NotFound, Unavailable, text_problem
 
 ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -200,6 +200,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(404, str(error).strip('"'))
     except (Conflict, UnknownPlan) as error:
         return _error(409, str(error).strip('"'))
+    except Unavailable as error:
+        return _error(503, str(error))
     except AdminError as error:
         return _error(400, str(error))
     except StoreUnavailable as error:
@@ -480,6 +482,35 @@ async def audit(request: web.Request, service: AdminService) -> web.Response:
     return web.json_response(await service.audit(request.query.get("account"), limit))
 
 
+async def queue_list(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.queue_list(request.query.get("account")))
+
+
+async def queue_show(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.queue_show(request.match_info["id"]))
+
+
+async def queue_flush(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("queue_id", "account", "all"))
+    return web.json_response(
+        await service.queue_flush(_string(data, "queue_id"), _string(data, "account"), _flag(data, "all"))
+    )
+
+
+async def queue_hold(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.queue_hold(request.match_info["id"], True))
+
+
+async def queue_release(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.queue_hold(request.match_info["id"], False))
+
+
+async def queue_delete(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.queue_delete(request.match_info["id"]))
+
+
 async def payment_webhook(request: web.Request) -> web.Response:
     """A payment provider's event, authenticated by its HMAC signature rather than a token."""
     deps = _deps(request)
@@ -564,6 +595,12 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_post("/v1/plans/{name}/preview", authenticated(preview))
     routes.add_post("/v1/billing/run", authenticated(run_billing))
     routes.add_get("/v1/audit", authenticated(audit))
+    routes.add_get("/v1/queue", authenticated(queue_list))
+    routes.add_post("/v1/queue/flush", authenticated(queue_flush))
+    routes.add_get("/v1/queue/{id}", authenticated(queue_show))
+    routes.add_delete("/v1/queue/{id}", authenticated(queue_delete))
+    routes.add_post("/v1/queue/{id}/hold", authenticated(queue_hold))
+    routes.add_post("/v1/queue/{id}/release", authenticated(queue_release))
     return app
 
 

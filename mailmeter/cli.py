@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from mailmeter.config import Config, ConfigError, database_label, load_config
 from mailmeter.logs import configure_logging
 from mailmeter.metering.meter import UnknownAccount, UnknownPlan
 from mailmeter.metering.records import StoreUnavailable
-from mailmeter.service import AdminError, AdminService, Conflict, NotFound, text_problem
+from mailmeter.service import AdminError, AdminService, Conflict, NotFound, Unavailable, text_problem
 
 DEFAULT_CONFIG = os.environ.get("MAILMETER_CONFIG", "config.yaml")
 
@@ -45,13 +45,15 @@ def _emit(data: Any, as_json: bool) -> None:
 
 
 def _run(config: Config, action: Callable[[AdminService], Awaitable[int]]) -> int:
+    from mailmeter.control import QueueClient, spool_sockets
     from mailmeter.factory import build_billing, open_meter
 
     async def main() -> int:
         store, meter = open_meter(config)
         await store.open()
         try:
-            return await action(AdminService(meter, build_billing(config, meter), actor=cli_actor()))
+            queue = QueueClient(spool_sockets(config))
+            return await action(AdminService(meter, build_billing(config, meter), actor=cli_actor(), queue=queue))
         finally:
             await store.close()
 
@@ -213,6 +215,96 @@ def account_screen(view: dict[str, Any]) -> str:
     if view["deleted_at"]:
         lines.append(("deleted", view["deleted_at"]))
     return "\n".join(f"{key:<11} {value}" for key, value in lines)
+
+
+def _when(seconds: float | None, empty: str = "-") -> str:
+    if not seconds:
+        return empty
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def queue_lines(entry: dict[str, Any], recipients: bool = False) -> list[str]:
+    """One message as `queue list` (and, with every recipient, `queue show`) prints it."""
+    next_attempt = (
+        "held"
+        if entry["status"] == "held"
+        else "now"
+        if entry["status"] in ("ready", "active")
+        else _when(entry["next_attempt_at"], "now")
+    )
+    lines = [
+        f"{entry['queue_id']}  {entry['status']:<8}  account {entry['account'] or '(bounce)'}"
+        f"  from <{entry['sender']}>  received {_when(entry['received_at'])}",
+        f"    attempts {entry['attempts']}, last {_when(entry['last_attempt_at'])}, next {next_attempt}",
+    ]
+    if recipients:
+        lines.extend(
+            f"    {r['status']:<12} {r['address']}" + (f"  ({r['reply']})" if r["reply"] else "")
+            for r in entry["recipients"]
+        )
+    else:
+        lines.append(f"    pending: {', '.join(entry['pending']) or '-'}")
+        if entry["last_reply"]:
+            lines.append(f"    last reply: {entry['last_reply']}")
+    return lines
+
+
+def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        entries = await service.queue_list(args.account)
+        if args.json:
+            _emit(entries, True)
+            return 0
+        for entry in entries:
+            print("\n".join(queue_lines(entry)))
+        pending = sum(len(entry["pending"]) for entry in entries)
+        print(f"-- {len(entries)} message(s), {pending} recipient(s) pending")
+        return 0
+
+    return _run(config, action)
+
+
+def cmd_queue(config: Config, args: argparse.Namespace) -> int:
+    """queue show / hold / release / delete QID."""
+
+    async def action(service: AdminService) -> int:
+        if args.sub == "show":
+            entry = await service.queue_show(args.queue_id)
+        elif args.sub == "delete":
+            entry = await service.queue_delete(args.queue_id)
+        else:
+            entry = await service.queue_hold(args.queue_id, args.sub == "hold")
+        if args.json:
+            _emit(entry, True)
+            return 0
+        if args.sub == "delete":
+            deleted = [r["address"] for r in entry["recipients"] if r["status"] == "deleted"]
+            recorded = "recorded" if entry["reported"] else "to be recorded as soon as the meter answers"
+            print(
+                f"message {entry['queue_id']} deleted: {len(deleted)} recipient(s) got the final result"
+                f" 'deleted by operator' (a soft bounce, {recorded})"
+            )
+            return 0
+        if args.sub != "show":
+            print(f"message {entry['queue_id']} {'held' if args.sub == 'hold' else 'released'}:")
+        print("\n".join(queue_lines(entry, recipients=True)))
+        return 0
+
+    return _run(config, action)
+
+
+def cmd_queue_flush(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        result = await service.queue_flush(args.queue_id, args.account, args.all)
+        if args.json:
+            _emit(result, True)
+            return 0
+        print(f"{len(result['flushed'])} message(s) will be attempted now")
+        for skipped in result["skipped"]:
+            print(f"  {skipped['queue_id']} not flushed: {skipped['reason']}")
+        return 0
+
+    return _run(config, action)
 
 
 def _simple(
@@ -521,6 +613,29 @@ def build_parser() -> argparse.ArgumentParser:
     change_plan.add_argument("plan", help="a plan defined in the config")
     change_plan.add_argument("--json", action="store_true")
 
+    queue = commands.add_parser("queue", help="the running relay's queue").add_subparsers(dest="sub", required=True)
+    queue_list = sub(queue, "list", "the messages in the queue, oldest first (like mailq)", cmd_queue_list)
+    queue_list.add_argument("--account", help="only this account's messages")
+    queue_list.add_argument("--json", action="store_true")
+    for verb, what in (
+        ("show", "one message: every recipient with its state and last reply"),
+        ("hold", "keep a message from being attempted until it is released"),
+        ("release", "release a held message: it is attempted at once"),
+        (
+            "delete",
+            "delete a message: its pending recipients get the final result 'deleted by operator'"
+            " (a soft bounce), so the books still balance",
+        ),
+    ):
+        one = sub(queue, verb, what, cmd_queue)
+        one.add_argument("queue_id", metavar="QID")
+        one.add_argument("--json", action="store_true")
+    flush = sub(queue, "flush", "attempt now: one message, an account's, or all (like postqueue -f)", cmd_queue_flush)
+    flush.add_argument("queue_id", metavar="QID", nargs="?")
+    flush.add_argument("--account", help="every message of this account")
+    flush.add_argument("--all", action="store_true", help="every message in the queue")
+    flush.add_argument("--json", action="store_true")
+
     usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")
     usage.add_argument("--json", action="store_true")
@@ -655,8 +770,8 @@ def bad_argument(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done; 1 it could not be done (no such account, a conflict, the database
-    unavailable); 2 bad input: a bad argument or config, named in one line on stderr."""
+    """Exit status: 0 done; 1 it could not be done (no such account or queue id, a conflict, the
+    database or the relay unavailable); 2 bad input: a bad argument or config, named in one line on stderr."""
     args = build_parser().parse_args(argv)
     problem = bad_argument(args)
     if problem is not None:
@@ -670,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log.level)
     try:
         return int(args.func(config, args))
-    except (NotFound, Conflict, UnknownAccount, UnknownPlan) as error:
+    except (NotFound, Conflict, Unavailable, UnknownAccount, UnknownPlan) as error:
         print(f"mailmeter: {str(error).strip(chr(34))}", file=sys.stderr)
         return 1
     except (CliError, AdminError, ValueError) as error:

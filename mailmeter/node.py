@@ -21,6 +21,7 @@ from typing import Protocol
 import structlog
 
 from mailmeter.config import Config, ConfigError, database_label
+from mailmeter.control import ControlServer
 from mailmeter.factory import build_billing, open_meter
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.meter import Meter
@@ -139,6 +140,7 @@ class Relay:
     claim_task: asyncio.Task[None] | None = None  # keeps the node-name claim (PostgreSQL)
     fatal: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
     _api_socket: socket.socket | None = None  # bound at start, served once the spool is settled
+    control: ControlServer | None = None  # SPOOL/control: `mailmeter queue` (mailmeter/control.py)
 
     @classmethod
     def build(cls, config: Config, primary: bool = True, start_api: StartApi | None = None) -> Relay:
@@ -251,6 +253,12 @@ class Relay:
         released = await self.meter.release_abandoned_holds()
         activated, dropped = await self.settle_incoming()
         await self.delivery.start()
+        control = ControlServer(self.delivery, root)
+        try:
+            await control.start()
+        except OSError as error:
+            raise spool_unusable(root, error) from None
+        self.control = control
         await self.server.start_serving()
         if claim is not None:
             self.claim_task = asyncio.create_task(claim.keep(self._claim_lost))
@@ -277,6 +285,9 @@ class Relay:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.claim_task = self.billing_task = self.lease_task = None
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         await self.delivery.stop()
         await self.store.close()
         self.spool.unclaim()
@@ -419,6 +430,9 @@ class Relay:
             self.lease_task.cancel()
             await asyncio.gather(self.lease_task, return_exceptions=True)
             self.lease_task = None
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         await self.delivery.stop()
         await self._give_back_leases()
         if self.claim_task is not None:

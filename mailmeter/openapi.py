@@ -65,6 +65,7 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 
 ACCOUNT = _path("name", "The account name")
+QUEUE_ID = _path("id", "The message's queue id (`queue list`)")
 MONEY = {
     "type": "string",
     "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
@@ -158,6 +159,53 @@ SCHEMAS: dict[str, Any] = {
             "password": {"type": "string", "description": "a new SMTP password (stored as a salted scrypt hash)"},
             "clear_password": {"type": "boolean", "description": "no SMTP AUTH any more (needs a bound network)"},
             "allow_wide_network": {"type": "boolean"},
+        },
+    },
+    "QueueEntry": {
+        "type": "object",
+        "required": ["queue_id", "account", "sender", "status", "pending", "recipients", "attempts"],
+        "properties": {
+            "queue_id": {"type": "string"},
+            "account": {"type": ["string", "null"], "description": "null: a bounce the relay made"},
+            "sender": {"type": "string"},
+            "received_at": {"type": "number", "description": "Unix seconds"},
+            "status": {
+                "enum": ["ready", "active", "deferred", "held"],
+                "description": "ready: attempted now; active: being attempted; deferred: waiting; held",
+            },
+            "pending": {"type": "array", "items": {"type": "string"}},
+            "recipients": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "address": {"type": "string"},
+                        "status": {
+                            "enum": ["pending", "deferred", "delivered", "soft_bounced", "hard_bounced", "deleted"]
+                        },
+                        "reply": {"type": "string"},
+                    },
+                },
+            },
+            "attempts": COUNT,
+            "last_attempt_at": {"type": ["number", "null"]},
+            "next_attempt_at": {"type": ["number", "null"]},
+            "last_reply": {"type": "string"},
+            "reported": {"type": "boolean", "description": "delete only: the meter has every result"},
+        },
+    },
+    "QueueFlush": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "exactly one of the three",
+        "properties": {"queue_id": TEXT, "account": TEXT, "all": {"type": "boolean"}},
+    },
+    "QueueFlushResult": {
+        "type": "object",
+        "required": ["flushed", "skipped"],
+        "properties": {
+            "flushed": {"type": "array", "items": {"type": "string"}},
+            "skipped": {"type": "array", "items": ANY_OBJECT},
         },
     },
     "NewAccount": {
@@ -797,6 +845,61 @@ PATHS: dict[str, dict[str, Any]] = {
                 },
             ],
             errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/queue": {
+        "get": _op(
+            "The messages in the running relay's queue, oldest first (`queue list`)",
+            _json(_array("QueueEntry"), "The queue"),
+            params=[
+                {
+                    "name": "account",
+                    "in": "query",
+                    "required": False,
+                    "schema": TEXT,
+                    "description": "only this account's messages",
+                }
+            ],
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/queue/flush": {
+        "post": _op(
+            "Attempt now: one message, an account's, or all (`queue flush`)",
+            _json(_ref("QueueFlushResult"), "What will be attempted now, and what was not flushed and why"),
+            body=_ref("QueueFlush"),
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/queue/{id}": {
+        "get": _op(
+            "One message: every recipient with its state and last reply (`queue show`)",
+            _json(_ref("QueueEntry"), "The message"),
+            params=[QUEUE_ID],
+            errors=(400, 401, 404, 503),
+        ),
+        "delete": _op(
+            "Delete a message: each pending recipient gets the final result 'deleted by operator', a Soft"
+            " Bounce of sub-type deleted_by_operator, so the books still balance (`queue delete`)",
+            _json(_ref("QueueEntry"), "The message as deleted; `reported`: the meter has every result"),
+            params=[QUEUE_ID],
+            errors=(400, 401, 404, 409, 503),
+        ),
+    },
+    "/v1/queue/{id}/hold": {
+        "post": _op(
+            "Hold a message: not attempted until released (`queue hold`)",
+            _json(_ref("QueueEntry"), "The message"),
+            params=[QUEUE_ID],
+            errors=(400, 401, 404, 409, 503),
+        ),
+    },
+    "/v1/queue/{id}/release": {
+        "post": _op(
+            "Release a held message: attempted at once (`queue release`)",
+            _json(_ref("QueueEntry"), "The message"),
+            params=[QUEUE_ID],
+            errors=(400, 401, 404, 409, 503),
         ),
     },
     "/v1/webhooks/payment": {

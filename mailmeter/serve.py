@@ -15,6 +15,7 @@ import structlog
 
 from mailmeter.api import ApiDeps, ApiServer, build_app
 from mailmeter.config import Config, ConfigError, load_config
+from mailmeter.control import QueueClient, spool_sockets
 from mailmeter.metering.records import StoreUnavailable
 from mailmeter.node import Relay
 from mailmeter.sdnotify import Notifier
@@ -32,8 +33,9 @@ def build_relay(config: Config, primary: bool = True) -> Relay:
 async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
     """The admin API of a running relay, on `sock` (bound by bind_api to `api.address`:`api.port`)."""
     config = relay.config
+    queue = QueueClient(spool_sockets(config))
     deps = ApiDeps(
-        service_for=lambda actor: AdminService(relay.meter, relay.billing, actor),
+        service_for=lambda actor: AdminService(relay.meter, relay.billing, actor, queue),
         tokens=config.api_tokens(),
         webhook_secret=config.read_secret("api.payment_webhook_secret_file", config.api.payment_webhook_secret_file),
         webhook_tolerance=config.api.webhook_tolerance,

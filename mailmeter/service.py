@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
+from mailmeter.control import QueueClient, QueueRefused, RelayNotRunning
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.export import export_csv, month_of
 from mailmeter.metering.meter import (
@@ -52,6 +53,10 @@ class NotFound(AdminError):
 
 class Conflict(AdminError):
     """The change clashes with what exists (HTTP 409)."""
+
+
+class Unavailable(AdminError):
+    """What is asked needs something that does not answer, like the running relay (HTTP 503)."""
 
 
 PAYMENT_EVENTS = ("charge.succeeded", "charge.failed", "payment_method.updated")
@@ -166,11 +171,13 @@ def _monthly_payment(text: str, currency: Currency) -> int:
 
 @dataclass
 class AdminService:
-    """The operator's actions; `actor` (a token NAME, `cli:USER`) is who the audit trail names."""
+    """The operator's actions; `actor` (a token NAME, `cli:USER`) is who the audit trail names;
+    `queue` reaches the running node's queue (mailmeter/control.py)."""
 
     meter: Meter
     billing: Billing
     actor: str
+    queue: QueueClient | None = None
 
     def as_actor(self, actor: str) -> AdminService:
         """The same service acting for someone else (one API request's token NAME)."""
@@ -629,6 +636,99 @@ class AdminService:
             "payment_state": account.payment_state,
         }
 
+    # -- the queue (the running node's, through its control socket) ----------------------
+
+    async def _ask(self, request: dict[str, Any], queue_id: str | None = None) -> Any:
+        if self.queue is None:
+            raise Unavailable("this service has no queue to manage")
+        try:
+            if queue_id is None:
+                return await self.queue.ask_all(request)
+            if not queue_id or len(queue_id) > 64 or not queue_id.isalnum() or not queue_id.isascii():
+                raise NotFound(f"no message {queue_id!r} in the queue: a queue id is letters and digits")
+            return await self.queue.ask_holder(queue_id, request)
+        except RelayNotRunning as error:
+            raise Unavailable(str(error)) from None
+        except QueueRefused as refused:
+            if refused.kind == "not_found":
+                raise NotFound(str(refused)) from None
+            if refused.kind == "busy":
+                raise Conflict(str(refused)) from None
+            raise AdminError(str(refused)) from None
+
+    async def queue_list(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Every message in the queue (of every process of the node), oldest first."""
+        if account is not None:
+            await self.meter.account(account)  # an unknown name is an error, not an empty queue
+        entries = [entry for node in await self._ask({"op": "list"}) for entry in node]
+        if account is not None:
+            entries = [entry for entry in entries if entry["account"] == account]
+        return sorted(entries, key=lambda entry: (entry["received_at"], entry["queue_id"]))
+
+    async def queue_show(self, queue_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._ask({"op": "show"}, queue_id)
+        return result
+
+    async def queue_flush(
+        self, queue_id: str | None = None, account: str | None = None, everything: bool = False
+    ) -> dict[str, Any]:
+        """Attempt now (Postfix's `postqueue -f` / `-i`): one message, an account's, or all."""
+        if sum((queue_id is not None, account is not None, everything)) != 1:
+            raise AdminError("say what to flush: a queue id, an account (--account NAME) or everything (--all)")
+        target = account or "queue"
+        if queue_id is not None:
+            target = (await self.queue_show(queue_id))["account"] or "queue"
+            result: dict[str, Any] = await self._ask({"op": "flush", "queue_ids": [queue_id]}, queue_id)
+        else:
+            ids = None if account is None else [e["queue_id"] for e in await self.queue_list(account)]
+            answers = await self._ask({"op": "flush", "queue_ids": ids})
+            result = {
+                "flushed": [q for answer in answers for q in answer["flushed"]],
+                "skipped": [s for answer in answers for s in answer["skipped"] if s["reason"] != "not in the queue"],
+            }
+        await self._queue_audit("queue.flush", target, None, None, {"queue_id": queue_id, **result})
+        return result
+
+    async def queue_hold(self, queue_id: str, held: bool = True) -> dict[str, Any]:
+        """Hold a message (not attempted until released) or release it (attempted at once)."""
+        before = await self.queue_show(queue_id)
+        after: dict[str, Any] = await self._ask({"op": "hold" if held else "release"}, queue_id)
+        await self._queue_audit(
+            "queue.hold" if held else "queue.release",
+            after["account"] or "queue",
+            before,
+            after,
+            {"queue_id": queue_id},
+        )
+        return after
+
+    async def queue_delete(self, queue_id: str) -> dict[str, Any]:
+        """Delete a message: each recipient still pending gets the final result "deleted by
+        operator" (a Soft Bounce, sub-type deleted_by_operator), so the books still balance."""
+        before = await self.queue_show(queue_id)
+        after: dict[str, Any] = await self._ask({"op": "delete"}, queue_id)
+        deleted = [r["address"] for r in after["recipients"] if r["status"] == "deleted"]
+        await self._queue_audit(
+            "queue.delete", after["account"] or "queue", before, after, {"queue_id": queue_id, "recipients": deleted}
+        )
+        return after
+
+    async def _queue_audit(
+        self, action: str, target: str, before: object, after: object, detail: dict[str, Any]
+    ) -> None:
+        audit_id = await self.meter.store.add_audit_event(
+            self.meter.clock(), self.actor, action, target, before, after, detail
+        )
+        structlog.get_logger("mailmeter.audit").info(
+            "admin.change",
+            actor=self.actor,
+            action=action,
+            target=target,
+            queue_id=detail.get("queue_id"),
+            audit_id=audit_id,
+            result="ok",
+        )
+
     # -- invoices -----------------------------------------------------------------------
 
     async def invoices(self, name: str) -> list[dict[str, Any]]:
@@ -942,4 +1042,4 @@ def switch_json(switch: PlanSwitch) -> dict[str, Any]:
     }
 
 
-__all__ = ["AdminError", "AdminService", "Conflict", "NotFound", "UnknownAccount"]
+__all__ = ["AdminError", "AdminService", "Conflict", "NotFound", "Unavailable", "UnknownAccount"]

@@ -183,10 +183,11 @@ def _credits_not_recorded(account: Account, plan: Plan, period: Period) -> int:
     return due
 
 
-def result_category(verdict: Result, code: int | None, enhanced: str | None) -> tuple[Result, str]:
+def result_category(verdict: Result | str, code: int | None, enhanced: str | None) -> tuple[Result, str]:
     """The billing category and sub-type of a delivery verdict (deferred stays deferred,
-    with the sub-type its reply would have if it never clears)."""
-    classified = classify(verdict.value, code, enhanced)
+    with the sub-type its reply would have if it never clears; deleted, by the operator,
+    is a Soft Bounce of sub-type deleted_by_operator)."""
+    classified = classify(str(verdict), code, enhanced)
     if classified is None:
         return Result.DEFERRED, classify_failure(code, enhanced, permanent=False).reason
     return Result(classified.category), classified.reason
@@ -829,7 +830,7 @@ class Meter:
         the results reported while a transaction is in flight go together in the next
         one (metering/batching.py).
         """
-        category, reason = result_category(Result(result), code, enhanced)
+        category, reason = result_category(result, code, enhanced)
         now = self.clock()
         plans = self.plans
         if self._results is not None:

@@ -33,6 +33,7 @@ Reason = Literal[
     "not_exist",
     "reject",
     "junk_mail",
+    "deleted_by_operator",
 ]
 
 SOFT_REASONS: tuple[Reason, ...] = ("mailbox_full", "message_too_large", "server_unavailable")
@@ -48,6 +49,9 @@ class ResultClass:
 
 
 DELIVERED = ResultClass("delivered", "")
+# Not a reply's meaning: the operator deleted the message from the queue (`mailmeter queue
+# delete`) before it had a final result. A Soft Bounce: the address was never judged bad.
+DELETED_BY_OPERATOR = ResultClass("soft_bounced", "deleted_by_operator")
 
 
 def _soft(reason: Reason) -> ResultClass:
@@ -232,12 +236,15 @@ def classify(delivery: str, code: int | None, enhanced: str | None) -> ResultCla
     """A delivery verdict's billing category; None while it is not final (deferred).
 
     delivery: the relay's verdict: delivered, deferred, soft_bounced (temporary failures
-    until the queue's maximum age) or hard_bounced (refused permanently, not retried).
+    until the queue's maximum age), hard_bounced (refused permanently, not retried) or
+    deleted (the operator deleted the message from the queue: a Soft Bounce).
     """
     if delivery == "delivered":
         return DELIVERED
     if delivery == "deferred":
         return None
+    if delivery == "deleted":
+        return DELETED_BY_OPERATOR
     if delivery not in ("soft_bounced", "hard_bounced"):
         raise ValueError(f"unknown delivery verdict {delivery!r}")
     return classify_failure(code, enhanced, permanent=delivery == "hard_bounced")
@@ -245,6 +252,7 @@ def classify(delivery: str, code: int | None, enhanced: str | None) -> ResultCla
 
 __all__ = [
     "BY_REPLY_CODE",
+    "DELETED_BY_OPERATOR",
     "DELIVERED",
     "INVALID_REASONS",
     "PERMANENT",

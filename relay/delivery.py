@@ -16,9 +16,10 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -41,7 +42,8 @@ class ResultSink(Protocol):
     result: the delivery verdict (delivered, deferred, soft_bounced: temporary failures
     until `max_age`, hard_bounced: refused permanently); detail: the reply behind it, and
     code / enhanced its reply code and enhanced status code when it has them. What the
-    verdict bills as is the meter's business, not the relay's.
+    verdict bills as is the meter's business, not the relay's. One more verdict is final
+    without an attempt: deleted (the operator deleted the message from the queue).
     """
 
     async def record_result(
@@ -80,6 +82,36 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class QueueEntry:
+    """One message in the queue as the operator sees it (`mailmeter queue list/show`).
+
+    status: ready (to be attempted now), active (being attempted), deferred (waiting for
+    its next attempt) or held. recipients: (address, status, last reply) of each.
+    Times are Unix seconds; next_attempt_at None: held, or not attempted yet.
+    """
+
+    queue_id: str
+    account: str | None  # None: a bounce the relay made
+    sender: str
+    received_at: float
+    status: str
+    pending: list[str]
+    recipients: list[tuple[str, str, str]]
+    attempts: int
+    last_attempt_at: float | None
+    next_attempt_at: float | None
+    last_reply: str
+
+
+class UnknownMessage(LookupError):
+    """No message with this queue id in this spool."""
+
+
+class MessageBusy(RuntimeError):
+    """The message is being attempted (or changed) right now: try again in a moment."""
+
+
+@dataclass(frozen=True)
 class Outcome:
     status: str  # delivered | deferred (retried) | hard_bounced (refused for good, not retried)
     reply: str
@@ -115,6 +147,8 @@ class Delivery:
         self._scheduled: dict[str, asyncio.TimerHandle] = {}
         self._known: dict[str, float] = {}  # queue id -> when this node first queued it
         self._tasks: list[asyncio.Task[None]] = []
+        self._ready_ids: set[str] = set()  # in _ready: a queue id is never there twice
+        self._busy: set[str] = set()  # attempted by a worker or changed by the operator right now
         self._stopping = False
         self._large_senders: ProcessPoolExecutor | None = None  # processes for _send_large, started at the first
 
@@ -126,7 +160,8 @@ class Delivery:
             envelope = await asyncio.to_thread(self.spool.read_envelope, queue_id)
             state = await asyncio.to_thread(self.spool.load_state, envelope)
             self._known[queue_id] = envelope.received_at
-            self._schedule(queue_id, state.next_attempt_at)
+            if not state.held:
+                self._schedule(queue_id, state.next_attempt_at)
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -183,14 +218,19 @@ class Delivery:
             previous.cancel()
         delay = at - self.clock()
         if delay <= 0:
-            self._ready.put_nowait(queue_id)
+            self._make_ready(queue_id)
             return
         loop = asyncio.get_running_loop()
         self._scheduled[queue_id] = loop.call_later(delay, self._due, queue_id)
 
     def _due(self, queue_id: str) -> None:
         self._scheduled.pop(queue_id, None)
-        self._ready.put_nowait(queue_id)
+        self._make_ready(queue_id)
+
+    def _make_ready(self, queue_id: str) -> None:
+        if queue_id not in self._ready_ids:
+            self._ready_ids.add(queue_id)
+            self._ready.put_nowait(queue_id)
 
     # -- workers ----------------------------------------------------------------
 
@@ -201,6 +241,10 @@ class Delivery:
                 queue_id = await self._ready.get()
                 if queue_id == _STOP or self._stopping:
                     return
+                self._ready_ids.discard(queue_id)
+                if queue_id in self._busy:  # the operator is changing it (it says when it is due again)
+                    continue
+                self._busy.add(queue_id)
                 try:
                     await self._attempt(queue_id, connection)
                 except asyncio.CancelledError:
@@ -208,6 +252,8 @@ class Delivery:
                 except Exception as error:  # a bug or disk error must not kill the worker
                     self.log.error("delivery.error", queue_id=queue_id, error=repr(error))
                     self._schedule(queue_id, self.clock() + self.retry.first_delay)
+                finally:
+                    self._busy.discard(queue_id)
         finally:
             client = connection[0]
             if client is not None and client.is_connected:
@@ -222,6 +268,8 @@ class Delivery:
         except FileNotFoundError:
             self._known.pop(queue_id, None)
             return
+        if state.held:
+            return  # `queue release` schedules it again
         pending = state.pending()
         if pending:
             started = time.monotonic()
@@ -357,6 +405,144 @@ class Delivery:
             result="queued",
         )
         self.submit(queue_id)
+
+    # -- the operator's queue commands (mailmeter queue ...) --------------------------
+
+    async def entries(self) -> list[QueueEntry]:
+        """Every message in this spool's queue, oldest first (read in one thread hop)."""
+        read = await asyncio.to_thread(self._read_all)
+        return sorted((self._entry(e, s) for e, s in read), key=lambda entry: (entry.received_at, entry.queue_id))
+
+    def _read_all(self) -> list[tuple[Envelope, QueueState]]:
+        found = []
+        for queue_id in self.spool.active_ids():
+            try:
+                envelope = self.spool.read_envelope(queue_id)
+                found.append((envelope, self.spool.load_state(envelope)))
+            except FileNotFoundError:  # delivered meanwhile
+                continue
+        return found
+
+    async def entry(self, queue_id: str) -> QueueEntry:
+        """One message; UnknownMessage when this spool does not hold it."""
+        envelope, state = await self._load(queue_id)
+        return self._entry(envelope, state)
+
+    async def _load(self, queue_id: str) -> tuple[Envelope, QueueState]:
+        if not _QUEUE_ID.fullmatch(queue_id):
+            raise UnknownMessage(queue_id)
+
+        def read() -> tuple[Envelope, QueueState]:
+            envelope = self.spool.read_envelope(queue_id)
+            return envelope, self.spool.load_state(envelope)
+
+        try:
+            return await asyncio.to_thread(read)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+
+    def _entry(self, envelope: Envelope, state: QueueState) -> QueueEntry:
+        queue_id = envelope.queue_id
+        if state.held:
+            status = "held"
+        elif queue_id in self._busy:
+            status = "active"  # being attempted now
+        elif queue_id in self._ready_ids or not state.attempts:
+            status = "ready"
+        else:
+            status = "deferred"
+        replies = [r.reply for r in state.recipients if r.reply and r.status != "delivered"]
+        return QueueEntry(
+            queue_id=queue_id,
+            account=envelope.account,
+            sender=envelope.mail_from,
+            received_at=envelope.received_at,
+            status=status,
+            pending=[r.address for r in state.pending()],
+            recipients=[(r.address, r.status, r.reply) for r in state.recipients],
+            attempts=state.attempts,
+            last_attempt_at=state.last_attempt_at or None,
+            next_attempt_at=None if state.held else max(state.next_attempt_at, 0.0) or None,
+            last_reply=replies[-1] if replies else "",
+        )
+
+    def flush(self, queue_ids: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+        """Attempt these messages now (Postfix's `postqueue -i`); (flushed, [(id, why not)])."""
+        flushed, skipped = [], []
+        for queue_id in queue_ids:
+            if queue_id not in self._known:
+                skipped.append((queue_id, "not in the queue"))
+            elif queue_id in self._busy:
+                skipped.append((queue_id, "being attempted right now"))
+            elif queue_id not in self._scheduled and queue_id not in self._ready_ids:  # only a held one is neither
+                skipped.append((queue_id, "held: release it first (mailmeter queue release)"))
+            else:
+                self._schedule(queue_id, 0.0)
+                flushed.append(queue_id)
+        return flushed, skipped
+
+    async def hold(self, queue_id: str, held: bool) -> QueueEntry:
+        """Hold (no attempt until released) or release a message; a release attempts it now."""
+        async with self._operating(queue_id) as (envelope, state):
+            if state.held != held:
+                state.held = held
+                await asyncio.to_thread(self.spool.save_state, state)
+            previous = self._scheduled.pop(queue_id, None)
+            if previous is not None:
+                previous.cancel()
+            entry = self._entry(envelope, state)
+        if not held:
+            self._schedule(queue_id, 0.0)
+            entry = await self.entry(queue_id)
+        self.log.info(
+            "queue.held" if held else "queue.released", queue_id=queue_id, account=envelope.account, result="ok"
+        )
+        return entry
+
+    async def delete(self, queue_id: str, reply: str) -> tuple[QueueEntry, bool]:
+        """Give every recipient still pending the final result `deleted` (with `reply`), report
+        the results to the meter and forget the message (Postfix's `postsuper -d`, with books
+        that balance). No DSN: the operator deleted it. Returns the message as deleted and
+        whether the meter has every result (else they are reported again shortly)."""
+        async with self._operating(queue_id) as (envelope, state):
+            for recipient in state.pending():
+                recipient.status, recipient.reply, recipient.reported = "deleted", reply, False
+                state.bounced.append(recipient.address)  # no DSN for these
+                self.observer.delivery_result("deleted", 1)
+            state.held = False
+            await asyncio.to_thread(self.spool.save_state, state)
+            previous = self._scheduled.pop(queue_id, None)
+            if previous is not None:
+                previous.cancel()
+            reported = await self._report(state, persist=True)
+            entry = self._entry(envelope, state)
+            if state.done:
+                self.spool.remove(queue_id)
+                self._known.pop(queue_id, None)
+        if not state.done:
+            self._schedule(queue_id, self.clock() + min(self.retry.first_delay, 30.0))
+        self.log.info(
+            "queue.deleted",
+            queue_id=queue_id,
+            account=envelope.account,
+            recipients=sum(1 for r in state.recipients if r.status == "deleted"),
+            result="reported" if reported else "report_pending",
+        )
+        return entry, reported
+
+    @asynccontextmanager
+    async def _operating(self, queue_id: str) -> AsyncIterator[tuple[Envelope, QueueState]]:
+        """The message, kept from the workers while the operator changes it."""
+        if queue_id in self._busy:
+            raise MessageBusy(queue_id)
+        envelope, state = await self._load(queue_id)
+        if queue_id in self._busy:  # a worker took it while the files were read
+            raise MessageBusy(queue_id)
+        self._busy.add(queue_id)
+        try:
+            yield envelope, state
+        finally:
+            self._busy.discard(queue_id)
 
     # -- one SMTP conversation upstream ------------------------------------------
 
@@ -630,6 +816,7 @@ def _drop(connection: list[aiosmtplib.SMTP | None]) -> None:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # as aiosmtplib's COMMAND_INJECTION_REGEX
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _STOP = ""  # wakes a worker to exit; never a queue id
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")  # what a queue id the operator names may be (never a path)
 INLINE_READ = 256 * 1024  # spool files up to this are read on the loop (no thread hop)
 LARGE_MESSAGE = 1024 * 1024  # bodies above this are sent from a process of their own (_send_large)
 
@@ -668,4 +855,13 @@ def _summary(recipients: list[RecipientState]) -> str:
     return statuses.pop() if len(statuses) == 1 else "mixed"
 
 
-__all__ = ["Delivery", "RetryPolicy", "UpstreamConfig", "new_queue_id", "sendable_address"]
+__all__ = [
+    "Delivery",
+    "MessageBusy",
+    "QueueEntry",
+    "RetryPolicy",
+    "UnknownMessage",
+    "UpstreamConfig",
+    "new_queue_id",
+    "sendable_address",
+]

@@ -40,7 +40,7 @@ class Envelope:
 @dataclass
 class RecipientState:
     address: str
-    status: str = "pending"  # pending | deferred | delivered | hard_bounced | soft_bounced
+    status: str = "pending"  # pending | deferred | delivered | hard_bounced | soft_bounced | deleted (by the operator)
     reply: str = ""
     reported: bool = True  # has the latest result been recorded in the meter?
 
@@ -53,6 +53,7 @@ class QueueState:
     next_attempt_at: float = 0.0
     last_attempt_at: float = 0.0  # when the latest attempt ended; next_attempt_at - this = the backoff
     bounced: list[str] = field(default_factory=list)  # recipients a DSN was already queued for
+    held: bool = False  # `queue hold`: not attempted until `queue release`
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status in ("pending", "deferred")]

@@ -1,0 +1,187 @@
+"""The queue of a running relay through `mailmeter queue` and the admin API (issue 17 item 2):
+list, show, flush, hold, release and delete, with the books balanced after a delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from tests.conftest import PASSWORD, Upstream, write_config
+from tests.mailmeter.test_accounts_change import mailmeter
+from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (fixtures)
+
+
+async def cli(api: Api, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mailmeter` in a thread: the relay under test runs on this test's event loop and must answer it."""
+    return await asyncio.to_thread(mailmeter, api, *args)
+
+
+SLOW_RETRY = {"retry_first_delay": 300, "retry_max_delay": 4000}  # as in production: 300 s to the next attempt
+
+
+async def send(api: Api, recipients: list[str], subject: str = "queued") -> None:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=api.harness.port, start_tls=False, timeout=10)
+    await client.connect()
+    await client.login("app", PASSWORD)
+    await client.sendmail("app@example.com", recipients, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+    await client.quit()
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.05)
+
+
+async def deferred_entry(api: Api) -> dict[str, Any]:
+    """The one message in the queue once its first attempt was deferred."""
+
+    async def check() -> dict[str, Any] | None:
+        status, entries = await api.call("GET", "/v1/queue")
+        assert status == 200, entries
+        return entries[0] if entries and entries[0]["status"] == "deferred" else None
+
+    entry: dict[str, Any] = await until(check)
+    return entry
+
+
+async def test_flush_delivers_a_deferred_message_now_not_in_300_seconds(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+) -> None:
+    api = await start_api(delivery=SLOW_RETRY)
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 mailbox busy, try again later"
+    await send(api, ["later@dest.test"])
+    entry = await deferred_entry(api)
+    assert entry["status"] == "deferred" and entry["account"] == "app" and entry["sender"] == "app@example.com"
+    assert entry["pending"] == ["later@dest.test"] and entry["last_reply"].startswith("451 4.3.0 mailbox busy")
+    assert entry["next_attempt_at"] - entry["last_attempt_at"] >= 299  # the production backoff
+
+    listed = await cli(api, "queue", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0].startswith(f"{entry['queue_id']}  deferred  account app")
+    assert (
+        "    pending: later@dest.test" in listed.stdout and "-- 1 message(s), 1 recipient(s) pending" in listed.stdout
+    )
+    as_json = json.loads((await cli(api, "queue", "list", "--account", "app", "--json")).stdout)
+    assert [e["queue_id"] for e in as_json] == [entry["queue_id"]]
+
+    del upstream.handler.rcpt_replies["later@dest.test"]  # the upstream is fine again
+    flushed = await cli(api, "queue", "flush", entry["queue_id"])
+    assert flushed.returncode == 0, flushed.stderr
+    assert flushed.stdout.startswith("1 message(s) will be attempted now")
+    await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["later@dest.test"], timeout=10)
+    assert (await until(lambda: _queue_empty(api))) is True
+    usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
+    assert (usage["accepted"], usage["delivered"], usage["deferred"]) == (1, 1, 0)
+    status, events = await api.call("GET", "/v1/audit?account=app&limit=1")
+    assert events[0]["action"] == "queue.flush" and events[0]["detail"]["flushed"] == [entry["queue_id"]]
+
+
+async def _queue_empty(api: Api) -> bool:
+    return (await api.call("GET", "/v1/queue"))[1] == []
+
+
+async def test_hold_stops_attempts_until_release(start_api: Callable[..., Awaitable[Api]], upstream: Upstream) -> None:
+    api = await start_api()  # retries every 0.2-0.5 s (tests/conftest.py)
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
+    await send(api, ["later@dest.test"])
+    entry = await deferred_entry(api)
+    queue_id = entry["queue_id"]
+
+    status, held = await api.call("POST", f"/v1/queue/{queue_id}/hold")
+    assert status == 200 and held["status"] == "held" and held["next_attempt_at"] is None
+    attempts, connections = held["attempts"], upstream.connections
+    await asyncio.sleep(2.0)  # four retry delays at least
+    status, shown = await api.call("GET", f"/v1/queue/{queue_id}")
+    assert (shown["status"], shown["attempts"]) == ("held", attempts)
+    assert upstream.connections == connections
+    flushed = await cli(api, "queue", "flush", "--all")
+    assert "not flushed: held" in flushed.stdout  # a flush does not override a hold
+
+    del upstream.handler.rcpt_replies["later@dest.test"]
+    released = await cli(api, "queue", "release", queue_id)
+    assert released.returncode == 0, released.stderr
+    assert released.stdout.startswith(f"message {queue_id} released")
+    await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["later@dest.test"], timeout=10)
+    status, events = await api.call("GET", "/v1/audit?limit=3")
+    assert [(e["action"], e["target"]) for e in events] == [
+        ("queue.release", "app"),
+        ("queue.flush", "queue"),  # the whole queue's
+        ("queue.hold", "app"),
+    ]
+    assert events[2]["changes"]["status"] == ["deferred", "held"]
+
+
+async def test_delete_gives_a_final_result_and_the_books_balance(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+) -> None:
+    api = await start_api(delivery=SLOW_RETRY)
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
+    await send(api, ["now@dest.test", "later@dest.test"])
+    entry = await deferred_entry(api)
+    assert entry["pending"] == ["later@dest.test"]
+    usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
+    assert (usage["accepted"], usage["delivered"], usage["deferred"]) == (2, 1, 1)
+
+    deleted = await cli(api, "queue", "delete", entry["queue_id"])
+    assert deleted.returncode == 0, deleted.stderr
+    assert "1 recipient(s) got the final result 'deleted by operator' (a soft bounce, recorded)" in deleted.stdout
+    assert await _queue_empty(api)
+    usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
+    finals = usage["delivered"] + usage["soft_bounced"] + usage["hard_bounced"]
+    assert (usage["accepted"], usage["delivered"], usage["soft_bounced"], usage["deferred"]) == (2, 1, 1, 0)
+    assert usage["accepted"] - finals == 0  # nothing awaits a result
+    assert usage["bounce_types"]["soft_bounced"] == {"deleted_by_operator": 1}
+    account = (await api.call("GET", "/v1/accounts/app"))[1]
+    assert account["awaiting_results"] == 0
+    # The operator deleted it: no DSN goes to the sender (the upstream got only the first message).
+    await asyncio.sleep(0.5)
+    assert len(upstream.handler.messages) == 1
+    status, events = await api.call("GET", "/v1/audit?account=app&limit=1")
+    assert events[0]["action"] == "queue.delete" and events[0]["detail"]["recipients"] == ["later@dest.test"]
+    # Gone: an unknown queue id now, for the CLI (exit 1) and the API (404).
+    again = await cli(api, "queue", "delete", entry["queue_id"])
+    assert again.returncode == 1 and f"no message {entry['queue_id']!r} in the queue" in again.stderr
+    assert (await api.call("DELETE", f"/v1/queue/{entry['queue_id']}"))[0] == 404
+    assert (await api.call("GET", "/v1/queue/nope..%2F"))[0] == 404
+    assert (await api.call("POST", "/v1/queue/flush", {"queue_id": "X", "all": True}))[0] == 400
+    # And the account can be deleted now without --force as far as the queue goes.
+    refused = await cli(api, "account", "delete", "app")
+    assert "await a delivery result" not in refused.stderr
+
+
+async def test_the_control_socket_is_the_owners_only_and_a_stopped_relay_is_named(
+    start_api: Callable[..., Awaitable[Api]], tmp_path: Path
+) -> None:
+    api = await start_api()
+    control = api.harness.directory / "spool" / "control"
+    assert stat.S_ISSOCK(os.stat(control).st_mode) and stat.S_IMODE(os.stat(control).st_mode) == 0o600
+    assert (await api.call("GET", "/v1/queue"))[1] == []
+    await api.harness.stop()
+    assert not control.exists()
+
+    stopped = await cli(api, "queue", "list")
+    assert stopped.returncode == 1
+    assert stopped.stderr.count("\n") == 1 and "the relay is not running on spool" in stopped.stderr
+    assert "start it (mailmeter serve" in stopped.stderr
+    other = tmp_path / "never-started"
+    other.mkdir()
+    config = write_config(other, 2526)
+    never = await cli(api, "--config", str(config), "queue", "flush", "--all")
+    assert never.returncode == 1 and "the relay is not running" in never.stderr
