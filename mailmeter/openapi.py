@@ -170,8 +170,9 @@ SCHEMAS: dict[str, Any] = {
             "sender": {"type": "string"},
             "received_at": {"type": "number", "description": "Unix seconds"},
             "status": {
-                "enum": ["ready", "active", "deferred", "held"],
-                "description": "ready: attempted now; active: being attempted; deferred: waiting; held",
+                "enum": ["ready", "active", "deferred", "held", "deleted"],
+                "description": "ready: attempted now; active: being attempted; deferred: waiting; held;"
+                " deleted: what a delete answers",
             },
             "pending": {"type": "array", "items": {"type": "string"}},
             "recipients": {

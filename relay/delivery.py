@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -86,8 +86,9 @@ class QueueEntry:
     """One message in the queue as the operator sees it (`mailmeter queue list/show`).
 
     status: ready (to be attempted now), active (being attempted), deferred (waiting for
-    its next attempt) or held. recipients: (address, status, last reply) of each.
-    Times are Unix seconds; next_attempt_at None: held, or not attempted yet.
+    its next attempt) or held; deleted in what `queue delete` answers. recipients: (address,
+    status, last reply) of each. Times are Unix seconds; next_attempt_at None: held, or not
+    attempted yet.
     """
 
     queue_id: str
@@ -515,7 +516,7 @@ class Delivery:
             if previous is not None:
                 previous.cancel()
             reported = await self._report(state, persist=True)
-            entry = self._entry(envelope, state)
+            entry = replace(self._entry(envelope, state), status="deleted", next_attempt_at=None)
             if state.done:
                 self.spool.remove(queue_id)
                 self._known.pop(queue_id, None)
