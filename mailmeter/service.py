@@ -378,6 +378,12 @@ class AdminService:
             raise Conflict(str(error)) from None
         return deleted.public(self.meter.currency)
 
+    async def _not_deleted(self, name: str) -> None:
+        """Conflict for a deleted account: it is kept for its records, never changed."""
+        account = await self.meter.store.get_account(name)
+        if account is not None and account.deleted_at is not None:
+            raise Conflict(f"account {name!r} was deleted on {account.deleted_at:%Y-%m-%d}; it cannot be changed")
+
     async def overview(self, name: str) -> dict[str, Any]:
         """`account show`: the account, its standing and its current period's usage in one answer."""
         account = in_force(await self.meter.account(name), self.meter.clock())
@@ -419,6 +425,7 @@ class AdminService:
         return await self.set_payment(name, state == "ok", reason)
 
     async def add_balance(self, name: str, amount: str) -> dict[str, Any]:
+        await self._not_deleted(name)
         currency = self.meter.currency
         micros = _money(amount, "amount", currency)
         if micros <= 0:
@@ -438,6 +445,7 @@ class AdminService:
         """Model B's "increase your payment": the account's monthly payment, credited to its
         prepaid balance from the next period on (the current period's credit is already fixed;
         to send more in it, top up the balance)."""
+        await self._not_deleted(name)
         micros = _monthly_payment(amount, self.meter.currency)
         account = await self.meter.account(name)
         plan = self.meter.plans.get(account.plan)
@@ -476,6 +484,7 @@ class AdminService:
         raise AdminError(f"limit {which!r}: choose included, quota or spending")
 
     async def set_email_limit(self, name: str, which: str, emails: int) -> dict[str, Any]:
+        await self._not_deleted(name)
         if which not in ("included", "quota"):
             raise AdminError("limit: choose included (model E's monthly limit) or quota (a hard cap)")
         if emails < 0:
@@ -485,6 +494,7 @@ class AdminService:
         return await self.usage(name)
 
     async def set_spending_limit(self, name: str, amount: str | None) -> dict[str, Any]:
+        await self._not_deleted(name)
         currency = self.meter.currency
         micros = None if amount in (None, "none") else _money(str(amount), "amount", currency)
         if micros is not None and micros < 0:
@@ -498,6 +508,7 @@ class AdminService:
 
     async def set_plan(self, name: str, plan: object) -> dict[str, Any]:
         """Move the account to `plan`: an upgrade at once, any other change when the period ends."""
+        await self._not_deleted(name)
         if not isinstance(plan, str) or not plan:
             raise AdminError("plan: name a plan the config defines (GET /v1/plans lists them)")
         if plan not in self.meter.plans:

@@ -507,8 +507,7 @@ class Delivery:
         whether the meter has every result (else they are reported again shortly)."""
         async with self._operating(queue_id) as (envelope, state):
             for recipient in state.pending():
-                recipient.status, recipient.reply, recipient.reported = "deleted", reply, False
-                state.bounced.append(recipient.address)  # no DSN for these
+                recipient.status, recipient.reply, recipient.reported = "deleted", reply, False  # no DSN (_bounce)
                 self.observer.delivery_result("deleted", 1)
             state.held = False
             await asyncio.to_thread(self.spool.save_state, state)

@@ -158,8 +158,15 @@ async def test_delete_is_refused_with_mail_in_the_queue_then_forced_and_the_reco
     assert status == 409 and "never reused" in error["error"]
     assert (await api.call("GET", "/v1/accounts"))[1] == []
     assert [a["name"] for a in (await api.call("GET", "/v1/accounts?deleted=true"))[1]] == ["app"]
-    status, error = await api.call("POST", "/v1/accounts/app/resume")
-    assert status == 409 and "deleted" in error["error"]
+    for method, path, body in (
+        ("POST", "/v1/accounts/app/resume", None),
+        ("PATCH", "/v1/accounts/app", {"add_domains": ["example.net"]}),
+        ("POST", "/v1/accounts/app/balance", {"amount": "5.00"}),
+        ("PUT", "/v1/accounts/app/limits/quota", {"emails": 5}),
+        ("PUT", "/v1/accounts/app/plan", {"plan": "tiny"}),
+    ):
+        status, error = await api.call(method, path, body)
+        assert status == 409 and "was deleted on" in error["error"], (path, error)
     again = mailmeter(api, "account", "delete", "app", "--force")
     assert again.returncode == 1 and "already deleted" in again.stderr
     listed = mailmeter(api, "account", "list", "--deleted")

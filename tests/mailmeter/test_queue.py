@@ -185,3 +185,38 @@ async def test_the_control_socket_is_the_owners_only_and_a_stopped_relay_is_name
     config = write_config(other, 2526)
     never = await cli(api, "--config", str(config), "queue", "flush", "--all")
     assert never.returncode == 1 and "the relay is not running" in never.stderr
+
+
+async def test_a_held_message_stays_held_across_a_restart(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+) -> None:
+    api = await start_api()
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
+    await send(api, ["later@dest.test"])
+    queue_id = (await deferred_entry(api))["queue_id"]
+    attempts = (await api.call("POST", f"/v1/queue/{queue_id}/hold"))[1]["attempts"]
+    await api.harness.stop()
+    await api.harness.start()
+    await asyncio.sleep(1.5)  # several retry delays
+    status, entry = await api.call("GET", f"/v1/queue/{queue_id}")
+    assert status == 200 and (entry["status"], entry["attempts"]) == ("held", attempts)
+    await api.call("POST", f"/v1/queue/{queue_id}/release")
+    later = await until(lambda: _attempted_since(api, queue_id, attempts))
+    assert later["attempts"] > attempts
+
+
+async def _attempted_since(api: Api, queue_id: str, attempts: int) -> dict[str, Any] | None:
+    status, entry = await api.call("GET", f"/v1/queue/{queue_id}")
+    return entry if status == 200 and entry["attempts"] > attempts else None
+
+
+async def test_a_spool_path_too_long_for_a_unix_socket_still_has_its_control_socket(
+    start_api: Callable[..., Awaitable[Api]],
+) -> None:
+    api = await start_api(spool={"path": "a-spool-directory-with-a-long-name/" * 4 + "spool"})
+    control = api.harness.directory / ("a-spool-directory-with-a-long-name/" * 4 + "spool") / "control"
+    assert len(str(control)) > 108 and stat.S_ISSOCK(os.stat(control).st_mode)
+    assert (await api.call("GET", "/v1/queue"))[1] == []
+    listed = await cli(api, "queue", "list")
+    assert listed.returncode == 0 and listed.stdout == "-- 0 message(s), 0 recipient(s) pending\n"

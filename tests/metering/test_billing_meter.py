@@ -728,3 +728,21 @@ async def test_an_existing_database_upgrades_with_its_invoiced_periods_settled(t
         assert account.monthly_payments == () and account.prepaid_balance == 7_000_000
     finally:
         await store.close()
+
+
+async def test_a_deleted_account_is_invoiced_for_the_period_it_was_deleted_in_and_no_later(world: World) -> None:
+    """`account delete` (issue 17): the period of the deletion is invoiced when it ends (its
+    usage stays billed), no period after it is, and the account no longer logs in."""
+    await add(world, "gone", "per-email-threshold", date(2026, 4, 1))
+    world.clock.set("2026-04-10T10:00:00+00:00")
+    assert await world.send("gone", 1000) == 1000
+    world.clock.set("2026-04-20T10:00:00+00:00")
+    deleted = await world.meter.delete_account("gone")
+    assert deleted.deleted_at == world.clock.now and deleted.suspended
+    assert await world.meter.authenticate("gone", b"pw") is None
+    assert (await world.meter.reserve("gone", None, 1)).refusal == "suspended"
+    world.clock.set("2026-07-02T12:00:00+00:00")
+    assert await world.billing.close_due_periods() == ["INV-gone-20260401"]
+    assert await world.billing.close_due_periods() == []
+    [invoice] = await world.meter.store.invoices((await world.meter.account("gone")).id)
+    assert json.loads(invoice.body)["period_start"].startswith("2026-04-01")
