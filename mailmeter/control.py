@@ -9,7 +9,7 @@ socket of its own (mailmeter/workers.py), and a question goes to each.
 
 One request per connection: a JSON object on one line ({"op": "list"}, {"op": "hold",
 "queue_id": "..."}), answered with one line: {"result": ...} or {"error": "...", "kind":
-"not_found" | "busy" | "bad_request"}.
+"not_found" | "busy" | "bad_request" | "failed"}.
 """
 
 from __future__ import annotations
@@ -124,12 +124,13 @@ class ControlServer:
                 }
             except (ValueError, KeyError, TypeError) as error:
                 answer = {"error": f"bad request: {error}", "kind": "bad_request"}
+            except Exception as error:  # a disk error, or a bug: said to the client and logged
+                self.log.error("control.error", error=repr(error), result="failed")
+                answer = {"error": f"the relay could not do it ({error!r}); see its log", "kind": "failed"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
-        except Exception as error:  # a bug: the client gets no answer, the log says why
-            self.log.error("control.error", error=repr(error))
         finally:
             writer.close()
 

@@ -665,6 +665,8 @@ class AdminService:
                 raise NotFound(str(refused)) from None
             if refused.kind == "busy":
                 raise Conflict(str(refused)) from None
+            if refused.kind == "failed":
+                raise Unavailable(str(refused)) from None
             raise AdminError(str(refused)) from None
 
     async def queue_list(self, account: str | None = None) -> list[dict[str, Any]]:

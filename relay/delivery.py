@@ -541,6 +541,10 @@ class Delivery:
         self._busy.add(queue_id)
         try:
             yield envelope, state
+        except BaseException:  # the change failed (a disk error): the message goes on as it was
+            if queue_id in self._known and queue_id not in self._scheduled:
+                self._schedule(queue_id, max(state.next_attempt_at, self.clock() + 1.0))
+            raise
         finally:
             self._busy.discard(queue_id)
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
-from tests.conftest import PASSWORD, Upstream, write_config
+from tests.conftest import PASSWORD, Upstream, free_port, write_config
 from tests.mailmeter.test_accounts_change import mailmeter
 from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (fixtures)
 
@@ -220,3 +222,63 @@ async def test_a_spool_path_too_long_for_a_unix_socket_still_has_its_control_soc
     assert (await api.call("GET", "/v1/queue"))[1] == []
     listed = await cli(api, "queue", "list")
     assert listed.returncode == 0 and listed.stdout == "-- 0 message(s), 0 recipient(s) pending\n"
+
+
+async def test_the_queue_of_every_process_of_a_node(tmp_path: Path, upstream: Upstream) -> None:
+    """listen.processes: 2: each worker has its spool and control socket; `queue` asks both."""
+    from tests.mailmeter.test_cli_and_service import add
+    from tests.mailmeter.test_service_signals import launch
+
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        upstream.port,
+        listen={"address": "127.0.0.1", "port": port, "processes": 2},
+        delivery=SLOW_RETRY,
+    )
+    assert add(config).returncode == 0
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
+    svc = await launch(config, tmp_path)
+    try:
+        await svc.notification("READY=1", timeout=30)
+        assert (tmp_path / "spool" / "control").is_socket()
+        assert (tmp_path / "spool" / "worker-1" / "control").is_socket()
+
+        async def one(n: int) -> None:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+            await client.connect()
+            await client.login("app", PASSWORD)
+            await client.sendmail("app@example.com", ["later@dest.test"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+            await client.quit()
+
+        await asyncio.gather(*(one(n) for n in range(12)))
+
+        async def listed() -> list[dict[str, Any]] | None:
+            run = await asyncio.to_thread(_cli, config, "queue", "list", "--json")
+            entries: list[dict[str, Any]] = json.loads(run.stdout)
+            return entries if len(entries) == 12 and all(e["status"] == "deferred" for e in entries) else None
+
+        await until(listed, timeout=20)
+        spools = [tmp_path / "spool" / "active", tmp_path / "spool" / "worker-1" / "active"]
+        held = [[p for p in spool.iterdir() if "." not in p.name] for spool in spools]
+        assert all(held) and sum(map(len, held)) == 12  # both workers hold some (2 in 4096 runs: not)
+        del upstream.handler.rcpt_replies["later@dest.test"]
+        flushed = await asyncio.to_thread(_cli, config, "queue", "flush", "--all")
+        assert flushed.stdout.startswith("12 message(s) will be attempted now"), flushed.stdout + flushed.stderr
+        await upstream.handler.wait_for(lambda: len(upstream.handler.delivered_to()) == 12, timeout=20)
+    finally:
+        try:
+            os.killpg(svc.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await svc.process.wait()
+        svc.notify.close()
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailmeter.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
