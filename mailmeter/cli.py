@@ -160,7 +160,7 @@ def cmd_account_suspend(config: Config, args: argparse.Namespace) -> int:
         suspended = args.sub == "suspend"
         account = await service.suspend(args.name, suspended)
         if suspended:
-            print(f"account {account['name']} suspended: sessions get 451 4.7.1 at their next MAIL or RCPT")
+            print(f"account {account['name']} suspended: open sessions get 452 4.7.1 at their next RCPT (451 at MAIL)")
         else:
             print(f"account {account['name']} resumed: sending resumes at the next SMTP command")
         return 0
@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     change.add_argument("--json", action="store_true")
     for verb, what in (
-        ("suspend", "stop the account's sending, live (451 4.7.1 at an open session's next MAIL or RCPT)"),
+        ("suspend", "stop the account's sending, live (an open session gets 452 4.7.1 at its next RCPT, 451 at MAIL)"),
         ("resume", "let a suspended account send again, live"),
     ):
         pause = sub(account, verb, what, cmd_account_suspend)

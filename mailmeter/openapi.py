@@ -676,7 +676,7 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/accounts/{name}/suspend": {
         "post": _op(
-            "Suspend sending, live: an open session gets 451 4.7.1 at its next MAIL or RCPT",
+            "Suspend sending, live: an open session gets 452 4.7.1 at its next RCPT (451 at MAIL)",
             _json(_ref("Account"), "The account after the change"),
             params=[ACCOUNT],
             errors=(400, 401, 404, 409, 503),
