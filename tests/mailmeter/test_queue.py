@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosmtplib
 
-from tests.conftest import PASSWORD, Upstream, free_port, write_config
+from tests.conftest import PASSWORD, Upstream, UpstreamHandler, free_port, write_config
 from tests.mailmeter.test_accounts_change import mailmeter
 from tests.mailmeter.test_api import NEW_ACCOUNT, Api, start_api  # noqa: F401 (fixtures)
 
@@ -282,3 +282,39 @@ def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+class StalledUpstream(UpstreamHandler):
+    """An upstream that holds every message at its end of data until `go` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await self.go.wait()
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_message_being_delivered_cannot_be_held_or_deleted_meanwhile(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+) -> None:
+    stalled = StalledUpstream()
+    upstream.handler = stalled
+    api = await start_api()
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    await send(api, ["slow@dest.test"])
+
+    async def active() -> dict[str, Any] | None:
+        entries = (await api.call("GET", "/v1/queue"))[1]
+        return entries[0] if entries and entries[0]["status"] == "active" else None
+
+    queue_id = (await until(active))["queue_id"]
+    for method, path in (("DELETE", f"/v1/queue/{queue_id}"), ("POST", f"/v1/queue/{queue_id}/hold")):
+        status, error = await api.call(method, path)
+        assert status == 409 and "being delivered right now; try again in a moment" in error["error"]
+    busy = await cli(api, "queue", "delete", queue_id)
+    assert busy.returncode == 1 and "being delivered right now" in busy.stderr
+    stalled.go.set()
+    await stalled.wait_for(lambda: stalled.delivered_to() == ["slow@dest.test"])
+    assert await until(lambda: _queue_empty(api))
