@@ -182,6 +182,22 @@ def cmd_account_plan(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def cmd_account_rate(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        if args.rate is None:
+            result = await service.sending_rate(args.name)
+        else:
+            result = await service.set_sending_rate(args.name, args.rate)
+        if args.json:
+            _emit(result, True)
+            return 0
+        own = result["account_rate"] or f"none (the plan's: {result['plan_rate'] or 'no rate'})"
+        print(f"account {args.name}: sending rate {result['rate'] or 'unlimited'} (own setting: {own})")
+        return 0
+
+    return _run(config, action)
+
+
 def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         _emit(await service.set_limit(args.name, args.which, args.value), True)
@@ -362,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     change_plan.add_argument("name")
     change_plan.add_argument("plan", help="a plan defined in the config")
     change_plan.add_argument("--json", action="store_true")
+
+    rate = sub(
+        account,
+        "rate",
+        "set an account's sending rate (live at the next RCPT), or show it without RATE",
+        cmd_account_rate,
+    )
+    rate.add_argument("name")
+    rate.add_argument(
+        "rate",
+        nargs="?",
+        help="like 100/minute (per second, minute, hour or day); none: the plan's rate; unlimited: no rate",
+    )
+    rate.add_argument("--json", action="store_true")
 
     usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")

@@ -654,6 +654,8 @@ class _Handler:
         server.reserving = None
         if grant.granted < 1:
             server.refused += 1
+            if grant.refusal == "rate_limited" and grant.rate is not None:
+                return replies.rate_reached(grant.rate, account, grant.retry_after or 1)
             return replies.rcpt_refused(grant.refusal or "quota_exhausted")
         server.add_recipient(envelope, address, options)
         return replies.RECIPIENT_OK
