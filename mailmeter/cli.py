@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -318,8 +319,17 @@ def _count(text: str) -> int:
     return value
 
 
+def installed_version() -> str:
+    """The installed package's version (pyproject.toml's), as `mailmeter --version` prints it."""
+    try:
+        return metadata.version("mailmeter")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed; pip install . to record it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailmeter", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mailmeter {installed_version()}")
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"config file (default: $MAILMETER_CONFIG or {DEFAULT_CONFIG})"
     )

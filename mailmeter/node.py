@@ -159,6 +159,7 @@ class Relay:
             settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit, observer=metrics
         )
         metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
+        metrics.watch_leases(lambda: meter.leases)
         notices_config = config.billing.notices
         notices = NoticeSender(
             store,
