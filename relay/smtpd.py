@@ -226,8 +226,10 @@ class RelaySMTP(SMTP):
 
     def _tracked(self, name: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
         """aiosmtpd's handler of `name`, noting the command while it runs: a refusal it
-        sends is logged with the command it answers."""
+        sends is logged with the command it answers. (HELP reads the @syntax attributes
+        of these: the wrapper carries them.)"""
 
+        @functools.wraps(method)
         async def run(arg: str | None) -> None:
             self.command = name
             try:
