@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import time
@@ -270,3 +271,8 @@ async def test_the_rate_is_set_by_the_api_and_the_cli_and_audited(
     assert [e["changes"]["sending_rate"] for e in events] == [["unlimited", None], ["100/minute", "unlimited"]]
     status, account = await api.call("GET", "/v1/accounts/app")
     assert account["sending_rate"] is None
+    await asyncio.to_thread(mailmeter, config, "account", "rate", "app", "50/day")
+    shown = await asyncio.to_thread(mailmeter, config, "account", "rate", "app", "--json")  # no RATE: show it
+    assert shown.returncode == 0 and json.loads(shown.stdout)["rate"] == "50/day"
+    ghost = await asyncio.to_thread(mailmeter, config, "account", "rate", "ghost", "1/day")
+    assert ghost.returncode == 1 and "no account named 'ghost'" in ghost.stderr
