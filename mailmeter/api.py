@@ -408,6 +408,17 @@ async def set_limit(request: web.Request, service: AdminService) -> web.Response
     return web.json_response(await service.set_limit(request.match_info["name"], which, value))
 
 
+async def get_rate(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.sending_rate(request.match_info["name"]))
+
+
+async def set_rate(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("rate",))
+    if "rate" not in data:
+        raise BadRequest('rate: this field is required (like "100/minute", or "none" or "unlimited")')
+    return web.json_response(await service.set_sending_rate(request.match_info["name"], data["rate"]))
+
+
 async def charges(request: web.Request, service: AdminService) -> web.Response:
     return web.json_response(await service.charges(request.match_info["name"], request.query.get("status")))
 
@@ -585,6 +596,8 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_put("/v1/accounts/{name}/monthly-payment", authenticated(monthly_payment))
     routes.add_post("/v1/accounts/{name}/repay", authenticated(repay))
     routes.add_put("/v1/accounts/{name}/limits/{which}", authenticated(set_limit))
+    routes.add_get("/v1/accounts/{name}/rate", authenticated(get_rate))
+    routes.add_put("/v1/accounts/{name}/rate", authenticated(set_rate))
     routes.add_get("/v1/accounts/{name}/charges", authenticated(charges))
     routes.add_post("/v1/charges/settle", authenticated(settle_charge))
     routes.add_put("/v1/accounts/{name}/plan", authenticated(set_plan))

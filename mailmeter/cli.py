@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +385,22 @@ def cmd_account_plan(config: Config, args: argparse.Namespace) -> int:
     return _run(config, action)
 
 
+def cmd_account_rate(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        if args.rate is None:
+            result = await service.sending_rate(args.name)
+        else:
+            result = await service.set_sending_rate(args.name, args.rate)
+        if args.json:
+            _emit(result, True)
+            return 0
+        own = result["account_rate"] or f"none (the plan's: {result['plan_rate'] or 'no rate'})"
+        print(f"account {args.name}: sending rate {result['rate'] or 'unlimited'} (own setting: {own})")
+        return 0
+
+    return _run(config, action)
+
+
 def cmd_limit(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         _emit(await service.set_limit(args.name, args.which, args.value), True)
@@ -504,8 +521,17 @@ def _count(text: str) -> int:
     return value
 
 
+def installed_version() -> str:
+    """The installed package's version (pyproject.toml's), as `mailmeter --version` prints it."""
+    try:
+        return metadata.version("mailmeter")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed; pip install . to record it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailmeter", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mailmeter {installed_version()}")
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"config file (default: $MAILMETER_CONFIG or {DEFAULT_CONFIG})"
     )
@@ -635,6 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
     flush.add_argument("--account", help="every message of this account")
     flush.add_argument("--all", action="store_true", help="every message in the queue")
     flush.add_argument("--json", action="store_true")
+    rate = sub(
+        account,
+        "rate",
+        "set an account's sending rate (live at the next RCPT), or show it without RATE",
+        cmd_account_rate,
+    )
+    rate.add_argument("name")
+    rate.add_argument(
+        "rate",
+        nargs="?",
+        help="like 100/minute (per second, minute, hour or day); none: the plan's rate; unlimited: no rate",
+    )
+    rate.add_argument("--json", action="store_true")
 
     usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")

@@ -33,6 +33,7 @@ from mailmeter.relay.abuse import AuthLimits
 from mailmeter.relay.delivery import Delivery, RetryPolicy, UpstreamConfig
 from mailmeter.relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
 from mailmeter.relay.spool import Spool, SpoolBusy
+from mailmeter.reloading import restart_section, split_changes
 from mailmeter.startup import (
     bind_api,
     cannot_listen,
@@ -102,6 +103,19 @@ def smtp_settings(config: Config, listen_address: str, tls: ssl.SSLContext | Non
     )
 
 
+def notices_of(config: Config, store: Store, spool: Spool, delivery: Delivery) -> NoticeSender:
+    """The sender of account notices (usage alerts, invoices), as `billing.notices` says."""
+    notices_config = config.billing.notices
+    return NoticeSender(
+        store,
+        spool,
+        delivery.submit,
+        from_address=notices_config.from_address or f"billing@{config.hostname}",
+        webhook_url=notices_config.webhook_url,
+        webhook_secret=config.read_secret("billing.notices.webhook_secret_file", notices_config.webhook_secret_file),
+    )
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
     if config.tls.certificate is None or config.tls.key is None:
         return None
@@ -161,17 +175,8 @@ class Relay:
             settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit, observer=metrics
         )
         metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
-        notices_config = config.billing.notices
-        notices = NoticeSender(
-            store,
-            spool,
-            delivery.submit,
-            from_address=notices_config.from_address or f"billing@{config.hostname}",
-            webhook_url=notices_config.webhook_url,
-            webhook_secret=config.read_secret(
-                "billing.notices.webhook_secret_file", notices_config.webhook_secret_file
-            ),
-        )
+        metrics.watch_leases(lambda: meter.leases)
+        notices = notices_of(config, store, spool, delivery)
         return cls(
             config,
             store,
@@ -317,10 +322,12 @@ class Relay:
     async def reload(self, config: Config) -> None:
         """Apply a new config to the running node without dropping a session.
 
-        Plans, limits, TLS certificate, upstream, retry and billing settings take effect
-        for new sessions and the next delivery attempt; accounts live in the database
-        and are always current. The listen address, database and spool need a restart.
-        Raises ConfigError (and changes nothing) if the new config cannot be applied.
+        Every key takes effect (new sessions, the next delivery attempt, the next billing
+        pass, the admin API restarted on its new address with its tokens read again)
+        except those mailmeter/reloading.py lists, which need a restart: they are kept
+        as they are and named in the log line (`needs_restart`). Accounts live in the
+        database and are always current. Raises ConfigError (and changes nothing) if the
+        new config cannot be applied.
         """
         log = structlog.get_logger("mailmeter")
         plans = config.parsed_plans()
@@ -334,29 +341,53 @@ class Relay:
                 f" to {config.currency().code} would relabel every balance, charge and invoice"
             )
         new_tls = tls_context(config)
-        fixed = [
-            key
-            for key, old, new in (
-                ("listen", self.config.listen, config.listen),
-                ("database", self.config.database, config.database),
-                ("spool", self.config.spool, config.spool),
-                ("node", self.config.node, config.node),
-            )
-            if old != new
-        ]
+        notices = notices_of(config, self.store, self.spool, self.delivery)
+        applied, fixed = split_changes(self.config, config)
+        api_socket = self._bind_new_api(config)  # before anything changes: a port in use refuses the reload
         self.meter.plans = plans
         self.context.reconfigure(smtp_settings(config, self.config.listen.address, new_tls))
         self.delivery.reconfigure(upstream_of(config), retry_of(config))
+        self.delivery.hostname = config.hostname
         self.billing = build_billing(config, self.meter)
-        self.config = config.model_copy(
-            update={
-                "listen": self.config.listen,
-                "database": self.config.database,
-                "spool": self.config.spool,
-                "node": self.config.node,
-            }
-        )
-        log.info("config.reloaded", plans=len(plans), result="applied", needs_restart=fixed)
+        self.notices = notices
+        self.config = restart_section(config, self.config)
+        await self._restart_api(api_socket)
+        log.info("config.reloaded", plans=len(plans), result="applied", changed=applied, needs_restart=fixed)
+
+    def _bind_new_api(self, config: Config) -> socket.socket | None:
+        """The new API socket when the API moves to another address or port (or is turned on);
+        ConfigError (api) if it cannot listen there. None: nothing to bind ahead."""
+        api = config.api
+        if not (self.primary and self.start_api is not None and api.enabled):
+            return None
+        running = self.api is not None and (self.config.api.address, self.config.api.port) == (api.address, api.port)
+        if running and api.port != 0:
+            return None  # the same address: rebound once the running API has stopped
+        try:
+            return bind_api(api.address, api.port)
+        except OSError as error:
+            raise ConfigError(str(cannot_listen("api", api.address, api.port, error))) from None
+
+    async def _restart_api(self, bound: socket.socket | None) -> None:
+        """Serve the admin API as self.config.api says: stopped, or started again (tokens read anew)."""
+        if not self.primary or self.start_api is None:
+            return
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
+            if not self.config.api.enabled:
+                structlog.get_logger("mailmeter.api").info("api.stopped", result="api.enabled is false")
+        if not self.config.api.enabled:
+            return
+        api = self.config.api
+        try:
+            sock = bound if bound is not None else bind_api(api.address, api.port)
+        except OSError as error:  # the port it just left was taken meanwhile
+            structlog.get_logger("mailmeter.api").error(
+                "api.stopped", error=str(cannot_listen("api", api.address, api.port, error)), result="error"
+            )
+            return
+        self.api = await self.start_api(self, sock)
 
     async def billing_pass(self) -> None:
         """One pass of the billing job: close periods, queue statements, collect charges, send notices."""

@@ -104,6 +104,10 @@ SCHEMAS: dict[str, Any] = {
             "overdrawn": _ref("Money"),
             "spending_limit_override": OPTIONAL_MONEY,
             "has_password": {"type": "boolean"},
+            "sending_rate": {
+                "type": ["string", "null"],
+                "description": "the account's own sending rate (100/minute, unlimited); null: the plan's",
+            },
             "plan_change": {
                 "oneOf": [
                     {"type": "null"},
@@ -333,6 +337,28 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["account", "repaid"],
         "properties": {"account": {"type": "string"}, "repaid": _ref("Money")},
+    },
+    "SendingRate": {
+        "type": "object",
+        "properties": {
+            "account": {"type": "string"},
+            "account_rate": {"type": ["string", "null"], "description": "its own setting; null: the plan's"},
+            "plan": {"type": "string"},
+            "plan_rate": {"type": ["string", "null"]},
+            "rate": {"type": ["string", "null"], "description": "the rate in force (null: none)"},
+        },
+    },
+    "RateChange": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["rate"],
+        "properties": {
+            "rate": {
+                "type": "string",
+                "description": "N/second, N/minute, N/hour or N/day; none: the plan's rate; unlimited: no rate",
+                "examples": ["100/minute", "none", "unlimited"],
+            }
+        },
     },
     "LimitChange": {
         "description": 'included and quota take {"emails": N}; spending takes {"amount": "20.00" or null}',
@@ -746,6 +772,21 @@ PATHS: dict[str, dict[str, Any]] = {
                     "schema": {"enum": ["included", "quota", "spending"]},
                 },
             ],
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/accounts/{name}/rate": {
+        "get": _op(
+            "The account's sending rate: its own, its plan's and the one in force",
+            _json(_ref("SendingRate"), "The rates"),
+            params=[ACCOUNT],
+            errors=(401, 404, 503),
+        ),
+        "put": _op(
+            "Set the account's sending rate (live at the next RCPT; past it RCPT gets 451 4.7.1)",
+            _json(_ref("SendingRate"), "The rates after the change"),
+            body=_ref("RateChange"),
+            params=[ACCOUNT],
             errors=(400, 401, 404, 503),
         ),
     },

@@ -16,6 +16,7 @@ import structlog
 from mailmeter.api import ApiDeps, ApiServer, build_app
 from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.control import QueueClient, spool_sockets
+from mailmeter.logs import configure_logging
 from mailmeter.metering.records import StoreUnavailable
 from mailmeter.node import Relay
 from mailmeter.sdnotify import Notifier
@@ -92,7 +93,9 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     async def reload() -> None:
         notifier.notify("RELOADING=1")
         try:
-            await relay.reload(worker_config(load_config(path), worker or 0))
+            new = worker_config(load_config(path), worker or 0)
+            await relay.reload(new)
+            configure_logging(new.log.level)  # log.level: from the line after config.reloaded
         except ConfigError as error:
             log.error("config.reload_refused", config=str(path), error=str(error), result="kept the running config")
         except Exception as error:  # e.g. the database is down: keep serving on the old config

@@ -40,6 +40,7 @@ from mailmeter.policies.currency import Currency, currency_for
 from mailmeter.policies.money import MoneyError, format_money, is_whole_minor, parse_money
 from mailmeter.policies.parts import ThresholdCharge
 from mailmeter.policies.plan import Plan
+from mailmeter.policies.rate import RateError, check_account_rate, rate_in_force
 from mailmeter.relay.domains import DomainError, canonical_domain
 
 
@@ -504,6 +505,34 @@ class AdminService:
             await self.meter.set_spending_limit(name, micros)
         return await self.usage(name)
 
+    # -- sending rate ----------------------------------------------------------------------
+
+    async def set_sending_rate(self, name: str, rate: object) -> dict[str, Any]:
+        """The account's own sending rate: `100/minute` (per second, minute, hour or day),
+        `unlimited`, or `none` (the plan's applies); live at the next RCPT."""
+        if not isinstance(rate, str) or not rate.strip():
+            raise AdminError("rate: write it like 100/minute, or none (the plan's rate) or unlimited (no rate)")
+        try:
+            setting = check_account_rate(rate)
+        except RateError as error:
+            raise AdminError(f"rate: {error}") from None
+        async with self._audit("account.rate", name, {"rate": setting}):
+            await self.meter.set_sending_rate(name, setting)
+        return await self.sending_rate(name)
+
+    async def sending_rate(self, name: str) -> dict[str, Any]:
+        """The account's own rate, its plan's, and the one in force."""
+        account = in_force(await self.meter.account(name), self.meter.clock())
+        plan = self.meter.plan_of(account)
+        in_force_now = rate_in_force(plan.sending_rate, account.sending_rate)
+        return {
+            "account": name,
+            "account_rate": account.sending_rate,
+            "plan": plan.name,
+            "plan_rate": None if plan.sending_rate is None else str(plan.sending_rate),
+            "rate": None if in_force_now is None else str(in_force_now),
+        }
+
     # -- plan changes --------------------------------------------------------------------
 
     async def set_plan(self, name: str, plan: object) -> dict[str, Any]:
@@ -848,6 +877,7 @@ class AdminService:
                     else "per_block"
                 ),
                 "rank": plan.rank,
+                "sending_rate": None if plan.sending_rate is None else str(plan.sending_rate),
                 "funding": {
                     "kind": plan.funding.kind,
                     "net_days": plan.funding.net_days,

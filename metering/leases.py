@@ -96,6 +96,10 @@ class LeaseBook:
     def owns(self, hold_id: str) -> bool:
         return hold_id in self._carves
 
+    def leases(self) -> list[Lease]:
+        """The node's leases now (for metrics)."""
+        return list(self._leases.values())
+
     # -- reserve -------------------------------------------------------------------------
 
     async def reserve(self, account_id: int, period_key: str, hold_id: str, emails: int, decide: Decide) -> Admission:

@@ -57,11 +57,13 @@ from mailmeter.policies.currency import USD, Currency
 from mailmeter.policies.money import format_money, is_whole_minor
 from mailmeter.policies.periods import Period, PeriodSpec, next_period, period_containing, period_label
 from mailmeter.policies.prepaid import PaymentChange, monthly_credit, monthly_payment, unsettled_usage, with_change
+from mailmeter.policies.rate import PLAN_RATE, SendRate, check_account_rate, rate_in_force
 from mailmeter.policies.results import classify, classify_failure
 
 Clock = Callable[[], datetime]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NETWORKS_TTL = 2.0
+RATES_TTL = 2.0  # with leasing: a rate set on an account applies on every node within this (docs/several-nodes.md)
 
 
 def utc_now() -> datetime:
@@ -289,6 +291,7 @@ class Meter:
         self.clock = clock
         self._networks: tuple[float, list[tuple[IPNetwork, str]]] | None = None
         self._identities: dict[str, Account] = {}
+        self._rates: dict[int, tuple[float, bool]] = {}  # account id -> (monotonic expiry, has a rate)
         self._periods: dict[tuple[PeriodSpec, date | None], Period] = {}
         self.leases: LeaseBook | None = None
         self._results: Batcher[ResultReport, bool | None] | None = None
@@ -582,6 +585,17 @@ class Meter:
             raise ValueError("the spending limit must not be negative")
         await self._change_limit(name, "spending", micros)
 
+    async def set_sending_rate(self, name: str, rate: str) -> str | None:
+        """The account's own sending rate: `N/second|minute|hour|day`, `unlimited` (none even if
+        the plan has one) or `none` (the plan's applies); live at the next RCPT on this node (on
+        every node within RATES_TTL with leasing). Raises RateError, UnknownAccount."""
+        setting = check_account_rate(rate)
+        stored = None if setting == PLAN_RATE else setting
+        if not await self.store.set_sending_rate(name, stored):
+            raise UnknownAccount(f"no account named {name!r} (see `mailmeter account list`)")
+        self._rates.clear()
+        return stored
+
     async def set_email_limit(self, name: str, which: str, emails: int) -> None:
         """Model E: an increase applies at once, a decrease when the period ends; the emails
         already sent keep their prices (the period's history keeps them)."""
@@ -735,7 +749,11 @@ class Meter:
         account = await self._identity(name)
         period = self.period_of(account)
         hold = hold_id or secrets.token_hex(12)
-        if self.leases is not None:
+
+        def rate_for(current: Account) -> SendRate | None:
+            return rate_in_force(self.plan_of(current, period).sending_rate, current.sending_rate)
+
+        if self.leases is not None and (self.leases.owns(hold) or not await self._rated(account)):
             block = self.leases.settings.emails
 
             def decide_lease(current: Account, usage: Usage) -> Admission:
@@ -750,9 +768,30 @@ class Meter:
             plan, standing = self.terms(current, period)
             return admit(plan, standing, usage, emails)
 
-        admission = await self.store.reserve(account.id, period.key, hold, self.node, emails, self.clock(), decide)
+        admission = await self.store.reserve(
+            account.id, period.key, hold, self.node, emails, self.clock(), decide, rate=rate_for
+        )
         refusal = admission.refusal.value if admission.refusal else None
-        return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
+        return Grant(
+            hold_id=hold,
+            granted=admission.granted,
+            refusal=refusal,
+            rate=admission.rate,
+            retry_after=admission.retry_after,
+        )
+
+    async def _rated(self, account: Account) -> bool:
+        """Whether a sending rate may apply to the account (its plan's or its own), read at most
+        every RATES_TTL seconds. With leasing, such an account is decided in the database per
+        recipient instead of from a lease, so its rate is counted exactly across nodes."""
+        now = monotonic()
+        known = self._rates.get(account.id)
+        if known is None or known[0] < now:
+            current = await self.account(account.name)
+            rated = rate_in_force(self.plan_of(current).sending_rate, current.sending_rate) is not None
+            known = (now + RATES_TTL, rated)
+            self._rates[account.id] = known
+        return known[1]
 
     async def commit(
         self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None

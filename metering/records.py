@@ -19,6 +19,7 @@ from mailmeter.policies.history import History, PartPricing, PlanPart
 from mailmeter.policies.limits import LimitChange
 from mailmeter.policies.money import format_money
 from mailmeter.policies.prepaid import PaymentChange
+from mailmeter.policies.rate import SendRate
 
 
 class Result(StrEnum):
@@ -80,6 +81,7 @@ class Account:
     settled_through: str | None = None  # key of the last period invoiced (periods are invoiced in order)
     open_periods: tuple[tuple[str, Usage], ...] = ()  # usage of each period after settled_through, by key
     deleted_at: datetime | None = None  # `account delete`: kept for its invoices and audit trail, sends nothing
+    sending_rate: str | None = None  # its own rate ("100/minute", "unlimited"); None: the plan's (policies/rate.py)
 
     @property
     def payment_state(self) -> str:
@@ -108,6 +110,7 @@ class Account:
                 for change in self.monthly_payments
             ],
             "has_password": self.password_hash is not None,
+            "sending_rate": self.sending_rate,
             "plan_change": None
             if self.plan_change is None
             else {
@@ -231,6 +234,8 @@ class Grant:
     hold_id: str
     granted: int
     refusal: str | None  # a policies.decision.Refusal value when granted < requested
+    rate: str | None = None  # refusal rate_limited: the rate in force ("100/minute") ...
+    retry_after: int | None = None  # ... and the seconds until its next window
 
 
 def plan_change_to_json(change: PlanChange | None) -> str | None:
@@ -407,6 +412,8 @@ class Settlement:
 
 Decide = Callable[[Account, Usage], Admission]
 Settle = Callable[[Account, Usage, int, str], Settlement]
+# The sending rate in force for an account as read inside the reserve transaction (policies/rate.py).
+RateFor = Callable[[Account], SendRate | None]
 
 
 @dataclass(frozen=True)
@@ -525,4 +532,5 @@ def account_core(row: Row, domains: tuple[str, ...] = (), networks: tuple[str, .
         settled_through=row["settled_through"],
         open_periods=open_periods_from_text(row["open_periods"]) if "open_periods" in keys else (),
         deleted_at=datetime.fromisoformat(row["deleted_at"]) if row["deleted_at"] else None,
+        sending_rate=row["sending_rate"],
     )

@@ -23,6 +23,7 @@ from mailmeter.metering.records import (
     Decide,
     InvoiceRecord,
     LeasedCommit,
+    RateFor,
     Result,
     ResultReport,
     Row,
@@ -76,6 +77,7 @@ class AccountStore(Protocol):
         change: Callable[[Account, Usage], AccountUpdate],
     ) -> AccountUpdate | None: ...
     async def set_monthly_payment(self, name: str, changes: str) -> bool: ...
+    async def set_sending_rate(self, name: str, rate: str | None) -> bool: ...
     async def repay(self, name: str, now: datetime) -> int: ...
     async def get_account(self, name: str) -> Account | None: ...
     async def get_account_by_id(self, account_id: int) -> Account | None: ...
@@ -106,6 +108,7 @@ class LedgerStore(UsageStore, Protocol):
         requested: int,
         now: datetime,
         decide: Decide,
+        rate: RateFor | None = None,
     ) -> Admission: ...
     async def commit(
         self,

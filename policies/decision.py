@@ -31,16 +31,20 @@ class Refusal(StrEnum):
     BALANCE_EXHAUSTED = "balance_exhausted"
     SPENDING_LIMIT = "spending_limit"
     OVERDRAFT_LIMIT = "overdraft_limit"
+    RATE_LIMITED = "rate_limited"  # the sending rate's window is full (policies/rate.py): retry_after
 
 
 @dataclass(frozen=True)
 class Admission:
     """granted: emails admitted now; refusal: why the rest were not (None if all were);
-    remaining: emails still admissible after this grant (None: no cap)."""
+    remaining: emails still admissible after this grant (None: no cap); with RATE_LIMITED,
+    the rate and the seconds until its next window."""
 
     granted: int
     refusal: Refusal | None
     remaining: int | None
+    rate: str | None = None
+    retry_after: int | None = None
 
 
 @dataclass(frozen=True)

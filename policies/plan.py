@@ -22,6 +22,7 @@ from mailmeter.policies.parts import (
 )
 from mailmeter.policies.periods import PeriodSpec
 from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
+from mailmeter.policies.rate import SendRate
 
 
 class PlanError(ValueError):
@@ -47,6 +48,8 @@ class Plan:
     usage_alerts: percentages of the email limit that notify once per period (model E).
     currency: the billing currency (one for all plans: `billing.currency`); amounts
       charged as they are must be whole minor units of it, invoice lines round to them.
+    sending_rate: at most this many recipients per second/minute/hour/day (policies/rate.py);
+      an account may set its own (None: no rate).
     rank: the plan's place among plans an account changes between; a change to a higher
       rank is an upgrade (at once), to a lower or equal one a downgrade (at period end).
       None: ordered by plan fee, then included emails (policies/changes.py).
@@ -72,6 +75,7 @@ class Plan:
     usage_alerts: tuple[int, ...] = ()
     currency: Currency = USD
     rank: int | None = None
+    sending_rate: SendRate | None = None
 
     def __post_init__(self) -> None:
         problem = plan_problem(self)

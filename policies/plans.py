@@ -23,6 +23,7 @@ from mailmeter.policies.parts import BlockCharge, Funding, InPeriodCharge, Invoi
 from mailmeter.policies.periods import PeriodSpec
 from mailmeter.policies.plan import Plan, PlanError, tiers_problem
 from mailmeter.policies.pricing import BlockPrice, FlatPrice, GraduatedPrice, Tier, UnitPrice, VolumePrice
+from mailmeter.policies.rate import RateError, SendRate, parse_rate
 
 __all__ = ["PLAN_KEYS", "Plan", "PlanError", "parse_period", "parse_plan", "parse_plans", "parse_price"]
 
@@ -31,6 +32,7 @@ PLAN_KEYS = frozenset(
     {
         "display_name",
         "period",
+        "sending_rate",
         "email_quota",
         "included_emails",
         "plan_fee",
@@ -283,12 +285,23 @@ def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency
             usage_alerts=alerts,
             currency=currency,
             rank=_int(data, "rank", path),
+            sending_rate=_sending_rate(data, path),
         )
     except PlanError as error:
         prefix = f"plans.{name}"
         if path != prefix and error.key.startswith(prefix + ".") and not error.key.startswith(path + "."):
             raise PlanError(path + error.key[len(prefix) :], error.message) from None
         raise
+
+
+def _sending_rate(data: Mapping[str, Any], path: str) -> SendRate | None:
+    text = data.get("sending_rate")
+    if text is None:
+        return None
+    try:
+        return parse_rate(text)
+    except RateError as error:
+        raise PlanError(f"{path}.sending_rate", str(error)) from None
 
 
 def parse_plans(data: Any, path: str = "plans", currency: Currency = USD) -> dict[str, Plan]:

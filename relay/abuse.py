@@ -77,10 +77,13 @@ class Attempt:
     client: str
     login: str | None
     locked: Lockout | None = None  # set: refuse without checking the password
+    began: list[str] = field(default_factory=list)  # lockouts its failure began
 
     def failed(self) -> float:
-        """A wrong name or password; returns how long to wait before answering it."""
-        return self.guard.failed(self.client, self.login)
+        """A wrong name or password; returns how long to wait before answering it. The
+        lockouts this failure began (scopes "client", "login") are left in `began`."""
+        delay, self.began = self.guard.failed_and_locked(self.client, self.login)
+        return delay
 
     def succeeded(self) -> None:
         if self.login is not None:
@@ -104,6 +107,7 @@ class AuthGuard:
     clock: Clock = time.monotonic
     _failures: dict[str, deque[float]] = field(default_factory=dict)
     _locked_until: dict[str, float] = field(default_factory=dict)
+    lockouts_begun: dict[str, int] = field(default_factory=dict)  # by scope, since start (for metrics)
     _running: dict[str, int] = field(default_factory=dict)  # checks in flight per client and login key
     _total: int = 0  # checks in flight on this node
     _freed: asyncio.Condition | None = None  # notified whenever a check ends
@@ -179,9 +183,15 @@ class AuthGuard:
 
     def failed(self, client: str, login: str | None) -> float:
         """Record one failed AUTH; returns how long to wait before answering it."""
+        return self.failed_and_locked(client, login)[0]
+
+    def failed_and_locked(self, client: str, login: str | None) -> tuple[float, list[str]]:
+        """Record one failed AUTH: how long to wait before answering it, and the lockouts it
+        began ("client", "login"; counted in `lockouts_begun`)."""
         now = self.clock()
         counts = []
-        for key in (_client(client), _login(login)):
+        began = []
+        for scope, key in (("client", _client(client)), ("login", _login(login))):
             if key is None:
                 continue
             recent = self._failures.setdefault(key, deque())
@@ -191,10 +201,13 @@ class AuthGuard:
             if len(recent) >= self.limits.max_failures:
                 self._locked_until[key] = now + self.limits.lockout
                 recent.clear()
+                if self.limits.lockout > 0:
+                    began.append(scope)
+                    self.lockouts_begun[scope] = self.lockouts_begun.get(scope, 0) + 1
             counts.append(len(recent) or self.limits.max_failures)
         if len(self._failures) > _SWEEP_AT or len(self._locked_until) > _SWEEP_AT:
             self._sweep(now)
-        return self.limits.delay_for(max(counts, default=0))
+        return self.limits.delay_for(max(counts, default=0)), began
 
     def succeeded(self, login: str) -> None:
         """A right password clears that login's failures (not the client's: an attacker

@@ -9,9 +9,12 @@ class RelayObserver(Protocol):
     def session_opened(self) -> None: ...
     def session_closed(self) -> None: ...
     def transaction(self, reply_class: str, reason: str) -> None: ...
-    def accepted(self, recipients: int) -> None: ...
+    def accepted(self, recipients: int, account: str | None = None) -> None: ...
     def meter_call(self, operation: str, seconds: float) -> None: ...
     def delivery_result(self, result: str, recipients: int) -> None: ...
+    def refused(self, command: str, code: str, account: str | None) -> None: ...
+    def auth(self, result: str) -> None: ...
+    def auth_lockout(self, scope: str) -> None: ...
 
 
 class NoObserver:
@@ -26,7 +29,7 @@ class NoObserver:
     def transaction(self, reply_class: str, reason: str) -> None:
         pass
 
-    def accepted(self, recipients: int) -> None:
+    def accepted(self, recipients: int, account: str | None = None) -> None:
         pass
 
     def meter_call(self, operation: str, seconds: float) -> None:
@@ -34,6 +37,15 @@ class NoObserver:
 
     def delivery_result(self, result: str, recipients: int) -> None:
         pass
+
+    def refused(self, command: str, code: str, account: str | None) -> None:
+        """A 4xx or 5xx reply to `command` ("-": before any command was read whole)."""
+
+    def auth(self, result: str) -> None:
+        """An AUTH's outcome: ok, failed, locked or tempfail."""
+
+    def auth_lockout(self, scope: str) -> None:
+        """A lockout began, of a client or a login."""
 
 
 def reply_class(reply: str) -> str:

@@ -39,6 +39,11 @@ def rcpt_refused(reason: str) -> str:
     return f"452 {refusal_text(reason)}"
 
 
+def rate_reached(rate: str, account: str, retry_after: int) -> str:
+    """A recipient past the account's sending rate (policies/rate.py): 451, with when to retry."""
+    return f"451 4.7.1 Sending rate {rate} reached for account {account}; retry after {retry_after} s"
+
+
 AUTH_REQUIRED = "530 5.7.0 Authentication required: AUTH with your account's credentials"
 AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure; retry later"
 # RFC 4954 4: the account of an open transaction cannot change under its recipients.

@@ -221,6 +221,23 @@ class RelaySMTP(SMTP):
         self._turned_away = False  # over the connection cap: no SMTP session at all
         self._lost = False
         self._deadline: asyncio.TimerHandle | None = None
+        self.command = "-"  # the command being answered ("-": none read whole yet), for refusal logs
+        self._smtp_methods = {name: self._tracked(name, method) for name, method in self._smtp_methods.items()}
+
+    def _tracked(self, name: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
+        """aiosmtpd's handler of `name`, noting the command while it runs: a refusal it
+        sends is logged with the command it answers. (HELP reads the @syntax attributes
+        of these: the wrapper carries them.)"""
+
+        @functools.wraps(method)
+        async def run(arg: str | None) -> None:
+            self.command = name
+            try:
+                await method(arg)
+            finally:
+                self.command = "-"
+
+        return run
 
     # -- connection lifecycle: cap, deadline, STARTTLS ------------------------------
 
@@ -336,8 +353,24 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         """Every reply on one line: client text echoed in a reply (a bad command, an
-        address) may hold CR, LF, NUL or bytes that are not UTF-8."""
-        await super().push(safe_reply(status))
+        address) may hold CR, LF, NUL or bytes that are not UTF-8. Every refusal (4xx,
+        5xx) is logged, with the client and the session's account, and counted."""
+        line = safe_reply(status)
+        if line[:1] in (b"4", b"5"):
+            self._log_refusal(line.decode("utf-8", "replace"))
+        await super().push(line)
+
+    def _log_refusal(self, reply: str) -> None:
+        code = reply[:3]
+        self.log.info(
+            "smtp.refused",
+            command=self.command,
+            client=self._client(),
+            account=self.account,
+            code=code,
+            reply=reply[:200],
+        )
+        self.context.observer.refused(self.command, code, self.account)
 
     # -- account of the session ---------------------------------------------------
 
@@ -446,6 +479,7 @@ class RelaySMTP(SMTP):
         if outcome.success:
             self.account, self.account_via = outcome.auth_data, "auth"
             self.log.info("smtp.auth", account=outcome.auth_data, client=client, result="ok")
+            self.context.observer.auth("ok")
         return outcome
 
     async def _check_password(self, client: str, name: str, password: bytes) -> tuple[AuthResult, float]:
@@ -455,17 +489,30 @@ class RelaySMTP(SMTP):
             locked = attempt.locked
             if locked is not None:
                 self.log.warning("smtp.auth", account=name, client=client, result="locked", scope=locked.scope)
+                self.context.observer.auth("locked")
                 text = replies.AUTH_LOCKED_CLIENT if locked.scope == "client" else replies.AUTH_LOCKED_LOGIN
                 seconds = max(1, round(locked.seconds_left))
                 return AuthResult(success=False, handled=False, message=text.format(seconds=seconds)), 0.0
             try:
                 account = await self.context.meter.authenticate(name, password)
             except Exception as error:
-                self.log.warning("smtp.auth", account=name, result="tempfail", error=repr(error))
+                self.log.warning("smtp.auth", account=name, client=client, result="tempfail", error=repr(error))
+                self.context.observer.auth("tempfail")
                 return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL), 0.0
             if account is None:
                 delay = attempt.failed()
                 self.log.info("smtp.auth", account=name, client=client, result="failed", delay=delay)
+                self.context.observer.auth("failed")
+                for scope in attempt.began:
+                    self.log.warning(
+                        "smtp.auth_lockout",
+                        account=name,
+                        client=client,
+                        scope=scope,
+                        seconds=self.context.auth_guard.limits.lockout,
+                        result="locked",
+                    )
+                    self.context.observer.auth_lockout(scope)
                 return AuthResult(success=False, handled=False), delay
             attempt.succeeded()
             return AuthResult(success=True, auth_data=account.name), 0.0
@@ -654,6 +701,8 @@ class _Handler:
         server.reserving = None
         if grant.granted < 1:
             server.refused += 1
+            if grant.refusal == "rate_limited" and grant.rate is not None:
+                return replies.rate_reached(grant.rate, account, grant.retry_after or 1)
             return replies.rcpt_refused(grant.refusal or "quota_exhausted")
         server.add_recipient(envelope, address, options)
         return replies.RECIPIENT_OK
@@ -670,7 +719,7 @@ class _Handler:
         def logged(result: str, reply: str) -> str:
             context.observer.transaction(reply_class(reply), result)
             if result == "accepted":
-                context.observer.accepted(recipients)
+                context.observer.accepted(recipients, account)
             server.log.info(
                 "smtp.transaction",
                 queue_id=queue_id,

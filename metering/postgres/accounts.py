@@ -192,6 +192,15 @@ class PgAccounts(PgHolds):
 
         return await self._write(body)
 
+    async def set_sending_rate(self, name: str, rate: str | None) -> bool:
+        """The account's own sending rate (policies/rate.py; None: the plan's), live at the next RCPT."""
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            status = await conn.execute("UPDATE accounts SET sending_rate = $1 WHERE name = $2", rate, name)
+            return rows_affected(status) == 1
+
+        return await self._write(body)
+
     async def repay(self, name: str, now: datetime) -> int:
         """Settle every overdrawn invoice of the account at once; returns the amount repaid."""
 

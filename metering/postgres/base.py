@@ -28,6 +28,7 @@ from mailmeter.metering.postgres import backup as pg_backup
 from mailmeter.metering.postgres import schema as pg_schema
 from mailmeter.metering.postgres.claim import NodeClaim
 from mailmeter.metering.postgres.tx import DB_ERRORS, unavailable, with_retries
+from mailmeter.metering.private_file import create_owner_only
 from mailmeter.metering.records import Account, AuditDraft, DuplicateEvent, StoreUnavailable, account_core, charge_key
 from mailmeter.policies.charges import Charge
 
@@ -177,10 +178,10 @@ class PgBase:
         return int(row[0]) if row else 0
 
     async def backup(self, target: Path) -> None:
-        """A consistent online copy of this store's schema (pg_dump, one snapshot)."""
-        if target.exists():
-            raise FileExistsError(f"{target} exists; choose a new file for the backup")
+        """A consistent online copy of this store's schema (pg_dump, one snapshot), in a new
+        file only its owner may read (mode 0600, whatever the umask)."""
         row = await self._fetchrow("SELECT current_schema()")
+        create_owner_only(target)  # pg_dump writes into it, keeping the mode
         await pg_backup.dump(self.url, str(row[0]) if row else "public", target)
 
     # -- locks --------------------------------------------------------------------

@@ -4,6 +4,7 @@ the account's lock, and the usage counters and breakdowns they keep."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
@@ -12,13 +13,15 @@ from mailmeter.metering.postgres.holds import PgHolds
 from mailmeter.metering.records import (
     Account,
     HoldAccountMismatch,
+    RateFor,
     Result,
     ResultReport,
     Settlement,
     UnknownHold,
     history_from_json,
 )
-from mailmeter.policies.decision import Admission, Usage
+from mailmeter.policies.decision import Admission, Refusal, Usage
+from mailmeter.policies.rate import admit_rate
 
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
@@ -39,8 +42,12 @@ class PgLedger(PgHolds):
         requested: int,
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
+        rate: RateFor | None = None,
     ) -> Admission:
         """Atomically: lock the account, read it and the period's counters, ask `decide`, add the grant.
+
+        `rate`: the account's sending rate, counted under the same lock, so exact across
+        every node (two more round trips, only for an account that has a rate).
 
         A hold that exists already stays in its account (HoldAccountMismatch for another)
         and its period: a transaction that straddles a period boundary is counted in the
@@ -64,6 +71,8 @@ class PgLedger(PgHolds):
                 period = held["period_key"]
             account, usage = await self._account_and_usage(conn, account_id, period)
             admission = decide(account, usage)
+            if rate is not None and admission.granted > 0:
+                admission = await _apply_rate(conn, account, admission, rate, now)
             if admission.granted > 0:
                 await self._add_to_hold(conn, account_id, period, hold_id, node, admission.granted, now.isoformat())
             return admission
@@ -379,4 +388,40 @@ def _usage_of(row: asyncpg.Record | None, awaiting_results: int | None) -> Usage
         hard_bounced=row[4],
         awaiting_results=awaiting_results,
         history=history_from_json(row[5]),
+    )
+
+
+async def _apply_rate(
+    conn: asyncpg.Connection, account: Account, admission: Admission, rate_for: RateFor, now: datetime
+) -> Admission:
+    """Cap a grant by the account's sending rate and count it in the current window (the
+    caller holds the account's lock). As in SQLite: a released hold does not give back."""
+    rate = rate_for(account)
+    if rate is None:
+        return admission
+    moment = now.timestamp()
+    start = rate.window_start(moment)
+    used = await conn.fetchval(
+        "WITH gone AS (DELETE FROM rate_windows WHERE account_id = $1 AND window_start + window_seconds <= $4)"
+        " SELECT recipients FROM rate_windows WHERE account_id = $1 AND window_seconds = $2 AND window_start = $3",
+        account.id,
+        rate.seconds,
+        start,
+        int(moment),
+    )
+    granted = admit_rate(rate, used or 0, admission.granted)
+    if granted > 0:
+        await conn.execute(
+            "INSERT INTO rate_windows (account_id, window_seconds, window_start, recipients) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (account_id, window_seconds, window_start) DO UPDATE"
+            " SET recipients = rate_windows.recipients + excluded.recipients",
+            account.id,
+            rate.seconds,
+            start,
+            granted,
+        )
+    if granted == admission.granted:
+        return admission
+    return replace(
+        admission, granted=granted, refusal=Refusal.RATE_LIMITED, rate=str(rate), retry_after=rate.retry_after(moment)
     )

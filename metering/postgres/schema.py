@@ -187,6 +187,17 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE accounts ADD COLUMN deleted_at TEXT COLLATE "C";
     """,
+    # 8: sending rates (see metering/sqlite/schema.py); counted under the account's row lock.
+    """
+    ALTER TABLE accounts ADD COLUMN sending_rate TEXT COLLATE "C";
+    CREATE TABLE rate_windows (
+        account_id BIGINT NOT NULL,
+        window_seconds INTEGER NOT NULL,
+        window_start BIGINT NOT NULL,
+        recipients BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, window_seconds, window_start)
+    );
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

@@ -196,6 +196,12 @@ class SqliteAccounts(SqliteConnection):
             cursor = await db.execute("UPDATE accounts SET monthly_payment = ? WHERE name = ?", (changes, name))
             return cursor.rowcount == 1
 
+    async def set_sending_rate(self, name: str, rate: str | None) -> bool:
+        """The account's own sending rate (policies/rate.py; None: the plan's), live at the next RCPT."""
+        async with self._tx() as db:
+            cursor = await db.execute("UPDATE accounts SET sending_rate = ? WHERE name = ?", (rate, name))
+            return cursor.rowcount == 1
+
     async def repay(self, name: str, now: datetime) -> int:
         """Settle every overdrawn invoice of the account at once; returns the amount repaid."""
         async with self._tx() as db:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from mailmeter.metering.private_file import create_owner_only
 from mailmeter.metering.records import StoreUnavailable
 from mailmeter.metering.sqlite.schema import MIGRATIONS
 
@@ -219,14 +220,18 @@ class SqliteConnection:
         return int(rows[0][0]) if rows else 0
 
     async def backup(self, target: Path) -> None:
-        """A consistent online copy (SQLite's backup API), safe while the relay writes."""
+        """A consistent online copy (SQLite's backup API), safe while the relay writes, in a new
+        file only its owner may read (mode 0600, whatever the umask)."""
         if self._db is None:
             raise StoreUnavailable("the meter store is not open")
-        if target.exists():
-            raise FileExistsError(f"{target} exists; choose a new file for the backup")
-        async with self._lock:
-            async with aiosqlite.connect(target) as copy:
-                await self._db.backup(copy)
+        create_owner_only(target)  # 0600 from the start: it holds password hashes
+        try:
+            async with self._lock:
+                async with aiosqlite.connect(target) as copy:
+                    await self._db.backup(copy)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers (for health checks)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
-from mailmeter.metering.records import Account, HoldAccountMismatch, Result, Settlement, UnknownHold
+from mailmeter.metering.records import Account, HoldAccountMismatch, RateFor, Result, Settlement, UnknownHold
 from mailmeter.metering.sqlite.accounts import account_row, usage_row
 from mailmeter.metering.sqlite.connection import SqliteConnection
 from mailmeter.metering.sqlite.invoices import insert_charge_sync
-from mailmeter.policies.decision import Admission, Usage
+from mailmeter.policies.decision import Admission, Refusal, Usage
+from mailmeter.policies.rate import admit_rate
 
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
@@ -32,9 +34,12 @@ class SqliteLedger(SqliteConnection):
         requested: int,
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
+        rate: RateFor | None = None,
     ) -> Admission:
         """Atomically: read the account and the period's counters, ask `decide`, add the grant.
 
+        `rate`: the account's sending rate, counted in the same transaction (a grant never
+        takes a window past its limit; RATE_LIMITED with the seconds to its next window).
         A hold that exists already stays in its account (HoldAccountMismatch for another)
         and its period: a transaction that straddles a period boundary is counted in the
         period it began in, as its commit is.
@@ -50,6 +55,8 @@ class SqliteLedger(SqliteConnection):
             account = account_row(conn, account_id)
             usage = usage_row(conn, account_id, period, account.awaiting_results)
             admission = decide(account, usage)
+            if rate is not None and admission.granted > 0:
+                admission = _apply_rate_sync(conn, account, admission, rate, now)
             if admission.granted > 0:
                 conn.execute(
                     "INSERT INTO period_usage (account_id, period_key, reserved) VALUES (?, ?, ?)"
@@ -249,6 +256,42 @@ class SqliteLedger(SqliteConnection):
             " GROUP BY r.result, r.reason ORDER BY r.result, r.reason",
             (account_id, period_key),
         )
+
+
+def _apply_rate_sync(
+    conn: sqlite3.Connection, account: Account, admission: Admission, rate_for: RateFor, now: datetime
+) -> Admission:
+    """Cap a grant by the account's sending rate and count it in the current window.
+
+    Recipients count when a hold takes them; a released hold does not give them back
+    (as Postfix counts RCPTs): a client that aborts transactions still uses its rate."""
+    rate = rate_for(account)
+    if rate is None:
+        return admission
+    moment = now.timestamp()
+    start = rate.window_start(moment)
+    key = (account.id, rate.seconds, start)
+    row = conn.execute(
+        "SELECT recipients FROM rate_windows WHERE account_id = ? AND window_seconds = ? AND window_start = ?", key
+    ).fetchone()
+    if row is None:  # a new window: the ended ones are of no use any more
+        conn.execute(
+            "DELETE FROM rate_windows WHERE account_id = ? AND window_start + window_seconds <= ?",
+            (account.id, int(moment)),
+        )
+    granted = admit_rate(rate, row[0] if row else 0, admission.granted)
+    if granted > 0:
+        conn.execute(
+            "INSERT INTO rate_windows (account_id, window_seconds, window_start, recipients) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (account_id, window_seconds, window_start) DO UPDATE"
+            " SET recipients = recipients + excluded.recipients",
+            (*key, granted),
+        )
+    if granted == admission.granted:
+        return admission
+    return replace(
+        admission, granted=granted, refusal=Refusal.RATE_LIMITED, rate=str(rate), retry_after=rate.retry_after(moment)
+    )
 
 
 def _release_sync(conn: sqlite3.Connection, hold_id: str) -> int:

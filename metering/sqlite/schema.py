@@ -182,4 +182,19 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE accounts ADD COLUMN deleted_at TEXT;
     """,
+    # 8: sending rates (policies/rate.py). accounts.sending_rate: the account's own rate
+    # ("100/minute", "unlimited"; NULL: the plan's). rate_windows: recipients taken by holds in
+    # each fixed window (start: epoch seconds), counted in the reserve's transaction; ended
+    # windows are deleted as new ones start. No foreign key: counters, which must not stand in
+    # the way of removing an account.
+    """
+    ALTER TABLE accounts ADD COLUMN sending_rate TEXT;
+    CREATE TABLE rate_windows (
+        account_id INTEGER NOT NULL,
+        window_seconds INTEGER NOT NULL,
+        window_start INTEGER NOT NULL,
+        recipients INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, window_seconds, window_start)
+    );
+    """,
 ]

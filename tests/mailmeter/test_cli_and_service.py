@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,32 @@ def test_db_upgrade_and_online_backup(config: Path, tmp_path: Path) -> None:
         assert copy.execute("SELECT name FROM accounts").fetchall() == [("app",)]
     again = mailmeter(config, "db", "backup", str(target))
     assert again.returncode == 2 and "exists" in again.stderr
+    # It holds every password hash: only its owner may read it, even under a umask of 000.
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    permissive = tmp_path / "permissive.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "mailmeter.cli", "--config", str(config), "db", "backup", str(permissive)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        preexec_fn=lambda: os.umask(0),
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(permissive.stat().st_mode) == 0o600
+    with sqlite3.connect(permissive) as copy:
+        assert copy.execute("SELECT name FROM accounts").fetchall() == [("app",)]
+
+
+def test_version_prints_the_installed_version(config: Path) -> None:
+    import tomllib
+
+    expected = f"mailmeter {tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}"
+    for args in (["--version"], ["--config", str(config), "--version"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "mailmeter.cli", *args], capture_output=True, text=True, timeout=60, cwd=REPO
+        )
+        assert (result.returncode, result.stdout.strip()) == (0, expected), result
 
 
 def test_bad_input_is_one_line_and_exit_2(config: Path) -> None:

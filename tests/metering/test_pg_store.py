@@ -8,8 +8,10 @@ exactly what several relay processes sharing one database do.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -394,7 +396,12 @@ async def test_backup_is_a_pg_dump_of_the_schema(schema: str, tmp_path: Path) ->
     try:
         await Meter(store, PLANS, node="n1").add_account("app", "pw", "small", ["example.com"], [])
         target = tmp_path / "meter.dump"
-        await store.backup(target)
+        umask = os.umask(0)  # permissive: the dump (password hashes) is still owner-only
+        try:
+            await store.backup(target)
+        finally:
+            os.umask(umask)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600
         with pytest.raises(FileExistsError):
             await store.backup(target)
     finally:
