@@ -88,6 +88,7 @@ class DeliveryConfig(_Section):
     retry_factor: float = Field(2.0, ge=1)
     retry_max_delay: float = Field(4000.0, gt=0)
     max_age: float = Field(5 * 86400.0, gt=0)
+    upstream_down_seconds: float = Field(30.0, gt=0)  # a failed upstream is skipped this long (relay/upstreams.py)
 
 
 class DatabaseConfig(_Section):
@@ -181,7 +182,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     abuse: AbuseConfig = AbuseConfig()
-    upstream: UpstreamSection
+    upstream: tuple[UpstreamSection, ...]  # one smarthost (a mapping), or an ordered list of them
     delivery: DeliveryConfig = DeliveryConfig()
     database: DatabaseConfig = DatabaseConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -191,6 +192,12 @@ class Config(_Section):
     plans: dict[str, Any] = Field(default_factory=dict)
 
     base_dir: Path = Path(".")
+
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        """`upstream:` is one smarthost (a mapping) or an ordered list of them."""
+        return [value] if isinstance(value, dict) else value
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)
@@ -236,20 +243,28 @@ class Config(_Section):
         except TokenFileError as error:
             raise ConfigError(f"api.tokens_file: {path}: {error}") from None
 
-    def upstream_password(self) -> str | None:
-        if self.upstream.password_file is None:
+    def upstream_password(self, index: int = 0) -> str | None:
+        """The password of upstream number `index` (from 0) in the list."""
+        upstream = self.upstream[index]
+        if upstream.password_file is None:
             return None
-        path = self.resolve(self.upstream.password_file)
+        path = self.resolve(upstream.password_file)
+        key = "upstream.password_file" if len(self.upstream) == 1 else f"upstream.{index}.password_file"
         try:
             return path.read_text().strip()
         except OSError as error:
-            raise ConfigError(f"upstream.password_file: cannot read {path}: {error.strerror}") from None
+            raise ConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, single_upstream: bool = False) -> str:
+    """One line naming each bad key. With `upstream:` written as one mapping, its keys are
+    named as written (upstream.port), not by their place in the list (upstream.0.port)."""
     problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = list(item["loc"])
+        if single_upstream and loc[:2] == ["upstream", 0]:
+            loc = ["upstream", *loc[2:]]
+        key = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against config.example.yaml)"
@@ -277,7 +292,7 @@ def load_config(path: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        raise ConfigError(_describe(error, single_upstream=isinstance(data.get("upstream"), dict))) from None
     tls = config.tls
     if (tls.certificate is None) != (tls.key is None):
         raise ConfigError("tls: set both certificate and key, or neither")
@@ -296,7 +311,16 @@ def load_config(path: Path) -> Config:
     if config.database.url is not None:
         check_database_url(config.database.url)
     config.parsed_plans()
-    config.upstream_password()
+    if not config.upstream:
+        raise ConfigError("upstream: list at least one smarthost (host, port, ...)")
+    seen: set[tuple[str, int]] = set()
+    for index, upstream in enumerate(config.upstream):
+        if (upstream.host, upstream.port) in seen:
+            raise ConfigError(
+                f"upstream.{index}: {upstream.host}:{upstream.port} is listed twice; list each smarthost once"
+            )
+        seen.add((upstream.host, upstream.port))
+        config.upstream_password(index)
     gateway = config.billing.gateway
     if gateway.kind == "webhook":
         if not gateway.url or not gateway.url.startswith(("http://", "https://")):

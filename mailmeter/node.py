@@ -55,16 +55,19 @@ class ApiHandle(Protocol):
 StartApi = Callable[["Relay", socket.socket], Awaitable[ApiHandle]]
 
 
-def upstream_of(config: Config) -> UpstreamConfig:
-    upstream = config.upstream
-    return UpstreamConfig(
-        host=upstream.host,
-        port=upstream.port,
-        tls=upstream.tls,
-        username=upstream.username,
-        password=config.upstream_password(),
-        timeout=upstream.timeout,
-        verify_certificate=upstream.verify_certificate,
+def upstreams_of(config: Config) -> tuple[UpstreamConfig, ...]:
+    """The configured smarthosts, in the order delivery tries them."""
+    return tuple(
+        UpstreamConfig(
+            host=upstream.host,
+            port=upstream.port,
+            tls=upstream.tls,
+            username=upstream.username,
+            password=config.upstream_password(index),
+            timeout=upstream.timeout,
+            verify_certificate=upstream.verify_certificate,
+        )
+        for index, upstream in enumerate(config.upstream)
     )
 
 
@@ -147,10 +150,11 @@ class Relay:
         delivery = Delivery(
             spool=spool,
             results=meter,
-            upstream=upstream_of(config),
+            upstream=upstreams_of(config),
             retry=retry_of(config),
             hostname=config.hostname,
             workers=config.delivery.workers,
+            upstream_down_seconds=config.delivery.upstream_down_seconds,
         )
         settings = smtp_settings(config, config.listen.address)
         metrics = Metrics()
@@ -159,6 +163,7 @@ class Relay:
             settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit, observer=metrics
         )
         metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
+        metrics.watch_upstreams(delivery.health.snapshot)
         notices_config = config.billing.notices
         notices = NoticeSender(
             store,
@@ -335,7 +340,7 @@ class Relay:
         ]
         self.meter.plans = plans
         self.context.reconfigure(smtp_settings(config, self.config.listen.address, new_tls))
-        self.delivery.reconfigure(upstream_of(config), retry_of(config))
+        self.delivery.reconfigure(upstreams_of(config), retry_of(config), config.delivery.upstream_down_seconds)
         self.billing = build_billing(config, self.meter)
         self.config = config.model_copy(
             update={
