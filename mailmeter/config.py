@@ -33,9 +33,18 @@ class NodeConfig(_Section):
 
 
 class ListenConfig(_Section):
+    """One listening socket (relay/smtpd.py's Listener says what mode and auth mean)."""
+
     address: str = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
-    processes: int = Field(1, ge=1, le=64)  # relay processes sharing the port (SO_REUSEPORT); mailmeter/workers.py
+    processes: int = Field(1, ge=1, le=64)  # relay processes sharing the ports (SO_REUSEPORT); mailmeter/workers.py
+    mode: Literal["smtp", "submission", "smtps"] = "smtp"
+    auth: Literal["optional", "required", "none"] = "optional"
+
+    def label(self) -> str:
+        """How the listener is named in logs: MODE ADDRESS:PORT."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.mode} {host}:{self.port}"
 
     @field_validator("address")
     @classmethod
@@ -177,7 +186,7 @@ class LogConfig(_Section):
 class Config(_Section):
     node: NodeConfig = NodeConfig()
     hostname: str = "localhost"
-    listen: ListenConfig = ListenConfig()
+    listen: tuple[ListenConfig, ...] = (ListenConfig(),)  # one listener (a mapping), or a list of them
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -192,6 +201,17 @@ class Config(_Section):
     plans: dict[str, Any] = Field(default_factory=dict)
 
     base_dir: Path = Path(".")
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _one_listener_or_several(cls, value: Any) -> Any:
+        """`listen:` is one listener (a mapping) or a list of them; the first is the node's main one."""
+        return [value] if isinstance(value, dict) else value
+
+    @property
+    def processes(self) -> int:
+        """Relay processes of this node (`processes` of the first listener)."""
+        return self.listen[0].processes
 
     @field_validator("upstream", mode="before")
     @classmethod
@@ -256,14 +276,15 @@ class Config(_Section):
             raise ConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
 
 
-def _describe(error: ValidationError, single_upstream: bool = False) -> str:
-    """One line naming each bad key. With `upstream:` written as one mapping, its keys are
-    named as written (upstream.port), not by their place in the list (upstream.0.port)."""
+def _describe(error: ValidationError, single: tuple[str, ...] = ()) -> str:
+    """One line naming each bad key. With `upstream:` or `listen:` (named in `single`) written
+    as one mapping, its keys are named as written (upstream.port), not by their place in the
+    list (upstream.0.port)."""
     problems = []
     for item in error.errors():
         loc = list(item["loc"])
-        if single_upstream and loc[:2] == ["upstream", 0]:
-            loc = ["upstream", *loc[2:]]
+        if loc[:2] in (["upstream", 0], ["listen", 0]) and loc[0] in single:
+            loc = [loc[0], *loc[2:]]
         key = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
@@ -272,6 +293,31 @@ def _describe(error: ValidationError, single_upstream: bool = False) -> str:
             message = "is required"
         problems.append(f"{key}: {message}")
     return "; ".join(problems)
+
+
+def check_listeners(config: Config) -> None:
+    """Raise ConfigError naming the listener key that cannot work."""
+    listeners = config.listen
+    if not listeners:
+        raise ConfigError("listen: list at least one listener (address, port, mode)")
+    single = len(listeners) == 1
+    seen: set[tuple[str, int]] = set()
+    for index, listen in enumerate(listeners):
+        key = "listen" if single else f"listen.{index}"
+        if index and "processes" in listen.model_fields_set and listen.processes != listeners[0].processes:
+            raise ConfigError(
+                f"{key}.processes: the node's process count is set on the first listener only; remove it here"
+            )
+        if config.processes > 1 and listen.port == 0:
+            raise ConfigError(f"{key}.processes: several processes share one port; set {key}.port to a fixed port")
+        if listen.mode != "smtp" and (config.tls.certificate is None or config.tls.key is None):
+            raise ConfigError(
+                f"{key}.mode: {listen.mode} needs TLS; set tls.certificate and tls.key"
+                " (or use mode smtp on this listener)"
+            )
+        if listen.port and (listen.address, listen.port) in seen:
+            raise ConfigError(f"{key}: {listen.address}:{listen.port} is listed twice; list each socket once")
+        seen.add((listen.address, listen.port))
 
 
 def load_config(path: Path) -> Config:
@@ -292,19 +338,21 @@ def load_config(path: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, single_upstream=isinstance(data.get("upstream"), dict))) from None
+        single = tuple(key for key in ("upstream", "listen") if isinstance(data.get(key), dict))
+        raise ConfigError(_describe(error, single)) from None
     tls = config.tls
     if (tls.certificate is None) != (tls.key is None):
         raise ConfigError("tls: set both certificate and key, or neither")
-    if config.listen.processes > 1 and config.listen.port == 0:
-        raise ConfigError("listen.processes: several processes share one port; set listen.port to a fixed port")
+    check_listeners(config)
     for key, value in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
         if value is not None and not config.resolve(value).is_file():
             raise ConfigError(f"{key}: file {config.resolve(value)} does not exist")
-    if config.auth.allow_plaintext_on_loopback and not ipaddress.ip_address(config.listen.address).is_loopback:
+    loopback = [listen for listen in config.listen if ipaddress.ip_address(listen.address).is_loopback]
+    if config.auth.allow_plaintext_on_loopback and not loopback:
         raise ConfigError(
             "auth.allow_plaintext_on_loopback: the relay listens on "
-            f"{config.listen.address}, not loopback; plaintext AUTH is only allowed on loopback"
+            f"{', '.join(listen.address for listen in config.listen)}, not loopback;"
+            " plaintext AUTH is only allowed on loopback"
         )
     if not config.plans:
         raise ConfigError("plans: define at least one plan")

@@ -40,6 +40,12 @@ def rcpt_refused(reason: str) -> str:
 
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required: AUTH with your account's credentials"
+# A listener with `auth: none` takes mail only from networks bound to an account.
+NETWORK_NOT_BOUND = (
+    "550 5.7.1 Relay access denied: this port takes mail only from networks bound to an account;"
+    " send from a bound network, or use a port that offers AUTH"
+)
+AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered on this port; use the submission port"
 AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure; retry later"
 # RFC 4954 4: the account of an open transaction cannot change under its recipients.
 AUTH_IN_TRANSACTION = "503 5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first"

@@ -92,13 +92,31 @@ class MeterPort(Protocol):
     async def message_committed(self, queue_id: str) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Listener:
+    """How one listening socket treats its sessions (config `listen`, one entry each).
+
+    mode: smtp (plain, STARTTLS offered when `tls` is set), submission (RFC 6409 on 587:
+    every command but EHLO/HELO/NOOP/QUIT/STARTTLS needs STARTTLS first, so AUTH and mail
+    go only over TLS), smtps (implicit TLS on 465, RFC 8314: TLS from the first byte, no
+    STARTTLS). auth: optional (AUTH, or a network bound to an account), required (AUTH
+    only; bound networks do not count here), none (bound networks only; AUTH is not offered).
+    loopback: the socket's address is a loopback one (auth.allow_plaintext_on_loopback).
+    """
+
+    mode: str = "smtp"  # smtp | submission | smtps
+    auth: str = "optional"  # optional | required | none
+    loopback: bool = False
+    name: str = "smtp"  # for logs: "MODE ADDRESS:PORT"
+
+
 @dataclass
 class SmtpSettings:
     hostname: str
     message_size_limit: int
     recipients_per_message: int
     tls_context: ssl.SSLContext | None
-    plaintext_auth: bool  # allow AUTH before STARTTLS (only ever on loopback)
+    plaintext_auth: bool  # allow AUTH before STARTTLS on a loopback listener of mode smtp
     timeout: float = 300.0  # idle: seconds without a complete command (DATA must finish within it)
     max_session_seconds: float = 900.0  # total: a session older than this gets 421 4.4.2
     bare_newlines: str = "reject"  # reject | normalize: a bare CR or LF in DATA
@@ -188,21 +206,25 @@ class RelaySMTP(SMTP):
             return None, None
         return address, match.group(2)
 
-    def __init__(self, context: RelayContext) -> None:
+    def __init__(self, context: RelayContext, listener: Listener | None = None) -> None:
         settings = context.settings
+        listener = listener or Listener()
+        implicit_tls = listener.mode == "smtps"
+        plaintext_auth = settings.plaintext_auth and listener.loopback and listener.mode == "smtp"
         super().__init__(
             _Handler(context),
             data_size_limit=settings.message_size_limit,
             hostname=settings.hostname,
             ident="mailmeter",
-            tls_context=settings.tls_context,
-            require_starttls=False,
+            tls_context=None if implicit_tls else settings.tls_context,  # smtps: TLS already, no STARTTLS
+            require_starttls=listener.mode == "submission",
             timeout=settings.timeout,
             auth_required=False,
-            auth_require_tls=not settings.plaintext_auth,
+            auth_require_tls=not (implicit_tls or plaintext_auth),
             enable_SMTPUTF8=True,
             loop=asyncio.get_running_loop(),
         )
+        self.listener = listener
         self.context = context
         self.log = structlog.get_logger("mailmeter.smtp")
         self.account: str | None = None
@@ -249,6 +271,11 @@ class RelaySMTP(SMTP):
         self.context.sessions.add(self)
         self.context.observer.session_opened()
         super().connection_made(transport)
+        if self.listener.mode == "smtps" and self.session is not None:
+            # Implicit TLS (RFC 8314): the session is encrypted from its first byte; aiosmtpd
+            # only knows STARTTLS, so say so (Received: ... with ESMTPS(A), eof handling).
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.session.ssl = {"ssl_object": ssl_object, "cipher": transport.get_extra_info("cipher")}
         self._deadline = self.loop.call_later(self.context.settings.max_session_seconds, self._session_deadline)
 
     def data_received(self, data: bytes) -> None:
@@ -342,7 +369,7 @@ class RelaySMTP(SMTP):
     # -- account of the session ---------------------------------------------------
 
     async def _resolve_account(self) -> str | None:
-        if self.account is None and not self.network_checked:
+        if self.account is None and not self.network_checked and self.listener.auth != "required":
             assert self.session is not None
             peer = self.session.peer
             address = peer[0] if isinstance(peer, tuple) else ""
@@ -362,7 +389,7 @@ class RelaySMTP(SMTP):
             await self.push(replies.METER_UNAVAILABLE)
             return True
         if account is None:
-            await self.push(replies.AUTH_REQUIRED)
+            await self.push(replies.NETWORK_NOT_BOUND if self.listener.auth == "none" else replies.AUTH_REQUIRED)
             return True
         return False
 
@@ -373,6 +400,9 @@ class RelaySMTP(SMTP):
         """RFC 4954 4: AUTH inside a mail transaction is refused with 503. The transaction's
         recipients are held under the account it began with; a new login must not move
         the rest of it (and its commit) to another account."""
+        if self.listener.auth == "none":
+            await self.push(replies.AUTH_NOT_OFFERED)
+            return
         if self.envelope is not None and self.envelope.mail_from is not None:
             await self.push(replies.AUTH_IN_TRANSACTION)
             return
@@ -570,6 +600,15 @@ class _Handler:
 
     def __init__(self, context: RelayContext) -> None:
         self.context = context
+
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """aiosmtpd's EHLO lines, without AUTH on a listener that takes no AUTH."""
+        session.host_name = hostname
+        if server.listener.auth == "none":
+            responses = [line for line in responses if not line[4:].upper().startswith("AUTH")]
+        return responses
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
