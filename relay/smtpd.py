@@ -243,6 +243,8 @@ class RelaySMTP(SMTP):
         self._turned_away = False  # over the connection cap: no SMTP session at all
         self._lost = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._greeted = False  # the banner (the first reply) is sent
+        self._in_helo = False  # replying to EHLO or HELO
 
     # -- connection lifecycle: cap, deadline, STARTTLS ------------------------------
 
@@ -340,7 +342,9 @@ class RelaySMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            # RFC 2920 3.1: a pipelining client sends DATA without waiting for its RCPT
+            # replies; when none was taken, DATA gets 554 (503 when MAIL was not taken either).
+            await self.push(replies.NO_VALID_RECIPIENTS if self.envelope.mail_from else replies.NEED_MAIL)
             return
         if arg:
             await self.push("501 Syntax: DATA")
@@ -363,8 +367,28 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         """Every reply on one line: client text echoed in a reply (a bad command, an
-        address) may hold CR, LF, NUL or bytes that are not UTF-8."""
-        await super().push(safe_reply(status))
+        address) may hold CR, LF, NUL or bytes that are not UTF-8. And every reply but
+        the banner, EHLO/HELO's and the 334/354 prompts carries an enhanced status code
+        (RFC 2034, advertised as ENHANCEDSTATUSCODES): aiosmtpd's own replies get one."""
+        line = safe_reply(status)
+        if self._greeted and not self._in_helo:
+            line = with_enhanced_code(line)
+        self._greeted = True
+        await super().push(line)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_helo = True  # RFC 2034: no enhanced codes in the replies to EHLO and HELO
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_helo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_helo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_helo = False
 
     # -- account of the session ---------------------------------------------------
 
@@ -604,11 +628,13 @@ class _Handler:
     async def handle_EHLO(
         self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
     ) -> list[str]:
-        """aiosmtpd's EHLO lines, without AUTH on a listener that takes no AUTH."""
+        """aiosmtpd's EHLO lines, plus PIPELINING (RFC 2920: commands are read and answered
+        strictly in order, tests/relay/test_pipelining_in.py) and ENHANCEDSTATUSCODES
+        (RFC 2034: RelaySMTP.push); without AUTH on a listener that takes no AUTH."""
         session.host_name = hostname
         if server.listener.auth == "none":
             responses = [line for line in responses if not line[4:].upper().startswith("AUTH")]
-        return responses
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
@@ -806,6 +832,40 @@ class _Handler:
         """aiosmtpd would answer `500 Error: (Type) text` with our internals in it."""
         structlog.get_logger("mailmeter.smtp").error("smtp.error", error=repr(error), result="internal_error")
         return replies.INTERNAL_ERROR
+
+
+# RFC 3463 codes for aiosmtpd's replies that have none, by reply code (as Postfix's);
+# any other code gets its class's X.0.0.
+_ENHANCED_DEFAULT = {
+    220: b"2.0.0",  # 220 Ready to start TLS (the banner gets none)
+    221: b"2.0.0",
+    250: b"2.0.0",
+    252: b"2.0.0",
+    454: b"4.7.0",
+    500: b"5.5.2",
+    501: b"5.5.4",
+    502: b"5.5.1",
+    503: b"5.5.1",
+    504: b"5.5.4",
+    530: b"5.7.0",
+    535: b"5.7.8",
+    538: b"5.7.11",
+    552: b"5.3.4",
+    555: b"5.5.4",
+}
+_HAS_ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_enhanced_code(line: bytes) -> bytes:
+    """`line` with an RFC 3463 enhanced status code after its reply code, unless it has one
+    or is a 334/354 prompt (whose text is not a status: a base64 challenge, a go-ahead)."""
+    code, separator, text = line[:3], line[3:4], line[4:]
+    if not code.isdigit() or code in (b"334", b"354") or separator not in (b" ", b"-", b""):
+        return line
+    if code[:1] not in b"245" or _HAS_ENHANCED.match(text):
+        return line
+    enhanced = _ENHANCED_DEFAULT.get(int(code), code[:1] + b".0.0")
+    return code + (separator or b" ") + enhanced + (b" " + text if text else b"")
 
 
 def safe_reply(status: str | bytes) -> bytes:
