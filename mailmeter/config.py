@@ -315,6 +315,12 @@ def check_listeners(config: Config) -> None:
                 f"{key}.mode: {listen.mode} needs TLS; set tls.certificate and tls.key"
                 " (or use mode smtp on this listener)"
             )
+        plaintext = config.auth.allow_plaintext_on_loopback and ipaddress.ip_address(listen.address).is_loopback
+        if listen.auth == "required" and config.tls.certificate is None and not plaintext:
+            raise ConfigError(
+                f"{key}.auth: required, but AUTH is offered only inside TLS and tls is not set:"
+                " nobody could send here; set tls.certificate and tls.key"
+            )
         if listen.port and (listen.address, listen.port) in seen:
             raise ConfigError(f"{key}: {listen.address}:{listen.port} is listed twice; list each socket once")
         seen.add((listen.address, listen.port))

@@ -222,6 +222,11 @@ def test_listen_is_one_mapping_or_a_list(tmp_path: Path) -> None:
         ([{"port": 2525}, {"port": 2526, "auth": "sometimes"}], {}, "listen.1.auth: Input should be"),
         ([], {}, "listen: list at least one listener"),
         (
+            [{"port": 2525}, {"address": "0.0.0.0", "port": 2587, "auth": "required"}],
+            {},
+            "listen.1.auth: required, but AUTH is offered only inside TLS",
+        ),
+        (
             [{"address": "0.0.0.0", "port": 25}, {"address": "::", "port": 25}],
             {},
             "auth.allow_plaintext_on_loopback: the relay listens on 0.0.0.0, ::",

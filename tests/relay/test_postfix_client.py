@@ -92,3 +92,31 @@ async def test_postfix_pipelines_to_the_relay_and_gets_each_recipients_reply(  #
     assert harness.relay is not None
     usage = await settled_usage(harness.relay.meter)
     assert (usage.accepted, usage.reserved) == (3, 0)
+
+
+async def test_smtp_source_sessions_with_several_recipients(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """Postfix's smtp-source (4 sessions, 40 messages of 3 recipients) against the EHLO that
+    now offers PIPELINING and ENHANCEDSTATUSCODES: every message and recipient is taken.
+
+    (Postfix 3.7's smtp-source has no -P option and does not pipeline: `smtp-source -P`
+    answers "invalid option"; pipelining clients are the Postfix test above and the raw
+    groups of test_pipelining_in.py.)"""
+    require("smtp-source")
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, domains=("example.com", "dest.test"), networks=("127.0.0.0/8",))
+    process = await asyncio.create_subprocess_exec(
+        "smtp-source",
+        *("-s", "4", "-m", "40", "-r", "3", "-M", "client.test"),
+        *("-f", "app@example.com", "-t", "rcpt@dest.test"),
+        f"127.0.0.1:{harness.port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 40, timeout=60)
+    assert all(len(message.rcpt_tos) == 3 for message in upstream.handler.messages)
+    assert harness.relay is not None
+    usage = await settled_usage(harness.relay.meter)
+    assert (usage.accepted, usage.reserved) == (120, 0)

@@ -141,6 +141,32 @@ async def test_a_failing_first_upstream_hands_the_message_to_the_second_at_once(
     assert metric(harness, "mailmeter_upstream_failures_total", first_port) == 1.0
 
 
+async def test_a_large_message_fails_over_too(make_relay, tmp_path: Path, sink: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """Over 1 MB a message is sent from a process of its own (relay/delivery.py _send_large):
+    it moves to the second upstream the same way, and the health is the relay's."""
+    first_port = free_port()
+    harness = make_relay(
+        sink.port,
+        upstream=[upstream_entry(first_port), upstream_entry(sink.port, timeout=10)],
+        delivery={**SLOW_RETRY, "upstream_down_seconds": 60},
+        limits={"message_size": 4_000_000},
+    )
+    await harness.start()
+    await add_account(harness)
+    large = (
+        b"From: app@example.com\r\nTo: big@dest.test\r\nSubject: large\r\n\r\n"
+        + b"0123456789abcdef" * 4 * 1024 * 24
+        + b"\r\n"
+    )
+    large = large.replace(b"abcdef0", b"abcdef\r\n0")
+    queue_id = await send(harness.port, ["big@dest.test"], message=large)
+    await until(lambda: results(tmp_path, queue_id).get("big@dest.test", ("", ""))[0] == "delivered", timeout=60)
+    assert sink.handler.messages[0].rcpt_tos == ["big@dest.test"]
+    assert len(sink.handler.messages[0].content) > 1024 * 1024
+    assert metric(harness, "mailmeter_upstream_up", first_port) == 0.0
+    assert metric(harness, "mailmeter_upstream_failures_total", first_port) == 1.0
+
+
 async def test_a_recovered_first_upstream_is_used_again_after_its_backoff(  # type: ignore[no-untyped-def]
     make_relay, sink: Upstream, faulty
 ) -> None:
