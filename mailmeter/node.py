@@ -32,6 +32,7 @@ from mailmeter.relay.abuse import AuthLimits
 from mailmeter.relay.delivery import Delivery, RetryPolicy, UpstreamConfig
 from mailmeter.relay.smtpd import Listener, RelayContext, RelaySMTP, SmtpSettings, is_loopback
 from mailmeter.relay.spool import Spool, SpoolBusy
+from mailmeter.relay.upstreams import UpstreamStatus, read_health_file
 from mailmeter.startup import (
     bind_api,
     cannot_listen,
@@ -69,6 +70,39 @@ def upstreams_of(config: Config) -> tuple[UpstreamConfig, ...]:
         )
         for index, upstream in enumerate(config.upstream)
     )
+
+
+def upstream_health(config: Config) -> list[UpstreamStatus]:
+    """Each configured smarthost's health as the node's running processes last wrote it
+    (SPOOL/upstream-health.json, and SPOOL/worker-I/ with listen.processes), for
+    `mailmeter queue list` and other processes than the relay's. Several processes are
+    merged: down if one of them skips it now, failures summed, the latest error and change.
+    A smarthost no process has written about yet shows up with no failures."""
+    spool = config.resolve(config.spool.path)
+    roots = [spool] + [spool / f"worker-{worker}" for worker in range(1, config.processes)]
+    seen: dict[str, list[UpstreamStatus]] = {}
+    for root in roots:
+        for status in read_health_file(root):
+            seen.setdefault(status.upstream, []).append(status)
+    merged = []
+    for position, upstream in enumerate(config.upstream, start=1):
+        label = f"{upstream.host}:{upstream.port}"
+        views = seen.get(label, [])
+        latest = max(views, key=lambda view: view.last_change, default=None)
+        merged.append(
+            UpstreamStatus(
+                upstream=label,
+                position=position,
+                up=all(view.up for view in views),
+                down_until=max((view.down_until for view in views if not view.up), default=0.0),
+                failures=sum(view.failures for view in views),
+                consecutive_failures=max((view.consecutive_failures for view in views), default=0),
+                last_error=latest.last_error if latest is not None else "",
+                last_change=latest.last_change if latest is not None else 0.0,
+                delivered_attempts=sum(view.delivered_attempts for view in views),
+            )
+        )
+    return merged
 
 
 def retry_of(config: Config) -> RetryPolicy:

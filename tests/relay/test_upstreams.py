@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mailmeter.config import ConfigError, load_config
+from mailmeter.node import upstream_health
 from mailmeter.relay.upstreams import UpstreamHealth, read_health_file
 from tests.conftest import RelayHarness, Upstream, UpstreamHandler, add_account, free_port, write_config
 from tests.test_upstream_faults import RawUpstream, counts, send
@@ -132,6 +133,13 @@ async def test_a_failing_first_upstream_hands_the_message_to_the_second_at_once(
     down = health[f"127.0.0.1:{first_port}"]
     assert not down.up and down.failures == 1 and down.position == 1 and down.last_error
     assert health[f"127.0.0.1:{sink.port}"].up
+    # What `mailmeter queue list` shows, read from the spool by another process's code path.
+    shown = upstream_health(load_config(tmp_path / "config.yaml"))
+    assert [(s.upstream, s.up, s.failures) for s in shown] == [
+        (f"127.0.0.1:{first_port}", False, 1),
+        (f"127.0.0.1:{sink.port}", True, 0),
+    ]
+    assert shown[0].last_error == down.last_error and shown[0].down_until > time.time()
 
     # The next message skips the upstream that is down: no connection to it at all.
     connections = first.connections if first is not None else 0
