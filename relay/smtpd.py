@@ -244,6 +244,7 @@ class RelaySMTP(SMTP):
         self._lost = False
         self._deadline: asyncio.TimerHandle | None = None
         self._greeted = False  # the banner (the first reply) is sent
+        self._held = bytearray()  # replies of a pipelined group not sent yet (push)
         self._in_helo = False  # replying to EHLO or HELO
 
     # -- connection lifecycle: cap, deadline, STARTTLS ------------------------------
@@ -287,6 +288,7 @@ class RelaySMTP(SMTP):
     def eof_received(self) -> bool | None:
         if self._turned_away:
             return False
+        self._flush_held()  # aiosmtpd ends the session at EOF: the replies already made still go out
         return super().eof_received()
 
     def _forget_client(self) -> None:
@@ -311,6 +313,7 @@ class RelaySMTP(SMTP):
         if transport is None or transport.is_closing():
             return
         self.log.info("smtp.session_closed", account=self.account, client=self._client(), result=result)
+        self._flush_held()
         cast(asyncio.WriteTransport, transport).write(reply.encode() + b"\r\n")  # uvloop's is no subclass
         transport.close()
 
@@ -374,7 +377,26 @@ class RelaySMTP(SMTP):
         if self._greeted and not self._in_helo:
             line = with_enhanced_code(line)
         self._greeted = True
+        if line[:3] not in _FLUSH_NOW and self._more_commands_waiting():
+            # RFC 2920 3.2: with the client's next pipelined command already read, keep this
+            # reply and send the group's replies together (one packet, not one per command).
+            self._held += line + b"\r\n"
+            return
+        if self._held:
+            line, self._held = bytes(self._held) + line, bytearray()
         await super().push(line)
+
+    def _more_commands_waiting(self) -> bool:
+        """A whole further command line is already in the stream's buffer (pipelining)."""
+        buffered: bytearray | None = getattr(self._reader, "_buffer", None)  # StreamReader's; aiosmtpd uses it too
+        return buffered is not None and b"\n" in buffered
+
+    def _flush_held(self) -> None:
+        """Write the replies held for a pipelined group now (before a reply that closes)."""
+        transport = self.transport
+        if self._held and transport is not None and not transport.is_closing():
+            cast(asyncio.WriteTransport, transport).write(bytes(self._held))
+        self._held = bytearray()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_helo = True  # RFC 2034: no enhanced codes in the replies to EHLO and HELO
@@ -853,6 +875,11 @@ _ENHANCED_DEFAULT = {
     552: b"5.3.4",
     555: b"5.5.4",
 }
+# Replies never held back for a pipelined group: the banner and STARTTLS's go-ahead (220),
+# the replies aiosmtpd closes the connection after (221 to QUIT, 421, 502 "goodbye" to
+# too many unknown commands), and the prompts after which the client sends something
+# other than a command (354, 334).
+_FLUSH_NOW = {b"220", b"221", b"334", b"354", b"421", b"502"}
 _HAS_ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from tests.conftest import RawSmtp, Reply, Upstream, add_account, settled_usage
+from tests.test_pipelining import WireTap
 
 BODY = b"From: app@example.com\r\nTo: a@dest.test\r\nSubject: pipelined\r\n\r\nhello\r\n.\r\n"
 ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3} ")
@@ -176,3 +177,31 @@ async def test_every_reply_of_aiosmtpd_gets_an_enhanced_code_but_the_banner_ehlo
         ]
     finally:
         raw.close()
+
+
+async def test_the_replies_of_a_pipelined_group_go_out_together(make_relay, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+    """RFC 2920 3.2: the replies to a group go back in one write, not one packet per command.
+    A WireTap between the client and the relay records each read: the 52 replies to MAIL,
+    50 RCPTs and DATA arrive in at most two reads (one per command before batching)."""
+    harness = make_relay(upstream.port)
+    await harness.start()
+    await add_account(harness, networks=("127.0.0.0/8",))
+    tap = WireTap(harness.port)
+    await tap.start()
+    raw = await RawSmtp.open(tap.port)
+    try:
+        assert (await raw.reply()).code == 220
+        assert (await raw.command("EHLO client.test")).code == 250
+        tap.forget()
+        replies = await group(
+            raw, "MAIL FROM:<app@example.com>", *(f"RCPT TO:<r{n}@dest.test>" for n in range(50)), "DATA"
+        )
+        assert [reply.code for reply in replies] == [250] * 51 + [354]
+        server_reads = [data for side, data in tap.connections[-1] if side == "server"]
+        assert b"".join(server_reads).count(b"\r\n") == 52
+        assert len(server_reads) <= 2, f"{len(server_reads)} reads"
+        await raw.send(BODY)
+        assert (await raw.reply()).code == 250
+    finally:
+        raw.close()
+        await tap.stop()
