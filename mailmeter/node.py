@@ -329,7 +329,8 @@ class Relay:
                     reuse_address=True,
                     reuse_port=config.processes > 1 or None,  # the workers share the port
                     ssl=ssl_context,
-                    ssl_handshake_timeout=config.limits.session_timeout if ssl_context is not None else None,
+                    # (asyncio's default, 60 s, unless the idle timeout is shorter)
+                    ssl_handshake_timeout=min(60.0, config.limits.session_timeout) if ssl_context is not None else None,
                     start_serving=False,
                 )
             except OSError as error:

@@ -201,6 +201,43 @@ async def test_a_recovered_first_upstream_is_used_again_after_its_backoff(  # ty
     assert metric(harness, "mailmeter_upstream_failures_total", first.port) == 1.0
 
 
+async def test_a_reload_changes_the_list_and_keeps_the_health_of_kept_upstreams(  # type: ignore[no-untyped-def]
+    make_relay, tmp_path: Path, sink: Upstream
+) -> None:
+    """SIGHUP's path (Relay.reload): a new list applies from the next message; an upstream
+    kept keeps its health, one dropped leaves /metrics."""
+    dead = free_port()
+    harness = make_relay(
+        sink.port,
+        upstream=[upstream_entry(dead), upstream_entry(sink.port)],
+        delivery={**SLOW_RETRY, "upstream_down_seconds": 60},
+    )
+    await harness.start()
+    await add_account(harness)
+    await send(harness.port, ["a@dest.test"])
+    await until(lambda: sink.handler.delivered_to() == ["a@dest.test"])
+    assert metric(harness, "mailmeter_upstream_up", dead) == 0.0
+    other = Upstream(port=free_port(), handler=UpstreamHandler())
+    await other.start()
+    try:
+        path = write_config(
+            tmp_path,
+            sink.port,
+            upstream=[upstream_entry(other.port), upstream_entry(dead)],
+            delivery={**SLOW_RETRY, "upstream_down_seconds": 60},
+        )
+        assert harness.relay is not None
+        await harness.relay.reload(load_config(path))
+        assert metric(harness, "mailmeter_upstream_up", dead) == 0.0  # kept, still down
+        assert metric(harness, "mailmeter_upstream_up", other.port) == 1.0
+        assert f'upstream="127.0.0.1:{sink.port}"' not in harness.relay.metrics.render().decode()
+        await send(harness.port, ["b@dest.test"])
+        await until(lambda: other.handler.delivered_to() == ["b@dest.test"])
+        assert sink.handler.delivered_to() == ["a@dest.test"]
+    finally:
+        await other.stop()
+
+
 async def test_every_upstream_down_defers_with_the_retry_schedule(make_relay, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Nothing listens on either: the recipient is deferred (retried on the schedule), both
     upstreams show down; while both are down the next message probes the first alone."""
