@@ -33,9 +33,18 @@ class NodeConfig(_Section):
 
 
 class ListenConfig(_Section):
+    """One listening socket (relay/smtpd.py's Listener says what mode and auth mean)."""
+
     address: str = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
-    processes: int = Field(1, ge=1, le=64)  # relay processes sharing the port (SO_REUSEPORT); mailmeter/workers.py
+    processes: int = Field(1, ge=1, le=64)  # relay processes sharing the ports (SO_REUSEPORT); mailmeter/workers.py
+    mode: Literal["smtp", "submission", "smtps"] = "smtp"
+    auth: Literal["optional", "required", "none"] = "optional"
+
+    def label(self) -> str:
+        """How the listener is named in logs: MODE ADDRESS:PORT."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.mode} {host}:{self.port}"
 
     @field_validator("address")
     @classmethod
@@ -88,6 +97,7 @@ class DeliveryConfig(_Section):
     retry_factor: float = Field(2.0, ge=1)
     retry_max_delay: float = Field(4000.0, gt=0)
     max_age: float = Field(5 * 86400.0, gt=0)
+    upstream_down_seconds: float = Field(30.0, gt=0)  # a failed upstream is skipped this long (relay/upstreams.py)
 
 
 class DatabaseConfig(_Section):
@@ -176,12 +186,12 @@ class LogConfig(_Section):
 class Config(_Section):
     node: NodeConfig = NodeConfig()
     hostname: str = "localhost"
-    listen: ListenConfig = ListenConfig()
+    listen: tuple[ListenConfig, ...] = (ListenConfig(),)  # one listener (a mapping), or a list of them
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     abuse: AbuseConfig = AbuseConfig()
-    upstream: UpstreamSection
+    upstream: tuple[UpstreamSection, ...]  # one smarthost (a mapping), or an ordered list of them
     delivery: DeliveryConfig = DeliveryConfig()
     database: DatabaseConfig = DatabaseConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -191,6 +201,23 @@ class Config(_Section):
     plans: dict[str, Any] = Field(default_factory=dict)
 
     base_dir: Path = Path(".")
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _one_listener_or_several(cls, value: Any) -> Any:
+        """`listen:` is one listener (a mapping) or a list of them; the first is the node's main one."""
+        return [value] if isinstance(value, dict) else value
+
+    @property
+    def processes(self) -> int:
+        """Relay processes of this node (`processes` of the first listener)."""
+        return self.listen[0].processes
+
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        """`upstream:` is one smarthost (a mapping) or an ordered list of them."""
+        return [value] if isinstance(value, dict) else value
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)
@@ -236,20 +263,29 @@ class Config(_Section):
         except TokenFileError as error:
             raise ConfigError(f"api.tokens_file: {path}: {error}") from None
 
-    def upstream_password(self) -> str | None:
-        if self.upstream.password_file is None:
+    def upstream_password(self, index: int = 0) -> str | None:
+        """The password of upstream number `index` (from 0) in the list."""
+        upstream = self.upstream[index]
+        if upstream.password_file is None:
             return None
-        path = self.resolve(self.upstream.password_file)
+        path = self.resolve(upstream.password_file)
+        key = "upstream.password_file" if len(self.upstream) == 1 else f"upstream.{index}.password_file"
         try:
             return path.read_text().strip()
         except OSError as error:
-            raise ConfigError(f"upstream.password_file: cannot read {path}: {error.strerror}") from None
+            raise ConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, single: tuple[str, ...] = ()) -> str:
+    """One line naming each bad key. With `upstream:` or `listen:` (named in `single`) written
+    as one mapping, its keys are named as written (upstream.port), not by their place in the
+    list (upstream.0.port)."""
     problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = list(item["loc"])
+        if loc[:2] in (["upstream", 0], ["listen", 0]) and loc[0] in single:
+            loc = [loc[0], *loc[2:]]
+        key = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against config.example.yaml)"
@@ -257,6 +293,37 @@ def _describe(error: ValidationError) -> str:
             message = "is required"
         problems.append(f"{key}: {message}")
     return "; ".join(problems)
+
+
+def check_listeners(config: Config) -> None:
+    """Raise ConfigError naming the listener key that cannot work."""
+    listeners = config.listen
+    if not listeners:
+        raise ConfigError("listen: list at least one listener (address, port, mode)")
+    single = len(listeners) == 1
+    seen: set[tuple[str, int]] = set()
+    for index, listen in enumerate(listeners):
+        key = "listen" if single else f"listen.{index}"
+        if index and "processes" in listen.model_fields_set and listen.processes != listeners[0].processes:
+            raise ConfigError(
+                f"{key}.processes: the node's process count is set on the first listener only; remove it here"
+            )
+        if config.processes > 1 and listen.port == 0:
+            raise ConfigError(f"{key}.processes: several processes share one port; set {key}.port to a fixed port")
+        if listen.mode != "smtp" and (config.tls.certificate is None or config.tls.key is None):
+            raise ConfigError(
+                f"{key}.mode: {listen.mode} needs TLS; set tls.certificate and tls.key"
+                " (or use mode smtp on this listener)"
+            )
+        plaintext = config.auth.allow_plaintext_on_loopback and ipaddress.ip_address(listen.address).is_loopback
+        if listen.auth == "required" and config.tls.certificate is None and not plaintext:
+            raise ConfigError(
+                f"{key}.auth: required, but AUTH is offered only inside TLS and tls is not set:"
+                " nobody could send here; set tls.certificate and tls.key"
+            )
+        if listen.port and (listen.address, listen.port) in seen:
+            raise ConfigError(f"{key}: {listen.address}:{listen.port} is listed twice; list each socket once")
+        seen.add((listen.address, listen.port))
 
 
 def load_config(path: Path) -> Config:
@@ -277,26 +344,37 @@ def load_config(path: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        single = tuple(key for key in ("upstream", "listen") if isinstance(data.get(key), dict))
+        raise ConfigError(_describe(error, single)) from None
     tls = config.tls
     if (tls.certificate is None) != (tls.key is None):
         raise ConfigError("tls: set both certificate and key, or neither")
-    if config.listen.processes > 1 and config.listen.port == 0:
-        raise ConfigError("listen.processes: several processes share one port; set listen.port to a fixed port")
+    check_listeners(config)
     for key, value in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
         if value is not None and not config.resolve(value).is_file():
             raise ConfigError(f"{key}: file {config.resolve(value)} does not exist")
-    if config.auth.allow_plaintext_on_loopback and not ipaddress.ip_address(config.listen.address).is_loopback:
+    loopback = [listen for listen in config.listen if ipaddress.ip_address(listen.address).is_loopback]
+    if config.auth.allow_plaintext_on_loopback and not loopback:
         raise ConfigError(
             "auth.allow_plaintext_on_loopback: the relay listens on "
-            f"{config.listen.address}, not loopback; plaintext AUTH is only allowed on loopback"
+            f"{', '.join(listen.address for listen in config.listen)}, not loopback;"
+            " plaintext AUTH is only allowed on loopback"
         )
     if not config.plans:
         raise ConfigError("plans: define at least one plan")
     if config.database.url is not None:
         check_database_url(config.database.url)
     config.parsed_plans()
-    config.upstream_password()
+    if not config.upstream:
+        raise ConfigError("upstream: list at least one smarthost (host, port, ...)")
+    seen: set[tuple[str, int]] = set()
+    for index, upstream in enumerate(config.upstream):
+        if (upstream.host, upstream.port) in seen:
+            raise ConfigError(
+                f"upstream.{index}: {upstream.host}:{upstream.port} is listed twice; list each smarthost once"
+            )
+        seen.add((upstream.host, upstream.port))
+        config.upstream_password(index)
     gateway = config.billing.gateway
     if gateway.kind == "webhook":
         if not gateway.url or not gateway.url.startswith(("http://", "https://")):

@@ -38,7 +38,7 @@ _SUN_PATH_MAX = 100  # bytes a Unix socket path may have (108 with the NUL, kept
 def spool_sockets(config: Config) -> list[Path]:
     """The control sockets of a config's node: its spool's, and each worker's (mailmeter/workers.py)."""
     root = config.resolve(config.spool.path)
-    workers = [root / f"worker-{number}" / SOCKET_NAME for number in range(1, config.listen.processes)]
+    workers = [root / f"worker-{number}" / SOCKET_NAME for number in range(1, config.processes)]
     return [root / SOCKET_NAME, *workers]
 
 

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from mailmeter.metering.leases import LeaseBook
+from mailmeter.relay.upstreams import UpstreamStatus
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ACCOUNT_LABELS = 100  # accounts with series of their own; the rest are account="other"
@@ -183,5 +184,41 @@ class Metrics:
         """Report the node's allowance leases at scrape time (PostgreSQL with leasing)."""
         self.registry.register(LeaseCollector(book))
 
+    def watch_upstreams(self, snapshot: Callable[[], list[UpstreamStatus]]) -> None:
+        """Each upstream's health (relay/upstreams.py), read at scrape time: only the
+        configured upstreams appear, so a reload that drops one drops its series."""
+        self.registry.register(_UpstreamCollector(snapshot))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _UpstreamCollector(Collector):
+    """mailmeter_upstream_up, _failures_total and _last_change_timestamp_seconds per upstream."""
+
+    def __init__(self, snapshot: Callable[[], list[UpstreamStatus]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "mailmeter_upstream_up",
+            "1 while delivery tries this upstream, 0 while it is skipped after a failure",
+            labels=["upstream"],
+        )
+        failures = CounterMetricFamily(
+            "mailmeter_upstream_failures",
+            "Attempts this upstream failed as a server (connection, timeout, 421, not SMTP, AUTH refused)",
+            labels=["upstream"],
+        )
+        changed = GaugeMetricFamily(
+            "mailmeter_upstream_last_change_timestamp_seconds",
+            "When this upstream last went down or came back up (0: never)",
+            labels=["upstream"],
+        )
+        for status in self.snapshot():
+            up.add_metric([status.upstream], 1.0 if status.up else 0.0)
+            failures.add_metric([status.upstream], float(status.failures))
+            changed.add_metric([status.upstream], status.last_change)
+        yield up
+        yield failures
+        yield changed

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import structlog
 
-from mailmeter.config import Config, ConfigError, database_label
+from mailmeter.config import Config, ConfigError, ListenConfig, database_label
 from mailmeter.control import ControlServer
 from mailmeter.factory import build_billing, open_meter
 from mailmeter.metering.billing import Billing
@@ -31,8 +31,9 @@ from mailmeter.metrics import Metrics
 from mailmeter.notices import NoticeSender
 from mailmeter.relay.abuse import AuthLimits
 from mailmeter.relay.delivery import Delivery, RetryPolicy, UpstreamConfig
-from mailmeter.relay.smtpd import RelayContext, RelaySMTP, SmtpSettings, is_loopback
+from mailmeter.relay.smtpd import Listener, RelayContext, RelaySMTP, SmtpSettings, is_loopback
 from mailmeter.relay.spool import Spool, SpoolBusy
+from mailmeter.relay.upstreams import UpstreamStatus, read_health_file
 from mailmeter.reloading import restart_section, split_changes
 from mailmeter.startup import (
     bind_api,
@@ -57,17 +58,53 @@ class ApiHandle(Protocol):
 StartApi = Callable[["Relay", socket.socket], Awaitable[ApiHandle]]
 
 
-def upstream_of(config: Config) -> UpstreamConfig:
-    upstream = config.upstream
-    return UpstreamConfig(
-        host=upstream.host,
-        port=upstream.port,
-        tls=upstream.tls,
-        username=upstream.username,
-        password=config.upstream_password(),
-        timeout=upstream.timeout,
-        verify_certificate=upstream.verify_certificate,
+def upstreams_of(config: Config) -> tuple[UpstreamConfig, ...]:
+    """The configured smarthosts, in the order delivery tries them."""
+    return tuple(
+        UpstreamConfig(
+            host=upstream.host,
+            port=upstream.port,
+            tls=upstream.tls,
+            username=upstream.username,
+            password=config.upstream_password(index),
+            timeout=upstream.timeout,
+            verify_certificate=upstream.verify_certificate,
+        )
+        for index, upstream in enumerate(config.upstream)
     )
+
+
+def upstream_health(config: Config) -> list[UpstreamStatus]:
+    """Each configured smarthost's health as the node's running processes last wrote it
+    (SPOOL/upstream-health.json, and SPOOL/worker-I/ with listen.processes), for
+    `mailmeter queue list` and other processes than the relay's. Several processes are
+    merged: down if one of them skips it now, failures summed, the latest error and change.
+    A smarthost no process has written about yet shows up with no failures."""
+    spool = config.resolve(config.spool.path)
+    roots = [spool] + [spool / f"worker-{worker}" for worker in range(1, config.processes)]
+    seen: dict[str, list[UpstreamStatus]] = {}
+    for root in roots:
+        for status in read_health_file(root):
+            seen.setdefault(status.upstream, []).append(status)
+    merged = []
+    for position, upstream in enumerate(config.upstream, start=1):
+        label = f"{upstream.host}:{upstream.port}"
+        views = seen.get(label, [])
+        latest = max(views, key=lambda view: view.last_change, default=None)
+        merged.append(
+            UpstreamStatus(
+                upstream=label,
+                position=position,
+                up=all(view.up for view in views),
+                down_until=max((view.down_until for view in views if not view.up), default=0.0),
+                failures=sum(view.failures for view in views),
+                consecutive_failures=max((view.consecutive_failures for view in views), default=0),
+                last_error=latest.last_error if latest is not None else "",
+                last_change=latest.last_change if latest is not None else 0.0,
+                delivered_attempts=sum(view.delivered_attempts for view in views),
+            )
+        )
+    return merged
 
 
 def retry_of(config: Config) -> RetryPolicy:
@@ -79,14 +116,15 @@ def retry_of(config: Config) -> RetryPolicy:
     )
 
 
-def smtp_settings(config: Config, listen_address: str, tls: ssl.SSLContext | None = None) -> SmtpSettings:
-    """The SMTP-in settings of a config (the listen address is the one actually bound)."""
+def smtp_settings(config: Config, listen_address: str | None = None, tls: ssl.SSLContext | None = None) -> SmtpSettings:
+    """The SMTP-in settings of a config. Plaintext AUTH, when allowed, applies to each
+    loopback listener of mode smtp (listener_of); `listen_address` is not used any more."""
     return SmtpSettings(
         hostname=config.hostname,
         message_size_limit=config.limits.message_size,
         recipients_per_message=config.limits.recipients_per_message,
         tls_context=tls if tls is not None else tls_context(config),
-        plaintext_auth=config.auth.allow_plaintext_on_loopback and is_loopback(listen_address),
+        plaintext_auth=config.auth.allow_plaintext_on_loopback,
         timeout=config.limits.session_timeout,
         max_session_seconds=config.limits.session_max_duration,
         bare_newlines=config.limits.bare_newlines,
@@ -114,6 +152,11 @@ def notices_of(config: Config, store: Store, spool: Spool, delivery: Delivery) -
         webhook_url=notices_config.webhook_url,
         webhook_secret=config.read_secret("billing.notices.webhook_secret_file", notices_config.webhook_secret_file),
     )
+
+
+def listener_of(listen: ListenConfig) -> Listener:
+    """How the sessions of one configured listener behave (relay/smtpd.py)."""
+    return Listener(mode=listen.mode, auth=listen.auth, loopback=is_loopback(listen.address), name=listen.label())
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -144,7 +187,8 @@ class Relay:
     context: RelayContext
     billing: Billing
     notices: NoticeSender
-    server: asyncio.Server | None = None
+    server: asyncio.Server | None = None  # the first listener's
+    servers: list[asyncio.Server] = field(default_factory=list)  # every listener's, in config order
     billing_task: asyncio.Task[None] | None = None
     lease_task: asyncio.Task[None] | None = None  # gives back unused lease emails (PostgreSQL, leasing on)
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
@@ -153,6 +197,9 @@ class Relay:
     primary: bool = True  # runs the billing job and the API (worker 0 of listen.processes)
     claim_task: asyncio.Task[None] | None = None  # keeps the node-name claim (PostgreSQL)
     fatal: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
+    implicit_tls: ssl.SSLContext | None = (
+        None  # the smtps listeners' context (a reload loads a new certificate into it)
+    )
     _api_socket: socket.socket | None = None  # bound at start, served once the spool is settled
     control: ControlServer | None = None  # SPOOL/control: `mailmeter queue` (mailmeter/control.py)
 
@@ -163,12 +210,13 @@ class Relay:
         delivery = Delivery(
             spool=spool,
             results=meter,
-            upstream=upstream_of(config),
+            upstream=upstreams_of(config),
             retry=retry_of(config),
             hostname=config.hostname,
             workers=config.delivery.workers,
+            upstream_down_seconds=config.delivery.upstream_down_seconds,
         )
-        settings = smtp_settings(config, config.listen.address)
+        settings = smtp_settings(config)
         metrics = Metrics()
         delivery.observer = metrics
         context = RelayContext(
@@ -176,6 +224,7 @@ class Relay:
         )
         metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
         metrics.watch_leases(lambda: meter.leases)
+        metrics.watch_upstreams(delivery.health.snapshot)
         notices = notices_of(config, store, spool, delivery)
         return cls(
             config,
@@ -201,7 +250,10 @@ class Relay:
             raise
         structlog.get_logger("mailmeter").info(
             "relay.started",
-            listen=f"{self.config.listen.address}:{self.port}",
+            listen=f"{self.config.listen[0].address}:{self.port}",
+            listeners=[
+                listen.model_copy(update={"port": port}).label() for listen, port in zip(self.config.listen, self.ports)
+            ],
             node=self.config.node.name,
             event_loop=type(asyncio.get_running_loop()).__module__,
             holds_released=released,
@@ -237,18 +289,7 @@ class Relay:
             await asyncio.to_thread(self.spool.open)
         except OSError as error:
             raise spool_unusable(root, error) from None
-        listen = config.listen
-        try:  # bound now, accepting only once the spool is settled (start_serving below)
-            self.server = await asyncio.get_running_loop().create_server(
-                lambda: RelaySMTP(self.context),
-                host=listen.address,
-                port=listen.port,
-                reuse_address=True,
-                reuse_port=listen.processes > 1 or None,  # the workers share the port
-                start_serving=False,
-            )
-        except OSError as error:
-            raise cannot_listen("listen", listen.address, listen.port, error) from None
+        await self._bind_listeners()
         if config.api.enabled and self.primary and self.start_api is not None:
             try:
                 self._api_socket = bind_api(config.api.address, config.api.port)
@@ -264,7 +305,8 @@ class Relay:
         except OSError as error:
             raise spool_unusable(root, error) from None
         self.control = control
-        await self.server.start_serving()
+        for server in self.servers:
+            await server.start_serving()
         if claim is not None:
             self.claim_task = asyncio.create_task(claim.keep(self._claim_lost))
         if self.primary:
@@ -276,15 +318,49 @@ class Relay:
             self.api = await self.start_api(self, api_socket)
         return released, activated, dropped
 
+    async def _bind_listeners(self) -> None:
+        """Bind every listener (accepting only once the spool is settled: start_serving)."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        several = len(config.listen) > 1
+        for index, listen in enumerate(config.listen):
+            listener = listener_of(listen)
+            ssl_context = None
+            if listen.mode == "smtps":
+                if self.implicit_tls is None:
+                    self.implicit_tls = tls_context(config)
+                ssl_context = self.implicit_tls
+
+            def session(listener: Listener = listener) -> RelaySMTP:
+                return RelaySMTP(self.context, listener)
+
+            try:
+                server = await loop.create_server(
+                    session,
+                    host=listen.address,
+                    port=listen.port,
+                    reuse_address=True,
+                    reuse_port=config.processes > 1 or None,  # the workers share the port
+                    ssl=ssl_context,
+                    # (asyncio's default, 60 s, unless the idle timeout is shorter)
+                    ssl_handshake_timeout=min(60.0, config.limits.session_timeout) if ssl_context is not None else None,
+                    start_serving=False,
+                )
+            except OSError as error:
+                key = f"listen.{index}" if several else "listen"
+                raise cannot_listen(key, listen.address, listen.port, error) from None
+            self.servers.append(server)
+        self.server = self.servers[0]
+
     async def _abandon_start(self) -> None:
         """Undo a start that failed part way, in reverse order (each step may not have happened)."""
         if self._api_socket is not None:
             self._api_socket.close()
             self._api_socket = None
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        for server in self.servers:
+            server.close()
+            await server.wait_closed()
+        self.servers, self.server = [], None
         for task in (self.claim_task, self.billing_task, self.lease_task):
             if task is not None:
                 task.cancel()
@@ -304,8 +380,14 @@ class Relay:
 
     @property
     def port(self) -> int:
+        """The first listener's port."""
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def ports(self) -> list[int]:
+        """Every listener's port, in config order (the bound one when the config says 0)."""
+        return [int(server.sockets[0].getsockname()[1]) for server in self.servers]
 
     async def settle_incoming(self) -> tuple[int, int]:
         """Finish what a crash interrupted between the spool write and the 250."""
@@ -345,8 +427,11 @@ class Relay:
         applied, fixed = split_changes(self.config, config)
         api_socket = self._bind_new_api(config)  # before anything changes: a port in use refuses the reload
         self.meter.plans = plans
-        self.context.reconfigure(smtp_settings(config, self.config.listen.address, new_tls))
-        self.delivery.reconfigure(upstream_of(config), retry_of(config))
+        if self.implicit_tls is not None and config.tls.certificate is not None and config.tls.key is not None:
+            # smtps listeners: new handshakes use the new certificate (new_tls proved it loads)
+            self.implicit_tls.load_cert_chain(config.resolve(config.tls.certificate), config.resolve(config.tls.key))
+        self.context.reconfigure(smtp_settings(config, tls=new_tls))
+        self.delivery.reconfigure(upstreams_of(config), retry_of(config), config.delivery.upstream_down_seconds)
         self.delivery.hostname = config.hostname
         self.billing = build_billing(config, self.meter)
         self.notices = notices
@@ -429,8 +514,8 @@ class Relay:
 
     def begin_drain(self) -> None:
         """At once: stop accepting connections and send idle sessions 421 4.3.2."""
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         self.context.drain()
 
     async def drain(self, grace: float = 30.0) -> None:
@@ -442,9 +527,9 @@ class Relay:
             await asyncio.sleep(0.05)
         for session in list(self.context.sessions):
             session.close_for_shutdown()
-        if self.server is not None:
-            await self.server.wait_closed()
-            self.server = None
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers, self.server = [], None
 
     async def stop(self) -> None:
         await self.drain()  # first: SMTP clients learn at once to retry elsewhere or later

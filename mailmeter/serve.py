@@ -63,7 +63,7 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     With listen.processes > 1 this process supervises that many workers instead
     (mailmeter/workers.py); `worker` is set in each of them. Returns the exit status.
     """
-    if worker is None and config.listen.processes > 1:
+    if worker is None and config.processes > 1:
         return await supervise(path, config)
     log = structlog.get_logger("mailmeter")
     notifier = Notifier()
@@ -119,7 +119,7 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     # pauses of the whole relay, a few per minute under bench/run's load: its p99 after DATA.
     gc.collect()
     gc.freeze()
-    notifier.notify("READY=1", f"STATUS=serving on {config.listen.address}:{relay.port}")
+    notifier.notify("READY=1", f"STATUS=serving on {config.listen[0].address}:{relay.port}")
     status = 0
     try:
         stopping = asyncio.ensure_future(stop.wait())

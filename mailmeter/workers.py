@@ -52,7 +52,7 @@ def worker_config(config: Config, worker: int) -> Config:
 async def supervise(path: Path, config: Config) -> int:
     """Run `listen.processes` relay processes until SIGTERM/SIGINT; the exit status."""
     log = structlog.get_logger("mailmeter")
-    count = config.listen.processes
+    count = config.processes
     notifier = Notifier()
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     name = f"mailmeter-{os.getpid()}-{secrets.token_hex(4)}"
@@ -90,7 +90,8 @@ async def supervise(path: Path, config: Config) -> int:
         done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
             notifier.notify(
-                "READY=1", f"STATUS=serving on {config.listen.address}:{config.listen.port} with {count} processes"
+                "READY=1",
+                f"STATUS=serving on {config.listen[0].address}:{config.listen[0].port} with {count} processes",
             )
             log.info("relay.processes_ready", processes=count, pids=[w.pid for w in workers], result="ok")
             ready = asyncio.ensure_future(_discard(loop, inbox))  # later notifications (reloads) are theirs

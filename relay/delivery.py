@@ -16,7 +16,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -34,6 +34,7 @@ from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
 from mailmeter.relay.observe import NoObserver, RelayObserver
 from mailmeter.relay.pipelining import PipeliningSMTP, pipelined_transaction, positive, refusal, send_message_data
 from mailmeter.relay.spool import Envelope, QueueState, RecipientState, Spool
+from mailmeter.relay.upstreams import HEALTH_FILE, UpstreamHealth, upstream_label
 
 
 class ResultSink(Protocol):
@@ -116,6 +117,9 @@ class MessageBusy(RuntimeError):
 class Outcome:
     status: str  # delivered | deferred (retried) | hard_bounced (refused for good, not retried)
     reply: str
+    # The upstream failed as a server (connection, timeout, 421, not SMTP, our AUTH refused):
+    # the recipient moves to the next upstream at once (relay/upstreams.py).
+    upstream_failure: bool = False
 
 
 def new_queue_id() -> str:
@@ -128,16 +132,20 @@ class Delivery:
         self,
         spool: Spool,
         results: ResultSink,
-        upstream: UpstreamConfig,
+        upstream: UpstreamConfig | Sequence[UpstreamConfig],
         retry: RetryPolicy,
         hostname: str,
         workers: int = 4,
         clock: Callable[[], float] = time.time,
         observer: RelayObserver | None = None,
+        upstream_down_seconds: float = 30.0,
     ) -> None:
         self.spool = spool
         self.results = results
-        self.upstream = upstream
+        self.upstreams = _upstream_list(upstream)
+        # Health of each upstream (relay/upstreams.py); written to the spool for the CLI once started.
+        self.health = UpstreamHealth(down_seconds=upstream_down_seconds)
+        self.health.configure(self.upstreams)
         self.retry = retry
         self.hostname = hostname
         self.workers = workers
@@ -157,6 +165,8 @@ class Delivery:
 
     async def start(self) -> None:
         """Resume the spool where it stopped, then start the workers."""
+        self.health.state_file = self.spool.root / HEALTH_FILE  # the spool is ours now
+        self.health.configure(self.upstreams)
         for queue_id in await asyncio.to_thread(self.spool.active_ids):
             envelope = await asyncio.to_thread(self.spool.read_envelope, queue_id)
             state = await asyncio.to_thread(self.spool.load_state, envelope)
@@ -192,13 +202,25 @@ class Delivery:
         for process in processes:
             process.kill()  # they ignore SIGTERM (_large_sender_started)
 
-    def reconfigure(self, upstream: UpstreamConfig, retry: RetryPolicy) -> None:
-        """A reloaded config: the next attempt uses the new upstream and retry policy.
+    def reconfigure(
+        self,
+        upstream: UpstreamConfig | Sequence[UpstreamConfig],
+        retry: RetryPolicy,
+        upstream_down_seconds: float | None = None,
+    ) -> None:
+        """A reloaded config: the next attempt uses the new upstreams and retry policy.
 
-        Workers drop a connection opened to the old upstream before their next message.
+        Workers drop a connection opened to an upstream that is not next in line before
+        their next message; an upstream kept in the list keeps its health.
         """
-        self.upstream = upstream
+        self.upstreams = _upstream_list(upstream)
+        self.health.configure(self.upstreams, upstream_down_seconds)
         self.retry = retry
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """The first configured upstream."""
+        return self.upstreams[0]
 
     @property
     def queue_depth(self) -> int:
@@ -588,11 +610,44 @@ class Delivery:
         connection: list[aiosmtplib.SMTP | None],
         smtputf8: bool,
     ) -> dict[str, Outcome]:
-        if len(body) > LARGE_MESSAGE:
-            return await self._send_large(sender, recipients, body, smtputf8)
-        return await converse(self.upstream, self.hostname, sender, recipients, body, connection, smtputf8, self.log)
+        """One transaction, on the upstreams in their order of health (relay/upstreams.py):
+        the recipients an upstream failed as a server go to the next one at once; every
+        other reply (delivered, a recipient refused) is final for this attempt."""
+        outcomes: dict[str, Outcome] = {}
+        remaining = recipients
+        candidates = self.health.order(self.upstreams)
+        for index, upstream in enumerate(candidates):
+            if len(body) > LARGE_MESSAGE:
+                result = await self._send_large(upstream, sender, remaining, body, smtputf8)
+            else:
+                result = await converse(
+                    upstream, self.hostname, sender, remaining, body, connection, smtputf8, self.log
+                )
+            outcomes.update(result)
+            failed = [r for r in remaining if result[r].upstream_failure]
+            if not failed:
+                if self.health.status(upstream).consecutive_failures:
+                    self.log.info("delivery.upstream_up", upstream=upstream_label(upstream), result="up")
+                self.health.worked(upstream)
+                break
+            reply = result[failed[0]].reply
+            self.health.failed(upstream, reply)
+            following = candidates[index + 1] if index + 1 < len(candidates) else None
+            self.log.warning(
+                "delivery.upstream_down",
+                upstream=upstream_label(upstream),
+                error=reply,
+                recipients=len(failed),
+                down_seconds=self.health.down_seconds,
+                next_upstream=upstream_label(following) if following is not None else None,
+                result="failover" if following is not None else "deferred",
+            )
+            remaining = failed
+        return outcomes
 
-    async def _send_large(self, sender: str, recipients: list[str], body: bytes, smtputf8: bool) -> dict[str, Outcome]:
+    async def _send_large(
+        self, upstream: UpstreamConfig, sender: str, recipients: list[str], body: bytes, smtputf8: bool
+    ) -> dict[str, Outcome]:
         """A large message goes out from a process of its own, on a connection of its own.
 
         aiosmtplib rewrites the whole message with two regular expressions (line endings,
@@ -611,7 +666,7 @@ class Delivery:
             )
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._large_senders, send_alone, self.upstream, self.hostname, sender, recipients, body, smtputf8
+                self._large_senders, send_alone, upstream, self.hostname, sender, recipients, body, smtputf8
             )
         except BrokenProcessPool as error:  # a sender process died (killed, out of memory)
             self._stop_large_senders()
@@ -664,7 +719,9 @@ async def converse(
                 connection[0] = client
             assert client is not None
             errors = await transaction(client, sender, recipients, body, smtputf8)
-            if len(errors) == len(recipients):
+            if any(error.code == 421 for error in errors.values()):
+                _drop(connection)  # 421: the upstream is closing this connection (RFC 5321 3.8)
+            elif len(errors) == len(recipients):
                 await _reset(client)  # no transaction completed: the upstream may still hold its MAIL
             return {
                 r: (_classify(errors[r].code, errors[r].message) if r in errors else Outcome("delivered", "250"))
@@ -674,15 +731,17 @@ async def converse(
             # Our smarthost credentials are refused: a configuration problem to fix,
             # never a reason to bounce the customer's mail.
             _drop(connection)
-            return {
-                r: Outcome("deferred", f"upstream refused our AUTH: {error.code} {error.message}") for r in recipients
-            }
+            reply = f"upstream refused our AUTH: {error.code} {error.message} ({upstream.host}:{upstream.port})"
+            return {r: Outcome("deferred", reply, upstream_failure=True) for r in recipients}
         except aiosmtplib.SMTPResponseException as error:
             if error.code == SMTPStatus.invalid_response:  # the upstream's reply was not SMTP
                 _drop(connection)
                 reply = f"upstream {upstream.host}:{upstream.port} sent a reply that is not SMTP: {error.message}"
-                return {r: Outcome("deferred", reply) for r in recipients}
-            await _reset(client)
+                return {r: Outcome("deferred", reply, upstream_failure=True) for r in recipients}
+            if error.code == 421:
+                _drop(connection)
+            else:
+                await _reset(client)
             outcome = _classify(error.code, error.message)
             return {r: outcome for r in recipients}
         except aiosmtplib.SMTPNotSupported as error:
@@ -694,7 +753,7 @@ async def converse(
             if reused and isinstance(error, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
                 continue  # the upstream closed an idle connection: retry once on a new one
             reply = f"connection to {upstream.host}:{upstream.port} failed: {error!r}"
-            return {r: Outcome("deferred", reply) for r in recipients}
+            return {r: Outcome("deferred", reply, upstream_failure=True) for r in recipients}
         except Exception as error:  # a bug must defer (and so expire), never loop forever
             _drop(connection)
             if log is not None:
@@ -836,6 +895,8 @@ def _classify(code: int, message: str) -> Outcome:
     reply = f"{code} {message}".strip()
     if 200 <= code < 300:
         return Outcome("delivered", reply)
+    if code == 421:  # the upstream is closing the channel (RFC 5321 3.8): another one may take it
+        return Outcome("deferred", reply, upstream_failure=True)
     if 400 <= code < 500:
         return Outcome("deferred", reply)
     _, enhanced = reply_codes(reply)
@@ -852,6 +913,13 @@ async def _reset(client: aiosmtplib.SMTP | None) -> None:
         await client.rset()
     except Exception:
         client.close()
+
+
+def _upstream_list(upstream: UpstreamConfig | Sequence[UpstreamConfig]) -> tuple[UpstreamConfig, ...]:
+    upstreams = (upstream,) if isinstance(upstream, UpstreamConfig) else tuple(upstream)
+    if not upstreams:
+        raise ValueError("delivery needs at least one upstream")
+    return upstreams
 
 
 def _summary(recipients: list[RecipientState]) -> str:

@@ -45,6 +45,12 @@ def rate_reached(rate: str, account: str, retry_after: int) -> str:
 
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required: AUTH with your account's credentials"
+# A listener with `auth: none` takes mail only from networks bound to an account.
+NETWORK_NOT_BOUND = (
+    "550 5.7.1 Relay access denied: this port takes mail only from networks bound to an account;"
+    " send from a bound network, or use a port that offers AUTH"
+)
+AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered on this port; use the submission port"
 AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure; retry later"
 # RFC 4954 4: the account of an open transaction cannot change under its recipients.
 AUTH_IN_TRANSACTION = "503 5.5.1 AUTH not permitted during a mail transaction; send AUTH before MAIL, or RSET first"
@@ -70,6 +76,9 @@ SESSION_TIME_LIMIT = "421 4.4.2 {hostname} Session time limit exceeded; closing 
 BARE_NEWLINE = "500 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF (RFC 5321 2.3.8)"
 ADDRESS_INVALID = "553 5.1.3 Address cannot be relayed: bad syntax, control characters or not UTF-8"
 ADDRESS_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires MAIL FROM with the SMTPUTF8 parameter"
+# DATA without a recipient taken (RFC 2920 3.1: a pipelined DATA after refused RCPTs).
+NO_VALID_RECIPIENTS = "554 5.5.1 Error: no valid recipients"
+NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 INTERNAL_ERROR = "451 4.3.0 Internal error; retry later"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"

@@ -92,13 +92,31 @@ class MeterPort(Protocol):
     async def message_committed(self, queue_id: str) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Listener:
+    """How one listening socket treats its sessions (config `listen`, one entry each).
+
+    mode: smtp (plain, STARTTLS offered when `tls` is set), submission (RFC 6409 on 587:
+    every command but EHLO/HELO/NOOP/QUIT/STARTTLS needs STARTTLS first, so AUTH and mail
+    go only over TLS), smtps (implicit TLS on 465, RFC 8314: TLS from the first byte, no
+    STARTTLS). auth: optional (AUTH, or a network bound to an account), required (AUTH
+    only; bound networks do not count here), none (bound networks only; AUTH is not offered).
+    loopback: the socket's address is a loopback one (auth.allow_plaintext_on_loopback).
+    """
+
+    mode: str = "smtp"  # smtp | submission | smtps
+    auth: str = "optional"  # optional | required | none
+    loopback: bool = False
+    name: str = "smtp"  # for logs: "MODE ADDRESS:PORT"
+
+
 @dataclass
 class SmtpSettings:
     hostname: str
     message_size_limit: int
     recipients_per_message: int
     tls_context: ssl.SSLContext | None
-    plaintext_auth: bool  # allow AUTH before STARTTLS (only ever on loopback)
+    plaintext_auth: bool  # allow AUTH before STARTTLS on a loopback listener of mode smtp
     timeout: float = 300.0  # idle: seconds without a complete command (DATA must finish within it)
     max_session_seconds: float = 900.0  # total: a session older than this gets 421 4.4.2
     bare_newlines: str = "reject"  # reject | normalize: a bare CR or LF in DATA
@@ -188,21 +206,25 @@ class RelaySMTP(SMTP):
             return None, None
         return address, match.group(2)
 
-    def __init__(self, context: RelayContext) -> None:
+    def __init__(self, context: RelayContext, listener: Listener | None = None) -> None:
         settings = context.settings
+        listener = listener or Listener()
+        implicit_tls = listener.mode == "smtps"
+        plaintext_auth = settings.plaintext_auth and listener.loopback and listener.mode == "smtp"
         super().__init__(
             _Handler(context),
             data_size_limit=settings.message_size_limit,
             hostname=settings.hostname,
             ident="mailmeter",
-            tls_context=settings.tls_context,
-            require_starttls=False,
+            tls_context=None if implicit_tls else settings.tls_context,  # smtps: TLS already, no STARTTLS
+            require_starttls=listener.mode == "submission",
             timeout=settings.timeout,
             auth_required=False,
-            auth_require_tls=not settings.plaintext_auth,
+            auth_require_tls=not (implicit_tls or plaintext_auth),
             enable_SMTPUTF8=True,
             loop=asyncio.get_running_loop(),
         )
+        self.listener = listener
         self.context = context
         self.log = structlog.get_logger("mailmeter.smtp")
         self.account: str | None = None
@@ -221,6 +243,9 @@ class RelaySMTP(SMTP):
         self._turned_away = False  # over the connection cap: no SMTP session at all
         self._lost = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._greeted = False  # the banner (the first reply) is sent
+        self._held = bytearray()  # replies of a pipelined group not sent yet (push)
+        self._in_helo = False  # replying to EHLO or HELO
         self.command = "-"  # the command being answered ("-": none read whole yet), for refusal logs
         self._smtp_methods = {name: self._tracked(name, method) for name, method in self._smtp_methods.items()}
 
@@ -266,6 +291,11 @@ class RelaySMTP(SMTP):
         self.context.sessions.add(self)
         self.context.observer.session_opened()
         super().connection_made(transport)
+        if self.listener.mode == "smtps" and self.session is not None:
+            # Implicit TLS (RFC 8314): the session is encrypted from its first byte; aiosmtpd
+            # only knows STARTTLS, so say so (Received: ... with ESMTPS(A), eof handling).
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.session.ssl = {"ssl_object": ssl_object, "cipher": transport.get_extra_info("cipher")}
         self._deadline = self.loop.call_later(self.context.settings.max_session_seconds, self._session_deadline)
 
     def data_received(self, data: bytes) -> None:
@@ -275,6 +305,7 @@ class RelaySMTP(SMTP):
     def eof_received(self) -> bool | None:
         if self._turned_away:
             return False
+        self._flush_held()  # aiosmtpd ends the session at EOF: the replies already made still go out
         return super().eof_received()
 
     def _forget_client(self) -> None:
@@ -299,6 +330,7 @@ class RelaySMTP(SMTP):
         if transport is None or transport.is_closing():
             return
         self.log.info("smtp.session_closed", account=self.account, client=self._client(), result=result)
+        self._flush_held()
         cast(asyncio.WriteTransport, transport).write(reply.encode() + b"\r\n")  # uvloop's is no subclass
         transport.close()
 
@@ -330,7 +362,9 @@ class RelaySMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            # RFC 2920 3.1: a pipelining client sends DATA without waiting for its RCPT
+            # replies; when none was taken, DATA gets 554 (503 when MAIL was not taken either).
+            await self.push(replies.NO_VALID_RECIPIENTS if self.envelope.mail_from else replies.NEED_MAIL)
             return
         if arg:
             await self.push("501 Syntax: DATA")
@@ -353,12 +387,50 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         """Every reply on one line: client text echoed in a reply (a bad command, an
-        address) may hold CR, LF, NUL or bytes that are not UTF-8. Every refusal (4xx,
-        5xx) is logged, with the client and the session's account, and counted."""
+        address) may hold CR, LF, NUL or bytes that are not UTF-8. And every reply but
+        the banner, EHLO/HELO's and the 334/354 prompts carries an enhanced status code
+        (RFC 2034, advertised as ENHANCEDSTATUSCODES): aiosmtpd's own replies get one. Every
+        refusal (4xx, 5xx) is logged, with the client and the session's account, and counted."""
         line = safe_reply(status)
+        if self._greeted and not self._in_helo:
+            line = with_enhanced_code(line)
+        self._greeted = True
         if line[:1] in (b"4", b"5"):
             self._log_refusal(line.decode("utf-8", "replace"))
+        if line[:3] not in _FLUSH_NOW and self._more_commands_waiting():
+            # RFC 2920 3.2: with the client's next pipelined command already read, keep this
+            # reply and send the group's replies together (one packet, not one per command).
+            self._held += line + b"\r\n"
+            return
+        if self._held:
+            line, self._held = bytes(self._held) + line, bytearray()
         await super().push(line)
+
+    def _more_commands_waiting(self) -> bool:
+        """A whole further command line is already in the stream's buffer (pipelining)."""
+        buffered: bytearray | None = getattr(self._reader, "_buffer", None)  # StreamReader's; aiosmtpd uses it too
+        return buffered is not None and b"\n" in buffered
+
+    def _flush_held(self) -> None:
+        """Write the replies held for a pipelined group now (before a reply that closes)."""
+        transport = self.transport
+        if self._held and transport is not None and not transport.is_closing():
+            cast(asyncio.WriteTransport, transport).write(bytes(self._held))
+        self._held = bytearray()
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_helo = True  # RFC 2034: no enhanced codes in the replies to EHLO and HELO
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_helo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_helo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_helo = False
 
     def _log_refusal(self, reply: str) -> None:
         code = reply[:3]
@@ -375,7 +447,7 @@ class RelaySMTP(SMTP):
     # -- account of the session ---------------------------------------------------
 
     async def _resolve_account(self) -> str | None:
-        if self.account is None and not self.network_checked:
+        if self.account is None and not self.network_checked and self.listener.auth != "required":
             assert self.session is not None
             peer = self.session.peer
             address = peer[0] if isinstance(peer, tuple) else ""
@@ -395,7 +467,7 @@ class RelaySMTP(SMTP):
             await self.push(replies.METER_UNAVAILABLE)
             return True
         if account is None:
-            await self.push(replies.AUTH_REQUIRED)
+            await self.push(replies.NETWORK_NOT_BOUND if self.listener.auth == "none" else replies.AUTH_REQUIRED)
             return True
         return False
 
@@ -406,6 +478,9 @@ class RelaySMTP(SMTP):
         """RFC 4954 4: AUTH inside a mail transaction is refused with 503. The transaction's
         recipients are held under the account it began with; a new login must not move
         the rest of it (and its commit) to another account."""
+        if self.listener.auth == "none":
+            await self.push(replies.AUTH_NOT_OFFERED)
+            return
         if self.envelope is not None and self.envelope.mail_from is not None:
             await self.push(replies.AUTH_IN_TRANSACTION)
             return
@@ -618,6 +693,17 @@ class _Handler:
     def __init__(self, context: RelayContext) -> None:
         self.context = context
 
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """aiosmtpd's EHLO lines, plus PIPELINING (RFC 2920: commands are read and answered
+        strictly in order, tests/relay/test_pipelining_in.py) and ENHANCEDSTATUSCODES
+        (RFC 2034: RelaySMTP.push); without AUTH on a listener that takes no AUTH."""
+        session.host_name = hostname
+        if server.listener.auth == "none":
+            responses = [line for line in responses if not line[4:].upper().startswith("AUTH")]
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
     ) -> str:
@@ -816,6 +902,45 @@ class _Handler:
         """aiosmtpd would answer `500 Error: (Type) text` with our internals in it."""
         structlog.get_logger("mailmeter.smtp").error("smtp.error", error=repr(error), result="internal_error")
         return replies.INTERNAL_ERROR
+
+
+# RFC 3463 codes for aiosmtpd's replies that have none, by reply code (as Postfix's);
+# any other code gets its class's X.0.0.
+_ENHANCED_DEFAULT = {
+    220: b"2.0.0",  # 220 Ready to start TLS (the banner gets none)
+    221: b"2.0.0",
+    250: b"2.0.0",
+    252: b"2.0.0",
+    454: b"4.7.0",
+    500: b"5.5.2",
+    501: b"5.5.4",
+    502: b"5.5.1",
+    503: b"5.5.1",
+    504: b"5.5.4",
+    530: b"5.7.0",
+    535: b"5.7.8",
+    538: b"5.7.11",
+    552: b"5.3.4",
+    555: b"5.5.4",
+}
+# Replies never held back for a pipelined group: the banner and STARTTLS's go-ahead (220),
+# the replies aiosmtpd closes the connection after (221 to QUIT, 421, 502 "goodbye" to
+# too many unknown commands), and the prompts after which the client sends something
+# other than a command (354, 334).
+_FLUSH_NOW = {b"220", b"221", b"334", b"354", b"421", b"502"}
+_HAS_ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_enhanced_code(line: bytes) -> bytes:
+    """`line` with an RFC 3463 enhanced status code after its reply code, unless it has one
+    or is a 334/354 prompt (whose text is not a status: a base64 challenge, a go-ahead)."""
+    code, separator, text = line[:3], line[3:4], line[4:]
+    if not code.isdigit() or code in (b"334", b"354") or separator not in (b" ", b"-", b""):
+        return line
+    if code[:1] not in b"245" or _HAS_ENHANCED.match(text):
+        return line
+    enhanced = _ENHANCED_DEFAULT.get(int(code), code[:1] + b".0.0")
+    return code + (separator or b" ") + enhanced + (b" " + text if text else b"")
 
 
 def safe_reply(status: str | bytes) -> bytes:

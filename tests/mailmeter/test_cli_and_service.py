@@ -127,8 +127,8 @@ def test_example_config_is_valid() -> None:
     from mailmeter.config import load_config
 
     config = load_config(REPO / "config.example.yaml")
-    assert (config.listen.address, config.listen.port) == ("127.0.0.1", 2525)
-    assert (config.upstream.host, config.upstream.port) == ("127.0.0.1", 2526)
+    assert [(listen.address, listen.port, listen.mode) for listen in config.listen] == [("127.0.0.1", 2525, "smtp")]
+    assert [(u.host, u.port) for u in config.upstream] == [("127.0.0.1", 2526)]
     assert config.parsed_plans()
 
 
