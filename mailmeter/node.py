@@ -21,6 +21,7 @@ from typing import Protocol
 import structlog
 
 from mailmeter.config import Config, ConfigError, database_label
+from mailmeter.events import EventSender, EventSettings
 from mailmeter.factory import build_billing, open_meter
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.meter import Meter
@@ -131,6 +132,7 @@ class Relay:
     notices: NoticeSender
     server: asyncio.Server | None = None
     billing_task: asyncio.Task[None] | None = None
+    events_task: asyncio.Task[None] | None = None  # sends account events to their webhooks
     lease_task: asyncio.Task[None] | None = None  # gives back unused lease emails (PostgreSQL, leasing on)
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
     api: ApiHandle | None = None  # the admin HTTP API, when api.enabled
@@ -256,6 +258,7 @@ class Relay:
             self.claim_task = asyncio.create_task(claim.keep(self._claim_lost))
         if self.primary:
             self.billing_task = asyncio.create_task(self._billing_loop())
+            self.events_task = asyncio.create_task(self._events_loop())
         if self.meter.leases is not None:
             self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
         if self._api_socket is not None and self.start_api is not None:
@@ -272,11 +275,11 @@ class Relay:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
-        for task in (self.claim_task, self.billing_task, self.lease_task):
+        for task in (self.claim_task, self.billing_task, self.lease_task, self.events_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self.claim_task = self.billing_task = self.lease_task = None
+        self.claim_task = self.billing_task = self.lease_task = self.events_task = None
         await self.delivery.stop()
         await self.store.close()
         self.spool.unclaim()
@@ -374,6 +377,26 @@ class Relay:
                 log.error("billing.pass", result="error", error=repr(error))
             await asyncio.sleep(self.config.billing.interval)
 
+    def event_sender(self) -> EventSender:
+        """The webhook sender with the config's current retry settings (a reload applies at the next pass)."""
+        events = self.config.events
+        settings = EventSettings(
+            max_attempts=events.max_attempts,
+            first_delay=events.first_delay,
+            max_delay=events.max_delay,
+            timeout=events.timeout,
+        )
+        return EventSender(self.store, settings, self.meter.clock)
+
+    async def _events_loop(self) -> None:
+        log = structlog.get_logger("mailmeter.events")
+        while True:
+            try:
+                await self.event_sender().send_due()
+            except Exception as error:  # noqa: BLE001 (the store may be down: try again next pass)
+                log.error("events.pass", result="error", error=repr(error))
+            await asyncio.sleep(self.config.events.interval)
+
     async def _lease_loop(self, interval: float) -> None:
         log = structlog.get_logger("mailmeter.meter")
         while True:
@@ -413,6 +436,10 @@ class Relay:
             self.billing_task.cancel()
             await asyncio.gather(self.billing_task, return_exceptions=True)
             self.billing_task = None
+        if self.events_task is not None:
+            self.events_task.cancel()
+            await asyncio.gather(self.events_task, return_exceptions=True)
+            self.events_task = None
         if self.context.background:
             await asyncio.gather(*list(self.context.background), return_exceptions=True)
         if self.lease_task is not None:

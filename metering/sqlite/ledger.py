@@ -7,11 +7,20 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 
-from mailmeter.metering.records import Account, HoldAccountMismatch, Result, Settlement, UnknownHold
+from mailmeter.metering.records import (
+    Account,
+    HoldAccountMismatch,
+    Result,
+    Settlement,
+    UnknownHold,
+    result_event,
+)
 from mailmeter.metering.sqlite.accounts import account_row, usage_row
 from mailmeter.metering.sqlite.connection import SqliteConnection
+from mailmeter.metering.sqlite.events import add_event_sync, add_suppression_sync
 from mailmeter.metering.sqlite.invoices import insert_charge_sync
 from mailmeter.policies.decision import Admission, Usage
+from mailmeter.policies.results import suppresses
 
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
@@ -135,11 +144,13 @@ class SqliteLedger(SqliteConnection):
                 for charge in settlement.charges:
                     insert_charge_sync(conn, account, period_key, charge, now)
                 for key, body in settlement.notices:
-                    conn.execute(
+                    cursor = conn.execute(
                         "INSERT OR IGNORE INTO notices (account_id, period_key, key, body, created_at)"
                         " VALUES (?, ?, ?, ?, ?)",
                         (account_id, period_key, key, body, now.isoformat()),
                     )
+                    if cursor.rowcount == 1 and '"usage_alert"' in body:
+                        add_event_sync(conn, account_id, "usage_alert", body, now)
 
         await self._run(operation)
 
@@ -174,16 +185,18 @@ class SqliteLedger(SqliteConnection):
         period_key: str,
         now: datetime,
         reason: str = "",
+        suppress: bool = False,
     ) -> bool:
         """Record a recipient's result (its billing category) and sub-type; a final result
-        is counted exactly once.
+        is counted exactly once. Its event goes into the outbox (if the account's webhook
+        takes it) and, with `suppress`, an Invalid Email recipient onto the suppression list.
 
         Returns False when the recipient already had a final result (a retry after a
         crash reported it again), so nothing is counted twice.
         """
         return await self._run(
             lambda conn: _record_result_sync(
-                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason
+                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason, suppress
             )
         )
 
@@ -199,8 +212,10 @@ class SqliteLedger(SqliteConnection):
         now: datetime,
         period_key_for: Callable[[Account], str],
         reason: str = "",
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> bool | None:
-        """record_result for a queue id, finding its account in the same transaction.
+        """record_result for a queue id, finding its account in the same transaction;
+        `suppress_for(account)`: whether its plan suppresses (record_result's `suppress`).
 
         None: not a metered message (a bounce or notice the relay made itself).
         """
@@ -210,8 +225,9 @@ class SqliteLedger(SqliteConnection):
             if row is None:
                 return None
             account = account_row(conn, row[0])
+            suppress = suppress_for is not None and suppress_for(account)
             return _record_result_sync(
-                conn, queue_id, recipient, result, detail, account.id, period_key_for(account), now, reason
+                conn, queue_id, recipient, result, detail, account.id, period_key_for(account), now, reason, suppress
             )
 
         return await self._run(operation)
@@ -274,6 +290,7 @@ def _record_result_sync(
     period_key: str,
     now: datetime,
     reason: str = "",
+    suppress: bool = False,
 ) -> bool:
     row = conn.execute(
         "SELECT result FROM recipient_results WHERE queue_id = ? AND recipient = ?", (queue_id, recipient)
@@ -296,4 +313,8 @@ def _record_result_sync(
             f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = {counter} + 1",
             (account_id, period_key),
         )
+    kind, data = result_event(queue_id, recipient, result, reason, detail)
+    add_event_sync(conn, account_id, kind, data, now)
+    if suppress and suppresses(result.value, reason):
+        add_suppression_sync(conn, account_id, recipient, reason, detail, queue_id, now)
     return True

@@ -1,0 +1,277 @@
+"""Suppression and events end to end: real SMTP in and out, a real upstream that answers
+`550 5.1.1`, a real aiohttp receiver for the webhooks, the real SQLite meter.
+
+- a recipient that hard-bounced as "does not exist" is refused at the next RCPT with
+  550 5.1.1, nothing held or counted; removed, it is accepted again (in the same open
+  session); a plan with `suppression: false` does not suppress;
+- an account's webhook gets signed delivered and bounced events; a failing receiver gets
+  retries with a growing delay, and the delivery log shows every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiohttp import web
+
+from mailmeter.events import SIGNATURE_HEADER, verify_event_signature
+from mailmeter.service import AdminService
+from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, settled_usage
+
+BOUNCING = "nobody@dest.test"
+GOOD = "someone@dest.test"
+NOT_EXIST = "550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unknown"
+MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
+PLANS = {"small": {"email_quota": 1000}, "bulk": {"email_quota": 1000, "suppression": False}}
+EVENTS_FAST = {"interval": 0.05, "first_delay": 0.3, "max_delay": 0.6, "max_attempts": 3, "timeout": 2}
+
+
+async def client_for(harness: RelayHarness, name: str = "app") -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=harness.port, start_tls=False, timeout=10)
+    await client.connect()
+    await client.login(name, PASSWORD)
+    return client
+
+
+async def send(harness: RelayHarness, recipients: list[str], name: str = "app") -> None:
+    client = await client_for(harness, name)
+    await client.sendmail("app@example.com", recipients, MESSAGE)
+    await client.quit()
+
+
+def service(harness: RelayHarness) -> AdminService:
+    assert harness.relay is not None
+    return AdminService(harness.relay.meter, harness.relay.billing, actor="cli:test")
+
+
+async def until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.05)
+
+
+async def final_results(harness: RelayHarness, name: str, count: int) -> None:
+    assert harness.relay is not None
+    meter = harness.relay.meter
+
+    async def done() -> bool:
+        usage = (await meter.usage(name)).usage
+        return usage.delivered + usage.soft_bounced + usage.hard_bounced >= count
+
+    await until(done)
+
+
+@pytest.fixture
+async def bouncing(make_relay: Any, upstream: Upstream) -> AsyncIterator[RelayHarness]:
+    upstream.handler.rcpt_replies[BOUNCING] = NOT_EXIST
+    harness = make_relay(upstream.port, plans=PLANS, events=EVENTS_FAST)
+    await harness.start()
+    await add_account(harness, "app", "small")
+    await add_account(harness, "bulk", "bulk")
+    yield harness
+
+
+async def test_a_hard_bounce_suppresses_the_recipient_until_it_is_removed(bouncing: RelayHarness) -> None:
+    assert bouncing.relay is not None
+    meter = bouncing.relay.meter
+    await send(bouncing, [BOUNCING, GOOD])
+    await final_results(bouncing, "app", 2)
+    listed = await service(bouncing).suppressions("app")
+    assert [(e["address"], e["reason"]) for e in listed] == [(BOUNCING, "not_exist")]
+    assert listed[0]["detail"].startswith("550 5.1.1")
+    before = await settled_usage(meter)
+
+    client = await client_for(bouncing)
+    await client.mail("app@example.com")
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+        await client.rcpt("NoBody@dest.test")  # any case: the same address
+    assert refused.value.code == 550
+    today = datetime.now().astimezone().date().isoformat()[:7]
+    assert refused.value.message.startswith(
+        "5.1.1 <NoBody@dest.test> is suppressed for this account: it hard-bounced on"
+    )
+    assert today in refused.value.message and "(the address does not exist)" in refused.value.message
+    assert "mailmeter suppression remove app NoBody@dest.test" in refused.value.message
+    after = await meter.usage("app")
+    assert (after.usage.accepted, after.usage.reserved) == (before.accepted, before.reserved)  # nothing held
+    assert (await client.rcpt(GOOD))[0] == 250  # the other recipients go on
+
+    # Removed by the operator: the same open session's next RCPT is accepted (and held).
+    removed = await service(bouncing).remove_suppression("app", "<NoBody@dest.test>")
+    assert removed == {"account": "app", "address": BOUNCING, "suppressed": False}
+    assert (await client.rcpt(BOUNCING))[0] == 250
+    assert (await meter.usage("app")).usage.reserved == before.reserved + 2
+    await client.rset()
+    await client.quit()
+    assert await service(bouncing).suppressions("app") == []
+    audit = await service(bouncing).audit("app")
+    assert audit[0]["action"] == "suppression.remove" and audit[0]["detail"] == {"address": BOUNCING}
+
+
+async def test_suppression_is_per_account_and_a_plan_can_turn_it_off(bouncing: RelayHarness) -> None:
+    await send(bouncing, [BOUNCING], name="bulk")
+    await final_results(bouncing, "bulk", 1)
+    assert await service(bouncing).suppressions("bulk") == []  # suppression: false
+    client = await client_for(bouncing, "bulk")
+    await client.mail("app@example.com")
+    assert (await client.rcpt(BOUNCING))[0] == 250
+    await client.quit()
+
+    await send(bouncing, [BOUNCING], name="app")
+    await final_results(bouncing, "app", 1)
+    assert len(await service(bouncing).suppressions("app")) == 1
+    client = await client_for(bouncing, "bulk")  # another account may still send to it
+    await client.mail("app@example.com")
+    assert (await client.rcpt(BOUNCING))[0] == 250
+    await client.quit()
+
+
+# -- webhooks ----------------------------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    """An aiohttp server that records what it is POSTed; `fail` answers 500 that many times."""
+
+    secret: str = ""
+    fail: int = 0
+    always_fail: bool = False
+    got: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
+    answered: list[int] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.got.append((time.monotonic(), dict(request.headers), body))
+        status = 500 if self.always_fail or len(self.got) <= self.fail else 200
+        self.answered.append(status)
+        return web.Response(status=status, text="ok" if status == 200 else "broken")
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events received, each checked: its signature verifies with the secret."""
+        found = []
+        for _, headers, body in self.got:
+            assert verify_event_signature(self.secret, headers[SIGNATURE_HEADER], body, time.time())
+            assert not verify_event_signature("another-secret-0123456789", headers[SIGNATURE_HEADER], body, time.time())
+            assert not verify_event_signature(self.secret, headers[SIGNATURE_HEADER], body + b" ", time.time())
+            event = json.loads(body)
+            assert headers["Mailmeter-Event-Id"] == event["id"]
+            found.append(event)
+        return found
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = Receiver()
+    yield found
+    await found.stop()
+
+
+async def test_the_webhook_gets_signed_delivered_and_bounced_events(bouncing: RelayHarness, receiver: Receiver) -> None:
+    url = await receiver.start()
+    hook = await service(bouncing).set_webhook("app", url, ["delivered", "bounced"])
+    receiver.secret = hook["secret"]
+    assert hook["events"] == ["delivered", "bounced"] and hook["secret"].startswith("whsec_")
+    await send(bouncing, [BOUNCING, GOOD])
+
+    async def both() -> bool:
+        return len(receiver.got) >= 2
+
+    await until(both)
+    events = sorted(receiver.events(), key=lambda e: e["type"])
+    assert [e["type"] for e in events] == ["bounced", "delivered"]
+    bounced, delivered = events
+    assert bounced["account"] == "app" and bounced["data"]["recipient"] == BOUNCING
+    assert bounced["data"]["bounce"] == "hard" and bounced["data"]["reason"] == "not_exist"
+    assert bounced["data"]["detail"].startswith("550 5.1.1")
+    assert delivered["data"]["recipient"] == GOOD and delivered["data"]["result"] == "delivered"
+    assert bounced["data"]["queue_id"] == delivered["data"]["queue_id"]
+
+    async def logged() -> bool:
+        return all(e["status"] == "delivered" for e in await service(bouncing).events("app"))
+
+    await until(logged)
+    log = await service(bouncing).events("app")
+    assert len(log) == 2 and all(len(e["attempts"]) == 1 and e["attempts"][0]["status_code"] == 200 for e in log)
+    # A payment change is not a kind this webhook takes: not recorded, not sent.
+    await service(bouncing).payment("app", "failed", "card declined")
+    await asyncio.sleep(0.3)
+    assert len(receiver.got) == 2 and len(await service(bouncing).events("app")) == 2
+    audit = await service(bouncing).audit("app")
+    assert any(a["action"] == "webhook.set" and "secret" not in json.dumps(a) for a in audit)
+
+
+async def test_a_failing_receiver_gets_retries_with_backoff_and_the_log_shows_them(
+    bouncing: RelayHarness, receiver: Receiver
+) -> None:
+    url = await receiver.start()
+    receiver.fail = 2  # 500, 500, then 200
+    hook = await service(bouncing).set_webhook("app", url, ["payment"])
+    receiver.secret = hook["secret"]
+    await service(bouncing).payment("app", "failed", "card declined")
+
+    async def delivered() -> bool:
+        return any(e["status"] == "delivered" for e in await service(bouncing).events("app"))
+
+    await until(delivered)
+    assert receiver.answered == [500, 500, 200]
+    times = [at for at, _, _ in receiver.got]
+    assert times[1] - times[0] >= 0.3 - 0.05  # first_delay
+    assert times[2] - times[1] >= 0.6 - 0.05  # doubled (max_delay)
+    bodies = receiver.events()
+    assert {e["id"] for e in bodies} == {bodies[0]["id"]}  # one event, sent three times
+    assert bodies[0]["data"] == {"detail": "card declined", "payment_state": "failed"}
+    (event,) = await service(bouncing).events("app")
+    assert [(a["attempt"], a["status_code"]) for a in event["attempts"]] == [(1, 500), (2, 500), (3, 200)]
+    assert event["attempts"][0]["error"].startswith("HTTP 500") and event["attempts"][2]["error"] == ""
+
+    # A receiver that never answers 2xx: max_attempts (3), then the event fails.
+    receiver.always_fail = True
+    await service(bouncing).payment("app", "ok")
+
+    async def failed() -> bool:
+        return any(e["status"] == "failed" for e in await service(bouncing).events("app"))
+
+    await until(failed)
+    newest = (await service(bouncing).events("app"))[0]
+    assert newest["data"]["payment_state"] == "ok" and newest["next_attempt_at"] is None
+    assert [a["status_code"] for a in newest["attempts"]] == [500, 500, 500]
+    await asyncio.sleep(1.0)
+    assert len(receiver.got) == 6  # no fourth attempt
+
+
+async def test_a_receiver_that_is_down_is_logged_without_a_status(bouncing: RelayHarness) -> None:
+    await service(bouncing).set_webhook("app", f"http://127.0.0.1:{free_port()}/nothing-listens", ["payment"])
+    await service(bouncing).payment("app", "failed")
+
+    async def tried() -> bool:
+        events = await service(bouncing).events("app")
+        return bool(events and events[0]["attempts"])
+
+    await until(tried)
+    attempt = (await service(bouncing).events("app"))[0]["attempts"][0]
+    assert attempt["status_code"] is None and "Connect" in attempt["error"]
