@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,12 +26,18 @@ from aiohttp import web
 from mailmeter.events import SIGNATURE_HEADER, verify_event_signature
 from mailmeter.service import AdminService
 from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, settled_usage
+from tests.pgserver import isolated_schema, schema_url
 
 BOUNCING = "nobody@dest.test"
 GOOD = "someone@dest.test"
 NOT_EXIST = "550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unknown"
 MESSAGE = b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
-PLANS = {"small": {"email_quota": 1000}, "bulk": {"email_quota": 1000, "suppression": False}}
+PLANS = {
+    "small": {"email_quota": 1000},
+    "bulk": {"email_quota": 1000, "suppression": False},
+    "alerting": {"email_quota": 4, "usage_alerts": [50]},
+}
+LATER = "later@dest.test"  # the upstream answers 450: deferred, retried
 EVENTS_FAST = {"interval": 0.05, "first_delay": 0.3, "max_delay": 0.6, "max_attempts": 3, "timeout": 2}
 
 
@@ -71,14 +78,24 @@ async def final_results(harness: RelayHarness, name: str, count: int) -> None:
     await until(done)
 
 
-@pytest.fixture
-async def bouncing(make_relay: Any, upstream: Upstream) -> AsyncIterator[RelayHarness]:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def bouncing(make_relay: Any, upstream: Upstream, request: pytest.FixtureRequest) -> AsyncIterator[RelayHarness]:
+    """A relay whose upstream answers NOT_EXIST for BOUNCING, on SQLite, then on PostgreSQL (its
+    results recorded in batches, its reserves answered from allowance leases)."""
     upstream.handler.rcpt_replies[BOUNCING] = NOT_EXIST
-    harness = make_relay(upstream.port, plans=PLANS, events=EVENTS_FAST)
-    await harness.start()
-    await add_account(harness, "app", "small")
-    await add_account(harness, "bulk", "bulk")
-    yield harness
+    upstream.handler.rcpt_replies[LATER] = "450 4.2.1 <later@dest.test>: try again later"
+    async with AsyncExitStack() as stack:
+        extra: dict[str, Any] = {}
+        if request.param == "postgres":
+            schema = await stack.enter_async_context(isolated_schema())
+            extra["database"] = {"url": schema_url(schema), "pool_size": 4, "lease_emails": 10}
+        harness = make_relay(upstream.port, plans=PLANS, events=EVENTS_FAST, **extra)
+        await harness.start()
+        await add_account(harness, "app", "small")
+        await add_account(harness, "bulk", "bulk")
+        await add_account(harness, "alert", "alerting")
+        yield harness
+        await harness.stop()
 
 
 async def test_a_hard_bounce_suppresses_the_recipient_until_it_is_removed(bouncing: RelayHarness) -> None:
@@ -110,12 +127,15 @@ async def test_a_hard_bounce_suppresses_the_recipient_until_it_is_removed(bounci
     removed = await service(bouncing).remove_suppression("app", "<NoBody@dest.test>")
     assert removed == {"account": "app", "address": BOUNCING, "suppressed": False}
     assert (await client.rcpt(BOUNCING))[0] == 250
-    assert (await meter.usage("app")).usage.reserved == before.reserved + 2
-    await client.rset()
+    assert (await client.data(MESSAGE))[0] == 250
     await client.quit()
-    assert await service(bouncing).suppressions("app") == []
+    assert (await meter.usage("app")).usage.accepted == before.accepted + 2  # both billed again
     audit = await service(bouncing).audit("app")
     assert audit[0]["action"] == "suppression.remove" and audit[0]["detail"] == {"address": BOUNCING}
+    # It bounced the same way again: suppressed again, by the new message.
+    await final_results(bouncing, "app", 4)
+    (again,) = await service(bouncing).suppressions("app")
+    assert again["address"] == BOUNCING and again["queue_id"] != listed[0]["queue_id"]
 
 
 async def test_suppression_is_per_account_and_a_plan_can_turn_it_off(bouncing: RelayHarness) -> None:
@@ -275,3 +295,23 @@ async def test_a_receiver_that_is_down_is_logged_without_a_status(bouncing: Rela
     await until(tried)
     attempt = (await service(bouncing).events("app"))[0]["attempts"][0]
     assert attempt["status_code"] is None and "Connect" in attempt["error"]
+
+
+async def test_deferred_and_usage_alert_events(bouncing: RelayHarness, receiver: Receiver) -> None:
+    url = await receiver.start()
+    receiver.secret = (await service(bouncing).set_webhook("alert", url, ["deferred", "usage_alert"]))["secret"]
+    await send(bouncing, [LATER, GOOD], name="alert")  # 2 of the quota's 4: the 50% alert
+
+    async def arrived() -> bool:
+        kinds = {e["type"] for e in receiver.events()}
+        return kinds == {"deferred", "usage_alert"}
+
+    await until(arrived)
+    events = receiver.events()
+    assert {e["account"] for e in events} == {"alert"}
+    alert = next(e for e in events if e["type"] == "usage_alert")
+    assert alert["data"] == {"kind": "usage_alert", "percent": 50, "limit": 4, "sent": 2}
+    deferred = next(e for e in events if e["type"] == "deferred")
+    assert deferred["data"]["recipient"] == LATER and deferred["data"]["result"] == "deferred"
+    assert deferred["data"]["detail"].startswith("450 4.2.1")
+    assert all(e["type"] != "delivered" for e in events)  # not a kind this webhook takes
