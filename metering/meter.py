@@ -26,6 +26,7 @@ from mailmeter.metering.records import (
     Account,
     AccountUpdate,
     Grant,
+    RecipientSuppressed,
     Result,
     ResultReport,
     Settlement,
@@ -632,11 +633,12 @@ class Meter:
         account = await self._identity(name)
         period = self.period_of(account)
         hold = hold_id or secrets.token_hex(12)
-        if recipient is not None and self._suppresses(account):
-            entry = await self.store.suppression(account.id, recipient)
-            if entry is not None:
-                return Grant(hold_id=hold, granted=0, refusal=SUPPRESSED, suppressed=entry)
         if self.leases is not None:
+            # Leases answer from memory; the suppression list is one look-up of its own.
+            if recipient is not None and self._suppresses(account):
+                entry = await self.store.suppression(account.id, recipient)
+                if entry is not None:
+                    return Grant(hold_id=hold, granted=0, refusal=SUPPRESSED, suppressed=entry)
             block = self.leases.settings.emails
 
             def decide_lease(current: Account, usage: Usage) -> Admission:
@@ -651,7 +653,20 @@ class Meter:
             plan, standing = self.terms(current, period)
             return admit(plan, standing, usage, emails)
 
-        admission = await self.store.reserve(account.id, period.key, hold, self.node, emails, self.clock(), decide)
+        try:
+            admission = await self.store.reserve(
+                account.id,
+                period.key,
+                hold,
+                self.node,
+                emails,
+                self.clock(),
+                decide,
+                recipient=recipient,
+                suppress_for=self._suppresses if recipient is not None else None,
+            )
+        except RecipientSuppressed as suppressed:
+            return Grant(hold_id=hold, granted=0, refusal=SUPPRESSED, suppressed=suppressed.entry)
         refusal = admission.refusal.value if admission.refusal else None
         return Grant(hold_id=hold, granted=admission.granted, refusal=refusal)
 

@@ -199,6 +199,14 @@ class Suppression:
 SUPPRESSED = "suppressed"  # Grant.refusal of a recipient on the account's suppression list
 
 
+class RecipientSuppressed(Exception):
+    """A reserve for a recipient on the account's suppression list: nothing was held."""
+
+    def __init__(self, entry: Suppression) -> None:
+        super().__init__(f"{entry.address} is suppressed")
+        self.entry = entry
+
+
 @dataclass(frozen=True)
 class Grant:
     """The answer to one reserve call."""

@@ -108,7 +108,9 @@ class LedgerStore(UsageStore, Protocol):
         requested: int,
         now: datetime,
         decide: Decide,
-    ) -> Admission: ...
+        recipient: str | None = None,
+        suppress_for: Callable[[Account], bool] | None = None,
+    ) -> Admission: ...  # raises RecipientSuppressed
     async def commit(
         self,
         hold_id: str,

@@ -78,17 +78,19 @@ async def final_results(harness: RelayHarness, name: str, count: int) -> None:
     await until(done)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres-leases"])
 async def bouncing(make_relay: Any, upstream: Upstream, request: pytest.FixtureRequest) -> AsyncIterator[RelayHarness]:
     """A relay whose upstream answers NOT_EXIST for BOUNCING, on SQLite, then on PostgreSQL (its
-    results recorded in batches, its reserves answered from allowance leases)."""
+    results recorded in batches), without and with allowance leases (reserves answered from memory,
+    the suppression list looked up apart)."""
     upstream.handler.rcpt_replies[BOUNCING] = NOT_EXIST
     upstream.handler.rcpt_replies[LATER] = "450 4.2.1 <later@dest.test>: try again later"
     async with AsyncExitStack() as stack:
         extra: dict[str, Any] = {}
-        if request.param == "postgres":
+        if request.param.startswith("postgres"):
             schema = await stack.enter_async_context(isolated_schema())
-            extra["database"] = {"url": schema_url(schema), "pool_size": 4, "lease_emails": 10}
+            leases = 10 if request.param == "postgres-leases" else 0
+            extra["database"] = {"url": schema_url(schema), "pool_size": 4, "lease_emails": leases}
         harness = make_relay(upstream.port, plans=PLANS, events=EVENTS_FAST, **extra)
         await harness.start()
         await add_account(harness, "app", "small")

@@ -13,9 +13,11 @@ from mailmeter.metering.postgres.holds import PgHolds
 from mailmeter.metering.records import (
     Account,
     HoldAccountMismatch,
+    RecipientSuppressed,
     Result,
     ResultReport,
     Settlement,
+    Suppression,
     UnknownHold,
     history_from_json,
     result_event,
@@ -42,8 +44,13 @@ class PgLedger(PgHolds):
         requested: int,
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
+        recipient: str | None = None,
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> Admission:
         """Atomically: lock the account, read it and the period's counters, ask `decide`, add the grant.
+
+        `recipient` on the account's suppression list, when `suppress_for(account)`:
+        RecipientSuppressed, nothing held (read with the lock: no extra round trip).
 
         A hold that exists already stays in its account (HoldAccountMismatch for another)
         and its period: a transaction that straddles a period boundary is counted in the
@@ -55,10 +62,13 @@ class PgLedger(PgHolds):
             # read the session's hold, if it has one), read account and counters at once,
             # write counter and hold at once.
             held = await conn.fetchrow(
-                "SELECT h.account_id, h.period_key FROM accounts a LEFT JOIN holds h ON h.id = $2"
+                "SELECT h.account_id, h.period_key, s.address, s.reason, s.detail, s.queue_id, s.created_at"
+                " FROM accounts a LEFT JOIN holds h ON h.id = $2"
+                " LEFT JOIN suppressions s ON s.account_id = a.id AND s.address = $3"
                 " WHERE a.id = $1 FOR UPDATE OF a",
                 account_id,
                 hold_id,
+                (recipient or "").lower() if suppress_for is not None else None,
             )
             period = period_key
             if held is not None and held["account_id"] is not None:
@@ -66,6 +76,10 @@ class PgLedger(PgHolds):
                     raise HoldAccountMismatch(hold_id, held["account_id"], account_id)
                 period = held["period_key"]
             account, usage = await self._account_and_usage(conn, account_id, period)
+            if held is not None and held["address"] is not None and suppress_for is not None and suppress_for(account):
+                raise RecipientSuppressed(
+                    Suppression(held["address"], held["reason"], held["detail"], held["queue_id"], held["created_at"])
+                )
             admission = decide(account, usage)
             if admission.granted > 0:
                 await self._add_to_hold(conn, account_id, period, hold_id, node, admission.granted, now.isoformat())

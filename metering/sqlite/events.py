@@ -50,6 +50,14 @@ def _suppression(row: sqlite3.Row) -> Suppression:
     return Suppression(row["address"], row["reason"], row["detail"], row["queue_id"], row["created_at"])
 
 
+def suppression_sync(conn: sqlite3.Connection, account_id: int, address: str) -> Suppression | None:
+    row = conn.execute(
+        "SELECT address, reason, detail, queue_id, created_at FROM suppressions WHERE account_id = ? AND address = ?",
+        (account_id, address.lower()),
+    ).fetchone()
+    return None if row is None else Suppression(*row)
+
+
 class SqliteEvents(SqliteConnection):
     # -- webhooks -----------------------------------------------------------------------
 
@@ -209,4 +217,4 @@ class SqliteEvents(SqliteConnection):
         return int(rows[0][0]) if rows else None
 
 
-__all__ = ["SqliteEvents", "add_event_sync", "add_suppression_sync"]
+__all__ = ["SqliteEvents", "add_event_sync", "add_suppression_sync", "suppression_sync"]

@@ -10,6 +10,7 @@ from datetime import datetime
 from mailmeter.metering.records import (
     Account,
     HoldAccountMismatch,
+    RecipientSuppressed,
     Result,
     Settlement,
     UnknownHold,
@@ -17,7 +18,7 @@ from mailmeter.metering.records import (
 )
 from mailmeter.metering.sqlite.accounts import account_row, usage_row
 from mailmeter.metering.sqlite.connection import SqliteConnection
-from mailmeter.metering.sqlite.events import add_event_sync, add_suppression_sync
+from mailmeter.metering.sqlite.events import add_event_sync, add_suppression_sync, suppression_sync
 from mailmeter.metering.sqlite.invoices import insert_charge_sync
 from mailmeter.policies.decision import Admission, Usage
 from mailmeter.policies.results import suppresses
@@ -41,8 +42,14 @@ class SqliteLedger(SqliteConnection):
         requested: int,
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
+        recipient: str | None = None,
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> Admission:
         """Atomically: read the account and the period's counters, ask `decide`, add the grant.
+
+        `recipient` on the account's suppression list, when `suppress_for(account)` (its plan
+        suppresses): RecipientSuppressed, nothing held (in the same transaction: no extra
+        round trip per RCPT).
 
         A hold that exists already stays in its account (HoldAccountMismatch for another)
         and its period: a transaction that straddles a period boundary is counted in the
@@ -57,6 +64,10 @@ class SqliteLedger(SqliteConnection):
                     raise HoldAccountMismatch(hold_id, held[0], account_id)
                 period = held[1]
             account = account_row(conn, account_id)
+            if recipient is not None and suppress_for is not None and suppress_for(account):
+                entry = suppression_sync(conn, account_id, recipient)
+                if entry is not None:
+                    raise RecipientSuppressed(entry)
             usage = usage_row(conn, account_id, period, account.awaiting_results)
             admission = decide(account, usage)
             if admission.granted > 0:
