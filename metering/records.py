@@ -282,9 +282,14 @@ def result_event(queue_id: str, recipient: str, result: Result, reason: str, det
     return kind, json.dumps(data, sort_keys=True)
 
 
-def payment_event(ok: bool, detail: str) -> str:
-    """The JSON data of a payment state change."""
-    return json.dumps({"payment_state": "ok" if ok else "failed", "detail": detail[:500]}, sort_keys=True)
+def payment_event(ok: bool, detail: str, charge: str | None = None, charge_status: str | None = None) -> str:
+    """The JSON data of a payment state change: set by the operator, the API or the payment
+    webhook, or a charge that the gateway declined (failed: sending blocked) or collected."""
+    data: dict[str, Any] = {"payment_state": "ok" if ok else "failed", "detail": detail[:500]}
+    if charge is not None:
+        data["charge"] = charge
+        data["charge_status"] = charge_status
+    return json.dumps(data, sort_keys=True)
 
 
 def plan_change_to_json(change: PlanChange | None) -> str | None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import aiosmtplib
@@ -24,8 +24,14 @@ import pytest
 from aiohttp import web
 
 from mailmeter.events import SIGNATURE_HEADER, verify_event_signature
+from mailmeter.metering.billing import Billing
+from mailmeter.metering.gateway import NoGateway
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.store import Store
+from mailmeter.policies import parse_plans
 from mailmeter.service import AdminService
 from tests.conftest import PASSWORD, RelayHarness, Upstream, add_account, free_port, settled_usage
+from tests.metering.test_billing_meter import Clock, store  # noqa: F401 (the fixture: SQLite, PostgreSQL)
 from tests.pgserver import isolated_schema, schema_url
 
 BOUNCING = "nobody@dest.test"
@@ -317,3 +323,33 @@ async def test_deferred_and_usage_alert_events(bouncing: RelayHarness, receiver:
     assert deferred["data"]["recipient"] == LATER and deferred["data"]["result"] == "deferred"
     assert deferred["data"]["detail"].startswith("450 4.2.1")
     assert all(e["type"] != "delivered" for e in events)  # not a kind this webhook takes
+
+
+async def test_a_charge_the_gateway_declines_or_collects_is_a_payment_event(store: Store) -> None:  # noqa: F811
+    """On SQLite and PostgreSQL: the charge's verdict and its event in one transaction."""
+    plans = parse_plans({"fee": {"plan_fee": "9.99", "funding": {"kind": "postpaid", "net_days": 14}}})
+    clock = Clock(datetime(2026, 4, 10, tzinfo=timezone.utc))
+    meter = Meter(store, plans, node="n1", clock=clock)
+    admin = AdminService(meter, Billing(meter, NoGateway()), actor="cli:test")
+    for name in ("shop", "quiet"):
+        await meter.add_account(name, "pw", "fee", [f"{name}.test"], [], subscribed_on=date(2026, 4, 1))
+    await admin.set_webhook("shop", "https://hooks.test/in", ["payment"])
+    clock.set("2026-05-01T00:00:01+00:00")
+    await admin.run_billing()
+    keys = {}
+    for name in ("shop", "quiet"):
+        [charge] = await admin.charges(name, "recorded")
+        keys[name] = charge["key"]
+        await admin.settle_charge(charge["key"], "failed", "card declined")
+    (event,) = await admin.events("shop")
+    assert event["type"] == "payment" and event["status"] == "pending"
+    assert event["data"] == {
+        "charge": keys["shop"],
+        "charge_status": "failed",
+        "detail": "card declined",
+        "payment_state": "failed",
+    }
+    assert await admin.events("quiet") == []  # no webhook: nothing recorded
+    await admin.payment("shop", "ok")
+    newest = (await admin.events("shop"))[0]
+    assert newest["data"]["payment_state"] == "ok" and "charge" not in newest["data"]
