@@ -162,6 +162,7 @@ class EventsConfig(_Section):
     first_delay: float = Field(30.0, gt=0)  # the wait after the first failed attempt, doubling
     max_delay: float = Field(3600.0, gt=0)
     timeout: float = Field(10.0, gt=0)  # seconds a receiver has to answer
+    keep_days: float = Field(30.0, gt=0)  # delivered and failed events are kept this long
 
 
 class ApiConfig(_Section):

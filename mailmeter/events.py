@@ -11,6 +11,7 @@ and logs every attempt (time, HTTP status, error). A 2xx answer delivers the eve
 anything else (another status, no answer, a timeout) is retried after an exponential
 backoff (first_delay, doubling, at most max_delay) until max_attempts, then the
 event is failed. Delivery is at least once: a receiver deduplicates on the event id.
+Delivered and failed events are kept `keep_days`, then forgotten with their log.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class EventSettings:
     max_delay: float = 3600.0
     timeout: float = 10.0
     batch: int = 50
+    keep_days: float = 30.0  # delivered and failed events older than this are forgotten
 
     def delay(self, attempt: int) -> float:
         """The wait after failed attempt number `attempt` (1, 2, ...): first_delay doubling, capped."""
@@ -129,6 +131,10 @@ class EventSender:
         self.settings = settings
         self.clock = clock
         self.log = structlog.get_logger("mailmeter.events")
+
+    async def prune(self) -> int:
+        """Forget the delivered and failed events older than keep_days (with their logs)."""
+        return await self.store.prune_events(self.clock() - timedelta(days=self.settings.keep_days))
 
     async def send_due(self) -> int:
         """Send every due event once (concurrently); returns how many were delivered."""

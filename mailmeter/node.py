@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -385,14 +386,22 @@ class Relay:
             first_delay=events.first_delay,
             max_delay=events.max_delay,
             timeout=events.timeout,
+            keep_days=events.keep_days,
         )
         return EventSender(self.store, settings, self.meter.clock)
 
     async def _events_loop(self) -> None:
         log = structlog.get_logger("mailmeter.events")
+        last_prune = 0.0
         while True:
             try:
-                await self.event_sender().send_due()
+                sender = self.event_sender()
+                await sender.send_due()
+                if time.monotonic() - last_prune > 3600:  # hourly: old delivered and failed events go
+                    last_prune = time.monotonic()
+                    pruned = await sender.prune()
+                    if pruned:
+                        log.info("events.pruned", events=pruned, result="ok")
             except Exception as error:  # noqa: BLE001 (the store may be down: try again next pass)
                 log.error("events.pass", result="error", error=repr(error))
             await asyncio.sleep(self.config.events.interval)

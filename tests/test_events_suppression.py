@@ -16,14 +16,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import aiosmtplib
 import pytest
 from aiohttp import web
 
-from mailmeter.events import SIGNATURE_HEADER, verify_event_signature
+from mailmeter.events import SIGNATURE_HEADER, EventSender, EventSettings, verify_event_signature
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.gateway import NoGateway
 from mailmeter.metering.meter import Meter
@@ -44,7 +44,7 @@ PLANS = {
     "alerting": {"email_quota": 4, "usage_alerts": [50]},
 }
 LATER = "later@dest.test"  # the upstream answers 450: deferred, retried
-EVENTS_FAST = {"interval": 0.05, "first_delay": 0.3, "max_delay": 0.6, "max_attempts": 3, "timeout": 2}
+EVENTS_FAST = {"interval": 0.05, "first_delay": 0.3, "max_delay": 0.6, "max_attempts": 3, "timeout": 10}
 
 
 async def client_for(harness: RelayHarness, name: str = "app") -> aiosmtplib.SMTP:
@@ -244,13 +244,20 @@ async def test_the_webhook_gets_signed_delivered_and_bounced_events(bouncing: Re
 
     await until(logged)
     log = await service(bouncing).events("app")
-    assert len(log) == 2 and all(len(e["attempts"]) == 1 and e["attempts"][0]["status_code"] == 200 for e in log)
+    assert len(log) == 2 and all(len(e["attempts"]) == 1 and e["attempts"][0]["status_code"] == 200 for e in log), log
     # A payment change is not a kind this webhook takes: not recorded, not sent.
     await service(bouncing).payment("app", "failed", "card declined")
     await asyncio.sleep(0.3)
     assert len(receiver.got) == 2 and len(await service(bouncing).events("app")) == 2
     audit = await service(bouncing).audit("app")
     assert any(a["action"] == "webhook.set" and "secret" not in json.dumps(a) for a in audit)
+    # Delivered events are kept events.keep_days, then forgotten with their log.
+    assert bouncing.relay is not None
+    store = bouncing.relay.store
+    assert await EventSender(store, EventSettings(keep_days=30)).prune() == 0
+    later = datetime.now(timezone.utc) + timedelta(days=31)
+    assert await EventSender(store, EventSettings(keep_days=30), clock=lambda: later).prune() == 2
+    assert await service(bouncing).events("app") == []
 
 
 async def test_a_failing_receiver_gets_retries_with_backoff_and_the_log_shows_them(

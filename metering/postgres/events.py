@@ -133,6 +133,20 @@ class PgEvents(PgBase):
 
         return await self._write(body)
 
+    async def prune_events(self, before: datetime) -> int:
+        async def body(conn: asyncpg.Connection) -> int:
+            old = await conn.fetch(
+                "SELECT id FROM events WHERE status <> 'pending' AND created_at < $1 FOR UPDATE SKIP LOCKED",
+                before.isoformat(),
+            )
+            ids = [int(row["id"]) for row in old]
+            if ids:
+                await conn.execute("DELETE FROM event_attempts WHERE event_id = ANY($1::bigint[])", ids)
+                await conn.execute("DELETE FROM events WHERE id = ANY($1::bigint[])", ids)
+            return len(ids)
+
+        return await self._write(body)
+
     async def events_of(self, account_id: int, limit: int = 100) -> list[EventRecord]:
         rows = await self._fetch(
             "SELECT e.*, a.name AS account FROM events e JOIN accounts a ON a.id = e.account_id"

@@ -138,6 +138,16 @@ class SqliteEvents(SqliteConnection):
 
         return await self._run(operation)
 
+    async def prune_events(self, before: datetime) -> int:
+        """Forget the delivered and failed events created before `before`, with their logs."""
+
+        def operation(conn: sqlite3.Connection) -> int:
+            old = "SELECT id FROM events WHERE status != 'pending' AND created_at < ?"
+            conn.execute(f"DELETE FROM event_attempts WHERE event_id IN ({old})", (before.isoformat(),))
+            return conn.execute(f"DELETE FROM events WHERE id IN ({old})", (before.isoformat(),)).rowcount
+
+        return await self._run(operation)
+
     async def events_of(self, account_id: int, limit: int = 100) -> list[EventRecord]:
         """The account's latest events, newest first, each with its delivery log."""
 
