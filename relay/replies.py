@@ -79,11 +79,13 @@ def recipient_suppressed(address: str, account: str, since: str, reason: str) ->
     """RCPT of a recipient the account's mail hard-bounced to as Invalid Email: permanent (5xx),
     so the client drops it rather than retries; it says when, why, and how to lift it."""
     why = _SUPPRESSED_WHY.get(reason, reason or "an Invalid Email bounce")
-    return (
-        f"550 5.1.1 <{address}> is suppressed for this account: it hard-bounced on {since[:10]} ({why});"
-        f" remove it with DELETE /v1/account/suppressions/{address} (account API)"
+    reply = f"550 5.1.1 <{address}> is suppressed for this account: it hard-bounced on {since[:10]} ({why})"
+    hint = (
+        f"; remove it with DELETE /v1/account/suppressions/{address} (account API)"
         f" or mailmeter suppression remove {account} {address}"
     )
+    # A reply line is at most 512 octets with its CRLF (RFC 5321 4.5.3.1.5): a long address keeps the reason.
+    return reply + hint if len((reply + hint).encode()) <= 510 else reply
 
 
 def sender_not_allowed(address: str, account: str) -> str:
