@@ -6,7 +6,9 @@ there is no business logic here. Calls need `Authorization: Bearer TOKEN` with a
 token from `api.tokens_file`, whose NAME becomes the audit actor: a route is
 registered either `authenticated(handler)` (the handler gets the AdminService
 acting for that NAME) or open. Only /healthz, /openapi.json and the payment
-webhook (HMAC-signed instead) are open.
+webhook (HMAC-signed instead) are open. The routes under /v1/account/ are the account
+holder's: `account_authenticated(handler)` takes the account's own token instead
+(`mailmeter account token NAME`) and gives the handler that one account's service.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from mailmeter.metering.meter import UnknownAccount, UnknownPlan
 from mailmeter.metering.records import StoreUnavailable
 from mailmeter.metrics import CONTENT_TYPE, Metrics
 from mailmeter.openapi import document
-from mailmeter.service import AdminError, AdminService, Conflict, NotFound, Unavailable, text_problem
+from mailmeter.service import AccountService, AdminError, AdminService, Conflict, NotFound, Unavailable, text_problem
 
 ServiceFor = Callable[[str], AdminService]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AdminHandler = Callable[[web.Request, AdminService], Awaitable[web.StreamResponse]]
+AccountHandler = Callable[[web.Request, AccountService], Awaitable[web.StreamResponse]]
+ACCOUNT_ACTOR = "account"  # the service that checks account tokens; each change is audited as account:NAME
 VERSION = "1"
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _SIGNATURE = re.compile(r"sha256=[0-9a-fA-F]{64}")
@@ -233,6 +237,28 @@ def authenticated(handler: AdminHandler) -> Handler:
             )
         _ACTOR.set(name)
         return await handler(request, _deps(request).service_for(name))
+
+    return checked
+
+
+def account_authenticated(handler: AccountHandler) -> Handler:
+    """The route needs the account's own token (`mailmeter account token NAME`); the handler
+    gets that account's service, which reaches no other account."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            return _error(
+                401, "authentication required: send Authorization: Bearer TOKEN (the account's own API token)"
+            )
+        service = _deps(request).service_for(ACCOUNT_ACTOR)
+        account = await service.verify_account_token(token)
+        if account is None:
+            return _error(
+                401, "the bearer token is not an account's API token; ask the operator for a new one and retry"
+            )
+        _ACTOR.set(f"account:{account.name}")
+        return await handler(request, service.for_account(account.name))
 
     return checked
 
@@ -522,6 +548,80 @@ async def queue_delete(request: web.Request, service: AdminService) -> web.Respo
     return web.json_response(await service.queue_delete(request.match_info["id"]))
 
 
+def _limit(request: web.Request) -> int:
+    text = request.query.get("limit", "100")
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRequest(f"limit: {text!r} is not a number; give 1 to 1000") from None
+
+
+async def set_webhook(request: web.Request, service: AdminService) -> web.Response:
+    data = await _body(request, ("url", "events", "secret"))
+    url = _string(data, "url", required=True)
+    assert url is not None
+    kinds = _strings(data, "events") if "events" in data else None
+    result = await service.set_webhook(request.match_info["name"], url, kinds, _string(data, "secret"))
+    return web.json_response(result)
+
+
+async def show_webhook(request: web.Request, service: AdminService) -> web.Response:
+    hook = await service.webhook(request.match_info["name"])
+    if hook is None:
+        raise NotFound(f"account {request.match_info['name']!r} has no webhook")
+    return web.json_response(hook)
+
+
+async def remove_webhook(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.remove_webhook(request.match_info["name"]))
+
+
+async def account_events(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.events(request.match_info["name"], _limit(request)))
+
+
+async def account_token(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.account_token(request.match_info["name"]), status=201)
+
+
+async def suppressions(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.suppressions(request.match_info["name"]))
+
+
+async def remove_suppression(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(
+        await service.remove_suppression(request.match_info["name"], request.match_info["address"])
+    )
+
+
+# -- the account's own API (bearer: the account's token) -----------------------------------
+
+
+async def own_usage(request: web.Request, account: AccountService) -> web.Response:
+    return web.json_response(await account.usage())
+
+
+async def own_invoices(request: web.Request, account: AccountService) -> web.Response:
+    return web.json_response(await account.invoices())
+
+
+async def own_invoice(request: web.Request, account: AccountService) -> web.Response:
+    return web.json_response(await account.invoice(request.match_info["id"]))
+
+
+async def own_events(request: web.Request, account: AccountService) -> web.Response:
+    return web.json_response(await account.events(_limit(request)))
+
+
+async def own_suppressions(request: web.Request, account: AccountService) -> web.Response:
+    return web.json_response(await account.suppressions())
+
+
+async def own_remove_suppression(request: web.Request, account: AccountService) -> web.Response:
+    return web.json_response(await account.remove_suppression(request.match_info["address"]))
+
+
 async def payment_webhook(request: web.Request) -> web.Response:
     """A payment provider's event, authenticated by its HMAC signature rather than a token."""
     deps = _deps(request)
@@ -614,6 +714,20 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_delete("/v1/queue/{id}", authenticated(queue_delete))
     routes.add_post("/v1/queue/{id}/hold", authenticated(queue_hold))
     routes.add_post("/v1/queue/{id}/release", authenticated(queue_release))
+    routes.add_get("/v1/accounts/{name}/webhook", authenticated(show_webhook))
+    routes.add_put("/v1/accounts/{name}/webhook", authenticated(set_webhook))
+    routes.add_delete("/v1/accounts/{name}/webhook", authenticated(remove_webhook))
+    routes.add_get("/v1/accounts/{name}/events", authenticated(account_events))
+    routes.add_post("/v1/accounts/{name}/token", authenticated(account_token))
+    routes.add_get("/v1/accounts/{name}/suppressions", authenticated(suppressions))
+    routes.add_delete("/v1/accounts/{name}/suppressions/{address}", authenticated(remove_suppression))
+    # The account's own API: its token, its data only.
+    routes.add_get("/v1/account/usage", account_authenticated(own_usage))
+    routes.add_get("/v1/account/invoices", account_authenticated(own_invoices))
+    routes.add_get("/v1/account/invoices/{id}", account_authenticated(own_invoice))
+    routes.add_get("/v1/account/events", account_authenticated(own_events))
+    routes.add_get("/v1/account/suppressions", account_authenticated(own_suppressions))
+    routes.add_delete("/v1/account/suppressions/{address}", account_authenticated(own_remove_suppression))
     return app
 
 

@@ -335,6 +335,52 @@ def _simple(
     return command
 
 
+def cmd_webhook(config: Config, args: argparse.Namespace) -> int:
+    if args.remove == (args.url is not None):
+        raise CliError("give --url URL (set the webhook) or --remove (remove it), one of them")
+    secret = _read_password(args.secret_file) if args.secret_file else None
+
+    async def action(service: AdminService) -> int:
+        if args.remove:
+            await service.remove_webhook(args.name)
+            print(f"account {args.name}: webhook removed")
+            return 0
+        kinds = args.events.split(",") if args.events else None
+        result = await service.set_webhook(args.name, args.url, kinds, secret)
+        if args.json:
+            _emit(result, True)
+            return 0
+        print(f"account {args.name}: events {','.join(result['events'])} go to {result['url']}")
+        if secret is None:
+            print(f"signing secret (shown once; give it to the account holder): {result['secret']}")
+        return 0
+
+    return _run(config, action)
+
+
+def cmd_account_token(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        result = await service.account_token(args.name)
+        if args.json:
+            _emit(result, True)
+        else:
+            print(result["token"])
+            print(
+                f"(the API token of account {args.name}, shown once: its previous token no longer works)",
+                file=sys.stderr,
+            )
+        return 0
+
+    return _run(config, action)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    tries = event["attempts"]
+    last = tries[-1] if tries else None
+    outcome = f"last attempt {last['at']}: {last['status_code'] or '-'} {last['error']}".rstrip() if last else ""
+    return f"{event['id']}\t{event['created']}\t{event['type']}\t{event['status']}\t{len(tries)} attempts\t{outcome}"
+
+
 def cmd_payment(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         account = await service.payment(args.name, args.state, args.reason or "")
@@ -674,6 +720,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="like 100/minute (per second, minute, hour or day); none: the plan's rate; unlimited: no rate",
     )
     rate.add_argument("--json", action="store_true")
+    webhook = sub(account, "webhook", "set or remove the account's webhook for its events", cmd_webhook)
+    webhook.add_argument("name")
+    webhook.add_argument("--url", help="where the events are POSTed (http:// or https://)")
+    webhook.add_argument(
+        "--events",
+        help="comma-separated kinds: delivered,deferred,bounced,usage_alert,payment (default: all)",
+    )
+    webhook.add_argument(
+        "--secret-file", help="file whose first line is the signing secret (default: a new random one, printed)"
+    )
+    webhook.add_argument("--remove", action="store_true", help="remove the webhook: no more events are recorded")
+    webhook.add_argument("--json", action="store_true")
+    token = sub(account, "token", "a new API token for the account itself (printed once)", cmd_account_token)
+    token.add_argument("name")
+    token.add_argument("--json", action="store_true")
+    events = sub(
+        account,
+        "events",
+        "the account's latest events and their webhook delivery log, newest first",
+        _simple("events", "name", "limit", line=_event_line),
+    )
+    events.add_argument("name")
+    events.add_argument("--limit", type=int, default=100, help="at most this many events (1-1000, default 100)")
+    events.add_argument("--json", action="store_true")
+
+    suppression = commands.add_parser(
+        "suppression", help="recipients refused for an account because they hard-bounced"
+    ).add_subparsers(dest="sub", required=True)
+    suppressed = sub(
+        suppression,
+        "list",
+        "the account's suppressed recipients",
+        _simple(
+            "suppressions",
+            "name",
+            line=lambda e: f"{e['address']}\t{e['suppressed_at']}\t{e['reason']}\t{e['detail']}",
+        ),
+    )
+    suppressed.add_argument("name")
+    suppressed.add_argument("--json", action="store_true")
+    unsuppress = sub(
+        suppression,
+        "remove",
+        "take a recipient off the account's list (its next RCPT is accepted)",
+        _simple("remove_suppression", "name", "address", json_flag=False),
+    )
+    unsuppress.add_argument("name")
+    unsuppress.add_argument("address")
 
     usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")

@@ -164,6 +164,17 @@ class BillingConfig(_Section):
     notices: NoticesConfig = NoticesConfig()
 
 
+class EventsConfig(_Section):
+    """Webhook delivery of account events (mailmeter/events.py)."""
+
+    interval: float = Field(5.0, gt=0)  # seconds between passes over the outbox
+    max_attempts: int = Field(8, ge=1, le=100)
+    first_delay: float = Field(30.0, gt=0)  # the wait after the first failed attempt, doubling
+    max_delay: float = Field(3600.0, gt=0)
+    timeout: float = Field(10.0, gt=0)  # seconds a receiver has to answer
+    keep_days: float = Field(30.0, gt=0)  # delivered and failed events are kept this long
+
+
 class ApiConfig(_Section):
     enabled: bool = False
     address: str = "127.0.0.1"
@@ -197,6 +208,7 @@ class Config(_Section):
     spool: SpoolConfig = SpoolConfig()
     billing: BillingConfig = BillingConfig()
     api: ApiConfig = ApiConfig()
+    events: EventsConfig = EventsConfig()
     log: LogConfig = LogConfig()
     plans: dict[str, Any] = Field(default_factory=dict)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +23,7 @@ import structlog
 
 from mailmeter.config import Config, ConfigError, ListenConfig, database_label
 from mailmeter.control import ControlServer
+from mailmeter.events import EventSender, EventSettings
 from mailmeter.factory import build_billing, open_meter
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.meter import Meter
@@ -190,6 +192,7 @@ class Relay:
     server: asyncio.Server | None = None  # the first listener's
     servers: list[asyncio.Server] = field(default_factory=list)  # every listener's, in config order
     billing_task: asyncio.Task[None] | None = None
+    events_task: asyncio.Task[None] | None = None  # sends account events to their webhooks
     lease_task: asyncio.Task[None] | None = None  # gives back unused lease emails (PostgreSQL, leasing on)
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
     api: ApiHandle | None = None  # the admin HTTP API, when api.enabled
@@ -311,6 +314,7 @@ class Relay:
             self.claim_task = asyncio.create_task(claim.keep(self._claim_lost))
         if self.primary:
             self.billing_task = asyncio.create_task(self._billing_loop())
+            self.events_task = asyncio.create_task(self._events_loop())
         if self.meter.leases is not None:
             self.lease_task = asyncio.create_task(self._lease_loop(self.meter.leases.settings.seconds))
         if self._api_socket is not None and self.start_api is not None:
@@ -361,11 +365,11 @@ class Relay:
             server.close()
             await server.wait_closed()
         self.servers, self.server = [], None
-        for task in (self.claim_task, self.billing_task, self.lease_task):
+        for task in (self.claim_task, self.billing_task, self.lease_task, self.events_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self.claim_task = self.billing_task = self.lease_task = None
+        self.claim_task = self.billing_task = self.lease_task = self.events_task = None
         if self.control is not None:
             await self.control.stop()
             self.control = None
@@ -501,6 +505,34 @@ class Relay:
                 log.error("billing.pass", result="error", error=repr(error))
             await asyncio.sleep(self.config.billing.interval)
 
+    def event_sender(self) -> EventSender:
+        """The webhook sender with the config's current retry settings (a reload applies at the next pass)."""
+        events = self.config.events
+        settings = EventSettings(
+            max_attempts=events.max_attempts,
+            first_delay=events.first_delay,
+            max_delay=events.max_delay,
+            timeout=events.timeout,
+            keep_days=events.keep_days,
+        )
+        return EventSender(self.store, settings, self.meter.clock)
+
+    async def _events_loop(self) -> None:
+        log = structlog.get_logger("mailmeter.events")
+        last_prune = 0.0
+        while True:
+            try:
+                sender = self.event_sender()
+                await sender.send_due()
+                if time.monotonic() - last_prune > 3600:  # hourly: old delivered and failed events go
+                    last_prune = time.monotonic()
+                    pruned = await sender.prune()
+                    if pruned:
+                        log.info("events.pruned", events=pruned, result="ok")
+            except Exception as error:  # noqa: BLE001 (the store may be down: try again next pass)
+                log.error("events.pass", result="error", error=repr(error))
+            await asyncio.sleep(self.config.events.interval)
+
     async def _lease_loop(self, interval: float) -> None:
         log = structlog.get_logger("mailmeter.meter")
         while True:
@@ -540,6 +572,10 @@ class Relay:
             self.billing_task.cancel()
             await asyncio.gather(self.billing_task, return_exceptions=True)
             self.billing_task = None
+        if self.events_task is not None:
+            self.events_task.cancel()
+            await asyncio.gather(self.events_task, return_exceptions=True)
+            self.events_task = None
         if self.context.background:
             await asyncio.gather(*list(self.context.background), return_exceptions=True)
         if self.lease_task is not None:

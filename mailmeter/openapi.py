@@ -77,6 +77,25 @@ MONEY = {
 OPTIONAL_MONEY = {"oneOf": [_ref("Money"), {"type": "null"}]}
 COUNT = {"type": "integer", "minimum": 0}
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
+ADDRESS = _path("address", "An email address (case does not matter)")
+LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+}
+
+
+def _own(
+    summary: str,
+    response: dict[str, Any],
+    *,
+    params: list[dict[str, Any]] | None = None,
+    errors: tuple[int, ...] = (401, 404, 503),
+) -> dict[str, Any]:
+    """An operation of the account's own API: its bearer is the account's token."""
+    return {**_op(summary, response, params=params, errors=errors), "security": [{"account": []}]}
+
 
 SCHEMAS: dict[str, Any] = {
     "Money": MONEY,
@@ -621,6 +640,107 @@ SCHEMAS: dict[str, Any] = {
             "payment_state": {"enum": ["ok", "failed"]},
         },
     },
+    "Webhook": {
+        "type": "object",
+        "required": ["url", "events", "created_at"],
+        "properties": {
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/EventKind"}},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "EventKind": {"type": "string", "enum": ["delivered", "deferred", "bounced", "usage_alert", "payment"]},
+    "WebhookRequest": {
+        "type": "object",
+        "required": ["url"],
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": "string", "description": "http:// or https:// URL the events are POSTed to"},
+            "events": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/EventKind"},
+                "description": "the kinds it takes (default: all)",
+            },
+            "secret": {
+                "type": "string",
+                "minLength": 16,
+                "description": "the signing secret (default: a new random one, returned once)",
+            },
+        },
+    },
+    "WebhookSet": {
+        "type": "object",
+        "required": ["account", "url", "events", "secret"],
+        "properties": {
+            "account": {"type": "string"},
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/EventKind"}},
+            "secret": {
+                "type": "string",
+                "description": "the HMAC-SHA256 key of the Mailmeter-Signature header; shown only here",
+            },
+        },
+    },
+    "WebhookRemoved": {
+        "type": "object",
+        "required": ["account", "webhook"],
+        "properties": {"account": {"type": "string"}, "webhook": {"type": "null"}},
+    },
+    "Event": {
+        "type": "object",
+        "required": ["id", "type", "created", "account", "data", "status", "attempts"],
+        "description": "An account event as POSTed (id, type, created, account, data), with its delivery state."
+        " data: delivered/deferred/bounced: queue_id, recipient, result, reason, detail (and bounce:"
+        " soft or hard); usage_alert: percent, limit, sent; payment: payment_state, detail",
+        "properties": {
+            "id": {"type": "string", "examples": ["evt_42"]},
+            "type": {"$ref": "#/components/schemas/EventKind"},
+            "created": {"type": "string", "format": "date-time"},
+            "account": {"type": "string"},
+            "data": {"type": "object", "additionalProperties": True},
+            "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+            "next_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+            "attempts": {"type": "array", "items": {"$ref": "#/components/schemas/EventAttempt"}},
+        },
+    },
+    "EventAttempt": {
+        "type": "object",
+        "required": ["attempt", "at", "status_code", "error"],
+        "properties": {
+            "attempt": {"type": "integer", "minimum": 1},
+            "at": {"type": "string", "format": "date-time"},
+            "status_code": {"type": ["integer", "null"], "description": "the receiver's HTTP status; null: none"},
+            "error": {"type": "string", "description": "empty when the receiver answered 2xx"},
+        },
+    },
+    "AccountToken": {
+        "type": "object",
+        "required": ["account", "token"],
+        "properties": {
+            "account": {"type": "string"},
+            "token": {"type": "string", "description": "the account's API token, shown once (kept as a SHA-256)"},
+        },
+    },
+    "Suppression": {
+        "type": "object",
+        "required": ["address", "reason", "detail", "queue_id", "suppressed_at"],
+        "properties": {
+            "address": {"type": "string", "description": "lower-case"},
+            "reason": {"type": "string", "enum": ["not_exist", "format_error"]},
+            "detail": {"type": "string", "description": "the upstream's reply"},
+            "queue_id": {"type": "string", "description": "the message that bounced"},
+            "suppressed_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "SuppressionRemoved": {
+        "type": "object",
+        "required": ["account", "address", "suppressed"],
+        "properties": {
+            "account": {"type": "string"},
+            "address": {"type": "string"},
+            "suppressed": {"type": "boolean", "const": False},
+        },
+    },
 }
 
 
@@ -944,6 +1064,96 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=(400, 401, 404, 409, 503),
         ),
     },
+    "/v1/accounts/{name}/webhook": {
+        "get": _op(
+            "The account's webhook (never its secret)",
+            _json(_ref("Webhook"), "The webhook"),
+            params=[ACCOUNT],
+            errors=(401, 404, 503),
+        ),
+        "put": _op(
+            "Set (or replace) the account's webhook for its events",
+            _json(_ref("WebhookSet"), "The webhook, with its signing secret (shown once)"),
+            body=_ref("WebhookRequest"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 503),
+        ),
+        "delete": _op(
+            "Remove the account's webhook: no more events are recorded or sent",
+            _json(_ref("WebhookRemoved"), "Removed"),
+            params=[ACCOUNT],
+            errors=(401, 404, 503),
+        ),
+    },
+    "/v1/accounts/{name}/events": {
+        "get": _op(
+            "The account's latest events, newest first, with their delivery log",
+            _json(_array("Event"), "Events"),
+            params=[ACCOUNT, LIMIT],
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/accounts/{name}/token": {
+        "post": _op(
+            "A new API token for the account itself (its previous one stops working)",
+            _json(_ref("AccountToken"), "The token, shown once"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 503),
+            status=201,
+        ),
+    },
+    "/v1/accounts/{name}/suppressions": {
+        "get": _op(
+            "The account's suppressed recipients (refused at RCPT with 550 5.1.1, never billed)",
+            _json(_array("Suppression"), "Suppressed recipients by address"),
+            params=[ACCOUNT],
+            errors=(401, 404, 503),
+        ),
+    },
+    "/v1/accounts/{name}/suppressions/{address}": {
+        "delete": _op(
+            "Take a recipient off the account's suppression list",
+            _json(_ref("SuppressionRemoved"), "Removed: its next RCPT is accepted"),
+            params=[ACCOUNT, ADDRESS],
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/account/usage": {
+        "get": _own(
+            "The account's own usage in its current period (as `mailmeter usage NAME --json`)",
+            _json(_ref("Usage"), "Usage and the dashboard"),
+        ),
+    },
+    "/v1/account/invoices": {
+        "get": _own("The account's own invoices", _json(_array("InvoiceSummary"), "Invoices, oldest first")),
+    },
+    "/v1/account/invoices/{id}": {
+        "get": _own(
+            "One of the account's own invoices",
+            _json(_ref("Invoice"), "The invoice"),
+            params=[_path("id", "The invoice id")],
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/account/events": {
+        "get": _own(
+            "The account's own events, newest first, with their webhook delivery log",
+            _json(_array("Event"), "Events"),
+            params=[LIMIT],
+            errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/account/suppressions": {
+        "get": _own("The account's own suppressed recipients", _json(_array("Suppression"), "By address")),
+    },
+    "/v1/account/suppressions/{address}": {
+        "delete": _own(
+            "Take a recipient off the account's own suppression list",
+            _json(_ref("SuppressionRemoved"), "Removed: its next RCPT is accepted"),
+            params=[ADDRESS],
+            errors=(400, 401, 404, 503),
+        ),
+    },
     "/v1/webhooks/payment": {
         "post": {
             **_op(
@@ -981,7 +1191,9 @@ def document(version: str) -> dict[str, Any]:
             "title": "mailmeter admin API",
             "version": version,
             "description": "Accounts, payment state, balances, limits, invoices, exports, plans, billing and"
-            " the audit trail of one mailmeter relay. JSON in and out; money is a decimal string.",
+            " the audit trail of one mailmeter relay, and each account's own API (/v1/account/, with the"
+            " account's token): its usage, invoices, events and suppression list. JSON in and out; money is a"
+            " decimal string.",
         },
         "security": [{"bearer": []}],
         "paths": PATHS,
@@ -992,7 +1204,13 @@ def document(version: str) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "a token from api.tokens_file (NAME:TOKEN lines)",
-                }
+                },
+                "account": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an account's own API token (`mailmeter account token NAME`): the /v1/account/"
+                    " routes, which read and change that account's data only",
+                },
             },
         },
     }

@@ -10,8 +10,10 @@ nor the API can change anything unaudited.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -23,6 +25,8 @@ import structlog
 
 from mailmeter.audit import WEBHOOK_ACTOR, account_view, changes, event_json
 from mailmeter.control import QueueClient, QueueRefused, RelayNotRunning
+from mailmeter.events import check_webhook, suppression_json
+from mailmeter.events import event_json as outbox_event_json
 from mailmeter.metering.billing import Billing
 from mailmeter.metering.export import export_csv, month_of
 from mailmeter.metering.meter import (
@@ -34,7 +38,16 @@ from mailmeter.metering.meter import (
     UnknownPlan,
     WideNetwork,
 )
-from mailmeter.metering.records import AuditDraft, DuplicateEvent, Row, in_force
+from mailmeter.metering.records import (
+    EVENT_KINDS,
+    Account,
+    AuditDraft,
+    DuplicateEvent,
+    EventRecord,
+    Row,
+    Suppression,
+    in_force,
+)
 from mailmeter.policies import PlanChangeRefused, PlanSwitch, ScriptEvent, Standing, preview
 from mailmeter.policies.currency import Currency, currency_for
 from mailmeter.policies.money import MoneyError, format_money, is_whole_minor, parse_money
@@ -58,6 +71,14 @@ class Conflict(AdminError):
 
 class Unavailable(AdminError):
     """What is asked needs something that does not answer, like the running relay (HTTP 503)."""
+
+
+ACCOUNT_TOKEN_PREFIX = "mmat_"  # an account's own API token (the admin API's tokens are a file's)
+
+
+def token_hash(token: str) -> str:
+    """What the store keeps of an account token: its SHA-256 (the token is 256 random bits)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 PAYMENT_EVENTS = ("charge.succeeded", "charge.failed", "payment_method.updated")
@@ -183,6 +204,10 @@ class AdminService:
     def as_actor(self, actor: str) -> AdminService:
         """The same service acting for someone else (one API request's token NAME)."""
         return replace(self, actor=actor)
+
+    def for_account(self, name: str) -> AccountService:
+        """What the account `name` may do itself (its token's API, its pages), audited as `account:NAME`."""
+        return AccountService(self.as_actor(f"account:{name}"), name)
 
     @asynccontextmanager
     async def _audit(
@@ -842,6 +867,89 @@ class AdminService:
         )
         return result
 
+    # -- events: the account's webhook, its outbox and delivery log ------------------------
+
+    async def set_webhook(
+        self, name: str, url: str, kinds: list[str] | None = None, secret: str | None = None
+    ) -> dict[str, Any]:
+        """Set the account's webhook (replacing any): its events from now on are POSTed to
+        `url`, signed with `secret` (a new random one when not given, shown only in this answer)."""
+        kinds = list(EVENT_KINDS) if not kinds else [kind.strip() for kind in kinds if kind.strip()]
+        problem = check_webhook(url, kinds)
+        if problem is not None:
+            raise AdminError(problem)
+        if secret is not None and (len(secret) < 16 or any(ch.isspace() for ch in secret)):
+            raise AdminError("secret: at least 16 characters without spaces (or leave it out to get a random one)")
+        chosen = secret or "whsec_" + secrets.token_urlsafe(32)
+        await self.meter.account(name)
+        events = tuple(kind for kind in EVENT_KINDS if kind in kinds)
+        async with self._audit("webhook.set", name, {"url": url, "events": list(events)}):
+            if not await self.meter.store.set_webhook(name, url, chosen, events, self.meter.clock()):
+                raise NotFound(f"no account named {name!r} (see `mailmeter account list`)")
+        return {"account": name, "url": url, "events": list(events), "secret": chosen}
+
+    async def remove_webhook(self, name: str) -> dict[str, Any]:
+        await self.meter.account(name)
+        async with self._audit("webhook.remove", name):
+            if not await self.meter.store.remove_webhook(name):
+                raise NotFound(f"account {name!r} has no webhook (set one with `mailmeter account webhook`)")
+        return {"account": name, "webhook": None}
+
+    async def webhook(self, name: str) -> dict[str, Any] | None:
+        """The account's webhook without its secret, or None."""
+        hook = await self.meter.store.webhook_of((await self.meter.account(name)).id)
+        if hook is None:
+            return None
+        return {"url": hook.url, "events": list(hook.events), "created_at": hook.created_at}
+
+    async def events(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The account's latest events, newest first, each with its delivery log."""
+        return [outbox_event_json(event) for event in await self.event_records(name, limit)]
+
+    async def event_records(self, name: str, limit: int = 100) -> list[EventRecord]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise AdminError("limit: give a number of events from 1 to 1000")
+        return await self.meter.store.events_of((await self.meter.account(name)).id, limit)
+
+    # -- the suppression list -------------------------------------------------------------
+
+    async def suppression_records(self, name: str) -> list[Suppression]:
+        return await self.meter.store.suppressions((await self.meter.account(name)).id)
+
+    async def suppressions(self, name: str) -> list[dict[str, Any]]:
+        """The recipients the account's mail is refused for at RCPT (550 5.1.1), by address."""
+        return [suppression_json(entry) for entry in await self.suppression_records(name)]
+
+    async def remove_suppression(self, name: str, address: str) -> dict[str, Any]:
+        """Take a recipient off the account's list: the next RCPT to it is accepted (and billed)."""
+        address = address.strip().removeprefix("<").removesuffix(">").lower()
+        if "@" not in address or len(address) > 320:
+            raise AdminError(f"address: {address!r} is not an email address")
+        account = await self.meter.account(name)
+        if await self.meter.store.suppression(account.id, address) is None:
+            raise NotFound(f"{address} is not on the suppression list of {name!r} (see `mailmeter suppression list`)")
+        async with self._audit("suppression.remove", name, {"address": address}):
+            await self.meter.store.remove_suppression(name, address)
+        return {"account": name, "address": address, "suppressed": False}
+
+    # -- the account's own API token ------------------------------------------------------
+
+    async def account_token(self, name: str) -> dict[str, Any]:
+        """A new API token for the account (its old one stops working): shown once, kept as a SHA-256."""
+        await self.meter.account(name)
+        token = ACCOUNT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        async with self._audit("account.token", name):
+            if not await self.meter.store.set_account_token(name, token_hash(token), self.meter.clock()):
+                raise NotFound(f"no account named {name!r} (see `mailmeter account list`)")
+        return {"account": name, "token": token}
+
+    async def verify_account_token(self, token: str) -> Account | None:
+        """The account whose API token this is, or None (the token is looked up by its SHA-256)."""
+        if not token.startswith(ACCOUNT_TOKEN_PREFIX) or text_problem(token) is not None:
+            return None
+        account_id = await self.meter.store.account_id_for_token(token_hash(token))
+        return None if account_id is None else await self.meter.store.get_account_by_id(account_id)
+
     # -- the audit trail ------------------------------------------------------------------
 
     async def audit(self, account: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -1067,6 +1175,46 @@ class AdminService:
         return ScriptEvent(at, "payment", ok=state == "ok")
 
 
+@dataclass
+class AccountService:
+    """The account holder's own actions, bound to one account (the one its token or session
+    names): nothing here takes another account's name, so none can reach another's data."""
+
+    admin: AdminService
+    name: str
+
+    async def usage(self) -> dict[str, Any]:
+        """The same figures as `mailmeter usage NAME --json`."""
+        return await self.admin.usage(self.name)
+
+    async def invoices(self) -> list[dict[str, Any]]:
+        return await self.admin.invoices(self.name)
+
+    async def invoice(self, invoice_id: str) -> dict[str, Any]:
+        """One of the account's invoices (another account's is not found)."""
+        if invoice_id not in {summary["id"] for summary in await self.invoices()}:
+            raise NotFound(f"no invoice {invoice_id!r} of account {self.name!r}")
+        return await self.admin.invoice(invoice_id)
+
+    async def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        return await self.admin.events(self.name, limit)
+
+    async def event_records(self, limit: int = 100) -> list[EventRecord]:
+        return await self.admin.event_records(self.name, limit)
+
+    async def webhook(self) -> dict[str, Any] | None:
+        return await self.admin.webhook(self.name)
+
+    async def suppressions(self) -> list[dict[str, Any]]:
+        return await self.admin.suppressions(self.name)
+
+    async def suppression_records(self) -> list[Suppression]:
+        return await self.admin.suppression_records(self.name)
+
+    async def remove_suppression(self, address: str) -> dict[str, Any]:
+        return await self.admin.remove_suppression(self.name, address)
+
+
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "limit": ("which", "emails", "amount"),
     "plan": ("plan",),
@@ -1085,4 +1233,14 @@ def switch_json(switch: PlanSwitch) -> dict[str, Any]:
     }
 
 
-__all__ = ["AdminError", "AdminService", "Conflict", "NotFound", "Unavailable", "UnknownAccount"]
+__all__ = [
+    "ACCOUNT_TOKEN_PREFIX",
+    "AccountService",
+    "AdminError",
+    "AdminService",
+    "Conflict",
+    "NotFound",
+    "Unavailable",
+    "UnknownAccount",
+    "token_hash",
+]

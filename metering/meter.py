@@ -22,10 +22,12 @@ from mailmeter.metering.batching import Batcher
 from mailmeter.metering.leases import LeaseBook, LeaseSettings
 from mailmeter.metering.passwords import DUMMY_HASH, hash_password, verify_password
 from mailmeter.metering.records import (
+    SUPPRESSED,
     Account,
     AccountEdit,
     AccountUpdate,
     Grant,
+    RecipientSuppressed,
     Result,
     ResultReport,
     Settlement,
@@ -737,8 +739,13 @@ class Meter:
             self._identities[name] = account
         return account
 
-    async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Grant:
+    async def reserve(
+        self, name: str, hold_id: str | None = None, emails: int = 1, recipient: str | None = None
+    ) -> Grant:
         """Hold up to `emails` more emails for one SMTP transaction, atomically.
+
+        `recipient` (RCPT's address): on the account's suppression list, with a plan that
+        suppresses, nothing is held and the grant is refused SUPPRESSED, with the entry.
 
         More for an existing hold go into it, in its period; a hold of another account
         raises HoldAccountMismatch (a session's account cannot change inside a transaction).
@@ -754,6 +761,11 @@ class Meter:
             return rate_in_force(self.plan_of(current, period).sending_rate, current.sending_rate)
 
         if self.leases is not None and (self.leases.owns(hold) or not await self._rated(account)):
+            # Leases answer from memory; the suppression list is one look-up of its own.
+            if recipient is not None and self._suppresses(account):
+                entry = await self.store.suppression(account.id, recipient)
+                if entry is not None:
+                    return Grant(hold_id=hold, granted=0, refusal=SUPPRESSED, suppressed=entry)
             block = self.leases.settings.emails
 
             def decide_lease(current: Account, usage: Usage) -> Admission:
@@ -768,9 +780,21 @@ class Meter:
             plan, standing = self.terms(current, period)
             return admit(plan, standing, usage, emails)
 
-        admission = await self.store.reserve(
-            account.id, period.key, hold, self.node, emails, self.clock(), decide, rate=rate_for
-        )
+        try:
+            admission = await self.store.reserve(
+                account.id,
+                period.key,
+                hold,
+                self.node,
+                emails,
+                self.clock(),
+                decide,
+                rate=rate_for,
+                recipient=recipient,
+                suppress_for=self._suppresses if recipient is not None else None,
+            )
+        except RecipientSuppressed as suppressed:
+            return Grant(hold_id=hold, granted=0, refusal=SUPPRESSED, suppressed=suppressed.entry)
         refusal = admission.refusal.value if admission.refusal else None
         return Grant(
             hold_id=hold,
@@ -792,6 +816,11 @@ class Meter:
             known = (now + RATES_TTL, rated)
             self._rates[account.id] = known
         return known[1]
+
+    def _suppresses(self, account: Account) -> bool:
+        """Whether the account's plan keeps a suppression list (`suppression:`, on by default)."""
+        plan = self.plans.get(account.plan)
+        return plan.suppression if plan is not None else True
 
     async def commit(
         self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
@@ -880,7 +909,7 @@ class Meter:
             return self._period(plans[account.plan].period, now, account.subscribed_on).key
 
         recorded = await self.store.record_message_result(
-            queue_id, recipient, category, detail, now, period_key_for, reason
+            queue_id, recipient, category, detail, now, period_key_for, reason, self._suppresses
         )
         return bool(recorded)  # None: not a metered message (a bounce or notice the relay made)
 
@@ -890,7 +919,9 @@ class Meter:
         def period_key_for(account: Account, at: datetime) -> str:
             return self._period(plans[account.plan].period, at, account.subscribed_on).key
 
-        return await cast(ResultBatchStore, self.store).record_message_results(reports, period_key_for)
+        return await cast(ResultBatchStore, self.store).record_message_results(
+            reports, period_key_for, self._suppresses
+        )
 
     async def usage(self, name: str, at: datetime | None = None) -> UsageReport:
         account = await self.account(name)

@@ -228,14 +228,115 @@ def open_periods_from_text(text: str | None) -> tuple[tuple[str, Usage], ...]:
 
 
 @dataclass(frozen=True)
+class Suppression:
+    """A recipient on an account's suppression list: refused at RCPT, never billed.
+
+    address: lower-case; reason: the Invalid Email sub-type of the bounce that put it
+    there (policies/results.py); detail: the upstream's reply; created_at: ISO time."""
+
+    address: str
+    reason: str
+    detail: str
+    queue_id: str
+    created_at: str
+
+
+SUPPRESSED = "suppressed"  # Grant.refusal of a recipient on the account's suppression list
+
+
+class RecipientSuppressed(Exception):
+    """A reserve for a recipient on the account's suppression list: nothing was held."""
+
+    def __init__(self, entry: Suppression) -> None:
+        super().__init__(f"{entry.address} is suppressed")
+        self.entry = entry
+
+
+@dataclass(frozen=True)
 class Grant:
     """The answer to one reserve call."""
 
     hold_id: str
     granted: int
-    refusal: str | None  # a policies.decision.Refusal value when granted < requested
+    refusal: str | None  # a policies.decision.Refusal value when granted < requested, or SUPPRESSED
+    suppressed: Suppression | None = None  # with refusal SUPPRESSED: why the recipient is refused
     rate: str | None = None  # refusal rate_limited: the rate in force ("100/minute") ...
     retry_after: int | None = None  # ... and the seconds until its next window
+
+
+# The kinds of events an account's webhook may take (EventRecord.kind).
+EVENT_KINDS = ("delivered", "deferred", "bounced", "usage_alert", "payment")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """An account's webhook: where its events are POSTed, signed with `secret`."""
+
+    url: str
+    secret: str
+    events: tuple[str, ...]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class EventAttempt:
+    """One delivery attempt of an event: its time, the HTTP status (None: no answer) and the error."""
+
+    attempt: int
+    at: str
+    status_code: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """An event in the outbox. status: pending (to be sent or retried), delivered or failed
+    (its attempts ran out); data: its JSON object as text; attempts: the delivery log."""
+
+    id: int
+    account: str
+    kind: str
+    data: str
+    created_at: str
+    status: str
+    next_attempt_at: str
+    attempts: tuple[EventAttempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class DueEvent:
+    """An event claimed for a delivery attempt, with where it goes."""
+
+    id: int
+    account: str
+    kind: str
+    data: str
+    created_at: str
+    attempts: int
+    url: str
+    secret: str
+
+
+def result_event(queue_id: str, recipient: str, result: Result, reason: str, detail: str) -> tuple[str, str]:
+    """The event kind and JSON data of a recipient's result (bounced carries soft or hard)."""
+    kind = {Result.SOFT_BOUNCED: "bounced", Result.HARD_BOUNCED: "bounced"}.get(result, result.value)
+    data: dict[str, Any] = {"queue_id": queue_id, "recipient": recipient, "result": result.value}
+    if kind == "bounced":
+        data["bounce"] = "soft" if result is Result.SOFT_BOUNCED else "hard"
+    if result is not Result.DELIVERED:
+        data["reason"] = reason
+    data["detail"] = detail[:500]
+    return kind, json.dumps(data, sort_keys=True)
+
+
+def payment_event(ok: bool, detail: str, charge: str | None = None, charge_status: str | None = None) -> str:
+    """The JSON data of a payment state change: set by the operator, the API or the payment
+    webhook, or a charge that the gateway declined (failed: sending blocked) or collected."""
+    data: dict[str, Any] = {"payment_state": "ok" if ok else "failed", "detail": detail[:500]}
+    if charge is not None:
+        data["charge"] = charge
+        data["charge_status"] = charge_status
+    return json.dumps(data, sort_keys=True)
 
 
 def plan_change_to_json(change: PlanChange | None) -> str | None:

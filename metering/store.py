@@ -21,6 +21,8 @@ from mailmeter.metering.records import (
     AccountUpdate,
     AuditDraft,
     Decide,
+    DueEvent,
+    EventRecord,
     InvoiceRecord,
     LeasedCommit,
     RateFor,
@@ -28,6 +30,8 @@ from mailmeter.metering.records import (
     ResultReport,
     Row,
     Settle,
+    Suppression,
+    Webhook,
 )
 from mailmeter.policies.charges import Charge
 from mailmeter.policies.decision import Admission, Usage
@@ -109,7 +113,9 @@ class LedgerStore(UsageStore, Protocol):
         now: datetime,
         decide: Decide,
         rate: RateFor | None = None,
-    ) -> Admission: ...
+        recipient: str | None = None,
+        suppress_for: Callable[[Account], bool] | None = None,
+    ) -> Admission: ...  # raises RecipientSuppressed
     async def commit(
         self,
         hold_id: str,
@@ -136,6 +142,7 @@ class LedgerStore(UsageStore, Protocol):
         period_key: str,
         now: datetime,
         reason: str = "",
+        suppress: bool = False,
     ) -> bool: ...
     async def record_message_result(
         self,
@@ -146,6 +153,7 @@ class LedgerStore(UsageStore, Protocol):
         now: datetime,
         period_key_for: Callable[[Account], str],
         reason: str = "",
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> bool | None: ...
 
 
@@ -201,7 +209,36 @@ class AuditStore(Protocol):
     async def audit_event_for(self, event_id: str) -> Row | None: ...
 
 
-class Store(StoreLifecycle, AccountStore, LedgerStore, BillingStore, NoticeStore, AuditStore, Protocol):
+class EventStore(Protocol):
+    """An account's webhook, the outbox of its events with their delivery log, its
+    suppression list and its own API token (as a SHA-256). Results, usage notices and
+    payment changes write their events in their own transactions (for an account whose
+    webhook takes the kind); an Invalid Email result (does not exist, format error)
+    puts its recipient on the list when the plan suppresses (record_result's `suppress`)."""
+
+    async def set_webhook(self, name: str, url: str, secret: str, events: tuple[str, ...], now: datetime) -> bool: ...
+    async def remove_webhook(self, name: str) -> bool: ...
+    async def webhook_of(self, account_id: int) -> Webhook | None: ...
+    async def claim_due_events(self, now: datetime, lease_until: datetime, limit: int = 50) -> list[DueEvent]: ...
+    async def record_event_attempt(
+        self,
+        event_id: int,
+        at: datetime,
+        status_code: int | None,
+        error: str,
+        status: str,
+        next_attempt_at: datetime,
+    ) -> int: ...
+    async def events_of(self, account_id: int, limit: int = 100) -> list[EventRecord]: ...
+    async def prune_events(self, before: datetime) -> int: ...
+    async def suppression(self, account_id: int, address: str) -> Suppression | None: ...
+    async def suppressions(self, account_id: int) -> list[Suppression]: ...
+    async def remove_suppression(self, name: str, address: str) -> bool: ...
+    async def set_account_token(self, name: str, token_hash: str, now: datetime) -> bool: ...
+    async def account_id_for_token(self, token_hash: str) -> int | None: ...
+
+
+class Store(StoreLifecycle, AccountStore, LedgerStore, BillingStore, NoticeStore, AuditStore, EventStore, Protocol):
     """Every state change is one atomic transaction; any database failure is StoreUnavailable."""
 
 
@@ -209,7 +246,10 @@ class ResultBatchStore(Protocol):
     """A store that records many delivery results in one transaction (PostgreSQL)."""
 
     async def record_message_results(
-        self, reports: Sequence[ResultReport], period_key_for: Callable[[Account, datetime], str]
+        self,
+        reports: Sequence[ResultReport],
+        period_key_for: Callable[[Account, datetime], str],
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> list[bool | None | Exception]: ...
 
 
@@ -238,6 +278,7 @@ __all__ = [
     "AccountStore",
     "AuditStore",
     "BillingStore",
+    "EventStore",
     "LeasingStore",
     "LedgerStore",
     "NodeClaimKeeper",

@@ -53,6 +53,8 @@ class Plan:
     rank: the plan's place among plans an account changes between; a change to a higher
       rank is an upgrade (at once), to a lower or equal one a downgrade (at period end).
       None: ordered by plan fee, then included emails (policies/changes.py).
+    suppression: a recipient the account's mail hard-bounced to as Invalid Email (does not
+      exist, format error) is refused at RCPT from then on, unbilled (policies/results.py).
 
     Construction checks that the parts fit together and raises PlanError naming
     the config key (under `plans.<name>`) otherwise, so an invalid combination
@@ -76,6 +78,7 @@ class Plan:
     currency: Currency = USD
     rank: int | None = None
     sending_rate: SendRate | None = None
+    suppression: bool = True
 
     def __post_init__(self) -> None:
         problem = plan_problem(self)

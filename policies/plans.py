@@ -45,6 +45,7 @@ PLAN_KEYS = frozenset(
         "invoicing",
         "usage_alerts",
         "rank",
+        "suppression",
     }
 )
 
@@ -232,6 +233,13 @@ def parse_alerts(data: Any, path: str) -> tuple[int, ...]:
 DEFAULT_USAGE_ALERTS: tuple[int, ...] = (75, 90, 100)
 
 
+def _suppression(data: Mapping[str, Any], path: str) -> bool:
+    value = data.get("suppression", True)
+    if not isinstance(value, bool):
+        raise PlanError(f"{path}.suppression", "must be true (suppress hard-bounced recipients) or false")
+    return value
+
+
 def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency = USD) -> Plan:
     """Build a Plan in `currency` from its config mapping, or raise PlanError naming the key."""
     path = path or f"plans.{name}"
@@ -286,6 +294,7 @@ def parse_plan(name: str, data: Any, path: str | None = None, currency: Currency
             currency=currency,
             rank=_int(data, "rank", path),
             sending_rate=_sending_rate(data, path),
+            suppression=_suppression(data, path),
         )
     except PlanError as error:
         prefix = f"plans.{name}"

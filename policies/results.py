@@ -38,6 +38,15 @@ Reason = Literal[
 
 SOFT_REASONS: tuple[Reason, ...] = ("mailbox_full", "message_too_large", "server_unavailable")
 INVALID_REASONS: tuple[Reason, ...] = ("format_error", "not_exist", "reject", "junk_mail")
+# Invalid Email sub-types that say the address itself is bad: sending to it again can only
+# bounce again, so it goes on the account's suppression list (a "reject" or "junk_mail" is
+# about the message or the sender, and may pass another time).
+SUPPRESSING_REASONS: tuple[Reason, ...] = ("not_exist", "format_error")
+
+
+def suppresses(category: str, reason: str) -> bool:
+    """Whether a final result puts its recipient on the account's suppression list."""
+    return category == "hard_bounced" and reason in SUPPRESSING_REASONS
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,7 @@ __all__ = [
     "DELETED_BY_OPERATOR",
     "DELIVERED",
     "INVALID_REASONS",
+    "SUPPRESSING_REASONS",
     "PERMANENT",
     "SOFT_REASONS",
     "Category",
@@ -263,4 +273,5 @@ __all__ = [
     "classify",
     "classify_failure",
     "parse_enhanced",
+    "suppresses",
 ]

@@ -84,6 +84,24 @@ RECIPIENT_OK = "250 2.1.5 Recipient OK"
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 
 
+SUPPRESSED = "suppressed"  # the meter's refusal of a recipient on the account's suppression list
+# Why a recipient was suppressed, by the Invalid Email sub-type of its bounce (policies/results.py).
+_SUPPRESSED_WHY = {"not_exist": "the address does not exist", "format_error": "the address is malformed"}
+
+
+def recipient_suppressed(address: str, account: str, since: str, reason: str) -> str:
+    """RCPT of a recipient the account's mail hard-bounced to as Invalid Email: permanent (5xx),
+    so the client drops it rather than retries; it says when, why, and how to lift it."""
+    why = _SUPPRESSED_WHY.get(reason, reason or "an Invalid Email bounce")
+    reply = f"550 5.1.1 <{address}> is suppressed for this account: it hard-bounced on {since[:10]} ({why})"
+    hint = (
+        f"; remove it with DELETE /v1/account/suppressions/{address} (account API)"
+        f" or mailmeter suppression remove {account} {address}"
+    )
+    # A reply line is at most 512 octets with its CRLF (RFC 5321 4.5.3.1.5): a long address keeps the reason.
+    return reply + hint if len((reply + hint).encode()) <= 510 else reply
+
+
 def sender_not_allowed(address: str, account: str) -> str:
     return (
         f"550 5.7.1 Sender <{address}> is not in the sender domains of account {account};"

@@ -2,7 +2,8 @@
 
 The order of a transaction, which is the relay's core promise:
 
-    RCPT   reserve one email per recipient in the meter (atomic; 452 when it does not fit)
+    RCPT   reserve one email per recipient in the meter (atomic; 452 when it does not fit,
+           550 5.1.1 for a recipient on the account's suppression list: nothing held)
     DATA   write + fsync the message into spool/incoming
            commit the hold in the meter under the queue id   <- the commit point
            move the message to spool/active, answer 250 with the queue id
@@ -84,7 +85,9 @@ class MeterPort(Protocol):
     async def authenticate(self, name: str, password: bytes) -> Any | None: ...
     async def account_for_client(self, address: str) -> str | None: ...
     async def mail_check(self, name: str) -> tuple[tuple[str, ...], Any | None]: ...
-    async def reserve(self, name: str, hold_id: str | None = None, emails: int = 1) -> Any: ...
+    async def reserve(
+        self, name: str, hold_id: str | None = None, emails: int = 1, recipient: str | None = None
+    ) -> Any: ...
     async def commit(
         self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
     ) -> None: ...
@@ -773,7 +776,7 @@ class _Handler:
             server.hold_id = secrets.token_hex(12)
         # (A client's EOF cancels this coroutine before connection_lost runs, so
         # `reserving` is cleared only once the reserve is over, never on cancellation.)
-        reserve = asyncio.ensure_future(self.context.meter.reserve(account, server.hold_id, 1))
+        reserve = asyncio.ensure_future(self.context.meter.reserve(account, server.hold_id, 1, recipient=address))
         server.reserving = reserve
         started = time.monotonic()
         try:
@@ -789,6 +792,11 @@ class _Handler:
             server.refused += 1
             if grant.refusal == "rate_limited" and grant.rate is not None:
                 return replies.rate_reached(grant.rate, account, grant.retry_after or 1)
+            if grant.refusal == replies.SUPPRESSED:
+                # On the account's suppression list: refused for good, nothing held, nothing billed.
+                entry = grant.suppressed
+                server.log.info("smtp.recipient_suppressed", account=account, recipient=address, result="refused")
+                return replies.recipient_suppressed(address, account, entry.created_at, entry.reason)
             return replies.rcpt_refused(grant.refusal or "quota_exhausted")
         server.add_recipient(envelope, address, options)
         return replies.RECIPIENT_OK

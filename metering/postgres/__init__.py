@@ -12,20 +12,21 @@ PgStore is composed of one part per concern: the foundation (pool, transactions,
 retries, locks, the audit hook) is metering/postgres/base.py and tx.py; accounts
 accounts.py; the ledger (holds, commits, results) ledger.py; the steps shared under
 the account lock holds.py; allowance leases leases.py; charges, invoices and notices
-invoices.py; the audit trail audit.py; the schema schema.py; the node-name claim
-claim.py; `db backup` backup.py.
+invoices.py; the audit trail audit.py; webhooks, events, suppression and account tokens
+events.py; the schema schema.py; the node-name claim claim.py; `db backup` backup.py.
 """
 
 from __future__ import annotations
 
 from mailmeter.metering.postgres.accounts import PgAccounts
 from mailmeter.metering.postgres.audit import PgAudit
+from mailmeter.metering.postgres.events import PgEvents
 from mailmeter.metering.postgres.invoices import PgInvoices
 from mailmeter.metering.postgres.leases import PgLeases
 from mailmeter.metering.postgres.ledger import PgLedger
 
 
-class PgStore(PgAccounts, PgLedger, PgInvoices, PgLeases, PgAudit):
+class PgStore(PgAccounts, PgLedger, PgInvoices, PgLeases, PgAudit, PgEvents):
     """The whole store interface (metering/store.py), and leasing, on one PostgreSQL database."""
 
 

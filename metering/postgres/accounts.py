@@ -10,6 +10,7 @@ from datetime import date, datetime
 import asyncpg
 
 from mailmeter.metering.postgres.base import ACCOUNT_FULL, full_account
+from mailmeter.metering.postgres.events import add_event
 from mailmeter.metering.postgres.holds import PgHolds
 from mailmeter.metering.postgres.tx import rows_affected
 from mailmeter.metering.records import (
@@ -19,6 +20,7 @@ from mailmeter.metering.records import (
     applying_due_plan_change,
     edit_columns,
     history_from_json,
+    payment_event,
 )
 from mailmeter.policies.decision import Usage
 
@@ -88,6 +90,7 @@ class PgAccounts(PgHolds):
                     now.isoformat(),
                     account_id,
                 )
+            await add_event(conn, account_id, "payment", payment_event(ok, detail), now)
             return True
 
         return await self._write(body)

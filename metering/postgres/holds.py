@@ -13,6 +13,7 @@ from datetime import datetime
 import asyncpg
 
 from mailmeter.metering.postgres.base import OPEN_PERIODS, PgBase
+from mailmeter.metering.postgres.events import add_event
 from mailmeter.metering.records import Account, Settlement, account_core, history_from_json, history_to_json
 from mailmeter.policies.decision import Usage
 from mailmeter.policies.history import History
@@ -113,12 +114,18 @@ class PgHolds(PgBase):
         )
         settlement = settle(account, usage, last_seq, period_key)
         await self._insert_charges(conn, account, period_key, settlement.charges, now)
-        if settlement.notices:
-            await conn.executemany(
+        for key, text in settlement.notices:
+            added = await conn.fetchval(
                 "INSERT INTO notices (account_id, period_key, key, body, created_at)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                [(account_id, period_key, key, text, now.isoformat()) for key, text in settlement.notices],
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
+                account_id,
+                period_key,
+                key,
+                text,
+                now.isoformat(),
             )
+            if added is not None and '"usage_alert"' in text:
+                await add_event(conn, account_id, "usage_alert", text, now)
 
 
 __all__ = ["PgHolds"]

@@ -9,13 +9,14 @@ wins, and only that transaction deducts prepaid and adds the collection charge.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 
 import asyncpg
 
 from mailmeter.metering.postgres.base import PgBase
+from mailmeter.metering.postgres.events import add_event
 from mailmeter.metering.postgres.tx import rows_affected
-from mailmeter.metering.records import InvoiceRecord, charge_key
+from mailmeter.metering.records import InvoiceRecord, charge_key, payment_event
 from mailmeter.policies.charges import Charge
 
 _INVOICE_COLUMNS = (
@@ -85,6 +86,10 @@ class PgInvoices(PgBase):
                     f"charge {key} failed: {detail}"[:500],
                     owner,
                 )
+            if changed and status in ("failed", "succeeded"):
+                ok = await conn.fetchval("SELECT payment_ok FROM accounts WHERE id = $1", owner)
+                data = payment_event(bool(ok), detail, key, status)
+                await add_event(conn, owner, "payment", data, datetime.now(timezone.utc))
             if changed and status == "succeeded":
                 await conn.execute(
                     "UPDATE invoices SET status = 'paid' WHERE (account_id, period_key) ="

@@ -9,19 +9,24 @@ from datetime import datetime
 
 import asyncpg
 
+from mailmeter.metering.postgres.events import add_suppression
 from mailmeter.metering.postgres.holds import PgHolds
 from mailmeter.metering.records import (
     Account,
     HoldAccountMismatch,
     RateFor,
+    RecipientSuppressed,
     Result,
     ResultReport,
     Settlement,
+    Suppression,
     UnknownHold,
     history_from_json,
+    result_event,
 )
 from mailmeter.policies.decision import Admission, Refusal, Usage
 from mailmeter.policies.rate import admit_rate
+from mailmeter.policies.results import suppresses
 
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
@@ -43,11 +48,16 @@ class PgLedger(PgHolds):
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
         rate: RateFor | None = None,
+        recipient: str | None = None,
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> Admission:
         """Atomically: lock the account, read it and the period's counters, ask `decide`, add the grant.
 
         `rate`: the account's sending rate, counted under the same lock, so exact across
         every node (two more round trips, only for an account that has a rate).
+
+        `recipient` on the account's suppression list, when `suppress_for(account)`:
+        RecipientSuppressed, nothing held (read with the lock: no extra round trip).
 
         A hold that exists already stays in its account (HoldAccountMismatch for another)
         and its period: a transaction that straddles a period boundary is counted in the
@@ -59,10 +69,13 @@ class PgLedger(PgHolds):
             # read the session's hold, if it has one), read account and counters at once,
             # write counter and hold at once.
             held = await conn.fetchrow(
-                "SELECT h.account_id, h.period_key FROM accounts a LEFT JOIN holds h ON h.id = $2"
+                "SELECT h.account_id, h.period_key, s.address, s.reason, s.detail, s.queue_id, s.created_at"
+                " FROM accounts a LEFT JOIN holds h ON h.id = $2"
+                " LEFT JOIN suppressions s ON s.account_id = a.id AND s.address = $3"
                 " WHERE a.id = $1 FOR UPDATE OF a",
                 account_id,
                 hold_id,
+                (recipient or "").lower() if suppress_for is not None else None,
             )
             period = period_key
             if held is not None and held["account_id"] is not None:
@@ -70,6 +83,10 @@ class PgLedger(PgHolds):
                     raise HoldAccountMismatch(hold_id, held["account_id"], account_id)
                 period = held["period_key"]
             account, usage = await self._account_and_usage(conn, account_id, period)
+            if held is not None and held["address"] is not None and suppress_for is not None and suppress_for(account):
+                raise RecipientSuppressed(
+                    Suppression(held["address"], held["reason"], held["detail"], held["queue_id"], held["created_at"])
+                )
             admission = decide(account, usage)
             if rate is not None and admission.granted > 0:
                 admission = await _apply_rate(conn, account, admission, rate, now)
@@ -195,9 +212,10 @@ class PgLedger(PgHolds):
         period_key: str,
         now: datetime,
         reason: str = "",
+        suppress: bool = False,
     ) -> bool:
         """Record a recipient's result (its billing category) and sub-type; a final result
-        is counted exactly once.
+        is counted exactly once (its event and suppression as SqliteLedger.record_result).
 
         The account lock serializes two reports of the same recipient (a retry after a
         crash, on any node): the second sees the first's final result and returns False.
@@ -206,7 +224,7 @@ class PgLedger(PgHolds):
         async def body(conn: asyncpg.Connection) -> bool:
             await self._lock(conn, account_id)
             return await self._record_locked(
-                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason
+                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason, suppress
             )
 
         return await self._write(body)
@@ -220,6 +238,7 @@ class PgLedger(PgHolds):
         now: datetime,
         period_key_for: Callable[[Account], str],
         reason: str = "",
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> bool | None:
         """record_result for a queue id, finding its account in the same transaction.
 
@@ -232,14 +251,18 @@ class PgLedger(PgHolds):
                 return None
             await self._lock(conn, account_id)
             account = await self._account_in_tx(conn, account_id)
+            suppress = suppress_for is not None and suppress_for(account)
             return await self._record_locked(
-                conn, queue_id, recipient, result, detail, account_id, period_key_for(account), now, reason
+                conn, queue_id, recipient, result, detail, account_id, period_key_for(account), now, reason, suppress
             )
 
         return await self._write(body)
 
     async def record_message_results(
-        self, reports: Sequence[ResultReport], period_key_for: Callable[[Account, datetime], str]
+        self,
+        reports: Sequence[ResultReport],
+        period_key_for: Callable[[Account, datetime], str],
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> list[bool | None | Exception]:
         """record_message_result for many reports in one transaction (the delivery side's group commit).
 
@@ -277,6 +300,7 @@ class PgLedger(PgHolds):
                         period_key,
                         report.at,
                         report.reason,
+                        suppress_for is not None and suppress_for(accounts[owner]),
                     )
                 )
             return outcomes
@@ -294,8 +318,11 @@ class PgLedger(PgHolds):
         period_key: str,
         now: datetime,
         reason: str = "",
+        suppress: bool = False,
     ) -> bool:
-        """The result under the account's lock: False if the recipient already had a final one."""
+        """The result under the account's lock: False if the recipient already had a final one.
+        Its event goes into the outbox, and with `suppress` an Invalid Email recipient onto
+        the suppression list, in the same transaction."""
         previous = await conn.fetchval(
             "SELECT result FROM recipient_results WHERE queue_id = $1 AND recipient = $2", queue_id, recipient
         )
@@ -312,20 +339,37 @@ class PgLedger(PgHolds):
             )
 
         values = (queue_id, recipient, result.value, period_key, detail[:500], now.isoformat())
+        kind, data = result_event(queue_id, recipient, result, reason, detail)
+        event = (kind, data, f",{kind},")
+        # The event (if the account's webhook takes its kind) in the same statement: $9-$11.
+        outbox = (
+            "outbox AS (INSERT INTO events (account_id, kind, data, created_at, next_attempt_at)"
+            " SELECT $7, $9, $10, $6, $6 FROM webhooks WHERE account_id = $7"
+            " AND position($11 in ',' || webhooks.events || ',') > 0 RETURNING 1)"
+        )
         counter = _COUNTER_FOR_RESULT.get(result)
         if counter is None:
-            await conn.execute(upsert("$7"), *values, reason)
-            return True
-        await conn.execute(  # one statement: the result, awaiting results, the period's counter
-            f"WITH result AS ({upsert('$8')} RETURNING 1),"
-            " awaiting AS (UPDATE accounts SET awaiting_results = GREATEST(awaiting_results - 1, 0)"
-            " WHERE id = $7 RETURNING 1)"
-            f" INSERT INTO period_usage (account_id, period_key, {counter}) VALUES ($7, $4, 1)"
-            f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = period_usage.{counter} + 1",
-            *values,
-            account_id,
-            reason,
-        )
+            await conn.execute(
+                f"WITH {outbox} {upsert('$8')}",
+                *values,
+                account_id,
+                reason,
+                *event,
+            )
+        else:
+            await conn.execute(  # one statement: the result, awaiting results, the period's counter, the event
+                f"WITH result AS ({upsert('$8')} RETURNING 1),"
+                " awaiting AS (UPDATE accounts SET awaiting_results = GREATEST(awaiting_results - 1, 0)"
+                f" WHERE id = $7 RETURNING 1), {outbox}"
+                f" INSERT INTO period_usage (account_id, period_key, {counter}) VALUES ($7, $4, 1)"
+                f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = period_usage.{counter} + 1",
+                *values,
+                account_id,
+                reason,
+                *event,
+            )
+        if suppress and suppresses(result.value, reason):
+            await add_suppression(conn, account_id, recipient, reason, detail, queue_id, now)
         return True
 
     async def usage(self, account_id: int, period_key: str, awaiting_results: int | None = None) -> Usage:

@@ -8,7 +8,7 @@ The PostgreSQL store gives the same guarantee with `SELECT ... FOR UPDATE`.
 
 SqliteStore is composed of one part per concern, all on one connection
 (metering/sqlite/connection.py): accounts, the ledger of holds, commits and
-results, charges, invoices and notices, and the audit trail; the schema's
+results, charges, invoices and notices, the audit trail, and events and suppression; the schema's
 migrations are metering/sqlite/schema.py.
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from mailmeter.metering.sqlite.accounts import SqliteAccounts
 from mailmeter.metering.sqlite.audit import SqliteAudit
+from mailmeter.metering.sqlite.events import SqliteEvents
 from mailmeter.metering.sqlite.invoices import SqliteInvoices
 from mailmeter.metering.sqlite.ledger import SqliteLedger
 
 
-class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqliteAudit):
+class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqliteAudit, SqliteEvents):
     """The whole store interface (metering/store.py) on one SQLite file."""
 
 

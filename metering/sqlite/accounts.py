@@ -18,8 +18,10 @@ from mailmeter.metering.records import (
     edit_columns,
     history_from_json,
     history_to_json,
+    payment_event,
 )
 from mailmeter.metering.sqlite.connection import SqliteConnection, fetch_all
+from mailmeter.metering.sqlite.events import ADD_EVENT, add_event_params
 from mailmeter.policies.decision import Usage
 
 # The usage of every period not invoiced yet (after settled_through), which a prepaid
@@ -99,6 +101,10 @@ class SqliteAccounts(SqliteConnection):
                     " WHERE status = 'failed' AND account_id = (SELECT id FROM accounts WHERE name = ?)",
                     (now.isoformat(), name),
                 )
+            cursor = await db.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+            found = await cursor.fetchone()
+            if found is not None:
+                await db.execute(ADD_EVENT, add_event_params(found["id"], "payment", payment_event(ok, detail), now))
             return True
 
     async def edit_account(self, name: str, edit: AccountEdit) -> bool:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 
 import aiosqlite
 
-from mailmeter.metering.records import Account, InvoiceRecord, charge_key
+from mailmeter.metering.records import Account, InvoiceRecord, charge_key, payment_event
 from mailmeter.metering.sqlite.accounts import account_in_tx
 from mailmeter.metering.sqlite.connection import SqliteConnection
+from mailmeter.metering.sqlite.events import ADD_EVENT, add_event_params
 from mailmeter.policies.charges import Charge
 
 
@@ -92,6 +93,16 @@ class SqliteInvoices(SqliteConnection):
                     " WHERE id = (SELECT account_id FROM charges WHERE idempotency_key = ?)",
                     (f"charge {key} failed: {detail}"[:500], key),
                 )
+            if changed and status in ("failed", "succeeded"):
+                cursor = await db.execute(
+                    "SELECT c.account_id, a.payment_ok FROM charges c JOIN accounts a ON a.id = c.account_id"
+                    " WHERE c.idempotency_key = ?",
+                    (key,),
+                )
+                row = await cursor.fetchone()
+                if row is not None:
+                    data = payment_event(bool(row[1]), detail, key, status)
+                    await db.execute(ADD_EVENT, add_event_params(row[0], "payment", data, datetime.now(timezone.utc)))
             if changed and status == "succeeded":
                 await db.execute(
                     "UPDATE invoices SET status = 'paid' WHERE (account_id, period_key) ="

@@ -8,12 +8,23 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
-from mailmeter.metering.records import Account, HoldAccountMismatch, RateFor, Result, Settlement, UnknownHold
+from mailmeter.metering.records import (
+    Account,
+    HoldAccountMismatch,
+    RateFor,
+    RecipientSuppressed,
+    Result,
+    Settlement,
+    UnknownHold,
+    result_event,
+)
 from mailmeter.metering.sqlite.accounts import account_row, usage_row
 from mailmeter.metering.sqlite.connection import SqliteConnection
+from mailmeter.metering.sqlite.events import add_event_sync, add_suppression_sync, suppression_sync
 from mailmeter.metering.sqlite.invoices import insert_charge_sync
 from mailmeter.policies.decision import Admission, Refusal, Usage
 from mailmeter.policies.rate import admit_rate
+from mailmeter.policies.results import suppresses
 
 _COUNTER_FOR_RESULT = {
     Result.DELIVERED: "delivered",
@@ -35,11 +46,18 @@ class SqliteLedger(SqliteConnection):
         now: datetime,
         decide: Callable[[Account, Usage], Admission],
         rate: RateFor | None = None,
+        recipient: str | None = None,
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> Admission:
         """Atomically: read the account and the period's counters, ask `decide`, add the grant.
 
         `rate`: the account's sending rate, counted in the same transaction (a grant never
         takes a window past its limit; RATE_LIMITED with the seconds to its next window).
+
+        `recipient` on the account's suppression list, when `suppress_for(account)` (its plan
+        suppresses): RecipientSuppressed, nothing held (in the same transaction: no extra
+        round trip per RCPT).
+
         A hold that exists already stays in its account (HoldAccountMismatch for another)
         and its period: a transaction that straddles a period boundary is counted in the
         period it began in, as its commit is.
@@ -53,6 +71,10 @@ class SqliteLedger(SqliteConnection):
                     raise HoldAccountMismatch(hold_id, held[0], account_id)
                 period = held[1]
             account = account_row(conn, account_id)
+            if recipient is not None and suppress_for is not None and suppress_for(account):
+                entry = suppression_sync(conn, account_id, recipient)
+                if entry is not None:
+                    raise RecipientSuppressed(entry)
             usage = usage_row(conn, account_id, period, account.awaiting_results)
             admission = decide(account, usage)
             if rate is not None and admission.granted > 0:
@@ -142,11 +164,13 @@ class SqliteLedger(SqliteConnection):
                 for charge in settlement.charges:
                     insert_charge_sync(conn, account, period_key, charge, now)
                 for key, body in settlement.notices:
-                    conn.execute(
+                    cursor = conn.execute(
                         "INSERT OR IGNORE INTO notices (account_id, period_key, key, body, created_at)"
                         " VALUES (?, ?, ?, ?, ?)",
                         (account_id, period_key, key, body, now.isoformat()),
                     )
+                    if cursor.rowcount == 1 and '"usage_alert"' in body:
+                        add_event_sync(conn, account_id, "usage_alert", body, now)
 
         await self._run(operation)
 
@@ -181,16 +205,18 @@ class SqliteLedger(SqliteConnection):
         period_key: str,
         now: datetime,
         reason: str = "",
+        suppress: bool = False,
     ) -> bool:
         """Record a recipient's result (its billing category) and sub-type; a final result
-        is counted exactly once.
+        is counted exactly once. Its event goes into the outbox (if the account's webhook
+        takes it) and, with `suppress`, an Invalid Email recipient onto the suppression list.
 
         Returns False when the recipient already had a final result (a retry after a
         crash reported it again), so nothing is counted twice.
         """
         return await self._run(
             lambda conn: _record_result_sync(
-                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason
+                conn, queue_id, recipient, result, detail, account_id, period_key, now, reason, suppress
             )
         )
 
@@ -206,8 +232,10 @@ class SqliteLedger(SqliteConnection):
         now: datetime,
         period_key_for: Callable[[Account], str],
         reason: str = "",
+        suppress_for: Callable[[Account], bool] | None = None,
     ) -> bool | None:
-        """record_result for a queue id, finding its account in the same transaction.
+        """record_result for a queue id, finding its account in the same transaction;
+        `suppress_for(account)`: whether its plan suppresses (record_result's `suppress`).
 
         None: not a metered message (a bounce or notice the relay made itself).
         """
@@ -217,8 +245,9 @@ class SqliteLedger(SqliteConnection):
             if row is None:
                 return None
             account = account_row(conn, row[0])
+            suppress = suppress_for is not None and suppress_for(account)
             return _record_result_sync(
-                conn, queue_id, recipient, result, detail, account.id, period_key_for(account), now, reason
+                conn, queue_id, recipient, result, detail, account.id, period_key_for(account), now, reason, suppress
             )
 
         return await self._run(operation)
@@ -317,6 +346,7 @@ def _record_result_sync(
     period_key: str,
     now: datetime,
     reason: str = "",
+    suppress: bool = False,
 ) -> bool:
     row = conn.execute(
         "SELECT result FROM recipient_results WHERE queue_id = ? AND recipient = ?", (queue_id, recipient)
@@ -339,4 +369,8 @@ def _record_result_sync(
             f" ON CONFLICT (account_id, period_key) DO UPDATE SET {counter} = {counter} + 1",
             (account_id, period_key),
         )
+    kind, data = result_event(queue_id, recipient, result, reason, detail)
+    add_event_sync(conn, account_id, kind, data, now)
+    if suppress and suppresses(result.value, reason):
+        add_suppression_sync(conn, account_id, recipient, reason, detail, queue_id, now)
     return True

@@ -197,4 +197,54 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account_id, window_seconds, window_start)
     );
     """,
+    # 10: events and suppression (issue 18). webhooks: an account's endpoint, its HMAC secret
+    # and the kinds it takes (comma-separated). events: the outbox, written in the transaction
+    # of the result, notice or payment change it tells of, for an account whose webhook takes
+    # its kind; status pending | delivered | failed. event_attempts: the delivery log.
+    # suppressions: recipients an account's mail hard-bounced to as Invalid Email (does not
+    # exist, format error); address is lower-case. account_tokens: the SHA-256 of the
+    # account's own API token (never the token).
+    """
+    CREATE TABLE webhooks (
+        account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        events TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL
+    );
+    CREATE INDEX events_due ON events (status, next_attempt_at);
+    CREATE INDEX events_by_account ON events (account_id, id);
+    CREATE TABLE event_attempts (
+        event_id INTEGER NOT NULL REFERENCES events(id),
+        attempt INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        status_code INTEGER,
+        error TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (event_id, attempt)
+    );
+    CREATE TABLE suppressions (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        address TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        queue_id TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (account_id, address)
+    );
+    CREATE TABLE account_tokens (
+        account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    """,
 ]
