@@ -350,6 +350,11 @@ async def repay(request: web.Request, service: AdminService) -> web.Response:
     return web.json_response(await service.repay(request.match_info["name"]))
 
 
+async def account_token(request: web.Request, service: AdminService) -> web.Response:
+    await _body(request, ())
+    return web.json_response(await service.account_token(request.match_info["name"]))
+
+
 async def set_limit(request: web.Request, service: AdminService) -> web.Response:
     which = request.match_info["which"]
     if which == "spending":
@@ -506,6 +511,7 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_post("/v1/accounts/{name}/balance", authenticated(balance))
     routes.add_put("/v1/accounts/{name}/monthly-payment", authenticated(monthly_payment))
     routes.add_post("/v1/accounts/{name}/repay", authenticated(repay))
+    routes.add_post("/v1/accounts/{name}/token", authenticated(account_token))
     routes.add_put("/v1/accounts/{name}/limits/{which}", authenticated(set_limit))
     routes.add_get("/v1/accounts/{name}/charges", authenticated(charges))
     routes.add_post("/v1/charges/settle", authenticated(settle_charge))

@@ -363,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     change_plan.add_argument("plan", help="a plan defined in the config")
     change_plan.add_argument("--json", action="store_true")
 
+    token = sub(
+        account,
+        "token",
+        "issue the account's portal sign-in token (printed once; replaces an earlier one)",
+        _simple("account_token", "name", line=lambda t: str(t["token"])),
+    )
+    token.add_argument("name")
+    token.add_argument("--json", action="store_true")
+
     usage = sub(commands, "usage", "an account's usage in its current period", _simple("usage", "name"))
     usage.add_argument("name")
     usage.add_argument("--json", action="store_true")

@@ -246,6 +246,12 @@ SCHEMAS: dict[str, Any] = {
         "required": ["account", "added", "prepaid_balance"],
         "properties": {"account": {"type": "string"}, "added": _ref("Money"), "prepaid_balance": _ref("Money")},
     },
+    "PortalToken": {
+        "description": "The account's new portal sign-in token, shown only here (kept as its SHA-256)",
+        "type": "object",
+        "required": ["account", "token"],
+        "properties": {"account": {"type": "string"}, "token": {"type": "string"}},
+    },
     "RepayResult": {
         "type": "object",
         "required": ["account", "repaid"],
@@ -589,6 +595,14 @@ PATHS: dict[str, dict[str, Any]] = {
             body=_ref("MonthlyPaymentChange"),
             params=[ACCOUNT],
             errors=(400, 401, 404, 409, 503),
+        ),
+    },
+    "/v1/accounts/{name}/token": {
+        "post": _op(
+            "Issue the account's portal sign-in token (replaces an earlier one; shown once)",
+            _json(_ref("PortalToken"), "The new token"),
+            params=[ACCOUNT],
+            errors=(400, 401, 404, 503),
         ),
     },
     "/v1/accounts/{name}/repay": {

@@ -10,8 +10,10 @@ nor the API can change anything unaudited.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -66,6 +68,12 @@ def text_problem(value: str) -> str | None:
     if "\ud800" <= match.group() <= "\udfff":
         return "is not valid Unicode text (it holds a lone surrogate); send UTF-8 text"
     return f"contains the control character U+{ord(match.group()):04X}; remove it"
+
+
+def token_digest(token: str) -> str:
+    """How an account's portal token is kept and looked up: its SHA-256, in hex (the token is
+    32 random bytes, so a fast hash is enough: nothing can be guessed from it)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _emails(value: object, what: str) -> int:
@@ -251,6 +259,16 @@ class AdminService:
     async def usage(self, name: str) -> dict[str, Any]:
         return (await self.meter.usage(name)).as_json()
 
+    async def account_token(self, name: str) -> dict[str, Any]:
+        """A new portal sign-in token for the account (mailmeter/portal/), replacing any
+        earlier one; shown once here, kept only as its SHA-256."""
+        token = secrets.token_urlsafe(32)
+        async with self._audit("account.token", name):
+            found = await self.meter.store.set_account_token(name, token_digest(token), self.meter.clock())
+        if not found:
+            raise NotFound(f"no account named {name!r} (see `mailmeter account list`)")
+        return {"account": name, "token": token}
+
     # -- payment state, balances, limits: live at the next SMTP command ---------------
 
     async def set_payment(self, name: str, ok: bool, reason: str = "") -> dict[str, Any]:
@@ -311,6 +329,40 @@ class AdminService:
         async with self._audit("repay", name):
             repaid = await self.meter.repay(name)
         return {"account": name, "repaid": format_money(repaid, self.meter.currency)}
+
+    async def pay(self, name: str, kind: str, amount: str | None = None) -> dict[str, Any]:
+        """A payment the account holder makes through the payment gateway (the portal's
+        "top up" for a prepaid plan, "repay overdrawn" for a plan with an overdraft): a
+        charge of kind `topup` or `repay`, handed to the gateway at once. The balance rises
+        (or the overdrawn invoices are paid) when the gateway confirms it: at once if it
+        answers succeeded, else by the payment webhook or, without a gateway, `mailmeter
+        charge collected KEY`."""
+        currency = self.meter.currency
+        account = await self.meter.account(name)
+        plan = self.meter.plan_of(account)
+        if kind == "topup":
+            if plan.funding.kind != "prepaid":
+                raise Conflict(f"account {name!r} is postpaid (plan {account.plan!r}): it has no balance to top up")
+            micros = _money(amount or "", "amount", currency)
+            if micros <= 0 or not is_whole_minor(micros, currency):
+                raise AdminError(f"amount: a top-up is a positive amount, like {format_money(25_000_000, currency)}")
+            description = f"Top-up of the prepaid balance: {format_money(micros, currency)}"
+        elif kind == "repay":
+            micros = account.outstanding_debt
+            if micros <= 0:
+                raise Conflict(f"account {name!r} has nothing overdrawn to repay")
+            description = f"Repay overdrawn: {format_money(micros, currency)} (every region)"
+        else:
+            raise AdminError(f"kind: {kind!r} is not a payment; give topup or repay")
+        period = self.meter.period_of(account)
+        async with self._audit(f"payment.{kind}", name, {"amount": format_money(micros, currency)}):
+            row = await self.meter.store.add_payment(name, period.key, kind, micros, description, self.meter.clock())
+        if row is None:
+            raise Conflict("a repayment is already on its way; wait for the payment to be confirmed")
+        await self.billing.collect_charges()
+        charge = await self.meter.store.charge(row["idempotency_key"])
+        assert charge is not None
+        return charge_json(charge, currency)
 
     async def set_limit(self, name: str, which: str, value: object) -> dict[str, Any]:
         """One of the account's limits: `included` or `quota` emails, or a `spending` amount."""

@@ -77,7 +77,7 @@ def stored_charges(rows: Sequence[Row]) -> list[Charge]:
     ]
 
 
-_NOT_IN_PERIOD = ("invoice", "monthly")  # charges that are not usage collected during the period
+_NOT_IN_PERIOD = ("invoice", "monthly", "topup", "repay")  # not usage collected during the period
 
 
 def invoice_status(plan: Plan, invoice: Invoice) -> str:

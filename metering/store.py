@@ -196,7 +196,20 @@ class AuditStore(Protocol):
     async def audit_event_for(self, event_id: str) -> Row | None: ...
 
 
-class Store(StoreLifecycle, AccountStore, LedgerStore, BillingStore, NoticeStore, AuditStore, Protocol):
+class PortalStore(Protocol):
+    """The account holder's side (mailmeter/portal/): sign-in tokens (kept as SHA-256 digests),
+    the usage chart's hourly sums, and the payments an account makes itself (kind `topup`
+    or `repay`, charges whose effect comes with their success in set_charge_result)."""
+
+    async def set_account_token(self, name: str, digest: str, now: datetime) -> bool: ...
+    async def account_for_token(self, digest: str) -> str | None: ...
+    async def usage_by_hour(self, account_id: int, period_key: str) -> Sequence[tuple[str, int]]: ...
+    async def add_payment(
+        self, name: str, period_key: str, kind: str, amount: int, description: str, now: datetime
+    ) -> Row | None: ...
+
+
+class Store(StoreLifecycle, AccountStore, LedgerStore, BillingStore, NoticeStore, PortalStore, AuditStore, Protocol):
     """Every state change is one atomic transaction; any database failure is StoreUnavailable."""
 
 

@@ -183,6 +183,16 @@ PG_MIGRATIONS: list[str] = [
     UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
     UPDATE accounts SET credited_through = settled_through;
     """,
+    # 9: the account holder's side (mailmeter/portal/): portal sign-in tokens (SHA-256), and
+    # the usage chart's index (sqlite/schema.py says more).
+    """
+    CREATE TABLE account_tokens (
+        digest TEXT COLLATE "C" PRIMARY KEY,
+        account_id BIGINT NOT NULL UNIQUE REFERENCES accounts(id),
+        created_at TEXT COLLATE "C" NOT NULL
+    );
+    CREATE INDEX messages_by_account_period ON messages (account_id, period_key, accepted_at);
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

@@ -18,9 +18,10 @@ from mailmeter.metering.sqlite.accounts import SqliteAccounts
 from mailmeter.metering.sqlite.audit import SqliteAudit
 from mailmeter.metering.sqlite.invoices import SqliteInvoices
 from mailmeter.metering.sqlite.ledger import SqliteLedger
+from mailmeter.metering.sqlite.portal import SqlitePortal
 
 
-class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqliteAudit):
+class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqlitePortal, SqliteAudit):
     """The whole store interface (metering/store.py) on one SQLite file."""
 
 

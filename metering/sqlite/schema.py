@@ -176,4 +176,15 @@ MIGRATIONS: list[str] = [
     UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
     UPDATE accounts SET credited_through = settled_through;
     """,
+    # 9: the account holder's side (mailmeter/portal/). account_tokens: an account's sign-in
+    # token for the portal, kept as its SHA-256 (`mailmeter account token NAME` prints it once);
+    # messages_by_account_period: the usage chart's per-day sums of one account's period.
+    """
+    CREATE TABLE account_tokens (
+        digest TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL UNIQUE REFERENCES accounts(id),
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX messages_by_account_period ON messages (account_id, period_key, accepted_at);
+    """,
 ]
