@@ -113,7 +113,7 @@ class Holder:
                 body["id"] = record.id
                 body["status"] = record.status
                 return body
-        raise NotFound(f"no invoice {invoice_id!r} on this account")
+        raise NotFound("there is no such invoice on this account (see Invoices)")
 
     # -- what the holder may change, by model ------------------------------------------
 

@@ -84,7 +84,7 @@ class Holder:
             found = _CSRF.search(text)
             if found:
                 self.csrf = found.group(1)
-            return response.status, text if response.status < 300 else response.headers.get("Location", "")
+            return response.status, response.headers.get("Location", "") if 300 <= response.status < 400 else text
 
     async def post(self, path: str, data: dict[str, str], csrf: str | None = "session") -> tuple[int, str]:
         form = dict(data)
@@ -94,7 +94,7 @@ class Holder:
             form["csrf"] = csrf
         async with self.http.post(self.portal.url + path, data=form, allow_redirects=False) as response:
             text = await response.text()
-            return response.status, text if response.status < 300 else response.headers.get("Location", "")
+            return response.status, response.headers.get("Location", "") if 300 <= response.status < 400 else text
 
     async def sign_in(self, name: str, password: str = PASSWORD) -> tuple[int, str]:
         await self.get("/signin")

@@ -4,11 +4,16 @@ another's data. The same in a real browser: tests/portal/test_portal_browser.py.
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
 import html
+import io
 import re
 from collections.abc import Callable
+from datetime import datetime, timezone
 
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, RawSmtp
 from tests.portal.harness import Holder, Portal, holders, portal  # noqa: F401 (fixtures)
 
 DOCUMENTED_D_SCREEN = [
@@ -63,3 +68,210 @@ async def test_the_model_d_page_is_the_documented_screen(portal: Portal, holders
     assert "214 x 167" in page and "100,000 + 35,738" in page and "135,738 - 135,640" in page
     assert "Sending beyond 135,738 will add another usage increment" in page
     assert "<svg" in page and "total allowed 135,738" in page
+
+
+def plain(name: str, password: str = PASSWORD) -> str:
+    return base64.b64encode(f"\0{name}\0{password}".encode()).decode()
+
+
+async def test_password_sign_in_shares_the_smtp_auth_lockout(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("d", "included-capped")
+    holder = holders()
+    for _ in range(5):  # abuse.auth_max_failures (5): the name is locked
+        assert (await holder.sign_in("d", "wrong password"))[0] == 401
+    status, page = await holder.sign_in("d")
+    assert status == 429 and "Too many failed sign-ins" in page
+    smtp = await RawSmtp.open(portal.relay.port)
+    try:
+        await smtp.reply()
+        await smtp.command("EHLO client.test")
+        reply = await smtp.command(f"AUTH PLAIN {plain('d')}")
+        assert reply.code == 454 and "locked" in reply.text  # the right password, locked by the portal's failures
+    finally:
+        smtp.close()
+    portal.relay.context.auth_guard.clear()  # the operator's SIGUSR1
+    assert (await holder.sign_in("d"))[:2] == (303, "/usage")
+
+
+async def test_sign_in_with_the_account_token(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("d", "included-capped")
+    old = (await portal.service.account_token("d"))["token"]
+    token = (await portal.service.account_token("d"))["token"]  # replaces the first
+    holder = holders()
+    assert (await holder.sign_in_token(old))[0] == 401
+    assert (await holder.sign_in_token(token))[:2] == (303, "/usage")
+    status, page = await holder.get("/usage")
+    assert status == 200 and "Pro 100k" in page
+    stored = await portal.relay.store._read("SELECT digest FROM account_tokens")  # type: ignore[attr-defined]
+    assert [row[0] for row in stored] == [hashlib.sha256(token.encode()).hexdigest()]  # never the token
+
+
+async def test_every_post_without_the_sessions_csrf_token_is_refused(
+    portal: Portal, holders: Callable[[], Holder]
+) -> None:
+    await portal.add("d", "included-capped")
+    holder = holders()
+    await holder.get("/signin")
+    assert (await holder.post("/signin", {"name": "d", "password": PASSWORD}, csrf=None))[0] == 403
+    assert (await holder.post("/signin", {"name": "d", "password": PASSWORD}, csrf="forged"))[0] == 403
+    await holder.sign_in("d")
+    await holder.get("/usage")
+    for path, data in FORMS:
+        for csrf in (None, "forged", ""):
+            status, page = await holder.post(path, data, csrf=csrf)
+            assert status == 403 and "did not come from this site" in page, (path, csrf)
+    assert (await portal.service.usage("d"))["spending_limit"] == "599.00"  # nothing changed
+    assert (await holder.post("/signout", {}, csrf=None))[0] == 403
+    assert (await holder.get("/usage"))[0] == 200  # still signed in
+
+
+FORMS = [
+    ("/limits/spending", {"amount": "700.00"}),
+    ("/limits/monthly", {"emails": "60000"}),
+    ("/monthly-payment", {"amount": "150.00"}),
+    ("/top-up", {"amount": "5.00"}),
+    ("/repay", {}),
+]
+
+
+async def test_a_spending_limit_raised_in_the_portal_unblocks_an_open_smtp_session(
+    portal: Portal, holders: Callable[[], Holder]
+) -> None:
+    await portal.add("d", "included-capped")
+    assert await portal.send("d", 200_032) == 200_032  # one email left under the $599 limit
+    smtp = await RawSmtp.open(portal.relay.port)
+    try:
+        await smtp.reply()
+        await smtp.command("EHLO client.test")
+        assert (await smtp.command(f"AUTH PLAIN {plain('d')}")).code == 235
+        assert (await smtp.command("MAIL FROM:<app@d.example>")).code == 250
+        assert (await smtp.command("RCPT TO:<one@example.net>")).code == 250  # email 200,033
+        refused = await smtp.command("RCPT TO:<two@example.net>")
+        assert refused.code == 452 and "Spending limit" in refused.text
+        holder = holders()
+        await holder.sign_in("d")
+        await holder.get("/usage")
+        assert await holder.post("/limits/spending", {"amount": "700.00"}) == (303, "/usage?done=spending")
+        assert (await smtp.command("RCPT TO:<two@example.net>")).code == 250  # the same session, live
+        assert (await smtp.command("DATA")).code == 354
+        assert (await smtp.command(b"Subject: t\r\n\r\nhello\r\n.")).code == 250
+    finally:
+        smtp.close()
+    assert (await portal.service.usage("d"))["emails_sent"] == 200_034
+    status, page = await holder.get("/usage?done=spending")
+    assert "$700 spending limit" in page and "resumes at once" in page
+    [event] = [e for e in await portal.service.audit("d") if e["action"] == "limit.spending"]
+    assert event["actor"] == "portal:d"
+
+
+async def test_a_bad_value_is_shown_on_the_page(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("d", "included-capped")
+    holder = holders()
+    await holder.sign_in("d")
+    await holder.get("/usage")
+    status, page = await holder.post("/limits/spending", {"amount": "lots"})
+    assert status == 400 and 'role="alert"' in page and "amount" in page and "Pro 100k" in page
+    status, page = await holder.post("/limits/monthly", {"emails": "60000"})  # model E's form, not D's
+    assert status == 400 and "not something this account" in page
+
+
+async def test_model_e_limit_change_follows_its_rule(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("e", "limit-overage", "2025-12-01")
+    assert await portal.send("e", 51_200, "spring") == 51_200
+    holder = holders()
+    await holder.sign_in("e")
+    status, page = await holder.get("/usage")
+    assert status == 200 and "50,000 emails" in page and "51,200 emails" in page and "spring" in page
+    assert "1,200 emails (1 overage charges" in page
+    assert (await holder.post("/limits/monthly", {"emails": "60000"}))[0] == 303
+    assert (await portal.service.usage("e"))["included_emails"] == 60_000  # an increase: at once
+    assert (await holder.post("/limits/monthly", {"emails": "40000"}))[0] == 303
+    assert (await portal.service.usage("e"))["included_emails"] == 60_000  # a decrease: at the period's end
+
+
+async def test_model_b_top_up_rises_the_balance_when_the_gateway_confirms(
+    portal: Portal, holders: Callable[[], Holder]
+) -> None:
+    await portal.add("b", "prepaid-tiered", "2025-12-01")
+    before = (await portal.service.usage("b"))["prepaid"]["remaining"]
+    holder = holders()
+    await holder.sign_in("b")
+    status, page = await holder.get("/usage")
+    assert status == 200 and f"{before} USD" in page and "100,000 more emails" in page
+    assert (await holder.post("/top-up", {"amount": "1.00"}))[:2] == (303, "/usage?done=topup")
+    [charge] = [c for c in await portal.service.charges("b") if c["kind"] == "topup"]
+    assert charge["status"] == "recorded"  # billing.gateway.kind none: for the external system to collect
+    assert (await portal.service.usage("b"))["prepaid"]["remaining"] == before  # not yet
+    await portal.service.settle_charge(charge["key"], "collected")
+    usage = await portal.service.usage("b")
+    assert usage["prepaid"]["remaining"] == "101.00" and usage["remaining"] == 101_250
+    status, page = await holder.get("/usage")
+    assert "101,250 more emails" in page and "succeeded" in page
+    assert (await holder.post("/monthly-payment", {"amount": "150.00"}))[0] == 303
+    assert (await portal.service.usage("b"))["prepaid"]["next_monthly_payment"] == "150.00"
+
+
+async def test_model_c_repay_overdrawn_through_the_gateway(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("c", "delivery-results", "2025-11-01")
+    portal.clock.now = datetime(2025, 11, 10, tzinfo=timezone.utc)
+    await portal.send("c", 1000)
+    [queue_id] = [
+        row[0]
+        for row in await portal.relay.store._read("SELECT queue_id FROM messages")  # type: ignore[attr-defined]
+    ]
+    for n in range(1000):
+        await portal.relay.meter.record_result(queue_id, f"r{n}@example.net", "delivered")
+    portal.clock.now = datetime(2025, 12, 2, tzinfo=timezone.utc)
+    await portal.relay.billing.close_due_periods()
+    holder = holders()
+    await holder.sign_in("c")
+    status, page = await holder.get("/usage")
+    assert status == 200 and "Overdrawn: 0.30 USD" in page and "Repay overdrawn (0.30 USD)" in page
+    assert (await holder.post("/repay", {}))[:2] == (303, "/usage?done=repay")
+    assert (await holder.post("/repay", {}))[0] == 409  # one repayment at a time
+    [charge] = [c for c in await portal.service.charges("c") if c["kind"] == "repay"]
+    assert (charge["amount"], charge["status"]) == ("0.30", "recorded")
+    assert (await portal.service.account("c"))["overdrawn"] == "0.30"
+    await portal.service.settle_charge(charge["key"], "collected")
+    assert (await portal.service.account("c"))["overdrawn"] == "0.00"
+    [invoice] = await portal.service.invoices("c")
+    assert invoice["status"] == "paid"
+    status, page = await holder.get(f"/invoices/{invoice['id']}")
+    assert status == 200 and "Delivered: 1,000 emails" in page and 'id="print"' in page
+    status, text = await holder.get(f"/invoices/{invoice['id']}.csv")
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["invoice", "period", "kind", "description", "quantity", "amount", "currency"]
+    assert [invoice["id"], "Nov 1 - Nov 30", "total", "Total", "", "0.30", "USD"] in rows
+
+
+async def test_one_account_never_reaches_anothers_data(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("alice", "included-capped", "2025-11-06")
+    await portal.add("bob", "included-capped", "2025-11-06")
+    portal.clock.now = datetime(2025, 11, 20, tzinfo=timezone.utc)
+    await portal.send("alice", 100_500, "alice-secret")
+    portal.clock.now = datetime(2025, 12, 20, tzinfo=timezone.utc)
+    await portal.relay.billing.close_due_periods()
+    [invoice] = await portal.service.invoices("alice")
+    alice, bob = holders(), holders()
+    await alice.sign_in("alice")
+    await bob.sign_in("bob")
+    urls = [
+        "/",
+        "/usage",
+        "/usage/chart.svg",
+        "/invoices",
+        f"/invoices/{invoice['id']}",
+        f"/invoices/{invoice['id']}.csv",
+    ]
+    for url in urls:  # every URL alice has, with bob's session
+        assert (await alice.get(url))[0] in (200, 303)
+        status, page = await bob.get(url)
+        assert "alice" not in page and invoice["id"] not in page, url
+        assert status in (200, 303, 404), url
+    assert (await bob.get(f"/invoices/{invoice['id']}"))[0] == 404
+    assert (await bob.get(f"/invoices/{invoice['id']}.csv"))[0] == 404
+    await bob.get("/usage")
+    assert (await bob.post("/limits/spending", {"amount": "42.00"}))[0] == 303
+    assert (await portal.service.usage("alice"))["spending_limit"] == "599.00"
+    assert (await portal.service.usage("bob"))["spending_limit"] == "42.00"
+    assert (await bob.post("/limits/spending", {"amount": "43.00"}, csrf=alice.csrf))[0] == 403
