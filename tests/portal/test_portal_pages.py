@@ -10,11 +10,16 @@ import hashlib
 import html
 import io
 import re
+import ssl
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
-from tests.conftest import PASSWORD, RawSmtp
-from tests.portal.harness import Holder, Portal, holders, portal  # noqa: F401 (fixtures)
+import aiohttp
+import trustme
+
+from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream
+from tests.portal.harness import Holder, Portal, holders, portal, portal_overrides  # noqa: F401 (fixtures)
 
 DOCUMENTED_D_SCREEN = [
     "Pro 100k",
@@ -275,3 +280,29 @@ async def test_one_account_never_reaches_anothers_data(portal: Portal, holders: 
     assert (await portal.service.usage("alice"))["spending_limit"] == "599.00"
     assert (await portal.service.usage("bob"))["spending_limit"] == "42.00"
     assert (await bob.post("/limits/spending", {"amount": "43.00"}, csrf=alice.csrf))[0] == 403
+
+
+async def test_over_tls_the_session_cookie_is_secure(
+    make_relay: Callable[..., RelayHarness], upstream: Upstream, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("relay.test", "127.0.0.1")
+    certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
+    certificate.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+    overrides = portal_overrides(tls={"certificate": str(tmp_path / "relay.pem"), "key": str(tmp_path / "relay.key")})
+    overrides["portal"] = {**overrides["portal"], "tls": True}
+    relay = await make_relay(upstream.port, **overrides).start()
+    await relay.meter.add_account("d", PASSWORD, "included-capped", ["d.example"], [])
+    assert relay.portal is not None
+    url = f"https://127.0.0.1:{relay.portal.port}"
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(url + "/signin", ssl=client) as response:
+            token = re.search(r'name="csrf" value="([^"]+)"', await response.text())
+            assert token is not None and "Secure" in response.headers["Set-Cookie"]
+        form = {"name": "d", "password": PASSWORD, "csrf": token.group(1)}
+        async with http.post(url + "/signin", data=form, ssl=client, allow_redirects=False) as response:
+            assert response.status == 303
+            session = next(c for c in response.headers.getall("Set-Cookie") if c.startswith("mm_session="))
+    assert "Secure" in session and "HttpOnly" in session and "SameSite=Strict" in session
