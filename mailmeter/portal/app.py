@@ -265,6 +265,7 @@ async def usage_page(
         parts.append(views.model_d(usage, plan))
     elif model == "E":
         parts.append(views.model_e(usage, plan, in_period))
+        parts.append(views.history(await holder.history()))
     elif model == "C":
         parts.append(views.model_c(usage))
     elif model == "B":

@@ -101,6 +101,21 @@ class Holder:
         charges = await self.service.charges(self.name)
         return [c for c in charges if period is None or c["period_start"] == period.key]
 
+    async def history(self, periods: int = 12) -> list[tuple[str, int, list[tuple[str, int]]]]:
+        """The invoiced periods, newest first: (period, emails, [(campaign, emails), ...])."""
+        account = await self.meter.account(self.name)
+        records = sorted(await self.meter.store.invoices(account.id), key=lambda r: r.period_key, reverse=True)
+        history = []
+        for record in records[:periods]:
+            by_campaign: dict[str, int] = {}
+            for row in await self.meter.store.breakdown(account.id, record.period_key):
+                campaign = row["campaign"] or "(untagged)"
+                by_campaign[campaign] = by_campaign.get(campaign, 0) + int(row["accepted"])
+            label = str(json.loads(record.body).get("period", record.period_key))
+            ranked = sorted(by_campaign.items(), key=lambda item: (-item[1], item[0]))
+            history.append((label, sum(by_campaign.values()), ranked))
+        return history
+
     async def invoices(self) -> list[dict[str, Any]]:
         return await self.service.invoices(self.name)
 

@@ -22,10 +22,10 @@ header .brand{font-weight:700}header nav{display:flex;flex-wrap:wrap;gap:.25rem 
 header a{color:#dbeafe}header a[aria-current]{color:#fff;font-weight:700}
 header form{margin:0}main{max-width:60rem;margin:0 auto;padding:1rem}
 section{background:#fff;border:1px solid #e4e4e7;border-radius:.5rem;padding:1rem;margin:0 0 1rem;
-overflow-wrap:anywhere}
+overflow-wrap:break-word}
 h1{font-size:1.4rem;margin:.2rem 0 1rem}h2{font-size:1.1rem;margin:0 0 .6rem}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #e4e4e7;
-vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .screen td:first-child{font-weight:600;white-space:nowrap}.why{color:#52525b;font-size:.92rem}
 .table-wrap{overflow-x:auto}label{display:block;font-weight:600;margin:.3rem 0}
 input[type=text],input[type=password]{font:inherit;padding:.45rem;border:1px solid #a1a1aa;border-radius:.3rem;
@@ -211,6 +211,21 @@ def campaigns(usage: dict[str, Any]) -> str:
         "<section><h2>By campaign</h2>"
         + counts_table(("Campaign (X-Mailmeter-Campaign)", "Emails"), rows)
         + "</section>"
+    )
+
+
+def history(periods: Sequence[tuple[str, int, Sequence[tuple[str, int]]]]) -> str:
+    """Model E's history: each invoiced period's emails, per campaign."""
+    if not periods:
+        return ""
+    rows = [
+        (label, "; ".join(f"{campaign}: {emails:,}" for campaign, emails in campaigns) or "-", total)
+        for label, total, campaigns in periods
+    ]
+    return (
+        '<section><h2>History</h2><div id="history">'
+        + counts_table(("Period", "By campaign", "Emails"), rows, numeric_from=2)
+        + "</div></section>"
     )
 
 

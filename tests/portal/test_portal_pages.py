@@ -181,13 +181,20 @@ async def test_a_bad_value_is_shown_on_the_page(portal: Portal, holders: Callabl
 
 
 async def test_model_e_limit_change_follows_its_rule(portal: Portal, holders: Callable[[], Holder]) -> None:
-    await portal.add("e", "limit-overage", "2025-12-01")
+    await portal.add("e", "limit-overage", "2025-11-01")
+    portal.clock.now = datetime(2025, 11, 20, tzinfo=timezone.utc)
+    await portal.send("e", 7_000, "autumn")
+    await portal.send("e", 3_000)
+    portal.clock.now = datetime(2025, 12, 20, tzinfo=timezone.utc)
+    await portal.relay.billing.close_due_periods()
     assert await portal.send("e", 51_200, "spring") == 51_200
     holder = holders()
     await holder.sign_in("e")
     status, page = await holder.get("/usage")
     assert status == 200 and "50,000 emails" in page and "51,200 emails" in page and "spring" in page
     assert "1,200 emails (1 overage charges" in page
+    history = re.search(r'<div id="history">(.*?)</div></section>', page, re.S)
+    assert history is not None and "autumn: 7,000; (untagged): 3,000" in history.group(1) and "10,000" in page
     assert (await holder.post("/limits/monthly", {"emails": "60000"}))[0] == 303
     assert (await portal.service.usage("e"))["included_emails"] == 60_000  # an increase: at once
     assert (await holder.post("/limits/monthly", {"emails": "40000"}))[0] == 303
