@@ -269,7 +269,7 @@ async def usage_page(
     elif model == "C":
         parts.append(views.model_c(usage))
     elif model == "B":
-        parts.append(views.model_b(usage))
+        parts.append(views.model_b(usage, plan))
     else:
         parts.append(views.model_a(usage, in_period))
     days = await holder.days(plan, period)

@@ -7,6 +7,7 @@ script is /portal.js (the print button), served from this origin (the CSP forbid
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from html import escape
 from typing import Any
 
@@ -271,8 +272,10 @@ def model_a(usage: dict[str, Any], charges: Sequence[dict[str, Any]]) -> str:
     return "<section><h2>Usage</h2>" + rows_table(rows, "screen") + "</section>"
 
 
-def model_b(usage: dict[str, Any]) -> str:
+def model_b(usage: dict[str, Any], plan: Plan) -> str:
     prepaid = usage["prepaid"] or {}
+    credit_at = prepaid.get("next_credit_at")
+    next_day = datetime.fromisoformat(credit_at).astimezone(plan.period.zone()).date() if credit_at else ""
     cur = usage["currency"]
     buys = usage["remaining"]
     rows = [
@@ -283,7 +286,7 @@ def model_b(usage: dict[str, Any]) -> str:
         ("Monthly payment", f"{prepaid.get('monthly_payment', '')} {cur} (credited at each period's start)"),
         (
             "Next monthly payment",
-            f"{prepaid.get('next_monthly_payment', '')} {cur} on {str(prepaid.get('next_credit_at', ''))[:10]}",
+            f"{prepaid.get('next_monthly_payment', '')} {cur} on {next_day}",
         ),
     ]
     return "<section><h2>Balance</h2>" + rows_table(rows, "screen") + "</section>"

@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import trustme
@@ -313,3 +314,53 @@ async def test_over_tls_the_session_cookie_is_secure(
             assert response.status == 303
             session = next(c for c in response.headers.getall("Set-Cookie") if c.startswith("mm_session="))
     assert "Secure" in session and "HttpOnly" in session and "SameSite=Strict" in session
+
+
+async def test_each_models_page_shows_the_numbers_of_usage_json(portal: Portal, holders: Callable[[], Holder]) -> None:
+    plans = {
+        "a": "per-email-threshold",
+        "b": "prepaid-tiered",
+        "c": "delivery-results",
+        "d": "included-capped",
+        "e": "limit-overage",
+    }
+    for name, plan in plans.items():
+        await portal.add(name, plan, "2025-12-06" if name == "d" else "2025-12-01")
+    await portal.send("a", 1_300_000)  # past model A's first $250 threshold (1,250,000 emails)
+    await portal.send("b", 40_000)
+    await portal.send("c", 2_000, "x")
+    await portal.send("d", 100_500)
+    await portal.send("e", 51_200, "spring")
+    expected = {name: figures(name, await portal.service.usage(name)) for name in plans}
+    assert expected["a"][:3] == ["1,300,000 emails accepted", "260.00 USD", "10.00 USD"]
+    assert expected["b"][:2] == ["60.00 USD", "60,000 more emails"]
+    for name in plans:
+        holder = holders()
+        await holder.sign_in(name)
+        status, page = await holder.get("/usage")
+        text = html.unescape(page)
+        assert status == 200
+        for figure in expected[name]:
+            assert figure in text, (name, figure)
+
+
+def figures(name: str, u: dict[str, Any]) -> list[str]:
+    """The numbers of `mailmeter usage NAME --json` that model `name`'s page shows, as it writes them."""
+    if name == "a":
+        return [
+            f"{u['accepted']:,} emails accepted",
+            f"{u['spent']} USD",
+            f"{u['unbilled']} USD",
+            "1 threshold charges",
+        ]
+    if name == "b":
+        return [
+            f"{u['prepaid']['remaining']} USD",
+            f"{u['remaining']:,} more emails",
+            f"{u['prepaid']['available']} USD",
+        ]
+    if name == "c":
+        return [f"{u['by_region']['test']:,}", f"{u['deferred']:,} emails are still waiting", "Normal"]
+    if name == "d":
+        return list(u["dashboard"])
+    return [f"{u['included_emails']:,} emails", f"{u['emails_sent']:,} emails", "spring"]
