@@ -224,6 +224,30 @@ async def test_model_b_top_up_rises_the_balance_when_the_gateway_confirms(
     assert (await portal.service.usage("b"))["prepaid"]["next_monthly_payment"] == "150.00"
 
 
+async def test_a_confirmed_top_up_unblocks_an_open_smtp_session(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("b", "prepaid-tiered", "2025-12-01")
+    assert await portal.send("b", 99_999) == 99_999  # the $100 credit covers 100,000 emails
+    holder = holders()
+    await holder.sign_in("b")
+    await holder.get("/usage")
+    smtp = await RawSmtp.open(portal.relay.port)
+    try:
+        await smtp.reply()
+        await smtp.command("EHLO client.test")
+        assert (await smtp.command(f"AUTH PLAIN {plain('b')}")).code == 235
+        assert (await smtp.command("MAIL FROM:<app@b.example>")).code == 250
+        assert (await smtp.command("RCPT TO:<one@example.net>")).code == 250  # email 100,000
+        refused = await smtp.command("RCPT TO:<two@example.net>")
+        assert refused.code == 452 and "Prepaid balance is used up" in refused.text
+        assert (await holder.post("/top-up", {"amount": "1.00"}))[0] == 303
+        assert (await smtp.command("RCPT TO:<two@example.net>")).code == 452  # asked for, not confirmed
+        [charge] = [c for c in await portal.service.charges("b") if c["kind"] == "topup"]
+        await portal.service.settle_charge(charge["key"], "collected")  # the gateway confirms
+        assert (await smtp.command("RCPT TO:<two@example.net>")).code == 250  # the same session, live
+    finally:
+        smtp.close()
+
+
 async def test_model_c_repay_overdrawn_through_the_gateway(portal: Portal, holders: Callable[[], Holder]) -> None:
     await portal.add("c", "delivery-results", "2025-11-01")
     portal.clock.now = datetime(2025, 11, 10, tzinfo=timezone.utc)
