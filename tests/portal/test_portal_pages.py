@@ -20,7 +20,8 @@ import aiohttp
 import trustme
 
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream
-from tests.portal.harness import Holder, Portal, holders, portal, portal_overrides  # noqa: F401 (fixtures)
+from tests.portal.harness import FixedClock, Holder, Portal, holders, portal, portal_overrides  # noqa: F401 (fixtures)
+from tests.test_billing_live import SECRET, PaymentServer, payments  # noqa: F401 (fixture)
 
 DOCUMENTED_D_SCREEN = [
     "Pro 100k",
@@ -388,3 +389,34 @@ def figures(name: str, u: dict[str, Any]) -> list[str]:
     if name == "d":
         return list(u["dashboard"])
     return [f"{u['included_emails']:,} emails", f"{u['emails_sent']:,} emails", "spring"]
+
+
+async def test_a_top_up_through_the_webhook_gateway(
+    make_relay: Callable[..., RelayHarness],
+    upstream: Upstream,
+    tmp_path: Path,
+    payments: PaymentServer,
+) -> None:
+    (tmp_path / "gateway.secret").write_bytes(SECRET + b"\n")
+    gateway = {"kind": "webhook", "url": payments.url, "secret_file": "gateway.secret"}
+    harness = make_relay(upstream.port, **portal_overrides(billing={"gateway": gateway}))
+    await harness.start()
+    portal = Portal(harness, FixedClock())
+    portal.relay.meter.clock = portal.clock
+    await portal.add("b", "prepaid-tiered", "2025-12-01")
+    holder = Holder(portal, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)))
+    try:
+        await holder.sign_in("b")
+        await holder.get("/usage")
+        assert (await holder.post("/top-up", {"amount": "2.50"}))[0] == 303  # the gateway answers succeeded
+        [charge] = [body for _, body in payments.received if body["kind"] == "topup"]
+        assert (charge["kind"], charge["amount"], charge["account"]) == ("topup", "2.50", "b")
+        assert (await portal.service.usage("b"))["prepaid"]["remaining"] == "102.50"  # at once
+        payments.script.append((200, {"status": "failed", "reason": "card declined"}))
+        assert (await holder.post("/top-up", {"amount": "5.00"}))[0] == 303
+        usage = await portal.service.usage("b")
+        assert usage["prepaid"]["remaining"] == "102.50" and usage["payment_state"] == "failed"
+        status, page = await holder.get("/usage")
+        assert "Sending is paused because a payment failed" in page and "failed" in page
+    finally:
+        await holder.http.close()
