@@ -354,6 +354,7 @@ class Relay:
                 ("database", self.config.database, config.database),
                 ("spool", self.config.spool, config.spool),
                 ("node", self.config.node, config.node),
+                ("portal", self.config.portal, config.portal),
             )
             if old != new
         ]
@@ -367,6 +368,7 @@ class Relay:
                 "database": self.config.database,
                 "spool": self.config.spool,
                 "node": self.config.node,
+                "portal": self.config.portal,
             }
         )
         log.info("config.reloaded", plans=len(plans), result="applied", needs_restart=fixed)

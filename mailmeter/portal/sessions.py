@@ -61,13 +61,6 @@ class Sessions:
     def end(self, session_id: str) -> None:
         self._by_id.pop(session_id, None)
 
-    def end_account(self, account: str) -> int:
-        """End every session of an account (its token was replaced); how many."""
-        ids = [sid for sid, session in self._by_id.items() if session.account == account]
-        for sid in ids:
-            del self._by_id[sid]
-        return len(ids)
-
     def _sweep(self, now: float) -> None:
         for sid in [
             sid for sid, s in self._by_id.items() if now - s.seen > self.idle or now - s.started > self.lifetime
