@@ -15,6 +15,7 @@ AuthGuard: failures here and in SMTP AUTH count together) and the same password 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import socket
 import ssl
@@ -377,7 +378,7 @@ async def invoice_csv_file(request: web.Request, holder: Holder, session: Sessio
     return web.Response(
         text=invoice_csv(invoice),
         content_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="{invoice["id"]}.csv"'},
+        headers={"Content-Disposition": f'attachment; filename="{re.sub(r"[^A-Za-z0-9._-]", "_", invoice["id"])}.csv"'},
     )
 
 

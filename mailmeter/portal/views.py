@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
 from mailmeter.policies.money import display_money
 from mailmeter.policies.plan import Plan
@@ -322,7 +323,8 @@ def invoices_list(invoices: Sequence[dict[str, Any]]) -> str:
     if not invoices:
         return '<section><p class="muted">No invoices yet: the first comes when a period ends.</p></section>'
     rows = "".join(
-        f'<tr><td><a href="/invoices/{e(i["id"])}">{e(i["period"])}</a></td><td>{e(i["invoice_date"])}</td>'
+        f'<tr><td><a href="/invoices/{e(quote(i["id"], safe=""))}">{e(i["period"])}</a></td>'
+        f"<td>{e(i['invoice_date'])}</td>"
         f'<td class="n">{e(i["total"])} {e(i["currency"])}</td><td class="n">{e(i["amount_due"])}</td>'
         f"<td>{e(i['status'])}</td></tr>"
         for i in invoices
@@ -362,7 +364,7 @@ def invoice_page(invoice: dict[str, Any]) -> str:
         f" {e(invoice['plan_display_name'])}</p><p>Period {e(invoice['period'])}; invoice date"
         f" {e(invoice['invoice_date'])}; due {e(invoice['due_date'])}</p>"
         f'<div class="table-wrap"><table id="lines">{body}</table></div>{charged}{region_table}'
-        f'<p class="noprint"><a href="/invoices/{e(invoice["id"])}.csv">Download CSV</a>'
+        f'<p class="noprint"><a href="/invoices/{e(quote(invoice["id"], safe=""))}.csv">Download CSV</a>'
         ' <button type="button" id="print">Print</button></p></section>'
     )
 

@@ -420,3 +420,26 @@ async def test_a_top_up_through_the_webhook_gateway(
         assert "Sending is paused because a payment failed" in page and "failed" in page
     finally:
         await holder.http.close()
+
+
+async def test_an_account_name_with_url_characters_reaches_its_invoice(
+    portal: Portal, holders: Callable[[], Holder]
+) -> None:
+    name = "o'k?#%<b>"
+    await portal.service.add_account(name, PASSWORD, "included-capped", ["ok.example"], [], [], NOW_NOV.date())
+    portal.clock.now = NOW_NOV
+    await portal.send(name, 10)
+    portal.clock.now = datetime(2025, 12, 20, tzinfo=timezone.utc)
+    await portal.relay.billing.close_due_periods()
+    holder = holders()
+    await holder.sign_in(name)
+    status, page = await holder.get("/invoices")
+    link = re.search(r'<a href="(/invoices/[^"]+)">', page)
+    assert status == 200 and link is not None and "<b>" not in page
+    status, page = await holder.get(html.unescape(link.group(1)))
+    assert status == 200 and "Invoice" in page and "&lt;b&gt;" in page
+    async with holder.http.get(portal.url + html.unescape(link.group(1)) + ".csv") as response:
+        assert response.status == 200 and "attachment" in response.headers["Content-Disposition"]
+
+
+NOW_NOV = datetime(2025, 11, 6, 12, tzinfo=timezone.utc)
