@@ -25,7 +25,7 @@ header a{color:#dbeafe}header a[aria-current]{color:#fff;font-weight:700}
 header form{margin:0}main{max-width:60rem;margin:0 auto;padding:1rem}
 section{background:#fff;border:1px solid #e4e4e7;border-radius:.5rem;padding:1rem;margin:0 0 1rem;
 overflow-wrap:break-word}
-h1{font-size:1.4rem;margin:.2rem 0 1rem}h2{font-size:1.1rem;margin:0 0 .6rem}
+h1{font-size:1.4rem;margin:.2rem 0 1rem}h2{font-size:1.1rem;margin:1rem 0 .6rem}section>h2:first-child{margin-top:0}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #e4e4e7;
 vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .screen td:first-child{font-weight:600;white-space:nowrap}.why{color:#52525b;font-size:.92rem}
@@ -345,10 +345,11 @@ def invoice_page(invoice: dict[str, Any]) -> str:
     body = "".join(f'<tr><td>{e(d)}</td><td class="n">{e(a)} {e(cur)}</td></tr>' for d, a in lines)
     charges = invoice.get("in_period_charges", [])
     charged = (
-        "<h2>Charged during the period</h2>"
+        f"<h2>Charged during the period</h2><details><summary>{len(charges):,} charges</summary>"
         + counts_table(
             ("Charge", "Amount", "Status"), [(c["description"], c["amount"], c["status"]) for c in charges], 1
         )
+        + "</details>"
         if charges
         else ""
     )

@@ -169,7 +169,7 @@ async def test_every_page_at_a_phones_width_with_a_screenshot(browser: Browser, 
     portal.clock.now = datetime(2025, 11, 20, tzinfo=timezone.utc)
     for name, plan in plans.items():
         await portal.add(name, plan, "2025-11-06" if name == "d" else "2025-11-01")
-        await portal.send(name, 60_000 if name != "b" else 40_000, "newsletter")
+        await portal.send(name, {"b": 40_000, "d": 135_640}.get(name, 60_000), "newsletter")
     portal.clock.now = datetime(2025, 12, 20, tzinfo=timezone.utc)
     await portal.relay.billing.close_due_periods()
     for name in plans:
@@ -191,3 +191,24 @@ async def test_every_page_at_a_phones_width_with_a_screenshot(browser: Browser, 
             await page.screenshot(path=str(SCREENSHOTS / f"{name}-{slug}.png"), full_page=True)
         await context.close()
     assert len(list(SCREENSHOTS.glob("*.png"))) >= 16
+
+
+async def test_the_invoice_prints_without_the_pages_chrome(browser: Browser, portal: Portal) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await portal.add("d", "included-capped", "2025-11-06")
+    portal.clock.now = datetime(2025, 11, 20, tzinfo=timezone.utc)
+    await portal.send("d", 135_640)
+    portal.clock.now = datetime(2025, 12, 20, tzinfo=timezone.utc)
+    await portal.relay.billing.close_due_periods()
+    [invoice] = await portal.service.invoices("d")
+    context, page = await signed_in(browser, portal, "d")
+    await page.goto(portal.url + f"/invoices/{invoice['id']}")
+    lines = await page.locator("#lines").inner_text()
+    assert "Email overage: 35,640 emails" in lines and "214.00 USD" in lines
+    assert await page.locator("header").is_visible() and await page.locator("#print").is_visible()
+    await page.emulate_media(media="print")
+    assert not await page.locator("header").is_visible() and not await page.locator("#print").is_visible()
+    assert await page.locator("#lines").is_visible()
+    await page.pdf(path=str(SCREENSHOTS / "d-invoice.pdf"))
+    assert (SCREENSHOTS / "d-invoice.pdf").read_bytes().startswith(b"%PDF")
+    await context.close()
