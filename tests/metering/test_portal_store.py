@@ -69,6 +69,8 @@ async def test_tokens_hours_and_payments(store: Store) -> None:
     assert await store.set_charge_result(second["idempotency_key"], "failed", "declined", 1, now)
     account = await meter.account("b")
     assert account.prepaid_balance == balance + 5_000_000 and not account.payment_ok
+    await meter.set_payment("b", True)  # the payment method updated: usage charges go again, not a payment
+    assert (await store.charge(second["idempotency_key"]))["status"] == "failed"  # type: ignore[index]
 
 
 async def test_repay_pays_the_overdrawn_invoices_once_confirmed(store: Store) -> None:
