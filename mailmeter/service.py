@@ -359,7 +359,7 @@ class AdminService:
             row = await self.meter.store.add_payment(name, period.key, kind, micros, description, self.meter.clock())
         if row is None:
             raise Conflict("a repayment is already on its way; wait for the payment to be confirmed")
-        await self.billing.collect_charges()
+        await self.billing.collect_charge(row["idempotency_key"])
         charge = await self.meter.store.charge(row["idempotency_key"])
         assert charge is not None
         return charge_json(charge, currency)
