@@ -265,7 +265,7 @@ async def usage_page(
     if model == "D":
         parts.append(views.model_d(usage, plan))
     elif model == "E":
-        parts.append(views.model_e(usage, plan, in_period))
+        parts.append(views.model_e(usage, plan, in_period, await holder.limit_decrease(period)))
         parts.append(views.history(await holder.history()))
     elif model == "C":
         parts.append(views.model_c(usage))

@@ -96,6 +96,13 @@ class Holder:
             day += timedelta(days=1)
         return days
 
+    async def limit_decrease(self, period: Period) -> int | None:
+        """Model E: the lower monthly limit asked for in this period, in force from the next one."""
+        change = (await self.meter.account(self.name)).included_change
+        if change is None or change.new is None or not period.contains(change.changed_at):
+            return None
+        return change.new if change.previous is None or change.new < change.previous else None
+
     async def charges(self, period: Period | None = None) -> list[dict[str, Any]]:
         """The account's charges (this period's when given), oldest first."""
         charges = await self.service.charges(self.name)

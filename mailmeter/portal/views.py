@@ -179,7 +179,7 @@ def model_d(usage: dict[str, Any], plan: Plan) -> str:
     )
 
 
-def model_e(usage: dict[str, Any], plan: Plan, charges: Sequence[dict[str, Any]]) -> str:
+def model_e(usage: dict[str, Any], plan: Plan, charges: Sequence[dict[str, Any]], decrease: int | None = None) -> str:
     limit, sent = int(usage["included_emails"]), int(usage["emails_sent"])
     remaining = usage["emails_remaining_before_next_charge"]
     over = max(sent - limit, 0)
@@ -196,6 +196,8 @@ def model_e(usage: dict[str, Any], plan: Plan, charges: Sequence[dict[str, Any]]
         ),
         ("Over the limit", f"{over:,} emails ({len(charges)} overage charges, {usage['spent']} {usage['currency']})"),
     ]
+    if decrease is not None and decrease < limit:
+        rows.append(("Next period", f"{decrease:,} emails (the decrease applies when this period ends)"))
     return (
         '<section><h2>Usage</h2><div class="table-wrap"><table class="screen" id="screen">'
         + "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows)

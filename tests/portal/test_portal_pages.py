@@ -201,6 +201,8 @@ async def test_model_e_limit_change_follows_its_rule(portal: Portal, holders: Ca
     assert (await portal.service.usage("e"))["included_emails"] == 60_000  # an increase: at once
     assert (await holder.post("/limits/monthly", {"emails": "40000"}))[0] == 303
     assert (await portal.service.usage("e"))["included_emails"] == 60_000  # a decrease: at the period's end
+    status, page = await holder.get("/usage")
+    assert "60,000 emails" in page and "40,000 emails (the decrease applies when this period ends)" in page
 
 
 async def test_model_b_top_up_rises_the_balance_when_the_gateway_confirms(
