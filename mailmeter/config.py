@@ -190,6 +190,24 @@ class ApiConfig(_Section):
         return value
 
 
+class PortalConfig(_Section):
+    """The account holder's pages (mailmeter/portal/, docs/portal.md), on their own listener."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = Field(8026, ge=0, le=65535)
+    tls: bool = False  # serve HTTPS with tls.certificate and tls.key (cookies are then Secure)
+    secure_cookies: bool = False  # mark cookies Secure though served as HTTP (behind an HTTPS proxy)
+    session_idle: float = Field(1800.0, gt=0)  # seconds without a request that end a session
+    session_max: float = Field(43200.0, gt=0)  # seconds after sign-in that end a session
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -209,6 +227,7 @@ class Config(_Section):
     billing: BillingConfig = BillingConfig()
     api: ApiConfig = ApiConfig()
     events: EventsConfig = EventsConfig()
+    portal: PortalConfig = PortalConfig()
     log: LogConfig = LogConfig()
     plans: dict[str, Any] = Field(default_factory=dict)
 
@@ -400,5 +419,7 @@ def load_config(path: Path) -> Config:
     config.read_secret("billing.notices.webhook_secret_file", notices.webhook_secret_file)
     if config.api.enabled:
         config.api_tokens()
+    if config.portal.enabled and config.portal.tls and (tls.certificate is None or tls.key is None):
+        raise ConfigError("portal.tls: serving the portal over HTTPS needs tls.certificate and tls.key")
     config.read_secret("api.payment_webhook_secret_file", config.api.payment_webhook_secret_file)
     return config

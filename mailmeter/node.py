@@ -197,6 +197,8 @@ class Relay:
     metrics: Metrics = field(default_factory=Metrics)  # served at the admin API's GET /metrics
     api: ApiHandle | None = None  # the admin HTTP API, when api.enabled
     start_api: StartApi | None = None  # how the composition root serves it (None: this node has no HTTP side)
+    portal: ApiHandle | None = None  # the account holders' pages, when portal.enabled (mailmeter/portal/)
+    start_portal: StartApi | None = None  # how the composition root serves them
     primary: bool = True  # runs the billing job and the API (worker 0 of listen.processes)
     claim_task: asyncio.Task[None] | None = None  # keeps the node-name claim (PostgreSQL)
     fatal: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
@@ -205,9 +207,16 @@ class Relay:
     )
     _api_socket: socket.socket | None = None  # bound at start, served once the spool is settled
     control: ControlServer | None = None  # SPOOL/control: `mailmeter queue` (mailmeter/control.py)
+    _portal_socket: socket.socket | None = None  # likewise for the portal
 
     @classmethod
-    def build(cls, config: Config, primary: bool = True, start_api: StartApi | None = None) -> Relay:
+    def build(
+        cls,
+        config: Config,
+        primary: bool = True,
+        start_api: StartApi | None = None,
+        start_portal: StartApi | None = None,
+    ) -> Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
         delivery = Delivery(
@@ -241,6 +250,7 @@ class Relay:
             metrics=metrics,
             primary=primary,
             start_api=start_api,
+            start_portal=start_portal,
         )
 
     async def start(self) -> None:
@@ -298,6 +308,11 @@ class Relay:
                 self._api_socket = bind_api(config.api.address, config.api.port)
             except OSError as error:
                 raise cannot_listen("api", config.api.address, config.api.port, error) from None
+        if config.portal.enabled and self.primary and self.start_portal is not None:
+            try:
+                self._portal_socket = bind_api(config.portal.address, config.portal.port)
+            except OSError as error:
+                raise cannot_listen("portal", config.portal.address, config.portal.port, error) from None
         # Alone on this spool and node name: what the last run of this node left is ours.
         released = await self.meter.release_abandoned_holds()
         activated, dropped = await self.settle_incoming()
@@ -320,6 +335,9 @@ class Relay:
         if self._api_socket is not None and self.start_api is not None:
             api_socket, self._api_socket = self._api_socket, None
             self.api = await self.start_api(self, api_socket)
+        if self._portal_socket is not None and self.start_portal is not None:
+            portal_socket, self._portal_socket = self._portal_socket, None
+            self.portal = await self.start_portal(self, portal_socket)
         return released, activated, dropped
 
     async def _bind_listeners(self) -> None:
@@ -361,6 +379,12 @@ class Relay:
         if self._api_socket is not None:
             self._api_socket.close()
             self._api_socket = None
+        if self._portal_socket is not None:
+            self._portal_socket.close()
+            self._portal_socket = None
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
         for server in self.servers:
             server.close()
             await server.wait_closed()
@@ -568,6 +592,9 @@ class Relay:
         if self.api is not None:  # no admin change may start against a closing store
             await self.api.stop()
             self.api = None
+        if self.portal is not None:  # nor an account holder's
+            await self.portal.stop()
+            self.portal = None
         if self.billing_task is not None:
             self.billing_task.cancel()
             await asyncio.gather(self.billing_task, return_exceptions=True)

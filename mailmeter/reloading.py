@@ -19,6 +19,7 @@ NEEDS_RESTART: tuple[str, ...] = (
     "database",  # the meter's store and its connections, leasing
     "spool",  # the spool directory this process holds the lock of
     "delivery.workers",  # the delivery tasks started with the node
+    "portal",  # the account holders' pages: their listener (sessions live in memory)
 )
 
 

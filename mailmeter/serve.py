@@ -1,5 +1,8 @@
-"""The composition root: builds a relay node (mailmeter/node.py) with its admin HTTP API
-(mailmeter/api.py) and runs it as `mailmeter serve`; the node and the API never import each other."""
+"""The composition root: a relay node (mailmeter/node.py) with its admin API and account portal,
+run as `mailmeter serve`.
+
+The admin HTTP API is mailmeter/api.py, the account holders' pages mailmeter/portal/; the node
+and its HTTP sides never import each other."""
 
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.control import QueueClient, spool_sockets
 from mailmeter.logs import configure_logging
 from mailmeter.metering.records import StoreUnavailable
-from mailmeter.node import Relay
+from mailmeter.node import Relay, tls_context
+from mailmeter.portal.app import PortalDeps, PortalServer
+from mailmeter.portal.app import build_app as build_portal
+from mailmeter.portal.sessions import Sessions
 from mailmeter.sdnotify import Notifier
 from mailmeter.service import AdminService
 from mailmeter.startup import EXIT_STARTUP, StartupError
@@ -28,7 +34,7 @@ from mailmeter.workers import STARTUP_FAILED, supervise, worker_config
 def build_relay(config: Config, primary: bool = True) -> Relay:
     """One relay node; the primary process (worker 0 of listen.processes) also serves the admin API
     when api.enabled."""
-    return Relay.build(config, primary=primary, start_api=start_api)
+    return Relay.build(config, primary=primary, start_api=start_api, start_portal=start_portal)
 
 
 async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
@@ -51,6 +57,25 @@ async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
         listen=f"{config.api.address}:{server.port}",
         tokens=deps.tokens.names,
         payment_webhook=deps.webhook_secret is not None,
+    )
+    return server
+
+
+async def start_portal(relay: Relay, sock: socket.socket) -> PortalServer:
+    """The account holders' pages (mailmeter/portal/) on `sock` (portal.address:portal.port), sharing
+    the relay's SMTP AUTH lockout; HTTPS with the relay's certificate when portal.tls."""
+    config = relay.config
+    portal = config.portal
+    deps = PortalDeps(
+        service=lambda: AdminService(relay.meter, relay.billing, "portal"),
+        guard=relay.context.auth_guard,
+        sessions=Sessions(idle=portal.session_idle, lifetime=portal.session_max),
+        secure_cookies=portal.secure_cookies or portal.tls,
+    )
+    server = PortalServer(build_portal(deps), tls_context(config) if portal.tls else None)
+    await server.start(sock)
+    structlog.get_logger("mailmeter.portal").info(
+        "portal.started", listen=f"{portal.address}:{server.port}", tls=portal.tls, result="ok"
     )
     return server
 

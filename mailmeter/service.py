@@ -499,6 +499,40 @@ class AdminService:
             repaid = await self.meter.repay(name)
         return {"account": name, "repaid": format_money(repaid, self.meter.currency)}
 
+    async def pay(self, name: str, kind: str, amount: str | None = None) -> dict[str, Any]:
+        """A payment the account holder makes through the payment gateway (the portal's
+        "top up" for a prepaid plan, "repay overdrawn" for a plan with an overdraft): a
+        charge of kind `topup` or `repay`, handed to the gateway at once. The balance rises
+        (or the overdrawn invoices are paid) when the gateway confirms it: at once if it
+        answers succeeded, else by the payment webhook or, without a gateway, `mailmeter
+        charge collected KEY`."""
+        currency = self.meter.currency
+        account = await self.meter.account(name)
+        plan = self.meter.plan_of(account)
+        if kind == "topup":
+            if plan.funding.kind != "prepaid":
+                raise Conflict(f"account {name!r} is postpaid (plan {account.plan!r}): it has no balance to top up")
+            micros = _money(amount or "", "amount", currency)
+            if micros <= 0 or not is_whole_minor(micros, currency):
+                raise AdminError(f"amount: a top-up is a positive amount, like {format_money(25_000_000, currency)}")
+            description = f"Top-up of the prepaid balance: {format_money(micros, currency)}"
+        elif kind == "repay":
+            micros = account.outstanding_debt
+            if micros <= 0:
+                raise Conflict(f"account {name!r} has nothing overdrawn to repay")
+            description = f"Repay overdrawn: {format_money(micros, currency)} (every region)"
+        else:
+            raise AdminError(f"kind: {kind!r} is not a payment; give topup or repay")
+        period = self.meter.period_of(account)
+        async with self._audit(f"payment.{kind}", name, {"amount": format_money(micros, currency)}):
+            row = await self.meter.store.add_payment(name, period.key, kind, micros, description, self.meter.clock())
+        if row is None:
+            raise Conflict("a repayment is already on its way; wait for the payment to be confirmed")
+        await self.billing.collect_charge(row["idempotency_key"])
+        charge = await self.meter.store.charge(row["idempotency_key"])
+        assert charge is not None
+        return charge_json(charge, currency)
+
     async def set_limit(self, name: str, which: str, value: object) -> dict[str, Any]:
         """One of the account's limits: `included` or `quota` emails, or a `spending` amount."""
         if which == "spending":

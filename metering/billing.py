@@ -77,7 +77,7 @@ def stored_charges(rows: Sequence[Row]) -> list[Charge]:
     ]
 
 
-_NOT_IN_PERIOD = ("invoice", "monthly")  # charges that are not usage collected during the period
+_NOT_IN_PERIOD = ("invoice", "monthly", "topup", "repay")  # not usage collected during the period
 
 
 def invoice_status(plan: Plan, invoice: Invoice) -> str:
@@ -349,42 +349,54 @@ class Billing:
 
     async def collect_charges(self) -> tuple[int, int, int]:
         """Hand every pending charge that is due to the gateway: (succeeded, failed, recorded)."""
-        now = self.meter.clock()
-        currency = self.meter.currency
         collected = failed = recorded = 0
-        for row in await self.store.charges_due_for_collection(now):
-            request = ChargeRequest(
-                idempotency_key=row["idempotency_key"],
-                account=row["account"],
-                amount=format_money(row["amount"], currency),
-                amount_micros=row["amount"],
-                currency=currency.code,
-                kind=row["kind"],
-                description=row["description"],
-                period_start=row["period_key"],
-                created_at=row["created_at"],
-            )
-            result = await self.gateway.submit(request)
-            attempts = row["attempts"] + 1
-            status = {
-                ChargeOutcome.SUCCEEDED: "succeeded",
-                ChargeOutcome.FAILED: "failed",
-                ChargeOutcome.PENDING: "submitted",
-                ChargeOutcome.RETRY: "pending",
-                ChargeOutcome.RECORDED: "recorded",
-            }[result.outcome]
-            next_attempt = now + self._backoff(attempts) if status == "pending" else now
-            await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
-            self.log.info(
-                "billing.charge",
-                account=row["account"],
-                charge=row["idempotency_key"],
-                amount=request.amount,
-                attempt=attempts,
-                result=status,
-                detail=result.detail,
-            )
+        for row in await self.store.charges_due_for_collection(self.meter.clock()):
+            status = await self._collect(row)
             collected += status == "succeeded"
             failed += status == "failed"
             recorded += status == "recorded"
         return collected, failed, recorded
+
+    async def collect_charge(self, key: str) -> str | None:
+        """Hand one pending charge to the gateway now (a payment the account holder just made);
+        its new status, or None if it is not pending (another pass took it)."""
+        row = await self.store.charge(key)
+        if row is None or row["status"] != "pending":
+            return None
+        return await self._collect(row)
+
+    async def _collect(self, row: Row) -> str:
+        now = self.meter.clock()
+        currency = self.meter.currency
+        request = ChargeRequest(
+            idempotency_key=row["idempotency_key"],
+            account=row["account"],
+            amount=format_money(row["amount"], currency),
+            amount_micros=row["amount"],
+            currency=currency.code,
+            kind=row["kind"],
+            description=row["description"],
+            period_start=row["period_key"],
+            created_at=row["created_at"],
+        )
+        result = await self.gateway.submit(request)
+        attempts = row["attempts"] + 1
+        status = {
+            ChargeOutcome.SUCCEEDED: "succeeded",
+            ChargeOutcome.FAILED: "failed",
+            ChargeOutcome.PENDING: "submitted",
+            ChargeOutcome.RETRY: "pending",
+            ChargeOutcome.RECORDED: "recorded",
+        }[result.outcome]
+        next_attempt = now + self._backoff(attempts) if status == "pending" else now
+        await self.store.set_charge_result(row["idempotency_key"], status, result.detail, attempts, next_attempt)
+        self.log.info(
+            "billing.charge",
+            account=row["account"],
+            charge=row["idempotency_key"],
+            amount=request.amount,
+            attempt=attempts,
+            result=status,
+            detail=result.detail,
+        )
+        return status

@@ -238,7 +238,20 @@ class EventStore(Protocol):
     async def account_id_for_token(self, token_hash: str) -> int | None: ...
 
 
-class Store(StoreLifecycle, AccountStore, LedgerStore, BillingStore, NoticeStore, AuditStore, EventStore, Protocol):
+class PortalStore(Protocol):
+    """The account holder's side (mailmeter/portal/): the usage chart's hourly sums, and the
+    payments an account makes itself (kind `topup` or `repay`, charges whose effect comes with
+    their success in set_charge_result). Its sign-in token is EventStore's account token."""
+
+    async def usage_by_hour(self, account_id: int, period_key: str) -> Sequence[tuple[str, int]]: ...
+    async def add_payment(
+        self, name: str, period_key: str, kind: str, amount: int, description: str, now: datetime
+    ) -> Row | None: ...
+
+
+class Store(
+    StoreLifecycle, AccountStore, LedgerStore, BillingStore, NoticeStore, AuditStore, EventStore, PortalStore, Protocol
+):
     """Every state change is one atomic transaction; any database failure is StoreUnavailable."""
 
 

@@ -24,9 +24,10 @@ from mailmeter.metering.postgres.events import PgEvents
 from mailmeter.metering.postgres.invoices import PgInvoices
 from mailmeter.metering.postgres.leases import PgLeases
 from mailmeter.metering.postgres.ledger import PgLedger
+from mailmeter.metering.postgres.portal import PgPortal
 
 
-class PgStore(PgAccounts, PgLedger, PgInvoices, PgLeases, PgAudit, PgEvents):
+class PgStore(PgAccounts, PgLedger, PgInvoices, PgLeases, PgPortal, PgAudit, PgEvents):
     """The whole store interface (metering/store.py), and leasing, on one PostgreSQL database."""
 
 

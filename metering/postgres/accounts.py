@@ -86,7 +86,8 @@ class PgAccounts(PgHolds):
             if ok:
                 await conn.execute(
                     "UPDATE charges SET status = 'pending', next_attempt_at = $1"
-                    " WHERE status = 'failed' AND account_id = $2",
+                    " WHERE status = 'failed' AND account_id = $2"
+                    " AND kind NOT IN ('topup', 'repay')",  # a declined payment of the holder's: paid again by them
                     now.isoformat(),
                     account_id,
                 )

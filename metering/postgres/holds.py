@@ -107,7 +107,7 @@ class PgHolds(PgBase):
         last_seq = int(
             await conn.fetchval(
                 "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = $1 AND period_key = $2"
-                " AND kind NOT IN ('invoice', 'monthly')",
+                " AND kind NOT IN ('invoice', 'monthly', 'topup', 'repay')",
                 account_id,
                 period_key,
             )

@@ -96,6 +96,7 @@ class PgInvoices(PgBase):
                     " (SELECT account_id, period_key FROM charges WHERE idempotency_key = $1 AND kind = 'invoice')",
                     key,
                 )
+                await _apply_payment(conn, key, next_attempt_at)
             return changed
 
         return await self._write(body)
@@ -280,3 +281,34 @@ class PgInvoices(PgBase):
 
     async def notices_of(self, account_id: int) -> list[asyncpg.Record]:
         return await self._fetch("SELECT * FROM notices WHERE account_id = $1 ORDER BY created_at, key", account_id)
+
+
+async def _apply_payment(conn: asyncpg.Connection, key: str, now: datetime) -> None:
+    """A succeeded payment's effect (see the SQLite store's _apply_payment), in the verdict's transaction."""
+    payment = await conn.fetchrow(
+        "SELECT account_id, kind, amount, created_at FROM charges WHERE idempotency_key = $1"
+        " AND kind IN ('topup', 'repay')",
+        key,
+    )
+    if payment is None:
+        return
+    if payment["kind"] == "topup":
+        await conn.execute(
+            "UPDATE accounts SET prepaid_balance = prepaid_balance + $1 WHERE id = $2",
+            payment["amount"],
+            payment["account_id"],
+        )
+    else:
+        await conn.execute(
+            "UPDATE invoices SET status = 'paid' WHERE account_id = $1 AND status = 'overdrawn' AND issued_at <= $2",
+            payment["account_id"],
+            payment["created_at"],
+        )
+    await conn.execute(
+        "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at) VALUES ($1, $2, $3, $4, $5)",
+        payment["account_id"],
+        payment["amount"],
+        payment["kind"],
+        key,
+        now.isoformat(),
+    )

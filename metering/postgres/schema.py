@@ -198,7 +198,7 @@ PG_MIGRATIONS: list[str] = [
         PRIMARY KEY (account_id, window_seconds, window_start)
     );
     """,
-    # 10: events and suppression (see metering/sqlite/schema.py).
+    # 9: events and suppression (see metering/sqlite/schema.py).
     """
     CREATE TABLE webhooks (
         account_id BIGINT PRIMARY KEY REFERENCES accounts(id),
@@ -241,6 +241,10 @@ PG_MIGRATIONS: list[str] = [
         token_hash TEXT COLLATE "C" NOT NULL UNIQUE,
         created_at TEXT COLLATE "C" NOT NULL
     );
+    """,
+    # 10: the account holder's side: the usage chart's index (see metering/sqlite/schema.py).
+    """
+    CREATE INDEX messages_by_account_period ON messages (account_id, period_key, accepted_at);
     """,
 ]
 

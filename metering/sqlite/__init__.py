@@ -19,9 +19,10 @@ from mailmeter.metering.sqlite.audit import SqliteAudit
 from mailmeter.metering.sqlite.events import SqliteEvents
 from mailmeter.metering.sqlite.invoices import SqliteInvoices
 from mailmeter.metering.sqlite.ledger import SqliteLedger
+from mailmeter.metering.sqlite.portal import SqlitePortal
 
 
-class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqliteAudit, SqliteEvents):
+class SqliteStore(SqliteAccounts, SqliteLedger, SqliteInvoices, SqlitePortal, SqliteAudit, SqliteEvents):
     """The whole store interface (metering/store.py) on one SQLite file."""
 
 

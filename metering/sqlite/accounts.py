@@ -98,7 +98,8 @@ class SqliteAccounts(SqliteConnection):
             if ok:
                 await db.execute(
                     "UPDATE charges SET status = 'pending', next_attempt_at = ?"
-                    " WHERE status = 'failed' AND account_id = (SELECT id FROM accounts WHERE name = ?)",
+                    " WHERE status = 'failed' AND account_id = (SELECT id FROM accounts WHERE name = ?)"
+                    " AND kind NOT IN ('topup', 'repay')",  # a declined payment of the holder's: paid again by them
                     (now.isoformat(), name),
                 )
             cursor = await db.execute("SELECT id FROM accounts WHERE name = ?", (name,))

@@ -109,6 +109,7 @@ class SqliteInvoices(SqliteConnection):
                     " (SELECT account_id, period_key FROM charges WHERE idempotency_key = ? AND kind = 'invoice')",
                     (key,),
                 )
+                await _apply_payment(db, key, next_attempt_at)
             return changed
 
     async def last_invoiced_periods(self) -> dict[int, str]:
@@ -264,4 +265,32 @@ def insert_charge_sync(
             now.isoformat(),
             now.isoformat(),
         ),
+    )
+
+
+async def _apply_payment(db: aiosqlite.Connection, key: str, now: datetime) -> None:
+    """What a payment the account made (mailmeter/portal/) does once it succeeded, in the same
+    transaction as its verdict: a `topup` adds its amount to the prepaid balance; a `repay`
+    pays the invoices overdrawn when it was asked for (their total was its amount)."""
+    cursor = await db.execute(
+        "SELECT account_id, kind, amount, created_at FROM charges WHERE idempotency_key = ?"
+        " AND kind IN ('topup', 'repay')",
+        (key,),
+    )
+    payment = await cursor.fetchone()
+    if payment is None:
+        return
+    if payment["kind"] == "topup":
+        await db.execute(
+            "UPDATE accounts SET prepaid_balance = prepaid_balance + ? WHERE id = ?",
+            (payment["amount"], payment["account_id"]),
+        )
+    else:
+        await db.execute(
+            "UPDATE invoices SET status = 'paid' WHERE account_id = ? AND status = 'overdrawn' AND issued_at <= ?",
+            (payment["account_id"], payment["created_at"]),
+        )
+    await db.execute(
+        "INSERT INTO balance_entries (account_id, amount, kind, reference, created_at) VALUES (?, ?, ?, ?, ?)",
+        (payment["account_id"], payment["amount"], payment["kind"], key, now.isoformat()),
     )

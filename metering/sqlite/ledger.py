@@ -156,7 +156,7 @@ class SqliteLedger(SqliteConnection):
                 usage = usage_row(conn, account_id, period_key, account.awaiting_results)
                 cursor = conn.execute(
                     "SELECT COALESCE(MAX(seq), 0) FROM charges WHERE account_id = ? AND period_key = ?"
-                    " AND kind NOT IN ('invoice', 'monthly')",
+                    " AND kind NOT IN ('invoice', 'monthly', 'topup', 'repay')",
                     (account_id, period_key),
                 )
                 last_seq = int((cursor.fetchone())[0])

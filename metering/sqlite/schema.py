@@ -197,7 +197,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account_id, window_seconds, window_start)
     );
     """,
-    # 10: events and suppression (issue 18). webhooks: an account's endpoint, its HMAC secret
+    # 9: events and suppression (issue 18). webhooks: an account's endpoint, its HMAC secret
     # and the kinds it takes (comma-separated). events: the outbox, written in the transaction
     # of the result, notice or payment change it tells of, for an account whose webhook takes
     # its kind; status pending | delivered | failed. event_attempts: the delivery log.
@@ -246,5 +246,10 @@ MIGRATIONS: list[str] = [
         token_hash TEXT NOT NULL UNIQUE,
         created_at TEXT NOT NULL
     );
+    """,
+    # 10: the account holder's side (mailmeter/portal/): messages_by_account_period, the usage
+    # chart's per-day sums of one account's period (its sign-in token is migration 9's).
+    """
+    CREATE INDEX messages_by_account_period ON messages (account_id, period_key, accepted_at);
     """,
 ]

@@ -386,3 +386,17 @@ def test_bad_input_is_one_line_and_exit_2(config: Path) -> None:
     assert (shown["prepaid_balance"], shown["payment_state"]) == ("0.00", "ok")
     names = [a["name"] for a in json.loads(mailmeter(config, "account", "list", "--json").stdout)]
     assert names == ["app", "lan"]
+
+
+def test_account_token_is_printed_once_and_kept_as_a_digest(config: Path) -> None:
+    assert add(config).returncode == 0
+    first = mailmeter(config, "account", "token", "app")
+    assert first.returncode == 0, first.stderr
+    token = first.stdout.strip()
+    assert len(token) >= 40 and token.encode() not in (config.parent / "meter.db").read_bytes()
+    second = json.loads(mailmeter(config, "account", "token", "app", "--json").stdout)
+    assert second["account"] == "app" and second["token"] != token
+    missing = mailmeter(config, "account", "token", "nobody")
+    assert missing.returncode == 1 and "no account named 'nobody'" in missing.stderr
+    audit = json.loads(mailmeter(config, "audit", "--account", "app", "--json").stdout)
+    assert [event["action"] for event in audit][:2] == ["account.token", "account.token"]

@@ -181,6 +181,10 @@ async def test_port_in_use_is_one_line_and_exit_2(tmp_path: Path, upstream: Upst
         status, lines = await serve_once(api_config)
         assert status == 2
         assert f"api: 127.0.0.1:{port} is already in use" in one_line(lines)
+        portal_config = write_config(tmp_path, upstream.port, portal={"enabled": True, "port": port})
+        status, lines = await serve_once(portal_config)
+        assert status == 2
+        assert f"portal: 127.0.0.1:{port} is already in use" in one_line(lines)
     assert not list((tmp_path / "spool" / "incoming").iterdir())
 
 
