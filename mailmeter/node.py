@@ -144,6 +144,9 @@ class Relay:
     def build(cls, config: Config, primary: bool = True, start_api: StartApi | None = None) -> Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
+        # The inline spool: only where the meter can keep messages (SQLite); PostgreSQL nodes
+        # keep every message in their file spool, whatever spool.inline says.
+        inline = config.spool.inline and config.spool.inline_max_bytes > 0 and meter.inline_spool
         delivery = Delivery(
             spool=spool,
             results=meter,
@@ -151,12 +154,19 @@ class Relay:
             retry=retry_of(config),
             hostname=config.hostname,
             workers=config.delivery.workers,
+            inline=meter if inline else None,
         )
         settings = smtp_settings(config, config.listen.address)
         metrics = Metrics()
         delivery.observer = metrics
         context = RelayContext(
-            settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit, observer=metrics
+            settings=settings,
+            meter=meter,
+            spool=spool,
+            on_accepted=delivery.submit,
+            observer=metrics,
+            inline_max_bytes=config.spool.inline_max_bytes if inline else 0,
+            on_accepted_inline=delivery.submit_inline if inline else None,
         )
         metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
         notices_config = config.billing.notices

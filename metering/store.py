@@ -116,6 +116,7 @@ class LedgerStore(UsageStore, Protocol):
         region: str = "",
         settle: Settle | None = None,
         account_id: int | None = None,
+        spooled: bytes | None = None,
     ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def release_node_holds(self, node: str) -> int: ...
@@ -208,6 +209,18 @@ class ResultBatchStore(Protocol):
     ) -> list[bool | None | Exception]: ...
 
 
+class InlineSpoolStore(Protocol):
+    """Small messages kept in the commit's transaction (SQLite; spool.inline, issue 19 item 3).
+
+    `commit(..., spooled=data)` writes the message with its usage, one fsync for both;
+    these read and forget it, for the relay process (`node`) whose delivery owns it.
+    """
+
+    async def spooled_ids(self, node: str) -> list[str]: ...
+    async def read_spooled(self, queue_id: str) -> bytes | None: ...
+    async def drop_spooled(self, queue_id: str) -> None: ...
+
+
 class LeasingStore(Protocol):
     """What allowance leasing needs from the shared store (metering/leases.py)."""
 
@@ -233,6 +246,7 @@ __all__ = [
     "AccountStore",
     "AuditStore",
     "BillingStore",
+    "InlineSpoolStore",
     "LeasingStore",
     "LedgerStore",
     "NodeClaimKeeper",

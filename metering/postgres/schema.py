@@ -183,6 +183,16 @@ PG_MIGRATIONS: list[str] = [
     UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
     UPDATE accounts SET credited_through = settled_through;
     """,
+    # 11: the inline spool (see metering/sqlite/schema.py). Mirrored for a shared schema's
+    # sake; a PostgreSQL node keeps the file spool and never writes it.
+    """
+    CREATE TABLE spooled_messages (
+        queue_id TEXT COLLATE "C" PRIMARY KEY,
+        node TEXT COLLATE "C" NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX spooled_messages_by_node ON spooled_messages (node);
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in
