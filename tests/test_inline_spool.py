@@ -12,13 +12,22 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 
 import aiosmtplib
+import pytest
 
 from mailmeter.relay.spool import Envelope, pack
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
+from tests.pgserver import isolated_schema, scalar, schema_url
 
 INLINE = {"inline": True}
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    async with isolated_schema() as name:
+        yield name
 
 
 def message(size: int = 0, tag: str = "m1") -> bytes:
@@ -192,3 +201,24 @@ async def _delivered_and_bounced(harness: RelayHarness, expected: tuple[int, int
     assert harness.relay is not None
     usage = (await harness.relay.meter.usage("app")).usage
     return (usage.delivered, usage.hard_bounced) == expected
+
+
+async def test_postgresql_node_keeps_the_file_spool(make_relay, upstream: Upstream, schema: str) -> None:  # type: ignore[no-untyped-def]
+    """spool.inline on a PostgreSQL node: every message goes through spool files (the store
+    never takes a message), and is delivered and counted as usual."""
+    harness = make_relay(
+        free_port(), spool=INLINE, database={"url": schema_url(schema), "pool_size": 4, "lease_emails": 0}
+    )
+    relay = await harness.start()
+    await add_account(harness)
+    assert not relay.meter.inline_spool
+    queue_id = await send(harness.port, ["a@dest.test"], message(tag="pg"))
+    assert queue_id in spool_files(harness)
+    assert await scalar(schema, "SELECT COUNT(*) FROM spooled_messages") == 0
+    grant = await relay.meter.reserve("app", emails=1)
+    envelope = Envelope("00000000001PGINLINE01", "app", "app@example.com", ["b@dest.test"], time.time())
+    with pytest.raises(ValueError, match="SQLite"):
+        await relay.meter.commit(grant.hold_id, envelope.queue_id, 1, account="app", spooled=pack(envelope, b"x"))
+    assert await scalar(schema, "SELECT COUNT(*) FROM messages") == 1  # the refused commit counted nothing
+    await relay.meter.release(grant.hold_id)
+    del upstream
