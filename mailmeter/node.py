@@ -145,7 +145,9 @@ class Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
         # The inline spool: only where the meter can keep messages (SQLite); PostgreSQL nodes
-        # keep every message in their file spool, whatever spool.inline says.
+        # keep every message in their file spool, whatever spool.inline says. Delivery reads
+        # the store's messages whenever it can hold some, so those a run with spool.inline
+        # on left behind are delivered after it is switched off.
         inline = config.spool.inline and config.spool.inline_max_bytes > 0 and meter.inline_spool
         delivery = Delivery(
             spool=spool,
@@ -154,7 +156,7 @@ class Relay:
             retry=retry_of(config),
             hostname=config.hostname,
             workers=config.delivery.workers,
-            inline=meter if inline else None,
+            inline=meter if meter.inline_spool else None,
         )
         settings = smtp_settings(config, config.listen.address)
         metrics = Metrics()

@@ -222,3 +222,27 @@ async def test_postgresql_node_keeps_the_file_spool(make_relay, upstream: Upstre
     assert await scalar(schema, "SELECT COUNT(*) FROM messages") == 1  # the refused commit counted nothing
     await relay.meter.release(grant.hold_id)
     del upstream
+
+
+async def test_messages_kept_inline_are_delivered_after_the_switch_is_turned_off(make_relay) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    harness = make_relay(port, spool=INLINE)
+    await harness.start()
+    await add_account(harness)
+    queued = {await send(harness.port, [f"r{n}@dest.test"], message(tag=f"o{n}")) for n in range(3)}
+    assert set(stored(harness)) == queued
+    await harness.stop()
+    harness.overrides["spool"] = {"inline": False}
+    upstream = Upstream(port=port, handler=UpstreamHandler())
+    await upstream.start()
+    try:
+        await harness.start()
+        await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 3, timeout=15)
+        await eventually(lambda: stored(harness) == {})
+        assert sorted(upstream.handler.delivered_to()) == ["r0@dest.test", "r1@dest.test", "r2@dest.test"]
+        assert await books(harness) == (3, 3, 0, 0)
+        later = await send(harness.port, ["s@dest.test"], message(tag="after"))  # now spooled to a file
+        await upstream.handler.wait_for(lambda: len(upstream.handler.messages) == 4, timeout=15)
+        assert stored(harness) == {} and later not in stored(harness)
+    finally:
+        await upstream.stop()
