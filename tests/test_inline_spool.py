@@ -83,7 +83,7 @@ async def books(harness: RelayHarness) -> tuple[int, int, int, int]:
 
 async def test_small_message_is_committed_with_its_usage_and_delivered_from_the_store(make_relay) -> None:  # type: ignore[no-untyped-def]
     port = free_port()  # the upstream is down: the message waits in the queue
-    harness = make_relay(port, spool=INLINE)
+    harness = make_relay(port)  # spool.inline is on by default
     await harness.start()
     await add_account(harness)
     queue_id = await send(harness.port, ["a@dest.test", "b@dest.test"], message(tag="small"))
@@ -131,7 +131,7 @@ async def test_message_over_the_threshold_uses_the_file_spool(make_relay) -> Non
 
 
 async def test_switch_off_keeps_the_file_spool(make_relay) -> None:  # type: ignore[no-untyped-def]
-    harness = make_relay(free_port())  # spool.inline defaults to off
+    harness = make_relay(free_port(), spool={"inline": False})
     await harness.start()
     await add_account(harness)
     queue_id = await send(harness.port, ["a@dest.test"], message())
