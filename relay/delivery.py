@@ -32,7 +32,7 @@ from mailmeter.relay.data import crlf_line_ends, has_bare_newline
 from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
 from mailmeter.relay.observe import NoObserver, RelayObserver
 from mailmeter.relay.pipelining import PipeliningSMTP, pipelined_transaction, positive, refusal, send_message_data
-from mailmeter.relay.spool import Envelope, InlineSpool, QueueState, RecipientState, Spool, unpack
+from mailmeter.relay.spool import Envelope, InlineSpool, QueueState, RecipientState, Spool, initial_state, unpack
 
 # Inline-spooled messages just accepted are kept in memory for their first attempt (no read
 # back from the store), up to this many octets in all; beyond it they are read from the store.
@@ -222,8 +222,9 @@ class Delivery:
         if data is not None:
             self._fresh_bytes -= len(data)
             envelope, body = unpack(data)
-            # A first attempt has no state file yet (one is written only after an attempt).
-            return envelope, body, self.spool.load_state(envelope)
+            # Just accepted by this process and not yet tried: it has no state file (one is
+            # written only after an attempt), so none is looked for.
+            return envelope, body, initial_state(envelope)
         assert self.inline is not None
         data = await self.inline.read_spooled(queue_id)
         if data is None:
@@ -246,6 +247,8 @@ class Delivery:
                 return False
             self._inline_ids.discard(queue_id)
             self._finished.discard(queue_id)
+            self.spool.remove_state(queue_id)  # one unlink, no fsync: cheaper than a thread hop
+            return True
         self.spool.remove(queue_id)  # two unlinks, no fsync: cheaper than a thread hop
         return True
 

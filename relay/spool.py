@@ -96,6 +96,11 @@ class InlineSpool(Protocol):
     async def drop_spooled(self, queue_id: str) -> None: ...
 
 
+def initial_state(envelope: Envelope) -> QueueState:
+    """The delivery state of a message not yet tried: every recipient pending."""
+    return QueueState(queue_id=envelope.queue_id, recipients=[RecipientState(address=r) for r in envelope.recipients])
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -276,10 +281,7 @@ class Spool:
             with open(f"{self._active}{envelope.queue_id}.state", "rb") as handle:
                 raw = json.loads(handle.read())
         except FileNotFoundError:
-            return QueueState(
-                queue_id=envelope.queue_id,
-                recipients=[RecipientState(address=r) for r in envelope.recipients],
-            )
+            return initial_state(envelope)
         raw["recipients"] = [RecipientState(**r) for r in raw["recipients"]]
         return QueueState(**raw)
 
@@ -292,6 +294,10 @@ class Spool:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         _fsync_dir(self.active)
+
+    def remove_state(self, queue_id: str) -> None:
+        """Forget the delivery state of a message kept elsewhere (the inline spool)."""
+        _unlink(f"{self._active}{queue_id}.state")
 
     def remove(self, queue_id: str) -> None:
         """Forget a finished message. No fsync: an unlink lost in a power failure can only
