@@ -79,6 +79,8 @@ class Settings:
     prefill_accounts: int = 0
     prefill_events: int = 0
     mailmeter_processes: int = 1
+    # BENCH_MAILMETER_INLINE: 1 spool.inline on, 0 off (issue 19 item 3; a revision that has it); unset: its default
+    mailmeter_inline: bool | None = None
     haraka_home: Path | None = None  # where bench/run installed Haraka (BENCH_HARAKA_HOME)
     haraka_nodes: int = 1
     haraka_log_level: str = "notice"
@@ -114,6 +116,9 @@ class Settings:
             prefill_accounts=env_int("BENCH_PREFILL_ACCOUNTS", 0),
             prefill_events=env_int("BENCH_PREFILL_EVENTS", 0),
             mailmeter_processes=env_int("BENCH_MAILMETER_PROCESSES", os.cpu_count() or 1),
+            mailmeter_inline=(
+                None if os.environ.get("BENCH_MAILMETER_INLINE", "") == "" else env_int("BENCH_MAILMETER_INLINE", 0) > 0
+            ),
             haraka_home=Path(haraka_home) if haraka_home else None,
             haraka_nodes=max(1, env_int("BENCH_HARAKA_NODES", os.cpu_count() or 1)),
             haraka_log_level=os.environ.get("BENCH_HARAKA_LOG_LEVEL", "notice"),
@@ -317,6 +322,7 @@ def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedge
         prefill_accounts=settings.prefill_accounts,
         prefill_events=settings.prefill_events,
         processes=settings.mailmeter_processes,
+        inline_spool=settings.mailmeter_inline,
     )
 
     def start(sink_port: int) -> Server:

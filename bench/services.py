@@ -255,6 +255,7 @@ class MailmeterServer:
     processes: int = 1  # listen.processes: relay processes sharing the port
     prefill_accounts: int = 0  # issue 6 item 3: other accounts in the store before the run
     prefill_events: int = 0  # ... and earlier messages with results, over past periods
+    inline_spool: bool | None = None  # spool.inline (issue 19 item 3); None: the revision's default
     _process: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -273,7 +274,7 @@ class MailmeterServer:
             "upstream": {"host": LOOPBACK, "port": upstream_port, "tls": "none", "timeout": 30},
             "delivery": {"workers": self.workers},
             "database": {"path": "meter.db"},
-            "spool": {"path": "spool"},
+            "spool": {"path": "spool", **({} if self.inline_spool is None else {"inline": self.inline_spool})},
             "log": {"level": self.log_level},
             "plans": {"bench": {"email_quota": 1_000_000_000}},
         }

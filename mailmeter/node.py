@@ -219,6 +219,11 @@ class Relay:
     ) -> Relay:
         store, meter = open_meter(config)
         spool = Spool(config.resolve(config.spool.path))
+        # The inline spool: only where the meter can keep messages (SQLite); PostgreSQL nodes
+        # keep every message in their file spool, whatever spool.inline says. Delivery reads
+        # the store's messages whenever it can hold some, so those a run with spool.inline
+        # on left behind are delivered after it is switched off.
+        inline = config.spool.inline and config.spool.inline_max_bytes > 0 and meter.inline_spool
         delivery = Delivery(
             spool=spool,
             results=meter,
@@ -227,12 +232,19 @@ class Relay:
             hostname=config.hostname,
             workers=config.delivery.workers,
             upstream_down_seconds=config.delivery.upstream_down_seconds,
+            inline=meter if meter.inline_spool else None,
         )
         settings = smtp_settings(config)
         metrics = Metrics()
         delivery.observer = metrics
         context = RelayContext(
-            settings=settings, meter=meter, spool=spool, on_accepted=delivery.submit, observer=metrics
+            settings=settings,
+            meter=meter,
+            spool=spool,
+            on_accepted=delivery.submit,
+            observer=metrics,
+            inline_max_bytes=config.spool.inline_max_bytes if inline else 0,
+            on_accepted_inline=delivery.submit_inline if inline else None,
         )
         metrics.watch_queue(lambda: delivery.queue_depth, delivery.oldest_age)
         metrics.watch_leases(lambda: meter.leases)

@@ -35,7 +35,7 @@ from mailmeter.metering.records import (
     in_force,
     payment_changes_to_json,
 )
-from mailmeter.metering.store import LeasingStore, ResultBatchStore, Store
+from mailmeter.metering.store import InlineSpoolStore, LeasingStore, ResultBatchStore, Store
 from mailmeter.policies import (
     Admission,
     Plan,
@@ -823,12 +823,20 @@ class Meter:
         return plan.suppression if plan is not None else True
 
     async def commit(
-        self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
+        self,
+        hold_id: str,
+        queue_id: str,
+        emails: int,
+        campaign: str = "",
+        account: str | None = None,
+        spooled: bytes | None = None,
     ) -> None:
         """The commit point: usage, queue id, and any charges and notices now due, atomically.
 
         `account`: the account the message is sent for (SMTP in always names it); a hold
         taken under another account is refused with HoldAccountMismatch, nothing counted.
+        `spooled`: the message, kept in the same transaction for this node's delivery
+        (the inline spool; only when `inline_spool` is true).
         """
         plans = self.plans
         account_id = (await self._identity(account)).id if account is not None else None
@@ -851,6 +859,8 @@ class Meter:
             return Settlement(charges=charges, notices=notices)
 
         if self.leases is not None and self.leases.owns(hold_id):
+            if spooled is not None:
+                raise ValueError("the inline spool needs the SQLite store, which leases nothing")
             await self.leases.commit(hold_id, queue_id, emails, campaign, settle, account_id=account_id)
             return
         await self.store.commit(
@@ -863,7 +873,28 @@ class Meter:
             region=self.region,
             settle=settle,
             account_id=account_id,
+            spooled=spooled,
         )
+
+    @property
+    def inline_spool(self) -> bool:
+        """Can this meter keep messages in its commit (the inline spool)? SQLite only."""
+        return self.leases is None and hasattr(self.store, "spooled_ids")
+
+    def _inline(self) -> InlineSpoolStore:
+        if not self.inline_spool:
+            raise ValueError("the inline spool (spool.inline) needs the SQLite store")
+        return cast(InlineSpoolStore, self.store)
+
+    async def spooled_ids(self) -> list[str]:
+        """The inline-spooled messages this node's delivery owns."""
+        return await self._inline().spooled_ids(self.node)
+
+    async def read_spooled(self, queue_id: str) -> bytes | None:
+        return await self._inline().read_spooled(queue_id)
+
+    async def drop_spooled(self, queue_id: str) -> None:
+        await self._inline().drop_spooled(queue_id)
 
     async def release(self, hold_id: str) -> int:
         if self.leases is not None and self.leases.owns(hold_id):

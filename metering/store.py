@@ -127,6 +127,7 @@ class LedgerStore(UsageStore, Protocol):
         region: str = "",
         settle: Settle | None = None,
         account_id: int | None = None,
+        spooled: bytes | None = None,
     ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def release_node_holds(self, node: str) -> int: ...
@@ -266,6 +267,18 @@ class ResultBatchStore(Protocol):
     ) -> list[bool | None | Exception]: ...
 
 
+class InlineSpoolStore(Protocol):
+    """Small messages kept in the commit's transaction (SQLite; spool.inline, issue 19 item 3).
+
+    `commit(..., spooled=data)` writes the message with its usage, one fsync for both;
+    these read and forget it, for the relay process (`node`) whose delivery owns it.
+    """
+
+    async def spooled_ids(self, node: str) -> list[str]: ...
+    async def read_spooled(self, queue_id: str) -> bytes | None: ...
+    async def drop_spooled(self, queue_id: str) -> None: ...
+
+
 class LeasingStore(Protocol):
     """What allowance leasing needs from the shared store (metering/leases.py)."""
 
@@ -292,6 +305,7 @@ __all__ = [
     "AuditStore",
     "BillingStore",
     "EventStore",
+    "InlineSpoolStore",
     "LeasingStore",
     "LedgerStore",
     "NodeClaimKeeper",

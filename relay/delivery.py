@@ -33,8 +33,12 @@ from mailmeter.relay.data import crlf_line_ends, has_bare_newline
 from mailmeter.relay.dsn import FailedRecipient, build_dsn, reply_codes
 from mailmeter.relay.observe import NoObserver, RelayObserver
 from mailmeter.relay.pipelining import PipeliningSMTP, pipelined_transaction, positive, refusal, send_message_data
-from mailmeter.relay.spool import Envelope, QueueState, RecipientState, Spool
+from mailmeter.relay.spool import Envelope, InlineSpool, QueueState, RecipientState, Spool, initial_state, unpack
 from mailmeter.relay.upstreams import HEALTH_FILE, UpstreamHealth, upstream_label
+
+# Inline-spooled messages just accepted are kept in memory for their first attempt (no read
+# back from the store), up to this many octets in all; beyond it they are read from the store.
+FRESH_INLINE_BYTES = 32 * 1024 * 1024
 
 
 class ResultSink(Protocol):
@@ -139,8 +143,14 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         observer: RelayObserver | None = None,
         upstream_down_seconds: float = 30.0,
+        inline: InlineSpool | None = None,
     ) -> None:
         self.spool = spool
+        self.inline = inline  # the inline spool (messages kept in the meter's commit), when on
+        self._inline_ids: set[str] = set()  # queue ids of inline-spooled messages in the queue
+        self._fresh: dict[str, bytes] = {}  # just accepted inline: their data, for the first attempt
+        self._fresh_bytes = 0
+        self._finished: set[str] = set()  # inline messages delivered whose row could not be dropped yet
         self.results = results
         self.upstreams = _upstream_list(upstream)
         # Health of each upstream (relay/upstreams.py); written to the spool for the CLI once started.
@@ -173,6 +183,17 @@ class Delivery:
             self._known[queue_id] = envelope.received_at
             if not state.held:
                 self._schedule(queue_id, state.next_attempt_at)
+        if self.inline is not None:  # the messages kept in the store: resumed the same way
+            for queue_id in await self.inline.spooled_ids():
+                data = await self.inline.read_spooled(queue_id)
+                if data is None:
+                    continue
+                envelope, _ = unpack(data)
+                state = await asyncio.to_thread(self.spool.load_state, envelope)
+                self._inline_ids.add(queue_id)
+                self._known[queue_id] = envelope.received_at
+                if not state.held:
+                    self._schedule(queue_id, state.next_attempt_at)
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -234,6 +255,62 @@ class Delivery:
         """A message just became active in the spool: try it now."""
         self._schedule(queue_id, 0.0)
 
+    def submit_inline(self, queue_id: str, data: bytes) -> None:
+        """A message just committed with its usage in the store (the inline spool, `pack`'s
+        layout): try it now, from memory the first time."""
+        self._inline_ids.add(queue_id)
+        if self._fresh_bytes + len(data) <= FRESH_INLINE_BYTES:
+            self._fresh[queue_id] = data
+            self._fresh_bytes += len(data)
+        self._schedule(queue_id, 0.0)
+
+    async def _read(self, queue_id: str) -> tuple[Envelope, bytes, QueueState] | None:
+        """A queued message and its delivery state; None once it is gone."""
+        if queue_id in self._finished:  # delivered; only its removal failed: try that again
+            if not await self._remove(queue_id):
+                raise ConnectionError("the inline spool could not forget a delivered message")
+            return None
+        if queue_id not in self._inline_ids:
+            try:
+                if self.spool.size(queue_id) <= INLINE_READ:  # from the page cache: cheaper than a thread hop
+                    return self.spool.read_with_state(queue_id)
+                return await asyncio.to_thread(self.spool.read_with_state, queue_id)
+            except FileNotFoundError:
+                return None
+        data = self._fresh.pop(queue_id, None)
+        if data is not None:
+            self._fresh_bytes -= len(data)
+            envelope, body = unpack(data)
+            # Just accepted by this process and not yet tried: it has no state file (one is
+            # written only after an attempt), so none is looked for.
+            return envelope, body, initial_state(envelope)
+        assert self.inline is not None
+        data = await self.inline.read_spooled(queue_id)
+        if data is None:
+            self._inline_ids.discard(queue_id)
+            return None
+        envelope, body = unpack(data)
+        return envelope, body, await asyncio.to_thread(self.spool.load_state, envelope)
+
+    async def _remove(self, queue_id: str) -> bool:
+        """Forget a finished message: its row in the store (inline) or its file, and its state
+        file. False if the store could not be reached: the message is then kept as finished
+        (`_finished`) and only its removal is tried again, never its delivery."""
+        if queue_id in self._inline_ids:
+            assert self.inline is not None
+            try:
+                await self.inline.drop_spooled(queue_id)
+            except Exception as error:
+                self.log.warning("delivery.remove_failed", queue_id=queue_id, error=repr(error))
+                self._finished.add(queue_id)
+                return False
+            self._inline_ids.discard(queue_id)
+            self._finished.discard(queue_id)
+            self.spool.remove_state(queue_id)  # one unlink, no fsync: cheaper than a thread hop
+            return True
+        self.spool.remove(queue_id)  # two unlinks, no fsync: cheaper than a thread hop
+        return True
+
     def _schedule(self, queue_id: str, at: float) -> None:
         self._known.setdefault(queue_id, self.clock())
         previous = self._scheduled.pop(queue_id, None)
@@ -283,14 +360,11 @@ class Delivery:
                 client.close()
 
     async def _attempt(self, queue_id: str, connection: list[aiosmtplib.SMTP | None]) -> None:
-        try:
-            if self.spool.size(queue_id) <= INLINE_READ:  # from the page cache: cheaper than a thread hop
-                envelope, body, state = self.spool.read_with_state(queue_id)
-            else:
-                envelope, body, state = await asyncio.to_thread(self.spool.read_with_state, queue_id)
-        except FileNotFoundError:
+        read = await self._read(queue_id)
+        if read is None:
             self._known.pop(queue_id, None)
             return
+        envelope, body, state = read
         if state.held:
             return  # `queue release` schedules it again
         pending = state.pending()
@@ -338,7 +412,9 @@ class Delivery:
         if not reporting_ok:
             await asyncio.to_thread(self.spool.save_state, state)
         if state.done:
-            self.spool.remove(queue_id)  # two unlinks, no fsync: cheaper than a thread hop
+            if not await self._remove(queue_id):
+                self._schedule(queue_id, self.clock() + min(self.retry.first_delay, 30.0))
+                return
             self._known.pop(queue_id, None)
             return
         if not reporting_ok and not state.pending():

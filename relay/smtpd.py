@@ -7,6 +7,10 @@ The order of a transaction, which is the relay's core promise:
     DATA   write + fsync the message into spool/incoming
            commit the hold in the meter under the queue id   <- the commit point
            move the message to spool/active, answer 250 with the queue id
+
+With the inline spool (spool.inline, SQLite; relay/spool.py) a message up to
+spool.inline_max_bytes skips spool/incoming: the commit carries it, and the store
+keeps it in the transaction that counts its usage, one fsync for both, before 250.
     RSET, QUIT, new EHLO, disconnect, any failure: release the hold
 
 A transaction belongs to the account it began with: AUTH inside it gets 503 (RFC
@@ -57,7 +61,7 @@ from mailmeter.relay.data import DATA_CHUNK, crlf_line_ends, read_data
 from mailmeter.relay.delivery import new_queue_id, sendable_address
 from mailmeter.relay.domains import domain_allowed
 from mailmeter.relay.observe import NoObserver, RelayObserver, reply_class
-from mailmeter.relay.spool import Envelope, Spool
+from mailmeter.relay.spool import Envelope, Spool, pack
 
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -89,7 +93,13 @@ class MeterPort(Protocol):
         self, name: str, hold_id: str | None = None, emails: int = 1, recipient: str | None = None
     ) -> Any: ...
     async def commit(
-        self, hold_id: str, queue_id: str, emails: int, campaign: str = "", account: str | None = None
+        self,
+        hold_id: str,
+        queue_id: str,
+        emails: int,
+        campaign: str = "",
+        account: str | None = None,
+        spooled: bytes | None = None,
     ) -> None: ...
     async def release(self, hold_id: str) -> int: ...
     async def message_committed(self, queue_id: str) -> bool: ...
@@ -135,6 +145,10 @@ class RelayContext:
     meter: MeterPort
     spool: Spool
     on_accepted: Callable[[str], None]
+    # The inline spool: messages up to inline_max_bytes (as spool.pack lays them out) go
+    # into the meter's commit and then to on_accepted_inline, not to spool files. 0: off.
+    inline_max_bytes: int = 0
+    on_accepted_inline: Callable[[str, bytes], None] | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     observer: RelayObserver = field(default_factory=NoObserver)
     sessions: set[RelaySMTP] = field(default_factory=set)
@@ -867,8 +881,15 @@ class _Handler:
         (result, reply); never raises, never leaks the hold."""
         context = self.context
         queue_id, account = spooled.queue_id, spooled.account
+        inline: bytes | None = None
+        limit = context.inline_max_bytes
+        if limit and context.on_accepted_inline is not None and len(received) + len(raw) < limit:
+            inline = pack(spooled, received, raw)
+            if len(inline) > limit:
+                inline = None
         try:
-            await asyncio.to_thread(context.spool.write_incoming, spooled, received, raw)
+            if inline is None:
+                await asyncio.to_thread(context.spool.write_incoming, spooled, received, raw)
         except Exception as error:
             server.log.error("spool.write_failed", queue_id=queue_id, account=account, error=repr(error))
             context.spawn(server._release(hold_id))  # in the background: it retries while the store is down
@@ -877,7 +898,9 @@ class _Handler:
             return "deferred", replies.INTERNAL_ERROR
         try:
             started = time.monotonic()
-            await context.meter.commit(hold_id, queue_id, len(spooled.recipients), campaign_tag(raw), account=account)
+            await context.meter.commit(
+                hold_id, queue_id, len(spooled.recipients), campaign_tag(raw), account=account, spooled=inline
+            )
             context.observer.meter_call("commit", time.monotonic() - started)
         except Exception as error:
             server.log.error(
@@ -887,6 +910,9 @@ class _Handler:
                 context.spawn(server._release(hold_id))  # in the background: it retries while the store is down
                 return "deferred", replies.METER_UNAVAILABLE
         # Committed: the message is accepted. From here on it is delivered whatever happens.
+        if inline is not None and context.on_accepted_inline is not None:
+            context.on_accepted_inline(queue_id, inline)  # durable in the store with its usage
+            return "accepted", replies.QUEUED.format(queue_id=queue_id)
         try:
             context.spool.activate(queue_id)  # one rename, no fsync: cheaper than a thread hop
             context.on_accepted(queue_id)

@@ -6,6 +6,12 @@ Layout under the spool root, in the spirit of Postfix's queue directories:
     active/QID          accepted: the envelope as one JSON line, then the raw message
     active/QID.state    delivery state (per-recipient results, attempts), replaced atomically
 
+The inline spool (spool.inline, SQLite only; issue 19 item 3): a small message
+(up to spool.inline_max_bytes, as `pack` lays it out) is not written here at all. It
+goes to the meter's commit, which keeps it in the same transaction as its usage
+(one fsync for both), and delivery reads it from there (`InlineSpool`); only its
+delivery state, once it has one, is a file in active/ (QID.state).
+
 A message moves incoming -> active only after the meter has committed its usage
 under the same queue id. At start, an incoming file whose queue id the meter
 knows is activated; any other is deleted (its client never got a `250`).
@@ -25,6 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 
 @dataclass
@@ -64,6 +71,35 @@ class QueueState:
     @property
     def done(self) -> bool:
         return not self.pending() and not self.unreported()
+
+
+def pack(envelope: Envelope, *message: bytes) -> bytes:
+    """A spooled message as one string of octets: the envelope as one JSON line, then the
+    message (what active/QID holds; what the inline spool keeps in the store)."""
+    return b"".join((_header(envelope), *message))
+
+
+def unpack(data: bytes) -> tuple[Envelope, bytes]:
+    end = data.index(b"\n") + 1
+    return Envelope(**json.loads(data[:end])), data[end:]
+
+
+def _header(envelope: Envelope) -> bytes:
+    return json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n"
+
+
+class InlineSpool(Protocol):
+    """Where delivery finds the messages the meter committed with their usage (the inline
+    spool; mailmeter's Meter on SQLite). Any method may raise: delivery tries again later."""
+
+    async def spooled_ids(self) -> list[str]: ...
+    async def read_spooled(self, queue_id: str) -> bytes | None: ...
+    async def drop_spooled(self, queue_id: str) -> None: ...
+
+
+def initial_state(envelope: Envelope) -> QueueState:
+    """The delivery state of a message not yet tried: every recipient pending."""
+    return QueueState(queue_id=envelope.queue_id, recipients=[RecipientState(address=r) for r in envelope.recipients])
 
 
 def _unlink(path: str) -> None:
@@ -192,7 +228,7 @@ class Spool:
         once more, on the event loop.
         """
         path = self._incoming + envelope.queue_id
-        header = json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n"
+        header = _header(envelope)
         try:
             with open(path, "wb") as handle:
                 handle.write(header)
@@ -246,10 +282,7 @@ class Spool:
             with open(f"{self._active}{envelope.queue_id}.state", "rb") as handle:
                 raw = json.loads(handle.read())
         except FileNotFoundError:
-            return QueueState(
-                queue_id=envelope.queue_id,
-                recipients=[RecipientState(address=r) for r in envelope.recipients],
-            )
+            return initial_state(envelope)
         raw["recipients"] = [RecipientState(**r) for r in raw["recipients"]]
         return QueueState(**raw)
 
@@ -262,6 +295,10 @@ class Spool:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         _fsync_dir(self.active)
+
+    def remove_state(self, queue_id: str) -> None:
+        """Forget the delivery state of a message kept elsewhere (the inline spool)."""
+        _unlink(f"{self._active}{queue_id}.state")
 
     def remove(self, queue_id: str) -> None:
         """Forget a finished message. No fsync: an unlink lost in a power failure can only

@@ -6,6 +6,9 @@ upstream, recipient for recipient; no charge may be lost or doubled. A client wh
 connection died after its final "." got no answer at all: its message is "in doubt"
 (the relay may have committed it just before dying), as in any MTA; it is delivered
 exactly when the meter counted it, never half.
+
+Run twice: with the file spool, and with the inline spool (spool.inline: each message
+kept in the store's commit transaction, no spool file).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
 from tests.conftest import PASSWORD, Upstream, write_config
 from tests.mailmeter.test_cli_and_service import add
@@ -113,10 +117,14 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
-async def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, upstream: Upstream) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["file-spool", "inline-spool"])
+async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
+    tmp_path: Path, upstream: Upstream, inline: bool
+) -> None:
     config = write_config(
         tmp_path,
         upstream.port,
+        spool={"inline": inline},
         plans={"e": PLAN},
         delivery={"workers": 4, "retry_first_delay": 0.2, "retry_max_delay": 0.5, "max_age": 3600},
         billing={"interval": 0.2},
@@ -150,7 +158,9 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Pat
 
         def drained() -> bool:
             active = spool / "active"
-            return not any(p for p in active.iterdir() if "." not in p.name)
+            with sqlite3.connect(database) as db:
+                stored = db.execute("SELECT COUNT(*) FROM spooled_messages").fetchone()[0]
+            return not stored and not any(p for p in active.iterdir() if "." not in p.name)
 
         for _ in range(600):
             if drained():
@@ -191,6 +201,8 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Pat
         f" meter accepted {accepted_usage}; charges {len(charges)}"
     )
     assert TRIALS >= 20
+    if inline:  # the inline path was the one taken: no message went through spool files
+        assert not list((tmp_path / data["spool"]["path"] / "active").iterdir())
     assert tally.accepted, "the load produced no accepted mail: the test proves nothing"
     # Every 250 reached the upstream, with all its recipients, exactly once per recipient.
     for test_id, recipients in tally.accepted.items():

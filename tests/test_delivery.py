@@ -9,6 +9,7 @@ import time
 from email.message import Message
 
 import aiosmtplib
+import pytest
 from aiosmtplib.email import parse_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,19 @@ from mailmeter.relay.delivery import (
 from mailmeter.relay.pipelining import PipeliningSMTP
 from mailmeter.relay.spool import Envelope
 from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
+
+
+@pytest.fixture
+def make_relay(make_relay):  # type: ignore[no-untyped-def]
+    """The file spool (spool.inline off): these tests look at spool/active (the inline
+    spool's are in tests/test_inline_spool.py)."""
+
+    def factory(upstream_port: int, **overrides):  # type: ignore[no-untyped-def]
+        overrides["spool"] = {"inline": False, **overrides.get("spool", {})}
+        return make_relay(upstream_port, **overrides)
+
+    return factory
+
 
 MESSAGE = (
     b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: hi\r\nMessage-ID: <m1@example.com>\r\n\r\nhello\r\n"

@@ -30,6 +30,18 @@ from tests.conftest import (
     free_port,
 )
 
+
+@pytest.fixture
+def make_relay(make_relay):  # type: ignore[no-untyped-def]
+    """The file spool (spool.inline off): these tests watch a message's delivery state in spool/active."""
+
+    def factory(upstream_port: int, **overrides):  # type: ignore[no-untyped-def]
+        overrides["spool"] = {"inline": False, **overrides.get("spool", {})}
+        return make_relay(upstream_port, **overrides)
+
+    return factory
+
+
 MESSAGE = (
     b"From: app@example.com\r\nTo: someone@dest.test\r\nSubject: faults\r\nMessage-ID: <f1@example.com>\r\n"
     b"\r\nhello\r\n"

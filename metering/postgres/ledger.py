@@ -107,9 +107,13 @@ class PgLedger(PgHolds):
         region: str = "",
         settle: Callable[[Account, Usage, int, str], Settlement] | None = None,
         account_id: int | None = None,
+        spooled: bytes | None = None,
     ) -> None:
         """The commit point of a message: its usage, its queue id, and the charges and
         notices that usage makes due, in one transaction.
+
+        `spooled` must be None: a PostgreSQL node keeps its messages in its file spool
+        (the inline spool is SQLite's, spool.inline).
 
         Idempotent on queue_id (checked again once the account is locked, so two
         commits of one message on two connections count it once). Emails held beyond
@@ -117,6 +121,8 @@ class PgLedger(PgHolds):
         `account_id`: the account the caller commits for; a hold of another account is
         refused (HoldAccountMismatch) and nothing changes.
         """
+        if spooled is not None:
+            raise ValueError("the inline spool (spool.inline) needs the SQLite store; PostgreSQL nodes spool to files")
         expected_account = account_id
 
         async def body(conn: asyncpg.Connection) -> None:

@@ -246,6 +246,16 @@ PG_MIGRATIONS: list[str] = [
     """
     CREATE INDEX messages_by_account_period ON messages (account_id, period_key, accepted_at);
     """,
+    # 11: the inline spool (see metering/sqlite/schema.py). Mirrored for a shared schema's
+    # sake; a PostgreSQL node keeps the file spool and never writes it.
+    """
+    CREATE TABLE spooled_messages (
+        queue_id TEXT COLLATE "C" PRIMARY KEY,
+        node TEXT COLLATE "C" NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX spooled_messages_by_node ON spooled_messages (node);
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

@@ -107,9 +107,13 @@ class SqliteLedger(SqliteConnection):
         region: str = "",
         settle: Callable[[Account, Usage, int, str], Settlement] | None = None,
         account_id: int | None = None,
+        spooled: bytes | None = None,
     ) -> None:
         """The commit point of a message: its usage, its queue id, and the charges and
         notices that usage makes due, in one transaction.
+
+        `spooled`: the message itself (the inline spool, spool.inline): kept in the same
+        transaction, for `node`'s delivery, so one fsync makes both durable.
 
         Idempotent on queue_id. Emails held beyond `emails` go back to the account.
         Charges go in under their idempotency key, so none is ever issued twice.
@@ -145,6 +149,10 @@ class SqliteLedger(SqliteConnection):
             conn.execute(
                 "UPDATE accounts SET awaiting_results = awaiting_results + ? WHERE id = ?", (emails, account_id)
             )
+            if spooled is not None:
+                conn.execute(
+                    "INSERT INTO spooled_messages (queue_id, node, data) VALUES (?, ?, ?)", (queue_id, node, spooled)
+                )
             conn.execute(
                 "INSERT INTO usage_breakdown (account_id, period_key, campaign, region, accepted)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id, period_key, campaign, region)"
@@ -190,6 +198,24 @@ class SqliteLedger(SqliteConnection):
     async def message_committed(self, queue_id: str) -> bool:
         rows = await self._read("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,))
         return bool(rows)
+
+    async def spooled_ids(self, node: str) -> list[str]:
+        """The inline-spooled messages `node`'s delivery owns, oldest queue id first."""
+        rows = await self._read("SELECT queue_id FROM spooled_messages WHERE node = ? ORDER BY queue_id", (node,))
+        return [row[0] for row in rows]
+
+    async def read_spooled(self, queue_id: str) -> bytes | None:
+        rows = await self._read("SELECT data FROM spooled_messages WHERE queue_id = ?", (queue_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def drop_spooled(self, queue_id: str) -> None:
+        """Forget a delivered message. Not waiting for the disk (as the file spool's unlink):
+        a delete lost in a power failure only delivers it again, its results counted once."""
+
+        def operation(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM spooled_messages WHERE queue_id = ?", (queue_id,))
+
+        await self._run(operation, durable=False)
 
     async def message_account(self, queue_id: str) -> int | None:
         rows = await self._read("SELECT account_id FROM messages WHERE queue_id = ?", (queue_id,))

@@ -252,4 +252,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX messages_by_account_period ON messages (account_id, period_key, accepted_at);
     """,
+    # 11: the inline spool (issue 19 item 3, spool.inline): a small accepted message kept in
+    # the transaction that commits its usage, one fsync for both. `data` is what the file
+    # spool writes to active/QID (the envelope as one JSON line, then the message); `node`
+    # is the relay process whose delivery owns it. Deleted once delivery is done with it.
+    """
+    CREATE TABLE spooled_messages (
+        queue_id TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE INDEX spooled_messages_by_node ON spooled_messages (node);
+    """,
 ]
