@@ -29,10 +29,19 @@ def needs_restart(key: str) -> bool:
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} for every leaf of a nested mapping (a list is a leaf)."""
+    """{"a.b": value} for every leaf of a nested mapping. A list of mappings (`listen`,
+    `upstream`) is named as the config spells it: one item as the mapping itself
+    (`listen.port`), several by position (`listen.1.port`); any other list is a leaf."""
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        if len(data) == 1:
+            return flatten(data[0], prefix)
+        leaves: dict[str, Any] = {}
+        for index, item in enumerate(data):
+            leaves.update(flatten(item, f"{prefix}.{index}"))
+        return leaves
     if not isinstance(data, dict) or (prefix and not data):
         return {prefix: data}
-    leaves: dict[str, Any] = {}
+    leaves = {}
     for key, value in data.items():
         leaves.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return leaves

@@ -50,7 +50,7 @@ async def test_every_refused_command_is_logged_with_client_and_account_and_count
         anonymous = await session(harness.port)
         helped = await anonymous.command("HELP")  # aiosmtpd reads the commands' syntax: still there
         assert helped.code == 250 and "RCPT" in helped.text and "AUTH" in helped.text, helped
-        assert (await anonymous.command("HELP RCPT")).text.startswith("Syntax: RCPT TO: <address>")
+        assert (await anonymous.command("HELP RCPT")).text.startswith("2.0.0 Syntax: RCPT TO: <address>")
         assert (await anonymous.command("MAIL FROM:<app@example.com>")).code == 530
         assert (await anonymous.command("BOGUS")).code == 500
         assert (await anonymous.command(plain("ghost", "wrong"))).code == 535
