@@ -1,6 +1,8 @@
-"""The HTML of the Events page (the account's webhook and its latest events, each with its
-delivery log) and of the Suppressed page (the suppressed recipients, each with a Remove
-button). Like views.py: every value escaped, every form with the session's CSRF token.
+"""The HTML of the portal's Events page and Suppressed page.
+
+Events: the account's webhook (never its secret) and its latest events, each with its
+delivery log. Suppressed: the suppressed recipients, each with a Remove button. Like
+views.py: every value escaped, every form with the session's CSRF token.
 """
 
 from __future__ import annotations
