@@ -102,7 +102,8 @@ def _event(event: EventRecord) -> str:
         f"<h3>{e(KIND_LABELS.get(event.kind, event.kind))} <code>{e(ident)}</code></h3>"
         f'<p>{e(when(event.created_at))}: <span class="status">{e(status)}</span></p>'
         f'<p class="why wrap">{e(event_summary(data))}</p>'
-        f"<details open><summary>Delivery log ({len(event.attempts)} attempts)</summary>{log}</details></article>"
+        f"<details open><summary>Delivery log ({len(event.attempts)} attempt{'' if len(event.attempts) == 1 else 's'})"
+        f"</summary>{log}</details></article>"
     )
 
 

@@ -298,9 +298,9 @@ async def test_one_account_never_reaches_anothers_data(portal: Portal, holders: 
     alice, bob = holders(), holders()
     await alice.sign_in("alice")
     await bob.sign_in("bob")
+    await suppress(portal, "alice", "alice-gone@dest.test")
     await portal.service.set_webhook("alice", "https://hooks.test/alice-hook", ["payment"])
     await portal.service.payment("alice", "failed", "alice-card declined")
-    await suppress(portal, "alice", "alice-gone@dest.test")
     urls = [
         "/",
         "/usage",
@@ -466,7 +466,7 @@ NOT_EXIST = "550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unkn
 
 async def suppress(portal: Portal, name: str, address: str, reply: str = NOT_EXIST) -> None:
     """An email of `name` to `address` that hard-bounced as "does not exist", as the relay records it."""
-    await portal.send(name, 1)
+    assert await portal.send(name, 1) == 1
     queue_id = f"P{name}{portal.sent:06d}"
     code, enhanced = reply.split()[:2]
     assert await portal.relay.meter.record_result(queue_id, address, "hard_bounced", reply, int(code), enhanced)
