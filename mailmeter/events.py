@@ -180,7 +180,7 @@ class EventSender:
         self.log.info(
             "event.webhook",
             account=event.account,
-            event=event_id(event.id),
+            event_id=event_id(event.id),
             kind=event.kind,
             attempt=attempt,
             status_code=status,

@@ -22,13 +22,14 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
 
 from mailmeter.metering.meter import UnknownAccount
 from mailmeter.metering.records import StoreUnavailable
-from mailmeter.portal import views
+from mailmeter.portal import eventviews, views
 from mailmeter.portal.chart import usage_chart
 from mailmeter.portal.holder import Holder, invoice_csv, model_of, threshold_lines
 from mailmeter.portal.sessions import Session, Sessions, same_token
@@ -39,7 +40,12 @@ SESSION_COOKIE = "mm_session"
 SIGNIN_COOKIE = "mm_signin"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HolderHandler = Callable[[web.Request, Holder, Session], Awaitable[web.StreamResponse]]
-NAV: tuple[tuple[str, str], ...] = (("/usage", "Usage"), ("/invoices", "Invoices"))
+NAV: tuple[tuple[str, str], ...] = (
+    ("/usage", "Usage"),
+    ("/invoices", "Invoices"),
+    ("/events", "Events"),
+    ("/suppressed", "Suppressed"),
+)
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:;"
     " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -383,6 +389,42 @@ async def invoice_csv_file(request: web.Request, holder: Holder, session: Sessio
     )
 
 
+async def events_page(request: web.Request, holder: Holder, session: Session) -> web.Response:
+    """The account's webhook (never its secret) and its latest events with their delivery logs."""
+    body = eventviews.webhook_section(await holder.webhook()) + eventviews.events_section(await holder.events())
+    return _page(request, "Events", body, holder, session)
+
+
+async def suppressed_page(
+    request: web.Request, holder: Holder, session: Session, error: str | None = None, status: int = 200
+) -> web.Response:
+    """The account's suppressed recipients, each with a Remove button."""
+    parts: list[str] = []
+    removed = request.query.get("removed")
+    if removed and error is None:
+        parts.append(views.message(f"{removed} is no longer suppressed: your next email to it is accepted.", "notice"))
+    if error:
+        parts.append(views.message(error, "error"))
+    parts.append(eventviews.suppressed_section(await holder.suppressions(), session.csrf))
+    return _page(request, "Suppressed addresses", "".join(parts), holder, session, status)
+
+
+async def remove_suppressed(request: web.Request, holder: Holder, session: Session) -> web.StreamResponse:
+    """Take one address off the signed-in account's list (audited as `account:NAME`), then back to the list."""
+    form = await request.post()
+    value = form.get("address")
+    address = value if isinstance(value, str) else ""
+    try:
+        if text_problem(address):
+            raise AdminError(f"address: {text_problem(address)}")
+        removed = await holder.remove_suppression(address)
+    except AdminError as error:
+        status = 404 if isinstance(error, NotFound) else 400
+        return await suppressed_page(request, holder, session, str(error).strip('"'), status)
+    _deps(request).log.info("portal.change", account=holder.name, action="suppression.remove", result="ok")
+    raise web.HTTPSeeOther(f"/suppressed?removed={quote(removed['address'], safe='@')}")
+
+
 # -- forms: each changes only the signed-in account, then shows the usage page ----------------
 
 
@@ -415,7 +457,7 @@ async def js(request: web.Request) -> web.Response:
 
 
 def build_app(deps: PortalDeps, pages: Sequence[ExtraPage] = ()) -> web.Application:
-    """The portal; `pages` are added to its nav and routes (signed in), after Usage and Invoices."""
+    """The portal; `pages` are added to its nav and routes (signed in), after its own pages."""
     deps.nav = NAV + tuple((page.path, page.label) for page in pages)
     app = web.Application(middlewares=[guarded], client_max_size=64 * 1024)
     app[PORTAL] = deps
@@ -436,6 +478,9 @@ def build_app(deps: PortalDeps, pages: Sequence[ExtraPage] = ()) -> web.Applicat
     routes.add_post("/monthly-payment", signed_in(_action("amount", Holder.set_monthly_payment, "payment")))
     routes.add_post("/top-up", signed_in(_action("amount", Holder.top_up, "topup")))
     routes.add_post("/repay", signed_in(_action("", _repay, "repay")))
+    routes.add_get("/events", signed_in(events_page))
+    routes.add_get("/suppressed", signed_in(suppressed_page))
+    routes.add_post("/suppressed/remove", signed_in(remove_suppressed))
     for page in pages:
         routes.add_get(page.path, signed_in(page.handler))
     return app

@@ -6,7 +6,9 @@ numbers are that command's); changes go through the admin service acting as
 `portal:NAME`, so they follow the same rules and are audited like an operator's. Which
 changes an account may make itself follows its plan's model (docs/billing-models.md):
 the spending limit (D), the monthly email limit (E), the monthly payment and a top-up (B),
-repaying what is overdrawn (C).
+repaying what is overdrawn (C). The account's events and suppression list go through the
+same `AccountService` as the account's own API (docs/events.md), so taking an address off
+the list is audited as `account:NAME`, as it is through that API.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
 
 from mailmeter.metering.meter import Meter
+from mailmeter.metering.records import EventRecord, Suppression
 from mailmeter.policies.parts import ThresholdCharge
 from mailmeter.policies.periods import Period
 from mailmeter.policies.plan import Plan
 from mailmeter.policies.pricing import BlockPrice
-from mailmeter.service import AdminError, AdminService, NotFound
+from mailmeter.service import AccountService, AdminError, AdminService, NotFound
 
 Model = Literal["A", "B", "C", "D", "E"]
 PORTAL_ACTOR = "portal:"  # + the account name: the audit trail's actor for a holder's change
@@ -136,6 +139,28 @@ class Holder:
                 body["status"] = record.status
                 return body
         raise NotFound("there is no such invoice on this account (see Invoices)")
+
+    # -- events and the suppression list (the account's own API's service) --------------
+
+    @property
+    def own(self) -> AccountService:
+        """The account's own service, as its API token uses it (audited as `account:NAME`)."""
+        return self.service.for_account(self.name)
+
+    async def webhook(self) -> dict[str, Any] | None:
+        """The account's webhook (URL, kinds, when set), never its secret; None without one."""
+        return await self.own.webhook()
+
+    async def events(self, limit: int = 50) -> list[EventRecord]:
+        """The account's latest events, newest first, each with its delivery log."""
+        return await self.own.event_records(limit)
+
+    async def suppressions(self) -> list[Suppression]:
+        return await self.own.suppression_records()
+
+    async def remove_suppression(self, address: str) -> dict[str, Any]:
+        """Take `address` off this account's list: its next RCPT is accepted (and billed)."""
+        return await self.own.remove_suppression(address)
 
     # -- what the holder may change, by model ------------------------------------------
 

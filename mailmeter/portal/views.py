@@ -35,8 +35,11 @@ width:100%;max-width:20rem}button{font:inherit;padding:.45rem .9rem;border:0;bor
 color:#fff;cursor:pointer;margin-top:.4rem}header button{background:#334155;margin:0}
 .error{background:#fee2e2;border-color:#fca5a5}.notice{background:#dcfce7;border-color:#86efac}
 .chart{display:block;max-width:100%;height:auto}.muted{color:#52525b}
-@media (max-width:40rem){.screen tr{display:block;border-bottom:1px solid #e4e4e7;padding:.3rem 0}
-.screen td{display:block;border:0;padding:.1rem .3rem}.screen td:first-child{white-space:normal}main{padding:.5rem}}
+.wrap{overflow-wrap:anywhere}h3{font-size:1rem;margin:.2rem 0}.event{border-top:1px solid #e4e4e7;padding:.6rem 0}
+.event p{margin:.2rem 0}.attempts{font-size:.92rem}td form button{margin:0}
+@media (max-width:40rem){.screen tr,.stack tr{display:block;border-bottom:1px solid #e4e4e7;padding:.3rem 0}
+.screen td,.stack td{display:block;border:0;padding:.1rem .3rem}.screen td:first-child{white-space:normal}
+.stack thead{display:none}main{padding:.5rem}}
 @media print{header,form,.noprint{display:none}body{background:#fff}section{border:0}}
 """
 

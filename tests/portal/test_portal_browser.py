@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from tests.conftest import PASSWORD, RawSmtp
+from tests.conftest import PASSWORD, RawSmtp, free_port
 from tests.portal.harness import Portal, portal  # noqa: F401 (fixture)
-from tests.portal.test_portal_pages import DOCUMENTED_D_SCREEN
+from tests.portal.test_portal_pages import DOCUMENTED_D_SCREEN, suppress
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).parents[2] / "test-artifacts" / "screenshots"
@@ -147,9 +147,12 @@ async def test_one_account_cannot_reach_anothers_pages(browser: Browser, portal:
     portal.clock.now = datetime(2025, 12, 20, tzinfo=timezone.utc)
     await portal.relay.billing.close_due_periods()
     [invoice] = await portal.service.invoices("alice")
+    await suppress(portal, "alice", "alice-gone@dest.test")
+    await portal.service.set_webhook("alice", "https://hooks.test/alice-hook", ["payment"])
+    await portal.service.payment("alice", "failed", "alice-card declined")
     alice, alice_page = await signed_in(browser, portal, "alice")
     bob, bob_page = await signed_in(browser, portal, "bob")
-    urls = ["/usage", "/usage/chart.svg", "/invoices", f"/invoices/{invoice['id']}"]
+    urls = ["/usage", "/usage/chart.svg", "/invoices", f"/invoices/{invoice['id']}", "/events", "/suppressed"]
     for url in urls:
         response = await alice_page.goto(portal.url + url)
         assert response is not None and response.status == 200
@@ -158,6 +161,8 @@ async def test_one_account_cannot_reach_anothers_pages(browser: Browser, portal:
         assert "alice" not in await bob_page.content(), url
     response = await bob_page.goto(portal.url + f"/invoices/{invoice['id']}")
     assert response is not None and response.status == 404
+    await alice_page.goto(portal.url + "/suppressed")
+    assert "alice-gone@dest.test" in await alice_page.locator("#suppressions").inner_text()
     await alice.close()
     await bob.close()
 
@@ -175,6 +180,14 @@ async def test_every_page_at_a_phones_width_with_a_screenshot(browser: Browser, 
     for name in plans:
         await portal.send(name, 30_000, "newsletter")
         await portal.send(name, 5_000, "receipts")
+    # Long values for the Events and Suppressed pages: a webhook nothing answers (its errors
+    # in the delivery log) and long addresses.
+    nowhere = f"http://127.0.0.1:{free_port()}/a-rather-long-path/for-the-webhook-receiver/that-nothing-listens-on"
+    for address in ("nobody@dest.test", "a.very.long.mailbox.name.that.does.not.exist.anymore@subdomain.example.org"):
+        await suppress(portal, "d", address)
+    await portal.service.set_webhook("d", nowhere)
+    await portal.service.payment("d", "failed", "card declined by the issuing bank, please update the payment method")
+    await portal.relay.event_sender().send_due()
     context = await browser.new_context(viewport=PHONE)
     page = await context.new_page()
     await page.goto(portal.url + "/signin")
@@ -184,13 +197,40 @@ async def test_every_page_at_a_phones_width_with_a_screenshot(browser: Browser, 
     for name in plans:
         context, page = await signed_in(browser, portal, name, width=PHONE["width"])
         [invoice] = await portal.service.invoices(name)
-        for slug, url in (("usage", "/usage"), ("invoices", "/invoices"), ("invoice", f"/invoices/{invoice['id']}")):
+        urls = [("usage", "/usage"), ("invoices", "/invoices"), ("invoice", f"/invoices/{invoice['id']}")]
+        urls += [("events", "/events"), ("suppressed", "/suppressed")]
+        for slug, url in urls:
             response = await page.goto(portal.url + url)
             assert response is not None and response.status == 200, url
             await no_horizontal_overflow(page)
             await page.screenshot(path=str(SCREENSHOTS / f"{name}-{slug}.png"), full_page=True)
         await context.close()
-    assert len(list(SCREENSHOTS.glob("*.png"))) >= 16
+    assert len(list(SCREENSHOTS.glob("*.png"))) >= 26
+
+
+async def test_events_and_suppressed_pages_from_the_nav_and_a_removal(browser: Browser, portal: Portal) -> None:
+    await portal.add("d", "included-capped")
+    await suppress(portal, "d", "nobody@dest.test")
+    await suppress(portal, "d", "gone@dest.test")
+    await portal.service.set_webhook("d", f"http://127.0.0.1:{free_port()}/hook", ["payment"])
+    await portal.service.payment("d", "failed", "card declined")
+    await portal.relay.event_sender().send_due()  # nothing listens: an attempt without an answer
+    context, page = await signed_in(browser, portal, "d", width=PHONE["width"])
+    await page.click("header nav >> text=Events")
+    await page.wait_for_url("**/events")
+    assert "/hook" in await page.locator("#webhook").inner_text()
+    log = await page.locator("article.event table.attempts").inner_text()
+    assert "no answer" in log and "Connect" in log
+    await page.click("header nav >> text=Suppressed")
+    await page.wait_for_url("**/suppressed")
+    assert await page.locator("#suppressions tbody tr").count() == 2
+    await page.click("button[aria-label='Remove nobody@dest.test']")
+    await page.wait_for_url("**/suppressed?removed=*")
+    assert "nobody@dest.test is no longer suppressed" in await page.locator("[role=status]").inner_text()
+    assert await page.locator("#suppressions tbody tr").count() == 1
+    assert [s["address"] for s in await portal.service.suppressions("d")] == ["gone@dest.test"]
+    await no_horizontal_overflow(page)
+    await context.close()
 
 
 async def test_the_invoice_prints_without_the_pages_chrome(browser: Browser, portal: Portal) -> None:

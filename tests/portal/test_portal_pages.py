@@ -4,6 +4,7 @@ another's data. The same in a real browser: tests/portal/test_portal_browser.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import hashlib
@@ -22,6 +23,7 @@ import trustme
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream
 from tests.portal.harness import FixedClock, Holder, Portal, holders, portal, portal_overrides  # noqa: F401 (fixtures)
 from tests.test_billing_live import SECRET, PaymentServer, payments  # noqa: F401 (fixture)
+from tests.test_events_suppression import Receiver, receiver  # noqa: F401 (fixture)
 
 DOCUMENTED_D_SCREEN = [
     "Pro 100k",
@@ -138,6 +140,7 @@ FORMS = [
     ("/monthly-payment", {"amount": "150.00"}),
     ("/top-up", {"amount": "5.00"}),
     ("/repay", {}),
+    ("/suppressed/remove", {"address": "nobody@dest.test"}),
 ]
 
 
@@ -295,6 +298,9 @@ async def test_one_account_never_reaches_anothers_data(portal: Portal, holders: 
     alice, bob = holders(), holders()
     await alice.sign_in("alice")
     await bob.sign_in("bob")
+    await suppress(portal, "alice", "alice-gone@dest.test")
+    await portal.service.set_webhook("alice", "https://hooks.test/alice-hook", ["payment"])
+    await portal.service.payment("alice", "failed", "alice-card declined")
     urls = [
         "/",
         "/usage",
@@ -302,12 +308,15 @@ async def test_one_account_never_reaches_anothers_data(portal: Portal, holders: 
         "/invoices",
         f"/invoices/{invoice['id']}",
         f"/invoices/{invoice['id']}.csv",
+        "/events",
+        "/suppressed",
     ]
     for url in urls:  # every URL alice has, with bob's session
         assert (await alice.get(url))[0] in (200, 303)
         status, page = await bob.get(url)
         assert "alice" not in page and invoice["id"] not in page, url
         assert status in (200, 303, 404), url
+    assert "alice-hook" in (await alice.get("/events"))[1] and "alice-gone" in (await alice.get("/suppressed"))[1]
     assert (await bob.get(f"/invoices/{invoice['id']}"))[0] == 404
     assert (await bob.get(f"/invoices/{invoice['id']}.csv"))[0] == 404
     await bob.get("/usage")
@@ -315,6 +324,9 @@ async def test_one_account_never_reaches_anothers_data(portal: Portal, holders: 
     assert (await portal.service.usage("alice"))["spending_limit"] == "599.00"
     assert (await portal.service.usage("bob"))["spending_limit"] == "42.00"
     assert (await bob.post("/limits/spending", {"amount": "43.00"}, csrf=alice.csrf))[0] == 403
+    status, page = await bob.post("/suppressed/remove", {"address": "alice-gone@dest.test"})
+    assert status == 404 and "not on the suppression list" in page and "alice" not in page.replace("alice-gone", "")
+    assert [s["address"] for s in await portal.service.suppressions("alice")] == ["alice-gone@dest.test"]
 
 
 async def test_over_tls_the_session_cookie_is_secure(
@@ -445,3 +457,123 @@ async def test_an_account_name_with_url_characters_reaches_its_invoice(
 
 
 NOW_NOV = datetime(2025, 11, 6, 12, tzinfo=timezone.utc)
+
+
+# -- events and suppression (docs/events.md) ------------------------------------------------
+
+NOT_EXIST = "550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unknown"
+
+
+async def suppress(portal: Portal, name: str, address: str, reply: str = NOT_EXIST) -> None:
+    """An email of `name` to `address` that hard-bounced as "does not exist", as the relay records it."""
+    assert await portal.send(name, 1) == 1
+    queue_id = f"P{name}{portal.sent:06d}"
+    code, enhanced = reply.split()[:2]
+    assert await portal.relay.meter.record_result(queue_id, address, "hard_bounced", reply, int(code), enhanced)
+
+
+def attempt_rows(page: str, event: str) -> list[list[str]]:
+    """The delivery log of event `event` on the Events page: [attempt, time, HTTP status, error] per row."""
+    found = re.search(rf'<article class="event" id="{event}".*?</article>', page, re.S)
+    assert found is not None, page
+    rows = re.findall(r"<tr>(<td.*?)</tr>", found.group(0), re.S)
+    return [[html.unescape(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in rows]
+
+
+async def test_the_events_page_shows_the_webhook_and_each_delivery_attempt(
+    portal: Portal, holders: Callable[[], Holder], receiver: Receiver
+) -> None:
+    await portal.add("d", "included-capped")
+    receiver.fail = 1  # 500, then 200
+    url = await receiver.start()
+    hook = await portal.service.set_webhook("d", url, ["payment", "bounced"])
+    receiver.secret = hook["secret"]
+    await portal.service.payment("d", "failed", "card declined")
+    [event] = await portal.service.events("d")
+    holder = holders()
+    await holder.sign_in("d")
+    status, page = await holder.get("/events")
+    assert status == 200 and 'href="/events" aria-current=page' in page
+    assert html.escape(url) in page and "Bounced, Payment" in page and hook["secret"] not in page
+    assert "payment_state: failed; detail: card declined" in page and "Not sent yet" in page
+    sender = portal.relay.event_sender()
+
+    async def attempts(count: int) -> None:
+        for _ in range(200):
+            if len((await portal.service.events("d"))[0]["attempts"]) >= count:
+                return
+            await sender.send_due()
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no attempt {count}")
+
+    await attempts(1)
+    status, page = await holder.get("/events")
+    [first] = attempt_rows(page, event["id"])
+    assert (
+        first[0] == "1"
+        and first[1] == "2025-12-20 12:00:00 UTC"
+        and first[2:] == ["500", "HTTP 500 Internal Server Error"]
+    )
+    assert "to be retried at 2025-12-20 12:00:30 UTC" in page  # events.first_delay
+    portal.clock.now = NOW_RETRY
+    await attempts(2)
+    status, page = await holder.get("/events")
+    assert attempt_rows(page, event["id"])[1] == ["2", "2025-12-20 12:05:00 UTC", "200", "-"]
+    assert 'data-status="delivered"' in page and "delivered to your webhook" in page
+    assert receiver.answered == [500, 200] and len(receiver.events()) == 2  # signed, verified
+
+
+async def test_the_events_page_without_a_webhook(portal: Portal, holders: Callable[[], Holder]) -> None:
+    await portal.add("d", "included-capped")
+    await portal.service.payment("d", "failed", "card declined")  # no webhook: nothing recorded
+    holder = holders()
+    await holder.sign_in("d")
+    status, page = await holder.get("/events")
+    assert status == 200 and "No webhook is set" in page and "No events yet" in page
+
+
+async def test_a_suppressed_address_removed_in_the_portal_is_accepted_by_an_open_smtp_session(
+    portal: Portal, holders: Callable[[], Holder]
+) -> None:
+    await portal.add("d", "included-capped")
+    await suppress(portal, "d", "nobody@dest.test")
+    await suppress(portal, "d", "bad@dest.test", "553 5.1.3 <bad@dest.test>: bad address syntax")
+    holder = holders()
+    await holder.sign_in("d")
+    status, page = await holder.get("/suppressed")
+    rows = re.findall(r"<tr><td class=\"wrap\"><strong>(.*?)</strong></td><td>(.*?)</td><td>(.*?)<div", page)
+    assert status == 200 and 'href="/suppressed" aria-current=page' in page
+    assert rows == [
+        ("bad@dest.test", "2025-12-20", "Invalid email: the address is malformed"),
+        ("nobody@dest.test", "2025-12-20", "Invalid email: the address does not exist"),
+    ]
+    assert html.escape(NOT_EXIST) in page and page.count(">Remove</button>") == 2
+    smtp = await RawSmtp.open(portal.relay.port)
+    try:
+        await smtp.reply()
+        await smtp.command("EHLO client.test")
+        assert (await smtp.command(f"AUTH PLAIN {plain('d')}")).code == 235
+        assert (await smtp.command("MAIL FROM:<app@d.example>")).code == 250
+        refused = await smtp.command("RCPT TO:<nobody@dest.test>")
+        assert refused.code == 550 and "5.1.1" in refused.text and "suppressed" in refused.text
+        for csrf in (None, "forged"):  # the Remove form without the session's token: nothing happens
+            status, page = await holder.post("/suppressed/remove", {"address": "nobody@dest.test"}, csrf=csrf)
+            assert status == 403 and "did not come from this site" in page
+        assert (await smtp.command("RCPT TO:<nobody@dest.test>")).code == 550
+        removed = await holder.post("/suppressed/remove", {"address": "nobody@dest.test"})
+        assert removed == (303, "/suppressed?removed=nobody@dest.test")
+        assert (await smtp.command("RCPT TO:<nobody@dest.test>")).code == 250  # the same session, live
+    finally:
+        smtp.close()
+    assert [s["address"] for s in await portal.service.suppressions("d")] == ["bad@dest.test"]
+    status, page = await holder.get("/suppressed?removed=nobody@dest.test")
+    assert "nobody@dest.test is no longer suppressed" in page and page.count(">Remove</button>") == 1
+    [event] = [a for a in await portal.service.audit("d") if a["action"] == "suppression.remove"]
+    assert event["actor"] == "account:d" and event["detail"] == {"address": "nobody@dest.test"}
+    status, page = await holder.post("/suppressed/remove", {"address": "nobody@dest.test"})  # gone already
+    assert status == 404 and 'role="alert"' in page and "not on the suppression list" in page
+    status, page = await holder.post("/suppressed/remove", {"address": "no at sign"})
+    assert status == 400 and "is not an email address" in page
+
+
+NOW_RETRY = datetime(2025, 12, 20, 12, 5, tzinfo=timezone.utc)
