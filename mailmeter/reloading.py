@@ -23,16 +23,19 @@ NEEDS_RESTART: tuple[str, ...] = (
 )
 
 
+LIST_SECTIONS = ("listen", "upstream")  # one mapping, or a list of them
+
+
 def needs_restart(key: str) -> bool:
     """Whether a change to the dotted config `key` needs a restart."""
     return any(key == prefix or key.startswith(prefix + ".") for prefix in NEEDS_RESTART)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} for every leaf of a nested mapping. A list of mappings (`listen`,
-    `upstream`) is named as the config spells it: one item as the mapping itself
-    (`listen.port`), several by position (`listen.1.port`); any other list is a leaf."""
-    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+    """{"a.b": value} for every leaf of a nested mapping. The sections that may be a list
+    (`listen`, `upstream`) are named as the config spells them: one item as the mapping
+    itself (`listen.port`), several by position (`listen.1.port`); any other list is a leaf."""
+    if prefix in LIST_SECTIONS and isinstance(data, list) and data and all(isinstance(i, dict) for i in data):
         if len(data) == 1:
             return flatten(data[0], prefix)
         leaves: dict[str, Any] = {}

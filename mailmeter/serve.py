@@ -93,6 +93,11 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
     log = structlog.get_logger("mailmeter")
     notifier = Notifier()
     config = worker_config(config, worker or 0)
+    loop = asyncio.get_running_loop()
+    # A SIGHUP while the node starts (a reload right after start-up) is kept and applied once
+    # it serves, never the signal's default action, which would end the process.
+    early_hups: list[int] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: early_hups.append(1))
     try:
         relay = build_relay(config, primary=not worker)
         await relay.start()
@@ -108,7 +113,6 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
             config.node.name,
         )
         return EXIT_STARTUP
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -138,6 +142,8 @@ async def serve(path: Path, config: Config, worker: int | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    if early_hups:
+        on_hup()
     watchdog = asyncio.create_task(notifier.watchdog())
     # Everything built so far (modules, config, plans) lives as long as the process: out of
     # the collector's sight, a full collection no longer walks it. Those walks were 25-52 ms
