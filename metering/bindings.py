@@ -12,6 +12,7 @@ first hit, whatever the number of bindings.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,9 +33,9 @@ class Bindings:
         """Among bindings of the same network, the first row's account wins."""
         tables: dict[tuple[int, int], dict[int, str]] = {}
         for network, name in rows:
-            net = ipaddress.ip_network(network, strict=False)
-            table = tables.setdefault((net.version, net.prefixlen), {})
-            table.setdefault(int(net.network_address), name)
+            version, address, prefix = _parse(network)
+            table = tables.setdefault((version, prefix), {})
+            table.setdefault(address & _mask(version, prefix), name)
         groups = tuple(
             (version, prefix, _mask(version, prefix), tables[version, prefix])
             for version, prefix in sorted(tables, key=lambda key: key[1], reverse=True)
@@ -50,6 +51,25 @@ class Bindings:
                 if name is not None:
                     return name
         return None
+
+
+def _parse(network: str) -> tuple[int, int, int]:
+    """(IP version, address as an integer, prefix length) of a stored network ("198.18.0.5/32").
+
+    inet_pton, not ipaddress: 10,000 bindings parse in milliseconds, not a fifth of a
+    second of the event loop's time. Anything inet_pton does not take goes to ipaddress.
+    """
+    address, _, prefix = network.partition("/")
+    family, version = (socket.AF_INET6, 6) if ":" in address else (socket.AF_INET, 4)
+    try:
+        value = int.from_bytes(socket.inet_pton(family, address), "big")
+        length = int(prefix) if prefix else _BITS[version]
+        if not 0 <= length <= _BITS[version]:
+            raise ValueError(network)
+    except (OSError, ValueError):
+        net = ipaddress.ip_network(network, strict=False)
+        return net.version, int(net.network_address), net.prefixlen
+    return version, value, length
 
 
 def _mask(version: int, prefix: int) -> int:
