@@ -45,6 +45,7 @@ from code_under_test import module  # noqa: E402
 
 BENCH = Path(__file__).resolve()
 CLIENT = "127.0.0.1"
+NETWORKS_TTL = 2.0  # metering/meter.py's: a relay process reads the bound networks at most this often
 
 
 def proc_io() -> dict[str, int]:
@@ -55,8 +56,16 @@ def proc_io() -> dict[str, int]:
     return fields
 
 
-async def one_run(directory: Path, warmup: int, messages: int) -> dict[str, float]:
-    """Open the store in `directory` (a fixture copy or nothing), run warm-up and measured messages."""
+async def one_run(
+    directory: Path, warmup: int, messages: int, reloads: int = 0, frozen: bool = False
+) -> dict[str, float]:
+    """Open the store in `directory` (a fixture copy or nothing), run warm-up and measured messages.
+
+    `reloads`: after the messages, read the bound networks again that many times (each as
+    a connection after NETWORKS_TTL would). `frozen`: no reload while the messages run
+    (under callgrind a message takes 50 times as long, so the every-2-seconds reload would
+    land 50 times as often per message as in real time; it is counted apart instead).
+    """
     import uvloop  # noqa: F401  (the loop the relay runs on; asyncio.run below is given it)
 
     Meter = module("metering.meter").Meter
@@ -64,6 +73,9 @@ async def one_run(directory: Path, warmup: int, messages: int) -> dict[str, floa
     parse_plan = module("policies.plans").parse_plan
     new_queue_id = module("relay.delivery").new_queue_id
 
+    meter_module = module("metering.meter")
+    if frozen:
+        meter_module.NETWORKS_TTL = 1e9
     store = SqliteStore(directory / "meter.db")
     meter = Meter(store, {"bench": parse_plan("bench", {"email_quota": 1_000_000_000})}, node="bench")
     await store.open()
@@ -89,6 +101,9 @@ async def one_run(directory: Path, warmup: int, messages: int) -> dict[str, floa
         for number in range(warmup, warmup + messages):
             await message(number)
         io_after, cpu_after, wall_after = proc_io(), time.process_time(), time.perf_counter()
+        for _ in range(reloads):
+            meter._networks = (meter._networks[0] - 1e10, meter._networks[1])  # as if NETWORKS_TTL had passed
+            assert await meter.account_for_client(CLIENT) == "bench"
     finally:
         await store.close()
     per = max(messages, 1)
@@ -138,6 +153,13 @@ def compare(args: argparse.Namespace) -> None:
             prepare(kind, args.dir, args.accounts, args.events)
             native[kind].append(child(args, ["--messages", str(args.messages), "--warmup", str(args.warmup)]))
             print(f"  round {round_ + 1} {kind}: {native[kind][-1]}", flush=True)
+    if args.rounds > 0:
+        print_native(args, native)
+    if args.callgrind:
+        count_instructions(args)
+
+
+def print_native(args: argparse.Namespace, native: dict[str, list[dict[str, float]]]) -> None:
     print(f"\n== meter path per message, native, {args.messages} messages after {args.warmup} warm-up, in process")
     print(f"{'':<24}{'empty':>12}{'big':>12}{'big/empty':>11}")
     for key in ("read_syscalls", "write_syscalls", "read_bytes", "written_bytes", "cpu_ms", "wall_ms"):
@@ -149,22 +171,41 @@ def compare(args: argparse.Namespace) -> None:
             f"{key:<24}{min(empty):>12.3f}{min(big):>12.3f}{best:>10.3f}x"
             f"   pairs: {', '.join(f'{r:.3f}' for r in ratios)}"
         )
-    if not args.callgrind:
-        return
+
+
+def count_instructions(args: argparse.Namespace) -> None:
+    stores = ("empty", "big")
     counts: dict[str, float] = {}
+    reload_counts: dict[str, float] = {}
+    runs = {"base": (0, 0), "messages": (args.callgrind_messages, 0), "reloads": (0, args.callgrind_reloads)}
     for kind in stores:
-        totals = []
-        for messages in (0, args.callgrind_messages):
+        totals = {}
+        for label, (messages, reloads) in runs.items():
             prepare(kind, args.dir, args.accounts, args.events)
-            out = args.dir / f"callgrind.{kind}.{messages}.out"
-            run = child(args, ["--messages", str(messages), "--warmup", str(args.warmup)], out)
-            totals.append(run["instructions"])
-            print(f"  callgrind {kind}, {messages} messages: {run['instructions']:,} instructions ({out})", flush=True)
-        counts[kind] = (totals[1] - totals[0]) / args.callgrind_messages
-    print(f"\n== instructions per message (callgrind, {args.callgrind_messages} messages, difference of two runs)")
-    print(f"empty store: {counts['empty']:,.0f}")
-    print(f"big store:   {counts['big']:,.0f}")
-    print(f"big/empty:   {counts['big'] / counts['empty']:.3f}x")
+            out = args.dir / f"callgrind.{kind}.{label}.out"
+            extra = ["--messages", str(messages), "--warmup", str(args.warmup), "--reloads", str(reloads), "--frozen"]
+            run = child(args, extra, out)
+            totals[label] = run["instructions"]
+            print(
+                f"  callgrind {kind}, {messages} messages, {reloads} reloads:"
+                f" {run['instructions']:,} instructions ({out})",
+                flush=True,
+            )
+        counts[kind] = (totals["messages"] - totals["base"]) / args.callgrind_messages
+        reload_counts[kind] = (totals["reloads"] - totals["base"]) / args.callgrind_reloads
+    print(f"\n== instructions (callgrind; differences of runs with and without {args.callgrind_messages} messages)")
+    print(f"{'':<34}{'empty':>14}{'big':>14}{'big/empty':>11}")
+    print(
+        f"{'per message':<34}{counts['empty']:>14,.0f}{counts['big']:>14,.0f}{counts['big'] / counts['empty']:>10.3f}x"
+    )
+    print(f"{'per reload of the bound networks':<34}{reload_counts['empty']:>14,.0f}{reload_counts['big']:>14,.0f}")
+    for rate in (100, 300):
+        share = {kind: reload_counts[kind] / (rate * NETWORKS_TTL) for kind in stores}
+        total = {kind: counts[kind] + share[kind] for kind in stores}
+        print(
+            f"{f'per message with reloads, {rate}/s':<34}{total['empty']:>14,.0f}{total['big']:>14,.0f}"
+            f"{total['big'] / total['empty']:>10.3f}x   (a reload every {NETWORKS_TTL:g} s per relay process)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="native runs per store, alternating")
     parser.add_argument("--callgrind", action="store_true", help="also count instructions under callgrind")
     parser.add_argument("--callgrind-messages", type=int, default=300)
+    parser.add_argument("--callgrind-reloads", type=int, default=20)
+    parser.add_argument("--reloads", type=int, default=0, help="with --one: reloads of the bound networks after")
+    parser.add_argument("--frozen", action="store_true", help="with --one: no reload while the messages run")
     parser.add_argument("--accounts", type=int, default=big_store.DEFAULT_ACCOUNTS)
     parser.add_argument("--events", type=int, default=big_store.DEFAULT_EVENTS)
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
@@ -185,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(args.store, args.dir, args.accounts, args.events)
         import uvloop
 
-        print(json.dumps(uvloop.run(one_run(args.dir, args.warmup, args.messages))))
+        print(json.dumps(uvloop.run(one_run(args.dir, args.warmup, args.messages, args.reloads, args.frozen))))
         return 0
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,14 @@ import sqlite3
 from pathlib import Path
 
 import aiosmtplib
+import asyncpg
 
+from mailmeter.metering.meter import Meter
+from mailmeter.metering.postgres import PgStore
 from mailmeter.node import Relay
+from mailmeter.policies import parse_plans
 from tests.conftest import PASSWORD, RawSmtp, RelayHarness, Upstream, add_account
+from tests.pgserver import PG_URL, isolated_schema
 
 MESSAGE = b"From: app@example.com\r\nTo: a@dest.test\r\nSubject: plans\r\n\r\nhello\r\n"
 
@@ -147,3 +152,89 @@ def test_the_check_sees_a_scan() -> None:
     }
     assert plans["SELECT * FROM t WHERE other = 'x'"] == ["SCAN t"]
     assert plans["SELECT * FROM t WHERE id = 'x'"][0].startswith("SEARCH t USING INDEX")
+
+
+# -- PostgreSQL: the same calls, the same rule -------------------------------------------------
+
+
+class PgStatementLog:
+    """Every statement the PostgreSQL store's pooled connections run, with its arguments."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, tuple[object, ...]]] = []
+        self.recording = False
+
+    def __call__(self, record: asyncpg.connection.LoggedQuery) -> None:
+        # pg_advisory_unlock_all(): the pool's reset of a connection it takes back, not the store's.
+        if self.recording and _DML.match(record.query) and "pg_advisory_unlock_all" not in record.query:
+            self.statements.append((record.query, tuple(record.args)))
+
+    def attach(self, store: PgStore) -> None:
+        pool = store._pool
+        assert pool is not None
+        for holder in pool._holders:  # connections open now, and every one the pool opens later
+            if holder._con is not None:
+                holder._con.add_query_logger(self)
+        previous = pool._init
+
+        async def init(connection: asyncpg.Connection) -> None:
+            if previous is not None:
+                await previous(connection)
+            connection.add_query_logger(self)
+
+        pool._init = init
+
+
+async def test_no_statement_of_a_message_scans_a_table_on_postgresql() -> None:
+    """The meter's calls for messages on the PostgreSQL store (a fresh schema of the real
+    server): each statement's plan with sequential scans priced out (enable_seqscan = off),
+    so that a table the planner still reads whole is one no index can serve."""
+    async with isolated_schema() as schema:
+        store = PgStore(PG_URL, server_settings={"search_path": schema})
+        meter = Meter(store, parse_plans({"small": {"email_quota": 1000}}), node="n1")
+        await store.open()
+        try:
+            await meter.add_account("app", None, "small", ["example.com"], ["127.0.0.0/8"])
+            await meter.add_account("other", None, "small", ["other.test"], ["192.0.2.0/24"])
+            log = PgStatementLog()
+            log.attach(store)
+            log.recording = True
+            for number, result in enumerate(("delivered", "hard_bounced", "deferred")):
+                name = await meter.account_for_client("127.0.0.1")
+                assert name == "app"
+                assert (await meter.mail_check(name))[1] is None
+                grant = await meter.reserve(name, None, 1)
+                assert grant.granted == 1
+                await meter.commit(grant.hold_id, f"Q{number}", 1, account=name)
+                code = {"delivered": 250, "hard_bounced": 550, "deferred": 450}[result]
+                await meter.record_result(f"Q{number}", f"r{number}@dest.test", result, "reply", code)
+            given_up = await meter.reserve("app", None, 1)
+            await meter.release(given_up.hold_id)
+            log.recording = False
+            assert (await meter.usage("app")).usage.accepted == 3
+            statements = {}  # each statement once, with the arguments it first ran with
+            for query, args in log.statements:
+                statements.setdefault(query, args)
+            for fragment in ("INSERT INTO holds", "INSERT INTO messages", "recipient_results"):
+                assert any(fragment in query for query in statements), fragment
+            scanning = {}
+            admin = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+            try:
+                await admin.execute("SET enable_seqscan = off")
+                for query, args in statements.items():
+                    if any(allowed.match(query) for allowed in WHOLE_TABLE_READS):
+                        continue
+                    plan = [row[0] for row in await admin.fetch(f"EXPLAIN {query}", *args)]
+                    seq = [line.strip() for line in plan if "Seq Scan" in line]
+                    if seq:
+                        scanning[query] = seq
+                # The check itself: a column no index serves is still read whole.
+                unindexed = await admin.fetch("EXPLAIN SELECT 1 FROM recipient_results WHERE detail = 'x'")
+                assert any("Seq Scan" in row[0] for row in unindexed)
+            finally:
+                await admin.close()
+            assert not scanning, "statements of a message that read a whole table:\n" + "\n".join(
+                f"{q}\n  -> {found}" for q, found in scanning.items()
+            )
+        finally:
+            await store.close()
