@@ -183,6 +183,11 @@ PG_MIGRATIONS: list[str] = [
     UPDATE accounts SET settled_through = (SELECT MAX(i.period_key) FROM invoices i WHERE i.account_id = accounts.id);
     UPDATE accounts SET credited_through = settled_through;
     """,
+    # 13: an account's messages by period (sqlite/schema.py's 13: a period's results by region
+    # or sub-type no longer read every result ever recorded).
+    """
+    CREATE INDEX messages_by_account ON messages (account_id, period_key);
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in
