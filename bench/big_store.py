@@ -94,6 +94,15 @@ def fill(path: Path, accounts: int, events: int, now: datetime) -> None:
         db.execute("PRAGMA synchronous = OFF")
         db.execute("PRAGMA cache_size = -1048576")  # 1 GiB while loading
         db.execute("BEGIN")
+        # The big tables' own indexes (not their keys) are built after the rows are in, at
+        # once, instead of one random insert per row (schema 13's messages_by_account took
+        # the build from 40 s to 11 minutes).
+        indexes = db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            " AND tbl_name IN ('messages', 'recipient_results')"
+        ).fetchall()
+        for name, _ in indexes:
+            db.execute(f'DROP INDEX "{name}"')
         numbers = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
         db.execute(
             "INSERT INTO accounts (id, name, plan, subscribed_on, created_at, settled_through, credited_through)"
@@ -151,6 +160,8 @@ def fill(path: Path, accounts: int, events: int, now: datetime) -> None:
             " SELECT 'invoice-' || id, account_id, period_key, 'invoice', 0, 0, 'invoice ' || id, issued_at,"
             " 'succeeded', issued_at FROM invoices"
         )
+        for _, sql in indexes:
+            db.execute(sql)
         db.execute("COMMIT")
         db.execute("PRAGMA journal_mode = WAL")  # as the store keeps it
     finally:
