@@ -282,7 +282,7 @@ class Meter:
         self.node = node
         self.region = region
         self.clock = clock
-        self._networks: tuple[float, Bindings] | None = None
+        self._networks: tuple[float, Bindings, int] | None = None  # (read at, bindings, their version)
         self._identities: dict[str, Account] = {}
         self._periods: dict[tuple[PeriodSpec, date | None], Period] = {}
         self.leases: LeaseBook | None = None
@@ -441,11 +441,15 @@ class Meter:
             return None
         now = monotonic()
         if self._networks is None or now - self._networks[0] > NETWORKS_TTL:
-            rows = tuple((network, name) for network, name in await self.store.all_networks())
-            known = self._networks[1] if self._networks is not None else None
-            # Parsed again only when a binding changed: 10,000 of them take a tenth of a second.
-            bindings = known if known is not None and known.rows == rows else Bindings.build(rows)
-            self._networks = (now, bindings)
+            # Read whole only when their version changed: 10,000 bindings cost more to read
+            # than a message's metering, every NETWORKS_TTL. Read after the version, so a
+            # change between the two reads is read again next time, never missed.
+            version = await self.store.networks_version()
+            if self._networks is not None and self._networks[2] == version:
+                bindings = self._networks[1]
+            else:
+                bindings = Bindings.build([(network, name) for network, name in await self.store.all_networks()])
+            self._networks = (now, bindings, version)
         return self._networks[1].lookup(ip)
 
     # -- admin changes that take effect at the next SMTP command -----------------

@@ -220,3 +220,8 @@ class PgAccounts(PgHolds):
             "SELECT n.network, a.name FROM account_networks n JOIN accounts a ON a.id = n.account_id"
         )
         return [(row[0], row[1]) for row in rows]
+
+    async def networks_version(self) -> int:
+        """Changes whenever a bound network or its account's name does (schema 13's triggers)."""
+        row = await self._fetchrow("SELECT version FROM network_bindings_version")
+        return int(row[0]) if row is not None else 0

@@ -184,9 +184,22 @@ PG_MIGRATIONS: list[str] = [
     UPDATE accounts SET credited_through = settled_through;
     """,
     # 13: an account's messages by period (sqlite/schema.py's 13: a period's results by region
-    # or sub-type no longer read every result ever recorded).
+    # or sub-type no longer read every result ever recorded), and the bound networks' version,
+    # bumped by triggers on any change to them or to an account's name or existence.
     """
     CREATE INDEX messages_by_account ON messages (account_id, period_key);
+    CREATE TABLE network_bindings_version (version BIGINT NOT NULL);
+    INSERT INTO network_bindings_version (version) VALUES (0);
+    CREATE FUNCTION bump_network_bindings_version() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE network_bindings_version SET version = version + 1;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER networks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON account_networks
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_network_bindings_version();
+    CREATE TRIGGER accounts_renamed AFTER UPDATE OF name OR DELETE OR TRUNCATE ON accounts
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_network_bindings_version();
     """,
 ]
 
