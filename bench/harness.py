@@ -128,7 +128,9 @@ class Settings:
 
 
 def pipelining_mode(value: str) -> str:
-    """BENCH_PIPELINING: empty or 0: off; 1 or on: always pipeline; auto: where the server offers it."""
+    """BENCH_PIPELINING: empty or 0: smtp-source (lockstep); 1 or on: smtpload.py always pipelining;
+    auto: where the server offers it; lockstep: smtpload.py without pipelining (the A/B partner of 1:
+    the same client, only the command pattern differs)."""
     value = value.strip().lower()
     if value in ("", "0", "off", "no"):
         return ""
@@ -136,7 +138,9 @@ def pipelining_mode(value: str) -> str:
         return "on"
     if value == "auto":
         return "auto"
-    raise SystemExit(f"BENCH_PIPELINING={value!r}: use 1 (always), auto (where offered) or 0")
+    if value == "lockstep":
+        return "off"
+    raise SystemExit(f"BENCH_PIPELINING={value!r}: use 1 (always), auto (where offered), lockstep or 0")
 
 
 @dataclass
