@@ -78,6 +78,8 @@ class Settings:
     out: Path | None = None
     prefill_accounts: int = 0
     prefill_events: int = 0
+    store_fixture: str = ""  # BENCH_STORE_FIXTURE: "big" or ACCOUNTSxEVENTS (bench/big_store.py)
+    pipelining: str = ""  # BENCH_PIPELINING: "" (smtp-source, lockstep), "on" or "auto" (smtpload.py pipelining)
     mailmeter_processes: int = 1
     # BENCH_MAILMETER_INLINE: 1 spool.inline on, 0 off (issue 19 item 3; a revision that has it); unset: its default
     mailmeter_inline: bool | None = None
@@ -115,6 +117,8 @@ class Settings:
             out=Path(out) if out else None,
             prefill_accounts=env_int("BENCH_PREFILL_ACCOUNTS", 0),
             prefill_events=env_int("BENCH_PREFILL_EVENTS", 0),
+            store_fixture=os.environ.get("BENCH_STORE_FIXTURE", "").strip(),
+            pipelining=pipelining_mode(os.environ.get("BENCH_PIPELINING", "")),
             mailmeter_processes=env_int("BENCH_MAILMETER_PROCESSES", os.cpu_count() or 1),
             mailmeter_inline=(
                 None if os.environ.get("BENCH_MAILMETER_INLINE", "") == "" else env_int("BENCH_MAILMETER_INLINE", 0) > 0
@@ -126,6 +130,22 @@ class Settings:
             redis_port=int(redis_port),
             haraka_redis_db=env_int("BENCH_HARAKA_REDIS_DB", 4),
         )
+
+
+def pipelining_mode(value: str) -> str:
+    """BENCH_PIPELINING: empty or 0: smtp-source (lockstep); 1 or on: smtpload.py always pipelining;
+    auto: where the server offers it; lockstep: smtpload.py without pipelining (the A/B partner of 1:
+    the same client, only the command pattern differs)."""
+    value = value.strip().lower()
+    if value in ("", "0", "off", "no"):
+        return ""
+    if value in ("1", "on", "yes"):
+        return "on"
+    if value == "auto":
+        return "auto"
+    if value == "lockstep":
+        return "off"
+    raise SystemExit(f"BENCH_PIPELINING={value!r}: use 1 (always), auto (where offered), lockstep or 0")
 
 
 @dataclass
@@ -217,6 +237,8 @@ def smtpload(port: int, messages: int, settings: Settings, timeout: float) -> di
         "--to",
         RECIPIENT,
     ]
+    if settings.pipelining:
+        argv += ["--pipelining", settings.pipelining]
     done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
     try:
         summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -232,7 +254,15 @@ def throughput_pass(server: Server, sink: SmtpSink, port: int, settings: Setting
     """smtp-source for accepted/s; the sink's count for delivered/s; the server's CPU time."""
     cpu_before, busy_before = cpu_seconds(server.roots()), machine_busy_seconds()
     started = time.monotonic()
-    result.accept_seconds = smtp_source(port, settings.messages, settings, settings.delivery_timeout)
+    if settings.pipelining:
+        # smtp-source cannot pipeline: the pipelining client drives this pass too.
+        load = smtpload(port, settings.messages, settings, settings.delivery_timeout)
+        if load.get("errors"):
+            raise ServiceError(f"smtpload.py (pipelining) failed: {load.get('first_errors')}")
+        result.accept_seconds = float(load["wall_s"])
+        result.notes.append(f"throughput pass by smtpload.py, {load.get('pipelined')} messages pipelined")
+    else:
+        result.accept_seconds = smtp_source(port, settings.messages, settings, settings.delivery_timeout)
     result.accepted_per_s = settings.messages / result.accept_seconds
     server.check_alive()
     arrived = sink.wait_for(settings.messages, settings.delivery_timeout)
@@ -323,6 +353,7 @@ def run_mailmeter(settings: Settings, ports: PortAllocator, ledger: ProcessLedge
         prefill_events=settings.prefill_events,
         processes=settings.mailmeter_processes,
         inline_spool=settings.mailmeter_inline,
+        store_fixture=settings.store_fixture,
     )
 
     def start(sink_port: int) -> Server:
@@ -429,7 +460,10 @@ def measure_ceilings(settings: Settings, ports: PortAllocator, ledger: ProcessLe
     sink = SmtpSink(ledger, ports.take(), settings.workdir / "sink-ceiling.log")
     try:
         sink.start()
-        wall = smtp_source(sink.port, settings.messages, settings, settings.delivery_timeout)
+        if settings.pipelining:
+            wall = float(smtpload(sink.port, settings.messages, settings, settings.delivery_timeout)["wall_s"])
+        else:
+            wall = smtp_source(sink.port, settings.messages, settings, settings.delivery_timeout)
         ceilings.smtp_source_per_s = settings.messages / wall
         if settings.latency_messages > 0:
             ceilings.smtpload = smtpload(sink.port, settings.latency_messages, settings, settings.delivery_timeout)
@@ -576,6 +610,13 @@ def print_report(settings: Settings, ceilings: Ceilings, results: Sequence[Measu
         f"== load: {settings.sessions} sessions, {settings.size}-byte messages, {settings.messages} messages "
         f"(latency pass: {settings.latency_messages}), loopback, {os.cpu_count()} CPUs"
     )
+    if settings.pipelining:
+        print(
+            f"== pipelining clients (BENCH_PIPELINING={settings.pipelining}): smtpload.py drives both passes, "
+            "MAIL, RCPT and DATA in one write; the first row is smtpload.py's ceiling, not smtp-source's"
+        )
+    if settings.store_fixture:
+        print(f"== mailmeter's store starts as bench/big_store.py's fixture {settings.store_fixture!r}")
     print("\n".join(results_table(ceilings, results)))
     print()
     print("\n".join(details(ceilings, results)))

@@ -256,6 +256,7 @@ class MailmeterServer:
     prefill_accounts: int = 0  # issue 6 item 3: other accounts in the store before the run
     prefill_events: int = 0  # ... and earlier messages with results, over past periods
     inline_spool: bool | None = None  # spool.inline (issue 19 item 3); None: the revision's default
+    store_fixture: str = ""  # issue 19 item 5: "big" or ACCOUNTSxEVENTS, bench/big_store.py's cached store
     _process: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -288,6 +289,8 @@ class MailmeterServer:
     def start(self, upstream_port: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.write_config(upstream_port)
+        if self.store_fixture:
+            self.copy_fixture()
         add = self.cli(config) + [
             "account",
             "add",
@@ -312,6 +315,18 @@ class MailmeterServer:
             self.ledger, self.cli(config) + ["serve"], self.root / "serve.log", cwd=self.root, env=self.env()
         )
         wait_for_banner(self.port, 30, self._process)
+
+    def copy_fixture(self) -> None:
+        """The store starts as a private copy of bench/big_store.py's fixture, built (once per
+        schema) by the code under test: its schema, its migrations."""
+        argv = [self.python, str(Path(__file__).resolve().parent / "big_store.py")]
+        if self.store_fixture != "big":
+            accounts, _, events = self.store_fixture.partition("x")
+            argv += ["--accounts", accounts, "--events", events]
+        argv += ["--copy-to", str(self.root / "meter.db")]
+        done = subprocess.run(argv, check=False, env=self.env(), capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise ServiceError(f"bench/big_store.py failed: {done.stderr.strip()[-1000:]}")
 
     def roots(self) -> list[int]:
         return [self._process.pid] if self._process is not None else []

@@ -7,10 +7,16 @@ load as `smtp-source -s S -l L -m M`: S concurrent sessions, one connection per
 message, plain lockstep SMTP (EHLO, MAIL, RCPT, DATA, ".", QUIT), and records
 the time from writing ".\\r\\n" to reading the complete reply.
 
-Lockstep rather than PIPELINING on purpose: smtp-source does not pipeline
-either, so both drivers put the same command pattern on the server.
+Lockstep by default: smtp-source does not pipeline ("No SMTP command
+pipelining support", its manual says), so both drivers put the same command
+pattern on the server. `--pipelining` makes a pipelining client (RFC 2920), as
+Postfix's smtp client is when the server offers PIPELINING: MAIL, RCPT and DATA
+in one write, their replies read in order, then the message; `auto` pipelines
+only where EHLO's reply offers PIPELINING, `on` always does (a server that reads
+its input in order, as aiosmtpd does, answers a pipelined group correctly without
+offering it). bench/run's BENCH_PIPELINING uses this client for both passes.
 
-Run standalone: python bench/smtpload.py --port 2525 --messages 5000
+Run standalone: python bench/smtpload.py --port 2525 --messages 5000 [--pipelining auto|on]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class LoadSpec:
     recipient: str
     helo: str = "client.bench.test"
     timeout: float = 60.0
+    pipelining: str = "off"  # off: lockstep; auto: when the server offers PIPELINING; on: always
 
 
 @dataclass
@@ -50,6 +57,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall: float = 0.0
+    pipelined: int = 0  # messages whose MAIL, RCPT and DATA went in one write
 
     def summary(self) -> dict[str, object]:
         """Percentiles in milliseconds; rates per second of wall time."""
@@ -64,6 +72,7 @@ class LoadResult:
             "p50_ms": round(percentile(ordered, 50) * 1000, 3),
             "p99_ms": round(percentile(ordered, 99) * 1000, 3),
             "max_ms": round(ordered[-1] * 1000, 3) if ordered else 0.0,
+            "pipelined": self.pipelined,
         }
 
 
@@ -92,13 +101,15 @@ def message_bytes(spec: LoadSpec, number: int) -> bytes:
     return headers + body + b".\r\n"
 
 
-async def read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    """One (possibly multi-line) SMTP reply: its code and its last line."""
+async def read_reply(reader: asyncio.StreamReader, lines: list[str] | None = None) -> tuple[int, str]:
+    """One (possibly multi-line) SMTP reply: its code and its last line (every line into `lines`)."""
     while True:
         line = await reader.readline()
         if not line:
             raise SmtpError("connection closed by the server")
         text = line.decode("ascii", "replace").rstrip("\r\n")
+        if lines is not None:
+            lines.append(text)
         if len(text) < 4 or text[3] != "-":
             return int(text[:3]), text
 
@@ -111,17 +122,39 @@ async def command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, li
         raise SmtpError(f"{line.split(':')[0]} -> {text}")
 
 
-async def send_one(spec: LoadSpec, number: int) -> float:
-    """One connection, one message; returns seconds from '.' to the server's reply."""
+async def pipelined_envelope(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, spec: LoadSpec) -> None:
+    """RFC 2920: MAIL, RCPT and DATA in one write, then their three replies in order."""
+    writer.write(f"MAIL FROM:<{spec.sender}>\r\nRCPT TO:<{spec.recipient}>\r\nDATA\r\n".encode())
+    replies = [await read_reply(reader) for _ in range(3)]
+    for (code, text), name, expect in zip(replies, ("MAIL", "RCPT", "DATA"), (2, 2, 3)):
+        if code // 100 != expect:
+            if replies[2][0] == 354:  # DATA was taken though MAIL or RCPT was not: end it empty
+                writer.write(b".\r\n")
+                await read_reply(reader)
+            raise SmtpError(f"{name} (pipelined) -> {text}")
+
+
+async def send_one(spec: LoadSpec, number: int) -> tuple[float, bool]:
+    """One connection, one message; returns seconds from '.' to the server's reply, and
+    whether the envelope went pipelined."""
     reader, writer = await asyncio.open_connection(spec.host, spec.port)
     try:
         code, text = await read_reply(reader)
         if code != 220:
             raise SmtpError(f"banner -> {text}")
-        await command(reader, writer, f"EHLO {spec.helo}", 2)
-        await command(reader, writer, f"MAIL FROM:<{spec.sender}>", 2)
-        await command(reader, writer, f"RCPT TO:<{spec.recipient}>", 2)
-        await command(reader, writer, "DATA", 3)
+        writer.write(f"EHLO {spec.helo}\r\n".encode())
+        ehlo: list[str] = []
+        code, text = await read_reply(reader, ehlo)
+        if code // 100 != 2:
+            raise SmtpError(f"EHLO -> {text}")
+        offered = any(line[4:].strip().upper() == "PIPELINING" for line in ehlo)
+        pipelined = spec.pipelining == "on" or (spec.pipelining == "auto" and offered)
+        if pipelined:
+            await pipelined_envelope(reader, writer, spec)
+        else:
+            await command(reader, writer, f"MAIL FROM:<{spec.sender}>", 2)
+            await command(reader, writer, f"RCPT TO:<{spec.recipient}>", 2)
+            await command(reader, writer, "DATA", 3)
         writer.write(message_bytes(spec, number))
         sent_at = time.perf_counter()
         code, text = await read_reply(reader)
@@ -129,7 +162,7 @@ async def send_one(spec: LoadSpec, number: int) -> float:
         if code // 100 != 2:
             raise SmtpError(f"end of DATA -> {text}")
         await command(reader, writer, "QUIT", 2)
-        return replied_at - sent_at
+        return replied_at - sent_at, pipelined
     finally:
         writer.close()
         try:
@@ -146,7 +179,9 @@ async def session(spec: LoadSpec, numbers: asyncio.Queue[int], result: LoadResul
         except asyncio.QueueEmpty:
             return
         try:
-            result.latencies.append(await asyncio.wait_for(send_one(spec, number), spec.timeout))
+            latency, pipelined = await asyncio.wait_for(send_one(spec, number), spec.timeout)
+            result.latencies.append(latency)
+            result.pipelined += pipelined
         except (TimeoutError, SmtpError, OSError) as error:
             result.errors.append(f"message {number}: {error!r}")
 
@@ -173,6 +208,12 @@ def parse_args(argv: list[str] | None) -> LoadSpec:
     parser.add_argument("--from", dest="sender", default="sender@bench.test")
     parser.add_argument("--to", dest="recipient", default="rcpt@sink.bench.test")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--pipelining",
+        choices=("off", "auto", "on"),
+        default="off",
+        help="send MAIL, RCPT and DATA in one write: never (default), when offered, always",
+    )
     args = parser.parse_args(argv)
     return LoadSpec(
         host=args.host,
@@ -183,6 +224,7 @@ def parse_args(argv: list[str] | None) -> LoadSpec:
         sender=args.sender,
         recipient=args.recipient,
         timeout=args.timeout,
+        pipelining=args.pipelining,
     )
 
 

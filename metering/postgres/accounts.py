@@ -275,3 +275,8 @@ class PgAccounts(PgHolds):
             " WHERE a.deleted_at IS NULL"
         )
         return [(row[0], row[1]) for row in rows]
+
+    async def networks_version(self) -> int:
+        """Changes whenever a bound network or its account's name does (schema 13's triggers)."""
+        row = await self._fetchrow("SELECT version FROM network_bindings_version")
+        return int(row[0]) if row is not None else 0

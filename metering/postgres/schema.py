@@ -256,6 +256,22 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX spooled_messages_by_node ON spooled_messages (node);
     """,
+    # 12: the bound networks' version (see metering/sqlite/schema.py), bumped by triggers on
+    # any change to them or to an account's name, deletion or existence.
+    """
+    CREATE TABLE network_bindings_version (version BIGINT NOT NULL);
+    INSERT INTO network_bindings_version (version) VALUES (0);
+    CREATE FUNCTION bump_network_bindings_version() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE network_bindings_version SET version = version + 1;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER networks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON account_networks
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_network_bindings_version();
+    CREATE TRIGGER accounts_renamed AFTER UPDATE OF name, deleted_at OR DELETE OR TRUNCATE ON accounts
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_network_bindings_version();
+    """,
 ]
 
 # Keyed by the schema the store works in, so stores in different schemas (tests run in

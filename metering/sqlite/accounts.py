@@ -270,6 +270,12 @@ class SqliteAccounts(SqliteConnection):
         )
         return [(row[0], row[1]) for row in rows]
 
+    async def networks_version(self) -> int:
+        """A number that changes whenever a bound network or its account's name does (schema 13's
+        triggers): a relay reads all the bindings again only when it has changed."""
+        rows = await self._read("SELECT version FROM network_bindings_version")
+        return int(rows[0][0]) if rows else 0
+
 
 async def account_in_tx(db: aiosqlite.Connection, account_id: int) -> Account:
     cursor = await db.execute(f"{ACCOUNT_SELECT} WHERE a.id = ?", (account_id,))

@@ -208,9 +208,8 @@ class SqliteConnection:
             for number, script in enumerate(MIGRATIONS, start=1):
                 if number <= version:
                     continue
-                for statement in script.split(";"):
-                    if statement.strip():
-                        await db.execute(statement)
+                for statement in statements(script):
+                    await db.execute(statement)
                 await db.execute("UPDATE schema_version SET version = ?", (number,))
                 version = number
         return version
@@ -236,6 +235,21 @@ class SqliteConnection:
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers (for health checks)."""
         await self._read("SELECT 1")
+
+
+def statements(script: str) -> list[str]:
+    """A migration's statements: split at each ';' that ends a complete statement (a trigger's
+    body holds ';' of its own)."""
+    found, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                found.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        found.append(pending.strip())
+    return found
 
 
 def _in_snapshot(conn: sqlite3.Connection, operation: Callable[[sqlite3.Connection], _T]) -> _T:
