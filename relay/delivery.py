@@ -182,8 +182,7 @@ class Delivery:
             envelope = await asyncio.to_thread(self.spool.read_envelope, queue_id)
             state = await asyncio.to_thread(self.spool.load_state, envelope)
             self._known[queue_id] = envelope.received_at
-            if not state.held:
-                self._schedule(queue_id, state.next_attempt_at)
+            self._resume(queue_id, state)
         if self.inline is not None:  # the messages kept in the store: resumed the same way
             for queue_id in await self.inline.spooled_ids():
                 data = await self.inline.read_spooled(queue_id)
@@ -193,9 +192,16 @@ class Delivery:
                 state = await asyncio.to_thread(self.spool.load_state, envelope)
                 self._inline_ids.add(queue_id)
                 self._known[queue_id] = envelope.received_at
-                if not state.held:
-                    self._schedule(queue_id, state.next_attempt_at)
+                self._resume(queue_id, state)
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
+
+    def _resume(self, queue_id: str, state: QueueState) -> None:
+        """Schedule a message found at start: at its next attempt, or now when all it has
+        left is to report its results (a `queue delete` cut off before the meter heard of
+        it), or not at all while it is held."""
+        if state.held:
+            return
+        self._schedule(queue_id, 0.0 if not state.pending() else state.next_attempt_at)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking work, let attempts in flight finish (up to `grace` s), then cancel."""

@@ -354,3 +354,42 @@ async def test_a_message_being_delivered_cannot_be_held_or_deleted_meanwhile(
     stalled.go.set()
     await stalled.wait_for(lambda: stalled.delivered_to() == ["slow@dest.test"])
     assert await until(lambda: _queue_empty(api))
+
+
+@BOTH_SPOOLS
+async def test_a_delete_cut_off_before_its_report_is_counted_once_after_a_restart(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
+) -> None:
+    """The relay died right after `queue delete` wrote the results (active/QID.state), before the
+    meter heard of them: the restart reports them, once, and forgets the message (its row or file)."""
+    api = await start_api(delivery=SLOW_RETRY, spool={"inline": inline})
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
+    await send(api, ["now@dest.test", "later@dest.test"])
+    queue_id = (await deferred_entry(api))["queue_id"]
+    spooled_as(api, queue_id, inline)
+    await api.harness.stop()
+    # What delete writes first (relay/delivery.py Delivery.delete), and nothing after it.
+    state_file = api.harness.directory / "spool" / "active" / f"{queue_id}.state"
+    state = json.loads(state_file.read_text())
+    for recipient in state["recipients"]:
+        if recipient["status"] == "deferred":
+            recipient.update(status="deleted", reply="deleted by operator", reported=False)
+    state_file.write_text(json.dumps(state))
+
+    await api.harness.start()
+    assert await until(lambda: _queue_empty(api))
+    active = api.harness.directory / "spool" / "active"
+    await until(lambda: _nothing_left(active, queue_id))
+    assert not await api.harness.relay.meter.spooled_ids()
+    await api.harness.stop()
+    await api.harness.start()  # and a second restart finds nothing to report again
+    await asyncio.sleep(0.5)
+    usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
+    assert (usage["accepted"], usage["delivered"], usage["soft_bounced"], usage["deferred"]) == (2, 1, 1, 0)
+    assert usage["bounce_types"]["soft_bounced"] == {"deleted_by_operator": 1}
+    assert len(upstream.handler.messages) == 1  # neither sent again nor bounced to the sender
+
+
+async def _nothing_left(active: Path, queue_id: str) -> bool:
+    return not [p for p in active.iterdir() if queue_id in p.name]
