@@ -393,3 +393,35 @@ async def test_a_delete_cut_off_before_its_report_is_counted_once_after_a_restar
 
 async def _nothing_left(active: Path, queue_id: str) -> bool:
     return not [p for p in active.iterdir() if queue_id in p.name]
+
+
+@BOTH_SPOOLS
+async def test_a_message_held_before_its_first_attempt_is_not_attempted(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
+) -> None:
+    """One delivery worker, stuck on a first message: the second waits, ready (inline: in
+    memory, as accepted). Held then, it is not attempted when the worker is free."""
+    stalled = StalledUpstream()
+    upstream.handler = stalled
+    api = await start_api(delivery={"workers": 1}, spool={"inline": inline})
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    await send(api, ["first@dest.test"], "first")
+    await send(api, ["second@dest.test"], "second")
+
+    async def waiting() -> list[dict[str, Any]] | None:
+        entries: list[dict[str, Any]] = (await api.call("GET", "/v1/queue"))[1]
+        return entries if [e["status"] for e in entries] == ["active", "ready"] else None
+
+    second = (await until(waiting))[1]
+    spooled_as(api, second["queue_id"], inline)
+    status, held = await api.call("POST", f"/v1/queue/{second['queue_id']}/hold")
+    assert status == 200 and (held["status"], held["attempts"]) == ("held", 0)
+    stalled.go.set()
+    await stalled.wait_for(lambda: stalled.delivered_to() == ["first@dest.test"])
+    await asyncio.sleep(1.0)
+    assert stalled.delivered_to() == ["first@dest.test"]
+    status, entry = await api.call("GET", f"/v1/queue/{second['queue_id']}")
+    assert status == 200 and (entry["status"], entry["attempts"], entry["size"]) == ("held", 0, second["size"])
+    await api.call("POST", f"/v1/queue/{second['queue_id']}/release")
+    await stalled.wait_for(lambda: stalled.delivered_to() == ["first@dest.test", "second@dest.test"])
+    assert await until(lambda: _queue_empty(api))
