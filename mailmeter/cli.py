@@ -235,7 +235,7 @@ def queue_lines(entry: dict[str, Any], recipients: bool = False) -> list[str]:
     )
     lines = [
         f"{entry['queue_id']}  {entry['status']:<8}  account {entry['account'] or '(bounce)'}"
-        f"  from <{entry['sender']}>  received {_when(entry['received_at'])}",
+        f"  from <{entry['sender']}>  size {entry['size']}  received {_when(entry['received_at'])}",
         f"    attempts {entry['attempts']}, last {_when(entry['last_attempt_at'])}, next {next_attempt}",
     ]
     if recipients:

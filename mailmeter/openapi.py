@@ -186,12 +186,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "QueueEntry": {
         "type": "object",
-        "required": ["queue_id", "account", "sender", "status", "pending", "recipients", "attempts"],
+        "required": ["queue_id", "account", "sender", "size", "status", "pending", "recipients", "attempts"],
         "properties": {
             "queue_id": {"type": "string"},
             "account": {"type": ["string", "null"], "description": "null: a bounce the relay made"},
             "sender": {"type": "string"},
             "received_at": {"type": "number", "description": "Unix seconds"},
+            "size": {
+                "type": "integer",
+                "description": "octets of the message as spooled (with the Received header the relay added)",
+            },
             "status": {
                 "enum": ["ready", "active", "deferred", "held", "deleted"],
                 "description": "ready: attempted now; active: being attempted; deferred: waiting; held;"

@@ -100,6 +100,7 @@ class QueueEntry:
     account: str | None  # None: a bounce the relay made
     sender: str
     received_at: float
+    size: int  # octets of the message as spooled (the Received header relay added included)
     status: str
     pending: list[str]
     recipients: list[tuple[str, str, str]]
@@ -181,8 +182,7 @@ class Delivery:
             envelope = await asyncio.to_thread(self.spool.read_envelope, queue_id)
             state = await asyncio.to_thread(self.spool.load_state, envelope)
             self._known[queue_id] = envelope.received_at
-            if not state.held:
-                self._schedule(queue_id, state.next_attempt_at)
+            self._resume(queue_id, state)
         if self.inline is not None:  # the messages kept in the store: resumed the same way
             for queue_id in await self.inline.spooled_ids():
                 data = await self.inline.read_spooled(queue_id)
@@ -192,9 +192,16 @@ class Delivery:
                 state = await asyncio.to_thread(self.spool.load_state, envelope)
                 self._inline_ids.add(queue_id)
                 self._known[queue_id] = envelope.received_at
-                if not state.held:
-                    self._schedule(queue_id, state.next_attempt_at)
+                self._resume(queue_id, state)
         self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
+
+    def _resume(self, queue_id: str, state: QueueState) -> None:
+        """Schedule a message found at start: at its next attempt, or now when all it has
+        left is to report its results (a `queue delete` cut off before the meter heard of
+        it), or not at all while it is held."""
+        if state.held:
+            return
+        self._schedule(queue_id, 0.0 if not state.pending() else state.next_attempt_at)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking work, let attempts in flight finish (up to `grace` s), then cancel."""
@@ -508,39 +515,69 @@ class Delivery:
     # -- the operator's queue commands (mailmeter queue ...) --------------------------
 
     async def entries(self) -> list[QueueEntry]:
-        """Every message in this spool's queue, oldest first (read in one thread hop)."""
-        read = await asyncio.to_thread(self._read_all)
-        return sorted((self._entry(e, s) for e, s in read), key=lambda entry: (entry.received_at, entry.queue_id))
+        """Every message in this node's queue, oldest first: the spool's files (read in one
+        thread hop) and the inline spool's messages (each read from memory or the store, their
+        state files in one more hop)."""
+        read = await asyncio.to_thread(self._read_files)
+        heads = []
+        for queue_id in sorted(self._inline_ids):
+            head = await self._inline_head(queue_id)
+            if head is not None:  # else delivered meanwhile
+                heads.append(head)
+        if heads:
+            states = await asyncio.to_thread(lambda: [self.spool.load_state(envelope) for envelope, _ in heads])
+            read.extend((envelope, size, state) for (envelope, size), state in zip(heads, states))
+        return sorted((self._entry(*found) for found in read), key=lambda entry: (entry.received_at, entry.queue_id))
 
-    def _read_all(self) -> list[tuple[Envelope, QueueState]]:
+    def _read_files(self) -> list[tuple[Envelope, int, QueueState]]:
         found = []
         for queue_id in self.spool.active_ids():
             try:
-                envelope = self.spool.read_envelope(queue_id)
-                found.append((envelope, self.spool.load_state(envelope)))
+                envelope, size = self.spool.read_head(queue_id)
+                found.append((envelope, size, self.spool.load_state(envelope)))
             except FileNotFoundError:  # delivered meanwhile
                 continue
         return found
 
-    async def entry(self, queue_id: str) -> QueueEntry:
-        """One message; UnknownMessage when this spool does not hold it."""
-        envelope, state = await self._load(queue_id)
-        return self._entry(envelope, state)
+    async def _inline_head(self, queue_id: str) -> tuple[Envelope, int] | None:
+        """An inline-spooled message's envelope and size (as `Spool.read_head`); None once it
+        is gone or only its removal is left (`_finished`)."""
+        if queue_id in self._finished or self.inline is None:
+            return None
+        data = self._fresh.get(queue_id)  # just accepted: no read from the store
+        if data is None:
+            data = await self.inline.read_spooled(queue_id)
+            if data is None:
+                return None
+        envelope, body = unpack(data)
+        return envelope, len(body)
 
-    async def _load(self, queue_id: str) -> tuple[Envelope, QueueState]:
+    async def entry(self, queue_id: str) -> QueueEntry:
+        """One message; UnknownMessage when this node's queue does not hold it."""
+        return self._entry(*await self._load(queue_id))
+
+    async def _load(self, queue_id: str) -> tuple[Envelope, int, QueueState]:
+        """A message's envelope, size and delivery state, from its file or the inline spool
+        (whose state, once it has one, is a file too: active/QID.state)."""
         if not _QUEUE_ID.fullmatch(queue_id):
             raise UnknownMessage(queue_id)
+        if queue_id in self._inline_ids:
+            head = await self._inline_head(queue_id)
+            if head is None:
+                raise UnknownMessage(queue_id)
+            envelope, size = head
+            return envelope, size, await asyncio.to_thread(self.spool.load_state, envelope)
 
-        def read() -> tuple[Envelope, QueueState]:
-            envelope = self.spool.read_envelope(queue_id)
-            return envelope, self.spool.load_state(envelope)
+        def read() -> tuple[Envelope, int, QueueState]:
+            envelope, size = self.spool.read_head(queue_id)
+            return envelope, size, self.spool.load_state(envelope)
 
         try:
             return await asyncio.to_thread(read)
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
 
-    def _entry(self, envelope: Envelope, state: QueueState) -> QueueEntry:
+    def _entry(self, envelope: Envelope, size: int, state: QueueState) -> QueueEntry:
         queue_id = envelope.queue_id
         if state.held:
             status = "held"
@@ -556,6 +593,7 @@ class Delivery:
             account=envelope.account,
             sender=envelope.mail_from,
             received_at=envelope.received_at,
+            size=size,
             status=status,
             pending=[r.address for r in state.pending()],
             recipients=[(r.address, r.status, r.reply) for r in state.recipients],
@@ -569,7 +607,7 @@ class Delivery:
         """Attempt these messages now (Postfix's `postqueue -i`); (flushed, [(id, why not)])."""
         flushed, skipped = [], []
         for queue_id in queue_ids:
-            if queue_id not in self._known:
+            if queue_id not in self._known or queue_id in self._finished:
                 skipped.append((queue_id, "not in the queue"))
             elif queue_id in self._busy:
                 skipped.append((queue_id, "being attempted right now"))
@@ -582,14 +620,14 @@ class Delivery:
 
     async def hold(self, queue_id: str, held: bool) -> QueueEntry:
         """Hold (no attempt until released) or release a message; a release attempts it now."""
-        async with self._operating(queue_id) as (envelope, state):
+        async with self._operating(queue_id) as (envelope, size, state):
             if state.held != held:
                 state.held = held
                 await asyncio.to_thread(self.spool.save_state, state)
             previous = self._scheduled.pop(queue_id, None)
             if previous is not None:
                 previous.cancel()
-            entry = self._entry(envelope, state)
+            entry = self._entry(envelope, size, state)
         if not held:
             self._schedule(queue_id, 0.0)
             entry = await self.entry(queue_id)
@@ -603,7 +641,8 @@ class Delivery:
         the results to the meter and forget the message (Postfix's `postsuper -d`, with books
         that balance). No DSN: the operator deleted it. Returns the message as deleted and
         whether the meter has every result (else they are reported again shortly)."""
-        async with self._operating(queue_id) as (envelope, state):
+        removed = False
+        async with self._operating(queue_id) as (envelope, size, state):
             for recipient in state.pending():
                 recipient.status, recipient.reply, recipient.reported = "deleted", reply, False  # no DSN (_bounce)
                 self.observer.delivery_result("deleted", 1)
@@ -613,11 +652,14 @@ class Delivery:
             if previous is not None:
                 previous.cancel()
             reported = await self._report(state, persist=True)
-            entry = replace(self._entry(envelope, state), status="deleted", next_attempt_at=None)
-            if state.done:
-                self.spool.remove(queue_id)
+            entry = replace(self._entry(envelope, size, state), status="deleted", next_attempt_at=None)
+            # Its file, or its row in the store (inline) and its state file. A row the store
+            # cannot drop now is dropped by a worker shortly (`_finished`); the message is
+            # not listed meanwhile, and its results, reported, are never reported again.
+            if state.done and await self._remove(queue_id):
                 self._known.pop(queue_id, None)
-        if not state.done:
+                removed = True
+        if not removed:
             self._schedule(queue_id, self.clock() + min(self.retry.first_delay, 30.0))
         self.log.info(
             "queue.deleted",
@@ -629,16 +671,21 @@ class Delivery:
         return entry, reported
 
     @asynccontextmanager
-    async def _operating(self, queue_id: str) -> AsyncIterator[tuple[Envelope, QueueState]]:
+    async def _operating(self, queue_id: str) -> AsyncIterator[tuple[Envelope, int, QueueState]]:
         """The message, kept from the workers while the operator changes it."""
         if queue_id in self._busy:
             raise MessageBusy(queue_id)
-        envelope, state = await self._load(queue_id)
+        envelope, size, state = await self._load(queue_id)
         if queue_id in self._busy:  # a worker took it while the files were read
             raise MessageBusy(queue_id)
         self._busy.add(queue_id)
+        # A just accepted inline message is read from memory with no state file looked for
+        # (`_read`): once the operator may have written one (a hold), it is read from the store.
+        fresh = self._fresh.pop(queue_id, None)
+        if fresh is not None:
+            self._fresh_bytes -= len(fresh)
         try:
-            yield envelope, state
+            yield envelope, size, state
         except BaseException:  # the change failed (a disk error): the message goes on as it was
             if queue_id in self._known and queue_id not in self._scheduled:
                 self._schedule(queue_id, max(state.next_attempt_at, self.clock() + 1.0))

@@ -277,6 +277,14 @@ class Spool:
         with open(self._active + queue_id, "rb") as handle:
             return Envelope(**json.loads(handle.readline()))
 
+    def read_head(self, queue_id: str) -> tuple[Envelope, int]:
+        """The envelope and the message's size in octets (the file less its envelope line:
+        what `unpack` leaves of the inline spool's copy). Raises FileNotFoundError once it is gone."""
+        with open(self._active + queue_id, "rb") as handle:
+            header = handle.readline()
+            size = os.fstat(handle.fileno()).st_size - len(header)
+        return Envelope(**json.loads(header)), size
+
     def load_state(self, envelope: Envelope) -> QueueState:
         try:
             with open(f"{self._active}{envelope.queue_id}.state", "rb") as handle:

@@ -1,5 +1,8 @@
 """The queue of a running relay through `mailmeter queue` and the admin API (issue 17 item 2):
-list, show, flush, hold, release and delete, with the books balanced after a delete."""
+list, show, flush, hold, release and delete, with the books balanced after a delete.
+
+Run with the inline spool on (the default: small messages kept in the store, only their
+state in spool/active); the important ones run with spool.inline: false too (the files)."""
 
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 
 from tests.conftest import PASSWORD, Upstream, UpstreamHandler, free_port, write_config
 from tests.mailmeter.test_accounts_change import mailmeter
@@ -27,6 +33,13 @@ async def cli(api: Api, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 SLOW_RETRY = {"retry_first_delay": 300, "retry_max_delay": 4000}  # as in production: 300 s to the next attempt
+# Both spools: the inline spool (the default on SQLite) and the file spool.
+BOTH_SPOOLS = pytest.mark.parametrize("inline", [True, False], ids=["inline", "files"])
+
+
+def spooled_as(api: Api, queue_id: str, inline: bool) -> None:
+    """The message is kept where this run says: in the store (no spool/active/QID file) or a file."""
+    assert (api.harness.directory / "spool" / "active" / queue_id).exists() is not inline
 
 
 async def send(api: Api, recipients: list[str], subject: str = "queued") -> None:
@@ -60,21 +73,28 @@ async def deferred_entry(api: Api) -> dict[str, Any]:
     return entry
 
 
+@BOTH_SPOOLS
 async def test_flush_delivers_a_deferred_message_now_not_in_300_seconds(
-    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
 ) -> None:
-    api = await start_api(delivery=SLOW_RETRY)
+    api = await start_api(delivery=SLOW_RETRY, spool={"inline": inline})
     assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
     upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 mailbox busy, try again later"
+    sent = time.time()
     await send(api, ["later@dest.test"])
     entry = await deferred_entry(api)
+    spooled_as(api, entry["queue_id"], inline)
     assert entry["status"] == "deferred" and entry["account"] == "app" and entry["sender"] == "app@example.com"
     assert entry["pending"] == ["later@dest.test"] and entry["last_reply"].startswith("451 4.3.0 mailbox busy")
     assert entry["next_attempt_at"] - entry["last_attempt_at"] >= 299  # the production backoff
+    assert sent - 1 <= entry["received_at"] <= entry["last_attempt_at"]
 
     listed = await cli(api, "queue", "list")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.splitlines()[0].startswith(f"{entry['queue_id']}  deferred  account app")
+    received = datetime.fromtimestamp(entry["received_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    assert listed.stdout.splitlines()[0] == (
+        f"{entry['queue_id']}  deferred  account app  from <app@example.com>  size {entry['size']}  received {received}"
+    )
     assert (
         "    pending: later@dest.test" in listed.stdout and "-- 1 message(s), 1 recipient(s) pending" in listed.stdout
     )
@@ -86,6 +106,7 @@ async def test_flush_delivers_a_deferred_message_now_not_in_300_seconds(
     assert flushed.returncode == 0, flushed.stderr
     assert flushed.stdout.startswith("1 message(s) will be attempted now")
     await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["later@dest.test"], timeout=10)
+    assert entry["size"] == len(upstream.handler.messages[0].content)  # the message as relayed, octet for octet
     assert (await until(lambda: _queue_empty(api))) is True
     usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
     assert (usage["accepted"], usage["delivered"], usage["deferred"]) == (1, 1, 0)
@@ -129,14 +150,16 @@ async def test_hold_stops_attempts_until_release(start_api: Callable[..., Awaita
     assert events[2]["changes"]["status"] == ["deferred", "held"]
 
 
+@BOTH_SPOOLS
 async def test_delete_gives_a_final_result_and_the_books_balance(
-    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
 ) -> None:
-    api = await start_api(delivery=SLOW_RETRY)
+    api = await start_api(delivery=SLOW_RETRY, spool={"inline": inline})
     assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
     upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
     await send(api, ["now@dest.test", "later@dest.test"])
     entry = await deferred_entry(api)
+    spooled_as(api, entry["queue_id"], inline)
     assert entry["pending"] == ["later@dest.test"]
     usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
     assert (usage["accepted"], usage["delivered"], usage["deferred"]) == (2, 1, 1)
@@ -145,6 +168,9 @@ async def test_delete_gives_a_final_result_and_the_books_balance(
     assert deleted.returncode == 0, deleted.stderr
     assert "1 recipient(s) got the final result 'deleted by operator' (a soft bounce, recorded)" in deleted.stdout
     assert await _queue_empty(api)
+    active = api.harness.directory / "spool" / "active"
+    assert not [p.name for p in active.iterdir() if entry["queue_id"] in p.name]  # neither message nor state
+    assert not await api.harness.relay.meter.spooled_ids()  # nor the store's copy (inline)
     usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
     finals = usage["delivered"] + usage["soft_bounced"] + usage["hard_bounced"]
     assert (usage["accepted"], usage["delivered"], usage["soft_bounced"], usage["deferred"]) == (2, 1, 1, 0)
@@ -166,6 +192,13 @@ async def test_delete_gives_a_final_result_and_the_books_balance(
     # And the account can be deleted now without --force as far as the queue goes.
     refused = await cli(api, "account", "delete", "app")
     assert "await a delivery result" not in refused.stderr
+    # A restart finds nothing left to deliver or report: the result was counted once.
+    await api.harness.stop()
+    await api.harness.start()
+    await asyncio.sleep(0.5)
+    assert await _queue_empty(api) and len(upstream.handler.messages) == 1
+    after = (await api.call("GET", "/v1/accounts/app/usage"))[1]
+    assert (after["accepted"], after["delivered"], after["soft_bounced"]) == (2, 1, 1)
 
 
 async def test_the_control_socket_is_the_owners_only_and_a_stopped_relay_is_named(
@@ -189,14 +222,16 @@ async def test_the_control_socket_is_the_owners_only_and_a_stopped_relay_is_name
     assert never.returncode == 1 and "the relay is not running" in never.stderr
 
 
+@BOTH_SPOOLS
 async def test_a_held_message_stays_held_across_a_restart(
-    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
 ) -> None:
-    api = await start_api()
+    api = await start_api(spool={"inline": inline})
     assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
     upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
     await send(api, ["later@dest.test"])
     queue_id = (await deferred_entry(api))["queue_id"]
+    spooled_as(api, queue_id, inline)
     attempts = (await api.call("POST", f"/v1/queue/{queue_id}/hold"))[1]["attempts"]
     await api.harness.stop()
     await api.harness.start()
@@ -259,8 +294,9 @@ async def test_the_queue_of_every_process_of_a_node(tmp_path: Path, upstream: Up
             return entries if len(entries) == 12 and all(e["status"] == "deferred" for e in entries) else None
 
         await until(listed, timeout=20)
+        # Each deferred message has its state file in its process's spool (inline or not).
         spools = [tmp_path / "spool" / "active", tmp_path / "spool" / "worker-1" / "active"]
-        held = [[p for p in spool.iterdir() if "." not in p.name] for spool in spools]
+        held = [[p for p in spool.iterdir() if p.name.endswith(".state")] for spool in spools]
         assert all(held) and sum(map(len, held)) == 12  # both workers hold some (2 in 4096 runs: not)
         del upstream.handler.rcpt_replies["later@dest.test"]
         flushed = await asyncio.to_thread(_cli, config, "queue", "flush", "--all")
@@ -317,4 +353,75 @@ async def test_a_message_being_delivered_cannot_be_held_or_deleted_meanwhile(
     assert busy.returncode == 1 and "being delivered right now" in busy.stderr
     stalled.go.set()
     await stalled.wait_for(lambda: stalled.delivered_to() == ["slow@dest.test"])
+    assert await until(lambda: _queue_empty(api))
+
+
+@BOTH_SPOOLS
+async def test_a_delete_cut_off_before_its_report_is_counted_once_after_a_restart(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
+) -> None:
+    """The relay died right after `queue delete` wrote the results (active/QID.state), before the
+    meter heard of them: the restart reports them, once, and forgets the message (its row or file)."""
+    api = await start_api(delivery=SLOW_RETRY, spool={"inline": inline})
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 try again later"
+    await send(api, ["now@dest.test", "later@dest.test"])
+    queue_id = (await deferred_entry(api))["queue_id"]
+    spooled_as(api, queue_id, inline)
+    await api.harness.stop()
+    # What delete writes first (relay/delivery.py Delivery.delete), and nothing after it.
+    state_file = api.harness.directory / "spool" / "active" / f"{queue_id}.state"
+    state = json.loads(state_file.read_text())
+    for recipient in state["recipients"]:
+        if recipient["status"] == "deferred":
+            recipient.update(status="deleted", reply="deleted by operator", reported=False)
+    state_file.write_text(json.dumps(state))
+
+    await api.harness.start()
+    assert await until(lambda: _queue_empty(api))
+    active = api.harness.directory / "spool" / "active"
+    await until(lambda: _nothing_left(active, queue_id))
+    assert not await api.harness.relay.meter.spooled_ids()
+    await api.harness.stop()
+    await api.harness.start()  # and a second restart finds nothing to report again
+    await asyncio.sleep(0.5)
+    usage = (await api.call("GET", "/v1/accounts/app/usage"))[1]
+    assert (usage["accepted"], usage["delivered"], usage["soft_bounced"], usage["deferred"]) == (2, 1, 1, 0)
+    assert usage["bounce_types"]["soft_bounced"] == {"deleted_by_operator": 1}
+    assert len(upstream.handler.messages) == 1  # neither sent again nor bounced to the sender
+
+
+async def _nothing_left(active: Path, queue_id: str) -> bool:
+    return not [p for p in active.iterdir() if queue_id in p.name]
+
+
+@BOTH_SPOOLS
+async def test_a_message_held_before_its_first_attempt_is_not_attempted(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream, inline: bool
+) -> None:
+    """One delivery worker, stuck on a first message: the second waits, ready (inline: in
+    memory, as accepted). Held then, it is not attempted when the worker is free."""
+    stalled = StalledUpstream()
+    upstream.handler = stalled
+    api = await start_api(delivery={"workers": 1}, spool={"inline": inline})
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    await send(api, ["first@dest.test"], "first")
+    await send(api, ["second@dest.test"], "second")
+
+    async def waiting() -> list[dict[str, Any]] | None:
+        entries: list[dict[str, Any]] = (await api.call("GET", "/v1/queue"))[1]
+        return entries if [e["status"] for e in entries] == ["active", "ready"] else None
+
+    second = (await until(waiting))[1]
+    spooled_as(api, second["queue_id"], inline)
+    status, held = await api.call("POST", f"/v1/queue/{second['queue_id']}/hold")
+    assert status == 200 and (held["status"], held["attempts"]) == ("held", 0)
+    stalled.go.set()
+    await stalled.wait_for(lambda: stalled.delivered_to() == ["first@dest.test"])
+    await asyncio.sleep(1.0)
+    assert stalled.delivered_to() == ["first@dest.test"]
+    status, entry = await api.call("GET", f"/v1/queue/{second['queue_id']}")
+    assert status == 200 and (entry["status"], entry["attempts"], entry["size"]) == ("held", 0, second["size"])
+    await api.call("POST", f"/v1/queue/{second['queue_id']}/release")
+    await stalled.wait_for(lambda: stalled.delivered_to() == ["first@dest.test", "second@dest.test"])
     assert await until(lambda: _queue_empty(api))
