@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trustme
 import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -72,6 +73,7 @@ class Day:
         self.controller = Controller(self.sink, hostname="127.0.0.1", port=free_port())
         self.down_port = free_port()  # nothing listens there: connection refused
         self.smtp_port = free_port()
+        self.submission_port = free_port()
         self.api_port = free_port()
         self.token = secrets.token_hex(16)
         self.password = "first secret"
@@ -85,7 +87,10 @@ class Day:
 
     def config(self) -> dict[str, Any]:
         config: dict[str, Any] = yaml.safe_load((REPO / "config.example.yaml").read_text())
-        config["listen"].update(port=self.smtp_port)
+        smtp = {**config["listen"], "port": self.smtp_port}
+        config["listen"] = [smtp, {"address": "127.0.0.1", "port": self.submission_port, "mode": "submission"}]
+        config["listen"][1]["auth"] = "required"
+        config["tls"].update(certificate="relay.pem", key="relay.key")
         smarthost = {"host": "127.0.0.1", "tls": "none", "timeout": 5}
         config["upstream"] = [{**smarthost, "port": self.down_port}, {**smarthost, "port": self.controller.port}]
         config["delivery"]["upstream_down_seconds"] = 600
@@ -95,6 +100,9 @@ class Day:
 
     def start(self) -> None:
         self.controller.start()
+        certificate = trustme.CA().issue_cert("mailmeter.localhost")  # the submission listener's STARTTLS
+        certificate.cert_chain_pems[0].write_to_path(str(self.root / "relay.pem"))
+        certificate.private_key_pem.write_to_path(str(self.root / "relay.key"))
         (self.root / "api-tokens").write_text(f"ops:{self.token}\n")
         os.chmod(self.root / "api-tokens", 0o600)
         (self.root / "config.yaml").write_text(yaml.safe_dump(self.config(), sort_keys=False))
@@ -105,7 +113,7 @@ class Day:
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
-        self.wait(lambda: "relay.started" in self.log.read_text(), "the relay to start")
+        self.wait(lambda: started(self.log), "the relay to start")
 
     def stop(self) -> None:
         if self.relay is not None and self.relay.poll() is None:
@@ -221,18 +229,22 @@ def the_day(day: Day) -> None:
 A day with the commands of this page, run against a real relay by
 [day_of_operation.py](day_of_operation.py) (`python docs/day_of_operation.py --write`
 regenerates this section): `mailmeter serve` with `config.example.yaml` in a temporary
-directory, changed where the day needs it: two smarthosts, the first refusing connections
-and the second answering `451 4.2.1` for the mailboxes of busy.example; the admin API on;
-`sending_rate: 100/minute` on the plan `starter`; and `MAILMETER_CONFIG=config.yaml`, so
-that no command needs `--config`. Every output below is what the command printed (`(exit
+directory, changed where the day needs it: a submission listener beside the plain one
+(with a test certificate); two smarthosts, the first refusing connections and the second
+answering `451 4.2.1` for the mailboxes of busy.example; the admin API on; `sending_rate:
+100/minute` on the plan `starter`; and `MAILMETER_CONFIG=config.yaml`, so that no
+command needs `--config`. Every output below is what the command printed (`(exit
 N)` marks a non-zero exit status; `...` a trimmed one; the temporary directory is shown
 as `/tmp/day`; the JSON log line each change also writes, `admin.change`, is left out).
 The account commands work on the database the relay uses, and the relay sees each
 change at the next SMTP command; the `queue` commands ask the running relay (see
 [Commands](#commands)).
 
-Which relay this is, and a new customer, with a lower sending rate than its plan's:
+The relay started with its two listeners (the second, submission on what is port 587 in
+production, requires STARTTLS and AUTH); which version it is; and a new customer, with a
+lower sending rate than its plan's:
 """)
+    day.shown("grep relay.started mailmeter.log", started(day.log))
     day.run("mailmeter --version")
     day.run(
         "mailmeter account add shop --password-file - --plan starter --sender-domain shop.example"
@@ -370,6 +382,11 @@ def excerpt(data: dict[str, Any], keys: tuple[str, ...]) -> str:
 
 def trim(text: str, width: int) -> str:
     return "\n".join(line if len(line) <= width else line[: width - 4] + " ..." for line in text.splitlines())
+
+
+def started(log: Path) -> str:
+    """The relay's relay.started log line."""
+    return next((line for line in log.read_text().splitlines() if "relay.started" in line), "")
 
 
 def reloaded(log: Path) -> str:
