@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
 import smtplib
@@ -347,11 +348,10 @@ monitoring scrapes: the smarthosts' health and the refusals of the day:
     line = day.wait(lambda: reloaded(day.log), "config.reloaded")
     day.shown("grep config.reloaded mailmeter.log", line)
     text = day.wait(lambda: metrics(day), "/metrics")
-    wanted = ("mailmeter_upstream_up", "mailmeter_upstream_failures_total", "mailmeter_account_refused_total")
+    wanted = "^mailmeter_(upstream_up|upstream_failures_total|smtp_refused_total|account_refused_total)"
     day.shown(
-        'curl -sH "Authorization: Bearer $TOKEN" localhost:8025/metrics'
-        " | grep -E 'upstream_up|upstream_failures|refused'",
-        "\n".join(line for line in text.splitlines() if line.startswith(wanted)),
+        f"curl -sH \"Authorization: Bearer $TOKEN\" localhost:{day.api_port}/metrics | grep -E '{wanted}'",
+        "\n".join(line for line in text.splitlines() if re.search(wanted, line)),
     )
 
     day.say("""
