@@ -3,12 +3,14 @@
 It starts `mailmeter serve` in a temporary directory with config.example.yaml, changed
 where a demonstration needs it (free ports; two smarthosts: the first refuses connections,
 the second is an aiosmtpd sink answering `451 4.2.1` for the mailboxes of busy.example;
-the admin API for /metrics; a sending rate on the plan `starter`), runs an operator's
-commands against it and prints the section, every output as the command printed it.
+a submission listener with a test certificate; the admin API for /metrics; a sending
+rate on the plan `starter`), runs an operator's commands against it and prints the
+section, every output as the command printed it. It needs the test extra (aiosmtpd,
+trustme): `pip install -e '.[test]'`.
 
-    python docs/day_of_operation.py            # print the section (markdown)
-    python docs/day_of_operation.py --write    # and replace it in docs/operating.md, and
-                                               # README.md's excerpt (between its markers)
+    .venv/bin/python docs/day_of_operation.py            # print the section (markdown)
+    .venv/bin/python docs/day_of_operation.py --write    # and replace it in docs/operating.md, and
+                                                         # README.md's excerpt (between its markers)
 
 Queue ids, times and ports differ from run to run; tests/test_docs.py runs it end to end.
 """
@@ -79,6 +81,7 @@ class Day:
         self.token = secrets.token_hex(16)
         self.password = "first secret"
         self.relay: subprocess.Popen[bytes] | None = None
+        self.sink_running = False
         self.log = root / "mailmeter.log"
         self.env = {**os.environ, "MAILMETER_CONFIG": str(root / "config.yaml"), "COLUMNS": "100"}
         executable = Path(sys.executable).parent / "mailmeter"
@@ -107,21 +110,20 @@ class Day:
         (self.root / "api-tokens").write_text(f"ops:{self.token}\n")
         os.chmod(self.root / "api-tokens", 0o600)
         (self.root / "config.yaml").write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        self.relay = subprocess.Popen(
-            [*self.mailmeter, "serve"],
-            cwd=self.root,
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        self.sink_running = True
+        with self.log.open("ab") as log:
+            self.relay = subprocess.Popen(
+                [*self.mailmeter, "serve"], cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.wait(lambda: started(self.log), "the relay to start")
 
     def stop(self) -> None:
         if self.relay is not None and self.relay.poll() is None:
             self.relay.send_signal(signal.SIGTERM)
             self.relay.wait(30)
-        if self.controller._thread is not None:
+        if self.sink_running:
             self.controller.stop()
+            self.sink_running = False
 
     def wait(self, check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
         deadline = time.monotonic() + timeout
@@ -180,6 +182,15 @@ class Day:
         for address, (code, reply) in refused.items():
             self.block.append(f"#   except {address}: {code} {reply.decode()}")
 
+    def login(self, password: str) -> None:
+        """An AUTH of the account, shown as a line of the client's."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
+            try:
+                code, reply = client.login("shop", password)
+            except smtplib.SMTPAuthenticationError as error:
+                code, reply = error.smtp_code, error.smtp_error
+        self.block.append(f"# smtplib: AUTH as shop with '{password}' -> {code} {reply.decode()}")
+
     def live_session(self) -> None:
         """An open SMTP session of the account while the operator suspends and resumes it."""
         client = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30)
@@ -228,8 +239,8 @@ def metrics(day: Day) -> str:
 def the_day(day: Day) -> None:
     day.say("""
 A day with the commands of this page, run against a real relay by
-[day_of_operation.py](day_of_operation.py) (`python docs/day_of_operation.py --write`
-regenerates this section): `mailmeter serve` with `config.example.yaml` in a temporary
+[day_of_operation.py](day_of_operation.py) (`.venv/bin/python docs/day_of_operation.py
+--write` regenerates this section): `mailmeter serve` with `config.example.yaml` in a temporary
 directory, changed where the day needs it: a submission listener beside the plain one
 (with a test certificate); two smarthosts, the first refusing connections and the second
 answering `451 4.2.1` for the mailboxes of busy.example; the admin API on; `sending_rate:
@@ -292,6 +303,8 @@ works at the next AUTH and the old one no longer does.
     day.run("mailmeter account change shop --remove-domain shop.exmaple")
     day.run("mailmeter account change shop --add-domain news.shop.example")
     day.run("mailmeter account change shop --password-file -", stdin="second secret")
+    day.login("first secret")
+    day.login("second secret")
     day.password = "second secret"
 
     day.say("""
