@@ -523,6 +523,10 @@ async def queue_list(request: web.Request, service: AdminService) -> web.Respons
     return web.json_response(await service.queue_list(request.query.get("account")))
 
 
+async def upstreams(request: web.Request, service: AdminService) -> web.Response:
+    return web.json_response(await service.upstreams())
+
+
 async def queue_show(request: web.Request, service: AdminService) -> web.Response:
     return web.json_response(await service.queue_show(request.match_info["id"]))
 
@@ -710,6 +714,7 @@ def build_app(deps: ApiDeps) -> web.Application:
     routes.add_get("/v1/audit", authenticated(audit))
     routes.add_get("/v1/queue", authenticated(queue_list))
     routes.add_post("/v1/queue/flush", authenticated(queue_flush))
+    routes.add_get("/v1/upstreams", authenticated(upstreams))
     routes.add_get("/v1/queue/{id}", authenticated(queue_show))
     routes.add_delete("/v1/queue/{id}", authenticated(queue_delete))
     routes.add_post("/v1/queue/{id}/hold", authenticated(queue_hold))

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,13 @@ def _emit(data: Any, as_json: bool) -> None:
 def _run(config: Config, action: Callable[[AdminService], Awaitable[int]]) -> int:
     from mailmeter.control import QueueClient, spool_sockets
     from mailmeter.factory import build_billing, open_meter
+    from mailmeter.node import upstream_health
 
     async def main() -> int:
         store, meter = open_meter(config)
         await store.open()
         try:
-            queue = QueueClient(spool_sockets(config))
+            queue = QueueClient(spool_sockets(config), health=partial(upstream_health, config))
             return await action(AdminService(meter, build_billing(config, meter), actor=cli_actor(), queue=queue))
         finally:
             await store.close()
@@ -250,16 +252,42 @@ def queue_lines(entry: dict[str, Any], recipients: bool = False) -> list[str]:
     return lines
 
 
+def upstream_lines(upstreams: list[dict[str, Any]]) -> list[str]:
+    """The smarthosts' health, as `queue list` heads its listing and `queue upstreams` prints it."""
+    lines = []
+    for upstream in upstreams:
+        state = "up" if upstream["up"] else f"down until {_when(upstream['down_until'])}"
+        line = f"upstream {upstream['position']} {upstream['upstream']}  {state}  failures {upstream['failures']}"
+        if upstream["last_error"]:
+            line += f"  last error: {upstream['last_error']}"
+        lines.append(line)
+    return lines
+
+
 def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
     async def action(service: AdminService) -> int:
         entries = await service.queue_list(args.account)
         if args.json:
             _emit(entries, True)
             return 0
+        for line in upstream_lines(await service.upstreams()):
+            print(line)
         for entry in entries:
             print("\n".join(queue_lines(entry)))
         pending = sum(len(entry["pending"]) for entry in entries)
         print(f"-- {len(entries)} message(s), {pending} recipient(s) pending")
+        return 0
+
+    return _run(config, action)
+
+
+def cmd_queue_upstreams(config: Config, args: argparse.Namespace) -> int:
+    async def action(service: AdminService) -> int:
+        upstreams = await service.upstreams()
+        if args.json:
+            _emit(upstreams, True)
+        else:
+            print("\n".join(upstream_lines(upstreams)))
         return 0
 
     return _run(config, action)
@@ -689,6 +717,13 @@ def build_parser() -> argparse.ArgumentParser:
     queue_list = sub(queue, "list", "the messages in the queue, oldest first (like mailq)", cmd_queue_list)
     queue_list.add_argument("--account", help="only this account's messages")
     queue_list.add_argument("--json", action="store_true")
+    upstreams = sub(
+        queue,
+        "upstreams",
+        "each smarthost's health: up or down until when, failures, last error (as queue list heads it)",
+        cmd_queue_upstreams,
+    )
+    upstreams.add_argument("--json", action="store_true")
     for verb, what in (
         ("show", "one message: every recipient with its state and last reply"),
         ("hold", "keep a message from being attempted until it is released"),

@@ -18,7 +18,7 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import structlog
 
 from mailmeter.config import Config
 from mailmeter.relay.delivery import Delivery, MessageBusy, QueueEntry, UnknownMessage
+from mailmeter.relay.upstreams import UpstreamStatus
 
 SOCKET_NAME = "control"
 DELETED_REPLY = "deleted by operator"
@@ -169,10 +170,17 @@ class QueueRefused(RuntimeError):
 
 
 class QueueClient:
-    """Asks the node(s) of a config's spool(s) (`spool_sockets`) about their queues."""
+    """Asks the node(s) of a config's spool(s) (`spool_sockets`) about their queues; `health`
+    reads the smarthosts' health the node's processes write in the spool (mailmeter/node.py's
+    upstream_health), which needs no running relay."""
 
-    def __init__(self, sockets: Sequence[Path]) -> None:
+    def __init__(self, sockets: Sequence[Path], health: Callable[[], list[UpstreamStatus]] | None = None) -> None:
         self.sockets = list(sockets)
+        self.health = health
+
+    def upstreams(self) -> list[UpstreamStatus]:
+        """Each configured smarthost's health, in the configured order ([] when not known)."""
+        return self.health() if self.health is not None else []
 
     async def ask(self, path: Path, request: dict[str, Any]) -> Any:
         """One node's answer; RelayNotRunning when nothing serves `path`, QueueRefused for its error."""

@@ -228,6 +228,21 @@ SCHEMAS: dict[str, Any] = {
         "description": "exactly one of the three",
         "properties": {"queue_id": TEXT, "account": TEXT, "all": {"type": "boolean"}},
     },
+    "Upstream": {
+        "type": "object",
+        "required": ["upstream", "position", "up", "down_until", "failures", "last_error"],
+        "properties": {
+            "upstream": {"type": "string", "description": "host:port"},
+            "position": {"type": "integer", "minimum": 1, "description": "its place in `upstream`, tried in order"},
+            "up": {"type": "boolean", "description": "false: skipped until down_until"},
+            "down_until": {"type": "number", "description": "Unix seconds; 0 when up"},
+            "failures": {**COUNT, "description": "failures since the node started, every process summed"},
+            "consecutive_failures": COUNT,
+            "last_error": {"type": "string"},
+            "last_change": {"type": "number", "description": "Unix seconds of the last up/down change; 0: never"},
+            "delivered_attempts": {**COUNT, "description": "attempts it took (recipients delivered or refused)"},
+        },
+    },
     "QueueFlushResult": {
         "type": "object",
         "required": ["flushed", "skipped"],
@@ -1027,6 +1042,14 @@ PATHS: dict[str, dict[str, Any]] = {
                 }
             ],
             errors=(400, 401, 404, 503),
+        ),
+    },
+    "/v1/upstreams": {
+        "get": _op(
+            "Each smarthost's health, in the order delivery tries them (`queue upstreams`; `queue list` heads its"
+            " listing with it)",
+            _json(_array("Upstream"), "The configured upstreams"),
+            errors=(401,),
         ),
     },
     "/v1/queue/flush": {

@@ -21,7 +21,7 @@ from mailmeter.config import Config, ConfigError, load_config
 from mailmeter.control import QueueClient, spool_sockets
 from mailmeter.logs import configure_logging
 from mailmeter.metering.records import StoreUnavailable
-from mailmeter.node import Relay, tls_context
+from mailmeter.node import Relay, tls_context, upstream_health
 from mailmeter.portal.app import PortalDeps, PortalServer
 from mailmeter.portal.app import build_app as build_portal
 from mailmeter.portal.sessions import Sessions
@@ -40,7 +40,7 @@ def build_relay(config: Config, primary: bool = True) -> Relay:
 async def start_api(relay: Relay, sock: socket.socket) -> ApiServer:
     """The admin API of a running relay, on `sock` (bound by bind_api to `api.address`:`api.port`)."""
     config = relay.config
-    queue = QueueClient(spool_sockets(config))
+    queue = QueueClient(spool_sockets(config), health=lambda: upstream_health(relay.config))
     deps = ApiDeps(
         service_for=lambda actor: AdminService(relay.meter, relay.billing, actor, queue),
         tokens=config.api_tokens(),

@@ -766,6 +766,11 @@ class AdminService:
             entries = [entry for entry in entries if entry["account"] == account]
         return sorted(entries, key=lambda entry: (entry["received_at"], entry["queue_id"]))
 
+    async def upstreams(self) -> list[dict[str, Any]]:
+        """Each configured smarthost's health, in the order delivery tries them (up, or down
+        until when; failures; last error), as the node's processes last wrote it in the spool."""
+        return [status.as_json() for status in self.queue.upstreams()] if self.queue is not None else []
+
     async def queue_show(self, queue_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._ask({"op": "show"}, queue_id)
         return result

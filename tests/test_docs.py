@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,90 @@ def test_every_module_the_architecture_page_names_exists() -> None:
     files = set(re.findall(r"`((?:relay|metering|policies|mailmeter)/[\w/]*?(?:\.py|/))`", text))
     missing += [name for name in sorted(files) if not (REPO / name).exists()]
     assert missing == []
+
+
+# docs/operating.md#a-day-of-operation and README's excerpt of it: made by docs/day_of_operation.py.
+DAY_HEADING = "## A day of operation"
+
+
+def _day_section() -> str:
+    text = (REPO / "docs" / "operating.md").read_text()
+    start = text.index(DAY_HEADING + "\n")
+    return text[start : text.index("\n## ", start + len(DAY_HEADING))]
+
+
+def _console(markdown: str) -> list[tuple[str, list[str]]]:
+    """Each `$ command` of the console blocks of a markdown text, with the lines it printed."""
+    shown: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", markdown, re.DOTALL):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                shown.append((line[2:], []))
+            elif shown and line and not line.startswith(("C: ", "S: ", "# ")):
+                shown[-1][1].append(line)
+    return shown
+
+
+def _day_script() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("day_of_operation", REPO / "docs" / "day_of_operation.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_command_of_the_day_is_a_mailmeter_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each `mailmeter ...` the day shows parses with the real command's parser (a renamed
+    command or option fails here), and README's excerpt is the day's commands and outputs."""
+    from mailmeter.cli import build_parser
+
+    shown = _console(_day_section())
+    commands = [command.split(" | ")[-1] for command, _ in shown]
+    mailmeter = [command for command in commands if command.startswith("mailmeter ")]
+    assert len(mailmeter) >= 25
+    for command in mailmeter:
+        try:
+            build_parser().parse_args(shlex.split(command)[1:])
+        except SystemExit as exit:  # --version prints and exits 0; a bad command exits 2
+            assert exit.code == 0, (command, capsys.readouterr().err)
+    for needed in ("queue list", "queue show", "queue hold", "queue release", "queue flush", "queue delete",
+                   "account add", "account show", "account change", "account rate", "account suspend",
+                   "account resume", "usage", "db backup", "audit", "--version"):  # fmt: skip
+        assert any(command.startswith(f"mailmeter {needed}") for command in mailmeter), needed
+    readme = (REPO / "README.md").read_text()
+    excerpt = readme[readme.index("<!-- day of operation: start -->") : readme.index("<!-- day of operation: end -->")]
+    day = dict(reversed(shown))  # a command shown twice (queue list): its first output
+    for command, output in _console(excerpt):
+        assert command in day, command
+        kept = [line for line in output if line != "..."]
+        assert kept == day[command][: len(kept)], command
+    assert "docs/operating.md#a-day-of-operation" in readme
+
+
+def _shape(output: list[str]) -> list[str]:
+    """What stays from run to run: each line's first word, with queue ids and numbers made alike."""
+    alike = [re.sub(r"\d+", "N", re.sub(r"\b[0-9A-F]{21}\b", "QID", line)) for line in output]
+    return [line.split(" ")[0] for line in alike]
+
+
+def test_the_day_runs_end_to_end_as_the_docs_show(tmp_path: Path) -> None:
+    """docs/day_of_operation.py runs against a real relay, and its commands print what the
+    docs show, up to queue ids, times and ports."""
+    script = _day_script()
+    day = script.Day(tmp_path)
+    try:
+        day.start()
+        script.the_day(day)
+    finally:
+        day.stop()
+    ran = [(re.sub(r"\b[0-9A-F]{21}\b", "QID", c), _shape(o.splitlines())) for c, o in day.transcript]
+    documented = [(re.sub(r"\b[0-9A-F]{21}\b", "QID", c), _shape(o)) for c, o in _console(_day_section())]
+    ran = [(re.sub(r"(kill -HUP |localhost:)\d+", r"\1N", c), o) for c, o in ran]  # a pid, a port
+    documented = [(re.sub(r"(kill -HUP |localhost:)\d+", r"\1N", c), o) for c, o in documented]
+    assert ran == documented
+    text = day.markdown()
+    assert "upstream 1 127.0.0.1:" in text and "  down until " in text and "Connection refused" in text
+    assert '"needs_restart": ["delivery.workers"]' in text and "-rw------- " in text
+    assert "S: 452 4.7.1 Sending is suspended" in text and "451 4.7.1 Sending rate 4/minute reached" in text

@@ -121,7 +121,7 @@ async def test_every_admin_route_needs_a_valid_bearer_token(api: Api) -> None:
         for method, operation in item.items()
         if operation.get("security") != []
     ]
-    assert len(guarded) == 45
+    assert len(guarded) == 46
     for method, path in guarded:
         status, body = await api.call(method.upper(), path, {}, token=None)
         assert status == 401 and body["error"].startswith("authentication required"), (method, path)

@@ -92,7 +92,8 @@ async def test_flush_delivers_a_deferred_message_now_not_in_300_seconds(
     listed = await cli(api, "queue", "list")
     assert listed.returncode == 0, listed.stderr
     received = datetime.fromtimestamp(entry["received_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    assert listed.stdout.splitlines()[0] == (
+    assert listed.stdout.splitlines()[0].startswith(f"upstream 1 127.0.0.1:{upstream.port}  up  failures 0")
+    assert listed.stdout.splitlines()[1] == (
         f"{entry['queue_id']}  deferred  account app  from <app@example.com>  size {entry['size']}  received {received}"
     )
     assert (
@@ -112,6 +113,52 @@ async def test_flush_delivers_a_deferred_message_now_not_in_300_seconds(
     assert (usage["accepted"], usage["delivered"], usage["deferred"]) == (1, 1, 0)
     status, events = await api.call("GET", "/v1/audit?account=app&limit=1")
     assert events[0]["action"] == "queue.flush" and events[0]["detail"]["flushed"] == [entry["queue_id"]]
+
+
+async def test_queue_list_shows_an_upstream_that_refuses_connections_down(
+    start_api: Callable[..., Awaitable[Api]], upstream: Upstream
+) -> None:
+    """Two smarthosts, the first refusing connections: the attempt moves to the second at once,
+    and `queue list`, `queue upstreams` and GET /v1/upstreams show the first down (issue 17 item 4)."""
+    refusing = free_port()  # nothing listens there: connection refused
+    entry = {"host": "127.0.0.1", "tls": "none", "timeout": 2}
+    api = await start_api(
+        upstream=[{**entry, "port": refusing}, {**entry, "port": upstream.port}],
+        delivery={**SLOW_RETRY, "upstream_down_seconds": 600},
+    )
+    assert (await api.call("POST", "/v1/accounts", NEW_ACCOUNT))[0] == 201
+    upstream.handler.rcpt_replies["later@dest.test"] = "451 4.3.0 mailbox busy, try again later"
+    await send(api, ["ok@dest.test", "later@dest.test"])
+    await upstream.handler.wait_for(lambda: upstream.handler.delivered_to() == ["ok@dest.test"], timeout=10)
+    queued = await deferred_entry(api)
+
+    status, health = await api.call("GET", "/v1/upstreams")
+    assert status == 200, health
+    assert [(u["upstream"], u["position"], u["up"]) for u in health] == [
+        (f"127.0.0.1:{refusing}", 1, False),
+        (f"127.0.0.1:{upstream.port}", 2, True),
+    ]
+    down = health[0]
+    assert down["failures"] == 1 and "refused" in down["last_error"].lower() and down["down_until"] > time.time() + 500
+    assert health[1]["failures"] == 0 and health[1]["last_error"] == ""
+
+    listed = await cli(api, "queue", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    until_text = datetime.fromtimestamp(down["down_until"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    assert lines[0] == (
+        f"upstream 1 127.0.0.1:{refusing}  down until {until_text}  failures 1  last error: {down['last_error']}"
+    )
+    assert lines[1] == f"upstream 2 127.0.0.1:{upstream.port}  up  failures 0"
+    assert lines[2].startswith(f"{queued['queue_id']}  deferred  account app")
+    as_json = json.loads((await cli(api, "queue", "upstreams", "--json")).stdout)
+    assert as_json == health
+    text = await cli(api, "queue", "upstreams")
+    assert text.returncode == 0 and text.stdout.splitlines() == lines[:2]
+    # The list's JSON keeps its shape (a list of messages) for the scripts that read it.
+    assert [e["queue_id"] for e in json.loads((await cli(api, "queue", "list", "--json")).stdout)] == [
+        queued["queue_id"]
+    ]
 
 
 async def _queue_empty(api: Api) -> bool:
@@ -256,7 +303,7 @@ async def test_a_spool_path_too_long_for_a_unix_socket_still_has_its_control_soc
     assert len(str(control)) > 108 and stat.S_ISSOCK(os.stat(control).st_mode)
     assert (await api.call("GET", "/v1/queue"))[1] == []
     listed = await cli(api, "queue", "list")
-    assert listed.returncode == 0 and listed.stdout == "-- 0 message(s), 0 recipient(s) pending\n"
+    assert listed.returncode == 0 and listed.stdout.splitlines()[1:] == ["-- 0 message(s), 0 recipient(s) pending"]
 
 
 async def test_the_queue_of_every_process_of_a_node(tmp_path: Path, upstream: Upstream) -> None:
