@@ -98,8 +98,8 @@ async def test_a_lookup_among_10000_bindings_tests_no_network(tmp_path: Path, mo
 
 
 async def test_the_bindings_version_changes_with_any_binding_on_both_stores(tmp_path: Path) -> None:
-    """Schema 13's triggers: a network bound, or one changed or removed by hand (SQL), or an
-    account renamed, each changes the version; a message's writes to accounts do not."""
+    """Schema 12's triggers: a network bound, or one changed or removed by hand (SQL), or an
+    account renamed or deleted, each changes the version; a message's writes to accounts do not."""
     sqlite_store = SqliteStore(tmp_path / "meter.db")
     async with isolated_schema() as schema:
         pg_store = PgStore(PG_URL, server_settings={"search_path": schema})
@@ -121,6 +121,8 @@ async def test_the_bindings_version_changes_with_any_binding_on_both_stores(tmp_
                 await meter.commit(grant.hold_id, "Q1", 1, account="a")  # UPDATE accounts (awaiting_results)
                 await meter.record_result("Q1", "r@x.test", "delivered", "ok", 250)
                 assert not await changed()
+                await meter.delete_account("b")  # a soft delete: its networks bind no client any more
+                assert await changed()
                 for sql in (
                     "UPDATE account_networks SET network = '192.0.3.0/24'",
                     "UPDATE accounts SET name = 'a2' WHERE name = 'a'",
