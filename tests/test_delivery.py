@@ -24,7 +24,7 @@ from mailmeter.relay.delivery import (
 )
 from mailmeter.relay.pipelining import PipeliningSMTP
 from mailmeter.relay.spool import Envelope
-from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
+from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, eventually, free_port
 
 
 @pytest.fixture
@@ -54,19 +54,6 @@ async def send(port: int, recipients: list[str], user: str = "app", sender: str 
         return reply.rsplit(" ", 1)[1]
     finally:
         client.close()
-
-
-async def eventually(check, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 def spool_files(harness: RelayHarness) -> list[str]:

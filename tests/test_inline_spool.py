@@ -18,7 +18,7 @@ import aiosmtplib
 import pytest
 
 from mailmeter.relay.spool import Envelope, pack
-from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, free_port
+from tests.conftest import PASSWORD, RelayHarness, Upstream, UpstreamHandler, add_account, eventually, free_port
 from tests.pgserver import isolated_schema, scalar, schema_url
 
 INLINE = {"inline": True}
@@ -46,19 +46,6 @@ async def send(port: int, recipients: list[str], body: bytes) -> str:
         return reply.rsplit(" ", 1)[1]
     finally:
         client.close()
-
-
-async def eventually(check, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 def stored(harness: RelayHarness) -> dict[str, bytes]:
